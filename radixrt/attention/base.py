@@ -1,0 +1,42 @@
+"""The attention-backend interface: prepare per-step metadata once, then run each layer.
+
+A backend owns no KV memory; it reads and writes the pool it is given. ``forward`` first stores
+the step's new K/V at ``batch.out_slots`` in the layer's pool tensors, then computes causal
+attention of each request's new queries over its whole KV (cached prefix + new tokens).
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import TYPE_CHECKING
+
+import torch
+
+if TYPE_CHECKING:
+    from radixrt.cache.pool import KVPool
+    from radixrt.engine.batch import ForwardBatch
+
+
+class AttentionBackend(ABC):
+    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float) -> None:
+        assert num_heads % num_kv_heads == 0, "query heads must be a multiple of KV heads (GQA)"
+        self.num_heads = num_heads
+        self.num_kv_heads = num_kv_heads
+        self.head_dim = head_dim
+        self.scale = scale
+
+    @abstractmethod
+    def prepare(self, batch: ForwardBatch) -> None:
+        """Compute whatever per-step metadata the kernels need (called once per step)."""
+
+    @abstractmethod
+    def forward(
+        self,
+        layer_id: int,
+        q: torch.Tensor,  # [T, num_heads, head_dim]
+        k: torch.Tensor,  # [T, num_kv_heads, head_dim]
+        v: torch.Tensor,  # [T, num_kv_heads, head_dim]
+        pool: KVPool,
+        batch: ForwardBatch,
+    ) -> torch.Tensor:  # [T, num_heads, head_dim]
+        """Store k/v into the pool at batch.out_slots, then attend."""

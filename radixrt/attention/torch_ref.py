@@ -1,0 +1,73 @@
+"""Reference attention over the paged pool in plain torch: gather each request's KV through its
+page table and run causal attention with the mask offset by the cached prefix length.
+
+Slow (a Python loop over requests) and exact; it is the oracle the Triton kernels are tested
+against and the CPU path of the engine.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+
+from radixrt.attention.base import AttentionBackend
+
+if TYPE_CHECKING:
+    from radixrt.cache.kv_pool import KVPool
+    from radixrt.engine.batch import ForwardBatch
+
+
+def gather_slots(page_table_row: torch.Tensor, seq_len: int, page_size: int) -> torch.Tensor:
+    """Flat pool slots of positions 0..seq_len-1 for one request ([seq_len] int64)."""
+    pos = torch.arange(seq_len, device=page_table_row.device)
+    pages = page_table_row.long()[pos // page_size]
+    return pages * page_size + pos % page_size
+
+
+def paged_attention_reference(
+    q: torch.Tensor,  # [T, Hq, D]
+    k_flat: torch.Tensor,  # [S, Hkv, D] pool layer (already holding this step's K)
+    v_flat: torch.Tensor,  # [S, Hkv, D]
+    batch: ForwardBatch,
+    scale: float,
+) -> torch.Tensor:  # [T, Hq, D]
+    num_heads, num_kv_heads = q.shape[1], k_flat.shape[1]
+    group = num_heads // num_kv_heads
+    out = torch.empty_like(q)
+    start = 0
+    for i, (prefix, extend) in enumerate(zip(batch.prefix_lens_cpu, batch.extend_lens_cpu)):
+        seq_len = prefix + extend
+        slots = gather_slots(batch.page_table[i], seq_len, batch.page_size)
+        k = k_flat[slots].float().repeat_interleave(group, dim=1)  # [L, Hq, D]
+        v = v_flat[slots].float().repeat_interleave(group, dim=1)
+        qi = q[start : start + extend].float()  # [E, Hq, D]
+        scores = torch.einsum("ehd,lhd->hel", qi, k) * scale  # [Hq, E, L]
+        # Query j (absolute position prefix + j) sees keys 0..prefix + j.
+        q_pos = torch.arange(extend, device=q.device)[:, None] + prefix
+        k_pos = torch.arange(seq_len, device=q.device)[None, :]
+        scores = scores.masked_fill(k_pos > q_pos, float("-inf"))
+        probs = torch.softmax(scores, dim=-1)
+        out[start : start + extend] = torch.einsum("hel,lhd->ehd", probs, v).to(q.dtype)
+        start += extend
+    return out
+
+
+class TorchReferenceBackend(AttentionBackend):
+    def prepare(self, batch: ForwardBatch) -> None:
+        # Nothing to precompute: the reference reads the batch's host lists directly.
+        return None
+
+    def forward(
+        self,
+        layer_id: int,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        pool: KVPool,
+        batch: ForwardBatch,
+    ) -> torch.Tensor:
+        pool.store(layer_id, batch.out_slots, k, v)
+        return paged_attention_reference(
+            q, pool.k_flat(layer_id), pool.v_flat(layer_id), batch, self.scale
+        )

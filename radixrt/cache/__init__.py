@@ -1,0 +1,15 @@
+"""KV-cache memory management: page allocator, per-sequence page tables, radix prefix cache."""
+
+from radixrt.cache.allocator import PageAllocator
+from radixrt.cache.page_table import SequencePages
+from radixrt.cache.radix import CacheStats, InsertResult, MatchResult, Node, RadixCache
+
+__all__ = [
+    "CacheStats",
+    "InsertResult",
+    "MatchResult",
+    "Node",
+    "PageAllocator",
+    "RadixCache",
+    "SequencePages",
+]

@@ -1,0 +1,116 @@
+"""A running sequence's logical -> physical page map.
+
+Token position ``p`` of the sequence lives in physical page ``pages[p // page_size]`` at offset
+``p % page_size``; its flat KV-pool slot is ``pages[p // page_size] * page_size + p % page_size``::
+
+    logical pos   0 1 2 3 | 4 5 6 7 | 8 9 . .      (page_size 4, num_tokens 10)
+    pages         [  17   |   3     |   42  ]      -> slot(5) = 3*4 + 1 = 13
+                                       ^^^ 2 wasted slots (reserved, not yet used)
+
+Holding a page id in ``pages`` == holding one allocator reference on it. Pages are allocated on
+demand as the sequence grows (never reserved up front for the maximum length), so at most the last
+page is partly filled.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import numpy.typing as npt
+
+from radixrt.cache.allocator import PageAllocator
+
+
+class SequencePages:
+    """Page ids owned (one reference each) by one running sequence."""
+
+    def __init__(self, page_size: int) -> None:
+        assert page_size >= 1, f"page_size must be >= 1, got {page_size}"
+        self.page_size = page_size
+        self.pages: list[int] = []
+        self.num_tokens = 0  # tokens whose slots are reserved (prefix + computed + pending)
+
+    @property
+    def num_pages(self) -> int:
+        return len(self.pages)
+
+    @property
+    def capacity(self) -> int:
+        """Token slots covered by the held pages."""
+        return len(self.pages) * self.page_size
+
+    @property
+    def wasted_slots(self) -> int:
+        """Allocated slots beyond ``num_tokens`` (< page_size: only the last page is partial)."""
+        return self.capacity - self.num_tokens
+
+    def adopt_prefix(self, pages: Sequence[int], allocator: PageAllocator) -> None:
+        """Start the sequence with a cached prefix (e.g. ``MatchResult.pages``): one new
+        reference per page, ``num_tokens`` = the prefix's tokens."""
+        assert not self.pages, (
+            f"adopt_prefix on a sequence that already holds {self.num_pages} pages"
+        )
+        allocator.incref(pages)
+        self.pages = list(pages)
+        self.num_tokens = len(self.pages) * self.page_size
+
+    def ensure_capacity(self, total_tokens: int, allocator: PageAllocator) -> bool:
+        """Reserve slots for ``total_tokens`` tokens, allocating only the missing pages.
+
+        Returns False (allocating nothing, state unchanged) if the allocator is short.
+        """
+        assert total_tokens >= 0, f"negative token count {total_tokens}"
+        needed = -(-total_tokens // self.page_size) - len(self.pages)
+        if needed > 0:
+            fresh = allocator.alloc(needed)
+            if fresh is None:
+                return False
+            self.pages.extend(fresh)
+        self.num_tokens = max(self.num_tokens, total_tokens)
+        return True
+
+    def slot(self, pos: int) -> int:
+        assert 0 <= pos < self.capacity, f"position {pos} outside reserved {self.capacity} slots"
+        return self.pages[pos // self.page_size] * self.page_size + pos % self.page_size
+
+    def slot_array(self, start: int, end: int) -> npt.NDArray[np.int64]:
+        """Flat pool slots of positions ``start..end-1`` as an int64 array."""
+        assert 0 <= start <= end <= self.capacity, (
+            f"slots [{start}, {end}) outside reserved {self.capacity} slots"
+        )
+        pos = np.arange(start, end, dtype=np.int64)
+        table = np.asarray(self.pages, dtype=np.int64)
+        return table[pos // self.page_size] * self.page_size + pos % self.page_size  # type: ignore[no-any-return]
+
+    def slots(self, start: int, end: int) -> list[int]:
+        return self.slot_array(start, end).tolist()  # type: ignore[no-any-return]
+
+    def replace_prefix_pages(self, new_pages: Sequence[int], allocator: PageAllocator) -> int:
+        """Swap the first ``len(new_pages)`` pages for ``new_pages`` (the tree's copies of the
+        same tokens, after an insert). Returns how many of the old pages became free.
+
+        New pages are increfed before old ones are decrefed, so a page present in both lists
+        never transiently drops to 0.
+        """
+        k = len(new_pages)
+        assert k <= len(self.pages), f"replacing {k} pages of a sequence holding {self.num_pages}"
+        old = np.asarray(self.pages[:k], dtype=np.int64)
+        new = np.asarray(new_pages, dtype=np.int64)
+        changed = old != new
+        if not changed.any():
+            return 0
+        allocator.incref(new[changed])
+        freed = allocator.decref(old[changed])
+        self.pages[:k] = new.tolist()
+        return freed
+
+    def release(self, allocator: PageAllocator) -> int:
+        """Drop every page reference; returns how many pages became free."""
+        freed = allocator.decref(self.pages)
+        self.pages = []
+        self.num_tokens = 0
+        return freed
+
+    def __repr__(self) -> str:
+        return f"SequencePages(num_tokens={self.num_tokens}, pages={self.pages})"

@@ -1,0 +1,454 @@
+"""Page-granular radix tree over token prefixes (RadixAttention's prefix cache).
+
+Each node owns a compressed edge: ``key`` (int32 tokens, a whole number of pages) and ``pages``
+(one physical KV page per ``page_size`` tokens). Children are keyed by the bytes of their first
+page of tokens, so siblings never share a first page and lookup is one dict probe per node;
+comparing an edge is one vectorized numpy compare, never a per-token Python loop::
+
+    root ─ [a b | c d] ─┬─ [e f]          page_size 2: every edge is whole pages;
+                        └─ [x y | z w]    children of [a b|c d] keyed by b"e f", b"x y"
+
+Reference semantics (the correctness core)
+------------------------------------------
+* A page's allocator refcount == (1 if a tree node holds it) + (number of ``SequencePages``
+  holding it). The tree holds at most one reference per page and every tree page is in exactly
+  one node.
+* A request that matched a prefix increfs the matched pages into its ``SequencePages`` and
+  ``lock``s the match handle; locking pins the node and all its ancestors (``lock_ref`` > 0), so
+  locked pages are never evicted.
+* Invariant the scheduler keeps: every tree page a running request holds lies on that request's
+  locked path. Hence an unlocked node's pages have refcount exactly 1 and evicting it frees them.
+* ``insert`` adopts (increfs) only the caller's pages for the part the tree did not have. For the
+  part it already had, the caller's pages are *duplicates*: the tree never frees them (it never
+  held them); they return to the free list when the request swaps them for the tree's pages
+  (``SequencePages.replace_prefix_pages``) or releases. So nothing a page table still points at
+  is ever freed.
+* LRU: every match/insert takes one tick of a deterministic clock and stamps it on each node of
+  the path it touched. A match ending inside an edge splits it there, so touches are always
+  whole-node and a parent's ``last_access`` >= its children's. Eviction pops the unlocked leaf
+  with the smallest ``(last_access, id)`` from a ``SortedList`` (O(log n)), cascading to parents
+  that become unlocked leaves.
+* Namespaces (e.g. a tenant's ``cache_salt``) each get their own root, created lazily by insert
+  and dropped when eviction empties it, so different namespaces never share an entry.
+* Splitting keeps handles valid: the *original* node object keeps the lower part of the edge (the
+  end of its span), and a new node takes the upper part, inheriting ``lock_ref``.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import numpy.typing as npt
+from sortedcontainers import SortedList
+
+from radixrt.cache.allocator import PageAllocator
+
+TokenIds = Sequence[int] | npt.NDArray[np.integer]
+IntArray = npt.NDArray[np.int32]
+_EMPTY = np.zeros(0, dtype=np.int32)
+
+
+class Node:
+    """One compressed edge of the tree. Roots have an empty key and are never locked."""
+
+    __slots__ = (
+        "key", "pages", "children", "parent", "lock_ref", "last_access", "id", "is_root",
+        "namespace",
+    )  # fmt: skip
+
+    def __init__(
+        self,
+        key: IntArray,
+        pages: IntArray,
+        parent: Node | None,
+        node_id: int,
+        last_access: int,
+        namespace: str | None,
+        is_root: bool = False,
+    ) -> None:
+        self.key = key  # [num_pages * page_size] int32 tokens
+        self.pages = pages  # [num_pages] int32 physical page ids
+        self.children: dict[bytes, Node] = {}
+        self.parent = parent
+        self.lock_ref = 0  # locks on this node or any descendant
+        self.last_access = last_access
+        self.id = node_id
+        self.is_root = is_root
+        self.namespace = namespace
+
+    def __repr__(self) -> str:
+        return (
+            f"Node(id={self.id}, tokens={len(self.key)}, pages={self.pages.tolist()}, "
+            f"lock_ref={self.lock_ref}, last_access={self.last_access})"
+        )
+
+
+@dataclass(frozen=True)
+class MatchResult:
+    pages: list[int]
+    length: int  # matched tokens, a multiple of page_size
+    handle: Node  # deepest matched node (a root when nothing matched)
+
+
+@dataclass(frozen=True)
+class InsertResult:
+    handle: Node  # node ending exactly at the inserted span (a root for an empty span)
+    pages: list[int]  # the tree's pages for the whole span
+    num_existing: int  # tokens of the span that were already cached
+
+
+@dataclass(frozen=True)
+class CacheStats:
+    total_pages: int
+    free_pages: int
+    evictable_pages: int
+    locked_pages: int
+    cached_tokens: int
+    num_nodes: int
+    hit_tokens: int
+    query_tokens: int
+    hit_rate: float
+    evictions: int  # pages evicted since creation
+
+
+def _as_tokens(tokens: TokenIds) -> IntArray:
+    arr = np.asarray(tokens, dtype=np.int32)
+    assert arr.ndim == 1, f"tokens must be 1-D, got shape {arr.shape}"
+    return arr
+
+
+class RadixCache:
+    """Prefix cache: radix tree of token prefixes -> KV pages, with LRU eviction."""
+
+    def __init__(self, allocator: PageAllocator, page_size: int, enabled: bool = True) -> None:
+        assert page_size >= 1, f"page_size must be >= 1, got {page_size}"
+        self.allocator = allocator
+        self.page_size = page_size
+        self.enabled = enabled
+        self._ids = itertools.count()
+        self._clock = 0
+        self.root = self._new_root(None)
+        self._roots: dict[str | None, Node] = {None: self.root}
+        # Unlocked leaves, keyed (last_access, id); the dict maps id -> node for the same set.
+        self._lru: SortedList = SortedList()
+        self._lru_nodes: dict[int, Node] = {}
+        self._cached_tokens = 0
+        self._locked_pages = 0
+        self._num_nodes = 0
+        self._hit_tokens = 0
+        self._query_tokens = 0
+        self._evicted_pages = 0
+
+    # ------------------------------------------------------------------ public API
+    def match_prefix(
+        self, tokens: TokenIds, namespace: str | None = None, *, record_stats: bool = True
+    ) -> MatchResult:
+        """Longest cached page-aligned prefix, leaving at least the last token uncached."""
+        toks = _as_tokens(tokens)
+        if record_stats:
+            self._query_tokens += len(toks)
+        root = self._roots.get(namespace)
+        if not self.enabled or root is None or len(toks) == 0:
+            return MatchResult([], 0, root if root is not None else self.root)
+        # The model needs the last prompt token's logits, so it must be recomputed.
+        limit = ((len(toks) - 1) // self.page_size) * self.page_size
+        node, length, path = self._descend(root, toks[:limit])
+        self._touch_path(path)
+        if record_stats:
+            self._hit_tokens += length
+        return MatchResult(self._path_pages(path), length, node)
+
+    def insert(
+        self, tokens: TokenIds, pages: Sequence[int] | IntArray, namespace: str | None = None
+    ) -> InsertResult:
+        """Cache ``tokens`` (whole pages) backed by ``pages``, adopting only the new part."""
+        toks = _as_tokens(tokens)
+        ps = self.page_size
+        assert len(toks) % ps == 0, f"insert of {len(toks)} tokens: not a multiple of page {ps}"
+        assert len(pages) == len(toks) // ps, (
+            f"insert of {len(toks)} tokens needs {len(toks) // ps} pages, got {len(pages)}"
+        )
+        if not self.enabled:
+            return InsertResult(self.root, list(pages), 0)
+        if len(toks) == 0:
+            return InsertResult(self._roots.get(namespace, self.root), [], 0)
+        root = self._roots.get(namespace)
+        if root is None:
+            root = self._roots[namespace] = self._new_root(namespace)
+        node, pos, path = self._descend(root, toks)
+        if pos < len(toks):
+            new_pages = np.array(pages[pos // ps :], dtype=np.int32)
+            self.allocator.incref(new_pages)
+            leaf = Node(toks[pos:].copy(), new_pages, node, next(self._ids), 0, namespace)
+            self._lru_discard(node)  # gains a child: no longer a leaf
+            node.children[leaf.key[:ps].tobytes()] = leaf
+            self._lru_add(leaf)
+            self._num_nodes += 1
+            self._cached_tokens += len(leaf.key)
+            path.append(leaf)
+            node = leaf
+        self._touch_path(path)
+        return InsertResult(node, self._path_pages(path), pos)
+
+    def lock(self, handle: Node) -> None:
+        """Pin ``handle`` and its ancestors against eviction (no-op on a root)."""
+        if handle.is_root:
+            return
+        assert handle.parent is not None, f"lock of node {handle.id}, which was evicted"
+        node = handle
+        while not node.is_root:
+            if node.lock_ref == 0:
+                self._lru_discard(node)
+                self._locked_pages += len(node.pages)
+            node.lock_ref += 1
+            assert node.parent is not None, f"node {node.id} is detached from its root"
+            node = node.parent
+
+    def unlock(self, handle: Node) -> None:
+        if handle.is_root:
+            return
+        assert handle.lock_ref > 0, f"unlock of node {handle.id} below zero (not locked)"
+        node = handle
+        while not node.is_root:
+            node.lock_ref -= 1
+            if node.lock_ref == 0:
+                self._locked_pages -= len(node.pages)
+                if not node.children:
+                    self._lru_add(node)
+            assert node.parent is not None, f"node {node.id} is detached from its root"
+            node = node.parent
+
+    def evict(self, num_pages: int) -> int:
+        """Free at least ``num_pages`` pages (or all evictable ones) in LRU order; returns freed."""
+        freed = 0
+        while freed < num_pages and self._lru:
+            _, node_id = self._lru.pop(0)
+            freed += self._remove_leaf(self._lru_nodes.pop(node_id))
+        self._evicted_pages += freed
+        return freed
+
+    def flush(self) -> bool:
+        """Evict everything unlocked; False if locked nodes remain."""
+        self.evict(self.evictable_pages)
+        return self._num_nodes == 0
+
+    # ------------------------------------------------------------------ accounting
+    @property
+    def cached_tokens(self) -> int:
+        return self._cached_tokens
+
+    @property
+    def locked_pages(self) -> int:
+        return self._locked_pages
+
+    @property
+    def evictable_pages(self) -> int:
+        return self._cached_tokens // self.page_size - self._locked_pages
+
+    @property
+    def num_nodes(self) -> int:
+        return self._num_nodes
+
+    def stats(self) -> CacheStats:
+        q = self._query_tokens
+        return CacheStats(
+            total_pages=self.allocator.num_total,
+            free_pages=self.allocator.num_free,
+            evictable_pages=self.evictable_pages,
+            locked_pages=self._locked_pages,
+            cached_tokens=self._cached_tokens,
+            num_nodes=self._num_nodes,
+            hit_tokens=self._hit_tokens,
+            query_tokens=q,
+            hit_rate=self._hit_tokens / q if q else 0.0,
+            evictions=self._evicted_pages,
+        )
+
+    def tree_pages(self) -> set[int]:
+        """All pages the tree holds (debug/test helper; walks the whole tree)."""
+        return {p for node in self._iter_nodes() for p in node.pages.tolist()}
+
+    # ------------------------------------------------------------------ internals
+    def _new_root(self, namespace: str | None) -> Node:
+        return Node(_EMPTY, _EMPTY, None, next(self._ids), 0, namespace, is_root=True)
+
+    def _descend(self, root: Node, toks: IntArray) -> tuple[Node, int, list[Node]]:
+        """Walk the longest page-aligned match of ``toks`` (a whole number of pages) from
+        ``root``, splitting the last edge so the returned node ends exactly at the match.
+        Returns (node, matched tokens, path of non-root nodes)."""
+        ps = self.page_size
+        node, pos, path = root, 0, []
+        n = len(toks)
+        while pos < n:
+            child = node.children.get(toks[pos : pos + ps].tobytes())
+            if child is None:
+                break
+            span = min(len(child.key), n - pos)
+            eq = child.key[:span] == toks[pos : pos + span]
+            m = span if eq.all() else int(np.argmin(eq))
+            m -= m % ps  # >= ps: the first page matched via the dict key
+            if m < len(child.key):
+                child = self._split(child, m)
+            path.append(child)
+            pos += m
+            node = child
+        return node, pos, path
+
+    def _split(self, child: Node, m: int) -> Node:
+        """Split ``child``'s edge after ``m`` tokens; the new upper node is returned.
+
+        before:  parent ─[k0 .. k(m-1) | km .. kL]─ child
+        after:   parent ─[k0 .. k(m-1)]─ upper ─[km .. kL]─ child   (child keeps its identity)
+        """
+        ps = self.page_size
+        parent = child.parent
+        assert parent is not None, f"split of detached node {child.id}"
+        upper = Node(
+            child.key[:m], child.pages[: m // ps], parent, next(self._ids), child.last_access,
+            child.namespace,
+        )  # fmt: skip
+        upper.lock_ref = child.lock_ref
+        upper.children[child.key[m : m + ps].tobytes()] = child
+        parent.children[child.key[:ps].tobytes()] = upper  # same first page, same dict slot
+        child.key = child.key[m:]
+        child.pages = child.pages[m // ps :]
+        child.parent = upper
+        self._num_nodes += 1
+        return upper
+
+    def _touch_path(self, path: list[Node]) -> None:
+        self._clock += 1
+        for node in path:
+            if node.id in self._lru_nodes:  # re-key: SortedList entries are immutable tuples
+                self._lru.remove((node.last_access, node.id))
+                node.last_access = self._clock
+                self._lru.add((node.last_access, node.id))
+            else:
+                node.last_access = self._clock
+
+    @staticmethod
+    def _path_pages(path: list[Node]) -> list[int]:
+        if not path:
+            return []
+        return np.concatenate([node.pages for node in path]).tolist()  # type: ignore[no-any-return]
+
+    def _lru_add(self, node: Node) -> None:
+        if node.is_root or node.id in self._lru_nodes:
+            return
+        self._lru.add((node.last_access, node.id))
+        self._lru_nodes[node.id] = node
+
+    def _lru_discard(self, node: Node) -> None:
+        if self._lru_nodes.pop(node.id, None) is not None:
+            self._lru.remove((node.last_access, node.id))
+
+    def _remove_leaf(self, node: Node) -> int:
+        parent = node.parent
+        assert parent is not None and not node.children and node.lock_ref == 0, (
+            f"evicting node {node.id} that is detached, internal or locked"
+        )
+        del parent.children[node.key[: self.page_size].tobytes()]
+        node.parent = None
+        self._num_nodes -= 1
+        self._cached_tokens -= len(node.key)
+        freed = self.allocator.decref(node.pages)
+        if parent.is_root:
+            if not parent.children and parent is not self.root:
+                del self._roots[parent.namespace]
+        elif not parent.children and parent.lock_ref == 0:
+            self._lru_add(parent)  # cascade: the parent is now an unlocked leaf
+        return freed
+
+    def _iter_nodes(self) -> list[Node]:
+        out: list[Node] = []
+        stack = list(self._roots.values())
+        while stack:
+            node = stack.pop()
+            stack.extend(node.children.values())
+            if not node.is_root:
+                out.append(node)
+        return out
+
+    def check_invariants(self, external_refs: Mapping[int, int] | None = None) -> None:
+        """Assert the tree's structure and page accounting. ``external_refs`` maps page ->
+        number of running-request references; when given, refcounts are checked exactly and
+        any allocated page held by neither the tree nor a request is reported as a leak."""
+        ps = self.page_size
+        owner: dict[int, int] = {}  # page -> id of the node holding it
+        locked_pages = tokens = 0
+        unlocked_leaves: set[int] = set()
+        for ns, root in self._roots.items():
+            assert root.is_root and root.namespace == ns and root.lock_ref == 0, (
+                f"root of namespace {ns!r} is malformed: {root}"
+            )
+            assert root is self.root or root.children, f"empty namespace root {ns!r} not removed"
+        nodes = self._iter_nodes()
+        for node in nodes:
+            parent = node.parent
+            assert parent is not None, f"node {node.id} reachable but detached"
+            assert parent.children.get(node.key[:ps].tobytes()) is node, (
+                f"node {node.id} not filed under its first page in parent {parent.id}"
+            )
+            assert node.namespace == parent.namespace, f"node {node.id} crosses namespaces"
+            n_tok = len(node.key)
+            assert n_tok > 0 and n_tok % ps == 0 and node.key.dtype == np.int32, (
+                f"node {node.id}: key of {n_tok} tokens ({node.key.dtype}) with page {ps}"
+            )
+            assert len(node.pages) == n_tok // ps, (
+                f"node {node.id}: {len(node.pages)} pages for {n_tok} tokens"
+            )
+            child_locks = sum(c.lock_ref for c in node.children.values())
+            assert node.lock_ref >= child_locks, (
+                f"node {node.id}: lock_ref {node.lock_ref} < children's total {child_locks}"
+            )
+            assert parent.is_root or parent.last_access >= node.last_access, (
+                f"node {node.id} accessed after its parent {parent.id}: LRU cascade order broken"
+            )
+            tokens += n_tok
+            for p in node.pages.tolist():
+                assert p not in owner, f"page {p} held by nodes {owner[p]} and {node.id}"
+                owner[p] = node.id
+                if external_refs is not None and node.lock_ref == 0:
+                    assert external_refs.get(p, 0) == 0, (
+                        f"page {p} of unlocked node {node.id} is held by a running request"
+                    )
+            if node.lock_ref:
+                locked_pages += len(node.pages)
+            elif not node.children:
+                unlocked_leaves.add(node.id)
+        assert len(nodes) == self._num_nodes, f"num_nodes {self._num_nodes} != {len(nodes)}"
+        assert tokens == self._cached_tokens, f"cached_tokens {self._cached_tokens} != {tokens}"
+        assert locked_pages == self._locked_pages, (
+            f"locked_pages {self._locked_pages} != {locked_pages}"
+        )
+        assert set(self._lru_nodes) == unlocked_leaves, (
+            f"evictable set {sorted(self._lru_nodes)} != unlocked leaves {sorted(unlocked_leaves)}"
+        )
+        keys = sorted((n.last_access, n.id) for n in self._lru_nodes.values())
+        assert list(self._lru) == keys, "LRU keys out of date with nodes' last_access"
+
+        refs = self.allocator.refcounts()
+        assert refs[0] == 0, "scratch page 0 has references"
+        free = int((refs[1:] == 0).sum())
+        assert free == self.allocator.num_free, (
+            f"{free} pages at refcount 0, free list holds {self.allocator.num_free}"
+        )
+        for p in owner:
+            want = 1 + (external_refs.get(p, 0) if external_refs is not None else 0)
+            ok = refs[p] == want if external_refs is not None else refs[p] >= want
+            assert ok, f"page {p}: refcount {refs[p]}, expected {want} (tree + requests)"
+        if external_refs is not None:
+            for p, c in external_refs.items():
+                if p not in owner:
+                    assert refs[p] == c, f"request page {p}: refcount {refs[p]} != holders {c}"
+            leaked = [p for p in np.flatnonzero(refs).tolist() if p not in owner]
+            leaked = [p for p in leaked if p not in external_refs]
+            assert not leaked, f"pages allocated but held by no node or request: {leaked[:10]}"
+        private = self.allocator.num_used - len(owner)
+        total = self.allocator.num_free + self.evictable_pages + self._locked_pages + private
+        assert total == self.allocator.num_total, (
+            f"free + evictable + locked + private = {total} != {self.allocator.num_total} pages"
+        )

@@ -1,0 +1,84 @@
+"""Engine configuration: one small frozen dataclass, validated on construction."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+SchedulePolicy = Literal["lpm", "fcfs"]
+AttentionBackendName = Literal["auto", "torch", "triton", "flashinfer"]
+
+_DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+}
+
+
+def parse_dtype(name: str) -> torch.dtype:
+    try:
+        return _DTYPES[name]
+    except KeyError:
+        raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {name!r}") from None
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    model: str | None = None  # HF directory, .gguf file, or preset (dummy); None = default model
+    device: str = "cpu"  # "cpu" | "cuda" | "cuda:N"
+    dtype: str = "auto"  # "auto" = float32 on CPU, bfloat16 on CUDA
+    load_format: Literal["auto", "safetensors", "gguf", "dummy"] = "auto"
+    page_size: int = 16
+    # KV pool size: an explicit token budget, else a fraction of free device memory (CUDA) or
+    # a default token budget (CPU).
+    kv_cache_tokens: int | None = None
+    mem_fraction: float = 0.85
+    max_running_requests: int = 256
+    chunked_prefill_size: int = 2048  # max prompt tokens computed for one request per step
+    max_prefill_tokens: int = 8192  # max prompt tokens computed for all requests per step
+    schedule_policy: SchedulePolicy = "lpm"
+    enable_prefix_cache: bool = True
+    attention_backend: AttentionBackendName = "auto"
+    max_context_len: int | None = None  # default: the model's max_position_embeddings
+    cuda_graph_max_batch: int = 256  # decode batches up to this size replay CUDA graphs
+    disable_cuda_graph: bool = False
+    seed: int = 0
+    debug_invariants: bool = False  # check cache/pool invariants whenever the engine is idle
+
+    def __post_init__(self) -> None:
+        def need(cond: bool, field: str, msg: str) -> None:
+            if not cond:
+                raise ValueError(f"EngineConfig.{field}: {msg}")
+
+        need(self.page_size >= 1 and self.page_size & (self.page_size - 1) == 0,
+             "page_size", f"must be a power of two >= 1, got {self.page_size}")
+        need(self.kv_cache_tokens is None or self.kv_cache_tokens >= self.page_size,
+             "kv_cache_tokens", f"must hold at least one page, got {self.kv_cache_tokens}")
+        need(0.0 < self.mem_fraction <= 1.0, "mem_fraction", f"must be in (0, 1], got {self.mem_fraction}")
+        need(self.max_running_requests >= 1, "max_running_requests", "must be >= 1")
+        need(self.chunked_prefill_size >= self.page_size, "chunked_prefill_size",
+             f"must be >= page_size ({self.page_size}), got {self.chunked_prefill_size}")
+        need(self.max_prefill_tokens >= self.chunked_prefill_size, "max_prefill_tokens",
+             "must be >= chunked_prefill_size")
+        need(self.schedule_policy in ("lpm", "fcfs"), "schedule_policy",
+             f"must be 'lpm' or 'fcfs', got {self.schedule_policy!r}")
+        need(self.attention_backend in ("auto", "torch", "triton", "flashinfer"),
+             "attention_backend", f"unknown backend {self.attention_backend!r}")
+        need(self.device == "cpu" or self.device.startswith("cuda"), "device",
+             f"must be 'cpu' or 'cuda[:N]', got {self.device!r}")
+        need(self.dtype == "auto" or self.dtype in _DTYPES, "dtype",
+             f"must be 'auto' or one of {sorted(_DTYPES)}, got {self.dtype!r}")
+        need(self.max_context_len is None or self.max_context_len >= 2, "max_context_len", "must be >= 2")
+        need(self.load_format in ("auto", "safetensors", "gguf", "dummy"), "load_format",
+             f"unknown load format {self.load_format!r}")
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        if self.dtype == "auto":
+            return torch.float32 if self.device == "cpu" else torch.bfloat16
+        return parse_dtype(self.dtype)

@@ -1,0 +1,134 @@
+"""EngineCore: everything a worker runs, built from one EngineConfig.
+
+model + KV pool + attention backend -> ModelRunner; page allocator + radix cache ->
+SequenceMemory; those + sampler -> Scheduler. Token ids in, token ids out; no text here.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from radixrt.cache.allocator import PageAllocator
+from radixrt.cache.kv_pool import KVPool
+from radixrt.cache.radix import RadixCache
+from radixrt.config import EngineConfig
+from radixrt.engine.memory import SequenceMemory
+from radixrt.engine.outputs import EngineStats, SequenceDelta
+from radixrt.engine.runner import ModelRunner, make_attention_backend
+from radixrt.engine.sampler import Sampler
+from radixrt.engine.scheduler import Scheduler
+from radixrt.models.args import ModelArgs
+from radixrt.models.loader import load_model
+from radixrt.sampling_params import SamplingParams
+
+logger = logging.getLogger(__name__)
+
+# On CPU, without an explicit budget, size the pool for this many tokens or this many bytes.
+CPU_DEFAULT_KV_TOKENS = 16384
+CPU_DEFAULT_KV_BYTES = 1 << 30
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    model_name: str
+    model_path: str | None  # a HF directory holding the tokenizer (None for dummy weights)
+    vocab_size: int
+    max_context_len: int
+    eos_token_ids: tuple[int, ...]
+
+
+def kv_pool_pages(config: EngineConfig, args: ModelArgs, device: torch.device) -> int:
+    """Pages in the pool: from the explicit token budget, else from free memory."""
+    per_page = KVPool.bytes_per_page(
+        num_layers=args.num_layers, page_size=config.page_size,
+        num_kv_heads=args.num_kv_heads, head_dim=args.head_dim, dtype=config.torch_dtype,
+    )
+    if config.kv_cache_tokens is not None:
+        return -(-config.kv_cache_tokens // config.page_size)
+    if device.type == "cuda":
+        free, total = torch.cuda.mem_get_info(device)
+        # Leave (1 - mem_fraction) of the card for activations, CUDA graphs and the allocator.
+        budget = free - (1.0 - config.mem_fraction) * total
+        pages = int(budget // per_page)
+        if pages < 1:
+            raise ValueError(
+                f"no GPU memory left for the KV cache ({free / 2**30:.1f} GiB free of "
+                f"{total / 2**30:.1f}); raise mem_fraction or use a smaller model"
+            )
+        return pages
+    by_bytes = CPU_DEFAULT_KV_BYTES // per_page
+    return max(1, min(-(-CPU_DEFAULT_KV_TOKENS // config.page_size), by_bytes))
+
+
+class EngineCore:
+    def __init__(self, config: EngineConfig) -> None:
+        self.config = config
+        device = torch.device(config.device)
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError("device='cuda' was requested but no CUDA GPU is available")
+        torch.manual_seed(config.seed)
+        loaded = load_model(
+            config.model, dtype=config.torch_dtype, device=device,
+            load_format=config.load_format, seed=config.seed,
+        )
+        self.tokenizer: Any = loaded.tokenizer
+        args = loaded.args
+        self.args = args
+        num_pages = kv_pool_pages(config, args, device)
+        pool = KVPool(
+            num_layers=args.num_layers, num_pages=num_pages, page_size=config.page_size,
+            num_kv_heads=args.num_kv_heads, head_dim=args.head_dim, dtype=config.torch_dtype,
+            device=device,
+        )
+        backend = make_attention_backend(
+            config.attention_backend, device, num_heads=args.num_heads,
+            num_kv_heads=args.num_kv_heads, head_dim=args.head_dim,
+            max_batch=config.max_running_requests,
+        )
+        self.runner = ModelRunner(loaded.model, pool, backend)
+        allocator = PageAllocator(num_pages)
+        cache = RadixCache(allocator, config.page_size, enabled=config.enable_prefix_cache)
+        memory = SequenceMemory(allocator, cache, config.page_size, pool.copy_pages)
+        max_context = config.max_context_len or args.max_position_embeddings
+        eos = set(args.eos_token_ids)
+        if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
+            eos.add(int(self.tokenizer.eos_token_id))
+        self.scheduler = Scheduler(
+            config, self.runner, memory, Sampler(), vocab_size=args.vocab_size,
+            max_context_len=max_context, eos_token_ids=eos,
+        )
+        self.model_info = ModelInfo(
+            model_name=loaded.source, model_path=loaded.path, vocab_size=args.vocab_size,
+            max_context_len=max_context, eos_token_ids=tuple(sorted(eos)),
+        )
+        logger.info(
+            "KV pool: %d pages x %d tokens (%.2f GiB, %s) on %s", num_pages, config.page_size,
+            pool.total_bytes / 2**30, config.torch_dtype, device,
+        )
+
+    def add_request(
+        self, rid: str, input_ids: list[int], params: SamplingParams, namespace: str | None = None
+    ) -> None:
+        self.scheduler.add_request(rid, input_ids, params, namespace)
+
+    def abort_request(self, rid: str, index: int | None = None) -> None:
+        self.scheduler.abort_request(rid, index)
+
+    def step(self) -> list[SequenceDelta]:
+        return self.scheduler.step()
+
+    def has_work(self) -> bool:
+        return self.scheduler.has_work()
+
+    def stats(self) -> EngineStats:
+        return self.scheduler.stats()
+
+    def flush_cache(self) -> bool:
+        return self.scheduler.flush_cache()
+
+    def check_invariants(self) -> None:
+        self.scheduler.memory.check_invariants(self.scheduler.running)

@@ -1,0 +1,129 @@
+"""How sequences get, share and give back KV pages: the glue between one sequence's page table,
+the page allocator and the radix prefix cache.
+
+Reference rule (see radixrt/cache/radix.py): a page's refcount = (1 if a tree node holds it) +
+(number of sequences holding it). A sequence keeps its cache handle locked, and every tree page
+it holds lies on that locked path, so eviction only ever frees pages nobody reads.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Callable, Iterable
+
+from radixrt.cache.allocator import PageAllocator
+from radixrt.cache.page_table import SequencePages
+from radixrt.cache.radix import RadixCache
+from radixrt.engine.request import Sequence
+
+
+class SequenceMemory:
+    def __init__(
+        self,
+        allocator: PageAllocator,
+        cache: RadixCache,
+        page_size: int,
+        copy_pages: Callable[[list[int], list[int]], None],
+    ) -> None:
+        self.allocator = allocator
+        self.cache = cache
+        self.page_size = page_size
+        self._copy_pages = copy_pages
+
+    @property
+    def available_pages(self) -> int:
+        """Pages a new allocation could get: free now, or freed by evicting unlocked cache."""
+        return self.allocator.num_free + self.cache.evictable_pages
+
+    def attach_prefix(self, seq: Sequence, use_cache: bool) -> int:
+        """Start (or resume) a sequence on its longest cached prefix; returns matched tokens."""
+        assert not seq.pages.pages and seq.cache_handle is None, f"{seq.rid} already holds memory"
+        tokens = seq.token_ids()
+        if not use_cache:
+            seq.kv_len = 0
+            return 0
+        match = self.cache.match_prefix(tokens, seq.namespace)
+        self.cache.lock(match.handle)
+        seq.cache_handle = match.handle
+        seq.pages.adopt_prefix(match.pages, self.allocator)
+        seq.kv_len = match.length
+        return match.length
+
+    def grow(self, seq: Sequence, total_tokens: int) -> bool:
+        """Reserve slots for ``total_tokens`` tokens of ``seq``, evicting LRU cache if short."""
+        if seq.pages.ensure_capacity(total_tokens, self.allocator):
+            return True
+        missing = -(-total_tokens // self.page_size) - seq.pages.num_pages
+        short = missing - self.allocator.num_free
+        if short > 0 and self.cache.evictable_pages >= short:
+            self.cache.evict(short)
+        return seq.pages.ensure_capacity(total_tokens, self.allocator)
+
+    def commit_progress(self, seq: Sequence) -> None:
+        """Insert the sequence's computed full pages into the tree so others can share them.
+
+        Pages the tree already had are swapped into the sequence's page table and its duplicates
+        dropped (freed once nothing references them); the lock moves to the deeper node.
+        """
+        if not self.cache.enabled:
+            return
+        full_pages = seq.kv_len // self.page_size
+        if full_pages == 0:
+            return
+        tokens = seq.token_ids()[: full_pages * self.page_size]
+        result = self.cache.insert(tokens, seq.pages.pages[:full_pages], seq.namespace)
+        if result.pages != seq.pages.pages[:full_pages]:
+            seq.pages.replace_prefix_pages(result.pages, self.allocator)
+        self.cache.lock(result.handle)
+        if seq.cache_handle is not None:
+            self.cache.unlock(seq.cache_handle)
+        seq.cache_handle = result.handle
+
+    def release(self, seq: Sequence, *, keep_in_cache: bool = True) -> None:
+        """Give back everything the sequence holds (its computed prefix stays in the tree)."""
+        if keep_in_cache:
+            self.commit_progress(seq)
+        if seq.cache_handle is not None:
+            self.cache.unlock(seq.cache_handle)
+            seq.cache_handle = None
+        seq.pages.release(self.allocator)
+
+    def fork(self, parent: Sequence, child: Sequence) -> bool:
+        """Give ``child`` the parent's KV: shared full pages, a private copy of the partial last page.
+
+            parent pages  [ A | B | C(partial) ]
+            child pages   [ A | B | C' ]          A, B shared (refcount +1); C' = copy of C
+        """
+        full = parent.kv_len // self.page_size
+        partial = parent.kv_len % self.page_size
+        shared = parent.pages.pages[:full]
+        if partial:
+            fresh = self.allocator.alloc(1)
+            if fresh is None:
+                short = 1 - self.allocator.num_free
+                if self.cache.evictable_pages >= short:
+                    self.cache.evict(short)
+                fresh = self.allocator.alloc(1)
+            if fresh is None:
+                return False
+            self._copy_pages([parent.pages.pages[full]], fresh)
+        else:
+            fresh = []
+        child.pages.adopt_prefix(shared, self.allocator)
+        child.pages.pages.extend(fresh)
+        child.pages.num_tokens = parent.kv_len
+        child.kv_len = parent.kv_len
+        if parent.cache_handle is not None:
+            self.cache.lock(parent.cache_handle)
+            child.cache_handle = parent.cache_handle
+        return True
+
+    @staticmethod
+    def external_refs(seqs: Iterable[Sequence]) -> Counter[int]:
+        refs: Counter[int] = Counter()
+        for seq in seqs:
+            refs.update(seq.pages.pages)
+        return refs
+
+    def check_invariants(self, seqs: Iterable[Sequence]) -> None:
+        self.cache.check_invariants(self.external_refs(seqs))

@@ -1,0 +1,54 @@
+"""What the scheduler reports after each step, per request sequence (token ids only, no text)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+FinishReason = Literal["stop", "length", "abort"]
+
+
+@dataclass
+class SequenceDelta:
+    """New tokens of one output sequence in one scheduler step.
+
+    ``index`` tells the n > 1 samples of one request apart (0 for n == 1).
+    """
+
+    rid: str
+    index: int
+    new_token_ids: list[int]
+    prompt_tokens: int
+    cached_tokens: int  # prompt tokens served from the prefix cache (final once prefill is done)
+    completion_tokens: int  # generated so far, including these
+    finished: bool = False
+    finish_reason: FinishReason | None = None
+    error: str | None = None  # set when finish_reason == "abort" because of a fault
+    new_logprobs: list[float] | None = None
+    new_top_logprobs: list[list[tuple[int, float]]] | None = None
+    prompt_logprobs: list[float | None] | None = None  # sent once, with the first delta
+    matched_stop_token: int | None = None
+
+
+@dataclass(frozen=True)
+class EngineStats:
+    running_requests: int
+    queued_requests: int
+    total_pages: int
+    free_pages: int
+    evictable_pages: int
+    locked_pages: int
+    private_pages: int
+    wasted_slots: int
+    cached_tokens: int
+    hit_tokens: int
+    query_tokens: int
+    evictions: int
+    retractions: int
+    prompt_tokens_total: int
+    generated_tokens_total: int
+    extra: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def hit_rate(self) -> float:
+        return self.hit_tokens / self.query_tokens if self.query_tokens else 0.0

@@ -1,0 +1,76 @@
+"""A sequence the scheduler runs: its tokens, how many of them have KV in the pool, its pages.
+
+One request with ``n > 1`` becomes n sequences after its prompt is prefilled once (a fork).
+
+    all tokens   [ p p p p p p p p p | o o o ]      (prompt | generated output)
+    kv_len       ---------------------------^         KV computed and stored for these
+    to compute   tokens[kv_len:]  (a prefill chunk, or the one newest token when decoding)
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from radixrt.cache.page_table import SequencePages
+from radixrt.engine.outputs import FinishReason
+from radixrt.sampling_params import SamplingParams
+
+if TYPE_CHECKING:
+    from radixrt.cache.radix import Node
+
+
+class SeqStatus(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+@dataclass(eq=False)
+class Sequence:
+    rid: str
+    index: int  # sample index within its request (0 .. n-1)
+    prompt_ids: list[int]
+    params: SamplingParams
+    namespace: str | None
+    arrival: int  # monotonically increasing admission-order key
+    pages: SequencePages
+    generator: torch.Generator | None = None
+    output_ids: list[int] = field(default_factory=list)
+    kv_len: int = 0
+    cache_handle: Node | None = None  # locked radix node covering the tree pages we hold
+    cached_tokens: int = -1  # prompt tokens served by the cache (set on first admission)
+    num_forks: int = 1  # >1 until the prompt is prefilled; then the sequence forks
+    status: SeqStatus = SeqStatus.WAITING
+    finish_reason: FinishReason | None = None
+    error: str | None = None
+    sent_tokens: int = 0  # output tokens already reported in a delta
+    logprobs: list[float] = field(default_factory=list)
+    top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)
+    prompt_logprobs: list[float | None] | None = None
+    prompt_logprobs_sent: bool = False
+    matched_stop_token: int | None = None
+    policy_cache: dict[str, Any] = field(default_factory=dict)  # scratch for the policy
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_ids) + len(self.output_ids)
+
+    def token_ids(self) -> list[int]:
+        return self.prompt_ids + self.output_ids
+
+    @property
+    def num_to_compute(self) -> int:
+        return self.num_tokens - self.kv_len
+
+    @property
+    def in_prefill(self) -> bool:
+        """True while more than the newest token still lacks KV (prompt, or resumed after retraction)."""
+        return self.num_to_compute > 1 or not self.output_ids
+
+    @property
+    def finished(self) -> bool:
+        return self.status is SeqStatus.FINISHED

@@ -1,0 +1,237 @@
+"""Batched token sampler: penalties, logprobs, temperature, top-k / top-p / min-p, draw.
+
+Device-agnostic torch. Every branch is decided from host-side SamplingParams, never from tensor
+values, so a step costs no device->host sync until the final ``.tolist()``.
+
+Logprob convention: returned logprobs are ``log_softmax`` of the logits *after* repetition /
+frequency / presence penalties and *before* temperature and top-k/top-p/min-p. They describe the
+distribution the penalties define, independent of how adventurous the draw was (vLLM's default
+"raw" mode skips the penalties too; we include them because a penalized token really is less
+likely for this request). Prompt logprobs have no generation state, so they are raw.
+
+Draws use the exponential-race trick: with ``q_i ~ Exp(1)`` i.i.d.,
+``argmax_i p_i / q_i`` is distributed as Categorical(p). Each seeded row fills its own ``q`` row
+from its own generator, so its token depends only on its seed, its step count and its logits,
+never on which other requests share the batch or at which position it sits.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from radixrt.sampling_params import SamplingParams
+
+# q == 0 would turn p / q into inf (or nan for p == 0); the clamp moves a measure-zero event.
+_MIN_EXP = 1e-20
+
+
+def make_generator(seed: int, device: torch.device | str) -> torch.Generator:
+    """A generator for one seeded request, living on the device its logits live on."""
+    gen = torch.Generator(device=device)
+    gen.manual_seed(seed)
+    return gen
+
+
+@dataclass(frozen=True)
+class SamplerRow:
+    """One request's view for one step. The id sequences are read, never copied or mutated."""
+
+    params: SamplingParams
+    generator: torch.Generator | None
+    prompt_token_ids: Sequence[int]
+    output_token_ids: Sequence[int]
+
+
+@dataclass(frozen=True)
+class SampleOutput:
+    token_ids: list[int]
+    # Chosen token's logprob per row; None when no row asked for logprobs.
+    logprobs: list[float] | None
+    # Per row its own top_logprobs (sorted, most likely first; [] for rows that asked for 0);
+    # None when no row asked.
+    top_logprobs: list[list[tuple[int, float]]] | None
+
+
+def _col(values: list[float], like: torch.Tensor) -> torch.Tensor:
+    """[B] host floats -> [B, 1] tensor on the logits' device."""
+    return torch.tensor(values, dtype=like.dtype, device=like.device).unsqueeze(1)
+
+
+def _token_index(
+    id_lists: Sequence[Sequence[int]], device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Flattened (row, token) coordinates of ragged id lists, for index_put_ over [B, V]."""
+    lengths = [len(ids) for ids in id_lists]
+    flat = [t for ids in id_lists for t in ids]
+    tok = torch.tensor(flat, dtype=torch.long, device=device)  # [sum(lengths)]
+    row = torch.repeat_interleave(
+        torch.arange(len(id_lists), device=device),
+        torch.tensor(lengths, dtype=torch.long, device=device),
+    )  # [sum(lengths)]
+    return row, tok
+
+
+class Sampler:
+    """Stateless: per-request state (generators, token history) comes in with each row."""
+
+    def sample(self, logits: torch.Tensor, rows: Sequence[SamplerRow]) -> SampleOutput:
+        assert logits.dim() == 2, f"logits must be [B, V], got shape {tuple(logits.shape)}"
+        assert logits.shape[0] == len(rows), f"{logits.shape[0]} logit rows for {len(rows)} rows"
+        x = self._apply_penalties(logits.float(), rows)  # [B, V], new tensor
+
+        want_lp = any(r.params.logprobs or r.params.top_logprobs > 0 for r in rows)
+        logprobs = torch.log_softmax(x, dim=-1) if want_lp else None  # [B, V]
+
+        greedy = [r.params.is_greedy for r in rows]
+        greedy_tok = x.argmax(dim=-1)  # [B]; ties -> lowest id
+        if all(greedy):
+            tokens = greedy_tok
+        else:
+            sampled = self._draw(self._filter(x, rows), rows)  # [B]
+            if any(greedy):
+                mask = torch.tensor(greedy, dtype=torch.bool, device=x.device)
+                tokens = torch.where(mask, greedy_tok, sampled)
+            else:
+                tokens = sampled
+
+        out_lp: list[float] | None = None
+        out_top: list[list[tuple[int, float]]] | None = None
+        if logprobs is not None:
+            chosen = logprobs.gather(1, tokens.unsqueeze(1)).squeeze(1)  # [B]
+            kmax = max(r.params.top_logprobs for r in rows)
+            if kmax > 0:
+                top_v, top_i = logprobs.topk(min(kmax, logprobs.shape[1]), dim=-1)  # [B, k]
+                vals, ids = top_v.tolist(), top_i.tolist()
+                out_top = [
+                    list(zip(ids[b][: r.params.top_logprobs], vals[b][: r.params.top_logprobs]))
+                    for b, r in enumerate(rows)
+                ]
+            out_lp = chosen.tolist()
+        return SampleOutput(token_ids=tokens.tolist(), logprobs=out_lp, top_logprobs=out_top)
+
+    def prompt_logprobs(self, logits: torch.Tensor, next_tokens: torch.Tensor) -> list[float]:
+        """logits [T, V] at prompt positions, next_tokens [T]: logprob of each actual next token."""
+        assert logits.dim() == 2 and next_tokens.shape == logits.shape[:1], (
+            f"need logits [T, V] and next_tokens [T], got {tuple(logits.shape)} "
+            f"and {tuple(next_tokens.shape)}"
+        )
+        lp = torch.log_softmax(logits.float(), dim=-1)  # [T, V]
+        idx = next_tokens.to(device=lp.device, dtype=torch.long).unsqueeze(1)  # [T, 1]
+        return lp.gather(1, idx).squeeze(1).tolist()
+
+    # ---- pipeline stages -------------------------------------------------------------------
+
+    @staticmethod
+    def _apply_penalties(x: torch.Tensor, rows: Sequence[SamplerRow]) -> torch.Tensor:
+        """Returns penalized logits; never writes into ``x``.
+
+        Works on the (row, token) pairs of the token history only, O(history) instead of
+        O(B * V). Duplicate pairs are harmless: plain index_put_ writes the same value twice,
+        and the frequency term uses accumulate=True on purpose, to count them.
+        """
+        rep = [r.params.repetition_penalty for r in rows]
+        freq = [r.params.frequency_penalty for r in rows]
+        pres = [r.params.presence_penalty for r in rows]
+        use_rep = any(p != 1.0 for p in rep)
+        use_fp = any(f != 0.0 for f in freq) or any(p != 0.0 for p in pres)
+        if not (use_rep or use_fp):
+            return x
+        x = x.clone()
+        if use_rep:
+            # HF: every token seen in prompt + output is pushed toward "less likely":
+            # positive logits divided, negative multiplied.
+            ids = [
+                [*r.prompt_token_ids, *r.output_token_ids] if p != 1.0 else []
+                for r, p in zip(rows, rep)
+            ]
+            row, tok = _token_index(ids, x.device)
+            p = torch.tensor(rep, dtype=x.dtype, device=x.device)[row]  # [N]
+            vals = x[row, tok]  # [N]
+            x[row, tok] = torch.where(vals > 0, vals / p, vals * p)
+        if use_fp:
+            # OpenAI: logit -= count * frequency_penalty + (count > 0) * presence_penalty,
+            # counting generated tokens only.
+            out_ids: list[Sequence[int]] = [
+                r.output_token_ids if (f != 0.0 or p != 0.0) else []
+                for r, f, p in zip(rows, freq, pres)
+            ]
+            row, tok = _token_index(out_ids, x.device)
+            pres_t = torch.tensor(pres, dtype=x.dtype, device=x.device)[row]  # [N]
+            freq_t = torch.tensor(freq, dtype=x.dtype, device=x.device)[row]  # [N]
+            x[row, tok] = x[row, tok] - pres_t  # once per distinct token
+            x.index_put_((row, tok), -freq_t, accumulate=True)  # once per occurrence
+        return x
+
+    @staticmethod
+    def _filter(x: torch.Tensor, rows: Sequence[SamplerRow]) -> torch.Tensor:
+        """Temperature, then top-k, top-p, min-p. Returns [B, V] logits with -inf where removed.
+
+        Greedy rows pass through with temperature 1; their result is replaced by argmax anyway.
+        """
+        temps = [r.params.temperature if not r.params.is_greedy else 1.0 for r in rows]
+        if any(t != 1.0 for t in temps):
+            x = x / _col(temps, x)
+
+        V = x.shape[1]
+        ks = [min(r.params.top_k, V) if r.params.top_k_enabled else V for r in rows]
+        ps = [r.params.top_p for r in rows]
+        min_ps = [r.params.min_p for r in rows]
+        use_k = any(k < V for k in ks)
+        use_p = any(p < 1.0 for p in ps)
+        use_min_p = any(m > 0.0 for m in min_ps)
+
+        if use_min_p:
+            # p_i >= min_p * p_max  <=>  l_i >= l_max + log(min_p); needs no softmax. With
+            # min_p == 0 the bound is -inf and nothing is removed.
+            bound = x.amax(dim=-1, keepdim=True) + _col(
+                [math.log(m) if m > 0 else -math.inf for m in min_ps], x
+            )  # [B, 1]
+            x = x.masked_fill(x < bound, -math.inf)
+        if not (use_k or use_p):
+            return x
+        # With every row capped by top_k, the cuts only need the kmax best logits: topk on a
+        # small k is far cheaper than sorting the whole vocabulary.
+        width = max(ks) if all(k < V for k in ks) else V
+
+        # Both cuts work on the descending order. stable=True fixes the order among ties, so a
+        # row's kept set depends only on its own logits (on the topk path, an exact tie at the
+        # k-th place may resolve differently with a different batch maximum k).
+        #   rank       0     1     2     3   ...
+        #   sorted    l_max  ...
+        #   excl_cum  0     p0    p0+p1 ...      keep rank j iff j < k and excl_cum[j] < top_p
+        # rank 0 always survives (k >= 1, top_p > 0), so a row never ends up all -inf.
+        if width < V:
+            sorted_x, order = x.topk(width, dim=-1)  # [B, W] each, descending
+        else:
+            sorted_x, order = x.sort(dim=-1, descending=True, stable=True)  # [B, V] each
+        ranks = torch.arange(width, device=x.device).unsqueeze(0)  # [1, W]
+        drop = torch.zeros_like(sorted_x, dtype=torch.bool)
+        if use_k:
+            drop |= ranks >= torch.tensor(ks, device=x.device).unsqueeze(1)
+        if use_p:
+            probs = torch.softmax(sorted_x.masked_fill(drop, -math.inf), dim=-1)  # [B, W]
+            excl_cum = probs.cumsum(dim=-1) - probs
+            # top_p == 1 must keep everything, even where cumsum rounding reaches 1.0 early.
+            drop |= excl_cum >= _col([p if p < 1.0 else math.inf for p in ps], x)
+        sorted_x = sorted_x.masked_fill(drop, -math.inf)
+        out = torch.empty_like(x) if width == V else torch.full_like(x, -math.inf)
+        return out.scatter_(1, order, sorted_x)
+
+    @staticmethod
+    def _draw(x: torch.Tensor, rows: Sequence[SamplerRow]) -> torch.Tensor:
+        """Categorical draw per row from filtered logits [B, V] -> token ids [B]."""
+        probs = torch.softmax(x, dim=-1)  # [B, V]; removed tokens are exactly 0
+        unseeded = [r.generator is None and not r.params.is_greedy for r in rows]
+        if any(unseeded):
+            # One batched fill from the device's default generator for all unseeded rows.
+            q = torch.empty_like(probs).exponential_()
+        else:
+            q = torch.ones_like(probs)  # greedy rows' values are discarded by the caller
+        for b, r in enumerate(rows):
+            if r.generator is not None and not r.params.is_greedy:
+                q[b].exponential_(generator=r.generator)
+        return (probs / q.clamp_min_(_MIN_EXP)).argmax(dim=-1)

@@ -1,0 +1,286 @@
+"""The scheduler: a thin loop over parts that each own one thing.
+
+    waiting queue + policy  -> order admissions      (policy.py)
+    PrefillBudget           -> prompt tokens per step (budget.py)
+    SequenceMemory          -> pages, prefix cache    (memory.py)
+    running list            -> who is in the batch
+    ModelRunner + Sampler   -> one forward, one draw  (runner.py, sampler.py)
+
+One step: apply aborts; give every decoding sequence a slot for its next token (evicting LRU
+cache, else retracting the newest sequences); continue chunked prefills and admit waiting
+requests under the budget; run one mixed batch; sample; report deltas.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+from collections.abc import Iterable
+
+from radixrt.cache.page_table import SequencePages
+from radixrt.config import EngineConfig
+from radixrt.engine import step_builder
+from radixrt.engine.budget import PrefillBudget
+from radixrt.engine.memory import SequenceMemory
+from radixrt.engine.outputs import EngineStats, FinishReason, SequenceDelta
+from radixrt.engine.policy import order_waiting
+from radixrt.engine.request import Sequence, SeqStatus
+from radixrt.engine.runner import ModelRunner
+from radixrt.engine.sampler import Sampler, make_generator
+from radixrt.sampling_params import SamplingParams
+
+logger = logging.getLogger(__name__)
+
+# Admission keeps this share of each running request's remaining output in reserve, so decode
+# rarely has to retract; retraction still catches the cases the estimate misses.
+DECODE_RESERVE_RATIO = 0.3
+DECODE_RESERVE_CAP = 2048
+
+
+class Scheduler:
+    def __init__(
+        self,
+        config: EngineConfig,
+        runner: ModelRunner,
+        memory: SequenceMemory,
+        sampler: Sampler,
+        *,
+        vocab_size: int,
+        max_context_len: int,
+        eos_token_ids: Iterable[int],
+    ) -> None:
+        self.config = config
+        self.runner = runner
+        self.memory = memory
+        self.sampler = sampler
+        self.vocab_size = vocab_size
+        self.max_context_len = max_context_len
+        self.eos_token_ids = frozenset(eos_token_ids)
+        self.page_size = config.page_size
+        self.waiting: list[Sequence] = []
+        self.running: list[Sequence] = []
+        self._by_rid: dict[str, list[Sequence]] = {}
+        self._pending_aborts: list[tuple[str, int | None]] = []
+        self._arrival = itertools.count()
+        self.retractions = 0
+        self.prompt_tokens_total = 0
+        self.generated_tokens_total = 0
+
+    # ---- requests in -------------------------------------------------------------------
+    def add_request(
+        self, rid: str, input_ids: list[int], params: SamplingParams, namespace: str | None = None
+    ) -> None:
+        """Queue a request; raises ValueError (nothing queued) when it cannot be served."""
+        if rid in self._by_rid:
+            raise ValueError(f"request id {rid!r} is already in use")
+        if not input_ids:
+            raise ValueError("prompt is empty: at least one token is needed")
+        bad = next((t for t in input_ids if not 0 <= t < self.vocab_size), None)
+        if bad is not None:
+            raise ValueError(f"token id {bad} is outside the vocabulary [0, {self.vocab_size})")
+        if len(input_ids) >= self.max_context_len:
+            raise ValueError(
+                f"prompt has {len(input_ids)} tokens; the context window is {self.max_context_len} "
+                "and at least one must be left to generate"
+            )
+        params.validate_for_model(self.vocab_size, self.max_context_len, len(input_ids))
+        need_pages = -(-(len(input_ids) + 1) // self.page_size)
+        if need_pages > self.memory.allocator.num_total:
+            raise ValueError(
+                f"prompt needs {need_pages} KV pages but the pool holds only "
+                f"{self.memory.allocator.num_total}"
+            )
+        seq = self._new_sequence(rid, 0, list(input_ids), params, namespace)
+        seq.num_forks = params.n
+        self._by_rid[rid] = [seq]
+        self.waiting.append(seq)
+        self.prompt_tokens_total += len(input_ids)
+
+    def _new_sequence(
+        self, rid: str, index: int, prompt: list[int], params: SamplingParams, ns: str | None
+    ) -> Sequence:
+        params = params.with_seed_offset(index)
+        gen = None
+        if params.seed is not None:
+            gen = make_generator(params.seed, self.runner.device)
+        return Sequence(
+            rid=rid, index=index, prompt_ids=prompt, params=params, namespace=ns,
+            arrival=next(self._arrival), pages=SequencePages(self.page_size), generator=gen,
+        )
+
+    def abort_request(self, rid: str, index: int | None = None) -> None:
+        """Abort a request (all its samples, or one); takes effect at the next step."""
+        self._pending_aborts.append((rid, index))
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running or self._pending_aborts)
+
+    # ---- one step ----------------------------------------------------------------------
+    def step(self) -> list[SequenceDelta]:
+        deltas: list[SequenceDelta] = []
+        self._apply_aborts(deltas)
+        work = self._schedule(deltas)
+        if work:
+            batch = step_builder.build(work, self.page_size, self.runner.device)
+            logits = self.runner.forward(batch.forward)
+            self._apply_results(work, batch, logits, deltas)
+        if self.config.debug_invariants:
+            self.memory.check_invariants(self.running)
+        return deltas
+
+    def _schedule(self, deltas: list[SequenceDelta]) -> list[tuple[Sequence, int]]:
+        work: list[tuple[Sequence, int]] = []
+        # 1. Decode: one slot each for the newest token, oldest requests first.
+        for seq in sorted((s for s in self.running if not s.in_prefill), key=lambda s: s.arrival):
+            if seq.status is not SeqStatus.RUNNING:
+                continue  # retracted as a victim in this loop
+            while not self.memory.grow(seq, seq.kv_len + 1):
+                victim = self._newest_running(exclude=seq)
+                if victim is None:
+                    self._finish(seq, "abort", deltas, error="out of KV cache memory")
+                    break
+                self._retract(victim)
+            else:
+                work.append((seq, 1))
+        work = [(s, n) for s, n in work if s.status is SeqStatus.RUNNING]
+
+        # 2. Prefill: continue chunked prompts, then admit waiting requests by policy.
+        budget = PrefillBudget(self.config.max_prefill_tokens, self.config.chunked_prefill_size,
+                               self.page_size)
+        for seq in sorted((s for s in self.running if s.in_prefill), key=lambda s: s.arrival):
+            n = budget.peek(seq.num_to_compute, seq.kv_len)
+            if n == 0:
+                break
+            if not self.memory.grow(seq, seq.kv_len + n):
+                if not work and len(self.running) == 1:
+                    self._finish(seq, "abort", deltas, error="out of KV cache memory")
+                break
+            budget.take(n)
+            work.append((seq, n))
+        if self.waiting and not budget.exhausted:
+            self._admit(budget, work)
+        return work
+
+    def _admit(self, budget: PrefillBudget, work: list[tuple[Sequence, int]]) -> None:
+        cache = self.memory.cache
+        for seq in order_waiting(self.waiting, cache, self.config.schedule_policy):
+            if len(self.running) >= self.config.max_running_requests or budget.exhausted:
+                return
+            needs_prompt_logprobs = seq.params.prompt_logprobs and seq.prompt_logprobs is None
+            matched = self.memory.attach_prefix(seq, use_cache=cache.enabled and not needs_prompt_logprobs)
+            if seq.cached_tokens < 0:
+                seq.cached_tokens = min(matched, len(seq.prompt_ids))
+            n = budget.peek(seq.num_to_compute, seq.kv_len)
+            need = -(-(seq.kv_len + n) // self.page_size) - seq.pages.num_pages
+            reserve = self._decode_reserve_pages(extra=seq) if self.running else 0
+            if n == 0 or self.memory.available_pages - need < reserve or not self.memory.grow(
+                seq, seq.kv_len + n
+            ):
+                self.memory.release(seq, keep_in_cache=False)
+                seq.kv_len = 0
+                return
+            budget.take(n)
+            if needs_prompt_logprobs:
+                seq.prompt_logprobs = [None]  # the first token has no context to be scored in
+            self.waiting.remove(seq)
+            seq.status = SeqStatus.RUNNING
+            self.running.append(seq)
+            work.append((seq, n))
+
+    def _decode_reserve_pages(self, extra: Sequence) -> int:
+        tokens = 0.0
+        for seq in (*self.running, extra):
+            left = min(seq.params.max_new_tokens - len(seq.output_ids), DECODE_RESERVE_CAP)
+            tokens += max(1.0, left * DECODE_RESERVE_RATIO) * seq.num_forks
+        return int(-(-tokens // self.page_size))
+
+    def _newest_running(self, exclude: Sequence) -> Sequence | None:
+        candidates = [s for s in self.running if s is not exclude]
+        return max(candidates, key=lambda s: s.arrival) if candidates else None
+
+    def _retract(self, seq: Sequence) -> None:
+        """Preempt: its computed prefix goes to the tree, it requeues and resumes on a cache hit."""
+        self.memory.release(seq)
+        seq.kv_len = 0
+        seq.status = SeqStatus.WAITING
+        self.running.remove(seq)
+        self.waiting.append(seq)
+        self.retractions += 1
+        logger.debug("retracted %s/%d (%d tokens)", seq.rid, seq.index, seq.num_tokens)
+
+    # ---- results -----------------------------------------------------------------------
+    def _apply_results(self, work, batch, logits, deltas) -> None:  # type: ignore[no-untyped-def]
+        from radixrt.engine import results
+
+        results.apply(self, work, batch, logits, deltas)
+
+    def _finish(
+        self, seq: Sequence, reason: FinishReason, deltas: list[SequenceDelta] | None,
+        error: str | None = None,
+    ) -> None:
+        if seq.status is SeqStatus.RUNNING:
+            self.running.remove(seq)
+        elif seq.status is SeqStatus.WAITING:
+            self.waiting.remove(seq)
+        self.memory.release(seq, keep_in_cache=seq.kv_len > 0)
+        seq.status = SeqStatus.FINISHED
+        seq.finish_reason = reason
+        seq.error = error
+        siblings = self._by_rid.get(seq.rid, [])
+        if all(s.finished for s in siblings) and seq.num_forks <= 1:
+            self._by_rid.pop(seq.rid, None)
+        if deltas is not None:
+            deltas.append(self.make_delta(seq))
+
+    def _apply_aborts(self, deltas: list[SequenceDelta]) -> None:
+        pending, self._pending_aborts = self._pending_aborts, []
+        for rid, index in pending:
+            for seq in list(self._by_rid.get(rid, [])):
+                if seq.finished or (index is not None and seq.index != index):
+                    continue
+                if index is not None and seq.num_forks > 1:
+                    continue  # the unforked parent of n samples only ends with the whole request
+                self._finish(seq, "abort", deltas)
+
+    def make_delta(self, seq: Sequence) -> SequenceDelta:
+        new = seq.output_ids[seq.sent_tokens :]
+        delta = SequenceDelta(
+            rid=seq.rid, index=seq.index, new_token_ids=new,
+            prompt_tokens=len(seq.prompt_ids), cached_tokens=max(seq.cached_tokens, 0),
+            completion_tokens=len(seq.output_ids) + (seq.matched_stop_token is not None),
+            finished=seq.finished, finish_reason=seq.finish_reason, error=seq.error,
+            matched_stop_token=seq.matched_stop_token,
+        )
+        if seq.params.logprobs or seq.params.top_logprobs:
+            delta.new_logprobs = seq.logprobs[seq.sent_tokens :]
+            if seq.params.top_logprobs:
+                delta.new_top_logprobs = seq.top_logprobs[seq.sent_tokens :]
+        if seq.prompt_logprobs is not None and not seq.prompt_logprobs_sent:
+            delta.prompt_logprobs = seq.prompt_logprobs
+            seq.prompt_logprobs_sent = True
+        seq.sent_tokens = len(seq.output_ids)
+        return delta
+
+    # ---- introspection -----------------------------------------------------------------
+    def stats(self) -> EngineStats:
+        cache = self.memory.cache.stats()
+        refs = SequenceMemory.external_refs(self.running)
+        in_tree = self.memory.cache.evictable_pages + self.memory.cache.locked_pages
+        private = self.memory.allocator.num_used - in_tree
+        return EngineStats(
+            running_requests=len(self.running), queued_requests=len(self.waiting),
+            total_pages=self.memory.allocator.num_total, free_pages=self.memory.allocator.num_free,
+            evictable_pages=cache.evictable_pages, locked_pages=cache.locked_pages,
+            private_pages=private, wasted_slots=sum(s.pages.wasted_slots for s in self.running),
+            cached_tokens=cache.cached_tokens, hit_tokens=cache.hit_tokens,
+            query_tokens=cache.query_tokens, evictions=cache.evictions,
+            retractions=self.retractions, prompt_tokens_total=self.prompt_tokens_total,
+            generated_tokens_total=self.generated_tokens_total,
+            extra={"held_page_refs": float(sum(refs.values()))},
+        )
+
+    def flush_cache(self) -> bool:
+        """Drop every unlocked cache entry (only allowed when idle, as SGLang does)."""
+        if self.running or self.waiting:
+            return False
+        return self.memory.cache.flush()

@@ -1,0 +1,241 @@
+"""Decode attention (one query token per request) over the paged pool, split along the KV length.
+
+Flash-decoding in two launches:
+
+    stage 1  grid (B, Hkv, num_splits): program (b, g, s) reads KV positions
+             [s * split_len, min((s+1) * split_len, seq_len_b)) of KV head g ONCE and scores all
+             GROUP query heads of that group against it (a [BLOCK_H, D] x [D, BLOCK_N] dot,
+             query heads padded to 16 rows). Writes a normalised partial output and its
+             log-sum-exp (base 2) per query head.
+    stage 2  grid (B, Hq): merges the non-empty splits with LSE weights.
+
+    seq_len_b = 10, num_splits = 4, BLOCK_N = 2, MIN_SPLIT_LEN = 4
+    split_len = max(round_up(cdiv(10, 4), BLOCK_N), MIN_SPLIT_LEN) = 4
+    positions  0 1 2 3 | 4 5 6 7 | 8 9 | (empty)
+    split      0       | 1       | 2   | 3 -> skipped in both stages
+
+The split length is computed on the device from seq_lens, and num_splits is a host int that
+depends only on the batch size, so one launch shape serves every step of a captured CUDA graph.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from radixrt.kernels.extend_attention import (
+    LOG2E,
+    _paged_slots,
+    dot_precision,
+    interpreting,
+    mma,
+)
+
+
+@triton.jit
+def _split_range(
+    seq_len, split, NUM_SPLITS: tl.constexpr, BLOCK_N: tl.constexpr, MIN_SPLIT_LEN: tl.constexpr
+):
+    split_len = tl.cdiv(tl.cdiv(seq_len, NUM_SPLITS), BLOCK_N) * BLOCK_N
+    split_len = tl.maximum(split_len, MIN_SPLIT_LEN)
+    start = split * split_len
+    end = tl.minimum(start + split_len, seq_len)
+    return start, end
+
+
+@triton.jit
+def _decode_stage1_kernel(
+    Q,  # [B, Hq, D]
+    K,  # [S, Hkv, D] flat pool layer
+    V,  # [S, Hkv, D]
+    PartO,  # [B, Hq, NUM_SPLITS, D] fp32
+    PartLse,  # [B, Hq, NUM_SPLITS] fp32, base-2 log-sum-exp
+    seq_lens,  # [B] int32
+    page_table,  # [B, max_pages] int32
+    qk_scale,
+    stride_qb,
+    stride_qh,
+    stride_kt,
+    stride_kh,
+    stride_vt,
+    stride_vh,
+    stride_pt,
+    GROUP: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    PAGE_SIZE: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    NUM_SPLITS: tl.constexpr,
+    MIN_SPLIT_LEN: tl.constexpr,
+    PRECISION: tl.constexpr,
+    INTERPRET: tl.constexpr,
+):
+    req = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    split = tl.program_id(2)
+    seq_len = tl.load(seq_lens + req)
+    start, end = _split_range(seq_len, split, NUM_SPLITS, BLOCK_N, MIN_SPLIT_LEN)
+    if start >= end:
+        return
+    page_row = page_table + req.to(tl.int64) * stride_pt
+
+    offs_h = tl.arange(0, BLOCK_H)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_h = offs_h < GROUP
+    mask_d = offs_d < HEAD_DIM
+    heads = kv_head * GROUP + offs_h
+    q = tl.load(
+        Q + req.to(tl.int64) * stride_qb + heads[:, None] * stride_qh + offs_d[None, :],
+        mask=mask_h[:, None] & mask_d[None, :],
+        other=0.0,
+    )  # [BLOCK_H, BLOCK_D]
+
+    acc = tl.zeros([BLOCK_H, BLOCK_D], dtype=tl.float32)
+    m_i = tl.full([BLOCK_H], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_H], dtype=tl.float32)
+    for start_n in range(start, end, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        mask_n = offs_n < end
+        slots = _paged_slots(page_row, offs_n, mask_n, PAGE_SIZE)
+        kv_mask = mask_n[:, None] & mask_d[None, :]
+        k = tl.load(
+            K + slots[:, None] * stride_kt + kv_head * stride_kh + offs_d[None, :],
+            mask=kv_mask,
+            other=0.0,
+        )
+        v = tl.load(
+            V + slots[:, None] * stride_vt + kv_head * stride_vh + offs_d[None, :],
+            mask=kv_mask,
+            other=0.0,
+        )
+        qk = mma(q, tl.trans(k.to(q.dtype)), PRECISION, INTERPRET) * qk_scale  # [BLOCK_H, BLOCK_N]
+        # Every tile has >= 1 valid key (start_n < end), so m_new is finite for all rows.
+        qk = tl.where(mask_n[None, :], qk, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(qk, 1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(qk - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + mma(p.to(q.dtype), v.to(q.dtype), PRECISION, INTERPRET)
+        m_i = m_new
+
+    # PartO/PartLse are contiguous: [B, Hq, NUM_SPLITS, (D)].
+    row = (req.to(tl.int64) * (GROUP * tl.num_programs(1)) + heads) * NUM_SPLITS + split
+    tl.store(
+        PartO + row[:, None] * HEAD_DIM + offs_d[None, :],
+        acc / l_i[:, None],
+        mask=mask_h[:, None] & mask_d[None, :],
+    )
+    tl.store(PartLse + row, m_i + tl.log2(l_i), mask=mask_h)
+
+
+@triton.jit
+def _decode_stage2_kernel(
+    PartO,  # [B, Hq, NUM_SPLITS, D] fp32
+    PartLse,  # [B, Hq, NUM_SPLITS] fp32
+    Out,  # [B, Hq, D]
+    seq_lens,
+    stride_ob,
+    stride_oh,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    NUM_SPLITS: tl.constexpr,
+    BLOCK_S: tl.constexpr,
+    MIN_SPLIT_LEN: tl.constexpr,
+):
+    req = tl.program_id(0)
+    head = tl.program_id(1)
+    seq_len = tl.load(seq_lens + req)
+    offs_s = tl.arange(0, BLOCK_S)
+    offs_d = tl.arange(0, BLOCK_D)
+    start, end = _split_range(seq_len, offs_s, NUM_SPLITS, BLOCK_N, MIN_SPLIT_LEN)
+    # Stage 1 skipped empty splits and left their buffer rows stale: never read them.
+    valid = (offs_s < NUM_SPLITS) & (start < end)
+    row = (req.to(tl.int64) * tl.num_programs(1) + head) * NUM_SPLITS + offs_s
+    lse = tl.load(PartLse + row, mask=valid, other=float("-inf"))
+    weight = tl.exp2(lse - tl.max(lse, 0))
+    weight = tl.where(valid, weight, 0.0)
+    part = tl.load(
+        PartO + row[:, None] * HEAD_DIM + offs_d[None, :],
+        mask=valid[:, None] & (offs_d[None, :] < HEAD_DIM),
+        other=0.0,
+    )  # [BLOCK_S, BLOCK_D]
+    # Padded requests (seq_len 0, e.g. in a captured graph) have no split: write zeros, not NaN.
+    out = tl.sum(part * weight[:, None], 0) / tl.maximum(tl.sum(weight, 0), 1e-30)
+    tl.store(
+        Out + req.to(tl.int64) * stride_ob + head * stride_oh + offs_d,
+        out.to(Out.dtype.element_ty),
+        mask=offs_d < HEAD_DIM,
+    )
+
+
+def decode_block_n(device: torch.device) -> int:
+    return 64 if device.type == "cuda" else 16
+
+
+def decode_attention(
+    q: torch.Tensor,  # [B, Hq, D]
+    k_flat: torch.Tensor,  # [S, Hkv, D] pool layer, already holding this step's K
+    v_flat: torch.Tensor,  # [S, Hkv, D]
+    seq_lens: torch.Tensor,  # [B] int32
+    page_table: torch.Tensor,  # [B, max_pages] int32
+    page_size: int,
+    scale: float,
+    num_splits: int,
+    part_out: torch.Tensor,  # >= B * Hq * num_splits * D fp32 elements, contiguous
+    part_lse: torch.Tensor,  # >= B * Hq * num_splits fp32 elements, contiguous
+    out: torch.Tensor | None = None,  # [B, Hq, D]
+    min_split_len: int = 256,
+) -> torch.Tensor:  # [B, Hq, D]
+    """Attention of one new query per request over its whole KV (no host syncs, no allocation
+    beyond ``out`` when it is not given)."""
+    assert q.dim() == 3 and k_flat.dim() == 3, "q is [B, Hq, D]; k/v are flat pool [S, Hkv, D]"
+    assert q.shape[2] == k_flat.shape[2] and k_flat.shape == v_flat.shape, "shape mismatch"
+    assert q.shape[1] % k_flat.shape[1] == 0, "query heads must be a multiple of KV heads"
+    assert page_size >= 1 and page_size & (page_size - 1) == 0, f"page_size {page_size} not 2^k"
+    assert q.stride(2) == 1 and k_flat.stride(2) == 1 and v_flat.stride(2) == 1, (
+        "the head_dim axis must be contiguous"
+    )
+    assert num_splits >= 1, "need at least one KV split"
+    batch, num_heads, head_dim = q.shape
+    num_kv_heads = k_flat.shape[1]
+    group = num_heads // num_kv_heads
+    assert part_out.dtype == part_lse.dtype == torch.float32, "partials are fp32"
+    assert part_out.is_contiguous() and part_lse.is_contiguous(), "partial buffers contiguous"
+    assert part_out.numel() >= batch * num_heads * num_splits * head_dim, "part_out too small"
+    assert part_lse.numel() >= batch * num_heads * num_splits, "part_lse too small"
+    if out is None:
+        out = torch.empty_like(q)
+    assert out.shape == q.shape and out.stride(2) == 1, "out must be [B, Hq, D], D contiguous"
+    if batch == 0:
+        return out
+    block_n = decode_block_n(q.device)
+    min_split_len = triton.cdiv(max(min_split_len, block_n), block_n) * block_n
+    block_d = max(16, triton.next_power_of_2(head_dim))
+    on_gpu = q.device.type == "cuda"
+    _decode_stage1_kernel[(batch, num_kv_heads, num_splits)](
+        q, k_flat, v_flat, part_out, part_lse, seq_lens, page_table, scale * LOG2E,
+        q.stride(0), q.stride(1), k_flat.stride(0), k_flat.stride(1),
+        v_flat.stride(0), v_flat.stride(1), page_table.stride(0),
+        GROUP=group, BLOCK_H=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim,
+        BLOCK_D=block_d, PAGE_SIZE=page_size, BLOCK_N=block_n, NUM_SPLITS=num_splits,
+        MIN_SPLIT_LEN=min_split_len, PRECISION=dot_precision(q.dtype), INTERPRET=interpreting(),
+        num_warps=4 if on_gpu else 1, num_stages=3 if on_gpu else 1,
+    )  # fmt: skip
+    _decode_stage2_kernel[(batch, num_heads)](
+        part_out, part_lse, out, seq_lens, out.stride(0), out.stride(1),
+        HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_N=block_n, NUM_SPLITS=num_splits,
+        BLOCK_S=triton.next_power_of_2(num_splits), MIN_SPLIT_LEN=min_split_len,
+        num_warps=4 if on_gpu else 1,
+    )  # fmt: skip
+    return out
+
+
+def choose_num_splits(batch_size: int, num_kv_heads: int, num_sms: int, max_splits: int) -> int:
+    """Enough (request, KV head, split) programs to give every SM several; batch-size only, so a
+    CUDA graph captured per batch size keeps a fixed grid."""
+    target_programs = 8 * num_sms
+    want = triton.cdiv(target_programs, max(1, batch_size * num_kv_heads))
+    return max(1, min(max_splits, want))

@@ -1,0 +1,160 @@
+"""Per-request sampling parameters (OpenAI / vLLM-style), validated on construction."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+# OpenAI caps the number of alternatives returned per position at 20.
+MAX_TOP_LOGPROBS = 20
+MAX_N = 64
+_PENALTY_RANGE = (-2.0, 2.0)
+
+
+def _is_int(x: Any) -> bool:
+    # bool is a subclass of int; `top_k=True` is a caller bug, not a 1.
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _is_number(x: Any) -> bool:
+    return (isinstance(x, (int, float))) and not isinstance(x, bool)
+
+
+def _normalize_stop(stop: Any) -> tuple[str, ...]:
+    if stop is None:
+        return ()
+    if isinstance(stop, str):
+        items: Iterable[Any] = (stop,)
+    elif isinstance(stop, (list, tuple)):
+        items = stop
+    else:
+        raise ValueError(f"stop must be a str or a list of str, got {type(stop).__name__}")
+    out: list[str] = []
+    for s in items:
+        if not isinstance(s, str):
+            raise ValueError(f"stop entries must be str, got {type(s).__name__}")
+        if s == "":
+            raise ValueError("stop must not contain empty strings")
+        if s not in out:  # duplicates only cost matching time
+            out.append(s)
+    return tuple(out)
+
+
+def _normalize_ids(ids: Any) -> tuple[int, ...]:
+    if ids is None:
+        return ()
+    if not isinstance(ids, (list, tuple)):
+        raise ValueError(f"stop_token_ids must be a list of int, got {type(ids).__name__}")
+    for t in ids:
+        if not _is_int(t) or t < 0:
+            raise ValueError(f"stop_token_ids entries must be non-negative int, got {t!r}")
+    return tuple(ids)
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How to pick tokens for one request and when to stop.
+
+    temperature == 0 means greedy. top_k in (-1, 0) means off. Penalties follow OpenAI
+    (frequency/presence, over generated tokens) and Hugging Face (repetition, over prompt +
+    generated tokens).
+    """
+
+    max_new_tokens: int = 128
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = -1
+    min_p: float = 0.0
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    seed: int | None = None
+    stop: tuple[str, ...] = field(default=())
+    stop_token_ids: tuple[int, ...] = field(default=())
+    ignore_eos: bool = False
+    logprobs: bool = False
+    top_logprobs: int = 0
+    prompt_logprobs: bool = False
+    n: int = 1
+    skip_special_tokens: bool = True
+
+    def __post_init__(self) -> None:
+        # frozen: normalization goes through object.__setattr__.
+        object.__setattr__(self, "stop", _normalize_stop(self.stop))
+        object.__setattr__(self, "stop_token_ids", _normalize_ids(self.stop_token_ids))
+        for name in (
+            "temperature",
+            "top_p",
+            "min_p",
+            "frequency_penalty",
+            "presence_penalty",
+            "repetition_penalty",
+        ):
+            v = getattr(self, name)
+            if not _is_number(v) or v != v:  # v != v rejects NaN
+                raise ValueError(f"{name} must be a finite number, got {v!r}")
+            object.__setattr__(self, name, float(v))
+        for name in ("max_new_tokens", "top_k", "top_logprobs", "n"):
+            if not _is_int(getattr(self, name)):
+                raise ValueError(f"{name} must be an int, got {getattr(self, name)!r}")
+        for name in ("ignore_eos", "logprobs", "prompt_logprobs", "skip_special_tokens"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
+        if self.seed is not None and not _is_int(self.seed):
+            raise ValueError(f"seed must be an int or None, got {self.seed!r}")
+
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if not 0.0 <= self.temperature < float("inf"):
+            raise ValueError(f"temperature must be >= 0 and finite, got {self.temperature}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k < -1:
+            raise ValueError(f"top_k must be -1 or 0 (off) or >= 1, got {self.top_k}")
+        if not 0.0 <= self.min_p <= 1.0:
+            raise ValueError(f"min_p must be in [0, 1], got {self.min_p}")
+        lo, hi = _PENALTY_RANGE
+        for name in ("frequency_penalty", "presence_penalty"):
+            if not lo <= getattr(self, name) <= hi:
+                raise ValueError(f"{name} must be in [{lo}, {hi}], got {getattr(self, name)}")
+        if not 0.0 < self.repetition_penalty < float("inf"):
+            raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+        if not 0 <= self.top_logprobs <= MAX_TOP_LOGPROBS:
+            raise ValueError(
+                f"top_logprobs must be in [0, {MAX_TOP_LOGPROBS}], got {self.top_logprobs}"
+            )
+        if not 1 <= self.n <= MAX_N:
+            raise ValueError(f"n must be in [1, {MAX_N}], got {self.n}")
+
+    @property
+    def is_greedy(self) -> bool:
+        # top_k == 1 picks the argmax too; route it through the cheap path.
+        return self.temperature == 0.0 or self.top_k == 1
+
+    @property
+    def top_k_enabled(self) -> bool:
+        return self.top_k >= 1
+
+    def validate_for_model(self, vocab_size: int, max_context: int, prompt_len: int) -> None:
+        """Checks that need the model: token ids in range, room to generate at least one token."""
+        for t in self.stop_token_ids:
+            if t >= vocab_size:
+                raise ValueError(
+                    f"stop_token_ids contains {t}, outside the vocabulary (size {vocab_size})"
+                )
+        if prompt_len < 1:
+            raise ValueError(f"prompt must have at least one token, got {prompt_len}")
+        if prompt_len >= max_context:
+            raise ValueError(
+                f"prompt_len ({prompt_len}) leaves no room to generate within "
+                f"max_context ({max_context})"
+            )
+        # max_new_tokens beyond the context is not an error: generation stops at the context
+        # limit (finish_reason "length"), as OpenAI-compatible servers do.
+
+    def with_seed_offset(self, i: int) -> SamplingParams:
+        """Params for child ``i`` of an n>1 request: distinct but reproducible seeds, n=1."""
+        seed = None if self.seed is None else self.seed + i
+        return dataclasses.replace(self, seed=seed, n=1)

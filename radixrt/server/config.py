@@ -1,0 +1,120 @@
+"""Server configuration: one frozen, validated dataclass shared by the router and its workers.
+
+Engine knobs left at None fall through to EngineConfig's own defaults, so the server never
+duplicates (and drifts from) the engine's choices.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import msgspec
+
+if TYPE_CHECKING:
+    from radixrt.config import EngineConfig
+
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_PORT = 30000
+
+# Fields forwarded to EngineConfig when not None.
+_ENGINE_FIELDS = (
+    "device",
+    "dtype",
+    "page_size",
+    "kv_cache_tokens",
+    "schedule_policy",
+    "enable_prefix_cache",
+    "chunked_prefill_size",
+    "max_running_requests",
+    "load_format",
+    "seed",
+    "debug_invariants",
+    "attention_backend",
+    "max_context_len",
+)
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    model: str | None = None  # None = the default model
+    served_model_name: str | None = None  # name clients use in "model"; default: the model's
+    host: str = DEFAULT_HOST
+    port: int = DEFAULT_PORT
+    api_keys: tuple[str, ...] = ()  # empty = no auth
+    dp: int = 1
+    max_queued_requests: int = 4096  # requests without a first token yet, router-wide
+    max_request_tokens: int | None = None  # cap on max_tokens (default: context window)
+    # A worker that has not answered a ping for this long makes /health fail.
+    health_timeout_s: float = 20.0
+    ping_interval_s: float = 0.5
+    worker_start_timeout_s: float = 600.0
+    shutdown_timeout_s: float = 10.0
+    log_level: str = "info"
+    # engine knobs (None = EngineConfig default)
+    device: str | None = None
+    dtype: str | None = None
+    page_size: int | None = None
+    kv_cache_tokens: int | None = None
+    schedule_policy: str | None = None
+    enable_prefix_cache: bool | None = None
+    chunked_prefill_size: int | None = None
+    max_running_requests: int | None = None
+    load_format: str | None = None
+    seed: int | None = None
+    debug_invariants: bool | None = None
+    attention_backend: str | None = None
+    max_context_len: int | None = None
+
+    def __post_init__(self) -> None:
+        try:
+            ipaddress.ip_address(self.host)
+        except ValueError:
+            if self.host != "localhost":
+                raise ValueError(
+                    f"host must be an IP address or 'localhost', got {self.host!r}") from None
+        if not 0 <= self.port <= 65535:  # 0 = let the OS pick (tests)
+            raise ValueError(f"port must be in [0, 65535], got {self.port}")
+        if not 1 <= self.dp <= 64:
+            raise ValueError(f"dp must be in [1, 64], got {self.dp}")
+        if self.max_queued_requests < 1:
+            raise ValueError(f"max_queued_requests must be >= 1, got {self.max_queued_requests}")
+        if self.max_request_tokens is not None and self.max_request_tokens < 1:
+            raise ValueError(f"max_request_tokens must be >= 1, got {self.max_request_tokens}")
+        for name in ("health_timeout_s", "ping_interval_s", "worker_start_timeout_s",
+                     "shutdown_timeout_s"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+        if self.ping_interval_s >= self.health_timeout_s:
+            raise ValueError("ping_interval_s must be smaller than health_timeout_s")
+        object.__setattr__(self, "api_keys", tuple(self.api_keys))
+        for key in self.api_keys:
+            if not key or any(c.isspace() for c in key):
+                raise ValueError("api keys must be non-empty and contain no whitespace")
+        if self.log_level not in ("debug", "info", "warning", "error", "critical"):
+            raise ValueError(f"log_level must be a logging level name, got {self.log_level!r}")
+
+    def engine_kwargs(self) -> dict[str, Any]:
+        kw: dict[str, Any] = {"model": self.model}
+        for name in _ENGINE_FIELDS:
+            v = getattr(self, name)
+            if v is not None:
+                kw[name] = v
+        return kw
+
+    def engine_config(self) -> EngineConfig:
+        from radixrt.config import EngineConfig  # the engine is only imported in workers
+
+        return EngineConfig(**self.engine_kwargs())
+
+    def to_json(self) -> bytes:
+        return msgspec.json.encode(self)
+
+    @classmethod
+    def from_json(cls, data: bytes | str) -> ServerConfig:
+        return msgspec.json.decode(data, type=cls)
+
+    def replace(self, **changes: Any) -> ServerConfig:
+        return dataclasses.replace(self, **changes)

@@ -1,0 +1,298 @@
+"""OpenAI-compatible and native request schemas, their validation, and OpenAI-style errors.
+
+Bodies are decoded with msgspec against typed Structs (type errors name the JSON path), then
+checked against the model (context window, vocabulary) and turned into ``SamplingParams``.
+Every rejection is an ``APIError`` that renders as OpenAI's ``{"error": {...}}`` body.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, fields, replace
+from typing import Any
+
+import msgspec
+
+from radixrt.sampling_params import SamplingParams
+
+MAX_CACHE_SALT_LEN = 256
+_FIELD_RE = re.compile(r"^([a-z_]+) ")
+# SamplingParams field -> the name clients used.
+_PARAM_ALIASES = {"max_new_tokens": "max_tokens"}
+
+
+class APIError(Exception):
+    def __init__(self, status: int, message: str, param: str | None = None,
+                 err_type: str | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.param = param
+        self.err_type = err_type or _default_type(status)
+
+    def body(self) -> dict[str, Any]:
+        return error_body(self.message, self.err_type, self.param, self.status)
+
+
+def _default_type(status: int) -> str:
+    return {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
+            503: "service_unavailable"}.get(status, "internal_server_error")
+
+
+def error_body(message: str, err_type: str, param: str | None, code: int) -> dict[str, Any]:
+    return {"error": {"message": message, "type": err_type, "param": param, "code": code}}
+
+
+def bad_request(message: str, param: str | None = None) -> APIError:
+    return APIError(400, message, param)
+
+
+# ---------------------------------------------------------------------------- schemas
+
+
+class StreamOptions(msgspec.Struct):
+    include_usage: bool = False
+    continuous_usage_stats: bool = False
+
+
+class _Common(msgspec.Struct, kw_only=True):
+    model: str | None = None
+    max_tokens: int | None = None
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = -1
+    min_p: float = 0.0
+    n: int = 1
+    stop: str | list[str] | None = None
+    stop_token_ids: list[int] | None = None
+    seed: int | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    ignore_eos: bool = False
+    skip_special_tokens: bool = True
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    user: str | None = None
+    cache_salt: str | None = None
+
+
+class ChatCompletionRequest(_Common, kw_only=True):
+    messages: list[dict[str, Any]]
+    max_completion_tokens: int | None = None
+    logprobs: bool = False
+    top_logprobs: int | None = None
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False
+    chat_template_kwargs: dict[str, Any] | None = None
+
+
+class CompletionRequest(_Common, kw_only=True):
+    prompt: Any  # str | list[str] | list[int] | list[list[int]]: checked by prompt_inputs()
+    logprobs: int | None = None
+    echo: bool = False
+    suffix: str | None = None
+    best_of: int | None = None
+
+
+class GenerateRequest(msgspec.Struct, kw_only=True):
+    text: str | None = None
+    input_ids: list[int] | None = None
+    sampling_params: dict[str, Any] | None = None
+    stream: bool = False
+    cache_salt: str | None = None
+
+
+def parse_body(raw: bytes, schema: type[Any]) -> Any:
+    """Decode a JSON body into ``schema``; malformed JSON and wrong types become 400s."""
+    if not raw.strip():
+        raise bad_request("Request body is empty; expected a JSON object")
+    try:
+        json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise bad_request(f"Malformed JSON in request body: {e}") from None
+    try:
+        return msgspec.json.decode(raw, type=schema)
+    except msgspec.ValidationError as e:
+        msg = str(e)
+        m = re.search(r"`\$\.([A-Za-z_]+)", msg)
+        missing = re.search(r"missing required field `([A-Za-z_]+)`", msg)
+        param = missing.group(1) if missing else (m.group(1) if m else None)
+        raise bad_request(f"Invalid request: {msg}", param) from None
+
+
+# ---------------------------------------------------------------------------- validation
+
+
+def validate_cache_salt(salt: Any) -> str | None:
+    if salt is None:
+        return None
+    if (not isinstance(salt, str) or not salt or len(salt) > MAX_CACHE_SALT_LEN
+            or not salt.isprintable()):
+        raise bad_request(
+            f"cache_salt must be a non-empty string of at most {MAX_CACHE_SALT_LEN} printable "
+            "characters", "cache_salt")
+    return salt
+
+
+def check_model_name(requested: str | None, served: tuple[str, ...]) -> None:
+    if requested is not None and requested not in served:
+        # 400 (as the issue asks; OpenAI itself answers 404 here).
+        raise APIError(400, f"The model `{requested}` does not exist. Available: "
+                       f"{', '.join(served)}", "model", "model_not_found")
+
+
+def check_token_ids(ids: list[int], vocab_size: int, param: str) -> None:
+    for t in ids:
+        if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab_size:
+            raise bad_request(
+                f"Token id {t!r} in {param} is outside the vocabulary (size {vocab_size})", param)
+
+
+def prompt_inputs(prompt: Any) -> list[str | list[int]]:
+    """Normalize a completions ``prompt`` into a list of texts or token-id lists."""
+    def is_ids(x: Any) -> bool:
+        return isinstance(x, list) and all(isinstance(t, int) and not isinstance(t, bool)
+                                           for t in x)
+
+    if isinstance(prompt, str):
+        out: list[str | list[int]] = [prompt]
+    elif is_ids(prompt) and prompt:
+        out = [list(prompt)]
+    elif isinstance(prompt, list) and prompt and all(
+            isinstance(p, str) or (is_ids(p)) for p in prompt):
+        out = [p if isinstance(p, str) else list(p) for p in prompt]
+    else:
+        raise bad_request("prompt must be a non-empty string, a list of strings, a list of "
+                          "token ids, or a list of token-id lists", "prompt")
+    for p in out:
+        if len(p) == 0:
+            raise bad_request("prompt must not be empty", "prompt")
+    return out
+
+
+def chat_messages(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Validate chat messages; flatten text content parts into strings for the template."""
+    if not messages:
+        raise bad_request("messages must be a non-empty list", "messages")
+    out = []
+    for i, m in enumerate(messages):
+        role = m.get("role")
+        if role not in ("system", "user", "assistant", "tool", "developer"):
+            raise bad_request(f"messages[{i}].role must be one of system, user, assistant, tool,"
+                              f" developer; got {role!r}", "messages")
+        content = m.get("content")
+        if isinstance(content, list):
+            texts = []
+            for part in content:
+                if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(
+                        part.get("text"), str):
+                    raise bad_request(f"messages[{i}].content: only text parts are supported",
+                                      "messages")
+                texts.append(part["text"])
+            content = "".join(texts)
+        elif content is None:
+            if role != "assistant":
+                raise bad_request(f"messages[{i}].content is required", "messages")
+            content = ""
+        elif not isinstance(content, str):
+            raise bad_request(f"messages[{i}].content must be a string or a list of text parts",
+                              "messages")
+        out.append({**m, "role": "system" if role == "developer" else role, "content": content})
+    return out
+
+
+@dataclass(frozen=True)
+class ModelLimits:
+    vocab_size: int
+    max_context_len: int
+    max_request_tokens: int | None = None  # server-wide cap on max_tokens
+
+
+def check_lengths(prompt_len: int, max_tokens: int | None, limits: ModelLimits,
+                  default_max_tokens: int | None) -> int:
+    """Checks the prompt and max_tokens against the context window; returns max_new_tokens."""
+    ctx = limits.max_context_len
+    if prompt_len < 1:
+        raise bad_request("The prompt is empty (0 tokens)", "prompt")
+    if prompt_len >= ctx:
+        raise bad_request(
+            f"This model's maximum context length is {ctx} tokens. However, your prompt has "
+            f"{prompt_len} tokens, which leaves no room for the completion.", "prompt")
+    room = ctx - prompt_len
+    if max_tokens is None:
+        max_tokens = room if default_max_tokens is None else min(room, default_max_tokens)
+        if limits.max_request_tokens is not None:
+            max_tokens = min(max_tokens, limits.max_request_tokens)
+    if isinstance(max_tokens, bool) or max_tokens < 1:
+        raise bad_request(f"max_tokens must be at least 1, got {max_tokens}", "max_tokens")
+    if limits.max_request_tokens is not None and max_tokens > limits.max_request_tokens:
+        raise bad_request(f"max_tokens ({max_tokens}) is over this server's limit of "
+                          f"{limits.max_request_tokens}", "max_tokens")
+    if max_tokens > room:
+        raise bad_request(
+            f"This model's maximum context length is {ctx} tokens. However, you requested "
+            f"{prompt_len + max_tokens} tokens ({prompt_len} in the prompt, {max_tokens} for "
+            "the completion). Please reduce the prompt or max_tokens.", "max_tokens")
+    return max_tokens
+
+
+def _make_params(**kw: Any) -> SamplingParams:
+    try:
+        return SamplingParams(**kw)
+    except (ValueError, TypeError) as e:
+        msg = str(e)
+        m = _FIELD_RE.match(msg)
+        param = _PARAM_ALIASES.get(m.group(1), m.group(1)) if m else None
+        if param is not None:
+            msg = msg.replace(m.group(1) if m else "", param, 1)
+        raise bad_request(msg, param) from None
+
+
+def openai_params(req: ChatCompletionRequest | CompletionRequest) -> SamplingParams:
+    """Sampling params before the prompt is known (max_new_tokens filled in later)."""
+    if isinstance(req, ChatCompletionRequest):
+        want_lp = req.logprobs
+        top = req.top_logprobs or 0
+        if top and not want_lp:
+            raise bad_request("top_logprobs requires logprobs=true", "top_logprobs")
+    else:
+        want_lp = req.logprobs is not None
+        top = req.logprobs or 0
+    if req.stop_token_ids:
+        check_token_ids(req.stop_token_ids, 1 << 62, "stop_token_ids")
+    return _make_params(
+        max_new_tokens=1, temperature=req.temperature, top_p=req.top_p, top_k=req.top_k,
+        min_p=req.min_p, n=req.n, stop=req.stop, stop_token_ids=tuple(req.stop_token_ids or ()),
+        seed=req.seed, presence_penalty=req.presence_penalty,
+        frequency_penalty=req.frequency_penalty, repetition_penalty=req.repetition_penalty,
+        ignore_eos=req.ignore_eos, skip_special_tokens=req.skip_special_tokens,
+        logprobs=want_lp, top_logprobs=top)
+
+
+_NATIVE_FIELDS = {f.name for f in fields(SamplingParams)}
+
+
+def native_params(sp: dict[str, Any] | None) -> SamplingParams:
+    sp = dict(sp or {})
+    if "max_tokens" in sp and "max_new_tokens" not in sp:
+        sp["max_new_tokens"] = sp.pop("max_tokens")
+    unknown = sorted(set(sp) - _NATIVE_FIELDS)
+    if unknown:
+        raise bad_request(f"Unknown sampling parameter(s): {', '.join(unknown)}",
+                          "sampling_params")
+    for k in ("stop", "stop_token_ids"):
+        if isinstance(sp.get(k), list):
+            sp[k] = tuple(sp[k])
+    return _make_params(**sp)
+
+
+def finalize_params(params: SamplingParams, prompt_len: int, max_tokens: int | None,
+                    limits: ModelLimits, default_max_tokens: int | None) -> SamplingParams:
+    n_new = check_lengths(prompt_len, max_tokens, limits, default_max_tokens)
+    for t in params.stop_token_ids:
+        if t >= limits.vocab_size:
+            raise bad_request(f"stop_token_ids contains {t}, outside the vocabulary (size "
+                              f"{limits.vocab_size})", "stop_token_ids")
+    return replace(params, max_new_tokens=n_new)

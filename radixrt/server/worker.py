@@ -1,0 +1,201 @@
+"""Worker process main: one EngineCore behind two ZeroMQ ipc sockets.
+
+Loop: drain incoming messages (without blocking while there is work; polling with a timeout
+when idle), run one scheduler step, send one TokenBatch with every sequence's new tokens.
+The worker exits when told to, when its parent (the router) is gone, or on a fatal engine error
+(after telling the router why).
+
+Run as ``python -m radixrt.server.worker --worker-id I --ipc-dir DIR --config JSON``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import sys
+import time
+import traceback
+from typing import TYPE_CHECKING
+
+import msgspec
+import zmq
+
+from radixrt.server import messages as m
+from radixrt.server.config import ServerConfig
+
+if TYPE_CHECKING:
+    from radixrt.engine.core import EngineCore
+
+log = logging.getLogger("radixrt.worker")
+
+IDLE_POLL_MS = 50
+# While busy, still send a stats snapshot at least this often (for /metrics).
+STATS_EVERY_S = 0.5
+
+
+def to_worker_addr(ipc_dir: str, worker_id: int) -> str:
+    return f"ipc://{os.path.join(ipc_dir, f'to_worker_{worker_id}')}"
+
+
+def to_router_addr(ipc_dir: str) -> str:
+    return f"ipc://{os.path.join(ipc_dir, 'to_router')}"
+
+
+class _Stop(Exception):
+    pass
+
+
+class WorkerLoop:
+    def __init__(self, core: EngineCore, worker_id: int, pull: zmq.Socket, push: zmq.Socket,
+                 parent_pid: int) -> None:
+        self.core = core
+        self.worker_id = worker_id
+        self.pull = pull
+        self.push = push
+        self.parent_pid = parent_pid
+        self.step_no = 0
+        self.last_stats = 0.0
+        self.poller = zmq.Poller()
+        self.poller.register(pull, zmq.POLLIN)
+
+    def send(self, msg: m.ToRouter) -> None:
+        self.push.send(m.encode(msg), copy=False)
+
+    def stats(self) -> m.StatsMsg:
+        self.last_stats = time.monotonic()
+        return m.stats_to_msg(self.core.stats())
+
+    def run(self) -> None:
+        try:
+            while True:
+                busy = self.core.has_work()
+                if busy:
+                    self._drain()
+                elif self.poller.poll(IDLE_POLL_MS):
+                    self._drain()
+                elif os.getppid() != self.parent_pid:
+                    log.warning("worker %d: router process is gone; exiting", self.worker_id)
+                    return
+                if self.core.has_work():
+                    self._step()
+        except _Stop:
+            return
+
+    def _drain(self) -> None:
+        while True:
+            try:
+                data = self.pull.recv(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            try:
+                msg = m.decode_to_worker(data)
+            except (msgspec.ValidationError, msgspec.DecodeError) as e:
+                # A request whose params fail validation is answered if its rid is readable.
+                log.error("worker %d: rejecting malformed message: %s", self.worker_id, e)
+                self._reject_malformed(data, str(e))
+                continue
+            self._handle(msg)
+
+    def _reject_malformed(self, data: bytes, why: str) -> None:
+        try:
+            raw = msgspec.msgpack.decode(data)
+        except msgspec.DecodeError:
+            return
+        if isinstance(raw, dict) and raw.get("type") == "GenerateReq" and isinstance(
+                raw.get("rid"), str):
+            self.send(m.RequestError(self.worker_id, raw["rid"], why))
+
+    def _handle(self, msg: m.ToWorker) -> None:
+        if isinstance(msg, m.GenerateReq):
+            try:
+                self.core.add_request(msg.rid, msg.input_ids, msg.params, msg.namespace)
+            except ValueError as e:
+                self.send(m.RequestError(self.worker_id, msg.rid, str(e)))
+        elif isinstance(msg, m.AbortReq):
+            try:
+                self.core.abort_request(msg.rid, msg.index)
+            except (KeyError, ValueError):
+                pass  # already finished: the abort crossed its last batch on the wire
+        elif isinstance(msg, m.PingReq):
+            self.send(m.PongMsg(self.worker_id, msg.seq, self.stats()))
+        elif isinstance(msg, m.FlushCacheReq):
+            self.send(m.FlushCacheResp(self.worker_id, msg.seq, bool(self.core.flush_cache())))
+        elif isinstance(msg, m.ShutdownReq):
+            log.info("worker %d: shutdown requested (%s)", self.worker_id, msg.reason)
+            raise _Stop
+        else:  # pragma: no cover - the decoder only yields the union's members
+            raise AssertionError(f"unhandled message {type(msg).__name__}")
+
+    def _step(self) -> None:
+        deltas = self.core.step()
+        self.step_no += 1
+        out = [m.delta_to_msg(d) for d in deltas]
+        idle = not self.core.has_work()
+        want_stats = (idle or any(d.finished for d in deltas)
+                      or time.monotonic() - self.last_stats > STATS_EVERY_S)
+        if out or want_stats:
+            self.send(m.TokenBatch(self.worker_id, self.step_no, out,
+                                   self.stats() if want_stats else None))
+
+
+def _engine_config(cfg: ServerConfig, worker_id: int) -> ServerConfig:
+    # One GPU per replica; on CPU, split the cores between replicas.
+    if cfg.dp > 1 and cfg.device == "cuda":
+        return cfg.replace(device=f"cuda:{worker_id}")
+    return cfg
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="radixrt.server.worker")
+    ap.add_argument("--worker-id", type=int, required=True)
+    ap.add_argument("--ipc-dir", required=True)
+    ap.add_argument("--config", required=True, help="ServerConfig as JSON")
+    args = ap.parse_args(argv)
+    cfg = ServerConfig.from_json(args.config)
+    logging.basicConfig(level=cfg.log_level.upper(),
+                        format=f"%(asctime)s worker{args.worker_id} %(levelname)s %(message)s")
+    # Ctrl-C reaches the whole process group; the router decides when workers stop.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    parent = os.getppid()
+    if (cfg.device or "cpu") == "cpu":
+        import torch
+
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // cfg.dp))
+
+    ctx = zmq.Context()
+    push = ctx.socket(zmq.PUSH)
+    push.setsockopt(zmq.LINGER, 2000)
+    push.setsockopt(zmq.SNDHWM, 0)
+    push.connect(to_router_addr(args.ipc_dir))
+    pull = ctx.socket(zmq.PULL)
+    pull.setsockopt(zmq.RCVHWM, 0)
+    pull.connect(to_worker_addr(args.ipc_dir, args.worker_id))
+    try:
+        from radixrt.engine.core import EngineCore
+
+        ecfg = _engine_config(cfg, args.worker_id).engine_config()
+        core = EngineCore(ecfg)
+        info = core.model_info
+        push.send(m.encode(m.ReadyMsg(
+            worker_id=args.worker_id, pid=os.getpid(), model_name=info.model_name,
+            model_path=info.model_path, vocab_size=info.vocab_size,
+            max_context_len=info.max_context_len, eos_token_ids=list(info.eos_token_ids),
+            page_size=ecfg.page_size)))
+        log.info("worker %d ready: %s", args.worker_id, info.model_name)
+        WorkerLoop(core, args.worker_id, pull, push, parent).run()
+        return 0
+    except Exception as e:
+        log.error("worker %d failed: %s", args.worker_id, traceback.format_exc())
+        push.send(m.encode(m.WorkerFatal(args.worker_id, f"{type(e).__name__}: {e}")))
+        return 1
+    finally:
+        pull.close(0)
+        push.close()
+        ctx.term()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

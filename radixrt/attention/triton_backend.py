@@ -53,7 +53,9 @@ class TritonAttentionBackend(AttentionBackend):
         self.min_split_len = min_split_len
         rows = max(b * self.num_splits_for(b) for b in range(1, max_batch_size + 1))
         # Flat fp32 partials: viewed as [B, Hq, num_splits, (D)] by the decode kernels.
-        self._part_out = torch.empty(rows * num_heads * head_dim, dtype=torch.float32, device=self.device)
+        self._part_out = torch.empty(
+            rows * num_heads * head_dim, dtype=torch.float32, device=self.device
+        )
         self._part_lse = torch.empty(rows * num_heads, dtype=torch.float32, device=self.device)
         self._num_splits = 1
 

@@ -7,6 +7,7 @@ SequenceMemory; those + sampler -> Scheduler. Token ids in, token ids out; no te
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -102,7 +103,8 @@ class EngineCore:
             max_context_len=max_context, eos_token_ids=eos,
         )
         self.model_info = ModelInfo(
-            model_name=loaded.source, model_path=loaded.path, vocab_size=args.vocab_size,
+            model_name=loaded.source,
+            model_path=loaded.source if os.path.isdir(loaded.source) else None, vocab_size=args.vocab_size,
             max_context_len=max_context, eos_token_ids=tuple(sorted(eos)),
         )
         logger.info(

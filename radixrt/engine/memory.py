@@ -42,7 +42,7 @@ class SequenceMemory:
         if not use_cache:
             seq.kv_len = 0
             return 0
-        match = self.cache.match_prefix(tokens, seq.namespace)
+        match = self.cache.match_prefix(tokens, seq.namespace, record_stats=False)
         self.cache.lock(match.handle)
         seq.cache_handle = match.handle
         seq.pages.adopt_prefix(match.pages, self.allocator)

@@ -17,10 +17,12 @@ never on which other requests share the batch or at which position it sits.
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from radixrt.sampling_params import SamplingParams
@@ -64,15 +66,13 @@ def _col(values: list[float], like: torch.Tensor) -> torch.Tensor:
 def _token_index(
     id_lists: Sequence[Sequence[int]], device: torch.device
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Flattened (row, token) coordinates of ragged id lists, for index_put_ over [B, V]."""
-    lengths = [len(ids) for ids in id_lists]
-    flat = [t for ids in id_lists for t in ids]
-    tok = torch.tensor(flat, dtype=torch.long, device=device)  # [sum(lengths)]
-    row = torch.repeat_interleave(
-        torch.arange(len(id_lists), device=device),
-        torch.tensor(lengths, dtype=torch.long, device=device),
-    )  # [sum(lengths)]
-    return row, tok
+    """Flattened (row, token) coordinates of ragged id lists, for indexing [B, V] tensors."""
+    # numpy builds these from python ints ~10x faster than torch.tensor(list) does.
+    lengths = np.fromiter((len(ids) for ids in id_lists), dtype=np.int64, count=len(id_lists))
+    total = int(lengths.sum())
+    tok = np.fromiter(itertools.chain.from_iterable(id_lists), dtype=np.int64, count=total)
+    row = np.repeat(np.arange(len(id_lists), dtype=np.int64), lengths)
+    return torch.from_numpy(row).to(device), torch.from_numpy(tok).to(device)  # [N] each
 
 
 class Sampler:

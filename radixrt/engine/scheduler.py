@@ -21,6 +21,7 @@ from radixrt.cache.page_table import SequencePages
 from radixrt.config import EngineConfig
 from radixrt.engine import step_builder
 from radixrt.engine.budget import PrefillBudget
+from radixrt.engine.inbatch import InBatchPrefixes
 from radixrt.engine.memory import SequenceMemory
 from radixrt.engine.outputs import EngineStats, FinishReason, SequenceDelta
 from radixrt.engine.policy import order_waiting
@@ -64,6 +65,7 @@ class Scheduler:
         self._arrival = itertools.count()
         self.retractions = 0
         self.prompt_tokens_total = 0
+        self.cached_prompt_tokens = 0
         self.generated_tokens_total = 0
 
     # ---- requests in -------------------------------------------------------------------
@@ -163,13 +165,18 @@ class Scheduler:
 
     def _admit(self, budget: PrefillBudget, work: list[tuple[Sequence, int]]) -> None:
         cache = self.memory.cache
+        admitted = InBatchPrefixes(self.page_size)
         for seq in order_waiting(self.waiting, cache, self.config.schedule_policy):
             if len(self.running) >= self.config.max_running_requests or budget.exhausted:
                 return
             needs_prompt_logprobs = seq.params.prompt_logprobs and seq.prompt_logprobs is None
-            matched = self.memory.attach_prefix(seq, use_cache=cache.enabled and not needs_prompt_logprobs)
-            if seq.cached_tokens < 0:
-                seq.cached_tokens = min(matched, len(seq.prompt_ids))
+            use_cache = cache.enabled and not needs_prompt_logprobs
+            matched = self.memory.attach_prefix(seq, use_cache=use_cache)
+            if use_cache and admitted.shares_stem(seq.token_ids(), matched):
+                # Its stem is being computed this step by another request: wait for the hit.
+                self.memory.release(seq, keep_in_cache=False)
+                seq.kv_len = 0
+                continue
             n = budget.peek(seq.num_to_compute, seq.kv_len)
             need = -(-(seq.kv_len + n) // self.page_size) - seq.pages.num_pages
             reserve = self._decode_reserve_pages(extra=seq) if self.running else 0
@@ -180,6 +187,11 @@ class Scheduler:
                 seq.kv_len = 0
                 return
             budget.take(n)
+            if seq.cached_tokens < 0:  # first admission: this is what the request reports
+                seq.cached_tokens = min(matched, len(seq.prompt_ids))
+                self.cached_prompt_tokens += seq.cached_tokens
+            if use_cache:
+                admitted.add(seq.token_ids())
             if needs_prompt_logprobs:
                 seq.prompt_logprobs = [None]  # the first token has no context to be scored in
             self.waiting.remove(seq)
@@ -272,8 +284,8 @@ class Scheduler:
             total_pages=self.memory.allocator.num_total, free_pages=self.memory.allocator.num_free,
             evictable_pages=cache.evictable_pages, locked_pages=cache.locked_pages,
             private_pages=private, wasted_slots=sum(s.pages.wasted_slots for s in self.running),
-            cached_tokens=cache.cached_tokens, hit_tokens=cache.hit_tokens,
-            query_tokens=cache.query_tokens, evictions=cache.evictions,
+            cached_tokens=cache.cached_tokens, hit_tokens=self.cached_prompt_tokens,
+            query_tokens=self.prompt_tokens_total, evictions=cache.evictions,
             retractions=self.retractions, prompt_tokens_total=self.prompt_tokens_total,
             generated_tokens_total=self.generated_tokens_total,
             extra={"held_page_refs": float(sum(refs.values()))},

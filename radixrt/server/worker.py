@@ -11,6 +11,7 @@ Run as ``python -m radixrt.server.worker --worker-id I --ipc-dir DIR --config JS
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import signal
@@ -70,10 +71,7 @@ class WorkerLoop:
     def run(self) -> None:
         try:
             while True:
-                busy = self.core.has_work()
-                if busy:
-                    self._drain()
-                elif self.poller.poll(IDLE_POLL_MS):
+                if self.core.has_work() or self.poller.poll(IDLE_POLL_MS):
                     self._drain()
                 elif os.getppid() != self.parent_pid:
                     log.warning("worker %d: router process is gone; exiting", self.worker_id)
@@ -114,10 +112,9 @@ class WorkerLoop:
             except ValueError as e:
                 self.send(m.RequestError(self.worker_id, msg.rid, str(e)))
         elif isinstance(msg, m.AbortReq):
-            try:
+            # KeyError/ValueError: already finished; the abort crossed its last batch on the wire
+            with contextlib.suppress(KeyError, ValueError):
                 self.core.abort_request(msg.rid, msg.index)
-            except (KeyError, ValueError):
-                pass  # already finished: the abort crossed its last batch on the wire
         elif isinstance(msg, m.PingReq):
             self.send(m.PongMsg(self.worker_id, msg.seq, self.stats()))
         elif isinstance(msg, m.FlushCacheReq):

@@ -142,7 +142,7 @@ class RadixMachine(RuleBasedStateMachine):
         self.cache.lock(handle)
         req = SimReq(ns, tokens, seq, handle, len(m_pages) * self.ps)
         self.reqs.append(req)
-        self.history.append(tokens)  # later prompts branch off this one: shared prefixes
+        self.history.append(list(tokens))  # later prompts branch off this one: shared prefixes
         if not self._reserve(seq, len(tokens)):  # pool exhausted: abort the request
             self._drop(req)
         elif prefill:  # the whole prompt was computed in this step: cache it now

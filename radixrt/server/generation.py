@@ -1,0 +1,167 @@
+"""One HTTP request's generation: engine requests in, per-choice text updates out.
+
+An HTTP request may hold several prompts (completions batch) of n samples each; every prompt is
+one engine request, and choice ``i`` is sample ``i % n`` of prompt ``i // n``. All engine
+requests share one queue, so the consumer sees one merged stream. Text is detokenized
+incrementally here; a completed stop string ends that sample (finish_reason "stop") and
+aborts it in the worker. Leaving the stream early (client gone, error) aborts what is left.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+from radixrt.sampling_params import SamplingParams
+from radixrt.server.engine_client import (
+    EngineClient,
+    Event,
+    RequestRejected,
+    RequestState,
+    WorkerFailure,
+)
+from radixrt.server.messages import DeltaMsg
+from radixrt.server.metrics import ServerMetrics
+from radixrt.server.protocol import APIError
+from radixrt.server.tokenization import TextCodec
+from radixrt.text.detokenizer import IncrementalDetokenizer
+
+
+@dataclass
+class ChoiceUpdate:
+    choice: int
+    text: str
+    token_ids: list[int]
+    logprobs: list[float] | None = None
+    top_logprobs: list[list[tuple[int, float]]] | None = None
+    finish_reason: str | None = None  # set on the sample's last update
+    matched_stop: str | int | None = None
+
+
+@dataclass
+class Usage:
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cached_tokens: int = 0
+
+    def as_dict(self) -> dict[str, object]:
+        return {"prompt_tokens": self.prompt_tokens,
+                "completion_tokens": self.completion_tokens,
+                "total_tokens": self.prompt_tokens + self.completion_tokens,
+                "prompt_tokens_details": {"cached_tokens": self.cached_tokens}}
+
+
+@dataclass
+class _Seq:
+    choice: int
+    detok: IncrementalDetokenizer
+    token_ids: list[int] = field(default_factory=list)
+    open: bool = True
+
+
+@dataclass
+class _Sub:
+    state: RequestState
+    seqs: list[_Seq]
+    prompt_tokens: int = 0
+    cached_tokens: int = 0
+    last_time: float | None = None
+
+
+class Generation:
+    def __init__(self, client: EngineClient, codec: TextCodec, prompts: list[list[int]],
+                 params: SamplingParams, namespace: str | None, metrics: ServerMetrics,
+                 t_arrival: float) -> None:
+        self.client = client
+        self.metrics = metrics
+        self.params = params
+        self.t_arrival = t_arrival
+        self.queue: asyncio.Queue[Event] = asyncio.Queue()
+        self.usage = Usage()
+        self.subs: dict[str, _Sub] = {}
+        try:
+            for p_idx, ids in enumerate(prompts):
+                st = client.submit(ids, params, namespace, self.queue, t_arrival)
+                seqs = [_Seq(p_idx * params.n + i, IncrementalDetokenizer(
+                    codec.tokenizer, params.skip_special_tokens, params.stop,
+                    context_token_ids=ids[-5:])) for i in range(params.n)]
+                self.subs[st.rid] = _Sub(st, seqs)
+        except APIError:
+            self.close()
+            raise
+
+    @property
+    def num_choices(self) -> int:
+        return sum(len(s.seqs) for s in self.subs.values())
+
+    def close(self) -> None:
+        """Abort every engine request still open (synchronous: safe in a cancelled task)."""
+        for rid, sub in self.subs.items():
+            if any(s.open for s in sub.seqs):
+                for s in sub.seqs:
+                    s.open = False
+                self.client.abort(rid)
+
+    async def updates(self) -> AsyncIterator[ChoiceUpdate]:
+        try:
+            while any(s.open for sub in self.subs.values() for s in sub.seqs):
+                ev = await self.queue.get()
+                if isinstance(ev, WorkerFailure):
+                    raise APIError(503, f"Generation failed: {ev}", err_type="server_error")
+                if isinstance(ev, RequestRejected):
+                    raise APIError(400, str(ev))
+                upd = self._on_delta(ev)
+                if upd is not None:
+                    yield upd
+            self.metrics.e2e.observe(time.monotonic() - self.t_arrival)
+        finally:
+            self.close()
+
+    def _on_delta(self, d: DeltaMsg) -> ChoiceUpdate | None:
+        sub = self.subs.get(d.rid)
+        if sub is None or not 0 <= d.index < len(sub.seqs) or not sub.seqs[d.index].open:
+            return None  # tokens after a stop string, or the abort that followed it
+        now = time.monotonic()
+        if sub.last_time is None:
+            self.metrics.ttft.observe(now - self.t_arrival)
+        elif d.new_token_ids:
+            self.metrics.itl.observe((now - sub.last_time) / len(d.new_token_ids))
+        sub.last_time = now
+        sub.prompt_tokens, sub.cached_tokens = d.prompt_tokens, d.cached_tokens
+        seq = sub.seqs[d.index]
+        step = seq.detok.add(d.new_token_ids)
+        seq.token_ids.extend(d.new_token_ids)
+        upd = ChoiceUpdate(seq.choice, step.text, list(d.new_token_ids), d.new_logprobs,
+                           d.new_top_logprobs)
+        if step.stopped:
+            upd.finish_reason, upd.matched_stop = "stop", step.matched_stop
+        elif d.finished:
+            if d.finish_reason == "abort":
+                raise APIError(500, f"The engine aborted the request: {d.error or 'unknown'}",
+                               err_type="server_error")
+            upd.text += seq.detok.flush()
+            upd.finish_reason = d.finish_reason or "stop"
+            upd.matched_stop = d.matched_stop_token
+        if upd.finish_reason is not None:
+            self._close_seq(sub, seq, worker_done=d.finished and not step.stopped)
+        return upd
+
+    def _close_seq(self, sub: _Sub, seq: _Seq, worker_done: bool) -> None:
+        seq.open = False
+        self.usage.completion_tokens += len(seq.token_ids)
+        self.metrics.generation_tokens.inc(len(seq.token_ids))
+        rid = sub.state.rid
+        if any(s.open for s in sub.seqs):
+            if not worker_done:  # a stop string ended this sample; the others go on
+                self.client.abort(rid, seq.choice % self.params.n)
+            return
+        self.usage.prompt_tokens += sub.prompt_tokens
+        self.usage.cached_tokens += sub.cached_tokens
+        self.metrics.prompt_tokens.inc(sub.prompt_tokens)
+        self.metrics.cached_tokens.inc(sub.cached_tokens)
+        if worker_done:
+            self.client.release(rid, sub.seqs[0].token_ids)
+        else:
+            self.client.abort(rid)

@@ -1,0 +1,226 @@
+"""Endpoint logic: validated requests -> Generation -> OpenAI / native response bodies or SSE."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+from radixrt.sampling_params import SamplingParams
+from radixrt.server.config import ServerConfig
+from radixrt.server.engine_client import EngineClient
+from radixrt.server.generation import ChoiceUpdate, Generation
+from radixrt.server.metrics import ServerMetrics
+from radixrt.server.protocol import APIError, ModelLimits
+from radixrt.server.tokenization import TextCodec
+
+
+@dataclass
+class ServingContext:
+    cfg: ServerConfig
+    client: EngineClient
+    codec: TextCodec
+    metrics: ServerMetrics
+    limits: ModelLimits
+    served_names: tuple[str, ...]
+
+    @property
+    def model_name(self) -> str:
+        return self.served_names[0]
+
+
+@dataclass
+class Job:
+    """A validated generation request, ready to run."""
+
+    kind: str  # "chat" | "completion" | "generate"
+    prompts: list[list[int]]
+    params: SamplingParams
+    namespace: str | None
+    stream: bool
+    include_usage: bool = False
+
+
+def sse(obj: Any) -> bytes:
+    return b"data: " + json.dumps(obj, ensure_ascii=False).encode() + b"\n\n"
+
+
+SSE_DONE = b"data: [DONE]\n\n"
+
+
+def _logprob_entry(codec: TextCodec, tok: int, lp: float,
+                   top: list[tuple[int, float]] | None) -> dict[str, Any]:
+    piece = codec.piece(tok)
+    return {"token": piece, "logprob": lp, "bytes": list(piece.encode()),
+            "top_logprobs": [{"token": codec.piece(t), "logprob": v,
+                              "bytes": list(codec.piece(t).encode())} for t, v in (top or [])]}
+
+
+class Responder:
+    """Builds response bodies for one job; accumulates per-choice state for non-streaming."""
+
+    def __init__(self, ctx: ServingContext, job: Job, gen: Generation) -> None:
+        self.ctx, self.job, self.gen = ctx, job, gen
+        prefix = {"chat": "chatcmpl-", "completion": "cmpl-"}.get(job.kind, "")
+        self.id = prefix + uuid.uuid4().hex
+        self.created = int(time.time())
+        n = gen.num_choices
+        self.texts = [""] * n
+        self.ids: list[list[int]] = [[] for _ in range(n)]
+        self.finish: list[str | None] = [None] * n
+        self.matched: list[str | int | None] = [None] * n
+        self.lps: list[list[dict[str, Any]]] = [[] for _ in range(n)]
+        self.want_lp = job.params.logprobs
+
+    def _lp_entries(self, u: ChoiceUpdate) -> list[dict[str, Any]]:
+        if not self.want_lp or u.logprobs is None:
+            return []
+        tops = u.top_logprobs or [None] * len(u.token_ids)  # type: ignore[list-item]
+        return [_logprob_entry(self.ctx.codec, t, lp, top)
+                for t, lp, top in zip(u.token_ids, u.logprobs, tops)]
+
+    def absorb(self, u: ChoiceUpdate) -> list[dict[str, Any]]:
+        i = u.choice
+        self.texts[i] += u.text
+        self.ids[i].extend(u.token_ids)
+        entries = self._lp_entries(u)
+        self.lps[i].extend(entries)
+        if u.finish_reason is not None:
+            self.finish[i], self.matched[i] = u.finish_reason, u.matched_stop
+        return entries
+
+    def _completion_lp(self, entries: list[dict[str, Any]]) -> dict[str, Any] | None:
+        if not self.want_lp:
+            return None
+        return {"tokens": [e["token"] for e in entries],
+                "token_logprobs": [e["logprob"] for e in entries],
+                "top_logprobs": [{t["token"]: t["logprob"] for t in e["top_logprobs"]}
+                                 for e in entries],
+                "text_offset": []}
+
+    # ---------------------------------------------------------------- non-streaming
+    def final_body(self) -> Any:
+        usage = self.gen.usage.as_dict()
+        n = len(self.texts)
+        if self.job.kind == "chat":
+            choices = [{"index": i, "message": {"role": "assistant", "content": self.texts[i]},
+                        "logprobs": {"content": self.lps[i]} if self.want_lp else None,
+                        "finish_reason": self.finish[i], "matched_stop": self.matched[i]}
+                       for i in range(n)]
+            return {"id": self.id, "object": "chat.completion", "created": self.created,
+                    "model": self.ctx.model_name, "choices": choices, "usage": usage}
+        if self.job.kind == "completion":
+            choices = [{"index": i, "text": self.texts[i],
+                        "logprobs": self._completion_lp(self.lps[i]),
+                        "finish_reason": self.finish[i], "matched_stop": self.matched[i]}
+                       for i in range(n)]
+            return {"id": self.id, "object": "text_completion", "created": self.created,
+                    "model": self.ctx.model_name, "choices": choices, "usage": usage}
+        outs = [self._native(i, usage) for i in range(n)]
+        return outs[0] if n == 1 else outs
+
+    def _native(self, i: int, usage: dict[str, Any]) -> dict[str, Any]:
+        return {"text": self.texts[i], "output_ids": self.ids[i],
+                "meta_info": {"id": self.id, "finish_reason": {"type": self.finish[i],
+                                                               "matched": self.matched[i]},
+                              "prompt_tokens": usage["prompt_tokens"],
+                              "completion_tokens": len(self.ids[i]),
+                              "cached_tokens": usage["prompt_tokens_details"]["cached_tokens"],
+                              "e2e_latency": time.monotonic() - self.gen.t_arrival}}
+
+    # ---------------------------------------------------------------- streaming
+    def chunk(self, u: ChoiceUpdate, first: bool) -> dict[str, Any] | None:
+        entries = self.absorb(u)
+        if self.job.kind == "generate":
+            if not u.text and u.finish_reason is None and not first:
+                return None
+            return self._native(u.choice, self.gen.usage.as_dict())  # cumulative, like SGLang
+        if self.job.kind == "chat":
+            delta: dict[str, Any] = {"content": u.text}
+            if first:
+                delta["role"] = "assistant"
+            if not u.text and u.finish_reason is None and not first:
+                return None
+            choice: dict[str, Any] = {"index": u.choice, "delta": delta,
+                                      "logprobs": {"content": entries} if self.want_lp else None,
+                                      "finish_reason": u.finish_reason}
+            obj = "chat.completion.chunk"
+        else:
+            if not u.text and u.finish_reason is None:
+                return None
+            choice = {"index": u.choice, "text": u.text,
+                      "logprobs": self._completion_lp(entries), "finish_reason": u.finish_reason}
+            obj = "text_completion"
+        if u.finish_reason is not None:
+            choice["matched_stop"] = u.matched_stop
+        out = {"id": self.id, "object": obj, "created": self.created,
+               "model": self.ctx.model_name, "choices": [choice]}
+        if self.job.include_usage:
+            out["usage"] = None
+        return out
+
+    def usage_chunk(self) -> dict[str, Any]:
+        obj = "chat.completion.chunk" if self.job.kind == "chat" else "text_completion"
+        return {"id": self.id, "object": obj, "created": self.created,
+                "model": self.ctx.model_name, "choices": [], "usage": self.gen.usage.as_dict()}
+
+
+def start(ctx: ServingContext, job: Job) -> Generation:
+    return Generation(ctx.client, ctx.codec, job.prompts, job.params, job.namespace,
+                      ctx.metrics, time.monotonic())
+
+
+async def run_stream(ctx: ServingContext, job: Job, gen: Generation) -> AsyncIterator[bytes]:
+    """SSE body. A client that goes away cancels this generator; `finally` aborts the rest."""
+    r = Responder(ctx, job, gen)
+    seen: set[int] = set()
+    status = "ok"
+    try:
+        async for u in gen.updates():
+            c = r.chunk(u, first=u.choice not in seen)
+            seen.add(u.choice)
+            if c is not None:
+                yield sse(c)
+        if job.include_usage and job.kind != "generate":
+            yield sse(r.usage_chunk())
+    except APIError as e:
+        status = "error"
+        yield sse(e.body())
+    except BaseException:
+        status = "cancelled"
+        raise
+    finally:
+        gen.close()
+        ctx.metrics.requests.inc(endpoint=job.kind, status=status)
+    yield SSE_DONE
+
+
+async def run_full(ctx: ServingContext, job: Job, gen: Generation,
+                   is_disconnected: Callable[[], Awaitable[bool]]) -> Any:
+    """Non-streaming: collect everything; abort if the client leaves before the end."""
+    r = Responder(ctx, job, gen)
+
+    async def collect() -> None:
+        async for u in gen.updates():
+            r.absorb(u)
+
+    task = asyncio.ensure_future(collect())
+    try:
+        while not task.done():
+            await asyncio.wait([task], timeout=1.0)
+            if not task.done() and await is_disconnected():
+                task.cancel()
+                ctx.metrics.requests.inc(endpoint=job.kind, status="cancelled")
+                raise APIError(499, "client disconnected")
+        task.result()  # re-raises APIError from the generation
+    except APIError:
+        ctx.metrics.requests.inc(endpoint=job.kind, status="error")
+        raise
+    finally:
+        gen.close()
+    ctx.metrics.requests.inc(endpoint=job.kind, status="ok")
+    return r.final_body()

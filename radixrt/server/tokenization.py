@@ -1,0 +1,62 @@
+"""The router's tokenizer: text <-> token ids and the chat template (the worker never sees text)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from radixrt.server.protocol import bad_request
+
+
+def load_tokenizer(model_path: str | None) -> Any:
+    """AutoTokenizer from a HF directory, or from a .gguf file's embedded vocabulary."""
+    from transformers import AutoTokenizer
+
+    if model_path is None:
+        raise ValueError("the worker reported no model path; the router needs the model's "
+                         "tokenizer (dummy-weight models cannot be served over HTTP)")
+    p = Path(model_path)
+    if p.is_file() and p.suffix == ".gguf":
+        return AutoTokenizer.from_pretrained(str(p.parent), gguf_file=p.name)
+    return AutoTokenizer.from_pretrained(str(p))
+
+
+class TextCodec:
+    def __init__(self, tokenizer: Any) -> None:
+        self.tokenizer = tokenizer
+        self._piece_cache: dict[int, str] = {}
+
+    def encode(self, text: str) -> list[int]:
+        # Completions prompts get the model's BOS etc., as in vLLM/SGLang.
+        return list(self.tokenizer.encode(text, add_special_tokens=True))
+
+    def chat_ids(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True,
+                 continue_final_message: bool = False,
+                 template_kwargs: dict[str, Any] | None = None) -> list[int]:
+        if getattr(self.tokenizer, "chat_template", None) is None:
+            raise bad_request("This model has no chat template; use /v1/completions", "messages")
+        if continue_final_message and add_generation_prompt:
+            add_generation_prompt = False  # continuing a message means no new turn header
+        try:
+            text = self.tokenizer.apply_chat_template(
+                messages, tokenize=False, add_generation_prompt=add_generation_prompt,
+                continue_final_message=continue_final_message, **(template_kwargs or {}))
+        except Exception as e:  # jinja raise_exception(), bad roles, ...: the caller's input
+            raise bad_request(f"Chat template failed on these messages: {e}",
+                              "messages") from None
+        # The template already wrote BOS/special tokens as text; don't add them twice.
+        return list(self.tokenizer.encode(text, add_special_tokens=False))
+
+    def piece(self, token_id: int) -> str:
+        """Text of one token alone (for logprobs entries)."""
+        s = self._piece_cache.get(token_id)
+        if s is None:
+            s = self.tokenizer.decode([token_id], skip_special_tokens=False,
+                                      clean_up_tokenization_spaces=False)
+            if len(self._piece_cache) < 200_000:
+                self._piece_cache[token_id] = s
+        return s
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+        return str(self.tokenizer.decode(ids, skip_special_tokens=skip_special_tokens,
+                                         clean_up_tokenization_spaces=False))

@@ -1,0 +1,134 @@
+"""TritonAttentionBackend end to end over a real KVPool: a mixed prefill/decode step then a pure
+decode step, against the torch reference backend running the same steps on its own pool."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from radixrt.attention.torch_ref import TorchReferenceBackend  # noqa: E402
+from radixrt.attention.triton_backend import TritonAttentionBackend  # noqa: E402
+from radixrt.cache.kv_pool import KVPool  # noqa: E402
+from radixrt.engine.batch import ForwardBatch, build_forward_batch  # noqa: E402
+
+
+def _pools(device, dtype, num_pages, page_size, kv_heads, head_dim) -> tuple[KVPool, KVPool]:
+    def make() -> KVPool:
+        return KVPool(num_layers=2, num_pages=num_pages, page_size=page_size,
+                      num_kv_heads=kv_heads, head_dim=head_dim, dtype=dtype, device=device)  # fmt: skip
+
+    return make(), make()
+
+
+def _step(batch: ForwardBatch, heads, kv_heads, head_dim, dtype, device):
+    t = batch.num_tokens
+    q = torch.randn(t, heads, head_dim, device=device).to(dtype)
+    k = torch.randn(t, kv_heads, head_dim, device=device).to(dtype)
+    v = torch.randn(t, kv_heads, head_dim, device=device).to(dtype)
+    return q, k, v
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("page_size", [1, 16])
+def test_backend_mixed_then_decode(device, assert_close, dtype, page_size):
+    if device == "cuda":
+        heads, kv_heads, head_dim = 32, 8, 128
+        cached, new = [0, 700, 1500, 33], [600, 1, 200, 1]  # requests 1 and 3 are decoding
+    else:
+        heads, kv_heads, head_dim = 8, 2, 32
+        cached, new = [0, 40, 21, 9], [18, 1, 5, 1]
+    scale = head_dim**-0.5
+    decode_steps = 3
+    lens = [c + n + decode_steps for c, n in zip(cached, new)]
+    pages = [-(-n // page_size) for n in lens]
+    perm = (torch.randperm(sum(pages) + 2) + 1).tolist()
+    tables = [perm[sum(pages[:i]) : sum(pages[: i + 1])] for i in range(len(pages))]
+    tri_pool, ref_pool = _pools(device, dtype, sum(pages) + 2, page_size, kv_heads, head_dim)
+    # The "cached" prefixes: already in the pool from earlier steps.
+    for i, c in enumerate(cached):
+        pos = torch.arange(c)
+        slots = (torch.tensor(tables[i])[pos // page_size] * page_size + pos % page_size).to(device)
+        for layer in range(2):
+            kk = torch.randn(c, kv_heads, head_dim, device=device)
+            vv = torch.randn(c, kv_heads, head_dim, device=device)
+            tri_pool.store(layer, slots, kk, vv)
+            ref_pool.store(layer, slots, kk, vv)
+
+    triton_backend = TritonAttentionBackend(
+        heads, kv_heads, head_dim, scale, device=device, max_batch_size=8, max_kv_splits=4,
+        min_split_len=16 if device == "cpu" else 256, num_sms=2 if device == "cpu" else None,
+    )  # fmt: skip
+    ref_backend = TorchReferenceBackend(heads, kv_heads, head_dim, scale)
+
+    mixed = build_forward_batch(
+        new_token_ids=[[1] * n for n in new], prefix_lens=cached, page_tables=tables,
+        page_size=page_size, device=device,
+    )  # fmt: skip
+    assert not mixed.is_decode, "the first step mixes prefill and decode requests"
+    steps = [mixed]
+    done = [c + n for c, n in zip(cached, new)]
+    for s in range(decode_steps):
+        steps.append(
+            build_forward_batch(
+                new_token_ids=[[1]] * len(new),
+                prefix_lens=[d + s for d in done],
+                page_tables=tables,
+                page_size=page_size,
+                device=device,
+            )  # fmt: skip
+        )
+    if device == "cpu":
+        assert triton_backend.num_splits_for(len(new)) > 1, "decode must exercise several splits"
+    for batch in steps:
+        q, k, v = _step(batch, heads, kv_heads, head_dim, dtype, device)
+        triton_backend.prepare(batch)
+        ref_backend.prepare(batch)
+        out = triton_backend.forward(1, q, k, v, tri_pool, batch)
+        ref = ref_backend.forward(1, q, k, v, ref_pool, batch)
+        assert_close(out, ref)
+    assert torch.equal(tri_pool.k(1), ref_pool.k(1)) or device == "cpu", "K pool contents differ"
+    assert_close(tri_pool.k(1), ref_pool.k(1))
+    assert_close(tri_pool.v(1), ref_pool.v(1))
+    assert torch.equal(tri_pool.k(0), ref_pool.k(0)), "layer 0 must be untouched"
+
+
+@pytest.mark.gpu
+def test_decode_replays_in_cuda_graph(device, assert_close):
+    """A decode step captured once replays correctly after the batch's contents change."""
+    heads, kv_heads, head_dim, page_size, dtype = 32, 8, 128, 16, torch.bfloat16
+    bs, max_pages = 4, 256
+    pool = KVPool(num_layers=1, num_pages=bs * max_pages, page_size=page_size,
+                  num_kv_heads=kv_heads, head_dim=head_dim, dtype=dtype, device=device)  # fmt: skip
+    pool.k(0).normal_()
+    pool.v(0).normal_()
+    backend = TritonAttentionBackend(heads, kv_heads, head_dim, head_dim**-0.5, device=device)
+    tables = (torch.randperm(bs * max_pages) + 1).view(bs, max_pages).tolist()
+
+    def decode_batch(lens: list[int]) -> ForwardBatch:
+        return build_forward_batch(new_token_ids=[[1]] * bs, prefix_lens=[n - 1 for n in lens],
+                                   page_tables=tables, page_size=page_size, device=device)  # fmt: skip
+
+    static = decode_batch([100, 2000, 37, 4000])
+    q = torch.randn(bs, heads, head_dim, device=device, dtype=dtype)
+    k = torch.randn(bs, kv_heads, head_dim, device=device, dtype=dtype)
+    v = torch.randn_like(k)
+    backend.prepare(static)
+    backend.forward(0, q, k, v, pool, static)  # compile outside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = backend.forward(0, q, k, v, pool, static)
+    for lens in ([4000, 1, 513, 77], [16, 4096, 2048, 999]):
+        fresh = decode_batch(lens)
+        for name in ("seq_lens", "page_table", "out_slots", "prefix_lens", "qo_indptr"):
+            getattr(static, name).copy_(getattr(fresh, name))
+        q.normal_()
+        k.normal_()
+        v.normal_()
+        out.fill_(float("nan"))
+        graph.replay()
+        ref_backend = TorchReferenceBackend(heads, kv_heads, head_dim, head_dim**-0.5)
+        ref = ref_backend.forward(0, q, k, v, pool, fresh)  # stores the same K/V again
+        assert_close(out, ref)

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 import torch
 
 if TYPE_CHECKING:
-    from radixrt.cache.pool import KVPool
+    from radixrt.cache.kv_pool import KVPool
     from radixrt.engine.batch import ForwardBatch
 
 

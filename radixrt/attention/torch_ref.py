@@ -53,6 +53,31 @@ def paged_attention_reference(
     return out
 
 
+def paged_decode_reference(
+    q: torch.Tensor,  # [B, Hq, D] one query per request
+    k_flat: torch.Tensor,  # [S, Hkv, D]
+    v_flat: torch.Tensor,  # [S, Hkv, D]
+    batch: ForwardBatch,
+    scale: float,
+) -> torch.Tensor:  # [B, Hq, D]
+    """Decode for the whole batch at once: gather every request's KV padded to the longest."""
+    bsz, num_heads, head_dim = q.shape
+    num_kv_heads = k_flat.shape[1]
+    group = num_heads // num_kv_heads
+    max_len = batch.max_seq_len
+    pos = torch.arange(max_len, device=q.device)  # [L]
+    pages = batch.page_table.long()[:, pos // batch.page_size]  # [B, L]
+    slots = pages * batch.page_size + pos % batch.page_size  # [B, L]
+    k = k_flat[slots].float()  # [B, L, Hkv, D]
+    v = v_flat[slots].float()
+    qg = q.float().view(bsz, num_kv_heads, group, head_dim)  # [B, Hkv, G, D]
+    scores = torch.einsum("bhgd,blhd->bhgl", qg, k) * scale  # [B, Hkv, G, L]
+    valid = pos[None, :] < batch.seq_lens.long()[:, None]  # [B, L]
+    scores = scores.masked_fill(~valid[:, None, None, :], float("-inf"))
+    out = torch.einsum("bhgl,blhd->bhgd", torch.softmax(scores, dim=-1), v)
+    return out.reshape(bsz, num_heads, head_dim).to(q.dtype)
+
+
 class TorchReferenceBackend(AttentionBackend):
     def prepare(self, batch: ForwardBatch) -> None:
         # Nothing to precompute: the reference reads the batch's host lists directly.
@@ -68,6 +93,10 @@ class TorchReferenceBackend(AttentionBackend):
         batch: ForwardBatch,
     ) -> torch.Tensor:
         pool.store(layer_id, batch.out_slots, k, v)
+        if batch.is_decode:
+            return paged_decode_reference(
+                q, pool.k_flat(layer_id), pool.v_flat(layer_id), batch, self.scale
+            )
         return paged_attention_reference(
             q, pool.k_flat(layer_id), pool.v_flat(layer_id), batch, self.scale
         )

@@ -19,8 +19,10 @@ page 0, the pool's scratch page, which no request owns.
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 
@@ -71,57 +73,56 @@ def build_forward_batch(
     logits_rows: list[list[int]] | None = None,
     device: torch.device | str = "cpu",
 ) -> ForwardBatch:
-    """Assemble a ForwardBatch from per-request host lists.
+    """Assemble a ForwardBatch from per-request host lists (vectorized: no per-token loop).
 
     ``logits_rows[i]`` lists offsets (within request i's new tokens) that need logits; by default
     only each request's last new token does.
     """
     assert len(new_token_ids) == len(prefix_lens) == len(page_tables), "ragged inputs disagree"
-    extend_lens = [len(t) for t in new_token_ids]
-    assert all(n > 0 for n in extend_lens), "every request in a batch needs >= 1 new token"
-    input_ids: list[int] = []
-    positions: list[int] = []
-    out_slots: list[int] = []
-    logits_indices: list[int] = []
-    qo_indptr = [0]
+    bsz = len(new_token_ids)
+    extend = np.fromiter((len(t) for t in new_token_ids), dtype=np.int64, count=bsz)
+    assert bsz > 0 and bool((extend > 0).all()), "every request in a batch needs >= 1 new token"
+    prefix = np.asarray(prefix_lens, dtype=np.int64)
+    seq_lens = prefix + extend
+    indptr = np.zeros(bsz + 1, dtype=np.int64)
+    np.cumsum(extend, out=indptr[1:])
+    num_tokens = int(indptr[-1])
+    input_ids = np.fromiter(itertools.chain.from_iterable(new_token_ids), dtype=np.int64,
+                            count=num_tokens)
+    owner = np.repeat(np.arange(bsz), extend)  # [T] request of each new token
+    positions = prefix[owner] + np.arange(num_tokens) - indptr[owner]  # [T]
     max_pages = max(1, max(len(pt) for pt in page_tables))
-    for i, tokens in enumerate(new_token_ids):
-        start = qo_indptr[-1]
-        table = page_tables[i]
-        seq_len = prefix_lens[i] + len(tokens)
-        assert len(table) * page_size >= seq_len, (
-            f"request {i}: page table covers {len(table) * page_size} slots < seq_len {seq_len}"
+    table = np.zeros((bsz, max_pages), dtype=np.int32)
+    for i, pt in enumerate(page_tables):
+        assert len(pt) * page_size >= seq_lens[i], (
+            f"request {i}: page table covers {len(pt) * page_size} slots < seq_len {seq_lens[i]}"
         )
-        for j, tok in enumerate(tokens):
-            pos = prefix_lens[i] + j
-            input_ids.append(tok)
-            positions.append(pos)
-            out_slots.append(table[pos // page_size] * page_size + pos % page_size)
-        rows = logits_rows[i] if logits_rows is not None else [len(tokens) - 1]
-        logits_indices.extend(start + r for r in rows)
-        qo_indptr.append(start + len(tokens))
-    padded = [pt + [0] * (max_pages - len(pt)) for pt in page_tables]
-    seq_lens = [p + e for p, e in zip(prefix_lens, extend_lens)]
+        table[i, : len(pt)] = pt
+    out_slots = table[owner, positions // page_size].astype(np.int64) * page_size + positions % page_size
+    if logits_rows is None:
+        logits_idx = indptr[1:] - 1
+    else:
+        logits_idx = np.fromiter(
+            (int(indptr[i]) + r for i, rows in enumerate(logits_rows) for r in rows), dtype=np.int64
+        )
 
-    def i32(x: list[int]) -> torch.Tensor:
-        return torch.tensor(x, dtype=torch.int32, device=device)
+    def dev(x: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
+        return torch.from_numpy(np.ascontiguousarray(x)).to(device=device, dtype=dtype)
 
-    def i64(x: list[int]) -> torch.Tensor:
-        return torch.tensor(x, dtype=torch.int64, device=device)
-
+    extend_list = extend.tolist()
     return ForwardBatch(
-        input_ids=i64(input_ids),
-        positions=i64(positions),
-        qo_indptr=i32(qo_indptr),
-        prefix_lens=i32(prefix_lens),
-        seq_lens=i32(seq_lens),
-        page_table=torch.tensor(padded, dtype=torch.int32, device=device),
-        out_slots=i64(out_slots),
-        logits_indices=i64(logits_indices),
+        input_ids=dev(input_ids, torch.int64),
+        positions=dev(positions, torch.int64),
+        qo_indptr=dev(indptr, torch.int32),
+        prefix_lens=dev(prefix, torch.int32),
+        seq_lens=dev(seq_lens, torch.int32),
+        page_table=dev(table, torch.int32),
+        out_slots=dev(out_slots, torch.int64),
+        logits_indices=dev(logits_idx, torch.int64),
         page_size=page_size,
-        is_decode=all(n == 1 for n in extend_lens),
-        max_extend_len=max(extend_lens),
-        max_seq_len=max(seq_lens),
-        extend_lens_cpu=extend_lens,
+        is_decode=bool((extend == 1).all()),
+        max_extend_len=int(extend.max()),
+        max_seq_len=int(seq_lens.max()),
+        extend_lens_cpu=extend_list,
         prefix_lens_cpu=list(prefix_lens),
     )

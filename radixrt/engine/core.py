@@ -90,11 +90,16 @@ class EngineCore:
             num_kv_heads=args.num_kv_heads, head_dim=args.head_dim,
             max_batch=config.max_running_requests,
         )
-        self.runner = ModelRunner(loaded.model, pool, backend)
+        max_context = config.max_context_len or args.max_position_embeddings
+        use_graphs = device.type == "cuda" and not config.disable_cuda_graph
+        self.runner = ModelRunner(
+            loaded.model, pool, backend,
+            graph_max_batch=min(config.cuda_graph_max_batch, config.max_running_requests) if use_graphs else 0,
+            max_pages_per_seq=-(-max_context // config.page_size),
+        )
         allocator = PageAllocator(num_pages)
         cache = RadixCache(allocator, config.page_size, enabled=config.enable_prefix_cache)
         memory = SequenceMemory(allocator, cache, config.page_size, pool.copy_pages)
-        max_context = config.max_context_len or args.max_position_embeddings
         eos = set(args.eos_token_ids)
         if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
             eos.add(int(self.tokenizer.eos_token_id))

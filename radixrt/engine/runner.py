@@ -9,6 +9,7 @@ import torch
 from radixrt.attention.base import AttentionBackend
 from radixrt.cache.kv_pool import KVPool
 from radixrt.engine.batch import ForwardBatch
+from radixrt.engine.cuda_graph import DecodeGraphs
 
 logger = logging.getLogger(__name__)
 
@@ -27,7 +28,8 @@ def make_attention_backend(
     if name == "triton":
         from radixrt.attention.triton_backend import TritonAttentionBackend
 
-        return TritonAttentionBackend(num_heads, num_kv_heads, head_dim, scale)
+        return TritonAttentionBackend(num_heads, num_kv_heads, head_dim, scale, device=device,
+                                      max_batch_size=max(max_batch, 1))
     if name == "flashinfer":
         from radixrt.attention.flashinfer_backend import FlashInferBackend  # type: ignore[import-not-found]
 
@@ -36,15 +38,30 @@ def make_attention_backend(
 
 
 class ModelRunner:
-    def __init__(self, model: torch.nn.Module, pool: KVPool, backend: AttentionBackend) -> None:
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        pool: KVPool,
+        backend: AttentionBackend,
+        *,
+        graph_max_batch: int = 0,
+        max_pages_per_seq: int = 0,
+    ) -> None:
         self.model = model
         self.pool = pool
         self.backend = backend
         self.device = pool.device
+        self.graphs: DecodeGraphs | None = None
+        if graph_max_batch > 0 and self.device.type == "cuda":
+            self.graphs = DecodeGraphs(model, pool, backend, max_batch=graph_max_batch,
+                                       max_pages=max_pages_per_seq)
+            self.graphs.capture()
 
     @torch.inference_mode()
     def forward(self, batch: ForwardBatch) -> torch.Tensor:
         """Run one step; returns float32 logits for ``batch.logits_indices`` rows: [N, vocab]."""
+        if self.graphs is not None and self.graphs.can_run(batch):
+            return self.graphs.run(batch)
         self.backend.prepare(batch)
         pool, backend = self.pool, self.backend
 

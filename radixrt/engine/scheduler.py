@@ -167,7 +167,10 @@ class Scheduler:
         cache = self.memory.cache
         admitted = InBatchPrefixes(self.page_size)
         for seq in order_waiting(self.waiting, cache, self.config.schedule_policy):
-            if len(self.running) >= self.config.max_running_requests or budget.exhausted:
+            # n > 1 samples fork after prefill: count them all against the running cap.
+            if len(self.running) + seq.num_forks > self.config.max_running_requests:
+                return
+            if budget.exhausted:
                 return
             needs_prompt_logprobs = seq.params.prompt_logprobs and seq.prompt_logprobs is None
             use_cache = cache.enabled and not needs_prompt_logprobs

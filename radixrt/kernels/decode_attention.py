@@ -236,6 +236,8 @@ def decode_attention(
 def choose_num_splits(batch_size: int, num_kv_heads: int, num_sms: int, max_splits: int) -> int:
     """Enough (request, KV head, split) programs to give every SM several; batch-size only, so a
     CUDA graph captured per batch size keeps a fixed grid."""
-    target_programs = 8 * num_sms
+    # ~16 programs per SM: several resident at once and enough waves that the last partial
+    # wave costs little.
+    target_programs = 16 * num_sms
     want = triton.cdiv(target_programs, max(1, batch_size * num_kv_heads))
     return max(1, min(max_splits, want))

@@ -135,7 +135,8 @@ def _extend_attention_kernel(
     PRECISION: tl.constexpr,
     INTERPRET: tl.constexpr,
 ):
-    m_block = tl.program_id(0)
+    # Launch the longest-running (last, most keys) query blocks first for better load balance.
+    m_block = tl.num_programs(0) - 1 - tl.program_id(0)
     req = tl.program_id(1)
     head = tl.program_id(2)
     kv_head = head // GROUP

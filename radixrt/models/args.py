@@ -50,7 +50,9 @@ class RopeScaling:
         if self.factor <= 0 or self.original_max_position_embeddings <= 0:
             raise ValueError(f"bad llama3 rope scaling {self}")
         if not 0 < self.low_freq_factor < self.high_freq_factor:
-            raise ValueError(f"llama3 rope scaling needs 0 < low_freq_factor < high_freq_factor: {self}")
+            raise ValueError(
+                f"llama3 rope scaling needs 0 < low_freq_factor < high_freq_factor: {self}"
+            )
 
     @classmethod
     def from_hf(cls, rope: Mapping[str, Any] | None) -> RopeScaling | None:
@@ -169,7 +171,9 @@ class ModelArgs:
             or bool(config.get("attention_bias", False)),
             qk_norm=architecture == "Qwen3ForCausalLM",
             eos_token_ids=tuple(int(e) for e in eos_ids),
-            bos_token_id=None if config.get("bos_token_id") is None else int(config["bos_token_id"]),
+            bos_token_id=None
+            if config.get("bos_token_id") is None
+            else int(config["bos_token_id"]),
             torch_dtype=str(dtype).removeprefix("torch."),
         )
 

@@ -15,6 +15,7 @@ import importlib
 import math
 from collections.abc import Callable
 from types import ModuleType
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -39,7 +40,7 @@ def _kernel_module(name: str) -> ModuleType | None:
         return None
 
 
-def _kernel(module: str, fn: str, x: torch.Tensor) -> Callable[..., object] | None:
+def _kernel(module: str, fn: str, x: torch.Tensor) -> Callable[..., Any] | None:
     if not x.is_cuda:
         return None
     mod = _kernel_module(module)
@@ -73,7 +74,7 @@ def fused_add_rms_norm(
     """(x[T,H], residual[T,H]) -> (rms_norm(x + residual), x + residual)."""
     kernel = _kernel("rmsnorm", "fused_add_rms_norm", x)
     if kernel is not None:
-        normed, new_residual = kernel(x, residual, weight, eps)  # type: ignore[misc]
+        normed, new_residual = kernel(x, residual, weight, eps)
         return normed, new_residual
     # The sum stays in the model dtype, as HF's `residual + hidden_states`.
     new_residual = x + residual
@@ -165,7 +166,7 @@ class RotaryEmbedding(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         kernel = _kernel("rope", "apply_rope", q)
         if kernel is not None:
-            q_out, k_out = kernel(q, k, positions, self.cos_sin_cache)  # type: ignore[misc]
+            q_out, k_out = kernel(q, k, positions, self.cos_sin_cache)
             return q_out, k_out
         return apply_rope_torch(q, k, positions, self.cos_sin_cache)
 
@@ -191,7 +192,9 @@ class Linear(nn.Module):
         self, in_features: int, out_features: int, *, bias: bool, dtype: torch.dtype, device: Device
     ) -> None:
         super().__init__()
-        self.weight = nn.Parameter(torch.empty(out_features, in_features, dtype=dtype, device=device))
+        self.weight = nn.Parameter(
+            torch.empty(out_features, in_features, dtype=dtype, device=device)
+        )
         self.bias = (
             nn.Parameter(torch.empty(out_features, dtype=dtype, device=device)) if bias else None
         )

@@ -234,5 +234,7 @@ class LlamaForCausalLM(nn.Module):
             loaded.add(name)
         missing = sorted(expected - loaded)
         if missing:
-            shown = ", ".join(missing[:8]) + (f", ... ({len(missing)} in all)" if len(missing) > 8 else "")
+            shown = ", ".join(missing[:8]) + (
+                f", ... ({len(missing)} in all)" if len(missing) > 8 else ""
+            )
             raise ValueError(f"checkpoint is missing weights: {shown}")

@@ -133,12 +133,20 @@ class EngineClient:
         self._tasks = [asyncio.create_task(self._recv_loop(), name="radixrt-recv"),
                        asyncio.create_task(self._monitor_loop(), name="radixrt-monitor")]
 
+    def begin_shutdown(self, grace_s: float) -> None:
+        """Stop accepting now; end what is still running after ``grace_s`` with an error."""
+        self.accepting = False
+        asyncio.get_running_loop().call_later(grace_s, self.fail_all, "server is shutting down")
+
+    def fail_all(self, why: str) -> None:
+        for st in list(self.requests.values()):
+            st.queue.put_nowait(WorkerFailure(why))
+            self.abort(st.rid)
+
     async def shutdown(self, grace_s: float) -> None:
         """Abort what is left, ask workers to exit, then make sure they did."""
         self.accepting = False
-        for st in list(self.requests.values()):
-            st.queue.put_nowait(WorkerFailure("server is shutting down"))
-            self.abort(st.rid)
+        self.fail_all("server is shutting down")
         for w in self.workers:
             self._send(w, m.ShutdownReq("router shutdown"))
         deadline = time.monotonic() + grace_s

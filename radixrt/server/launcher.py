@@ -32,6 +32,21 @@ from radixrt.server.tokenization import TextCodec, load_tokenizer
 log = logging.getLogger("radixrt.router")
 
 
+class _Server(uvicorn.Server):
+    """uvicorn that, on SIGTERM/SIGINT, also ends in-flight generations before its own timeout
+    cuts connections: streams then close cleanly with an error event instead of mid-chunk."""
+
+    def __init__(self, config: uvicorn.Config, client: EngineClient, grace_s: float) -> None:
+        super().__init__(config)
+        self._client = client
+        self._grace_s = grace_s
+        self._loop = asyncio.get_running_loop()
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        self._loop.call_soon_threadsafe(self._client.begin_shutdown, self._grace_s)
+        super().handle_exit(sig, frame)
+
+
 def spawn_workers(cfg: ServerConfig, ipc_dir: str) -> list[subprocess.Popen[bytes]]:
     procs = []
     for i in range(cfg.dp):
@@ -71,10 +86,11 @@ async def _serve(cfg: ServerConfig, ipc_dir: str,
                              min(i.max_context_len for i in infos), cfg.max_request_tokens)
         ctx = ServingContext(cfg, client, TextCodec(tokenizer), ServerMetrics(), limits, names)
         client.start()
-        server = uvicorn.Server(uvicorn.Config(
+        timeout = max(1, int(cfg.shutdown_timeout_s))
+        server = _Server(uvicorn.Config(
             build_app(ctx), host=cfg.host, port=cfg.port, log_level=cfg.log_level,
-            timeout_graceful_shutdown=int(max(1, cfg.shutdown_timeout_s)),
-            access_log=cfg.log_level == "debug"))
+            timeout_graceful_shutdown=timeout, access_log=cfg.log_level == "debug"),
+            client, grace_s=max(0.5, timeout - 1.0))
         log.info("serving %s on http://%s:%d (dp=%d)", names[0], cfg.host, cfg.port, cfg.dp)
         await server.serve()
         log.info("HTTP server stopped; shutting down workers")

@@ -140,7 +140,7 @@ def check_model_name(requested: str | None, served: tuple[str, ...]) -> None:
     if requested is not None and requested not in served:
         # 400 (as the issue asks; OpenAI itself answers 404 here).
         raise APIError(400, f"The model `{requested}` does not exist. Available: "
-                       f"{', '.join(served)}", "model", "model_not_found")
+                       f"{', '.join(served)}", "model")
 
 
 def check_token_ids(ids: list[int], vocab_size: int, param: str) -> None:

@@ -153,11 +153,23 @@ def test_dummy_llama3_8b_on_meta() -> None:
     assert loaded.tokenizer is None and loaded.source == "dummy:llama3-8b"
 
 
+@pytest.mark.gpu
+def test_dummy_llama3_8b_bf16_activations_stay_sane() -> None:
+    loaded = load_model("llama3-8b", load_format="dummy", device="cuda", dtype=torch.bfloat16)
+    runner = PagedRunner(loaded.model, page_size=16, num_pages=16)
+    logits = runner.step({0: list(range(1000, 1200))}, all_logits=True)[0]
+    assert torch.isfinite(logits).all() and 0 < logits.abs().max() < 100
+    del loaded, runner
+    torch.cuda.empty_cache()
+
+
 def test_dummy_tiny_is_deterministic_and_sane() -> None:
     a = load_model("llama-tiny", load_format="dummy", dtype=torch.bfloat16, seed=1).model
     b = load_model("llama-tiny", load_format="dummy", dtype=torch.bfloat16, seed=1).model
     c = load_model("llama-tiny", load_format="dummy", dtype=torch.bfloat16, seed=2).model
-    for (name, pa), pb, pc in zip(a.state_dict().items(), b.state_dict().values(), c.state_dict().values()):
+    for (name, pa), pb, pc in zip(
+        a.state_dict().items(), b.state_dict().values(), c.state_dict().values()
+    ):
         assert torch.equal(pa, pb), name
         assert "norm" in name or not torch.equal(pa, pc), name
     logits = PagedRunner(a, page_size=16).step({0: list(range(3, 40))})[0]
@@ -230,8 +242,9 @@ def test_default_model_answers_paris(default_loaded) -> None:  # type: ignore[no
     assert "Paris" in answer, answer
 
 
+@pytest.mark.slow  # dequantizes 135M parameters (~10 s of CPU)
 def test_gguf_loads_same_weights_as_converted_dir(default_loaded) -> None:  # type: ignore[no-untyped-def]
-    gguf = load_model(default_gguf_path())
+    gguf = load_model(str(default_gguf_path()))  # a str path ending in .gguf selects GGUF
     assert gguf.source.endswith(".gguf") and gguf.args == default_loaded.args
     ours = default_loaded.model.state_dict()
     for name, tensor in gguf.model.state_dict().items():

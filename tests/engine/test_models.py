@@ -119,3 +119,14 @@ def test_rope_preserves_norm_and_relative_positions() -> None:
     torch.testing.assert_close(qr.norm(dim=-1), q.norm(dim=-1))
     # Scores depend only on the distance: (q@3, k@3) == (q@10, k@10).
     torch.testing.assert_close((qr[0] * kr[0]).sum(-1), (qr[1] * kr[1]).sum(-1))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("variant", ["llama3", "qwen3"])
+def test_cuda_matches_cpu(tiny_model_dir: TinyModelDir, variant: str) -> None:
+    directory = tiny_model_dir(variant)
+    prompt = _prompt(5, 40)
+    ref = PagedRunner(load_model(directory).model, page_size=16).step({0: prompt}, all_logits=True)
+    gpu = load_model(directory, device="cuda").model
+    out = PagedRunner(gpu, page_size=16).step({0: prompt[:23]}, all_logits=True)[0]
+    _close(out.cpu(), ref[0][:23])

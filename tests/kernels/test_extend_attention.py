@@ -52,9 +52,18 @@ def test_extend_matches_reference(
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
-@pytest.mark.parametrize("page_size", [1, 16, 64])
-@pytest.mark.parametrize("head_dim", [128, 96, 32])
+@pytest.mark.parametrize(
+    ("head_dim", "page_size", "dtype"),
+    [
+        (128, 1, torch.bfloat16),
+        (128, 16, torch.bfloat16),
+        (128, 64, torch.float16),
+        (128, 16, torch.float32),
+        (96, 16, torch.bfloat16),
+        (64, 1, torch.float16),
+        (32, 16, torch.bfloat16),
+    ],
+)
 def test_extend_real_shapes(paged_case, assert_close, device, head_dim, page_size, dtype):
     """8B-like shapes (32 query heads over 8 KV heads); head_dim 96 exercises the padded block."""
     _run(paged_case, assert_close, device, REAL_RAGGED, 32, 8, head_dim, page_size, dtype)

@@ -1,0 +1,142 @@
+"""CUDA graphs for decode steps: one graph per captured batch size, replayed over static buffers.
+
+A decode batch of B requests pads to the next captured size P >= B. Padding rows point at the
+scratch page 0 (slot 0) with seq_len 1, so they compute garbage nobody reads and write only
+scratch memory:
+
+    static rows   0 .. B-1  real requests (ids, positions, slots, page tables copied in)
+                  B .. P-1  padding: id 0, position 0, slot 0, seq_len 1, page table all 0
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+
+import torch
+
+from radixrt.attention.base import AttentionBackend
+from radixrt.cache.kv_pool import KVPool
+from radixrt.engine.batch import ForwardBatch
+
+logger = logging.getLogger(__name__)
+
+
+def capture_sizes(max_batch: int) -> list[int]:
+    sizes = [1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 80, 96, 112, 128, 160, 192, 224, 256, 320, 384,
+             448, 512]
+    out = [s for s in sizes if s < max_batch]
+    return out + [max_batch]
+
+
+class DecodeGraphs:
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        pool: KVPool,
+        backend: AttentionBackend,
+        *,
+        max_batch: int,
+        max_pages: int,
+    ) -> None:
+        self.model = model
+        self.pool = pool
+        self.backend = backend
+        self.max_batch = max_batch
+        self.max_pages = max_pages
+        self.page_size = pool.page_size
+        dev = pool.device
+        self.input_ids = torch.zeros(max_batch, dtype=torch.int64, device=dev)
+        self.positions = torch.zeros(max_batch, dtype=torch.int64, device=dev)
+        self.seq_lens = torch.ones(max_batch, dtype=torch.int32, device=dev)
+        self.prefix_lens = torch.zeros(max_batch, dtype=torch.int32, device=dev)
+        self.page_table = torch.zeros(max_batch, max_pages, dtype=torch.int32, device=dev)
+        self.out_slots = torch.zeros(max_batch, dtype=torch.int64, device=dev)
+        self.qo_indptr = torch.arange(max_batch + 1, dtype=torch.int32, device=dev)
+        self.logits_indices = torch.arange(max_batch, dtype=torch.int64, device=dev)
+        self.sizes = capture_sizes(max_batch)
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.outputs: dict[int, torch.Tensor] = {}
+        self.mempool: object | None = None
+
+    def _static_batch(self, size: int) -> ForwardBatch:
+        return ForwardBatch(
+            input_ids=self.input_ids[:size], positions=self.positions[:size],
+            qo_indptr=self.qo_indptr[: size + 1], prefix_lens=self.prefix_lens[:size],
+            seq_lens=self.seq_lens[:size], page_table=self.page_table[:size],
+            out_slots=self.out_slots[:size], logits_indices=self.logits_indices[:size],
+            page_size=self.page_size, is_decode=True, max_extend_len=1,
+            max_seq_len=self.max_pages * self.page_size, extend_lens_cpu=[1] * size,
+            prefix_lens_cpu=[0] * size,
+        )
+
+    def _run_model(self, batch: ForwardBatch) -> torch.Tensor:
+        pool, backend = self.pool, self.backend
+
+        def attn(layer_id: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+            return backend.forward(layer_id, q, k, v, pool, batch)
+
+        hidden = self.model(batch.input_ids, batch.positions, attn)
+        return self.model.compute_logits(hidden)  # type: ignore[operator,no-any-return]
+
+    @torch.inference_mode()
+    def capture(self) -> None:
+        start = time.perf_counter()
+        stream = torch.cuda.Stream(device=self.pool.device)
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for size in reversed(self.sizes):  # largest first so smaller ones reuse its memory
+                batch = self._static_batch(size)
+                self.backend.prepare(batch)
+                for _ in range(2):  # warm up: Triton compiles and autotunes outside the graph
+                    self._run_model(batch)
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=self.mempool, stream=stream):
+                    self.outputs[size] = self._run_model(batch)
+                if self.mempool is None:
+                    self.mempool = graph.pool()
+                self.graphs[size] = graph
+        torch.cuda.current_stream().wait_stream(stream)
+        torch.cuda.synchronize(self.pool.device)
+        logger.info("captured %d decode CUDA graphs (batch <= %d) in %.1fs",
+                    len(self.graphs), self.max_batch, time.perf_counter() - start)
+
+    def can_run(self, batch: ForwardBatch) -> bool:
+        return (
+            batch.is_decode and batch.batch_size <= self.max_batch
+            and batch.page_table.shape[1] <= self.max_pages and bool(self.graphs)
+        )
+
+    def run(self, batch: ForwardBatch) -> torch.Tensor:
+        """Replay the graph of the smallest captured size >= the batch; logits [B, vocab]."""
+        bsz = batch.batch_size
+        size = next(s for s in self.sizes if s >= bsz)
+        width = batch.page_table.shape[1]
+        self.input_ids[:bsz].copy_(batch.input_ids)
+        self.positions[:bsz].copy_(batch.positions)
+        self.seq_lens[:bsz].copy_(batch.seq_lens)
+        self.prefix_lens[:bsz].copy_(batch.prefix_lens)
+        self.out_slots[:bsz].copy_(batch.out_slots)
+        self.page_table[:bsz, :width].copy_(batch.page_table)
+        if size > bsz:
+            self._reset_rows(bsz, size)
+        self.backend.prepare(self._static_batch(size))
+        self.graphs[size].replay()
+        return self.outputs[size][:bsz]
+
+    def _reset_rows(self, start: int, end: int) -> None:
+        self.input_ids[start:end].zero_()
+        self.positions[start:end].zero_()
+        self.seq_lens[start:end].fill_(1)
+        self.prefix_lens[start:end].zero_()
+        self.out_slots[start:end].zero_()
+        self.page_table[start:end].zero_()
+
+
+def maybe_graphs(factory: Callable[[], DecodeGraphs], enabled: bool) -> DecodeGraphs | None:
+    if not enabled:
+        return None
+    graphs = factory()
+    graphs.capture()
+    return graphs

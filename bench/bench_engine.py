@@ -68,7 +68,7 @@ def model_numbers(args: ModelArgs) -> dict[str, float]:
 
 def prefill_flops(nums: dict[str, float], args: ModelArgs, lens: list[int]) -> float:
     # 2 FLOPs per weight per token, plus causal attention (QK^T and PV: 2 * 2 * L^2/2 * d per head).
-    attn = sum(2 * l * l * args.head_dim * args.num_heads * args.num_layers for l in lens)
+    attn = sum(2 * n * n * args.head_dim * args.num_heads * args.num_layers for n in lens)
     return 2 * nums["matmul_params"] * sum(lens) + attn
 
 

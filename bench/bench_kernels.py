@@ -115,6 +115,42 @@ def bench_extend(batch: int, new: int, prefix: int, page_size: int) -> dict:
     return {"ms": ms, "tflops": flops / ms / 1e9}
 
 
+def sweep_extend(batch: int, new: int, page_size: int) -> list[dict]:
+    """Tile configs for extend attention, each checked against the torch reference first."""
+    from radixrt.attention.torch_ref import paged_attention_reference
+    from radixrt.engine.batch import build_forward_batch
+
+    k_flat, v_flat, num_pages = paged_kv(batch * new, page_size)
+    table = random_page_table(batch, new, page_size, num_pages)
+    fb = build_forward_batch(
+        new_token_ids=[[1] * new] * batch, prefix_lens=[0] * batch, page_tables=table.tolist(),
+        page_size=page_size, device=DEV,
+    )  # fmt: skip
+    q = torch.randn(batch * new, HQ, HD, device=DEV, dtype=BF16)
+    ref = paged_attention_reference(q, k_flat, v_flat, fb, HD**-0.5).float()
+    flops = extend_flops([new] * batch, [0] * batch, HQ, HD)
+    rows = []
+    for cfg in [(128, 64, 8, 3), (128, 64, 8, 2), (128, 128, 8, 2), (128, 32, 4, 3),
+                (64, 64, 4, 3), (64, 128, 4, 2), (128, 64, 4, 3), (64, 64, 4, 4), (128, 128, 8, 3)]:  # fmt: skip
+        try:
+            out = torch.full_like(q, float("nan"))
+
+            def run(cfg: tuple[int, int, int, int] = cfg, out: torch.Tensor = out) -> torch.Tensor:
+                return extend_attention(
+                    q, k_flat, v_flat, fb.qo_indptr, fb.prefix_lens, fb.page_table, page_size,
+                    new, HD**-0.5, out=out, config=cfg,
+                )  # fmt: skip
+
+            run()
+            err = float((out.float() - ref).norm() / ref.norm())
+            ms = median_ms(run)
+            rows.append({"config": cfg, "ms": ms, "tflops": flops / ms / 1e9, "rel_err": err})
+        except Exception as exc:  # noqa: BLE001 - a config may exceed shared memory
+            rows.append({"config": cfg, "error": repr(exc)[:200]})
+        print(rows[-1], flush=True)
+    return rows
+
+
 def bench_sdpa(batch: int, new: int) -> dict:
     """Torch's fused causal attention on dense (non-paged) tensors, as a reference point."""
     q = torch.randn(batch, HQ, new, HD, device=DEV, dtype=BF16)
@@ -160,7 +196,13 @@ def bench_elementwise() -> list[dict]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--out", default=os.environ.get("OUT") or "bench/results")
+    parser.add_argument("--sweep-extend", action="store_true", help="only sweep extend tiles")
     args = parser.parse_args()
+    if args.sweep_extend:
+        rows = sweep_extend(8, 1024, 16)
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        (Path(args.out) / "sweep_extend.json").write_text(json.dumps(rows, indent=2))
+        return
     assert torch.cuda.is_available(), "bench_kernels needs a CUDA GPU"
     props = torch.cuda.get_device_properties(DEV)
     started = time.time()

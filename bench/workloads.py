@@ -250,3 +250,29 @@ def expected_stream(workload: Workload) -> list[tuple[list[int], int]]:
             fresh -= turn.max_new_tokens
             histories[ci] = prompt + output
     return out
+
+
+class Histories:
+    """Each conversation's history, so drivers can build turn t's prompt from real outputs.
+
+    A turn whose prompt plus output would not fit ``max_context`` ends its conversation (the
+    driver counts it as dropped) instead of failing the run.
+    """
+
+    def __init__(self, workload: Workload, max_context: int | None = None) -> None:
+        self.workload = workload
+        self.max_context = max_context
+        self._hist: list[list[int]] = [[] for _ in workload.conversations]
+
+    def prompt(self, conv: int, turn: int) -> list[int] | None:
+        t = self.workload.conversations[conv].turns[turn]
+        prompt = self._hist[conv] + list(t.input_ids)
+        if self.max_context is not None and len(prompt) + t.max_new_tokens > self.max_context:
+            return None
+        return prompt
+
+    def finish(self, conv: int, prompt: list[int], output: list[int]) -> None:
+        self._hist[conv] = prompt + output
+
+    def has_turn(self, conv: int, turn: int) -> bool:
+        return turn < len(self.workload.conversations[conv].turns)

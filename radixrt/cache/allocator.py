@@ -14,7 +14,7 @@ vectorized pass over the pages involved, with no per-page Python loop::
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 import numpy.typing as npt
@@ -33,6 +33,7 @@ class PageAllocator:
         # Reversed so a fresh allocator hands out 1, 2, 3, ... (easier to read in tests/logs).
         self._stack = np.arange(num_pages, 0, -1, dtype=np.int32)
         self._top = num_pages
+        self._mark = np.zeros(num_pages + 1, dtype=np.int32)  # scratch for _has_duplicates
 
     # ------------------------------------------------------------------ queries
     @property
@@ -55,6 +56,24 @@ class PageAllocator:
         """A copy of all reference counts, indexed by page id (index 0 = scratch, always 0)."""
         return self._ref.copy()
 
+    def check_refcounts(self, holders: Mapping[int, int], who: str = "holders") -> None:
+        """Assert each page's refcount == ``holders.get(page, 0)`` and the free list holds
+        exactly the pages at 0 (a leak or a double count names the first bad pages)."""
+        want = np.zeros_like(self._ref)
+        if holders:
+            want[np.fromiter(holders.keys(), np.int64)] = np.fromiter(holders.values(), np.int64)
+        bad = np.flatnonzero(want != self._ref)
+        if bad.size:
+            detail = ", ".join(f"page {p}: {self._ref[p]} vs {want[p]}" for p in bad[:5].tolist())
+            leaks = int(((want == 0) & (self._ref > 0)).sum())
+            raise AssertionError(
+                f"refcount != {who} for {bad.size} pages ({leaks} held by no one): {detail}"
+            )
+        free = np.sort(self._stack[: self._top])
+        assert np.array_equal(free, np.flatnonzero(self._ref[1:] == 0) + 1), (
+            "free list and zero-refcount pages disagree"
+        )
+
     # ------------------------------------------------------------------ updates
     def alloc(self, n: int) -> list[int] | None:
         """``n`` fresh pages with refcount 1, or None (allocating nothing) if fewer are free."""
@@ -76,7 +95,10 @@ class PageAllocator:
         if not cur.all():
             bad = int(arr[np.argmin(cur != 0)])
             raise AssertionError(f"incref of free page {bad}: a free page has no owner to share")
-        np.add.at(self._ref, arr, 1)  # unbuffered: a page listed twice gains two references
+        if self._has_duplicates(arr):
+            np.add.at(self._ref, arr, 1)  # unbuffered: a page listed twice gains two references
+        else:
+            self._ref[arr] = cur + 1  # ~10x faster than add.at
 
     def decref(self, pages: PageIds) -> int:
         """Drop one reference per listed page; returns how many pages became free."""
@@ -87,24 +109,37 @@ class PageAllocator:
         if not cur.all():
             bad = int(arr[np.argmin(cur != 0)])
             raise AssertionError(f"decref of free page {bad} (double free?)")
-        np.subtract.at(self._ref, arr, 1)
-        after = self._ref[arr]
-        if (after < 0).any():
-            # A page listed more often than it has references: undo, then report it.
-            np.add.at(self._ref, arr, 1)
-            bad = int(arr[np.argmin(after >= 0)])
-            raise AssertionError(f"decref of page {bad} below zero (listed more than it is held)")
-        freed = arr[after == 0]
-        if freed.size > 1:
-            freed = np.unique(freed)  # a page listed twice that hit 0 is freed once
+        if self._has_duplicates(arr):
+            np.subtract.at(self._ref, arr, 1)
+            after = self._ref[arr]
+            if (after < 0).any():
+                # A page listed more often than it has references: undo, then report it.
+                np.add.at(self._ref, arr, 1)
+                bad = int(arr[np.argmin(after >= 0)])
+                raise AssertionError(f"decref of page {bad} below zero (listed more than held)")
+            freed = np.unique(arr[after == 0])  # a page listed twice that hit 0 is freed once
+        else:
+            self._ref[arr] = cur - 1
+            freed = arr[cur == 1]
         n = int(freed.size)
         self._stack[self._top : self._top + n] = freed
         self._top += n
         return n
 
     # ------------------------------------------------------------------ helpers
+    def _has_duplicates(self, arr: npt.NDArray[np.int64]) -> bool:
+        """O(n) duplicate test: scatter positions, a duplicated page keeps only its last one."""
+        if arr.size < 2:
+            return False
+        pos = np.arange(arr.size, dtype=np.int32)
+        self._mark[arr] = pos
+        return bool((self._mark[arr] != pos).any())
+
     def _as_array(self, pages: PageIds) -> npt.NDArray[np.int64]:
-        arr = np.asarray(pages, dtype=np.int64).reshape(-1)
+        if isinstance(pages, np.ndarray):
+            arr = np.asarray(pages, dtype=np.int64).reshape(-1)
+        else:  # fromiter is ~1.7x faster than asarray on a list of Python ints
+            arr = np.fromiter(pages, dtype=np.int64, count=len(pages))
         self._check_range(arr)
         return arr
 

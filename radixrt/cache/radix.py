@@ -37,6 +37,7 @@ Reference semantics (the correctness core)
 from __future__ import annotations
 
 import itertools
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -60,15 +61,9 @@ class Node:
     )  # fmt: skip
 
     def __init__(
-        self,
-        key: IntArray,
-        pages: IntArray,
-        parent: Node | None,
-        node_id: int,
-        last_access: int,
-        namespace: str | None,
-        is_root: bool = False,
-    ) -> None:
+        self, key: IntArray, pages: IntArray, parent: Node | None, node_id: int,
+        last_access: int, namespace: str | None, is_root: bool = False,
+    ) -> None:  # fmt: skip
         self.key = key  # [num_pages * page_size] int32 tokens
         self.pages = pages  # [num_pages] int32 physical page ids
         self.children: dict[bytes, Node] = {}
@@ -115,7 +110,10 @@ class CacheStats:
 
 
 def _as_tokens(tokens: TokenIds) -> IntArray:
-    arr = np.asarray(tokens, dtype=np.int32)
+    if isinstance(tokens, np.ndarray):
+        arr = np.asarray(tokens, dtype=np.int32)
+    else:  # fromiter is ~1.7x faster than asarray on a list of Python ints
+        arr = np.fromiter(tokens, dtype=np.int32, count=len(tokens))
     assert arr.ndim == 1, f"tokens must be 1-D, got shape {arr.shape}"
     return arr
 
@@ -287,8 +285,11 @@ class RadixCache:
             if child is None:
                 break
             span = min(len(child.key), n - pos)
-            eq = child.key[:span] == toks[pos : pos + span]
-            m = span if eq.all() else int(np.argmin(eq))
+            a, b = child.key[:span], toks[pos : pos + span]
+            if a.tobytes() == b.tobytes():  # memcmp: cheaper than a numpy ufunc on short edges
+                m = span
+            else:
+                m = int(np.argmin(a == b))  # first mismatch
             m -= m % ps  # >= ps: the first page matched via the dict key
             if m < len(child.key):
                 child = self._split(child, m)
@@ -430,23 +431,14 @@ class RadixCache:
         keys = sorted((n.last_access, n.id) for n in self._lru_nodes.values())
         assert list(self._lru) == keys, "LRU keys out of date with nodes' last_access"
 
-        refs = self.allocator.refcounts()
-        assert refs[0] == 0, "scratch page 0 has references"
-        free = int((refs[1:] == 0).sum())
-        assert free == self.allocator.num_free, (
-            f"{free} pages at refcount 0, free list holds {self.allocator.num_free}"
-        )
-        for p in owner:
-            want = 1 + (external_refs.get(p, 0) if external_refs is not None else 0)
-            ok = refs[p] == want if external_refs is not None else refs[p] >= want
-            assert ok, f"page {p}: refcount {refs[p]}, expected {want} (tree + requests)"
-        if external_refs is not None:
-            for p, c in external_refs.items():
-                if p not in owner:
-                    assert refs[p] == c, f"request page {p}: refcount {refs[p]} != holders {c}"
-            leaked = [p for p in np.flatnonzero(refs).tolist() if p not in owner]
-            leaked = [p for p in leaked if p not in external_refs]
-            assert not leaked, f"pages allocated but held by no node or request: {leaked[:10]}"
+        if external_refs is not None:  # exact audit: every reference has a known holder
+            holders = Counter(external_refs)
+            holders.update(owner.keys())
+            self.allocator.check_refcounts(holders, "tree + requests")
+        else:
+            refs = self.allocator.refcounts()
+            dead = [p for p in owner if refs[p] < 1]
+            assert not dead, f"tree pages with refcount 0 (freed under the tree): {dead[:10]}"
         private = self.allocator.num_used - len(owner)
         total = self.allocator.num_free + self.evictable_pages + self._locked_pages + private
         assert total == self.allocator.num_total, (

@@ -56,13 +56,6 @@ class ForwardBatch:
     def seq_lens_cpu(self) -> list[int]:
         return [p + e for p, e in zip(self.prefix_lens_cpu, self.extend_lens_cpu)]
 
-    def to(self, device: torch.device | str) -> ForwardBatch:
-        moved = {
-            name: (value.to(device, non_blocking=True) if isinstance(value, torch.Tensor) else value)
-            for name, value in self.__dict__.items()
-        }
-        return ForwardBatch(**moved)
-
 
 def build_forward_batch(
     *,

@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -58,7 +59,7 @@ class DecodeGraphs:
         self.sizes = capture_sizes(max_batch)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.outputs: dict[int, torch.Tensor] = {}
-        self.mempool: object | None = None
+        self.mempool: Any = None
 
     def _static_batch(self, size: int) -> ForwardBatch:
         return ForwardBatch(

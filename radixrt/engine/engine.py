@@ -159,7 +159,9 @@ class Engine:
         progress: bool | None = None,
     ) -> list[RequestOutput]:
         """Generate for text prompts or token-id lists; outputs come back in input order."""
-        batch = [prompts] if isinstance(prompts, str) or _is_ids(prompts) else list(prompts)
+        batch: list[Prompt] = (
+            [prompts] if isinstance(prompts, str) or _is_ids(prompts) else list(prompts)  # type: ignore[list-item,arg-type]
+        )
         params = _broadcast(sampling_params, len(batch))
         trackers = self._submit([self.encode(p) for p in batch], params, cache_salt)
         bar = tqdm(total=len(trackers), disable=not (progress if progress is not None else len(batch) >= 64),

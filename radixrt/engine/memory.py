@@ -12,7 +12,6 @@ from collections import Counter
 from collections.abc import Callable, Iterable
 
 from radixrt.cache.allocator import PageAllocator
-from radixrt.cache.page_table import SequencePages
 from radixrt.cache.radix import RadixCache
 from radixrt.engine.request import Sequence
 

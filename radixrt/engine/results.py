@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from radixrt.engine.outputs import SequenceDelta
-from radixrt.engine.request import Sequence, SeqStatus
+from radixrt.engine.request import SeqStatus, Sequence
 from radixrt.engine.sampler import SamplerRow
 from radixrt.engine.step_builder import StepBatch
 

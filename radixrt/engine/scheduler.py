@@ -25,7 +25,7 @@ from radixrt.engine.inbatch import InBatchPrefixes
 from radixrt.engine.memory import SequenceMemory
 from radixrt.engine.outputs import EngineStats, FinishReason, SequenceDelta
 from radixrt.engine.policy import order_waiting
-from radixrt.engine.request import Sequence, SeqStatus
+from radixrt.engine.request import SeqStatus, Sequence
 from radixrt.engine.runner import ModelRunner
 from radixrt.engine.sampler import Sampler, make_generator
 from radixrt.sampling_params import SamplingParams

@@ -229,6 +229,7 @@ def extend_attention(
     max_extend_len: int,
     scale: float,
     out: torch.Tensor | None = None,  # [T, Hq, D]
+    config: tuple[int, int, int, int] | None = None,  # (BLOCK_M, BLOCK_N, warps, stages)
 ) -> torch.Tensor:  # [T, Hq, D]
     """Causal attention of each request's new queries over its cached prefix plus itself."""
     _check_paged_inputs(q, k_flat, v_flat, page_size)
@@ -241,7 +242,7 @@ def extend_attention(
         return out
     assert page_table.stride(1) == 1, "page_table rows must be contiguous"
     block_d = max(16, triton.next_power_of_2(head_dim))
-    block_m, block_n, num_warps, num_stages = _block_sizes(block_d, q.device)
+    block_m, block_n, num_warps, num_stages = config or _block_sizes(block_d, q.device)
     grid = (triton.cdiv(max_extend_len, block_m), batch, num_heads)
     _extend_attention_kernel[grid](
         q, k_flat, v_flat, out, qo_indptr, prefix_lens, page_table, scale * LOG2E,

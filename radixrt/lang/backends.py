@@ -137,14 +137,27 @@ class EngineBackend:
                 return
             try:
                 outs = self.engine.generate([x.prompt for x in batch], [x.params for x in batch])
+            except Exception:
+                if len(batch) > 1:  # one bad request must not fail the programs batched with it
+                    for x in batch:
+                        self._run_one(x)
+                    continue
+                self._run_one(batch[0])
+                continue
             except BaseException as e:  # every waiter gets the failure, nobody hangs
                 for x in batch:
                     x.future.set_exception(e)
-                if not isinstance(e, Exception):
-                    raise
-                continue
+                raise
             for x, out in zip(batch, outs):
                 x.future.set_result(out)
+
+    def _run_one(self, x: _Pending) -> None:
+        try:
+            (out,) = self.engine.generate([x.prompt], [x.params])
+        except Exception as e:
+            x.future.set_exception(BackendError(f"{type(e).__name__}: {e}"))
+        else:
+            x.future.set_result(out)
 
     # ---- Backend -----------------------------------------------------------------------
     def generate(self, prompt: str, params: GenParams) -> GenResult:

@@ -1,4 +1,4 @@
-"""Choice scoring for ``select``: which prompt tokens belong to a choice, and their score.
+r"""Choice scoring for ``select``: which prompt tokens belong to a choice, and their score.
 
 A choice is scored by the logprobs of *its* tokens given the stem. Tokenizing ``stem + choice``
 may merge across the boundary (a trailing space of the stem joins the choice's first word), so

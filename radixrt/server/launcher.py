@@ -79,9 +79,14 @@ async def _serve(cfg: ServerConfig, ipc_dir: str,
         infos = await client.wait_ready(cfg.worker_start_timeout_s)
         info = infos[0]
         tokenizer = await asyncio.to_thread(load_tokenizer, info.model_path)
+        default_name: str | None = None
+        if cfg.model is None:
+            from radixrt.models.default import DEFAULT_MODEL_NAME
+
+            default_name = DEFAULT_MODEL_NAME
         names = tuple(dict.fromkeys(
-            n for n in (cfg.served_model_name, info.model_name, info.model_path, cfg.model)
-            if n))
+            n for n in (cfg.served_model_name, default_name, info.model_name, info.model_path,
+                        cfg.model) if n))
         limits = ModelLimits(min(i.vocab_size for i in infos),
                              min(i.max_context_len for i in infos), cfg.max_request_tokens)
         ctx = ServingContext(cfg, client, TextCodec(tokenizer), ServerMetrics(), limits, names)

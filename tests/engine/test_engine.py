@@ -100,17 +100,18 @@ def test_multi_turn_chat_reuses_history(llama_dir, hf_llama):
     params = SamplingParams(temperature=0, max_new_tokens=12)
     messages = [{"role": "system", "content": "You are a helpful assistant that answers briefly."},
                 {"role": "user", "content": "What does a radix tree share between requests?"}]
+    computed: list[int] = []  # tokens whose KV the previous turn left in the cache
     for turn in range(3):
         prompt_ids = eng.apply_chat_template(messages)
         out = eng.chat(messages, params)[0]
         assert out.token_ids == hf_greedy(hf_llama, prompt_ids, 12)[: len(out.token_ids)]
         if turn > 0:
             # Everything computed in the previous turn that this prompt starts with, page-aligned.
-            shared = _lcp(prev_ids[:prev_kv], prompt_ids)
+            shared = _lcp(computed, prompt_ids)
             expect = min(shared, len(prompt_ids) - 1) // 16 * 16
             assert out.cached_tokens == expect and expect >= 32
-        prev_ids = prompt_ids + out.token_ids
-        prev_kv = len(prev_ids) - 1  # the last sampled token was never fed to the model
+        # The last sampled token (or the matched eos) was never fed to the model.
+        computed = prompt_ids + out.token_ids[:-1] if out.finish_reason == "length" else prompt_ids + out.token_ids
         messages += [{"role": "assistant", "content": tok.decode(out.token_ids, skip_special_tokens=True)},
                      {"role": "user", "content": f"And turn {turn + 2}?"}]
     _assert_idle_clean(eng)

@@ -30,8 +30,9 @@ def _step(batch: ForwardBatch, heads, kv_heads, head_dim, dtype, device):
     return q, k, v
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("page_size", [1, 16])
+@pytest.mark.parametrize(
+    ("dtype", "page_size"), [(torch.float32, 1), (torch.bfloat16, 16), (torch.float16, 4)]
+)
 def test_backend_mixed_then_decode(device, assert_close, dtype, page_size):
     if device == "cuda":
         heads, kv_heads, head_dim = 32, 8, 128

@@ -87,9 +87,7 @@ class RadixMachine(RuleBasedStateMachine):
 
     def _evict(self, n: int) -> None:
         locked = self._locked()
-        evictable = sum(
-            1 for ns, ps in self.model.items() for p in ps if (ns, p) not in locked
-        )
+        evictable = sum(1 for ns, ps in self.model.items() for p in ps if (ns, p) not in locked)
         freed = self.cache.evict(n)
         assert freed >= min(n, evictable), f"evict({n}) freed {freed} of {evictable} evictable"
         for _ in range(freed):

@@ -1,0 +1,190 @@
+"""The DSL's primitives: ``gen``, ``select`` and role blocks (``system``, ``user``,
+``assistant``). Each is an ``Expr`` that a state runs when it is added: ``s += gen("x")``."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, fields
+from typing import TYPE_CHECKING, Union
+
+from radixrt.lang.backends import GenParams
+from radixrt.lang.scoring import CHOICES_METHODS, pick
+
+if TYPE_CHECKING:
+    from radixrt.lang.state import ProgramState
+
+# What may be added to a state: text, a primitive, or a sequence of them.
+Content = Union[str, "Expr", Sequence[Union[str, "Expr"]], None]
+
+
+class Expr:
+    def apply(self, s: ProgramState) -> None:
+        raise NotImplementedError
+
+    def describe(self) -> str:
+        """How the call is named in error messages: ``gen('answer')``."""
+        raise NotImplementedError
+
+
+@dataclass(frozen=True)
+class Gen(Expr):
+    """Generate text after the current state; stored under ``name`` when given."""
+
+    name: str | None = None
+    max_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    stop: tuple[str, ...] | None = None
+    seed: int | None = None
+
+    def describe(self) -> str:
+        return f"gen({self.name!r})"
+
+    def params(self, defaults: GenParams) -> GenParams:
+        # A field left unset here falls back to the program run's defaults.
+        kw = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "name"}
+        return GenParams(**{k: (getattr(defaults, k) if v is None else v)
+                            for k, v in kw.items()})
+
+    def apply(self, s: ProgramState) -> None:
+        params = self.params(s.defaults)
+        prompt = s.text()
+        if s.streaming:
+            result = None
+            for chunk in s.backend.stream(prompt, params):
+                s._append(chunk.text)
+                result = chunk.done or result
+            assert result is not None, "a stream ends with its result"
+        else:
+            result = s.backend.generate(prompt, params)
+            s._append(result.text)
+        s._record(self.name, result.text, {
+            "prompt_tokens": result.prompt_tokens, "cached_tokens": result.cached_tokens,
+            "completion_tokens": result.completion_tokens,
+            "finish_reason": result.finish_reason})
+
+
+@dataclass(frozen=True)
+class Select(Expr):
+    """Append the choice whose tokens the model finds most likely after the current state."""
+
+    name: str | None
+    choices: tuple[str, ...]
+    choices_method: str = "token_length_normalized"
+
+    def __post_init__(self) -> None:
+        if not self.choices or not all(isinstance(c, str) and c for c in self.choices):
+            raise ValueError("select needs a non-empty list of non-empty strings")
+        if self.choices_method not in CHOICES_METHODS:
+            raise ValueError(f"choices_method must be one of {CHOICES_METHODS}")
+
+    def describe(self) -> str:
+        return f"select({self.name!r})"
+
+    def apply(self, s: ProgramState) -> None:
+        stem = s.text()
+        if not stem:
+            raise ValueError("select needs a non-empty prompt before it")
+        # The stem goes in the same batch: its ids locate each choice's tokens, and (once the
+        # engine serves prompt logprobs over cached prefixes) its pages are computed once.
+        scored = s.backend.prompt_logprobs([stem] + [stem + c for c in self.choices])
+        res = pick(scored[0].token_ids, self.choices, scored[1:], self.choices_method)
+        choice = self.choices[res.best]
+        s._append(choice)
+        s._record(self.name, choice, {
+            "normalized_prompt_logprobs": res.normalized, "sum_logprobs": res.sums,
+            "num_tokens": res.num_tokens, "cached_tokens": res.cached_tokens,
+            "prompt_tokens": [x.prompt_tokens for x in scored[1:]]})
+
+
+@dataclass(frozen=True)
+class RoleBegin(Expr):
+    role: str
+
+    def describe(self) -> str:
+        return f"{self.role}_begin()"
+
+    def apply(self, s: ProgramState) -> None:
+        s._begin_role(self.role)
+
+
+@dataclass(frozen=True)
+class RoleEnd(Expr):
+    role: str
+
+    def describe(self) -> str:
+        return f"{self.role}_end()"
+
+    def apply(self, s: ProgramState) -> None:
+        s._end_role(self.role)
+
+
+@dataclass(frozen=True)
+class Role(Expr):
+    """A whole message: ``user("hi")`` or ``assistant(gen("answer"))``."""
+
+    role: str
+    content: Content
+
+    def describe(self) -> str:
+        return f"{self.role}(...)"
+
+    def apply(self, s: ProgramState) -> None:
+        s._begin_role(self.role)
+        if self.content is not None:
+            s += self.content
+        s._end_role(self.role)
+
+
+def gen(name: str | None = None, max_tokens: int | None = None, *,
+        stop: str | Sequence[str] | None = None, temperature: float | None = None,
+        top_p: float | None = None, top_k: int | None = None, seed: int | None = None,
+        choices: Sequence[str] | None = None) -> Expr:
+    """``gen(name, max_tokens=..., stop=..., temperature=...)``; with ``choices`` it is a
+    ``select``."""
+    if choices is not None:
+        return select(name, choices)
+    stops = None if stop is None else ((stop,) if isinstance(stop, str) else tuple(stop))
+    return Gen(name, max_tokens, temperature, top_p, top_k, stops, seed)
+
+
+def select(name: str | None = None, choices: Sequence[str] = (),
+           choices_method: str = "token_length_normalized") -> Select:
+    return Select(name, tuple(choices), choices_method)
+
+
+def system(content: Content = None) -> Role:
+    return Role("system", content)
+
+
+def user(content: Content = None) -> Role:
+    return Role("user", content)
+
+
+def assistant(content: Content = None) -> Role:
+    return Role("assistant", content)
+
+
+def system_begin() -> RoleBegin:
+    return RoleBegin("system")
+
+
+def system_end() -> RoleEnd:
+    return RoleEnd("system")
+
+
+def user_begin() -> RoleBegin:
+    return RoleBegin("user")
+
+
+def user_end() -> RoleEnd:
+    return RoleEnd("user")
+
+
+def assistant_begin() -> RoleBegin:
+    return RoleBegin("assistant")
+
+
+def assistant_end() -> RoleEnd:
+    return RoleEnd("assistant")

@@ -1,0 +1,94 @@
+"""Request validation: every bad input is an APIError(400) naming the problem."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from radixrt.server import protocol as p
+
+LIMITS = p.ModelLimits(vocab_size=100, max_context_len=64, max_request_tokens=None)
+
+
+def chat(**kw: object) -> bytes:
+    return json.dumps({"messages": [{"role": "user", "content": "hi"}], **kw}).encode()
+
+
+def test_parse_chat_and_params() -> None:
+    req = p.parse_body(chat(temperature=0, top_p=0.5, n=2, stop="x", max_tokens=5),
+                       p.ChatCompletionRequest)
+    params = p.finalize_params(p.openai_params(req), 10, req.max_tokens, LIMITS, None)
+    assert params.temperature == 0 and params.n == 2 and params.stop == ("x",)
+    assert params.max_new_tokens == 5
+
+
+@pytest.mark.parametrize("raw,param", [
+    (b"{not json", None),
+    (b"", None),
+    (json.dumps({"model": "m"}).encode(), "messages"),
+    (chat(max_tokens="5"), "max_tokens"),
+    (chat(n=True), "n"),
+])
+def test_parse_errors(raw: bytes, param: str | None) -> None:
+    with pytest.raises(p.APIError) as e:
+        p.parse_body(raw, p.ChatCompletionRequest)
+    assert e.value.status == 400 and e.value.param == param
+    assert e.value.body()["error"]["type"] == "invalid_request_error"
+
+
+@pytest.mark.parametrize("kw,param", [
+    ({"temperature": -0.5}, "temperature"),
+    ({"top_p": 0}, "top_p"),
+    ({"top_p": 1.01}, "top_p"),
+    ({"n": 0}, "n"),
+    ({"n": 10_000}, "n"),
+    ({"top_logprobs": 3}, "top_logprobs"),  # without logprobs=true
+])
+def test_bad_sampling_values(kw: dict[str, object], param: str) -> None:
+    req = p.parse_body(chat(**kw), p.ChatCompletionRequest)
+    with pytest.raises(p.APIError) as e:
+        p.openai_params(req)
+    assert e.value.status == 400 and e.value.param == param
+
+
+def test_lengths_against_context() -> None:
+    assert p.check_lengths(10, None, LIMITS, None) == 54  # default: the rest of the window
+    assert p.check_lengths(10, None, LIMITS, 16) == 16
+    for prompt_len, max_tokens, needle in [(0, 5, "empty"), (64, 1, "context length"),
+                                           (10, 0, "at least 1"), (10, 55, "context length")]:
+        with pytest.raises(p.APIError, match=needle):
+            p.check_lengths(prompt_len, max_tokens, LIMITS, None)
+    capped = p.ModelLimits(100, 64, max_request_tokens=8)
+    with pytest.raises(p.APIError, match="limit"):
+        p.check_lengths(10, 9, capped, None)
+
+
+def test_prompts_token_ids_salt_model_messages() -> None:
+    assert p.prompt_inputs("a") == ["a"]
+    assert p.prompt_inputs([1, 2]) == [[1, 2]]
+    assert p.prompt_inputs(["a", [3]]) == ["a", [3]]
+    for bad in ("", [], [[]], [1.5], {"x": 1}):
+        with pytest.raises(p.APIError):
+            p.prompt_inputs(bad)
+    with pytest.raises(p.APIError, match="outside the vocabulary"):
+        p.check_token_ids([1, 100], 100, "prompt")
+    assert p.validate_cache_salt("tenant-1") == "tenant-1"
+    for bad_salt in ("", 5, "x" * 300, "a\nb"):
+        with pytest.raises(p.APIError, match="cache_salt"):
+            p.validate_cache_salt(bad_salt)
+    with pytest.raises(p.APIError, match="does not exist"):
+        p.check_model_name("gpt-4", ("tiny",))
+    p.check_model_name(None, ("tiny",))
+    msgs = p.chat_messages([{"role": "user", "content": [{"type": "text", "text": "a"},
+                                                         {"type": "text", "text": "b"}]}])
+    assert msgs[0]["content"] == "ab"
+    with pytest.raises(p.APIError, match="role"):
+        p.chat_messages([{"role": "wizard", "content": "x"}])
+
+
+def test_native_params() -> None:
+    sp = p.native_params({"max_new_tokens": 3, "stop": ["a"], "temperature": 0})
+    assert sp.max_new_tokens == 3 and sp.stop == ("a",)
+    with pytest.raises(p.APIError, match="bogus"):
+        p.native_params({"bogus": 1})

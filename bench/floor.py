@@ -199,10 +199,9 @@ def measure_hardware(device: str, dtype: torch.dtype, *, copy_mib: int | None = 
     gpu = dev.type == "cuda"
     mib = copy_mib or (1024 if gpu else 128)
     n = matmul_n or (8192 if gpu else 1024)
-    src = torch.empty(mib << 20, dtype=torch.uint8, device=dev)
-    dst = torch.empty_like(src)
-    t_copy = _timeit(lambda: dst.copy_(src), dev, iters)
-    del src, dst
+    bufs = [torch.empty(mib << 20, dtype=torch.uint8, device=dev) for _ in range(2)]
+    t_copy = _timeit(lambda: bufs[1].copy_(bufs[0]), dev, iters)
+    bufs.clear()
     a = torch.randn(n, n, device=dev).to(dtype)
     b = torch.randn(n, n, device=dev).to(dtype)
     t_mm = _timeit(lambda: a @ b, dev, iters)

@@ -35,10 +35,11 @@ def load_hf_model(model: str, hf_config: Mapping[str, Any], *, device: str,
 
     torch.manual_seed(seed)
     if Path(model).is_dir():
+        auto: Any = AutoModelForCausalLM
         try:
-            m = AutoModelForCausalLM.from_pretrained(model, dtype=dtype)
+            m = auto.from_pretrained(model, dtype=dtype)
         except TypeError:  # transformers < 4.56 calls it torch_dtype
-            m = AutoModelForCausalLM.from_pretrained(model, torch_dtype=dtype)
+            m = auto.from_pretrained(model, torch_dtype=dtype)
         return m.to(device).eval()
     cfg_dict = dict(hf_config)
     arch = cfg_dict.pop("architectures", ["LlamaForCausalLM"])[0]
@@ -79,7 +80,8 @@ def run_hf(model: Any, workload: Workload, *, batch_size: int, max_context: int,
     hist = Histories(workload, max_context)
     convs = list(range(len(workload.conversations)))
     if max_requests is not None:  # a prefix of the conversations (documented in the results)
-        keep, n = [], 0
+        keep: list[int] = []
+        n = 0
         for c in convs:
             n += len(workload.conversations[c].turns)
             if n > max_requests and keep:

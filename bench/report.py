@@ -133,12 +133,12 @@ def plots(runs: Sequence[Run], out_dir: Path) -> list[Path]:
     with_cache = [n for n in names if "radix" in by[n]]
     if with_cache:
         fig, ax = plt.subplots(figsize=(6, 4))
-        xs = range(len(with_cache))
-        ax.bar([x - 0.2 for x in xs], [by[n]["radix"]["metrics"]["hit_rate"] for n in with_cache],
+        pos = range(len(with_cache))
+        ax.bar([x - 0.2 for x in pos], [by[n]["radix"]["metrics"]["hit_rate"] for n in with_cache],
                0.4, label="measured", color=COLORS["radix"])
-        ax.bar([x + 0.2 for x in xs], [by[n]["radix"]["optimal_hit_rate"] for n in with_cache],
+        ax.bar([x + 0.2 for x in pos], [by[n]["radix"]["optimal_hit_rate"] for n in with_cache],
                0.4, label="optimal (unbounded trie)", color="tab:green")
-        ax.set_xticks(list(xs), with_cache)
+        ax.set_xticks(list(pos), with_cache)
         ax.set_ylim(0, 1)
         ax.set_title("prefix cache hit rate")
         ax.legend(fontsize=8)

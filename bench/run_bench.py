@@ -26,7 +26,11 @@ import torch  # noqa: E402
 
 from bench import floor as floor_mod  # noqa: E402
 from bench.metrics import (  # noqa: E402
-    compute_metrics, optimal_hit_rate, optimal_hits, records_stream, ttft_by_turn,
+    compute_metrics,
+    optimal_hit_rate,
+    optimal_hits,
+    records_stream,
+    ttft_by_turn,
 )
 from bench.offline import RunOutput  # noqa: E402
 from bench.report import markdown, plots  # noqa: E402
@@ -45,6 +49,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     cache.add_argument("--no-cache", action="store_true", help="run with the prefix cache off only")
     cache.add_argument("--compare-cache", action="store_true", help="run cache on and cache off")
     p.add_argument("--baseline", choices=("hf",), default=None)
+    p.add_argument("--variants", default=None,
+                   help="explicit comma list of radix,nocache,hf (overrides the flags above)")
+    p.add_argument("--workload-scale", action="append", default=[], metavar="NAME=S",
+                   help="per-workload --scale override, e.g. random=0.5 (repeatable)")
+    p.add_argument("--workload-len-scale", action="append", default=[], metavar="NAME=S",
+                   help="per-workload --len-scale override (repeatable)")
+    p.add_argument("--report-only", action="store_true",
+                   help="rebuild summary.md and plots from the run JSONs already in --out")
     p.add_argument("--hf-batch-size", type=int, default=32)
     p.add_argument("--hf-max-requests", type=int, default=None,
                    help="HF baseline runs only the first N requests (whole conversations)")
@@ -58,6 +70,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-running-requests", type=int, default=256)
     p.add_argument("--schedule-policy", choices=("lpm", "fcfs"), default="lpm")
     p.add_argument("--out", default=None, help="results folder (default bench/results/<time>)")
+    p.add_argument("--tag", default=None,
+                   help="name this invocation's summary summary-<tag>.* (to merge several later)")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--no-warmup", action="store_true")
     p.add_argument("--deadline-s", type=float, default=None,
@@ -128,6 +142,8 @@ def _free_device() -> None:
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
+        print(f"GPU memory still allocated: {torch.cuda.memory_allocated() / 2**30:.2f} GiB",
+              flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -141,12 +157,16 @@ def main(argv: list[str] | None = None) -> int:
     # `timeout` sends SIGTERM: finish with the report of what ran instead of dying silently.
     signal.signal(signal.SIGTERM, _raise_interrupt)
     started = time.perf_counter()
+    if args.report_only:
+        return _report_only(out_dir)
     cfg = model_config(args.model)
     dtype = run_dtype(args)
     vocab = int(cfg["vocab_size"])
     kw: dict[str, Any] = {"output": args.chat_output}
-    workloads = [make_workload(n, vocab, seed=args.seed, scale=args.scale,
-                               len_scale=args.len_scale, **(kw if n == "chat" else {}))
+    scales, len_scales = _per_workload(args.workload_scale), _per_workload(args.workload_len_scale)
+    workloads = [make_workload(n, vocab, seed=args.seed, scale=scales.get(n, args.scale),
+                               len_scale=len_scales.get(n, args.len_scale),
+                               **(kw if n == "chat" else {}))
                  for n in names]
     shape = floor_mod.ModelShape.from_hf_config(cfg, dtype_bytes=torch.finfo(dtype).bits // 8)
     hw = floor_mod.measure_hardware(args.device, dtype, copy_mib=args.hw_copy_mib,
@@ -171,6 +191,12 @@ def main(argv: list[str] | None = None) -> int:
         return args.deadline_s is None or time.perf_counter() - started < args.deadline_s
 
     skipped: list[str] = []
+    variants = (["radix", "nocache"] if args.compare_cache
+                else ["nocache"] if args.no_cache else ["radix"])
+    variants += ["hf"] if args.baseline == "hf" else []
+    if args.variants:
+        variants = args.variants.split(",")
+        assert set(variants) <= {"radix", "nocache", "hf"}, f"bad --variants {args.variants}"
     try:
         if args.mode == "online":
             from bench.online import run_online
@@ -183,16 +209,16 @@ def main(argv: list[str] | None = None) -> int:
                                  max_context=None, progress=not args.no_progress, seed=args.seed)
                 save(result(w, args.online_variant, out, args, floors.get(w.name)))
         else:
-            variants = (["radix", "nocache"] if args.compare_cache
-                        else ["nocache"] if args.no_cache else ["radix"])
-            for variant in variants:
+            for variant in (v for v in variants if v != "hf"):
                 if not time_left():
                     skipped += [f"{w.name}/{variant}" for w in workloads]
                     continue
                 _run_engine_variant(variant, workloads, args, shape, hw, floors, save, time_left,
                                     skipped)
                 _free_device()
-        if args.baseline == "hf" and args.mode == "offline":
+        if "hf" in variants and args.mode == "offline":
+            if not floors:
+                floors.update(build_floors(workloads, shape, hw, args, args.kv_cache_tokens))
             _run_hf(workloads, args, cfg, dtype, floors, save, time_left, skipped)
     except KeyboardInterrupt:
         print("interrupted: writing the report of the runs that finished", flush=True)
@@ -200,9 +226,37 @@ def main(argv: list[str] | None = None) -> int:
     if skipped:
         header["skipped (deadline)"] = ", ".join(skipped)
     header["wall s"] = round(time.perf_counter() - started, 1)
+    stem = f"summary-{args.tag}" if args.tag else "summary"
+    (out_dir / f"{stem}.json").write_text(json.dumps(
+        {"header": header, "floors": floors, "runs": runs}, indent=1))
+    (out_dir / f"{stem}.md").write_text(markdown(runs, floors, header))
+    if runs and not args.tag:
+        plots(runs, out_dir)
+    print((out_dir / f"{stem}.md").read_text())
+    return 0
+
+
+def _per_workload(items: list[str]) -> dict[str, float]:
+    out = {}
+    for item in items:
+        name, _, value = item.partition("=")
+        if name not in WORKLOADS or not value:
+            raise SystemExit(f"expected NAME=SCALE with NAME in {WORKLOADS}, got {item!r}")
+        out[name] = float(value)
+    return out
+
+
+def _report_only(out_dir: Path) -> int:
+    """Merge the run JSONs of several invocations (e.g. one process per variant) into one report."""
+    runs = [json.loads(p.read_text()) for p in sorted(out_dir.glob("*_*.json"))]
+    runs = [r for r in runs if isinstance(r, dict) and "variant" in r]
+    floors = {r["workload"]: r["floor"] for r in runs if r.get("floor")}
+    header: dict[str, Any] = {}
+    for part in sorted(out_dir.glob("summary-*.json")):
+        header.update(json.loads(part.read_text()).get("header", {}))
+    (out_dir / "summary.md").write_text(markdown(runs, floors, header))
     (out_dir / "summary.json").write_text(json.dumps(
         {"header": header, "floors": floors, "runs": runs}, indent=1))
-    (out_dir / "summary.md").write_text(markdown(runs, floors, header))
     if runs:
         plots(runs, out_dir)
     print((out_dir / "summary.md").read_text())

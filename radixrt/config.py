@@ -47,6 +47,9 @@ class EngineConfig:
     max_context_len: int | None = None  # default: the model's max_position_embeddings
     cuda_graph_max_batch: int = 256  # decode batches up to this size replay CUDA graphs
     disable_cuda_graph: bool = False
+    # Launch decode step N+1 before reading step N's tokens (hides scheduling behind the GPU).
+    # None = on for CUDA, off for CPU (where nothing runs asynchronously).
+    overlap_schedule: bool | None = None
     seed: int = 0
     debug_invariants: bool = False  # check cache/pool invariants whenever the engine is idle
 
@@ -76,6 +79,12 @@ class EngineConfig:
         need(self.max_context_len is None or self.max_context_len >= 2, "max_context_len", "must be >= 2")
         need(self.load_format in ("auto", "safetensors", "gguf", "dummy"), "load_format",
              f"unknown load format {self.load_format!r}")
+
+    @property
+    def overlap(self) -> bool:
+        if self.overlap_schedule is None:
+            return self.device != "cpu"
+        return self.overlap_schedule
 
     @property
     def torch_dtype(self) -> torch.dtype:

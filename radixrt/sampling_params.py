@@ -77,6 +77,9 @@ class SamplingParams:
     logprobs: bool = False
     top_logprobs: int = 0
     prompt_logprobs: bool = False
+    # With prompt_logprobs: the first prompt index whose logprob is wanted. Tokens before it may
+    # be served from the prefix cache (their logprobs may come back as None).
+    logprob_start_len: int = 0
     n: int = 1
     skip_special_tokens: bool = True
 
@@ -96,7 +99,7 @@ class SamplingParams:
             if not _is_number(v) or v != v:  # v != v rejects NaN
                 raise ValueError(f"{name} must be a finite number, got {v!r}")
             object.__setattr__(self, name, float(v))
-        for name in ("max_new_tokens", "top_k", "top_logprobs", "n"):
+        for name in ("max_new_tokens", "top_k", "top_logprobs", "logprob_start_len", "n"):
             if not _is_int(getattr(self, name)):
                 raise ValueError(f"{name} must be an int, got {getattr(self, name)!r}")
         for name in ("ignore_eos", "logprobs", "prompt_logprobs", "skip_special_tokens"):
@@ -125,6 +128,8 @@ class SamplingParams:
             raise ValueError(
                 f"top_logprobs must be in [0, {MAX_TOP_LOGPROBS}], got {self.top_logprobs}"
             )
+        if self.logprob_start_len < 0:
+            raise ValueError(f"logprob_start_len must be >= 0, got {self.logprob_start_len}")
         if not 1 <= self.n <= MAX_N:
             raise ValueError(f"n must be in [1, {MAX_N}], got {self.n}")
 

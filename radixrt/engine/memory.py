@@ -34,11 +34,14 @@ class SequenceMemory:
         """Pages a new allocation could get: free now, or freed by evicting unlocked cache."""
         return self.allocator.num_free + self.cache.evictable_pages
 
-    def attach_prefix(self, seq: Sequence, use_cache: bool) -> int:
-        """Start (or resume) a sequence on its longest cached prefix; returns matched tokens."""
+    def attach_prefix(self, seq: Sequence, use_cache: bool, max_tokens: int | None = None) -> int:
+        """Start (or resume) a sequence on its longest cached prefix (at most ``max_tokens``
+        tokens); returns matched tokens."""
         assert not seq.pages.pages and seq.cache_handle is None, f"{seq.rid} already holds memory"
         tokens = seq.token_ids()
-        if not use_cache:
+        if max_tokens is not None:
+            tokens = tokens[: max_tokens + 1]  # match_prefix leaves the last token uncached
+        if not use_cache or len(tokens) < 2:
             seq.kv_len = 0
             return 0
         match = self.cache.match_prefix(tokens, seq.namespace, record_stats=False)
@@ -66,7 +69,9 @@ class SequenceMemory:
         """
         if not self.cache.enabled:
             return
-        full_pages = seq.kv_len // self.page_size
+        # With overlap, KV may already exist for a token the host has not appended (or dropped,
+        # e.g. a matched eos): only tokens both computed and known are shared.
+        full_pages = min(seq.kv_len, seq.num_tokens) // self.page_size
         if full_pages == 0:
             return
         tokens = seq.token_ids()[: full_pages * self.page_size]

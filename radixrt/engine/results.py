@@ -1,28 +1,47 @@
-"""After a forward step: advance KV lengths, share finished chunks, fork n > 1 requests, sample,
-apply stop rules, and emit deltas."""
+"""After a forward step, in two halves so the host can run ahead of the device:
+
+    launch_results   (no host sync) advance KV lengths, share finished chunks, fork n > 1
+                     requests, queue the draw on the device -> InFlight
+    complete         (one sync) read the tokens, apply stop rules, emit deltas
+
+With overlap on, the scheduler launches step N+1 between the two halves of step N.
+"""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
 
 from radixrt.engine.outputs import SequenceDelta
 from radixrt.engine.request import SeqStatus, Sequence
-from radixrt.engine.sampler import SamplerRow
+from radixrt.engine.sampler import PendingSample, SamplerRow
 from radixrt.engine.step_builder import StepBatch
 
 if TYPE_CHECKING:
     from radixrt.engine.scheduler import Scheduler
 
 
-def apply(
+@dataclass
+class InFlight:
+    """A launched step whose sampled tokens the host has not read yet."""
+
+    work: list[tuple[Sequence, int]]
+    sampled: list[Sequence]  # in draw order; row i of pending.tokens belongs to sampled[i]
+    pending: PendingSample | None
+
+    @property
+    def pure_decode(self) -> bool:
+        return len(self.sampled) == len(self.work) and all(n == 1 for _, n in self.work)
+
+
+def launch_results(
     sched: Scheduler,
     work: list[tuple[Sequence, int]],
     batch: StepBatch,
     logits: torch.Tensor,  # [rows, vocab] float32
-    deltas: list[SequenceDelta],
-) -> None:
+) -> InFlight:
     to_sample: list[Sequence] = []
     rows: list[int] = []
     for (seq, n), item in zip(work, batch.items):
@@ -45,12 +64,21 @@ def apply(
         to_sample.append(seq)
         rows.append(item.sample_row)
     if not to_sample:
-        return
-    out = sched.sampler.sample(
-        logits[rows],
-        [SamplerRow(s.params, s.generator, s.prompt_ids, s.output_ids) for s in to_sample],
+        return InFlight(work, [], None)
+    picked = logits if rows == list(range(logits.shape[0])) else logits[rows]
+    pending = sched.sampler.draw(
+        picked, [SamplerRow(s.params, s.generator, s.prompt_ids, s.output_ids) for s in to_sample]
     )
-    for i, seq in enumerate(to_sample):
+    return InFlight(work, to_sample, pending)
+
+
+def complete(sched: Scheduler, flight: InFlight, deltas: list[SequenceDelta]) -> None:
+    if flight.pending is None:
+        return
+    out = flight.pending.resolve()
+    for i, seq in enumerate(flight.sampled):
+        if seq.status is not SeqStatus.RUNNING:
+            continue  # finished or aborted while this step ran: its extra token is dropped
         lp = out.logprobs[i] if out.logprobs is not None else None
         top = out.top_logprobs[i] if out.top_logprobs is not None else None
         _append_token(sched, seq, out.token_ids[i], lp, top, deltas)
@@ -98,7 +126,13 @@ def _append_token(
         seq.logprobs.append(logprob)
         if params.top_logprobs:
             seq.top_logprobs.append(top or [])
-    if len(seq.output_ids) >= params.max_new_tokens or seq.num_tokens >= sched.max_context_len:
+    if will_hit_length(sched, seq, 0):
         sched._finish(seq, "length", deltas)
     else:
         deltas.append(sched.make_delta(seq))
+
+
+def will_hit_length(sched: Scheduler, seq: Sequence, extra: int) -> bool:
+    """Whether the sequence is done by length once ``extra`` more tokens are appended."""
+    n_out = len(seq.output_ids) + extra
+    return n_out >= seq.params.max_new_tokens or seq.num_tokens + extra >= sched.max_context_len

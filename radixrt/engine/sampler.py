@@ -58,6 +58,26 @@ class SampleOutput:
     top_logprobs: list[list[tuple[int, float]]] | None
 
 
+@dataclass
+class PendingSample:
+    """A draw still on the device: ``tokens`` can feed the next step before the host reads it."""
+
+    tokens: torch.Tensor  # [B] int64
+    top_k: list[int]  # per row, how many alternatives it asked for
+    chosen_logprobs: torch.Tensor | None = None  # [B]
+    top_values: torch.Tensor | None = None  # [B, kmax]
+    top_ids: torch.Tensor | None = None  # [B, kmax]
+
+    def resolve(self) -> SampleOutput:
+        """Copy to the host (the one sync of a step)."""
+        out_top: list[list[tuple[int, float]]] | None = None
+        if self.top_values is not None and self.top_ids is not None:
+            vals, ids = self.top_values.tolist(), self.top_ids.tolist()
+            out_top = [list(zip(ids[b][:k], vals[b][:k])) for b, k in enumerate(self.top_k)]
+        out_lp = self.chosen_logprobs.tolist() if self.chosen_logprobs is not None else None
+        return SampleOutput(token_ids=self.tokens.tolist(), logprobs=out_lp, top_logprobs=out_top)
+
+
 def _col(values: list[float], like: torch.Tensor) -> torch.Tensor:
     """[B] host floats -> [B, 1] tensor on the logits' device."""
     return torch.tensor(values, dtype=like.dtype, device=like.device).unsqueeze(1)
@@ -79,6 +99,10 @@ class Sampler:
     """Stateless: per-request state (generators, token history) comes in with each row."""
 
     def sample(self, logits: torch.Tensor, rows: Sequence[SamplerRow]) -> SampleOutput:
+        return self.draw(logits, rows).resolve()
+
+    def draw(self, logits: torch.Tensor, rows: Sequence[SamplerRow]) -> PendingSample:
+        """Queue the draw on the logits' device; nothing waits for it until ``resolve()``."""
         assert logits.dim() == 2, f"logits must be [B, V], got shape {tuple(logits.shape)}"
         assert logits.shape[0] == len(rows), f"{logits.shape[0]} logit rows for {len(rows)} rows"
         x = self._apply_penalties(logits.float(), rows)  # [B, V], new tensor
@@ -98,20 +122,15 @@ class Sampler:
             else:
                 tokens = sampled
 
-        out_lp: list[float] | None = None
-        out_top: list[list[tuple[int, float]]] | None = None
+        pending = PendingSample(tokens=tokens, top_k=[r.params.top_logprobs for r in rows])
         if logprobs is not None:
-            chosen = logprobs.gather(1, tokens.unsqueeze(1)).squeeze(1)  # [B]
-            kmax = max(r.params.top_logprobs for r in rows)
+            pending.chosen_logprobs = logprobs.gather(1, tokens.unsqueeze(1)).squeeze(1)  # [B]
+            kmax = max(pending.top_k)
             if kmax > 0:
-                top_v, top_i = logprobs.topk(min(kmax, logprobs.shape[1]), dim=-1)  # [B, k]
-                vals, ids = top_v.tolist(), top_i.tolist()
-                out_top = [
-                    list(zip(ids[b][: r.params.top_logprobs], vals[b][: r.params.top_logprobs]))
-                    for b, r in enumerate(rows)
-                ]
-            out_lp = chosen.tolist()
-        return SampleOutput(token_ids=tokens.tolist(), logprobs=out_lp, top_logprobs=out_top)
+                pending.top_values, pending.top_ids = logprobs.topk(
+                    min(kmax, logprobs.shape[1]), dim=-1
+                )  # [B, k]
+        return pending
 
     def prompt_logprobs(self, logits: torch.Tensor, next_tokens: torch.Tensor) -> list[float]:
         """logits [T, V] at prompt positions, next_tokens [T]: logprob of each actual next token."""

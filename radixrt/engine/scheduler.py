@@ -17,9 +17,11 @@ import itertools
 import logging
 from collections.abc import Iterable
 
+import torch
+
 from radixrt.cache.page_table import SequencePages
 from radixrt.config import EngineConfig
-from radixrt.engine import step_builder
+from radixrt.engine import results, step_builder
 from radixrt.engine.budget import PrefillBudget
 from radixrt.engine.inbatch import InBatchPrefixes
 from radixrt.engine.memory import SequenceMemory
@@ -62,6 +64,7 @@ class Scheduler:
         self.running: list[Sequence] = []
         self._by_rid: dict[str, list[Sequence]] = {}
         self._pending_aborts: list[tuple[str, int | None]] = []
+        self._inflight: results.InFlight | None = None  # launched, tokens not yet read
         self._arrival = itertools.count()
         self.retractions = 0
         self.prompt_tokens_total = 0
@@ -115,20 +118,65 @@ class Scheduler:
         self._pending_aborts.append((rid, index))
 
     def has_work(self) -> bool:
-        return bool(self.waiting or self.running or self._pending_aborts)
+        return bool(self.waiting or self.running or self._pending_aborts or self._inflight)
 
     # ---- one step ----------------------------------------------------------------------
     def step(self) -> list[SequenceDelta]:
         deltas: list[SequenceDelta] = []
         self._apply_aborts(deltas)
+        if self._inflight is not None:
+            # Overlap: queue step N+1 on the device before waiting for step N's tokens.
+            follow = self._launch_continuation(self._inflight)
+            results.complete(self, self._inflight, deltas)
+            self._inflight = follow
+            if follow is not None:
+                self._debug_check()
+                return deltas
         work = self._schedule(deltas)
         if work:
             batch = step_builder.build(work, self.page_size, self.runner.device)
             logits = self.runner.forward(batch.forward)
-            self._apply_results(work, batch, logits, deltas)
+            flight = results.launch_results(self, work, batch, logits)
+            if self.config.overlap:
+                self._inflight = flight
+            else:
+                results.complete(self, flight, deltas)
+        self._debug_check()
+        return deltas
+
+    def _debug_check(self) -> None:
         if self.config.debug_invariants:
             self.memory.check_invariants(self.running)
-        return deltas
+
+    def _launch_continuation(self, prev: results.InFlight) -> results.InFlight | None:
+        """Launch the next decode step of the same sequences, fed by ``prev``'s device tokens.
+
+        Only for steady-state decode: every running sequence was in ``prev``, nobody waits to
+        be admitted, no penalties need the (not yet read) newest token, and every sequence gets
+        its slot without retraction. Otherwise the scheduler takes the synchronous path.
+        """
+        if prev.pending is None or not prev.pure_decode or self._pending_aborts:
+            return None
+        if self.waiting and len(self.running) < self.config.max_running_requests:
+            return None
+        if len(prev.sampled) != len(self.running) or any(_uses_penalties(s) for s in prev.sampled):
+            return None
+        rows = [
+            i for i, s in enumerate(prev.sampled)
+            if s.status is SeqStatus.RUNNING and not results.will_hit_length(self, s, 1)
+        ]
+        if not rows:
+            return None
+        seqs = [prev.sampled[i] for i in rows]
+        for seq in seqs:
+            if not self.memory.grow(seq, seq.kv_len + 1):
+                return None
+        index = torch.tensor(rows, device=prev.pending.tokens.device)
+        batch = step_builder.build_decode_continuation(
+            seqs, self.page_size, self.runner.device, prev.pending.tokens[index]
+        )
+        logits = self.runner.forward(batch.forward)
+        return results.launch_results(self, [(s, 1) for s in seqs], batch, logits)
 
     def _schedule(self, deltas: list[SequenceDelta]) -> list[tuple[Sequence, int]]:
         work: list[tuple[Sequence, int]] = []
@@ -173,8 +221,11 @@ class Scheduler:
             if budget.exhausted:
                 return
             needs_prompt_logprobs = seq.params.prompt_logprobs and seq.prompt_logprobs is None
-            use_cache = cache.enabled and not needs_prompt_logprobs
-            matched = self.memory.attach_prefix(seq, use_cache=use_cache)
+            # Prompt logprobs need the logits of every position from logprob_start_len - 1 on,
+            # so the cached prefix may only cover the positions before that.
+            cap = seq.params.logprob_start_len - 1 if needs_prompt_logprobs else None
+            use_cache = cache.enabled
+            matched = self.memory.attach_prefix(seq, use_cache=use_cache, max_tokens=cap)
             if use_cache and admitted.shares_stem(seq.token_ids(), matched):
                 # Its stem is being computed this step by another request: wait for the hit.
                 self.memory.release(seq, keep_in_cache=False)
@@ -196,7 +247,9 @@ class Scheduler:
             if use_cache:
                 admitted.add(seq.token_ids())
             if needs_prompt_logprobs:
-                seq.prompt_logprobs = [None]  # the first token has no context to be scored in
+                # Entry k scores prompt token k; tokens up to the cached prefix are not scored
+                # (the first token never is: nothing precedes it).
+                seq.prompt_logprobs = [None] * (seq.kv_len + 1)
             self.waiting.remove(seq)
             seq.status = SeqStatus.RUNNING
             self.running.append(seq)
@@ -224,11 +277,6 @@ class Scheduler:
         logger.debug("retracted %s/%d (%d tokens)", seq.rid, seq.index, seq.num_tokens)
 
     # ---- results -----------------------------------------------------------------------
-    def _apply_results(self, work, batch, logits, deltas) -> None:  # type: ignore[no-untyped-def]
-        from radixrt.engine import results
-
-        results.apply(self, work, batch, logits, deltas)
-
     def _finish(
         self, seq: Sequence, reason: FinishReason, deltas: list[SequenceDelta] | None,
         error: str | None = None,
@@ -296,6 +344,11 @@ class Scheduler:
 
     def flush_cache(self) -> bool:
         """Drop every unlocked cache entry (only allowed when idle, as SGLang does)."""
-        if self.running or self.waiting:
+        if self.running or self.waiting or self._inflight:
             return False
         return self.memory.cache.flush()
+
+
+def _uses_penalties(seq: Sequence) -> bool:
+    p = seq.params
+    return p.repetition_penalty != 1.0 or p.frequency_penalty != 0.0 or p.presence_penalty != 0.0

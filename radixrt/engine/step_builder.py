@@ -76,3 +76,22 @@ def build(work: list[tuple[Sequence, int]], page_size: int, device: torch.device
         device=device,
     )
     return StepBatch(forward=forward, items=items)
+
+
+def build_decode_continuation(
+    seqs: list[Sequence], page_size: int, device: torch.device, input_ids: torch.Tensor
+) -> StepBatch:
+    """A decode step whose input tokens are still on the device (the previous step's draw).
+
+    Each sequence computes position ``kv_len`` (the token the previous step sampled, not yet
+    appended on the host), so its prefix is ``kv_len`` and its KV grows to ``kv_len + 1``.
+    """
+    forward = build_forward_batch(
+        new_token_ids=[[0]] * len(seqs),  # placeholders; the real ids are on the device
+        prefix_lens=[s.kv_len for s in seqs],
+        page_tables=[s.pages.pages for s in seqs],
+        page_size=page_size,
+        device=device,
+    )
+    forward.input_ids = input_ids
+    return StepBatch(forward=forward, items=[ItemRows(sample_row=i) for i in range(len(seqs))])

@@ -44,18 +44,21 @@ def prompts_and_refs(hf_llama):
 
 
 @pytest.mark.parametrize(
-    "page_size,kv_tokens,cache,policy",
+    "page_size,kv_tokens,cache,policy,overlap",
     [
-        (16, 4096, True, "lpm"),
-        (1, 4096, True, "fcfs"),
-        (16, 4096, False, "lpm"),
-        (4, 4096, True, "fcfs"),
+        (16, 4096, True, "lpm", False),
+        (1, 4096, True, "fcfs", False),
+        (16, 4096, False, "lpm", False),
+        (4, 4096, True, "fcfs", True),
     ],
 )
-def test_greedy_matches_transformers(llama_dir, prompts_and_refs, page_size, kv_tokens, cache, policy):
+def test_greedy_matches_transformers(
+    llama_dir, prompts_and_refs, page_size, kv_tokens, cache, policy, overlap
+):
     prompts, refs = prompts_and_refs
     eng = Engine(str(llama_dir), page_size=page_size, kv_cache_tokens=kv_tokens,
-                 enable_prefix_cache=cache, schedule_policy=policy, debug_invariants=True)
+                 enable_prefix_cache=cache, schedule_policy=policy, debug_invariants=True,
+                 overlap_schedule=overlap)
     outs = eng.generate(prompts, GREEDY)
     assert [o.token_ids for o in outs] == refs
     # Same requests again: identical answers, now served mostly from the cache.
@@ -69,13 +72,14 @@ def test_greedy_matches_transformers(llama_dir, prompts_and_refs, page_size, kv_
     _assert_idle_clean(eng)
 
 
-@pytest.mark.parametrize("page_size,kv_tokens", [(1, 150), (16, 192)])
+@pytest.mark.parametrize("page_size,kv_tokens,overlap", [(1, 150, False), (16, 192, True)])
 def test_tiny_pool_evicts_and_retracts_without_changing_answers(
-    llama_dir, prompts_and_refs, page_size, kv_tokens
+    llama_dir, prompts_and_refs, page_size, kv_tokens, overlap
 ):
     prompts, refs = prompts_and_refs
     eng = Engine(str(llama_dir), page_size=page_size, kv_cache_tokens=kv_tokens,
-                 chunked_prefill_size=32, max_prefill_tokens=64, debug_invariants=True)
+                 chunked_prefill_size=32, max_prefill_tokens=64, debug_invariants=True,
+                 overlap_schedule=overlap)
     outs = eng.generate(prompts, GREEDY)
     assert [o.token_ids for o in outs] == refs
     stats = eng.stats()
@@ -251,3 +255,45 @@ def _assert_idle_clean(eng: Engine) -> None:
     st = eng.stats()
     assert st.running_requests == 0 and st.queued_requests == 0
     assert st.free_pages + st.evictable_pages == st.total_pages, "pages leaked at idle"
+
+
+def test_prompt_logprobs_from_a_start_reuse_the_cached_stem(llama_dir, hf_llama):
+    eng = Engine(str(llama_dir), page_size=16, kv_cache_tokens=2048, debug_invariants=True)
+    prompt = shared_prompt_batch(17, n=1, stem=70)[0]
+    eng.generate([prompt[:64]], SamplingParams(temperature=0, max_new_tokens=1))  # cache a stem
+    start = 50
+    out = eng.generate([prompt], SamplingParams(temperature=0, max_new_tokens=1, prompt_logprobs=True,
+                                                logprob_start_len=start))[0]
+    assert out.cached_tokens == 48  # page-aligned and below start - 1 = 49
+    with torch.no_grad():
+        ref = torch.log_softmax(hf_llama(torch.tensor([prompt])).logits[0].float(), dim=-1)
+    lps = out.prompt_logprobs
+    assert lps is not None and len(lps) == len(prompt)
+    assert all(v is None for v in lps[: out.cached_tokens + 1])
+    for k in range(start, len(prompt)):
+        assert lps[k] == pytest.approx(ref[k - 1, prompt[k]].item(), abs=1e-4)
+
+
+def test_overlap_schedule_stops_like_the_synchronous_one(llama_dir):
+    """With overlap, a step is launched before the previous one's tokens are read; stop tokens,
+    stop strings, length limits and aborts must still end sequences at exactly the same token."""
+    prompts = shared_prompt_batch(23, n=6)
+    base = Engine(str(llama_dir), page_size=16, kv_cache_tokens=4096, overlap_schedule=False)
+    free = base.generate(prompts, SamplingParams(temperature=0, max_new_tokens=16, ignore_eos=True))
+    stop_ids = [o.token_ids[3] for o in free]
+    ovl = Engine(str(llama_dir), page_size=16, kv_cache_tokens=4096, overlap_schedule=True,
+                 debug_invariants=True)
+    varied = [SamplingParams(temperature=0, max_new_tokens=5 + i, stop_token_ids=[stop_ids[i]])
+              for i in range(len(prompts))]
+    for eng in (base, ovl):
+        outs = eng.generate(prompts, varied)
+        for i, (o, f) in enumerate(zip(outs, free)):
+            cut = min(f.token_ids.index(stop_ids[i]), 5 + i)
+            assert o.token_ids == f.token_ids[:cut]
+            assert o.finish_reason == ("stop" if cut < 5 + i else "length")
+        _assert_idle_clean(eng)
+    # A seeded sampled run is identical with and without overlap.
+    seeded = SamplingParams(temperature=0.8, top_p=0.9, seed=5, max_new_tokens=12, ignore_eos=True)
+    assert [o.token_ids for o in base.generate(prompts, seeded)] == [
+        o.token_ids for o in ovl.generate(prompts, seeded)
+    ]

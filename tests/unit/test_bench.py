@@ -9,7 +9,12 @@ import pytest
 
 from bench import floor as fl
 from bench.metrics import (
-    RequestRecord, compute_metrics, hit_rate, optimal_hit_rate, optimal_hits, records_stream,
+    RequestRecord,
+    compute_metrics,
+    hit_rate,
+    optimal_hit_rate,
+    optimal_hits,
+    records_stream,
     ttft_by_turn,
 )
 from bench.workloads import WORKLOADS, expected_stream, make_workload
@@ -50,7 +55,7 @@ def test_chat_history_grows_with_outputs() -> None:
     assert w.multi_turn and w.num_requests == 6
     stream = expected_stream(w)
     # turn-major: conv0 t0, conv1 t0, conv0 t1, ...
-    (p00, o00), (p10, _), (p01, _) = stream[0], stream[1], stream[2]
+    (p00, o00), (p01, _) = stream[0], stream[2]
     assert p01[: len(p00)] == p00, "turn 2 resends turn 1's prompt"
     assert len(p01) == len(p00) + o00 + len(w.conversations[0].turns[1].input_ids)
     assert all(4 <= t.max_new_tokens <= 8 for c in w.conversations for t in c.turns), "short outputs"

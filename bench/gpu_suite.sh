@@ -1,0 +1,65 @@
+#!/usr/bin/env bash
+# The GPU benchmark suite in one device call (< 10 min on one H100): Llama-3-8B shape, random
+# weights, all five workloads, cache on / cache off / HF transformers baseline, hardware floors.
+# Everything lands in $OUT (else bench/results/gpu): per-run JSON, summary.md, PNG plots, logs.
+#
+#   bash bench/gpu_suite.sh                  # from the repo root, on the GPU machine
+#
+# Needs sortedcontainers (not in the GPU image): on the CPU side run
+#   ../shared/device/wheels.sh sortedcontainers
+# and carry .whl; this script installs it. Offline mode needs nothing from radixrt.server.
+#
+# Sizes (documented knob: SCALE multiplies every request count below; LEN_SCALE every length):
+#   gsp      8 groups x 16 prompts, system 2048 + question 128, output 256   (scale 0.125)
+#   chat     32 conversations x 8 turns, input 256-512, output 4-8           (scale 1)
+#   rag      128 questions over 8 documents of 1024 (Zipf 1.1), output 128   (scale 0.25)
+#   fewshot  256 questions after a 5 x 160-token header, output 8            (scale 0.25)
+#   random   128 sequences, input and output uniform in 50-512               (scale 0.5, len 0.5)
+# MODEL / DEVICE / DTYPE / KV_TOKENS override the model and device (a CPU dry run of this script:
+#   MODEL=llama-tiny DEVICE=cpu DTYPE=float32 SCALE=0.1 LEN_SCALE=0.05 bash bench/gpu_suite.sh).
+# The floors in the report are computed for exactly these sizes. Each process has a timeout and
+# a deadline after which it starts no new run, so a slow engine yields a partial report, not none.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT="${OUT:-bench/results/gpu}"
+mkdir -p "$OUT"
+PY="${PYTHON:-python3}"
+unset TRITON_INTERPRET
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+
+if ls .whl/*.whl >/dev/null 2>&1; then
+  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target /tmp/site .whl/*.whl && export PYTHONPATH="/tmp/site:$PYTHONPATH"
+fi
+"$PY" -c "import sortedcontainers" 2>/dev/null || {
+  echo "sortedcontainers is missing: run ../shared/device/wheels.sh sortedcontainers and carry .whl"
+  exit 2
+}
+
+S="${SCALE:-1}"
+L="${LEN_SCALE:-1}"
+mul() { "$PY" -c "print($1 * $2)"; }
+COMMON=(
+  --workload gsp,chat,rag,fewshot,random --model "${MODEL:-llama3-8b}" --load-format dummy
+  --device "${DEVICE:-cuda}" --dtype "${DTYPE:-bfloat16}" --kv-cache-tokens "${KV_TOKENS:-262144}" --max-running-requests 256 --page-size 16
+  --scale "$(mul 0.25 "$S")" --len-scale "$L"
+  --workload-scale "gsp=$(mul 0.125 "$S")" --workload-scale "chat=$(mul 1 "$S")"
+  --workload-scale "random=$(mul 0.5 "$S")" --workload-len-scale "random=$(mul 0.5 "$L")"
+  --out "$OUT" --no-progress
+)
+
+{
+  nvidia-smi --query-gpu=name,memory.total,clocks.max.sm,power.limit --format=csv 2>/dev/null ||
+    echo "no nvidia-smi"
+  "$PY" -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"
+} 2>&1 | tee "$OUT/gpu_info.txt"
+
+# One process per variant: each starts with a clean GPU (no leftovers from the previous engine).
+timeout -k 10 190 "$PY" bench/run_bench.py "${COMMON[@]}" --variants radix --tag radix \
+  --deadline-s 150 2>&1 | tee "$OUT/radix.log"
+timeout -k 10 190 "$PY" bench/run_bench.py "${COMMON[@]}" --variants nocache --tag nocache \
+  --deadline-s 150 2>&1 | tee "$OUT/nocache.log"
+timeout -k 10 110 "$PY" bench/run_bench.py "${COMMON[@]}" --variants hf --tag hf \
+  --hf-batch-size 32 --hf-max-requests 64 --deadline-s 80 2>&1 | tee "$OUT/hf.log"
+"$PY" bench/run_bench.py --report-only --out "$OUT" 2>&1 | tee "$OUT/report.log"
+ls -la "$OUT"

@@ -108,22 +108,21 @@ def run_decode(eng: Engine, nums: dict[str, float], ceil: dict[str, float], args
     while any(s.in_prefill for s in core.scheduler.running) or core.scheduler.waiting:
         core.step()
     timer = GpuTimer(core.runner)
-    walls = []
+    # No sync inside the loop: with overlap, step N+1 is queued before step N's tokens are read.
+    torch.cuda.synchronize()
+    t = time.perf_counter()
     for _ in range(steps):
-        torch.cuda.synchronize()
-        t = time.perf_counter()
         core.step()
-        torch.cuda.synchronize()
-        walls.append((time.perf_counter() - t) * 1e3)
+    torch.cuda.synchronize()
+    wall_ms = (time.perf_counter() - t) * 1e3 / steps
     gpu = timer.gpu_ms()
     core.runner.forward = timer.inner
     while core.has_work():
         core.step()
-    walls, gpu = walls[4:], gpu[4:]
     kv_read = batch * (ctx + steps / 2) * nums["kv_bytes_per_token"]
     floor_ms = (nums["weight_bytes"] + kv_read) / ceil["copy_bw_Bps"] * 1e3
-    step = sorted(walls)[len(walls) // 2]
-    g = sorted(gpu)[len(gpu) // 2]
+    step = wall_ms
+    g = sum(gpu) / len(gpu)
     return {"decode_step_ms": step, "decode_gpu_ms": g, "decode_idle_ms": step - g,
             "decode_floor_ms": floor_ms, "decode_vs_floor": step / floor_ms}
 
@@ -168,24 +167,44 @@ def run_e2e(eng: Engine, nums: dict[str, float], ceil: dict[str, float], args: M
 
 
 def run_agree(eng: Engine, args: ModelArgs) -> dict[str, Any]:
+    """Cache on vs off at equal batch composition (the same engine with the tree switched off).
+
+    Where greedy tokens diverge, the step's top-2 logprobs tell whether it was a near-tie that
+    bf16 rounding may flip (a gap under ``TIE``) or a real disagreement."""
+    tie = 0.05
     rng = random.Random(5)
     stems = rand_prompts(8, 256, args.vocab_size, 9)
     prompts = [stems[g] + [rng.randrange(10, args.vocab_size - 10) for _ in range(64)]
                for g in range(8) for _ in range(8)]
-    p = SamplingParams(temperature=0, max_new_tokens=64, ignore_eos=True, logprobs=True)
+    p = SamplingParams(temperature=0, max_new_tokens=64, ignore_eos=True, logprobs=True,
+                       top_logprobs=2)
+    cache = eng.core.scheduler.memory.cache
     eng.flush_cache()
     on = eng.generate(prompts, p)
     hits = sum(o.cached_tokens for o in on)
-    eng_off = eng  # same weights; cache off by flushing between single requests
-    off = []
-    for pr in prompts:
-        eng_off.flush_cache()
-        off.append(eng_off.generate([pr], p)[0])
+    eng.flush_cache()
+    cache.enabled = False
+    try:
+        off = eng.generate(prompts, p)
+    finally:
+        cache.enabled = True
     same = sum(a.token_ids == b.token_ids for a, b in zip(on, off))
-    lp_err = max(abs(x - y) for a, b in zip(on, off) for x, y in zip(a.logprobs or [], b.logprobs or [])
-                 if a.token_ids == b.token_ids)
+    ties, lp_diffs, first_div = 0, [], []
+    for a, b in zip(on, off):
+        d = next((i for i, (x, y) in enumerate(zip(a.token_ids, b.token_ids)) if x != y), None)
+        upto = len(a.token_ids) if d is None else d
+        lp_diffs += [abs(x - y) for x, y in zip((a.logprobs or [])[:upto], (b.logprobs or [])[:upto])]
+        if d is not None:
+            first_div.append(d)
+            top = (a.outputs[0].top_logprobs or [])[d]
+            if len(top) == 2 and abs(top[0][1] - top[1][1]) < tie:
+                ties += 1
+    n_div = len(prompts) - same
     return {"agree_identical_frac": same / len(prompts), "agree_cached_tokens": hits,
-            "agree_max_logprob_diff_identical": lp_err}
+            "agree_divergences": n_div, "agree_divergences_at_near_ties": ties,
+            "agree_median_first_divergence": sorted(first_div)[len(first_div) // 2] if first_div else None,
+            "agree_max_logprob_diff_before_divergence": max(lp_diffs) if lp_diffs else 0.0,
+            "agree_mean_logprob_diff_before_divergence": sum(lp_diffs) / max(len(lp_diffs), 1)}
 
 
 def run_hf(args_cfg: dict[str, Any], ceil: dict[str, float]) -> dict[str, Any]:

@@ -100,7 +100,7 @@ def build_forward_batch(
         )
 
     def dev(x: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
-        return torch.from_numpy(np.ascontiguousarray(x)).to(device=device, dtype=dtype)
+        return host_to_device(x, dtype, device)
 
     extend_list = extend.tolist()
     return ForwardBatch(
@@ -119,3 +119,15 @@ def build_forward_batch(
         extend_lens_cpu=extend_list,
         prefix_lens_cpu=list(prefix_lens),
     )
+
+
+def host_to_device(x: np.ndarray | list[int], dtype: torch.dtype, device: torch.device | str) -> torch.Tensor:
+    """Copy host data to ``device`` without making the host wait for queued GPU work.
+
+    A plain copy from pageable memory synchronizes with the stream, which would stall the
+    overlapped scheduler behind the running step; pinned memory + non_blocking does not.
+    """
+    t = torch.as_tensor(np.asarray(x)).to(dtype)
+    if torch.device(device).type != "cuda":
+        return t
+    return t.pin_memory().to(device, non_blocking=True)

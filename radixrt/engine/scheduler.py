@@ -22,6 +22,7 @@ import torch
 from radixrt.cache.page_table import SequencePages
 from radixrt.config import EngineConfig
 from radixrt.engine import results, step_builder
+from radixrt.engine.batch import host_to_device
 from radixrt.engine.budget import PrefillBudget
 from radixrt.engine.inbatch import InBatchPrefixes
 from radixrt.engine.memory import SequenceMemory
@@ -171,7 +172,7 @@ class Scheduler:
         for seq in seqs:
             if not self.memory.grow(seq, seq.kv_len + 1):
                 return None
-        index = torch.tensor(rows, device=prev.pending.tokens.device)
+        index = host_to_device(rows, torch.int64, prev.pending.tokens.device)
         batch = step_builder.build_decode_continuation(
             seqs, self.page_size, self.runner.device, prev.pending.tokens[index]
         )

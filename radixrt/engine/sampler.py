@@ -20,7 +20,7 @@ from __future__ import annotations
 import itertools
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -68,14 +68,45 @@ class PendingSample:
     top_values: torch.Tensor | None = None  # [B, kmax]
     top_ids: torch.Tensor | None = None  # [B, kmax]
 
+    _ready: torch.cuda.Event | None = None
+    _host: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def start_copy(self) -> None:
+        """Queue the device-to-host copies now, right behind the draw, and mark them with an
+        event: ``resolve`` then waits for this step only, not for a later step queued behind
+        it on the same stream (the overlapped scheduler launches step N+1 before resolving N).
+        ``tokens`` stays on the device, where the next step reads it."""
+        if self.tokens.device.type != "cuda":
+            return
+        for name in ("tokens", "chosen_logprobs", "top_values", "top_ids"):
+            t = getattr(self, name)
+            if t is not None:
+                host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+                host.copy_(t, non_blocking=True)
+                self._host[name] = host
+        self._ready = torch.cuda.Event()
+        self._ready.record()
+
+    def _get(self, name: str) -> torch.Tensor | None:
+        return self._host.get(name, getattr(self, name))
+
     def resolve(self) -> SampleOutput:
-        """Copy to the host (the one sync of a step)."""
+        """The host values (the one wait of a step)."""
+        if self._ready is not None:
+            self._ready.synchronize()
         out_top: list[list[tuple[int, float]]] | None = None
-        if self.top_values is not None and self.top_ids is not None:
-            vals, ids = self.top_values.tolist(), self.top_ids.tolist()
+        top_values, top_ids = self._get("top_values"), self._get("top_ids")
+        if top_values is not None and top_ids is not None:
+            vals, ids = top_values.tolist(), top_ids.tolist()
             out_top = [list(zip(ids[b][:k], vals[b][:k])) for b, k in enumerate(self.top_k)]
-        out_lp = self.chosen_logprobs.tolist() if self.chosen_logprobs is not None else None
-        return SampleOutput(token_ids=self.tokens.tolist(), logprobs=out_lp, top_logprobs=out_top)
+        chosen = self._get("chosen_logprobs")
+        tokens = self._get("tokens")
+        assert tokens is not None, "a pending sample always has tokens"
+        return SampleOutput(
+            token_ids=tokens.tolist(),
+            logprobs=chosen.tolist() if chosen is not None else None,
+            top_logprobs=out_top,
+        )
 
 
 def _col(values: list[float], like: torch.Tensor) -> torch.Tensor:
@@ -130,6 +161,7 @@ class Sampler:
                 pending.top_values, pending.top_ids = logprobs.topk(
                     min(kmax, logprobs.shape[1]), dim=-1
                 )  # [B, k]
+        pending.start_copy()
         return pending
 
     def prompt_logprobs(self, logits: torch.Tensor, next_tokens: torch.Tensor) -> list[float]:

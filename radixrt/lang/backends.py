@@ -75,7 +75,11 @@ class Backend(Protocol):
 
     def stream(self, prompt: str, params: GenParams) -> Iterator[GenChunk]: ...
 
-    def prompt_logprobs(self, prompts: Sequence[str]) -> list[PromptScores]: ...
+    def prompt_logprobs(self, prompts: Sequence[str],
+                        logprob_start_len: int = 0) -> list[PromptScores]:
+        """Score each prompt's tokens at index >= ``logprob_start_len``; earlier tokens may be
+        served from the prefix cache (their logprobs None). The prompts stay cached."""
+        ...
 
     def cache_prefix(self, prompt: str) -> GenResult: ...
 
@@ -179,10 +183,12 @@ class EngineBackend:
             raise BackendError("the engine aborted the request")
         yield GenChunk("", GenResult(text, n_prompt, cached, n_out, finish))
 
-    def prompt_logprobs(self, prompts: Sequence[str]) -> list[PromptScores]:
+    def prompt_logprobs(self, prompts: Sequence[str],
+                        logprob_start_len: int = 0) -> list[PromptScores]:
         from radixrt.sampling_params import SamplingParams
 
-        sp = SamplingParams(max_new_tokens=1, temperature=0.0, prompt_logprobs=True)
+        sp = SamplingParams(max_new_tokens=1, temperature=0.0, prompt_logprobs=True,
+                            logprob_start_len=logprob_start_len)
         outs = self._run([(p, sp) for p in prompts])
         scores = []
         for out in outs:

@@ -107,10 +107,12 @@ class RuntimeEndpoint:
             raise BackendError("the server closed the stream without a result")
         yield GenChunk("", _result(last))
 
-    def prompt_logprobs(self, prompts: Sequence[str]) -> list[PromptScores]:
+    def prompt_logprobs(self, prompts: Sequence[str],
+                        logprob_start_len: int = 0) -> list[PromptScores]:
         def one(text: str) -> PromptScores:
             out = self._post({"text": text, "sampling_params": {
-                "max_new_tokens": 1, "temperature": 0.0, "prompt_logprobs": True}})
+                "max_new_tokens": 1, "temperature": 0.0, "prompt_logprobs": True,
+                "logprob_start_len": logprob_start_len}})
             meta = out.get("meta_info", {})
             rows = meta.get("input_token_logprobs")
             if rows is None:

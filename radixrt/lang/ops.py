@@ -8,7 +8,14 @@ from dataclasses import dataclass, fields
 from typing import TYPE_CHECKING, Union
 
 from radixrt.lang.backends import GenParams
-from radixrt.lang.scoring import CHOICES_METHODS, pick
+from radixrt.lang.scoring import (
+    CACHE_ONLY_START,
+    CHOICES_METHODS,
+    choice_start,
+    lacks_choice_logprobs,
+    pick,
+    scoring_start,
+)
 
 if TYPE_CHECKING:
     from radixrt.lang.state import ProgramState
@@ -86,16 +93,26 @@ class Select(Expr):
         stem = s.text()
         if not stem:
             raise ValueError("select needs a non-empty prompt before it")
-        # The stem goes in the same batch: its ids locate each choice's tokens, and (once the
-        # engine serves prompt logprobs over cached prefixes) its pages are computed once.
-        scored = s.backend.prompt_logprobs([stem] + [stem + c for c in self.choices])
-        res = pick(scored[0].token_ids, self.choices, scored[1:], self.choices_method)
+        # The stem first, alone: its ids locate each choice's tokens, and it is left in the
+        # prefix cache so the choices below compute only their last few stem tokens.
+        (stem_scores,) = s.backend.prompt_logprobs([stem], logprob_start_len=CACHE_ONLY_START)
+        stem_ids = stem_scores.token_ids
+        fulls = [stem + c for c in self.choices]
+        scored = s.backend.prompt_logprobs(fulls, logprob_start_len=scoring_start(len(stem_ids)))
+        # A boundary merge reaching past the margin left choice tokens unscored: redo those
+        # from where the choice starts (rare; still a cache hit up to there).
+        for i, c in enumerate(self.choices):
+            if lacks_choice_logprobs(stem_ids, scored[i], c):
+                start = choice_start(stem_ids, scored[i], c)
+                (scored[i],) = s.backend.prompt_logprobs([fulls[i]], logprob_start_len=start)
+        res = pick(stem_ids, self.choices, scored, self.choices_method)
         choice = self.choices[res.best]
         s._append(choice)
         s._record(self.name, choice, {
             "normalized_prompt_logprobs": res.normalized, "sum_logprobs": res.sums,
             "num_tokens": res.num_tokens, "cached_tokens": res.cached_tokens,
-            "prompt_tokens": [x.prompt_tokens for x in scored[1:]]})
+            "prompt_tokens": [x.prompt_tokens for x in scored],
+            "stem_tokens": len(stem_ids)})
 
 
 @dataclass(frozen=True)

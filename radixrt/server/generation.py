@@ -13,6 +13,7 @@ import asyncio
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from typing import Any
 
 from radixrt.sampling_params import SamplingParams
 from radixrt.server.engine_client import (
@@ -65,6 +66,9 @@ class _Seq:
 class _Sub:
     state: RequestState
     seqs: list[_Seq]
+    prompt_ids: list[int]
+    # Entry k scores prompt_ids[k] (None where not computed); every sample carries a copy.
+    prompt_logprobs: list[float | None] | None = None
     prompt_tokens: int = 0
     cached_tokens: int = 0
     last_time: float | None = None
@@ -81,13 +85,15 @@ class Generation:
         self.queue: asyncio.Queue[Event] = asyncio.Queue()
         self.usage = Usage()
         self.subs: dict[str, _Sub] = {}
+        self._choice_subs: list[_Sub] = []  # choice i -> the engine request serving it
         try:
             for p_idx, ids in enumerate(prompts):
                 st = client.submit(ids, params, namespace, self.queue, t_arrival)
                 seqs = [_Seq(p_idx * params.n + i, IncrementalDetokenizer(
                     codec.tokenizer, params.skip_special_tokens, params.stop,
                     context_token_ids=ids[-5:])) for i in range(params.n)]
-                self.subs[st.rid] = _Sub(st, seqs)
+                self.subs[st.rid] = _Sub(st, seqs, list(ids))
+                self._choice_subs.extend([self.subs[st.rid]] * params.n)
         except APIError:
             self.close()
             raise
@@ -95,6 +101,14 @@ class Generation:
     @property
     def num_choices(self) -> int:
         return sum(len(s.seqs) for s in self.subs.values())
+
+    def input_token_logprobs(self, choice: int) -> list[list[Any]] | None:
+        """``[[logprob_or_None, token_id], ...]``, one row per prompt token of ``choice``
+        (SGLang's layout); None until the engine has sent the prompt logprobs."""
+        sub = self._choice_subs[choice]
+        if sub.prompt_logprobs is None:
+            return None
+        return [[lp, tok] for lp, tok in zip(sub.prompt_logprobs, sub.prompt_ids)]
 
     def close(self) -> None:
         """Abort every engine request still open (synchronous: safe in a cancelled task)."""
@@ -121,6 +135,11 @@ class Generation:
 
     def _on_delta(self, d: DeltaMsg) -> ChoiceUpdate | None:
         sub = self.subs.get(d.rid)
+        if sub is not None and d.prompt_logprobs is not None:
+            assert len(d.prompt_logprobs) == len(sub.prompt_ids), (
+                f"{d.rid}: {len(d.prompt_logprobs)} prompt logprobs for "
+                f"{len(sub.prompt_ids)} prompt tokens")
+            sub.prompt_logprobs = d.prompt_logprobs
         if sub is None or not 0 <= d.index < len(sub.seqs) or not sub.seqs[d.index].open:
             return None  # tokens after a stop string, or the abort that followed it
         now = time.monotonic()

@@ -120,17 +120,19 @@ class Responder:
                        for i in range(n)]
             return {"id": self.id, "object": "text_completion", "created": self.created,
                     "model": self.ctx.model_name, "choices": choices, "usage": usage}
-        outs = [self._native(i, usage) for i in range(n)]
+        outs = [self._native(i, usage, final=True) for i in range(n)]
         return outs[0] if n == 1 else outs
 
-    def _native(self, i: int, usage: dict[str, Any]) -> dict[str, Any]:
-        return {"text": self.texts[i], "output_ids": self.ids[i],
-                "meta_info": {"id": self.id, "finish_reason": {"type": self.finish[i],
-                                                               "matched": self.matched[i]},
-                              "prompt_tokens": usage["prompt_tokens"],
-                              "completion_tokens": len(self.ids[i]),
-                              "cached_tokens": usage["prompt_tokens_details"]["cached_tokens"],
-                              "e2e_latency": time.monotonic() - self.gen.t_arrival}}
+    def _native(self, i: int, usage: dict[str, Any], final: bool) -> dict[str, Any]:
+        meta: dict[str, Any] = {
+            "id": self.id, "finish_reason": {"type": self.finish[i], "matched": self.matched[i]},
+            "prompt_tokens": usage["prompt_tokens"], "completion_tokens": len(self.ids[i]),
+            "cached_tokens": usage["prompt_tokens_details"]["cached_tokens"],
+            "e2e_latency": time.monotonic() - self.gen.t_arrival}
+        if final and self.job.params.prompt_logprobs:
+            # Sent once, on the last event: the rows are as long as the prompt.
+            meta["input_token_logprobs"] = self.gen.input_token_logprobs(i)
+        return {"text": self.texts[i], "output_ids": self.ids[i], "meta_info": meta}
 
     # ---------------------------------------------------------------- streaming
     def chunk(self, u: ChoiceUpdate, first: bool) -> dict[str, Any] | None:
@@ -138,7 +140,9 @@ class Responder:
         if self.job.kind == "generate":
             if not u.text and u.finish_reason is None and not first:
                 return None
-            return self._native(u.choice, self.gen.usage.as_dict())  # cumulative, like SGLang
+            # Cumulative, like SGLang.
+            return self._native(u.choice, self.gen.usage.as_dict(),
+                                final=u.finish_reason is not None)
         if self.job.kind == "chat":
             delta: dict[str, Any] = {"content": u.text}
             if first:

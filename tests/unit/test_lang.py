@@ -22,7 +22,13 @@ from radixrt.lang import (
     user,
     user_end,
 )
-from radixrt.lang.scoring import PromptScores, common_prefix_len, pick
+from radixrt.lang.scoring import (
+    BOUNDARY_MARGIN,
+    CACHE_ONLY_START,
+    PromptScores,
+    common_prefix_len,
+    pick,
+)
 
 PAGE = 16
 GREEDY = SamplingParams(max_new_tokens=6, temperature=0)
@@ -50,6 +56,10 @@ def test_pick_scores_only_the_choice_tokens_after_a_boundary_merge() -> None:
     assert tie.best == 0, "ties go to the first choice"
     with pytest.raises(ValueError, match="adds no tokens"):
         pick(stem, ["?"], [PromptScores(stem, [None, -1.0, -1.0, -1.0], 4, 0)])
+    # A choice token served from the cache (no logprob) must never be scored as if it had one.
+    cached = PromptScores([5, 6, 7, 40, 41], [None, None, None, None, -4.0], 5, 0)
+    with pytest.raises(AssertionError, match=r"prompt tokens \[3\] have no logprob"):
+        pick(stem, ["Xy"], [cached])
 
 
 def test_chat_template_roles_match_apply_chat_template(engine: Engine) -> None:
@@ -129,6 +139,73 @@ def test_select_picks_highest_normalized_logprob(engine: Engine, backend: Engine
     assert state.text() == stem + choices[best]
     got = state.get_meta_info("city")["normalized_prompt_logprobs"]
     assert got == pytest.approx(means, abs=1e-4)
+
+
+LONG_STEM = "A radix tree shares common prefixes, so cached pages can be reused. " * 3
+
+
+class RecordingBackend(EngineBackend):
+    """Records prompt_logprobs calls; can blank a choice's first logprob, as if a boundary
+    merge had reached into the part of the stem served from the cache."""
+
+    def __init__(self, engine: Engine, blank_first_choice: bool = False) -> None:
+        super().__init__(engine)
+        self.calls: list[tuple[int, int]] = []  # (number of prompts, logprob_start_len)
+        self.blank = blank_first_choice
+
+    def prompt_logprobs(self, prompts: Any, logprob_start_len: int = 0) -> list[PromptScores]:
+        self.calls.append((len(prompts), logprob_start_len))
+        out = super().prompt_logprobs(prompts, logprob_start_len)
+        if self.blank and len(prompts) > 1:
+            self.blank = False
+            x = out[0]
+            lps = x.logprobs[:-1] + [None]  # the last token is inside the choice
+            out[0] = PromptScores(x.token_ids, lps, x.prompt_tokens, x.cached_tokens)
+        return out
+
+
+@function
+def long_judge(s: ProgramState) -> None:
+    s += LONG_STEM + "Is that true? Answer:"
+    s += select("yn", choices=[" yes", " no", " it depends"])
+
+
+def test_select_scores_choices_over_the_cached_stem(engine: Engine) -> None:
+    engine.flush_cache()
+    rec = RecordingBackend(engine)
+    state = long_judge.run(backend=rec)
+    meta = state.get_meta_info("yn")
+    n_stem = meta["stem_tokens"]
+    assert n_stem == len(engine.encode(LONG_STEM + "Is that true? Answer:")) > 3 * PAGE
+    # The stem alone (only cached), then all choices scored from a few tokens before its end.
+    assert rec.calls == [(1, CACHE_ONLY_START), (3, n_stem - BOUNDARY_MARGIN)]
+    # Each choice computed only its last stem tokens: the cache covers the pages before
+    # logprob_start_len - 1 (row start - 1 scores token start).
+    floor = (n_stem - BOUNDARY_MARGIN - 1) // PAGE * PAGE
+    assert floor >= n_stem // PAGE * PAGE - PAGE
+    assert all(c >= floor for c in meta["cached_tokens"]), meta["cached_tokens"]
+    # Scores equal a full, uncached scoring of each stem + choice.
+    stem_ids = engine.encode(LONG_STEM + "Is that true? Answer:")
+    for c, got in zip([" yes", " no", " it depends"], meta["normalized_prompt_logprobs"]):
+        engine.flush_cache()
+        out = engine.generate(LONG_STEM + "Is that true? Answer:" + c, SamplingParams(
+            max_new_tokens=1, temperature=0, prompt_logprobs=True))[0]
+        assert out.cached_tokens == 0 and out.prompt_logprobs is not None
+        lps = out.prompt_logprobs[common_prefix_len(stem_ids, out.prompt_token_ids):]
+        assert got == pytest.approx(sum(float(x) for x in lps if x is not None) / len(lps),
+                                    abs=1e-4)
+
+
+def test_select_rescores_a_choice_whose_tokens_came_back_unscored(engine: Engine) -> None:
+    plain = long_judge.run(backend=EngineBackend(engine))
+    rec = RecordingBackend(engine, blank_first_choice=True)
+    state = long_judge.run(backend=rec)
+    n_stem = state.get_meta_info("yn")["stem_tokens"]
+    # The blanked choice is scored again, alone, from where its tokens start.
+    assert rec.calls[2:] == [(1, n_stem)]
+    assert state["yn"] == plain["yn"]
+    assert state.get_meta_info("yn")["normalized_prompt_logprobs"] == pytest.approx(
+        plain.get_meta_info("yn")["normalized_prompt_logprobs"], abs=1e-4)
 
 
 def test_fork_branches_hit_the_cached_stem(engine: Engine, backend: EngineBackend) -> None:

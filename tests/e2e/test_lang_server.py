@@ -20,6 +20,7 @@ from radixrt.lang import (
     system,
     user,
 )
+from radixrt.lang.scoring import BOUNDARY_MARGIN
 from tests.e2e.conftest import API_KEY, Server
 
 PAGE = 16
@@ -103,6 +104,29 @@ def test_select_over_http_matches_in_process(http: RuntimeEndpoint, local: Engin
     assert remote["yn"] == here["yn"]
     assert remote.get_meta_info("yn")["normalized_prompt_logprobs"] == pytest.approx(
         here.get_meta_info("yn")["normalized_prompt_logprobs"], abs=1e-3)
+
+
+def test_select_over_http_serves_the_stem_from_cache(http: RuntimeEndpoint,
+                                                     local: EngineBackend) -> None:
+    question = STEM + "Does a radix tree share prefixes? Answer:"
+
+    @function
+    def judge(s: ProgramState) -> None:
+        s += question
+        s += select("yn", choices=[" yes", " no", " it depends"])
+
+    remote, here = judge.run(backend=http), judge.run(backend=local)
+    assert remote["yn"] == here["yn"]
+    assert remote.get_meta_info("yn")["normalized_prompt_logprobs"] == pytest.approx(
+        here.get_meta_info("yn")["normalized_prompt_logprobs"], abs=1e-3)
+    meta = remote.get_meta_info("yn")
+    n_stem = meta["stem_tokens"]
+    assert n_stem == len(local.engine.encode(question)) > 3 * PAGE
+    # Every choice request computed only the stem's tail: the server served the pages before
+    # logprob_start_len - 1 = n_stem - BOUNDARY_MARGIN - 1 from its cache.
+    floor = (n_stem - BOUNDARY_MARGIN - 1) // PAGE * PAGE
+    assert floor >= n_stem // PAGE * PAGE - PAGE
+    assert all(c >= floor for c in meta["cached_tokens"]), (meta["cached_tokens"], n_stem)
 
 
 def test_server_errors_are_raised_naming_the_call(http: RuntimeEndpoint) -> None:

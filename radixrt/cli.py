@@ -37,6 +37,13 @@ def add_serve_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--attention-backend", default=None)
     ap.add_argument("--seed", type=int, default=None)
     ap.add_argument("--debug-invariants", action="store_const", const=True, default=None)
+    ap.add_argument("--mem-fraction", type=float, default=None,
+                    help="share of GPU memory for weights + KV pool (the KV pool gets what is free)")
+    ap.add_argument("--disable-cuda-graph", action="store_const", const=True, default=None)
+    ap.add_argument("--cuda-graph-max-batch", type=int, default=None)
+    ap.add_argument("--disable-overlap", action="store_const", const=False, default=None,
+                    dest="overlap_schedule",
+                    help="read each step's tokens before launching the next (default on CUDA: overlap)")
 
 
 def config_from_args(args: argparse.Namespace) -> ServerConfig:

@@ -34,6 +34,10 @@ _ENGINE_FIELDS = (
     "debug_invariants",
     "attention_backend",
     "max_context_len",
+    "mem_fraction",
+    "disable_cuda_graph",
+    "cuda_graph_max_batch",
+    "overlap_schedule",
 )
 
 
@@ -67,6 +71,10 @@ class ServerConfig:
     debug_invariants: bool | None = None
     attention_backend: str | None = None
     max_context_len: int | None = None
+    mem_fraction: float | None = None
+    disable_cuda_graph: bool | None = None
+    cuda_graph_max_batch: int | None = None
+    overlap_schedule: bool | None = None
 
     def __post_init__(self) -> None:
         try:

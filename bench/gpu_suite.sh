@@ -57,11 +57,13 @@ COMMON=(
 # One process per variant: each starts with a clean GPU (no leftovers from the previous engine).
 # Per-process limits (seconds), overridable when the suite shares a device call with other work.
 T_RADIX="${T_RADIX:-190}"; T_NOCACHE="${T_NOCACHE:-190}"; T_HF="${T_HF:-110}"
-timeout -k 10 "$T_RADIX" "$PY" bench/run_bench.py "${COMMON[@]}" --variants radix --tag radix \
+# ONLY="hf" (or "radix nocache", ...) runs just those processes, adding to the runs in $OUT.
+want() { [[ " ${ONLY:-radix nocache hf} " == *" $1 "* ]]; }
+want radix && timeout -k 10 "$T_RADIX" "$PY" bench/run_bench.py "${COMMON[@]}" --variants radix --tag radix \
   --deadline-s $((T_RADIX - 40)) 2>&1 | tee "$OUT/radix.log"
-timeout -k 10 "$T_NOCACHE" "$PY" bench/run_bench.py "${COMMON[@]}" --variants nocache --tag nocache \
+want nocache && timeout -k 10 "$T_NOCACHE" "$PY" bench/run_bench.py "${COMMON[@]}" --variants nocache --tag nocache \
   --deadline-s $((T_NOCACHE - 40)) 2>&1 | tee "$OUT/nocache.log"
-timeout -k 10 "$T_HF" "$PY" bench/run_bench.py "${COMMON[@]}" --variants hf --tag hf \
+want hf && timeout -k 10 "$T_HF" "$PY" bench/run_bench.py "${COMMON[@]}" --variants hf --tag hf \
   --hf-batch-size 32 --hf-max-requests 64 --deadline-s $((T_HF - 30)) 2>&1 | tee "$OUT/hf.log"
 "$PY" bench/run_bench.py --report-only --out "$OUT" 2>&1 | tee "$OUT/report.log"
 ls -la "$OUT"

@@ -18,6 +18,10 @@ if TYPE_CHECKING:
 
 
 class AttentionBackend(ABC):
+    # Whether a decode step can be captured in a CUDA graph (prepare() touches host state only
+    # and forward() reads fixed device buffers).
+    supports_cuda_graph = True
+
     def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float) -> None:
         assert num_heads % num_kv_heads == 0, "query heads must be a multiple of KV heads (GQA)"
         self.num_heads = num_heads

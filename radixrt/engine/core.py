@@ -88,7 +88,7 @@ class EngineCore:
         backend = make_attention_backend(
             config.attention_backend, device, num_heads=args.num_heads,
             num_kv_heads=args.num_kv_heads, head_dim=args.head_dim,
-            max_batch=config.max_running_requests,
+            max_batch=config.max_running_requests, dtype=config.torch_dtype,
         )
         max_context = config.max_context_len or args.max_position_embeddings
         use_graphs = device.type == "cuda" and not config.disable_cuda_graph

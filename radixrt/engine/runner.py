@@ -16,7 +16,7 @@ logger = logging.getLogger(__name__)
 
 def make_attention_backend(
     name: str, device: torch.device, *, num_heads: int, num_kv_heads: int, head_dim: int,
-    max_batch: int,
+    max_batch: int, dtype: torch.dtype,
 ) -> AttentionBackend:
     scale = head_dim**-0.5
     if name == "auto":
@@ -31,9 +31,10 @@ def make_attention_backend(
         return TritonAttentionBackend(num_heads, num_kv_heads, head_dim, scale, device=device,
                                       max_batch_size=max(max_batch, 1))
     if name == "flashinfer":
-        from radixrt.attention.flashinfer_backend import FlashInferBackend  # type: ignore[import-not-found]
+        from radixrt.attention.flashinfer_backend import FlashInferBackend
 
-        return FlashInferBackend(num_heads, num_kv_heads, head_dim, scale)  # type: ignore[no-any-return]
+        return FlashInferBackend(num_heads, num_kv_heads, head_dim, scale, device=device,
+                                 dtype=dtype)
     raise ValueError(f"unknown attention backend {name!r}")
 
 
@@ -52,7 +53,7 @@ class ModelRunner:
         self.backend = backend
         self.device = pool.device
         self.graphs: DecodeGraphs | None = None
-        if graph_max_batch > 0 and self.device.type == "cuda":
+        if graph_max_batch > 0 and self.device.type == "cuda" and backend.supports_cuda_graph:
             self.graphs = DecodeGraphs(model, pool, backend, max_batch=graph_max_batch,
                                        max_pages=max_pages_per_seq)
             self.graphs.capture()

@@ -37,7 +37,6 @@ Reference semantics (the correctness core)
 from __future__ import annotations
 
 import itertools
-from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -377,70 +376,6 @@ class RadixCache:
         """Assert the tree's structure and page accounting. ``external_refs`` maps page ->
         number of running-request references; when given, refcounts are checked exactly and
         any allocated page held by neither the tree nor a request is reported as a leak."""
-        ps = self.page_size
-        owner: dict[int, int] = {}  # page -> id of the node holding it
-        locked_pages = tokens = 0
-        unlocked_leaves: set[int] = set()
-        for ns, root in self._roots.items():
-            assert root.is_root and root.namespace == ns and root.lock_ref == 0, (
-                f"root of namespace {ns!r} is malformed: {root}"
-            )
-            assert root is self.root or root.children, f"empty namespace root {ns!r} not removed"
-        nodes = self._iter_nodes()
-        for node in nodes:
-            parent = node.parent
-            assert parent is not None, f"node {node.id} reachable but detached"
-            assert parent.children.get(node.key[:ps].tobytes()) is node, (
-                f"node {node.id} not filed under its first page in parent {parent.id}"
-            )
-            assert node.namespace == parent.namespace, f"node {node.id} crosses namespaces"
-            n_tok = len(node.key)
-            assert n_tok > 0 and n_tok % ps == 0 and node.key.dtype == np.int32, (
-                f"node {node.id}: key of {n_tok} tokens ({node.key.dtype}) with page {ps}"
-            )
-            assert len(node.pages) == n_tok // ps, (
-                f"node {node.id}: {len(node.pages)} pages for {n_tok} tokens"
-            )
-            child_locks = sum(c.lock_ref for c in node.children.values())
-            assert node.lock_ref >= child_locks, (
-                f"node {node.id}: lock_ref {node.lock_ref} < children's total {child_locks}"
-            )
-            assert parent.is_root or parent.last_access >= node.last_access, (
-                f"node {node.id} accessed after its parent {parent.id}: LRU cascade order broken"
-            )
-            tokens += n_tok
-            for p in node.pages.tolist():
-                assert p not in owner, f"page {p} held by nodes {owner[p]} and {node.id}"
-                owner[p] = node.id
-                if external_refs is not None and node.lock_ref == 0:
-                    assert external_refs.get(p, 0) == 0, (
-                        f"page {p} of unlocked node {node.id} is held by a running request"
-                    )
-            if node.lock_ref:
-                locked_pages += len(node.pages)
-            elif not node.children:
-                unlocked_leaves.add(node.id)
-        assert len(nodes) == self._num_nodes, f"num_nodes {self._num_nodes} != {len(nodes)}"
-        assert tokens == self._cached_tokens, f"cached_tokens {self._cached_tokens} != {tokens}"
-        assert locked_pages == self._locked_pages, (
-            f"locked_pages {self._locked_pages} != {locked_pages}"
-        )
-        assert set(self._lru_nodes) == unlocked_leaves, (
-            f"evictable set {sorted(self._lru_nodes)} != unlocked leaves {sorted(unlocked_leaves)}"
-        )
-        keys = sorted((n.last_access, n.id) for n in self._lru_nodes.values())
-        assert list(self._lru) == keys, "LRU keys out of date with nodes' last_access"
+        from radixrt.cache.invariants import check_tree
 
-        if external_refs is not None:  # exact audit: every reference has a known holder
-            holders = Counter(external_refs)
-            holders.update(owner.keys())
-            self.allocator.check_refcounts(holders, "tree + requests")
-        else:
-            refs = self.allocator.refcounts()
-            dead = [p for p in owner if refs[p] < 1]
-            assert not dead, f"tree pages with refcount 0 (freed under the tree): {dead[:10]}"
-        private = self.allocator.num_used - len(owner)
-        total = self.allocator.num_free + self.evictable_pages + self._locked_pages + private
-        assert total == self.allocator.num_total, (
-            f"free + evictable + locked + private = {total} != {self.allocator.num_total} pages"
-        )
+        check_tree(self, external_refs)

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Literal
+
+import msgspec
 
 FinishReason = Literal["stop", "length", "abort"]
 
@@ -30,8 +32,9 @@ class SequenceDelta:
     matched_stop_token: int | None = None
 
 
-@dataclass(frozen=True)
-class EngineStats:
+class EngineStats(msgspec.Struct, frozen=True):
+    """Engine-wide counters; a msgspec Struct so workers send it to the router as it is."""
+
     running_requests: int
     queued_requests: int
     total_pages: int
@@ -47,7 +50,7 @@ class EngineStats:
     retractions: int
     prompt_tokens_total: int
     generated_tokens_total: int
-    extra: dict[str, float] = field(default_factory=dict)
+    extra: dict[str, float] = {}
 
     @property
     def hit_rate(self) -> float:

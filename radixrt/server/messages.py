@@ -49,29 +49,8 @@ class ShutdownReq(msgspec.Struct, tag=True, frozen=True):
 # ---------------------------------------------------------------------------- worker -> router
 
 
-class StatsMsg(msgspec.Struct, frozen=True):
-    """EngineStats on the wire (``extra`` included)."""
-
-    running_requests: int
-    queued_requests: int
-    total_pages: int
-    free_pages: int
-    evictable_pages: int
-    locked_pages: int
-    private_pages: int
-    wasted_slots: int
-    cached_tokens: int
-    hit_tokens: int
-    query_tokens: int
-    evictions: int
-    retractions: int
-    prompt_tokens_total: int
-    generated_tokens_total: int
-    extra: dict[str, float] = {}
-
-    @property
-    def hit_rate(self) -> float:
-        return self.hit_tokens / self.query_tokens if self.query_tokens else 0.0
+# EngineStats is itself a msgspec Struct: it crosses the wire as it is.
+StatsMsg = EngineStats
 
 
 class DeltaMsg(msgspec.Struct, frozen=True, array_like=True):
@@ -163,24 +142,8 @@ def decode_to_router(data: bytes) -> ToRouter:
 
 
 def stats_to_msg(s: EngineStats) -> StatsMsg:
-    return StatsMsg(
-        running_requests=s.running_requests,
-        queued_requests=s.queued_requests,
-        total_pages=s.total_pages,
-        free_pages=s.free_pages,
-        evictable_pages=s.evictable_pages,
-        locked_pages=s.locked_pages,
-        private_pages=s.private_pages,
-        wasted_slots=s.wasted_slots,
-        cached_tokens=s.cached_tokens,
-        hit_tokens=s.hit_tokens,
-        query_tokens=s.query_tokens,
-        evictions=s.evictions,
-        retractions=s.retractions,
-        prompt_tokens_total=s.prompt_tokens_total,
-        generated_tokens_total=s.generated_tokens_total,
-        extra={str(k): float(v) for k, v in s.extra.items()},
-    )
+    """Stats for the wire: the same Struct, with ``extra`` normalized to str -> float."""
+    return msgspec.structs.replace(s, extra={str(k): float(v) for k, v in s.extra.items()})
 
 
 def delta_to_msg(d: SequenceDelta) -> DeltaMsg:

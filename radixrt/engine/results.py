@@ -31,10 +31,6 @@ class InFlight:
     sampled: list[Sequence]  # in draw order; row i of pending.tokens belongs to sampled[i]
     pending: PendingSample | None
 
-    @property
-    def pure_decode(self) -> bool:
-        return len(self.sampled) == len(self.work) and all(n == 1 for _, n in self.work)
-
 
 def launch_results(
     sched: Scheduler,

@@ -17,12 +17,9 @@ import itertools
 import logging
 from collections.abc import Iterable
 
-import torch
-
 from radixrt.cache.page_table import SequencePages
 from radixrt.config import EngineConfig
-from radixrt.engine import results, step_builder
-from radixrt.engine.batch import host_to_device
+from radixrt.engine import overlap, results, step_builder
 from radixrt.engine.budget import PrefillBudget
 from radixrt.engine.inbatch import InBatchPrefixes
 from radixrt.engine.memory import SequenceMemory
@@ -68,6 +65,7 @@ class Scheduler:
         self._inflight: results.InFlight | None = None  # launched, tokens not yet read
         self._arrival = itertools.count()
         self.retractions = 0
+        self.overlapped_steps = 0  # steps launched before the previous step's tokens were read
         self.prompt_tokens_total = 0
         self.cached_prompt_tokens = 0
         self.generated_tokens_total = 0
@@ -123,21 +121,28 @@ class Scheduler:
 
     # ---- one step ----------------------------------------------------------------------
     def step(self) -> list[SequenceDelta]:
+        """One scheduler step. With overlap, step N+1 is planned and launched while step N runs,
+        then N's tokens are read (see overlap.py); otherwise N is read before N+1 is planned."""
         deltas: list[SequenceDelta] = []
         self._apply_aborts(deltas)
-        if self._inflight is not None:
-            # Overlap: queue step N+1 on the device before waiting for step N's tokens.
-            follow = self._launch_continuation(self._inflight)
-            results.complete(self, self._inflight, deltas)
-            self._inflight = follow
-            if follow is not None:
-                self._debug_check()
-                return deltas
-        work = self._schedule(deltas)
+        prev, self._inflight = self._inflight, None
+        plan = overlap.plan_continuation(self, prev) if prev is not None else None
+        if prev is not None and plan is None:
+            results.complete(self, prev, deltas)
+            prev = None
+        self.overlapped_steps += plan is not None
+        work, pending = plan if plan is not None else (self._schedule(deltas), None)
+        flight = None
         if work:
-            batch = step_builder.build(work, self.page_size, self.runner.device)
+            batch = step_builder.build(
+                work, self.page_size, self.runner.device, pending=pending,
+                pending_tokens=prev.pending.tokens if prev is not None and prev.pending else None,
+            )
             logits = self.runner.forward(batch.forward)
             flight = results.launch_results(self, work, batch, logits)
+        if prev is not None:
+            results.complete(self, prev, deltas)  # read while the step just launched runs
+        if flight is not None:
             if self.config.overlap:
                 self._inflight = flight
             else:
@@ -148,36 +153,6 @@ class Scheduler:
     def _debug_check(self) -> None:
         if self.config.debug_invariants:
             self.memory.check_invariants(self.running)
-
-    def _launch_continuation(self, prev: results.InFlight) -> results.InFlight | None:
-        """Launch the next decode step of the same sequences, fed by ``prev``'s device tokens.
-
-        Only for steady-state decode: every running sequence was in ``prev``, nobody waits to
-        be admitted, no penalties need the (not yet read) newest token, and every sequence gets
-        its slot without retraction. Otherwise the scheduler takes the synchronous path.
-        """
-        if prev.pending is None or not prev.pure_decode or self._pending_aborts:
-            return None
-        if self.waiting and len(self.running) < self.config.max_running_requests:
-            return None
-        if len(prev.sampled) != len(self.running) or any(_uses_penalties(s) for s in prev.sampled):
-            return None
-        rows = [
-            i for i, s in enumerate(prev.sampled)
-            if s.status is SeqStatus.RUNNING and not results.will_hit_length(self, s, 1)
-        ]
-        if not rows:
-            return None
-        seqs = [prev.sampled[i] for i in rows]
-        for seq in seqs:
-            if not self.memory.grow(seq, seq.kv_len + 1):
-                return None
-        index = host_to_device(rows, torch.int64, prev.pending.tokens.device)
-        batch = step_builder.build_decode_continuation(
-            seqs, self.page_size, self.runner.device, prev.pending.tokens[index]
-        )
-        logits = self.runner.forward(batch.forward)
-        return results.launch_results(self, [(s, 1) for s in seqs], batch, logits)
 
     def _schedule(self, deltas: list[SequenceDelta]) -> list[tuple[Sequence, int]]:
         work: list[tuple[Sequence, int]] = []
@@ -194,23 +169,33 @@ class Scheduler:
             else:
                 work.append((seq, 1))
         work = [(s, n) for s, n in work if s.status is SeqStatus.RUNNING]
+        self.schedule_prefill(work, deltas)
+        return work
 
-        # 2. Prefill: continue chunked prompts, then admit waiting requests by policy.
+    def schedule_prefill(
+        self, work: list[tuple[Sequence, int]], deltas: list[SequenceDelta] | None,
+        skip: frozenset[int] = frozenset(),
+    ) -> None:
+        """Continue chunked prompts, then admit waiting requests by policy, under the budget.
+
+        ``deltas`` None: never end a request here (the overlapped path); ``skip``: ids of
+        sequences whose newest token is still on the device.
+        """
         budget = PrefillBudget(self.config.max_prefill_tokens, self.config.chunked_prefill_size,
                                self.page_size)
-        for seq in sorted((s for s in self.running if s.in_prefill), key=lambda s: s.arrival):
+        chunked = (s for s in self.running if s.in_prefill and id(s) not in skip)
+        for seq in sorted(chunked, key=lambda s: s.arrival):
             n = budget.peek(seq.num_to_compute, seq.kv_len)
             if n == 0:
                 break
             if not self.memory.grow(seq, seq.kv_len + n):
-                if not work and len(self.running) == 1:
+                if deltas is not None and not work and len(self.running) == 1:
                     self._finish(seq, "abort", deltas, error="out of KV cache memory")
                 break
             budget.take(n)
             work.append((seq, n))
         if self.waiting and not budget.exhausted:
             self._admit(budget, work)
-        return work
 
     def _admit(self, budget: PrefillBudget, work: list[tuple[Sequence, int]]) -> None:
         cache = self.memory.cache
@@ -340,7 +325,8 @@ class Scheduler:
             query_tokens=self.prompt_tokens_total, evictions=cache.evictions,
             retractions=self.retractions, prompt_tokens_total=self.prompt_tokens_total,
             generated_tokens_total=self.generated_tokens_total,
-            extra={"held_page_refs": float(sum(refs.values()))},
+            extra={"held_page_refs": float(sum(refs.values())),
+                   "overlapped_steps": float(self.overlapped_steps)},
         )
 
     def flush_cache(self) -> bool:
@@ -349,7 +335,3 @@ class Scheduler:
             return False
         return self.memory.cache.flush()
 
-
-def _uses_penalties(seq: Sequence) -> bool:
-    p = seq.params
-    return p.repetition_penalty != 1.0 or p.frequency_penalty != 0.0 or p.presence_penalty != 0.0

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from radixrt.engine.batch import ForwardBatch, build_forward_batch
+from radixrt.engine.batch import ForwardBatch, build_forward_batch, host_to_device
 from radixrt.engine.request import Sequence
 
 
@@ -40,12 +40,35 @@ def token_slice(seq: Sequence, start: int, end: int) -> list[int]:
     return seq.prompt_ids[start:] + seq.output_ids[: end - plen]
 
 
-def build(work: list[tuple[Sequence, int]], page_size: int, device: torch.device) -> StepBatch:
+def build(
+    work: list[tuple[Sequence, int]],
+    page_size: int,
+    device: torch.device,
+    *,
+    pending: dict[int, int] | None = None,
+    pending_tokens: torch.Tensor | None = None,
+) -> StepBatch:
+    """``pending`` maps id(seq) -> row of ``pending_tokens`` (the previous step's device draw)
+    for sequences whose input token the host has not read yet (overlap)."""
     new_tokens: list[list[int]] = []
     logits_rows: list[list[int]] = []
     items: list[ItemRows] = []
     next_row = 0
+    token_cursor = 0
+    fill_at: list[int] = []  # batch token rows to fill from pending_tokens
+    fill_from: list[int] = []
     for seq, n in work:
+        if pending is not None and id(seq) in pending:
+            assert n == 1, f"{seq.rid}: a pending-token sequence computes exactly one token"
+            new_tokens.append([0])  # placeholder; the real id is on the device
+            logits_rows.append([0])
+            items.append(ItemRows(sample_row=next_row))
+            fill_at.append(token_cursor)
+            fill_from.append(pending[id(seq)])
+            next_row += 1
+            token_cursor += 1
+            continue
+        token_cursor += n
         start, end = seq.kv_len, seq.kv_len + n
         assert n >= 1 and end <= seq.num_tokens, f"{seq.rid}: bad chunk [{start}, {end})"
         new_tokens.append(token_slice(seq, start, end))
@@ -75,23 +98,9 @@ def build(work: list[tuple[Sequence, int]], page_size: int, device: torch.device
         logits_rows=logits_rows,
         device=device,
     )
+    if fill_at:
+        assert pending_tokens is not None, "pending sequences need the previous step's tokens"
+        src = pending_tokens.index_select(0, host_to_device(fill_from, torch.int64, pending_tokens.device))
+        forward.input_ids.index_copy_(0, host_to_device(fill_at, torch.int64, device), src.to(device))
     return StepBatch(forward=forward, items=items)
 
-
-def build_decode_continuation(
-    seqs: list[Sequence], page_size: int, device: torch.device, input_ids: torch.Tensor
-) -> StepBatch:
-    """A decode step whose input tokens are still on the device (the previous step's draw).
-
-    Each sequence computes position ``kv_len`` (the token the previous step sampled, not yet
-    appended on the host), so its prefix is ``kv_len`` and its KV grows to ``kv_len + 1``.
-    """
-    forward = build_forward_batch(
-        new_token_ids=[[0]] * len(seqs),  # placeholders; the real ids are on the device
-        prefix_lens=[s.kv_len for s in seqs],
-        page_tables=[s.pages.pages for s in seqs],
-        page_size=page_size,
-        device=device,
-    )
-    forward.input_ids = input_ids
-    return StepBatch(forward=forward, items=[ItemRows(sample_row=i) for i in range(len(seqs))])

@@ -297,3 +297,33 @@ def test_overlap_schedule_stops_like_the_synchronous_one(llama_dir):
     assert [o.token_ids for o in base.generate(prompts, seeded)] == [
         o.token_ids for o in ovl.generate(prompts, seeded)
     ]
+
+
+def test_overlap_with_arrivals_mid_decode_matches_the_synchronous_schedule(llama_dir):
+    """Requests that arrive while others decode are admitted into overlapped steps (decode rows
+    fed by the previous step's device tokens, prefill rows from the host): same tokens."""
+    first, second = shared_prompt_batch(31, n=4), shared_prompt_batch(32, n=4)
+    params = [SamplingParams(temperature=0, max_new_tokens=10 + i, ignore_eos=True) for i in range(4)]
+    seeded = SamplingParams(temperature=0.9, top_k=20, seed=3, max_new_tokens=9, ignore_eos=True)
+
+    def run(overlap: bool) -> tuple[dict[str, list[int]], int]:
+        eng = Engine(str(llama_dir), page_size=16, kv_cache_tokens=4096, overlap_schedule=overlap,
+                     chunked_prefill_size=32, max_prefill_tokens=32, debug_invariants=True)
+        core, out = eng.core, {}
+        for i, p in enumerate(first):
+            core.add_request(f"a{i}", p, params[i])
+        steps = 0
+        while core.has_work():
+            if steps == 6:
+                for i, p in enumerate(second):
+                    core.add_request(f"b{i}", p, seeded if i % 2 else params[i])
+            for d in core.step():
+                out.setdefault(d.rid, []).extend(d.new_token_ids)
+            steps += 1
+        _assert_idle_clean(eng)
+        return out, int(core.stats().extra["overlapped_steps"])
+
+    sync_out, sync_overlapped = run(False)
+    ovl_out, overlapped = run(True)
+    assert ovl_out == sync_out
+    assert sync_overlapped == 0 and overlapped > 10

@@ -1,0 +1,53 @@
+"""Overlapped scheduling: plan and launch step N+1 while step N still runs on the device.
+
+    host    | plan N+1 | launch N+1 | read N's tokens, stop rules, deltas | plan N+2 | ...
+    device  |      ... step N ...   |            step N+1                 |    ...
+
+Sequences sampled in step N continue in N+1 with their newest token taken from N's device
+output (the host has not read it yet); waiting requests may be admitted and chunked prompts
+continued alongside, as long as no sequence has to be retracted. A sequence that N ends (a stop
+token) still computes one extra token in N+1, which is dropped. Anything needing the host to
+know N's tokens first (penalties over the output, retraction, aborts) takes the synchronous path.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from radixrt.engine.request import Sequence
+from radixrt.engine.results import InFlight, will_hit_length
+
+if TYPE_CHECKING:
+    from radixrt.engine.scheduler import Scheduler
+
+Plan = tuple[list[tuple[Sequence, int]], dict[int, int]]
+
+
+def plan_continuation(sched: Scheduler, prev: InFlight) -> Plan | None:
+    """Work for step N+1 and, for sequences fed by N's device tokens, their row in N's draw."""
+    if prev.pending is None or sched._pending_aborts:
+        return None
+    row_of = {id(s): i for i, s in enumerate(prev.sampled)}
+    carried: list[Sequence] = []
+    for seq in sched.running:
+        if id(seq) not in row_of:
+            if not seq.in_prefill:
+                return None  # a decoding sequence outside N: the synchronous path handles it
+            continue
+        if _uses_penalties(seq):
+            return None  # penalties read the output history, which lacks N's token
+        if not will_hit_length(sched, seq, 1):  # N's token ends it: nothing to continue
+            carried.append(seq)
+    for seq in carried:
+        if not sched.memory.grow(seq, seq.kv_len + 1):
+            return None  # short of pages: retraction needs the synchronous path
+    work: list[tuple[Sequence, int]] = [(s, 1) for s in carried]
+    sched.schedule_prefill(work, None, skip=frozenset(row_of))
+    if not work:
+        return None
+    return work, {id(s): row_of[id(s)] for s in carried}
+
+
+def _uses_penalties(seq: Sequence) -> bool:
+    p = seq.params
+    return p.repetition_penalty != 1.0 or p.frequency_penalty != 0.0 or p.presence_penalty != 0.0

@@ -23,7 +23,7 @@ run: $(STAMP)
 	$(PY) -m radixrt.demo
 
 test: $(STAMP)
-	TRITON_INTERPRET=1 $(PY) -m pytest -q tests
+	$(PY) -m pytest -q tests
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check radixrt tests bench examples

@@ -8,7 +8,8 @@
 
 One step: apply aborts; give every decoding sequence a slot for its next token (evicting LRU
 cache, else retracting the newest sequences); continue chunked prefills and admit waiting
-requests under the budget; run one mixed batch; sample; report deltas.
+requests under the budget; run one mixed batch; sample; report deltas. With overlap (default on
+CUDA) the next step is planned and launched before this step's tokens are read (overlap.py).
 """
 
 from __future__ import annotations
@@ -276,7 +277,7 @@ class Scheduler:
         seq.finish_reason = reason
         seq.error = error
         siblings = self._by_rid.get(seq.rid, [])
-        if all(s.finished for s in siblings) and seq.num_forks <= 1:
+        if all(s.finished for s in siblings):  # an unforked n > 1 parent ends its request
             self._by_rid.pop(seq.rid, None)
         if deltas is not None:
             deltas.append(self.make_delta(seq))

@@ -327,3 +327,27 @@ def test_overlap_with_arrivals_mid_decode_matches_the_synchronous_schedule(llama
     ovl_out, overlapped = run(True)
     assert ovl_out == sync_out
     assert sync_overlapped == 0 and overlapped > 10
+
+
+@pytest.mark.parametrize("overlap", [False, True])
+def test_aborts_free_everything_and_release_request_ids(llama_dir, overlap):
+    eng = Engine(str(llama_dir), page_size=16, kv_cache_tokens=2048, debug_invariants=True,
+                 overlap_schedule=overlap)
+    core = eng.core
+    prompt = shared_prompt_batch(41, n=1)[0]
+    params = SamplingParams(temperature=1.0, n=3, seed=1, max_new_tokens=50, ignore_eos=True)
+    core.add_request("x", prompt, params)
+    core.abort_request("x")  # before its prompt was prefilled (the unforked n = 3 parent)
+    reasons = [d.finish_reason for d in core.step()]
+    assert reasons == ["abort"]
+    core.add_request("x", prompt, params)  # the id is free again
+    for _ in range(4):
+        core.step()
+    core.abort_request("x")  # mid-decode: all three samples end
+    finished = [d for d in core.step() if d.finished]
+    while core.has_work():  # with overlap, the step in flight is read one step later
+        finished += [d for d in core.step() if d.finished]
+    assert sorted(d.index for d in finished) == [0, 1, 2]
+    assert all(d.finish_reason == "abort" for d in finished)
+    assert not core.has_work()
+    _assert_idle_clean(eng)

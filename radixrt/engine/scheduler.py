@@ -161,14 +161,10 @@ class Scheduler:
         for seq in sorted((s for s in self.running if not s.in_prefill), key=lambda s: s.arrival):
             if seq.status is not SeqStatus.RUNNING:
                 continue  # retracted as a victim in this loop
-            while not self.memory.grow(seq, seq.kv_len + 1):
-                victim = self._newest_running(exclude=seq)
-                if victim is None:
-                    self._finish(seq, "abort", deltas, error="out of KV cache memory")
-                    break
-                self._retract(victim)
-            else:
+            if self._make_room(seq, seq.kv_len + 1):
                 work.append((seq, 1))
+            else:
+                self._finish(seq, "abort", deltas, error="out of KV cache memory")
         work = [(s, n) for s, n in work if s.status is SeqStatus.RUNNING]
         self.schedule_prefill(work, deltas)
         return work
@@ -186,13 +182,19 @@ class Scheduler:
                                self.page_size)
         chunked = (s for s in self.running if s.in_prefill and id(s) not in skip)
         for seq in sorted(chunked, key=lambda s: s.arrival):
+            if seq.status is not SeqStatus.RUNNING:
+                continue  # retracted to make room for an older prompt in this loop
             n = budget.peek(seq.num_to_compute, seq.kv_len)
             if n == 0:
                 break
             if not self.memory.grow(seq, seq.kv_len + n):
-                if deltas is not None and not work and len(self.running) == 1:
+                # Nothing else runs this step: only retraction can free pages (two half-done
+                # prompts holding each other's room would otherwise wait forever).
+                if deltas is None or work:
+                    break
+                if not self._make_room(seq, seq.kv_len + n):
                     self._finish(seq, "abort", deltas, error="out of KV cache memory")
-                break
+                    break
             budget.take(n)
             work.append((seq, n))
         if self.waiting and not budget.exhausted:
@@ -219,8 +221,10 @@ class Scheduler:
                 seq.kv_len = 0
                 continue
             n = budget.peek(seq.num_to_compute, seq.kv_len)
-            need = -(-(seq.kv_len + n) // self.page_size) - seq.pages.num_pages
-            reserve = self._decode_reserve_pages(extra=seq) if self.running else 0
+            # Admit only if the whole rest of the prompt fits (not just this chunk), next to
+            # what the running sequences are still owed.
+            need = self._pages(seq.num_tokens) - seq.pages.num_pages
+            reserve = self._reserve_pages(extra=seq) if self.running else 0
             if n == 0 or self.memory.available_pages - need < reserve or not self.memory.grow(
                 seq, seq.kv_len + n
             ):
@@ -242,12 +246,28 @@ class Scheduler:
             self.running.append(seq)
             work.append((seq, n))
 
-    def _decode_reserve_pages(self, extra: Sequence) -> int:
-        tokens = 0.0
+    def _pages(self, tokens: int) -> int:
+        return -(-tokens // self.page_size)
+
+    def _reserve_pages(self, extra: Sequence) -> int:
+        """Pages the running sequences (and ``extra``) are still owed: the rest of each prompt
+        and a share of each remaining output."""
+        pages, tokens = 0, 0.0
         for seq in (*self.running, extra):
+            if seq is not extra:
+                pages += max(0, self._pages(seq.num_tokens) - seq.pages.num_pages)
             left = min(seq.params.max_new_tokens - len(seq.output_ids), DECODE_RESERVE_CAP)
             tokens += max(1.0, left * DECODE_RESERVE_RATIO) * seq.num_forks
-        return int(-(-tokens // self.page_size))
+        return pages + int(-(-tokens // self.page_size))
+
+    def _make_room(self, seq: Sequence, tokens: int) -> bool:
+        """Retract the newest other sequences until ``seq`` can hold ``tokens`` tokens."""
+        while not self.memory.grow(seq, tokens):
+            victim = self._newest_running(exclude=seq)
+            if victim is None:
+                return False
+            self._retract(victim)
+        return True
 
     def _newest_running(self, exclude: Sequence) -> Sequence | None:
         candidates = [s for s in self.running if s is not exclude]

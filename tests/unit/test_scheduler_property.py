@@ -38,13 +38,15 @@ def next_token(tokens: list[int]) -> int:
     return (sum(tokens) * 31 + pos) % VOCAB
 
 
-def reference(prompt: list[int], max_new: int) -> list[int]:
+def reference(prompt: list[int], max_new: int, stop: int | None) -> tuple[list[int], str]:
     seq, out = list(prompt), []
     while len(out) < max_new and len(seq) < MAX_CONTEXT:
         tok = next_token(seq)
+        if tok == stop:
+            return out, "stop"  # a stop token ends the output and is not part of it
         out.append(tok)
         seq.append(tok)
-    return out
+    return out, "length"
 
 
 class CountingModel(torch.nn.Module):
@@ -70,12 +72,14 @@ class Req:
     arrive: int
     abort: int | None
     salt: str | None
+    stop: int | None
 
 
-def build(page_size: int, pages: int, chunk: int, overlap: bool, policy: str, cache: bool) -> Scheduler:
+def build(page_size: int, pages: int, chunk: int, overlap: bool, policy: str, cache: bool,
+          max_running: int = 8) -> Scheduler:
     config = EngineConfig(page_size=page_size, kv_cache_tokens=pages * page_size,
                           chunked_prefill_size=chunk, max_prefill_tokens=2 * chunk,
-                          max_running_requests=8, overlap_schedule=overlap, schedule_policy=policy,
+                          max_running_requests=max_running, overlap_schedule=overlap, schedule_policy=policy,
                           enable_prefix_cache=cache, debug_invariants=True)  # type: ignore[arg-type]
     pool = KVPool(num_layers=1, num_pages=pages, page_size=page_size, num_kv_heads=1, head_dim=2,
                   dtype=torch.float32, device="cpu")
@@ -97,6 +101,7 @@ requests = st.lists(
         arrive=st.integers(0, 12),
         abort=st.none() | st.integers(0, 20),
         salt=st.sampled_from([None, None, "tenant"]),
+        stop=st.none() | st.integers(0, VOCAB - 1),
     ),
     min_size=1,
     max_size=10,
@@ -112,16 +117,17 @@ requests = st.lists(
     overlap=st.booleans(),
     policy=st.sampled_from(["lpm", "fcfs"]),
     cache=st.booleans(),
+    max_running=st.sampled_from([2, 8]),
     seed=st.integers(0, 10**6),
 )
 def test_outputs_are_exact_and_nothing_leaks(reqs, page_size, spare_pages, chunk_pages, overlap,
-                                             policy, cache, seed):
+                                             policy, cache, max_running, seed):
     rng = random.Random(seed)
     stems = [[rng.randrange(VOCAB) for _ in range(rng.randrange(0, 40))] for _ in range(3)]
     longest = max(len(stems[r.stem]) + len(r.suffix) + r.max_new for r in reqs)
     pages = -(-longest // page_size) + 1 + spare_pages // page_size
     chunk = max(page_size, chunk_pages * 8 // page_size * page_size)
-    sched = build(page_size, pages, chunk, overlap, policy, cache)
+    sched = build(page_size, pages, chunk, overlap, policy, cache, max_running)
     prompts = {f"r{i}": stems[r.stem] + r.suffix for i, r in enumerate(reqs)}
     outputs: dict[tuple[str, int], list[int]] = {}
     reasons: dict[tuple[str, int], str | None] = {}
@@ -130,7 +136,8 @@ def test_outputs_are_exact_and_nothing_leaks(reqs, page_size, spare_pages, chunk
         for i, r in enumerate(reqs):
             rid = f"r{i}"
             if r.arrive == step:
-                params = SamplingParams(temperature=0, max_new_tokens=r.max_new, n=r.n)
+                params = SamplingParams(temperature=0, max_new_tokens=r.max_new, n=r.n,
+                                        stop_token_ids=() if r.stop is None else (r.stop,))
                 sched.add_request(rid, prompts[rid], params, r.salt)
             if r.abort == step and r.arrive <= step:
                 sched.abort_request(rid)
@@ -144,7 +151,7 @@ def test_outputs_are_exact_and_nothing_leaks(reqs, page_size, spare_pages, chunk
 
     for i, r in enumerate(reqs):
         rid = f"r{i}"
-        ref = reference(prompts[rid], r.max_new)
+        ref, ref_reason = reference(prompts[rid], r.max_new, r.stop)
         aborted = r.abort is not None and r.abort >= r.arrive
         for index in range(r.n):
             got = outputs.get((rid, index), [])
@@ -153,7 +160,7 @@ def test_outputs_are_exact_and_nothing_leaks(reqs, page_size, spare_pages, chunk
                 assert aborted, f"{rid}/{index} aborted without being asked to"
                 assert got == ref[: len(got)], f"{rid}/{index}: aborted output is not a prefix"
             else:
-                assert reason == "length" and got == ref, f"{rid}/{index}: {got} != {ref}"
+                assert (reason, got) == (ref_reason, ref), f"{rid}/{index}: {got} != {ref}"
     stats = sched.stats()
     assert stats.running_requests == stats.queued_requests == 0
     assert stats.free_pages + stats.evictable_pages == stats.total_pages, "pages leaked"

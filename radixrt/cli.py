@@ -23,6 +23,9 @@ def add_serve_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--shutdown-timeout", type=float, default=10.0, dest="shutdown_timeout_s")
     ap.add_argument("--health-timeout", type=float, default=20.0, dest="health_timeout_s")
     ap.add_argument("--log-level", default="info")
+    ap.add_argument("--skip-tokenizer-init", action="store_true",
+                    help="load no tokenizer: requests must send token ids and get token ids "
+                    "back (implied for models without a tokenizer, e.g. --load-format dummy)")
     ap.add_argument("--device", default=None)
     ap.add_argument("--dtype", default=None)
     ap.add_argument("--page-size", type=int, default=None)

@@ -57,6 +57,9 @@ class ServerConfig:
     worker_start_timeout_s: float = 600.0
     shutdown_timeout_s: float = 10.0
     log_level: str = "info"
+    # Serve token ids only: load no tokenizer even if the model has one (always the case for
+    # models without one, e.g. dummy-weight presets). Text, chat and stop strings get a 400.
+    skip_tokenizer_init: bool = False
     # engine knobs (None = EngineConfig default)
     device: str | None = None
     dtype: str | None = None

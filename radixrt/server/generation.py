@@ -4,7 +4,8 @@ An HTTP request may hold several prompts (completions batch) of n samples each; 
 one engine request, and choice ``i`` is sample ``i % n`` of prompt ``i // n``. All engine
 requests share one queue, so the consumer sees one merged stream. Text is detokenized
 incrementally here; a completed stop string ends that sample (finish_reason "stop") and
-aborts it in the worker. Leaving the stream early (client gone, error) aborts what is left.
+aborts it in the worker. Without a tokenizer (codec None) there is no detokenizer: updates carry
+token ids and empty text. Leaving the stream early (client gone, error) aborts what is left.
 """
 
 from __future__ import annotations
@@ -57,7 +58,7 @@ class Usage:
 @dataclass
 class _Seq:
     choice: int
-    detok: IncrementalDetokenizer
+    detok: IncrementalDetokenizer | None  # None: no tokenizer, token ids only
     token_ids: list[int] = field(default_factory=list)
     open: bool = True
 
@@ -75,7 +76,7 @@ class _Sub:
 
 
 class Generation:
-    def __init__(self, client: EngineClient, codec: TextCodec, prompts: list[list[int]],
+    def __init__(self, client: EngineClient, codec: TextCodec | None, prompts: list[list[int]],
                  params: SamplingParams, namespace: str | None, metrics: ServerMetrics,
                  t_arrival: float) -> None:
         self.client = client
@@ -89,9 +90,10 @@ class Generation:
         try:
             for p_idx, ids in enumerate(prompts):
                 st = client.submit(ids, params, namespace, self.queue, t_arrival)
-                seqs = [_Seq(p_idx * params.n + i, IncrementalDetokenizer(
-                    codec.tokenizer, params.skip_special_tokens, params.stop,
-                    context_token_ids=ids[-5:])) for i in range(params.n)]
+                seqs = [_Seq(p_idx * params.n + i, None if codec is None else
+                             IncrementalDetokenizer(codec.tokenizer, params.skip_special_tokens,
+                                                    params.stop, context_token_ids=ids[-5:]))
+                        for i in range(params.n)]
                 self.subs[st.rid] = _Sub(st, seqs, list(ids))
                 self._choice_subs.extend([self.subs[st.rid]] * params.n)
         except APIError:
@@ -150,21 +152,23 @@ class Generation:
         sub.last_time = now
         sub.prompt_tokens, sub.cached_tokens = d.prompt_tokens, d.cached_tokens
         seq = sub.seqs[d.index]
-        step = seq.detok.add(d.new_token_ids)
+        step = seq.detok.add(d.new_token_ids) if seq.detok is not None else None
+        stopped = step is not None and step.stopped
         seq.token_ids.extend(d.new_token_ids)
-        upd = ChoiceUpdate(seq.choice, step.text, list(d.new_token_ids), d.new_logprobs,
-                           d.new_top_logprobs)
-        if step.stopped:
+        upd = ChoiceUpdate(seq.choice, step.text if step is not None else "",
+                           list(d.new_token_ids), d.new_logprobs, d.new_top_logprobs)
+        if step is not None and step.stopped:
             upd.finish_reason, upd.matched_stop = "stop", step.matched_stop
         elif d.finished:
             if d.finish_reason == "abort":
                 raise APIError(500, f"The engine aborted the request: {d.error or 'unknown'}",
                                err_type="server_error")
-            upd.text += seq.detok.flush()
+            if seq.detok is not None:
+                upd.text += seq.detok.flush()
             upd.finish_reason = d.finish_reason or "stop"
             upd.matched_stop = d.matched_stop_token
         if upd.finish_reason is not None:
-            self._close_seq(sub, seq, worker_done=d.finished and not step.stopped)
+            self._close_seq(sub, seq, worker_done=d.finished and not stopped)
         return upd
 
     def _close_seq(self, sub: _Sub, seq: _Seq, worker_done: bool) -> None:

@@ -27,7 +27,7 @@ from radixrt.server.metrics import ServerMetrics
 from radixrt.server.protocol import ModelLimits
 from radixrt.server.router import build_app
 from radixrt.server.serving import ServingContext
-from radixrt.server.tokenization import TextCodec, load_tokenizer
+from radixrt.server.tokenization import load_codec
 
 log = logging.getLogger("radixrt.router")
 
@@ -78,7 +78,11 @@ async def _serve(cfg: ServerConfig, ipc_dir: str,
         client.attach(procs)
         infos = await client.wait_ready(cfg.worker_start_timeout_s)
         info = infos[0]
-        tokenizer = await asyncio.to_thread(load_tokenizer, info.model_path)
+        codec = await asyncio.to_thread(load_codec, info.model_path, cfg.skip_tokenizer_init)
+        if codec is None:
+            why = ("--skip-tokenizer-init" if cfg.skip_tokenizer_init
+                   else "the model has no tokenizer")
+            log.info("serving token ids only (%s): text, chat and stop strings are refused", why)
         default_name: str | None = None
         if cfg.model is None:
             from radixrt.models.default import DEFAULT_MODEL_NAME
@@ -89,7 +93,7 @@ async def _serve(cfg: ServerConfig, ipc_dir: str,
                         cfg.model) if n))
         limits = ModelLimits(min(i.vocab_size for i in infos),
                              min(i.max_context_len for i in infos), cfg.max_request_tokens)
-        ctx = ServingContext(cfg, client, TextCodec(tokenizer), ServerMetrics(), limits, names)
+        ctx = ServingContext(cfg, client, codec, ServerMetrics(), limits, names)
         client.start()
         timeout = max(1, int(cfg.shutdown_timeout_s))
         server = _Server(uvicorn.Config(

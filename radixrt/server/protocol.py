@@ -48,6 +48,21 @@ def bad_request(message: str, param: str | None = None) -> APIError:
     return APIError(400, message, param)
 
 
+NO_TOKENIZER = "this server has no tokenizer: send token ids"
+
+
+def no_tokenizer(why: str, param: str | None) -> APIError:
+    """400 for input only a tokenizer could handle (a server started without one)."""
+    return bad_request(f"{NO_TOKENIZER} ({why})", param)
+
+
+def check_token_only(params: SamplingParams) -> None:
+    """What a server without a tokenizer can't honour in otherwise valid sampling params."""
+    if params.stop:
+        raise no_tokenizer("stop strings are matched on text; use stop_token_ids instead",
+                           "stop")
+
+
 # ---------------------------------------------------------------------------- schemas
 
 

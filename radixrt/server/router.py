@@ -1,7 +1,8 @@
 """The HTTP front: FastAPI app with the OpenAI-compatible and native endpoints.
 
 Each handler validates the body (400 on bad input), tokenizes (chat template for chat), turns
-the request into a Job and runs it through ``serving`` (streamed as SSE or collected).
+the request into a Job and runs it through ``serving`` (streamed as SSE or collected). A server
+without a tokenizer takes token-id prompts only; text, chat and stop strings get a 400.
 """
 
 from __future__ import annotations
@@ -42,6 +43,8 @@ def _namespace(ctx: ServingContext, request: Request, salt: Any) -> str | None:
 
 def _prompt_ids(ctx: ServingContext, prompt: str | list[int], param: str) -> list[int]:
     if isinstance(prompt, str):
+        if ctx.codec is None:
+            raise p.no_tokenizer(f"{param} is text; send a list of token ids", param)
         ids = ctx.codec.encode(prompt)
     else:
         p.check_token_ids(prompt, ctx.limits.vocab_size, param)
@@ -62,6 +65,9 @@ def _finish_params(ctx: ServingContext, params: Any, prompts: list[list[int]],
 def chat_job(ctx: ServingContext, request: Request, raw: bytes) -> Job:
     req = p.parse_body(raw, p.ChatCompletionRequest)
     p.check_model_name(req.model, ctx.served_names)
+    if ctx.codec is None:
+        raise p.no_tokenizer("chat messages need a chat template and a tokenizer; use "
+                             "/v1/completions or /generate with token ids", "messages")
     messages = p.chat_messages(req.messages)
     namespace = _namespace(ctx, request, req.cache_salt)
     params = p.openai_params(req)
@@ -85,6 +91,8 @@ def completion_job(ctx: ServingContext, request: Request, raw: bytes) -> Job:
         raise p.bad_request("best_of must equal n (or be omitted)", "best_of")
     namespace = _namespace(ctx, request, req.cache_salt)
     params = p.openai_params(req)
+    if ctx.codec is None:
+        p.check_token_only(params)
     prompts = [_prompt_ids(ctx, x, "prompt") for x in p.prompt_inputs(req.prompt)]
     # OpenAI's legacy default for /v1/completions is 16 tokens.
     params = _finish_params(ctx, params, prompts, req.max_tokens, 16)
@@ -98,6 +106,8 @@ def generate_job(ctx: ServingContext, request: Request, raw: bytes) -> Job:
         raise p.bad_request("exactly one of text or input_ids is required", "text")
     namespace = _namespace(ctx, request, req.cache_salt)
     params = p.native_params(req.sampling_params)
+    if ctx.codec is None:
+        p.check_token_only(params)
     prompt: str | list[int] = req.text if req.text is not None else (req.input_ids or [])
     if isinstance(prompt, str) and not prompt:
         raise p.bad_request("text is empty", "text")

@@ -1,4 +1,10 @@
-"""Endpoint logic: validated requests -> Generation -> OpenAI / native response bodies or SSE."""
+"""Endpoint logic: validated requests -> Generation -> OpenAI / native response bodies or SSE.
+
+Without a tokenizer (``ctx.codec is None``) responses carry token ids: ``text`` is "", each
+completions choice (and stream chunk) gets a ``token_ids`` list of its generated ids, and
+logprob entries name tokens as ``"token_id:<id>"`` with ``bytes`` null (vLLM's spelling for
+tokens it does not turn into strings).
+"""
 
 from __future__ import annotations
 
@@ -23,7 +29,7 @@ from radixrt.server.tokenization import TextCodec
 class ServingContext:
     cfg: ServerConfig
     client: EngineClient
-    codec: TextCodec
+    codec: TextCodec | None  # None: no tokenizer, token ids in and out
     metrics: ServerMetrics
     limits: ModelLimits
     served_names: tuple[str, ...]
@@ -52,12 +58,17 @@ def sse(obj: Any) -> bytes:
 SSE_DONE = b"data: [DONE]\n\n"
 
 
-def _logprob_entry(codec: TextCodec, tok: int, lp: float,
-                   top: list[tuple[int, float]] | None) -> dict[str, Any]:
+def _token_entry(codec: TextCodec | None, tok: int, lp: float) -> dict[str, Any]:
+    if codec is None:  # no text for the token: name it by id, no bytes (OpenAI allows null)
+        return {"token": f"token_id:{tok}", "logprob": lp, "bytes": None}
     piece = codec.piece(tok)
-    return {"token": piece, "logprob": lp, "bytes": list(piece.encode()),
-            "top_logprobs": [{"token": codec.piece(t), "logprob": v,
-                              "bytes": list(codec.piece(t).encode())} for t, v in (top or [])]}
+    return {"token": piece, "logprob": lp, "bytes": list(piece.encode())}
+
+
+def _logprob_entry(codec: TextCodec | None, tok: int, lp: float,
+                   top: list[tuple[int, float]] | None) -> dict[str, Any]:
+    return {**_token_entry(codec, tok, lp),
+            "top_logprobs": [_token_entry(codec, t, v) for t, v in (top or [])]}
 
 
 class Responder:
@@ -75,6 +86,7 @@ class Responder:
         self.matched: list[str | int | None] = [None] * n
         self.lps: list[list[dict[str, Any]]] = [[] for _ in range(n)]
         self.want_lp = job.params.logprobs
+        self.token_only = ctx.codec is None
 
     def _lp_entries(self, u: ChoiceUpdate) -> list[dict[str, Any]]:
         if not self.want_lp or u.logprobs is None:
@@ -102,6 +114,10 @@ class Responder:
                                  for e in entries],
                 "text_offset": []}
 
+    def _ids_field(self, ids: list[int]) -> dict[str, Any]:
+        """Without a tokenizer, completions choices carry their token ids (text is empty)."""
+        return {"token_ids": ids} if self.token_only else {}
+
     # ---------------------------------------------------------------- non-streaming
     def final_body(self) -> Any:
         usage = self.gen.usage.as_dict()
@@ -116,7 +132,8 @@ class Responder:
         if self.job.kind == "completion":
             choices = [{"index": i, "text": self.texts[i],
                         "logprobs": self._completion_lp(self.lps[i]),
-                        "finish_reason": self.finish[i], "matched_stop": self.matched[i]}
+                        "finish_reason": self.finish[i], "matched_stop": self.matched[i],
+                        **self._ids_field(self.ids[i])}
                        for i in range(n)]
             return {"id": self.id, "object": "text_completion", "created": self.created,
                     "model": self.ctx.model_name, "choices": choices, "usage": usage}
@@ -137,8 +154,11 @@ class Responder:
     # ---------------------------------------------------------------- streaming
     def chunk(self, u: ChoiceUpdate, first: bool) -> dict[str, Any] | None:
         entries = self.absorb(u)
+        # Text held back (an unfinished UTF-8 sequence) is not news; without a tokenizer,
+        # new token ids are.
+        news = bool(u.text) or (self.token_only and bool(u.token_ids))
         if self.job.kind == "generate":
-            if not u.text and u.finish_reason is None and not first:
+            if not news and u.finish_reason is None and not first:
                 return None
             # Cumulative, like SGLang.
             return self._native(u.choice, self.gen.usage.as_dict(),
@@ -154,10 +174,11 @@ class Responder:
                                       "finish_reason": u.finish_reason}
             obj = "chat.completion.chunk"
         else:
-            if not u.text and u.finish_reason is None:
+            if not news and u.finish_reason is None:
                 return None
             choice = {"index": u.choice, "text": u.text,
-                      "logprobs": self._completion_lp(entries), "finish_reason": u.finish_reason}
+                      "logprobs": self._completion_lp(entries), "finish_reason": u.finish_reason,
+                      **self._ids_field(u.token_ids)}
             obj = "text_completion"
         if u.finish_reason is not None:
             choice["matched_stop"] = u.matched_stop

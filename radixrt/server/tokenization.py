@@ -1,4 +1,8 @@
-"""The router's tokenizer: text <-> token ids and the chat template (the worker never sees text)."""
+"""The router's tokenizer: text <-> token ids and the chat template (the worker never sees text).
+
+A server without a tokenizer (a model that has none, or --skip-tokenizer-init) has no TextCodec
+at all: the router then takes and returns token ids only.
+"""
 
 from __future__ import annotations
 
@@ -8,17 +12,22 @@ from typing import Any
 from radixrt.server.protocol import bad_request
 
 
-def load_tokenizer(model_path: str | None) -> Any:
+def load_tokenizer(model_path: str) -> Any:
     """AutoTokenizer from a HF directory, or from a .gguf file's embedded vocabulary."""
     from transformers import AutoTokenizer
 
-    if model_path is None:
-        raise ValueError("the worker reported no model path; the router needs the model's "
-                         "tokenizer (dummy-weight models cannot be served over HTTP)")
     p = Path(model_path)
     if p.is_file() and p.suffix == ".gguf":
         return AutoTokenizer.from_pretrained(str(p.parent), gguf_file=p.name)
     return AutoTokenizer.from_pretrained(str(p))
+
+
+def load_codec(model_path: str | None, skip_tokenizer_init: bool) -> TextCodec | None:
+    """The router's codec, or None to serve token ids only: when asked to, or when the worker
+    reported no model path (dummy weights: there is no tokenizer to load)."""
+    if skip_tokenizer_init or model_path is None:
+        return None
+    return TextCodec(load_tokenizer(model_path))
 
 
 class TextCodec:

@@ -38,7 +38,7 @@ class SequenceMemory:
         """Start (or resume) a sequence on its longest cached prefix (at most ``max_tokens``
         tokens); returns matched tokens."""
         assert not seq.pages.pages and seq.cache_handle is None, f"{seq.rid} already holds memory"
-        tokens = seq.token_ids()
+        tokens = seq.token_array()
         if max_tokens is not None:
             tokens = tokens[: max_tokens + 1]  # match_prefix leaves the last token uncached
         if not use_cache or len(tokens) < 2:
@@ -74,7 +74,7 @@ class SequenceMemory:
         full_pages = min(seq.kv_len, seq.num_tokens) // self.page_size
         if full_pages == 0:
             return
-        tokens = seq.token_ids()[: full_pages * self.page_size]
+        tokens = seq.token_array()[: full_pages * self.page_size]
         result = self.cache.insert(tokens, seq.pages.pages[:full_pages], seq.namespace)
         if result.pages != seq.pages.pages[:full_pages]:
             seq.pages.replace_prefix_pages(result.pages, self.allocator)

@@ -3,7 +3,7 @@
 ``lpm``: requests that share a long cached stem go first and together. Each waiting request is
 matched against the radix tree; requests are then visited in a depth-first walk of the tree of
 their matched nodes, heavier subtrees (more waiting requests below) first, as in the SGLang
-paper's DFS-weight order. Within one node, longer prompts matched... ties keep arrival order.
+paper's DFS-weight order; ties keep arrival order.
 
     root (w=5)                 visit order:  A-subtree (w=3) before B (w=2);
      ├── A (w=3) ── A1 (w=2)   inside A: requests at A1 (w=2), then those at A itself
@@ -39,7 +39,7 @@ def order_waiting(waiting: list[Sequence], cache: RadixCache, policy: str) -> li
     paths: dict[int, list[Node]] = {}
     weight: Counter[int] = Counter()  # node id -> waiting requests at or below it
     for seq in waiting:
-        match = cache.match_prefix(seq.token_ids(), seq.namespace, record_stats=False)
+        match = cache.match_prefix(seq.token_array(), seq.namespace, record_stats=False)
         path: list[Node] = []
         node: Node | None = match.handle
         while node is not None:

@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
 
 from radixrt.cache.page_table import SequencePages
@@ -53,7 +54,7 @@ class Sequence:
     prompt_logprobs: list[float | None] | None = None
     prompt_logprobs_sent: bool = False
     matched_stop_token: int | None = None
-    policy_cache: dict[str, Any] = field(default_factory=dict)  # scratch for the policy
+    _array: np.ndarray | None = field(default=None, repr=False)  # token_array() cache
 
     @property
     def num_tokens(self) -> int:
@@ -61,6 +62,13 @@ class Sequence:
 
     def token_ids(self) -> list[int]:
         return self.prompt_ids + self.output_ids
+
+    def token_array(self) -> np.ndarray:
+        """prompt + output as int32, rebuilt only when tokens were appended: radix matching of
+        long prompts (policy probes every step, admission) then skips list conversion."""
+        if self._array is None or len(self._array) != self.num_tokens:
+            self._array = np.asarray(self.token_ids(), dtype=np.int32)
+        return self._array
 
     @property
     def num_to_compute(self) -> int:

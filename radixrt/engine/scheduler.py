@@ -215,7 +215,7 @@ class Scheduler:
             cap = seq.params.logprob_start_len - 1 if needs_prompt_logprobs else None
             use_cache = cache.enabled
             matched = self.memory.attach_prefix(seq, use_cache=use_cache, max_tokens=cap)
-            if use_cache and admitted.shares_stem(seq.token_ids(), matched):
+            if use_cache and admitted.shares_stem(seq.token_array(), matched):
                 # Its stem is being computed this step by another request: wait for the hit.
                 self.memory.release(seq, keep_in_cache=False)
                 seq.kv_len = 0
@@ -236,7 +236,7 @@ class Scheduler:
                 seq.cached_tokens = min(matched, len(seq.prompt_ids))
                 self.cached_prompt_tokens += seq.cached_tokens
             if use_cache:
-                admitted.add(seq.token_ids())
+                admitted.add(seq.token_array())
             if needs_prompt_logprobs:
                 # Entry k scores prompt token k; tokens up to the cached prefix are not scored
                 # (the first token never is: nothing precedes it).

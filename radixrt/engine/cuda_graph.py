@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -134,10 +133,3 @@ class DecodeGraphs:
         self.out_slots[start:end].zero_()
         self.page_table[start:end].zero_()
 
-
-def maybe_graphs(factory: Callable[[], DecodeGraphs], enabled: bool) -> DecodeGraphs | None:
-    if not enabled:
-        return None
-    graphs = factory()
-    graphs.capture()
-    return graphs

@@ -170,7 +170,8 @@ class Engine:
         done = 0
         while self.core.has_work():
             for d in self.core.step():
-                by_rid[d.rid].feed(d) if d.rid in by_rid else None
+                if d.rid in by_rid:
+                    by_rid[d.rid].feed(d)
             now = sum(t.out.finished for t in trackers)
             bar.update(now - done)
             done = now

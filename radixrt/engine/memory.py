@@ -55,11 +55,14 @@ class SequenceMemory:
         """Reserve slots for ``total_tokens`` tokens of ``seq``, evicting LRU cache if short."""
         if seq.pages.ensure_capacity(total_tokens, self.allocator):
             return True
-        missing = -(-total_tokens // self.page_size) - seq.pages.num_pages
-        short = missing - self.allocator.num_free
+        self._free_up(-(-total_tokens // self.page_size) - seq.pages.num_pages)
+        return seq.pages.ensure_capacity(total_tokens, self.allocator)
+
+    def _free_up(self, pages: int) -> None:
+        """Evict LRU cache so ``pages`` pages are free, if the evictable part can cover it."""
+        short = pages - self.allocator.num_free
         if short > 0 and self.cache.evictable_pages >= short:
             self.cache.evict(short)
-        return seq.pages.ensure_capacity(total_tokens, self.allocator)
 
     def commit_progress(self, seq: Sequence) -> None:
         """Insert the sequence's computed full pages into the tree so others can share them.
@@ -102,12 +105,8 @@ class SequenceMemory:
         partial = parent.kv_len % self.page_size
         shared = parent.pages.pages[:full]
         if partial:
+            self._free_up(1)
             fresh = self.allocator.alloc(1)
-            if fresh is None:
-                short = 1 - self.allocator.num_free
-                if self.cache.evictable_pages >= short:
-                    self.cache.evict(short)
-                fresh = self.allocator.alloc(1)
             if fresh is None:
                 return False
             self._copy_pages([parent.pages.pages[full]], fresh)

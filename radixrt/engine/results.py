@@ -27,7 +27,6 @@ if TYPE_CHECKING:
 class InFlight:
     """A launched step whose sampled tokens the host has not read yet."""
 
-    work: list[tuple[Sequence, int]]
     sampled: list[Sequence]  # in draw order; row i of pending.tokens belongs to sampled[i]
     pending: PendingSample | None
 
@@ -60,12 +59,12 @@ def launch_results(
         to_sample.append(seq)
         rows.append(item.sample_row)
     if not to_sample:
-        return InFlight(work, [], None)
+        return InFlight([], None)
     picked = logits if rows == list(range(logits.shape[0])) else logits[rows]
     pending = sched.sampler.draw(
         picked, [SamplerRow(s.params, s.generator, s.prompt_ids, s.output_ids) for s in to_sample]
     )
-    return InFlight(work, to_sample, pending)
+    return InFlight(to_sample, pending)
 
 
 def complete(sched: Scheduler, flight: InFlight, deltas: list[SequenceDelta]) -> None:

@@ -334,7 +334,6 @@ class Scheduler:
     # ---- introspection -----------------------------------------------------------------
     def stats(self) -> EngineStats:
         cache = self.memory.cache.stats()
-        refs = SequenceMemory.external_refs(self.running)
         in_tree = self.memory.cache.evictable_pages + self.memory.cache.locked_pages
         private = self.memory.allocator.num_used - in_tree
         return EngineStats(
@@ -346,7 +345,7 @@ class Scheduler:
             query_tokens=self.prompt_tokens_total, evictions=cache.evictions,
             retractions=self.retractions, prompt_tokens_total=self.prompt_tokens_total,
             generated_tokens_total=self.generated_tokens_total,
-            extra={"held_page_refs": float(sum(refs.values())),
+            extra={"held_page_refs": float(sum(s.pages.num_pages for s in self.running)),
                    "overlapped_steps": float(self.overlapped_steps)},
         )
 

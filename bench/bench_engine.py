@@ -9,6 +9,8 @@
 - e2e:     batch 128, 512 in / 128 out, end-to-end time vs the workload floor.
 - agree:   64 prompts x 64 greedy tokens, prefix cache on vs off (token agreement).
 - hf:      transformers generate on the same shape, prompts and lengths (the baseline).
+- det_decode, det_prefill, det_e2e, det_agree: the same on a second engine with deterministic
+           inference (batch-invariant kernels); keys prefixed det_.
 Writes engine.json under --out and prints a table.
 """
 
@@ -227,6 +229,40 @@ def run_hf(args_cfg: dict[str, Any], ceil: dict[str, float]) -> dict[str, Any]:
     return {"hf_e2e_s": dt, "hf_out_tok_s": 128 * 128 / dt}
 
 
+def run_engine_sections(a: argparse.Namespace, sections: set[str], res: dict[str, Any],
+                        nums: dict[str, float], ceil: dict[str, float], margs: ModelArgs,
+                        out_dir: Path, *, deterministic: bool) -> None:
+    """The engine sections on one engine; with deterministic inference the sections are named
+    ``det_<name>`` and their result keys get the same prefix."""
+    prefix = "det_" if deterministic else ""
+    wanted = {s[len(prefix):] for s in sections if s.startswith(prefix)} if deterministic else sections
+    if not wanted & {"decode", "prefill", "e2e", "agree"}:
+        return
+    t = time.perf_counter()
+    eng = Engine(a.preset, load_format="dummy", device="cuda", dtype="bfloat16", page_size=16,
+                 max_running_requests=256, chunked_prefill_size=8192, max_prefill_tokens=16384,
+                 mem_fraction=0.80, disable_cuda_graph=a.disable_cuda_graph,
+                 deterministic_inference=deterministic)
+    res[prefix + "engine_start_s"] = time.perf_counter() - t
+    res[prefix + "kv_pages"] = eng.stats().total_pages
+    print(f"{prefix}engine up in {res[prefix + 'engine_start_s']:.1f}s, "
+          f"{res[prefix + 'kv_pages']} pages", flush=True)
+    steps: list[tuple[str, Any]] = [("decode", run_decode), ("prefill", run_prefill), ("e2e", run_e2e)]
+    for name, fn in steps:
+        if name in wanted:
+            got = fn(eng, nums, ceil, margs)
+            res.update({prefix + k: v for k, v in got.items()})
+            print(prefix + name, got, flush=True)
+            (out_dir / "engine.json").write_text(json.dumps(res, indent=2))
+    if "agree" in wanted:
+        got = run_agree(eng, margs)
+        res.update({prefix + k: v for k, v in got.items()})
+        print(prefix + "agree", got, flush=True)
+    del eng
+    gc.collect()
+    torch.cuda.empty_cache()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="bench/results")
@@ -244,24 +280,8 @@ def main() -> None:
     margs = ModelArgs.from_hf_config(cfg)
     nums = model_numbers(margs)
     res.update(nums)
-    t = time.perf_counter()
-    eng = Engine(a.preset, load_format="dummy", device="cuda", dtype="bfloat16", page_size=16,
-                 max_running_requests=256, chunked_prefill_size=8192, max_prefill_tokens=16384,
-                 mem_fraction=0.80, disable_cuda_graph=a.disable_cuda_graph)
-    res["engine_start_s"] = time.perf_counter() - t
-    res["kv_pages"] = eng.stats().total_pages
-    print(f"engine up in {res['engine_start_s']:.1f}s, {res['kv_pages']} pages", flush=True)
-    for name, fn in (("decode", run_decode), ("prefill", run_prefill), ("e2e", run_e2e)):
-        if name in sections:
-            res.update(fn(eng, nums, ceil, margs))
-            print(name, {k: v for k, v in res.items() if k.startswith(name)}, flush=True)
-            (out_dir / "engine.json").write_text(json.dumps(res, indent=2))
-    if "agree" in sections:
-        res.update(run_agree(eng, margs))
-        print("agree", {k: v for k, v in res.items() if k.startswith("agree")}, flush=True)
-    del eng
-    gc.collect()
-    torch.cuda.empty_cache()
+    for deterministic in (False, True):
+        run_engine_sections(a, sections, res, nums, ceil, margs, out_dir, deterministic=deterministic)
     if "hf" in sections:
         res.update(run_hf(cfg, ceil))
         res["speedup_vs_hf"] = res["hf_e2e_s"] / res["e2e_s"] if "e2e_s" in res else None

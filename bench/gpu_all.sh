@@ -8,6 +8,8 @@
 #   SECTIONS           bench_engine.py sections (ceilings,decode,prefill,e2e,agree,hf)
 #                                                               (default: ceilings,decode,e2e,agree)
 #   KERNEL_BENCH=1     also run bench/bench_kernels.py
+#   INVARIANT_BENCH=1  also run bench/bench_invariant.py (deterministic-inference kernels)
+#   T_ENGINE           timeout of bench_engine.py in seconds    (default: 240)
 #   SUITE=0            skip the workload suite; SCALE / T_RADIX / T_NOCACHE / T_HF size it
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -18,13 +20,16 @@ unset TRITON_INTERPRET
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv | tee "$WORK/gpu.txt"
 # shellcheck disable=SC2086
-timeout 330 python3 -m pytest -q -x -m gpu -p no:cacheprovider ${GPU_TESTS:-tests/engine/test_engine_gpu.py} \
+timeout 330 python3 -m pytest -q --maxfail=5 -m gpu -p no:cacheprovider ${GPU_TESTS:-tests/engine/test_engine_gpu.py} \
   -k "${GPU_TEST_FILTER:-llama}" 2>&1 | tee "$WORK/gpu_tests.log" | tail -4
 if [ "${KERNEL_BENCH:-0}" = 1 ]; then
   timeout 200 python3 bench/bench_kernels.py --out "$WORK" 2>&1 | tee "$WORK/bench_kernels.log" | tail -20
 fi
-timeout 240 python3 bench/bench_engine.py --out "$WORK" --sections "${SECTIONS:-ceilings,decode,e2e,agree}" \
-  2>&1 | grep -v "generate:" | tee "$WORK/bench_engine.log" | tail -32
+if [ "${INVARIANT_BENCH:-0}" = 1 ]; then
+  timeout 200 python3 bench/bench_invariant.py --out "$WORK" 2>&1 | tee "$WORK/bench_invariant.log" | tail -40
+fi
+timeout "${T_ENGINE:-240}" python3 bench/bench_engine.py --out "$WORK" --sections "${SECTIONS:-ceilings,decode,e2e,agree}" \
+  2>&1 | grep -v "generate:" | tee "$WORK/bench_engine.log" | tail -60
 if [ "${SUITE:-1}" = 1 ]; then
   OUT="$WORK/suite" SCALE="${SCALE:-0.5}" T_RADIX="${T_RADIX:-120}" T_NOCACHE="${T_NOCACHE:-100}" \
     T_HF="${T_HF:-60}" timeout 300 bash bench/gpu_suite.sh > "$WORK/suite.log" 2>&1

@@ -47,6 +47,10 @@ def add_serve_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--disable-overlap", action="store_const", const=False, default=None,
                     dest="overlap_schedule",
                     help="read each step's tokens before launching the next (default on CUDA: overlap)")
+    ap.add_argument("--enable-deterministic-inference", action="store_const", const=True,
+                    default=None, dest="deterministic_inference",
+                    help="batch-invariant GEMM and attention kernels (CUDA): outputs never depend "
+                    "on the prefix cache, batch composition or chunking; slower")
 
 
 def config_from_args(args: argparse.Namespace) -> ServerConfig:

@@ -51,6 +51,9 @@ class EngineConfig:
     # None = on for CUDA, off for CPU (where nothing runs asynchronously).
     overlap_schedule: bool | None = None
     seed: int = 0
+    # Batch-invariant kernels (GEMM and attention): a request's tokens and logprobs never
+    # depend on the prefix cache, batch composition or chunking. CUDA + Triton only; slower.
+    deterministic_inference: bool = False
     debug_invariants: bool = False  # check cache/pool invariants whenever the engine is idle
 
     def __post_init__(self) -> None:
@@ -77,6 +80,10 @@ class EngineConfig:
         need(self.dtype == "auto" or self.dtype in _DTYPES, "dtype",
              f"must be 'auto' or one of {sorted(_DTYPES)}, got {self.dtype!r}")
         need(self.max_context_len is None or self.max_context_len >= 2, "max_context_len", "must be >= 2")
+        need(not self.deterministic_inference or self.device.startswith("cuda"),
+             "deterministic_inference", "needs device='cuda' (it runs batch-invariant Triton kernels)")
+        need(not self.deterministic_inference or self.attention_backend in ("auto", "triton"),
+             "deterministic_inference", f"needs the triton attention backend, not {self.attention_backend!r}")
         need(self.load_format in ("auto", "safetensors", "gguf", "dummy"), "load_format",
              f"unknown load format {self.load_format!r}")
 

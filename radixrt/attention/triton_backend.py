@@ -7,6 +7,9 @@ allocations. The split partials live in buffers allocated once here, sized for t
 ``batch_size * num_splits`` any batch up to ``max_batch_size`` can use; ``prepare`` picks the
 split count from the batch size alone (a host int), so a graph captured at a batch size replays
 with the same grid whatever the sequence lengths.
+
+With ``deterministic=True`` every step (prefill, mixed, decode) runs the batch-invariant kernel
+instead, so a token's attention output never depends on the batch it was computed in.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import torch
 from radixrt.attention.base import AttentionBackend
 from radixrt.kernels.decode_attention import choose_num_splits, decode_attention
 from radixrt.kernels.extend_attention import extend_attention
+from radixrt.kernels.invariant_attention import invariant_attention
 from radixrt.kernels.store_kv import store_kv
 
 if TYPE_CHECKING:
@@ -38,6 +42,7 @@ class TritonAttentionBackend(AttentionBackend):
         max_kv_splits: int = 32,
         min_split_len: int = 256,
         num_sms: int | None = None,
+        deterministic: bool = False,
     ) -> None:
         super().__init__(num_heads, num_kv_heads, head_dim, scale)
         assert max_batch_size >= 1 and max_kv_splits >= 1, "need a positive batch and split cap"
@@ -51,7 +56,10 @@ class TritonAttentionBackend(AttentionBackend):
         self.max_batch_size = max_batch_size
         self.max_kv_splits = max_kv_splits
         self.min_split_len = min_split_len
-        rows = max(b * self.num_splits_for(b) for b in range(1, max_batch_size + 1))
+        self.deterministic = deterministic
+        rows = 0 if deterministic else max(
+            b * self.num_splits_for(b) for b in range(1, max_batch_size + 1)
+        )
         # Flat fp32 partials: viewed as [B, Hq, num_splits, (D)] by the decode kernels.
         self._part_out = torch.empty(
             rows * num_heads * head_dim, dtype=torch.float32, device=self.device
@@ -81,6 +89,11 @@ class TritonAttentionBackend(AttentionBackend):
     ) -> torch.Tensor:  # [T, Hq, D]
         k_flat, v_flat = pool.k_flat(layer_id), pool.v_flat(layer_id)
         store_kv(k_flat, v_flat, batch.out_slots, k, v)
+        if self.deterministic:
+            return invariant_attention(
+                q, k_flat, v_flat, batch.qo_indptr, batch.prefix_lens, batch.page_table,
+                batch.page_size, batch.max_extend_len, self.scale,
+            )
         if batch.is_decode:
             return decode_attention(
                 q,

@@ -23,6 +23,7 @@ from radixrt.engine.runner import ModelRunner, make_attention_backend
 from radixrt.engine.sampler import Sampler
 from radixrt.engine.scheduler import Scheduler
 from radixrt.models.args import ModelArgs
+from radixrt.models.layers import set_gemm
 from radixrt.models.loader import load_model
 from radixrt.sampling_params import SamplingParams
 
@@ -89,7 +90,13 @@ class EngineCore:
             config.attention_backend, device, num_heads=args.num_heads,
             num_kv_heads=args.num_kv_heads, head_dim=args.head_dim,
             max_batch=config.max_running_requests, dtype=config.torch_dtype,
+            deterministic=config.deterministic_inference,
         )
+        if config.deterministic_inference:
+            from radixrt.kernels.matmul import batch_invariant_linear
+
+            rerouted = set_gemm(loaded.model, batch_invariant_linear)
+            logger.info("deterministic inference: %d projections on the batch-invariant GEMM", rerouted)
         max_context = config.max_context_len or args.max_position_embeddings
         use_graphs = device.type == "cuda" and not config.disable_cuda_graph
         self.runner = ModelRunner(

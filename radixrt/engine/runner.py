@@ -16,11 +16,13 @@ logger = logging.getLogger(__name__)
 
 def make_attention_backend(
     name: str, device: torch.device, *, num_heads: int, num_kv_heads: int, head_dim: int,
-    max_batch: int, dtype: torch.dtype,
+    max_batch: int, dtype: torch.dtype, deterministic: bool = False,
 ) -> AttentionBackend:
     scale = head_dim**-0.5
     if name == "auto":
         name = "triton" if device.type == "cuda" else "torch"
+    if deterministic and name != "triton":
+        raise ValueError(f"deterministic inference needs the triton attention backend, not {name!r}")
     if name == "torch":
         from radixrt.attention.torch_ref import TorchReferenceBackend
 
@@ -29,7 +31,8 @@ def make_attention_backend(
         from radixrt.attention.triton_backend import TritonAttentionBackend
 
         return TritonAttentionBackend(num_heads, num_kv_heads, head_dim, scale, device=device,
-                                      max_batch_size=max(max_batch, 1))
+                                      max_batch_size=max(max_batch, 1),
+                                      deterministic=deterministic)
     if name == "flashinfer":
         from radixrt.attention.flashinfer_backend import FlashInferBackend
 

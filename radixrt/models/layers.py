@@ -29,6 +29,10 @@ AttnFn = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 Device = torch.device | str
 
+# gemm(x[..., K], weight[N, K], bias[N] | None) -> [..., N]: F.linear, or a batch-invariant
+# kernel under deterministic inference (see ``set_gemm``).
+GemmFn = Callable[[torch.Tensor, torch.Tensor, "torch.Tensor | None"], torch.Tensor]
+
 
 @functools.cache
 def _kernel_module(name: str) -> ModuleType | None:
@@ -198,9 +202,10 @@ class Linear(nn.Module):
         self.bias = (
             nn.Parameter(torch.empty(out_features, dtype=dtype, device=device)) if bias else None
         )
+        self.gemm: GemmFn = F.linear
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
+        return self.gemm(x, self.weight, self.bias)
 
 
 class GatedMLP(nn.Module):
@@ -237,6 +242,20 @@ class LMHead(nn.Module):
         self.weight = nn.Parameter(torch.empty(vocab, hidden, dtype=dtype, device=device))
 
 
-def lm_logits(hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+def lm_logits(hidden: torch.Tensor, weight: torch.Tensor, gemm: GemmFn = F.linear) -> torch.Tensor:
     """hidden[N, H] x weight[V, H] -> logits [N, V] float32 (matmul in the model dtype, as HF)."""
-    return F.linear(hidden, weight).float()
+    return gemm(hidden, weight, None).float()
+
+
+def set_gemm(model: nn.Module, gemm: GemmFn) -> int:
+    """Route every projection of ``model`` (and its logits, via a ``logits_gemm`` attribute)
+    through ``gemm``; returns how many were rerouted."""
+    count = 0
+    for module in model.modules():
+        if isinstance(module, Linear):
+            module.gemm = gemm
+            count += 1
+        if hasattr(module, "logits_gemm"):
+            setattr(module, "logits_gemm", gemm)  # noqa: B010 (attribute of unknown module types)
+            count += 1
+    return count

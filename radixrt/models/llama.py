@@ -15,6 +15,7 @@ from collections.abc import Iterable
 from typing import ClassVar
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from radixrt.models.args import ModelArgs
@@ -22,6 +23,7 @@ from radixrt.models.layers import (
     AttnFn,
     Device,
     GatedMLP,
+    GemmFn,
     Linear,
     LMHead,
     RMSNorm,
@@ -171,6 +173,7 @@ class LlamaForCausalLM(nn.Module):
             if args.tie_word_embeddings
             else LMHead(args.vocab_size, args.hidden_size, dtype=dtype, device=device)
         )
+        self.logits_gemm: GemmFn = F.linear
 
     def forward(
         self,
@@ -182,7 +185,7 @@ class LlamaForCausalLM(nn.Module):
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:  # [N, H] -> [N, V] fp32
         weight = self.lm_head.weight if self.lm_head is not None else self.model.embed_tokens.weight
-        return lm_logits(hidden, weight)
+        return lm_logits(hidden, weight, self.logits_gemm)
 
     # ----------------------------------------------------------------------- weights
 

@@ -38,6 +38,7 @@ _ENGINE_FIELDS = (
     "disable_cuda_graph",
     "cuda_graph_max_batch",
     "overlap_schedule",
+    "deterministic_inference",
 )
 
 
@@ -78,6 +79,7 @@ class ServerConfig:
     disable_cuda_graph: bool | None = None
     cuda_graph_max_batch: int | None = None
     overlap_schedule: bool | None = None
+    deterministic_inference: bool | None = None
 
     def __post_init__(self) -> None:
         try:

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from radixrt import Engine, SamplingParams
+from radixrt.config import EngineConfig
 from tests.fixtures.tiny_models import load_hf_model
 
 GREEDY = SamplingParams(temperature=0.0, max_new_tokens=24, ignore_eos=True)
@@ -226,6 +227,16 @@ def test_streaming_increments_concatenate(llama_dir):
 def test_invalid_sampling_params_name_the_field(kwargs, field):
     with pytest.raises(ValueError, match=field):
         SamplingParams(**kwargs)
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [dict(deterministic_inference=True),  # CPU: no Triton kernels to make it batch-invariant
+     dict(device="cuda", deterministic_inference=True, attention_backend="flashinfer")],
+)
+def test_deterministic_inference_rejects_what_it_cannot_guarantee(kwargs):
+    with pytest.raises(ValueError, match="deterministic_inference"):
+        EngineConfig(**kwargs)
 
 
 def test_invalid_prompts_raise_and_nothing_leaks(llama_dir):

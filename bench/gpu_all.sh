@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Everything GPU in one device call (< 10 min with the defaults): GPU tests, the engine benchmark
+# Everything GPU in one device call (carry .whl from ../shared/device/wheels.sh) (< 10 min with the defaults): GPU tests, the engine benchmark
 # (issue 6) and the workload suite (issue 7). Results: $OUT/all.tgz (every log, JSON and plot)
 # plus the headline files engine.json and summary.md.   Run: PYTHONUNBUFFERED=1 bash bench/gpu_all.sh
 # Knobs (env):
@@ -17,6 +17,12 @@ OUT="${OUT:-bench/results/gpu_all}"
 WORK=/tmp/radixrt_gpu_all
 rm -rf "$WORK"; mkdir -p "$WORK" "$OUT"
 unset TRITON_INTERPRET
+# Wheels the image lacks (msgspec, pyzmq, ...: ../shared/device/wheels.sh), carried as .whl.
+if ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target /tmp/site .whl/*.whl && export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
+fi
+python3 -c "import msgspec, zmq" || echo "WARNING: msgspec/pyzmq missing: carry .whl (../shared/device/wheels.sh)"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv | tee "$WORK/gpu.txt"
 # shellcheck disable=SC2086

@@ -44,7 +44,8 @@ def _split_range(
     return start, end
 
 
-@triton.jit
+# The page-table width changes step to step: one compiled variant for every width.
+@triton.jit(do_not_specialize=["stride_pt"])
 def _decode_stage1_kernel(
     Q,  # [B, Hq, D]
     K,  # [S, Hkv, D] flat pool layer

@@ -107,7 +107,8 @@ def _attend_block(
     return acc, m_new, l_i
 
 
-@triton.jit
+# The page-table width changes step to step: one compiled variant for every width.
+@triton.jit(do_not_specialize=["stride_pt"])
 def _extend_attention_kernel(
     Q,  # [T, Hq, D]
     K,  # [S, Hkv, D] flat pool layer

@@ -36,7 +36,8 @@ from radixrt.kernels.extend_attention import (
 )
 
 
-@triton.jit
+# The page-table width changes step to step: one compiled variant for every width.
+@triton.jit(do_not_specialize=["stride_pt"])
 def _invariant_attention_kernel(
     Q,  # [T, Hq, D]
     K,  # [S, Hkv, D] flat pool layer

@@ -1,0 +1,61 @@
+#!/usr/bin/env bash
+# On the GPU machine, from the repo root: install the FlashInfer wheels carried in .whl_fi/
+# (flashinfer-python 0.6.18.post1, JIT-only, + apache-tvm-ffi) into /tmp/fi_site, import
+# flashinfer, then run the gpu-marked FlashInfer backend tests. Usage (carry .whl_fi):
+#   bash bench/gpu_flashinfer.sh        # log also goes to $OUT/flashinfer.log when OUT is set
+# The wheels hold no kernels: the first plan() JIT-compiles them with the machine's nvcc into
+# /tmp/fi_ws. Expect ~1-3 min on 16 cores for the two modules the tests need (FA3 sm90a prefill,
+# FA2 tensor-core decode); a rerun on the same warm machine reuses the cache (seconds).
+# Each step reports its own failure; the script always exits 0.
+cd "$(dirname "$0")/.." || exit 0
+LOG=/dev/null
+[ -n "${OUT:-}" ] && mkdir -p "$OUT" && LOG="$OUT/flashinfer.log"
+exec > >(tee -a "$LOG") 2>&1
+say() { echo "== gpu_flashinfer: $*"; }
+
+say "install .whl_fi/*.whl -> /tmp/fi_site"
+if ! python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/fi_site .whl_fi/*.whl; then
+  say "FAILED: wheel install (is .whl_fi in carry?)"; exit 0
+fi
+export PYTHONPATH="/tmp/fi_site:$PWD${PYTHONPATH:+:$PYTHONPATH}"
+export FLASHINFER_CUDA_ARCH_LIST="9.0" MAX_JOBS="${MAX_JOBS:-$(nproc)}"   # 9.0 -> sm_90a
+export FLASHINFER_WORKSPACE_BASE=/tmp/fi_ws TVM_FFI_CACHE_DIR=/tmp/fi_ws/tvm-ffi
+unset TRITON_INTERPRET
+export PATH="$PATH:/sbin:/usr/sbin"   # ldconfig
+NVCC="$(command -v nvcc || echo /usr/local/cuda/bin/nvcc)"
+export CUDA_HOME="${CUDA_HOME:-$(dirname "$(dirname "$NVCC")")}"
+say "CUDA_HOME=$CUDA_HOME MAX_JOBS=$MAX_JOBS; $("$NVCC" --version 2>&1 | grep release || echo 'nvcc NOT FOUND')"
+
+# FA3 (sm90) sources include <curand_kernel.h>; take it from pip's nvidia-curand if the CTK lacks it.
+if [ ! -f "$CUDA_HOME/include/curand_kernel.h" ]; then
+  h="$(python3 -c 'import glob,site,sys; print(next((h for p in site.getsitepackages()+sys.path for h in glob.glob(p+"/nvidia/*/include/curand_kernel.h")), ""))' 2>/dev/null)"
+  if [ -n "$h" ]; then
+    mkdir -p /tmp/fi_inc && ln -sf "$(dirname "$h")"/curand*.h /tmp/fi_inc/
+    export FLASHINFER_EXTRA_CUDAFLAGS="-isystem /tmp/fi_inc"; say "curand headers from $(dirname "$h")"
+  else say "WARNING: curand_kernel.h not found; the FA3 prefill build will fail"; fi
+fi
+# The JIT links with -lcuda; give ld a libcuda.so if neither the CTK stubs nor ldconfig have one.
+if ! ls "$CUDA_HOME"/lib64/stubs/libcuda.so "$CUDA_HOME"/lib64/libcuda.so >/dev/null 2>&1 \
+   && ! ldconfig -p 2>/dev/null | grep -q 'libcuda\.so '; then
+  lib="$(ldconfig -p 2>/dev/null | awk '/libcuda\.so\.1 /{print $NF; exit}')"
+  [ -z "$lib" ] && lib="$(ls /usr/local/nvidia/lib64/libcuda.so.1 /usr/lib/x86_64-linux-gnu/libcuda.so.1 \
+    /usr/lib64/libcuda.so.1 "$CUDA_HOME"/targets/*/lib/stubs/libcuda.so 2>/dev/null | head -1)"
+  if [ -n "$lib" ]; then
+    mkdir -p /tmp/fi_lib && ln -sf "$lib" /tmp/fi_lib/libcuda.so
+    export FLASHINFER_EXTRA_LDFLAGS="-L/tmp/fi_lib"; say "linking -lcuda against $lib"
+  else say "WARNING: no libcuda.so found for the JIT link step"; fi
+fi
+
+say "import flashinfer"
+if ! python3 -c 'import torch, flashinfer, tvm_ffi; print("flashinfer", flashinfer.__version__, "tvm_ffi", tvm_ffi.__version__, "torch", torch.__version__, torch.version.cuda)'; then
+  say "FAILED: import flashinfer"; exit 0
+fi
+
+say "pytest (first run JIT-compiles; timeout ${FI_TIMEOUT:-400}s)"
+start=$SECONDS
+timeout "${FI_TIMEOUT:-400}" python3 -m pytest -q -rs -m gpu -p no:cacheprovider tests/unit/test_flashinfer_backend.py
+rc=$?
+say "pytest rc=$rc in $((SECONDS - start))s$([ $rc -eq 124 ] && echo ' (TIMED OUT: rerun on the warm machine resumes the JIT from /tmp/fi_ws)')"
+jl="$(ls /tmp/fi_ws/.cache/flashinfer/flashinfer_jit.log 2>/dev/null)"
+[ -n "$jl" ] && [ -n "${OUT:-}" ] && cp "$jl" "$OUT/flashinfer_jit.log"
+exit 0

@@ -244,7 +244,7 @@ def run_engine_sections(a: argparse.Namespace, sections: set[str], res: dict[str
     eng = Engine(a.preset, load_format="dummy", device="cuda", dtype="bfloat16", page_size=16,
                  max_running_requests=256, chunked_prefill_size=8192, max_prefill_tokens=16384,
                  mem_fraction=0.80, disable_cuda_graph=a.disable_cuda_graph,
-                 deterministic_inference=deterministic)
+                 attention_backend=a.attention_backend, deterministic_inference=deterministic)
     res[prefix + "engine_start_s"] = time.perf_counter() - t
     res[prefix + "kv_pages"] = eng.stats().total_pages
     print(f"{prefix}engine up in {res[prefix + 'engine_start_s']:.1f}s, "
@@ -271,11 +271,13 @@ def main() -> None:
     ap.add_argument("--preset", default="llama3-8b")
     ap.add_argument("--sections", default="ceilings,decode,prefill,e2e,agree,hf")
     ap.add_argument("--disable-cuda-graph", action="store_true")
+    ap.add_argument("--attention-backend", default="auto", help="auto (Triton) or flashinfer")
     a = ap.parse_args()
     sections = set(a.sections.split(","))
     out_dir = Path(a.out)
     out_dir.mkdir(parents=True, exist_ok=True)
-    res: dict[str, Any] = {"device": torch.cuda.get_device_name(), "preset": a.preset}
+    res: dict[str, Any] = {"device": torch.cuda.get_device_name(), "preset": a.preset,
+                           "attention_backend": a.attention_backend}
     ceil = measure_ceilings("cuda")
     res.update(ceil)
     cfg = preset_config(a.preset)

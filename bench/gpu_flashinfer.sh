@@ -6,6 +6,7 @@
 # The wheels hold no kernels: the first plan() JIT-compiles them with the machine's nvcc into
 # /tmp/fi_ws. Expect ~1-3 min on 16 cores for the two modules the tests need (FA3 sm90a prefill,
 # FA2 tensor-core decode); a rerun on the same warm machine reuses the cache (seconds).
+# FI_BENCH=1: after the tests pass, also time the engine on FlashInfer (bench_engine.py).
 # Each step reports its own failure; the script always exits 0.
 cd "$(dirname "$0")/.." || exit 0
 LOG=/dev/null
@@ -18,12 +19,20 @@ if ! python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir 
   say "FAILED: wheel install (is .whl_fi in carry?)"; exit 0
 fi
 export PYTHONPATH="/tmp/fi_site:$PWD${PYTHONPATH:+:$PYTHONPATH}"
+# The engine itself needs msgspec / pyzmq (../shared/device/wheels.sh -> .whl, carried too).
+if ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target /tmp/site .whl/*.whl && export PYTHONPATH="$PYTHONPATH:/tmp/site"
+fi
 export FLASHINFER_CUDA_ARCH_LIST="9.0" MAX_JOBS="${MAX_JOBS:-$(nproc)}"   # 9.0 -> sm_90a
 export FLASHINFER_WORKSPACE_BASE=/tmp/fi_ws TVM_FFI_CACHE_DIR=/tmp/fi_ws/tvm-ffi
 unset TRITON_INTERPRET
 export PATH="$PATH:/sbin:/usr/sbin"   # ldconfig
-NVCC="$(command -v nvcc || echo /usr/local/cuda/bin/nvcc)"
-export CUDA_HOME="${CUDA_HOME:-$(dirname "$(dirname "$NVCC")")}"
+if [ -z "${CUDA_HOME:-}" ]; then   # FlashInfer's own guess (dirname of `which nvcc`) breaks on symlinks
+  if [ -x /usr/local/cuda/bin/nvcc ]; then CUDA_HOME=/usr/local/cuda
+  else CUDA_HOME="$(dirname "$(dirname "$(readlink -f "$(command -v nvcc)")")")"; fi
+fi
+export CUDA_HOME; NVCC="$CUDA_HOME/bin/nvcc"
 say "CUDA_HOME=$CUDA_HOME MAX_JOBS=$MAX_JOBS; $("$NVCC" --version 2>&1 | grep release || echo 'nvcc NOT FOUND')"
 
 # FA3 (sm90) sources include <curand_kernel.h>; take it from pip's nvidia-curand if the CTK lacks it.
@@ -56,6 +65,11 @@ start=$SECONDS
 timeout "${FI_TIMEOUT:-400}" python3 -m pytest -q -rs -m gpu -p no:cacheprovider tests/unit/test_flashinfer_backend.py
 rc=$?
 say "pytest rc=$rc in $((SECONDS - start))s$([ $rc -eq 124 ] && echo ' (TIMED OUT: rerun on the warm machine resumes the JIT from /tmp/fi_ws)')"
+if [ "${FI_BENCH:-0}" = 1 ] && [ $rc -eq 0 ]; then
+  say "bench_engine.py with --attention-backend flashinfer (decode, e2e; eager: no CUDA graphs)"
+  timeout "${FI_BENCH_TIMEOUT:-240}" python3 bench/bench_engine.py --attention-backend flashinfer \
+    --sections ceilings,decode,e2e --out "${OUT:-/tmp}/fi" 2>&1 | grep -v "generate:" | tail -25
+fi
 jl="$(ls /tmp/fi_ws/.cache/flashinfer/flashinfer_jit.log 2>/dev/null)"
 [ -n "$jl" ] && [ -n "${OUT:-}" ] && cp "$jl" "$OUT/flashinfer_jit.log"
 exit 0

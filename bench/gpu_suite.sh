@@ -65,5 +65,32 @@ want nocache && timeout -k 10 "$T_NOCACHE" "$PY" bench/run_bench.py "${COMMON[@]
   --deadline-s $((T_NOCACHE - 40)) 2>&1 | tee "$OUT/nocache.log"
 want hf && timeout -k 10 "$T_HF" "$PY" bench/run_bench.py "${COMMON[@]}" --variants hf --tag hf \
   --hf-batch-size 32 --hf-max-requests 64 --deadline-s $((T_HF - 30)) 2>&1 | tee "$OUT/hf.log"
+# ONLY=online: the same workloads through the HTTP server (router + worker processes, token ids
+# over /generate), results in $OUT/online. Needs the serve wheels (../shared/device/wheels.sh serve).
+if [[ " ${ONLY:-} " == *" online "* ]]; then
+  PORT="${PORT:-30123}"
+  mkdir -p "$OUT/online"
+  "$PY" -m radixrt.serve --model "${MODEL:-llama3-8b}" --load-format dummy --device "${DEVICE:-cuda}" \
+    --dtype "${DTYPE:-bfloat16}" --kv-cache-tokens "${KV_TOKENS:-262144}" --max-running-requests 256 \
+    --page-size 16 --port "$PORT" > "$OUT/server.log" 2>&1 &
+  SERVER=$!
+  "$PY" - "$PORT" <<'PYEOF'
+import json, sys, time, urllib.request
+url = f"http://127.0.0.1:{sys.argv[1]}"
+for _ in range(300):
+    try:
+        urllib.request.urlopen(url + "/health", timeout=2)
+        break
+    except OSError:
+        time.sleep(1)
+body = json.dumps({"input_ids": list(range(10, 600)), "sampling_params": {"max_new_tokens": 8}})
+req = urllib.request.Request(url + "/generate", body.encode(), {"Content-Type": "application/json"})
+print("server warm-up:", urllib.request.urlopen(req, timeout=300).status, flush=True)
+PYEOF
+  timeout -k 10 "${T_ONLINE:-240}" "$PY" bench/run_bench.py "${COMMON[@]}" --out "$OUT/online" --mode online \
+    --url "http://127.0.0.1:$PORT" --tag online --deadline-s $((${T_ONLINE:-240} - 40)) 2>&1 | tee "$OUT/online.log"
+  kill "$SERVER"; wait "$SERVER" 2>/dev/null
+  "$PY" bench/run_bench.py --report-only --out "$OUT/online" 2>&1 | tail -30
+fi
 "$PY" bench/run_bench.py --report-only --out "$OUT" 2>&1 | tee "$OUT/report.log"
 ls -la "$OUT"

@@ -189,6 +189,9 @@ def main(argv: list[str] | None = None) -> int:
         push.send(m.encode(m.WorkerFatal(args.worker_id, f"{type(e).__name__}: {e}")))
         return 1
     finally:
+        # The process is on its way out: a TERM from the router now would only interrupt the
+        # interpreter's own clean-up (and print a spurious traceback).
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
         pull.close(0)
         push.close()
         ctx.term()

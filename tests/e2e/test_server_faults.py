@@ -12,7 +12,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.e2e.conftest import Server
+from tests.e2e.conftest import Server, start_server
 
 LONG = {"max_tokens": 400, "ignore_eos": True, "temperature": 0}
 
@@ -128,3 +128,17 @@ def test_worker_death(server_factory: Any, tiny_model_dir: Any) -> None:
     r = httpx.post(s.url + "/v1/completions", json={"prompt": "hi", "max_tokens": 2}, timeout=10)
     assert r.status_code == 503 and "No worker" in r.json()["error"]["message"]
     assert "SIGKILL" in s.log()  # the router says why
+
+
+def test_engine_config_error_stops_startup_with_its_message(tmp_path: Any) -> None:
+    """An engine option the worker cannot honour (deterministic inference on a CPU) makes the
+    server exit non-zero at startup, naming the option, with its socket directory removed."""
+    with pytest.raises(AssertionError, match="server exited during startup") as err:
+        start_server(None, tmp_path, "--model", "llama-tiny", "--load-format", "dummy",
+                     "--enable-deterministic-inference")
+    log = str(err.value)
+    assert "deterministic_inference: needs device='cuda'" in log
+    assert "Traceback" not in log.split("server failed:")[-1], "noisy shutdown after the failure"
+    ipc_dirs = [line.split("IPC socket dir: ")[1].strip() for line in log.splitlines()
+                if "IPC socket dir: " in line]
+    assert ipc_dirs and not any(os.path.exists(d) for d in ipc_dirs), "socket dir left behind"

@@ -21,7 +21,7 @@ import torch
 from radixrt.attention.base import AttentionBackend
 from radixrt.kernels.decode_attention import choose_num_splits, decode_attention
 from radixrt.kernels.extend_attention import extend_attention
-from radixrt.kernels.invariant_attention import invariant_attention
+from radixrt.kernels.invariant_attention import SplitBuffers, invariant_attention, invariant_chunk
 from radixrt.kernels.store_kv import store_kv
 
 if TYPE_CHECKING:
@@ -43,6 +43,7 @@ class TritonAttentionBackend(AttentionBackend):
         min_split_len: int = 256,
         num_sms: int | None = None,
         deterministic: bool = False,
+        max_context_len: int = 8192,
     ) -> None:
         super().__init__(num_heads, num_kv_heads, head_dim, scale)
         assert max_batch_size >= 1 and max_kv_splits >= 1, "need a positive batch and split cap"
@@ -60,6 +61,16 @@ class TritonAttentionBackend(AttentionBackend):
         rows = 0 if deterministic else max(
             b * self.num_splits_for(b) for b in range(1, max_batch_size + 1)
         )
+        # Deterministic decode splits the KV into fixed chunks when the batch alone cannot fill
+        # the SMs; the split never changes a result, so it may follow the batch size.
+        self.chunk = invariant_chunk(max_context_len, self.device)
+        split_max = min(max_batch_size, (num_sms - 1) // num_kv_heads)
+        self._split_buffers = (
+            SplitBuffers(split_max, num_kv_heads, num_heads // num_kv_heads, head_dim,
+                         -(-max_context_len // self.chunk), self.device)
+            if deterministic and split_max > 0 else None
+        )
+        self._split = False
         # Flat fp32 partials: viewed as [B, Hq, num_splits, (D)] by the decode kernels.
         self._part_out = torch.empty(
             rows * num_heads * head_dim, dtype=torch.float32, device=self.device
@@ -67,11 +78,19 @@ class TritonAttentionBackend(AttentionBackend):
         self._part_lse = torch.empty(rows * num_heads, dtype=torch.float32, device=self.device)
         self._num_splits = 1
 
+    @property
+    def kv_split(self) -> bool:
+        """Whether the prepared (deterministic, decode) step splits the KV into chunks."""
+        return self._split
+
     def num_splits_for(self, batch_size: int) -> int:
         """KV splits a decode step of this batch size uses (fixed per batch size)."""
         return choose_num_splits(batch_size, self.num_kv_heads, self.num_sms, self.max_kv_splits)
 
     def prepare(self, batch: ForwardBatch) -> None:
+        buffers = self._split_buffers
+        self._split = (batch.is_decode and buffers is not None
+                       and batch.batch_size <= buffers.max_batch)
         if batch.is_decode:
             assert batch.batch_size <= self.max_batch_size, (
                 f"decode batch {batch.batch_size} > max_batch_size {self.max_batch_size}"
@@ -92,7 +111,8 @@ class TritonAttentionBackend(AttentionBackend):
         if self.deterministic:
             return invariant_attention(
                 q, k_flat, v_flat, batch.qo_indptr, batch.prefix_lens, batch.page_table,
-                batch.page_size, batch.max_extend_len, self.scale,
+                batch.page_size, batch.max_extend_len, self.scale, chunk=self.chunk,
+                split=self._split_buffers if self._split else None, seq_lens=batch.seq_lens,
             )
         if batch.is_decode:
             return decode_attention(

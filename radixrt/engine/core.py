@@ -86,18 +86,18 @@ class EngineCore:
             num_kv_heads=args.num_kv_heads, head_dim=args.head_dim, dtype=config.torch_dtype,
             device=device,
         )
+        max_context = config.max_context_len or args.max_position_embeddings
         backend = make_attention_backend(
             config.attention_backend, device, num_heads=args.num_heads,
             num_kv_heads=args.num_kv_heads, head_dim=args.head_dim,
             max_batch=config.max_running_requests, dtype=config.torch_dtype,
-            deterministic=config.deterministic_inference,
+            deterministic=config.deterministic_inference, max_context_len=max_context,
         )
         if config.deterministic_inference:
             from radixrt.kernels.matmul import batch_invariant_linear
 
             rerouted = set_gemm(loaded.model, batch_invariant_linear)
             logger.info("deterministic inference: %d projections on the batch-invariant GEMM", rerouted)
-        max_context = config.max_context_len or args.max_position_embeddings
         use_graphs = device.type == "cuda" and not config.disable_cuda_graph
         self.runner = ModelRunner(
             loaded.model, pool, backend,

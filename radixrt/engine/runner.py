@@ -16,7 +16,7 @@ logger = logging.getLogger(__name__)
 
 def make_attention_backend(
     name: str, device: torch.device, *, num_heads: int, num_kv_heads: int, head_dim: int,
-    max_batch: int, dtype: torch.dtype, deterministic: bool = False,
+    max_batch: int, dtype: torch.dtype, deterministic: bool = False, max_context_len: int = 8192,
 ) -> AttentionBackend:
     scale = head_dim**-0.5
     if name == "auto":
@@ -32,7 +32,8 @@ def make_attention_backend(
 
         return TritonAttentionBackend(num_heads, num_kv_heads, head_dim, scale, device=device,
                                       max_batch_size=max(max_batch, 1),
-                                      deterministic=deterministic)
+                                      deterministic=deterministic,
+                                      max_context_len=max_context_len)
     if name == "flashinfer":
         from radixrt.attention.flashinfer_backend import FlashInferBackend
 

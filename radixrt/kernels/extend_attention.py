@@ -77,6 +77,7 @@ def _attend_block(
     MASKED: tl.constexpr,
     PRECISION: tl.constexpr,
     INTERPRET: tl.constexpr,
+    GUARD_EMPTY: tl.constexpr,  # rows may have seen no visible key yet (m_i = -inf)
 ):
     offs_n = start_n + tl.arange(0, BLOCK_N)
     if MASKED:
@@ -95,8 +96,11 @@ def _attend_block(
         visible = (offs_n[None, :] <= q_pos[:, None]) & mask_n[None, :]
         qk = tl.where(visible, qk, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(qk, 1))
-    alpha = tl.exp2(m_i - m_new)
-    p = tl.exp2(qk - m_new[:, None])
+    m_ref = m_new
+    if GUARD_EMPTY:  # exponentiate an all-masked row against 0, not -inf: p, alpha = 0, no NaN
+        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.exp2(m_i - m_ref)
+    p = tl.exp2(qk - m_ref[:, None])
     l_i = l_i * alpha + tl.sum(p, 1)
     v = tl.load(
         V + slots[:, None] * stride_vt + kv_head * stride_vh + offs_d[None, :],
@@ -174,14 +178,14 @@ def _extend_attention_kernel(
         acc, m_i, l_i = _attend_block(
             q, acc, m_i, l_i, K, V, page_row, start_n, kv_end, q_pos, kv_head,
             stride_kt, stride_kh, stride_vt, stride_vh, qk_scale, offs_d, mask_d,
-            PAGE_SIZE, BLOCK_N, False, PRECISION, INTERPRET,
+            PAGE_SIZE, BLOCK_N, False, PRECISION, INTERPRET, False,
         )  # fmt: skip
     # Key n_full <= full_end <= every row's position, so no row is fully masked here (no NaN).
     for start_n in range(n_full, kv_end, BLOCK_N):
         acc, m_i, l_i = _attend_block(
             q, acc, m_i, l_i, K, V, page_row, start_n, kv_end, q_pos, kv_head,
             stride_kt, stride_kh, stride_vt, stride_vh, qk_scale, offs_d, mask_d,
-            PAGE_SIZE, BLOCK_N, True, PRECISION, INTERPRET,
+            PAGE_SIZE, BLOCK_N, True, PRECISION, INTERPRET, False,
         )  # fmt: skip
 
     out = acc / l_i[:, None]

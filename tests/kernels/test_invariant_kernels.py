@@ -11,7 +11,11 @@ pytest.importorskip("triton")
 
 from radixrt.attention.torch_ref import paged_attention_reference  # noqa: E402
 from radixrt.engine.batch import build_forward_batch  # noqa: E402
-from radixrt.kernels.invariant_attention import invariant_attention  # noqa: E402
+from radixrt.kernels.invariant_attention import (  # noqa: E402
+    SplitBuffers,
+    invariant_attention,
+    invariant_tile,
+)
 from radixrt.kernels.matmul import batch_invariant_linear  # noqa: E402
 
 # ----------------------------------------------------------------------------------- GEMM
@@ -64,6 +68,12 @@ def _config(device: str) -> tuple[int, int, int, int]:
     return (32, 8, 128, 16) if device == "cuda" else (8, 2, 16, 4)
 
 
+def _chunks(device: str) -> list[int]:
+    """KV chunk sizes to test: the smallest allowed (many merges) and a larger one."""
+    block_n = invariant_tile(4, torch.device(device))[1]
+    return [block_n, 4 * block_n]
+
+
 class OneSequence:
     """One request's KV (random, already in a paged pool) and one query per position."""
 
@@ -78,7 +88,7 @@ class OneSequence:
         self.q = torch.randn(length, heads, dim, dtype=dtype, device=device)
         self.device = device
 
-    def attend(self, chunks: list[tuple[int, int]]) -> torch.Tensor:
+    def attend(self, chunks: list[tuple[int, int]], chunk: int, split: bool = False) -> torch.Tensor:
         """Queries [start, end) of several chunks of this same sequence, batched together as
         if they were different requests sharing the pages; returns their outputs in order."""
         batch = build_forward_batch(
@@ -87,9 +97,12 @@ class OneSequence:
         )  # fmt: skip
         q = torch.cat([self.q[s:e] for s, e in chunks])
         out = torch.full_like(q, float("nan"))
+        heads, kv_heads, dim = q.shape[1], self.k.shape[1], q.shape[2]
+        buffers = SplitBuffers(len(chunks), kv_heads, heads // kv_heads, dim,
+                               -(-len(self.q) // chunk), self.device) if split else None
         invariant_attention(q, self.k, self.v, batch.qo_indptr, batch.prefix_lens,
-                            batch.page_table, self.page, batch.max_extend_len,
-                            q.shape[-1] ** -0.5, out=out)
+                            batch.page_table, self.page, batch.max_extend_len, dim**-0.5,
+                            out=out, chunk=chunk, split=buffers, seq_lens=batch.seq_lens)
         return out
 
 
@@ -100,27 +113,33 @@ def test_attention_matches_reference(paged_case, assert_close, device, dtype):
     case = paged_case(prefix_lens=ragged[0], extend_lens=ragged[1], num_heads=heads,
                       num_kv_heads=kv_heads, head_dim=dim, page_size=page, dtype=dtype, device=device)
     b, scale = case.batch, dim**-0.5
-    out = torch.full_like(case.q, float("nan"))
-    invariant_attention(case.q, case.k_flat, case.v_flat, b.qo_indptr, b.prefix_lens,
-                        b.page_table, page, b.max_extend_len, scale, out=out)
-    assert_close(out, paged_attention_reference(case.q, case.k_flat, case.v_flat, b, scale))
+    ref = paged_attention_reference(case.q, case.k_flat, case.v_flat, b, scale)
+    for chunk in _chunks(device):
+        out = torch.full_like(case.q, float("nan"))
+        invariant_attention(case.q, case.k_flat, case.v_flat, b.qo_indptr, b.prefix_lens,
+                            b.page_table, page, b.max_extend_len, scale, out=out, chunk=chunk)
+        assert_close(out, ref)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_attention_does_not_depend_on_how_the_prompt_was_split(device, dtype):
     """The same queries computed as one prefill, as a cached prefix + suffix split at odd
-    places, one token at a time (decode), and next to other requests give bitwise equal
-    outputs: the property that makes cache on and cache off agree."""
+    places, one token at a time (decode, with and without the KV split), and next to other
+    requests give bitwise equal outputs: the property that makes cache on and cache off agree."""
     heads, kv_heads, dim, page = _config(device)
     length = 300 if device == "cuda" else 45
     seq = OneSequence(length, heads, kv_heads, dim, page, dtype, device)
-    whole = seq.attend([(0, length)])
-    assert not whole.isnan().any()
-    for cut in (1, 7, page, length // 2 + 3, length - 1):
-        split = seq.attend([(0, cut), (cut, length)])
-        assert torch.equal(split, whole), f"prefix {cut} + suffix changed the output"
-    decode_rows = [length - 1, length // 3, 0]
-    decoded = seq.attend([(p, p + 1) for p in decode_rows])
-    assert torch.equal(decoded, whole[decode_rows]), "decode of a token != its prefill row"
-    mixed = seq.attend([(5, 6), (10, length), (2, 3)])
-    assert torch.equal(mixed, torch.cat([whole[5:6], whole[10:], whole[2:3]])), "mixed batch"
+    for chunk in _chunks(device):
+        whole = seq.attend([(0, length)], chunk)
+        assert not whole.isnan().any()
+        for cut in (1, 7, page, length // 2 + 3, length - 1):
+            split = seq.attend([(0, cut), (cut, length)], chunk)
+            assert torch.equal(split, whole), f"prefix {cut} + suffix changed the output"
+        decode_rows = [p for p in (length - 1, length // 3, chunk, chunk - 1, 0) if p < length]
+        for kv_split in (False, True):
+            decoded = seq.attend([(p, p + 1) for p in decode_rows], chunk, split=kv_split)
+            assert torch.equal(decoded, whole[decode_rows]), (
+                f"decode (kv split {kv_split}, chunk {chunk}) != the prefill rows"
+            )
+        mixed = seq.attend([(5, 6), (10, length), (2, 3)], chunk)
+        assert torch.equal(mixed, torch.cat([whole[5:6], whole[10:], whole[2:3]])), "mixed batch"

@@ -30,10 +30,11 @@ def _step(batch: ForwardBatch, heads, kv_heads, head_dim, dtype, device):
     return q, k, v
 
 
+@pytest.mark.parametrize("deterministic", [False, True])
 @pytest.mark.parametrize(
     ("dtype", "page_size"), [(torch.float32, 1), (torch.bfloat16, 16), (torch.float16, 4)]
 )
-def test_backend_mixed_then_decode(device, assert_close, dtype, page_size):
+def test_backend_mixed_then_decode(device, assert_close, dtype, page_size, deterministic):
     if device == "cuda":
         heads, kv_heads, head_dim = 32, 8, 128
         cached, new = [0, 700, 1500, 33], [600, 1, 200, 1]  # requests 1 and 3 are decoding
@@ -59,7 +60,9 @@ def test_backend_mixed_then_decode(device, assert_close, dtype, page_size):
 
     triton_backend = TritonAttentionBackend(
         heads, kv_heads, head_dim, scale, device=device, max_batch_size=8, max_kv_splits=4,
-        min_split_len=16 if device == "cpu" else 256, num_sms=2 if device == "cpu" else None,
+        min_split_len=16 if device == "cpu" else 256,
+        num_sms=(16 if deterministic else 2) if device == "cpu" else None,
+        deterministic=deterministic, max_context_len=8192 if device == "cuda" else 64,
     )  # fmt: skip
     ref_backend = TorchReferenceBackend(heads, kv_heads, head_dim, scale)
 
@@ -80,12 +83,14 @@ def test_backend_mixed_then_decode(device, assert_close, dtype, page_size):
                 device=device,
             )  # fmt: skip
         )
-    if device == "cpu":
+    if device == "cpu" and not deterministic:
         assert triton_backend.num_splits_for(len(new)) > 1, "decode must exercise several splits"
     for batch in steps:
         q, k, v = _step(batch, heads, kv_heads, head_dim, dtype, device)
         triton_backend.prepare(batch)
         ref_backend.prepare(batch)
+        if deterministic:  # small decode batches take the chunked KV split
+            assert triton_backend.kv_split == batch.is_decode
         out = triton_backend.forward(1, q, k, v, tri_pool, batch)
         ref = ref_backend.forward(1, q, k, v, ref_pool, batch)
         assert_close(out, ref)

@@ -20,6 +20,7 @@ page 0, the pool's scratch page, which no request owns.
 from __future__ import annotations
 
 import itertools
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -121,7 +122,7 @@ def build_forward_batch(
     )
 
 
-def host_to_device(x: np.ndarray | list[int], dtype: torch.dtype, device: torch.device | str) -> torch.Tensor:
+def host_to_device(x: np.ndarray | Sequence[float], dtype: torch.dtype, device: torch.device | str) -> torch.Tensor:
     """Copy host data to ``device`` without making the host wait for queued GPU work.
 
     A plain copy from pageable memory synchronizes with the stream, which would stall the

@@ -1,7 +1,8 @@
 """Batched token sampler: penalties, logprobs, temperature, top-k / top-p / min-p, draw.
 
-Device-agnostic torch. Every branch is decided from host-side SamplingParams, never from tensor
-values, so a step costs no device->host sync until the final ``.tolist()``.
+Device-agnostic torch (plus a Triton kernel for top-p on CUDA, which sorts nothing). Every
+branch is decided from host-side SamplingParams, never from tensor values, so a step costs no
+device->host sync until the final ``.tolist()``.
 
 Logprob convention: returned logprobs are ``log_softmax`` of the logits *after* repetition /
 frequency / presence penalties and *before* temperature and top-k/top-p/min-p. They describe the
@@ -25,6 +26,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from radixrt.engine.batch import host_to_device
 from radixrt.sampling_params import SamplingParams
 
 # q == 0 would turn p / q into inf (or nan for p == 0); the clamp moves a measure-zero event.
@@ -110,8 +112,9 @@ class PendingSample:
 
 
 def _col(values: list[float], like: torch.Tensor) -> torch.Tensor:
-    """[B] host floats -> [B, 1] tensor on the logits' device."""
-    return torch.tensor(values, dtype=like.dtype, device=like.device).unsqueeze(1)
+    """[B] host floats -> [B, 1] tensor on the logits' device (a pinned, non-blocking copy: a
+    pageable one would wait for the queued forward and stall the overlapped scheduler)."""
+    return host_to_device(values, like.dtype, like.device).unsqueeze(1)
 
 
 def _token_index(
@@ -123,7 +126,7 @@ def _token_index(
     total = int(lengths.sum())
     tok = np.fromiter(itertools.chain.from_iterable(id_lists), dtype=np.int64, count=total)
     row = np.repeat(np.arange(len(id_lists), dtype=np.int64), lengths)
-    return torch.from_numpy(row).to(device), torch.from_numpy(tok).to(device)  # [N] each
+    return host_to_device(row, torch.int64, device), host_to_device(tok, torch.int64, device)  # [N] each
 
 
 class Sampler:
@@ -148,7 +151,7 @@ class Sampler:
         else:
             sampled = self._draw(self._filter(x, rows), rows)  # [B]
             if any(greedy):
-                mask = torch.tensor(greedy, dtype=torch.bool, device=x.device)
+                mask = host_to_device(greedy, torch.bool, x.device)
                 tokens = torch.where(mask, greedy_tok, sampled)
             else:
                 tokens = sampled
@@ -200,7 +203,7 @@ class Sampler:
                 for r, p in zip(rows, rep)
             ]
             row, tok = _token_index(ids, x.device)
-            p = torch.tensor(rep, dtype=x.dtype, device=x.device)[row]  # [N]
+            p = host_to_device(rep, x.dtype, x.device)[row]  # [N]
             vals = x[row, tok]  # [N]
             x[row, tok] = torch.where(vals > 0, vals / p, vals * p)
         if use_fp:
@@ -211,8 +214,8 @@ class Sampler:
                 for r, f, p in zip(rows, freq, pres)
             ]
             row, tok = _token_index(out_ids, x.device)
-            pres_t = torch.tensor(pres, dtype=x.dtype, device=x.device)[row]  # [N]
-            freq_t = torch.tensor(freq, dtype=x.dtype, device=x.device)[row]  # [N]
+            pres_t = host_to_device(pres, x.dtype, x.device)[row]  # [N]
+            freq_t = host_to_device(freq, x.dtype, x.device)[row]  # [N]
             x[row, tok] = x[row, tok] - pres_t  # once per distinct token
             x.index_put_((row, tok), -freq_t, accumulate=True)  # once per occurrence
         return x
@@ -244,6 +247,11 @@ class Sampler:
             x = x.masked_fill(x < bound, -math.inf)
         if not (use_k or use_p):
             return x
+        if use_p and not use_k and x.is_cuda:
+            # Same nucleus without sorting the vocabulary (ties at the threshold kept whole).
+            from radixrt.kernels.top_p import top_p_filter
+
+            return top_p_filter(x.contiguous(), _col(ps, x).squeeze(1))
         # With every row capped by top_k, the cuts only need the kmax best logits: topk on a
         # small k is far cheaper than sorting the whole vocabulary.
         width = max(ks) if all(k < V for k in ks) else V
@@ -262,7 +270,7 @@ class Sampler:
         ranks = torch.arange(width, device=x.device).unsqueeze(0)  # [1, W]
         drop = torch.zeros_like(sorted_x, dtype=torch.bool)
         if use_k:
-            drop |= ranks >= torch.tensor(ks, device=x.device).unsqueeze(1)
+            drop |= ranks >= host_to_device(ks, torch.int64, x.device).unsqueeze(1)
         if use_p:
             probs = torch.softmax(sorted_x.masked_fill(drop, -math.inf), dim=-1)  # [B, W]
             excl_cum = probs.cumsum(dim=-1) - probs

@@ -31,13 +31,13 @@ def _order_key(x):
 @triton.jit
 def _mass_at_or_above(X, V, pivots, m, BLOCK: tl.constexpr, PIVOTS: tl.constexpr):
     """[PIVOTS] masses: sum of exp(x - m) over the row's logits whose key is >= each pivot."""
-    total = tl.zeros([PIVOTS], dtype=tl.float32)
+    acc = tl.zeros([BLOCK, PIVOTS], dtype=tl.float32)  # reduced once, after the row
     for start in range(0, V, BLOCK):
         offs = start + tl.arange(0, BLOCK)
         x = tl.load(X + offs, mask=offs < V, other=float("-inf"))
-        above = _order_key(x).to(tl.int64)[:, None] >= pivots[None, :]  # [BLOCK, PIVOTS]
-        total += tl.sum(tl.where(above, tl.exp(x - m)[:, None], 0.0), 0)
-    return total
+        above = _order_key(x)[:, None] >= pivots[None, :]  # [BLOCK, PIVOTS], int32 compare
+        acc += tl.where(above, tl.exp(x - m)[:, None], 0.0)
+    return tl.sum(acc, 0)
 
 
 @triton.jit(do_not_specialize=["V"])
@@ -57,13 +57,13 @@ def _top_p_kernel(X, Out, TopP, V, stride_x, stride_o, BLOCK: tl.constexpr, PIVO
     hi = _order_key(m).to(tl.int64) + 1
     if top_p < 1.0:
         offs_k = tl.arange(0, PIVOTS).to(tl.int64)
-        everything = tl.full([PIVOTS], 0, dtype=tl.int64) + lo
+        everything = (tl.full([PIVOTS], 0, dtype=tl.int64) + lo).to(tl.int32)
         target = top_p * tl.max(_mass_at_or_above(x_row, V, everything, m, BLOCK, PIVOTS), 0)
         # PIVOTS-way search: each pass cuts [lo, hi) into PIVOTS + 1 parts (8 passes for 2^32).
         while hi - lo > 1:
             step = tl.maximum((hi - lo) // (PIVOTS + 1), 1)
             pivots = tl.minimum(lo + (offs_k + 1) * step, hi - 1)
-            ok = _mass_at_or_above(x_row, V, pivots, m, BLOCK, PIVOTS) >= target
+            ok = _mass_at_or_above(x_row, V, pivots.to(tl.int32), m, BLOCK, PIVOTS) >= target
             lo = tl.maximum(lo, tl.max(tl.where(ok, pivots, lo), 0))
             hi = tl.minimum(hi, tl.min(tl.where(ok, hi, pivots), 0))
     for start in range(0, V, BLOCK):
@@ -72,7 +72,8 @@ def _top_p_kernel(X, Out, TopP, V, stride_x, stride_o, BLOCK: tl.constexpr, PIVO
         tl.store(o_row + offs, tl.where(_order_key(x) >= lo, x, float("-inf")), mask=offs < V)
 
 
-def top_p_filter(logits: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+def top_p_filter(logits: torch.Tensor, top_p: torch.Tensor, pivots: int = 16,
+                 block: int | None = None) -> torch.Tensor:
     """logits [B, V] fp32, top_p [B] fp32 in (0, 1] -> new [B, V] with -inf outside each row's
     nucleus (rows with top_p == 1 come back unchanged)."""
     assert logits.dim() == 2 and logits.dtype == torch.float32, "logits must be [B, V] float32"
@@ -81,8 +82,8 @@ def top_p_filter(logits: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
     out = torch.empty_like(logits)
     batch, vocab = logits.shape
     if batch:
-        block = 1024 if logits.is_cuda else 256
+        block = block or (512 if logits.is_cuda else 256)
         _top_p_kernel[(batch,)](logits, out, top_p.contiguous(), vocab, logits.stride(0),
-                                out.stride(0), BLOCK=block, PIVOTS=16,
+                                out.stride(0), BLOCK=block, PIVOTS=pivots,
                                 num_warps=8 if logits.is_cuda else 1)
     return out

@@ -44,9 +44,10 @@ def main() -> None:
            "kept_mask_agreement": agree,
            "top_p_sort_ms": do_bench(lambda: sort_top_p(x, p), return_mode="median"),
            "top_p_kernel_ms": do_bench(lambda: top_p_filter(x, p), return_mode="median")}
-    for pivots, block in ((2, 1024), (4, 1024), (8, 512), (16, 256), (16, 512), (32, 256)):
-        res[f"top_p_kernel_{pivots}pivots_block{block}_ms"] = do_bench(
-            lambda pivots=pivots, block=block: top_p_filter(x, p, pivots, block),
+    for pivots, block, warps in ((4, 1024, 8), (4, 2048, 8), (4, 2048, 16), (4, 4096, 16),
+                                 (8, 1024, 16), (2, 4096, 16)):
+        res[f"top_p_kernel_{pivots}pivots_block{block}_warps{warps}_ms"] = do_bench(
+            lambda pivots=pivots, block=block, warps=warps: top_p_filter(x, p, pivots, block, warps),
             return_mode="median")
     sampler = Sampler()
 

@@ -43,7 +43,6 @@ def test_top_p_matches_the_sorted_definition(device):
     # Sums in another order may only disagree for a token whose mass-before is within rounding
     # of top_p.
     assert not (differs & (margin > 1e-5)).any(), "kept set differs away from the boundary"
-    assert differs.sum() <= 2, f"{int(differs.sum())} boundary disagreements"
     kept = got != NEG_INF
     assert torch.equal(got[kept], x[kept]), "kept logits must pass through unchanged"
     assert torch.equal(got[top_p.index(1.0)], x[top_p.index(1.0)]), "top_p = 1 keeps the row"

@@ -11,11 +11,12 @@ import hashlib
 import hmac
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from radixrt.server import protocol as p
 from radixrt.server.serving import Job, ServingContext, run_full, run_stream, start
@@ -27,6 +28,35 @@ _OPEN_PATHS = ("/health", "/metrics")
 
 def _error(e: p.APIError) -> JSONResponse:
     return JSONResponse(e.body(), status_code=e.status)
+
+
+class ApiKeyAuth:
+    """Bearer-key check as a plain ASGI middleware; the matched key lands in
+    ``request.state.api_key`` (None without keys). Starlette's ``@app.middleware("http")`` would
+    re-stream every response body through an extra task: on short streamed requests that was
+    the router's largest cost."""
+
+    def __init__(self, app: ASGIApp, keys: tuple[str, ...]) -> None:
+        self.app, self.keys = app, keys
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        state = scope.setdefault("state", {})
+        state["api_key"] = None
+        if self.keys and scope["path"] not in _OPEN_PATHS:
+            header = next((v.decode("latin-1") for k, v in scope["headers"]
+                           if k == b"authorization"), "")
+            token = header[7:].strip() if header.lower().startswith("bearer ") else ""
+            match = next((k for k in self.keys
+                          if hmac.compare_digest(k.encode(), token.encode())), None)
+            if match is None:
+                await _error(p.APIError(401, "Invalid or missing API key (send 'Authorization: "
+                                        "Bearer <key>')", None, "invalid_api_key"))(scope, receive, send)
+                return
+            state["api_key"] = match
+        await self.app(scope, receive, send)
 
 
 def _namespace(ctx: ServingContext, request: Request, salt: Any) -> str | None:
@@ -121,21 +151,7 @@ def generate_job(ctx: ServingContext, request: Request, raw: bytes) -> Job:
 def build_app(ctx: ServingContext) -> FastAPI:
     app = FastAPI(title="radixrt", docs_url=None, redoc_url=None)
 
-    @app.middleware("http")
-    async def auth(request: Request, call_next: Callable[[Request], Awaitable[Response]]
-                   ) -> Response:
-        request.state.api_key = None
-        if ctx.cfg.api_keys and request.url.path not in _OPEN_PATHS:
-            header = request.headers.get("authorization", "")
-            token = header[7:].strip() if header.lower().startswith("bearer ") else ""
-            match = next((k for k in ctx.cfg.api_keys
-                          if hmac.compare_digest(k.encode(), token.encode())), None)
-            if match is None:
-                return _error(p.APIError(401, "Invalid or missing API key (send "
-                                         "'Authorization: Bearer <key>')", None,
-                                         "invalid_api_key"))
-            request.state.api_key = match
-        return await call_next(request)
+    app.add_middleware(ApiKeyAuth, keys=ctx.cfg.api_keys)
 
     async def generate(request: Request, make: Callable[..., Job]) -> Response:
         try:

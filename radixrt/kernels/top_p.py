@@ -73,6 +73,121 @@ def _top_p_kernel(X, Out, TopP, V, stride_x, stride_o, BLOCK: tl.constexpr, PIVO
         tl.store(o_row + offs, tl.where(_order_key(x) >= lo, x, float("-inf")), mask=offs < V)
 
 
+@triton.jit
+def _pivots(lo, hi, PIVOTS: tl.constexpr):
+    """PIVOTS keys cutting [lo, hi) into PIVOTS + 1 parts (all equal to lo once hi - lo <= 1)."""
+    offs_k = tl.arange(0, PIVOTS).to(tl.int64)
+    step = tl.maximum((hi - lo) // (PIVOTS + 1), 1)
+    return tl.minimum(lo + (offs_k + 1) * step, hi - 1)
+
+
+@triton.jit(do_not_specialize=["V"])
+def _mass_pass_kernel(X, V, stride_x, Max, Lo, Hi, Part, COLS: tl.constexpr,
+                      BLOCK: tl.constexpr, PIVOTS: tl.constexpr, FIRST: tl.constexpr):
+    """Program (row, split): masses at the row's current pivots over columns of its split."""
+    row = tl.program_id(0).to(tl.int64)
+    split = tl.program_id(1)
+    m = tl.load(Max + row)
+    lo = tl.load(Lo + row)
+    if FIRST:  # one pivot repeated: the whole row's mass
+        pivots = tl.full([PIVOTS], 0, dtype=tl.int64) + lo
+    else:
+        pivots = _pivots(lo, tl.load(Hi + row), PIVOTS)
+    acc = tl.zeros([BLOCK, PIVOTS], dtype=tl.float32)
+    x_row = X + row * stride_x
+    col_end = tl.minimum(split * COLS + COLS, V)
+    for start in range(split * COLS, col_end, BLOCK):
+        offs = start + tl.arange(0, BLOCK)
+        x = tl.load(x_row + offs, mask=offs < col_end, other=float("-inf"))
+        above = _order_key(x)[:, None] >= pivots.to(tl.int32)[None, :]
+        acc += tl.where(above, tl.exp(x - m)[:, None], 0.0)
+    part = Part + (row * tl.num_programs(1) + split) * PIVOTS
+    tl.store(part + tl.arange(0, PIVOTS), tl.sum(acc, 0))
+
+
+@triton.jit
+def _search_step_kernel(Part, Lo, Hi, Target, TopP, SPLITS: tl.constexpr,
+                        SPLITS_P: tl.constexpr, PIVOTS: tl.constexpr, FIRST: tl.constexpr):
+    """Per row: add the splits' masses (fixed order) and narrow [lo, hi) around the threshold."""
+    row = tl.program_id(0).to(tl.int64)
+    offs_s = tl.arange(0, SPLITS_P)
+    offs_k = tl.arange(0, PIVOTS)
+    part = tl.load(Part + (row * SPLITS + offs_s[:, None]) * PIVOTS + offs_k[None, :],
+                   mask=offs_s[:, None] < SPLITS, other=0.0)
+    mass = tl.sum(part, 0)  # [PIVOTS]
+    lo = tl.load(Lo + row)
+    hi = tl.load(Hi + row)
+    if FIRST:
+        top_p = tl.load(TopP + row)
+        tl.store(Target + row, top_p * tl.max(mass, 0))
+        tl.store(Hi + row, tl.where(top_p >= 1.0, lo + 1, hi))  # top_p = 1: keep everything
+    else:
+        pivots = _pivots(lo, hi, PIVOTS)
+        ok = mass >= tl.load(Target + row)
+        tl.store(Lo + row, tl.maximum(lo, tl.max(tl.where(ok, pivots, lo), 0)))
+        tl.store(Hi + row, tl.minimum(hi, tl.min(tl.where(ok, hi, pivots), 0)))
+
+
+@triton.jit(do_not_specialize=["V"])
+def _apply_kernel(X, Out, V, stride_x, stride_o, Lo, COLS: tl.constexpr, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    split = tl.program_id(1)
+    lo = tl.load(Lo + row).to(tl.int32)
+    col_end = tl.minimum(split * COLS + COLS, V)
+    for start in range(split * COLS, col_end, BLOCK):
+        offs = start + tl.arange(0, BLOCK)
+        x = tl.load(X + row * stride_x + offs, mask=offs < col_end, other=float("-inf"))
+        tl.store(Out + row * stride_o + offs, tl.where(_order_key(x) >= lo, x, float("-inf")),
+                 mask=offs < col_end)
+
+
+def search_passes(pivots: int) -> int:
+    """Passes that narrow any [lo, hi) of 2^32 + 1 keys to one key, worst case."""
+    size, passes = 2**32 + 1, 0
+    while size > 1:
+        step = max(size // (pivots + 1), 1)
+        size = max(step, size - pivots * step)
+        passes += 1
+    return passes
+
+
+def _order_keys_torch(x: torch.Tensor) -> torch.Tensor:
+    bits = x.contiguous().view(torch.int32)
+    return torch.where(bits >= 0, bits, bits ^ 0x7FFFFFFF)
+
+
+def top_p_filter_split(logits: torch.Tensor, top_p: torch.Tensor, pivots: int = 8,
+                       splits: int = 16, block: int = 1024, num_warps: int = 4) -> torch.Tensor:
+    """As ``top_p_filter``, with every row cut into ``splits`` column ranges (many programs
+    per row) and one launch pair per search pass; a fixed number of passes, no host sync."""
+    assert logits.dim() == 2 and logits.dtype == torch.float32 and logits.stride(1) == 1
+    batch, vocab = logits.shape
+    out = torch.empty_like(logits)
+    if batch == 0:
+        return out
+    dev = logits.device
+    cols = triton.cdiv(triton.cdiv(vocab, splits), block) * block
+    splits = triton.cdiv(vocab, cols)
+    row_max = logits.amax(dim=1)
+    neg_inf_key = int(_order_keys_torch(torch.tensor([float("-inf")]))[0])
+    lo = torch.full((batch,), neg_inf_key, dtype=torch.int64, device=dev)
+    hi = _order_keys_torch(row_max).to(torch.int64) + 1
+    target = torch.empty(batch, dtype=torch.float32, device=dev)
+    part = torch.empty(batch * splits * pivots, dtype=torch.float32, device=dev)
+    top_p = top_p.contiguous()
+    for i in range(search_passes(pivots) + 1):
+        first = i == 0
+        _mass_pass_kernel[(batch, splits)](logits, vocab, logits.stride(0), row_max, lo, hi, part,
+                                           COLS=cols, BLOCK=block, PIVOTS=pivots, FIRST=first,
+                                           num_warps=num_warps)
+        _search_step_kernel[(batch,)](part, lo, hi, target, top_p, SPLITS=splits,
+                                      SPLITS_P=triton.next_power_of_2(splits), PIVOTS=pivots,
+                                      FIRST=first, num_warps=1)
+    _apply_kernel[(batch, splits)](logits, out, vocab, logits.stride(0), out.stride(0), lo,
+                                   COLS=cols, BLOCK=block, num_warps=num_warps)
+    return out
+
+
 def top_p_filter(logits: torch.Tensor, top_p: torch.Tensor, pivots: int = 2,
                  block: int | None = None, num_warps: int = 16) -> torch.Tensor:
     """logits [B, V] fp32, top_p [B] fp32 in (0, 1] -> new [B, V] with -inf outside each row's

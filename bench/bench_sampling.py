@@ -18,7 +18,7 @@ from triton.testing import do_bench
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from radixrt.engine.sampler import Sampler, SamplerRow  # noqa: E402
-from radixrt.kernels.top_p import top_p_filter, top_p_filter_split  # noqa: E402
+from radixrt.kernels.top_p import top_p_filter  # noqa: E402
 from radixrt.sampling_params import SamplingParams  # noqa: E402
 
 
@@ -48,14 +48,6 @@ def main() -> None:
                                  (8, 1024, 16), (2, 4096, 16)):
         res[f"top_p_kernel_{pivots}pivots_block{block}_warps{warps}_ms"] = do_bench(
             lambda pivots=pivots, block=block, warps=warps: top_p_filter(x, p, pivots, block, warps),
-            return_mode="median")
-    split_agree = float(((sort_top_p(x, p) == float("-inf"))
-                         == (top_p_filter_split(x, p) == float("-inf"))).float().mean())
-    res["split_kept_mask_agreement"] = split_agree
-    for pivots, splits, block, warps in ((8, 16, 1024, 4), (8, 32, 1024, 4), (16, 16, 1024, 8),
-                                         (4, 32, 2048, 8), (8, 64, 512, 4), (16, 32, 512, 4)):
-        res[f"split_{pivots}piv_{splits}splits_{block}blk_{warps}w_ms"] = do_bench(
-            lambda a=(pivots, splits, block, warps): top_p_filter_split(x, p, *a),
             return_mode="median")
     sampler = Sampler()
 

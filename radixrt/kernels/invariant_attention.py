@@ -47,7 +47,7 @@ from radixrt.kernels.extend_attention import (
 def _merge(m_a, l_a, acc_a, m_b, l_b, acc_b):
     """Two softmax partial states (max, denominator, unnormalized output) -> their union."""
     m = tl.maximum(m_a, m_b)
-    s_a = tl.exp2(m_a - m)  # m_a is finite: state a always holds key 0
+    s_a = tl.exp2(m_a - m)  # 0 for the empty starting state (m is finite: key 0 is in chunk 0)
     s_b = tl.exp2(m_b - m)  # 0 for a chunk that was fully masked for the row
     return m, l_a * s_a + l_b * s_b, acc_a * s_a[:, None] + acc_b * s_b[:, None]
 
@@ -157,12 +157,11 @@ def _invariant_attention_kernel(
             mask=keep[:, None] & mask_d[None, :],
         )  # fmt: skip
     else:
-        m_i, l_i, acc = _chunk_state(
-            q, K, V, page_row, 0, kv_end, q_pos, kv_head,
-            stride_kt, stride_kh, stride_vt, stride_vh, qk_scale, offs_d, mask_d,
-            BLOCK_M, BLOCK_D, PAGE_SIZE, BLOCK_N, CHUNK, PRECISION, INTERPRET,
-        )  # fmt: skip
-        for chunk_start in range(CHUNK, kv_end, CHUNK):
+        # Merging chunk 0 into the empty state gives chunk 0's state exactly (weights 0 and 1).
+        acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+        m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+        l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+        for chunk_start in range(0, kv_end, CHUNK):
             m_c, l_c, acc_c = _chunk_state(
                 q, K, V, page_row, chunk_start, kv_end, q_pos, kv_head,
                 stride_kt, stride_kh, stride_vt, stride_vh, qk_scale, offs_d, mask_d,
@@ -189,12 +188,11 @@ def _merge_chunks_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     mask_d = offs_d < HEAD_DIM
     base = (req.to(tl.int64) * tl.num_programs(1) + kv_head) * MAX_CHUNKS * GROUP_P
-    m_i = tl.load(PartM + base + offs_h)
-    l_i = tl.load(PartL + base + offs_h)
-    acc = tl.load(PartAcc + (base + offs_h)[:, None] * HEAD_DIM + offs_d[None, :],
-                  mask=mask_d[None, :], other=0.0)
+    acc = tl.zeros([GROUP_P, BLOCK_D], dtype=tl.float32)
+    m_i = tl.full([GROUP_P], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([GROUP_P], dtype=tl.float32)
     num_chunks = tl.cdiv(tl.load(seq_lens + req), CHUNK)
-    for chunk in range(1, num_chunks):
+    for chunk in range(0, num_chunks):
         slot = base + chunk * GROUP_P + offs_h
         m_c = tl.load(PartM + slot)
         l_c = tl.load(PartL + slot)

@@ -6,6 +6,12 @@
 # The wheels hold no kernels: the first plan() JIT-compiles them with the machine's nvcc into
 # /tmp/fi_ws. Expect ~1-3 min on 16 cores for the two modules the tests need (FA3 sm90a prefill,
 # FA2 tensor-core decode); a rerun on the same warm machine reuses the cache (seconds).
+# Make .whl_fi on the CPU side, from the repo root (21 MB; later releases exceed what a call
+# may carry):
+#   echo /.whl_fi/ >> .git/info/exclude
+#   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 \
+#     --implementation cp --platform manylinux_2_28_x86_64 -d .whl_fi \
+#     flashinfer-python==0.6.18.post1 apache-tvm-ffi==0.1.13.post3
 # FI_BENCH=1: after the tests pass, also time the engine on FlashInfer (bench_engine.py).
 # Each step reports its own failure; the script always exits 0.
 cd "$(dirname "$0")/.." || exit 0

@@ -25,6 +25,7 @@ from triton.testing import do_bench
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.bench_kernels import BF16, DEV, HD, HKV, HQ, paged_kv, random_page_table  # noqa: E402
 from radixrt.kernels.decode_attention import choose_num_splits, decode_attention  # noqa: E402
 from radixrt.kernels.extend_attention import extend_attention  # noqa: E402
 from radixrt.kernels.invariant_attention import (  # noqa: E402
@@ -34,9 +35,6 @@ from radixrt.kernels.invariant_attention import (  # noqa: E402
 )
 from radixrt.kernels.matmul import GemmConfig, batch_invariant_linear, gemm_config  # noqa: E402
 
-DEV = torch.device("cuda")
-BF16 = torch.bfloat16
-HQ, HKV, HD = 32, 8, 128
 # Llama-3-8B weights [N, K]: qkv, o, gate_up, down, lm_head.
 WEIGHTS = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096),
            "down": (4096, 14336), "lm_head": (128256, 4096)}
@@ -91,11 +89,9 @@ def bench_gemm() -> dict[str, Any]:
 
 
 def paged(batch: int, seq: int, page: int = 16) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    pages = batch * seq // page
-    k = torch.randn((pages + 1) * page, HKV, HD, device=DEV, dtype=BF16)
-    v = torch.randn_like(k)
-    table = (torch.randperm(pages, device=DEV) + 1).to(torch.int32).view(batch, seq // page)
-    return k, v, table
+    """(k_flat, v_flat, page_table) of ``batch`` random sequences of ``seq`` tokens."""
+    k, v, num_pages = paged_kv(batch * seq, page)
+    return k, v, random_page_table(batch, seq, page, num_pages)
 
 
 def bench_decode_case(batch: int, seq: int, sms: int) -> dict[str, float]:

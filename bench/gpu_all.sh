@@ -17,11 +17,8 @@ OUT="${OUT:-bench/results/gpu_all}"
 WORK=/tmp/radixrt_gpu_all
 rm -rf "$WORK"; mkdir -p "$WORK" "$OUT"
 unset TRITON_INTERPRET
-# Wheels the image lacks (msgspec, pyzmq, ...: ../shared/device/wheels.sh), carried as .whl.
-if ls .whl/*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-    --target /tmp/site .whl/*.whl && export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
-fi
+# Wheels the image lacks (msgspec, pyzmq, ...), carried as .whl.
+. bench/carried_wheels.sh && use_carried_wheels
 python3 -c "import msgspec, zmq" || echo "WARNING: msgspec/pyzmq missing: carry .whl (../shared/device/wheels.sh)"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv | tee "$WORK/gpu.txt"

@@ -25,11 +25,8 @@ if ! python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir 
   say "FAILED: wheel install (is .whl_fi in carry?)"; exit 0
 fi
 export PYTHONPATH="/tmp/fi_site:$PWD${PYTHONPATH:+:$PYTHONPATH}"
-# The engine itself needs msgspec / pyzmq (../shared/device/wheels.sh -> .whl, carried too).
-if ls .whl/*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-    --target /tmp/site .whl/*.whl && export PYTHONPATH="$PYTHONPATH:/tmp/site"
-fi
+# The engine itself needs msgspec / pyzmq (.whl, carried too).
+. bench/carried_wheels.sh && use_carried_wheels
 export FLASHINFER_CUDA_ARCH_LIST="9.0" MAX_JOBS="${MAX_JOBS:-$(nproc)}"   # 9.0 -> sm_90a
 export FLASHINFER_WORKSPACE_BASE=/tmp/fi_ws TVM_FFI_CACHE_DIR=/tmp/fi_ws/tvm-ffi
 unset TRITON_INTERPRET

@@ -27,10 +27,7 @@ PY="${PYTHON:-python3}"
 unset TRITON_INTERPRET
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 
-if ls .whl/*.whl >/dev/null 2>&1; then
-  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-    --target /tmp/site .whl/*.whl && export PYTHONPATH="/tmp/site:$PYTHONPATH"
-fi
+. bench/carried_wheels.sh && use_carried_wheels
 "$PY" -c "import sortedcontainers" 2>/dev/null || {
   echo "sortedcontainers is missing: run ../shared/device/wheels.sh sortedcontainers and carry .whl"
   exit 2

@@ -18,11 +18,10 @@ def make_attention_backend(
     name: str, device: torch.device, *, num_heads: int, num_kv_heads: int, head_dim: int,
     max_batch: int, dtype: torch.dtype, deterministic: bool = False, max_context_len: int = 8192,
 ) -> AttentionBackend:
+    # ``deterministic`` (triton only) is checked against the backend by EngineConfig.
     scale = head_dim**-0.5
     if name == "auto":
         name = "triton" if device.type == "cuda" else "torch"
-    if deterministic and name != "triton":
-        raise ValueError(f"deterministic inference needs the triton attention backend, not {name!r}")
     if name == "torch":
         from radixrt.attention.torch_ref import TorchReferenceBackend
 

@@ -27,6 +27,7 @@ from typing import Any
 import torch
 
 from radixrt import Engine, SamplingParams
+from radixrt.cache.prefix_cache import NoPrefixCache
 from radixrt.models.args import ModelArgs
 from radixrt.models.presets import preset_config
 
@@ -182,16 +183,17 @@ def run_agree(eng: Engine, args: ModelArgs) -> dict[str, Any]:
                for g in range(8) for _ in range(8)]
     p = SamplingParams(temperature=0, max_new_tokens=64, ignore_eos=True, logprobs=True,
                        top_logprobs=2)
-    cache = eng.core.scheduler.memory.cache
+    memory = eng.core.scheduler.memory
+    cache = memory.cache
     eng.flush_cache()
     on = eng.generate(prompts, p)
     hits = sum(o.cached_tokens for o in on)
     eng.flush_cache()
-    cache.enabled = False
+    memory.cache = NoPrefixCache(memory.allocator, memory.page_size)
     try:
         off = eng.generate(prompts, p)
     finally:
-        cache.enabled = True
+        memory.cache = cache
     same = sum(a.token_ids == b.token_ids for a, b in zip(on, off))
     ties, lp_diffs, first_div = 0, [], []
     for a, b in zip(on, off):

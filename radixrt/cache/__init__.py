@@ -2,14 +2,18 @@
 
 from radixrt.cache.allocator import PageAllocator
 from radixrt.cache.page_table import SequencePages
+from radixrt.cache.prefix_cache import NoPrefixCache, PrefixCache, make_prefix_cache
 from radixrt.cache.radix import CacheStats, InsertResult, MatchResult, Node, RadixCache
 
 __all__ = [
     "CacheStats",
     "InsertResult",
     "MatchResult",
+    "NoPrefixCache",
     "Node",
     "PageAllocator",
+    "PrefixCache",
     "RadixCache",
     "SequencePages",
+    "make_prefix_cache",
 ]

@@ -23,6 +23,9 @@ Reference semantics (the correctness core)
   held them); they return to the free list when the request swaps them for the tree's pages
   (``SequencePages.replace_prefix_pages``) or releases. So nothing a page table still points at
   is ever freed.
+* Eviction hands pages back: ``evict`` detaches unlocked leaves and *returns* their page ids
+  with the tree's reference still on them; the caller (``SequenceMemory``) owns that reference
+  from then on and frees it, so a lower tier can copy a page before it is reused.
 * LRU: every match/insert takes one tick of a deterministic clock and stamps it on each node of
   the path it touched. A match ending inside an edge splits it there, so touches are always
   whole-node and a parent's ``last_access`` >= its children's. Eviction pops the unlocked leaf
@@ -118,13 +121,14 @@ def _as_tokens(tokens: TokenIds) -> IntArray:
 
 
 class RadixCache:
-    """Prefix cache: radix tree of token prefixes -> KV pages, with LRU eviction."""
+    """Prefix cache: radix tree of token prefixes -> KV pages, with LRU eviction.
 
-    def __init__(self, allocator: PageAllocator, page_size: int, enabled: bool = True) -> None:
+    Implements ``radixrt.cache.prefix_cache.PrefixCache``."""
+
+    def __init__(self, allocator: PageAllocator, page_size: int) -> None:
         assert page_size >= 1, f"page_size must be >= 1, got {page_size}"
         self.allocator = allocator
         self.page_size = page_size
-        self.enabled = enabled
         self._ids = itertools.count()
         self._clock = 0
         self.root = self._new_root(None)
@@ -148,7 +152,7 @@ class RadixCache:
         if record_stats:
             self._query_tokens += len(toks)
         root = self._roots.get(namespace)
-        if not self.enabled or root is None or len(toks) == 0:
+        if root is None or len(toks) == 0:
             return MatchResult([], 0, root if root is not None else self.root)
         # The model needs the last prompt token's logits, so it must be recomputed.
         limit = ((len(toks) - 1) // self.page_size) * self.page_size
@@ -168,8 +172,6 @@ class RadixCache:
         assert len(pages) == len(toks) // ps, (
             f"insert of {len(toks)} tokens needs {len(toks) // ps} pages, got {len(pages)}"
         )
-        if not self.enabled:
-            return InsertResult(self.root, list(pages), 0)
         if len(toks) == 0:
             return InsertResult(self._roots.get(namespace, self.root), [], 0)
         root = self._roots.get(namespace)
@@ -218,19 +220,19 @@ class RadixCache:
             assert node.parent is not None, f"node {node.id} is detached from its root"
             node = node.parent
 
-    def evict(self, num_pages: int) -> int:
-        """Free at least ``num_pages`` pages (or all evictable ones) in LRU order; returns freed."""
-        freed = 0
-        while freed < num_pages and self._lru:
+    def evict(self, num_pages: int) -> IntArray:
+        """Detach unlocked leaves in LRU order until at least ``num_pages`` pages (or every
+        evictable one) left the tree. Returns those page ids, each still carrying the tree's
+        reference: the caller now owns it and must decref (after any copy to a lower tier)."""
+        released: list[IntArray] = []
+        count = 0
+        while count < num_pages and self._lru:
             _, node_id = self._lru.pop(0)
-            freed += self._remove_leaf(self._lru_nodes.pop(node_id))
-        self._evicted_pages += freed
-        return freed
-
-    def flush(self) -> bool:
-        """Evict everything unlocked; False if locked nodes remain."""
-        self.evict(self.evictable_pages)
-        return self._num_nodes == 0
+            pages = self._remove_leaf(self._lru_nodes.pop(node_id))
+            released.append(pages)
+            count += len(pages)
+        self._evicted_pages += count
+        return np.concatenate(released) if released else _EMPTY
 
     # ------------------------------------------------------------------ accounting
     @property
@@ -345,7 +347,7 @@ class RadixCache:
         if self._lru_nodes.pop(node.id, None) is not None:
             self._lru.remove((node.last_access, node.id))
 
-    def _remove_leaf(self, node: Node) -> int:
+    def _remove_leaf(self, node: Node) -> IntArray:
         parent = node.parent
         assert parent is not None and not node.children and node.lock_ref == 0, (
             f"evicting node {node.id} that is detached, internal or locked"
@@ -354,13 +356,12 @@ class RadixCache:
         node.parent = None
         self._num_nodes -= 1
         self._cached_tokens -= len(node.key)
-        freed = self.allocator.decref(node.pages)
         if parent.is_root:
             if not parent.children and parent is not self.root:
                 del self._roots[parent.namespace]
         elif not parent.children and parent.lock_ref == 0:
             self._lru_add(parent)  # cascade: the parent is now an unlocked leaf
-        return freed
+        return node.pages
 
     def _iter_nodes(self) -> list[Node]:
         out: list[Node] = []

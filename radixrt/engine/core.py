@@ -15,7 +15,7 @@ import torch
 
 from radixrt.cache.allocator import PageAllocator
 from radixrt.cache.kv_pool import KVPool
-from radixrt.cache.radix import RadixCache
+from radixrt.cache.prefix_cache import make_prefix_cache
 from radixrt.config import EngineConfig
 from radixrt.engine.memory import SequenceMemory
 from radixrt.engine.outputs import EngineStats, SequenceDelta
@@ -105,7 +105,7 @@ class EngineCore:
             max_pages_per_seq=-(-max_context // config.page_size),
         )
         allocator = PageAllocator(num_pages)
-        cache = RadixCache(allocator, config.page_size, enabled=config.enable_prefix_cache)
+        cache = make_prefix_cache(allocator, config.page_size, config.enable_prefix_cache)
         memory = SequenceMemory(allocator, cache, config.page_size, pool.copy_pages)
         eos = set(args.eos_token_ids)
         if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:

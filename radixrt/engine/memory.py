@@ -12,7 +12,7 @@ from collections import Counter
 from collections.abc import Callable, Iterable
 
 from radixrt.cache.allocator import PageAllocator
-from radixrt.cache.radix import RadixCache
+from radixrt.cache.prefix_cache import PrefixCache
 from radixrt.engine.request import Sequence
 
 
@@ -20,7 +20,7 @@ class SequenceMemory:
     def __init__(
         self,
         allocator: PageAllocator,
-        cache: RadixCache,
+        cache: PrefixCache,
         page_size: int,
         copy_pages: Callable[[list[int], list[int]], None],
     ) -> None:
@@ -34,14 +34,14 @@ class SequenceMemory:
         """Pages a new allocation could get: free now, or freed by evicting unlocked cache."""
         return self.allocator.num_free + self.cache.evictable_pages
 
-    def attach_prefix(self, seq: Sequence, use_cache: bool, max_tokens: int | None = None) -> int:
+    def attach_prefix(self, seq: Sequence, max_tokens: int | None = None) -> int:
         """Start (or resume) a sequence on its longest cached prefix (at most ``max_tokens``
         tokens); returns matched tokens."""
         assert not seq.pages.pages and seq.cache_handle is None, f"{seq.rid} already holds memory"
         tokens = seq.token_array()
         if max_tokens is not None:
             tokens = tokens[: max_tokens + 1]  # match_prefix leaves the last token uncached
-        if not use_cache or len(tokens) < 2:
+        if len(tokens) < 2:
             seq.kv_len = 0
             return 0
         match = self.cache.match_prefix(tokens, seq.namespace, record_stats=False)
@@ -62,7 +62,12 @@ class SequenceMemory:
         """Evict LRU cache so ``pages`` pages are free, if the evictable part can cover it."""
         short = pages - self.allocator.num_free
         if short > 0 and self.cache.evictable_pages >= short:
-            self.cache.evict(short)
+            self.allocator.decref(self.cache.evict(short))
+
+    def flush_cache(self) -> bool:
+        """Evict every unlocked cache entry; False if locked entries remain."""
+        self.allocator.decref(self.cache.evict(self.cache.evictable_pages))
+        return self.cache.evictable_pages == 0 and self.cache.locked_pages == 0
 
     def commit_progress(self, seq: Sequence) -> None:
         """Insert the sequence's computed full pages into the tree so others can share them.
@@ -70,8 +75,6 @@ class SequenceMemory:
         Pages the tree already had are swapped into the sequence's page table and its duplicates
         dropped (freed once nothing references them); the lock moves to the deeper node.
         """
-        if not self.cache.enabled:
-            return
         # With overlap, KV may already exist for a token the host has not appended (or dropped,
         # e.g. a matched eos): only tokens both computed and known are shared.
         full_pages = min(seq.kv_len, seq.num_tokens) // self.page_size

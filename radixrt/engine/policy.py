@@ -21,7 +21,8 @@ from typing import TYPE_CHECKING
 from radixrt.engine.request import Sequence
 
 if TYPE_CHECKING:
-    from radixrt.cache.radix import Node, RadixCache
+    from radixrt.cache.prefix_cache import PrefixCache
+    from radixrt.cache.radix import Node
 
 LPM_MAX_QUEUE = 128
 
@@ -30,7 +31,7 @@ def _fcfs(waiting: list[Sequence]) -> list[Sequence]:
     return sorted(waiting, key=lambda s: s.arrival)
 
 
-def order_waiting(waiting: list[Sequence], cache: RadixCache, policy: str) -> list[Sequence]:
+def order_waiting(waiting: list[Sequence], cache: PrefixCache, policy: str) -> list[Sequence]:
     if policy == "fcfs" or len(waiting) > LPM_MAX_QUEUE or len(waiting) <= 1:
         return _fcfs(waiting)
     assert policy == "lpm", f"unknown schedule policy {policy!r}"

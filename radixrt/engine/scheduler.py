@@ -213,8 +213,8 @@ class Scheduler:
             # Prompt logprobs need the logits of every position from logprob_start_len - 1 on,
             # so the cached prefix may only cover the positions before that.
             cap = seq.params.logprob_start_len - 1 if needs_prompt_logprobs else None
-            use_cache = cache.enabled
-            matched = self.memory.attach_prefix(seq, use_cache=use_cache, max_tokens=cap)
+            use_cache = self.config.enable_prefix_cache
+            matched = self.memory.attach_prefix(seq, max_tokens=cap)
             if use_cache and admitted.shares_stem(seq.token_array(), matched):
                 # Its stem is being computed this step by another request: wait for the hit.
                 self.memory.release(seq, keep_in_cache=False)
@@ -353,5 +353,5 @@ class Scheduler:
         """Drop every unlocked cache entry (only allowed when idle, as SGLang does)."""
         if self.running or self.waiting or self._inflight:
             return False
-        return self.memory.cache.flush()
+        return self.memory.flush_cache()
 

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from radixrt.cache import PageAllocator, RadixCache, SequencePages
+from radixrt.cache.prefix_cache import NoPrefixCache
 from radixrt.cache.radix import Node
 
 
@@ -44,8 +45,20 @@ class Req:
         self.cache.unlock(self.handle)
 
 
-def cache_with(num_pages: int, page_size: int, enabled: bool = True) -> RadixCache:
-    return RadixCache(PageAllocator(num_pages), page_size, enabled)
+def cache_with(num_pages: int, page_size: int) -> RadixCache:
+    return RadixCache(PageAllocator(num_pages), page_size)
+
+
+def evict(cache: RadixCache, num_pages: int) -> int:
+    """Evict as SequenceMemory does: the caller frees the pages the tree hands back."""
+    pages = cache.evict(num_pages)
+    cache.allocator.decref(pages)
+    return len(pages)
+
+
+def flush(cache: RadixCache) -> bool:
+    evict(cache, cache.evictable_pages)
+    return cache.num_nodes == 0
 
 
 def held(*reqs: Req) -> Counter[int]:
@@ -154,7 +167,7 @@ def test_duplicate_pages_live_while_held_and_free_on_replace() -> None:
     a.finish()
     b.finish()
     cache.check_invariants({})
-    assert cache.flush() and alloc.num_free == alloc.num_total
+    assert flush(cache) and alloc.num_free == alloc.num_total
 
 
 def test_duplicates_freed_on_release_without_dedupe() -> None:
@@ -180,7 +193,7 @@ def test_namespaces_never_share_entries() -> None:
     assert cache.match_prefix(toks + [0], "tenant-b").length == 0
     assert cache.match_prefix(toks + [0]).pages == p_default
     cache.check_invariants({})
-    assert cache.flush()
+    assert flush(cache)
     assert cache.match_prefix(toks + [0], "tenant-a").length == 0
     assert cache.allocator.num_free == 32
     cache.check_invariants({})  # also checks the emptied namespace root was dropped
@@ -191,7 +204,7 @@ def test_eviction_cascades_to_parents_that_become_leaves() -> None:
     put(cache, [1, 2, 3])
     put(cache, [1, 2, 4])  # tree: [1 2] -> {[3], [4]}
     assert cache.num_nodes == 3
-    freed = cache.evict(3)
+    freed = evict(cache, 3)
     assert freed == 4 and cache.num_nodes == 0, "both leaves, then their parent"
     assert cache.stats().evictions == 4
     cache.check_invariants({})
@@ -203,9 +216,9 @@ def test_lru_order_evicts_least_recently_used_leaf() -> None:
     pb = put(cache, [2, 2, 2, 2])
     pc = put(cache, [3, 3, 3, 3])
     cache.match_prefix([1, 1, 1, 1, 0])  # a is now the most recent
-    assert cache.evict(1) == 2
+    assert evict(cache, 1) == 2
     assert all(cache.allocator.refcount(p) == 0 for p in pb), "b was least recently used"
-    assert cache.evict(1) == 2
+    assert evict(cache, 1) == 2
     assert all(cache.allocator.refcount(p) == 0 for p in pc)
     assert all(cache.allocator.refcount(p) == 1 for p in pa)
     cache.check_invariants({})
@@ -217,7 +230,7 @@ def test_partial_match_touches_only_the_matched_part() -> None:
     put(cache, [9, 9])
     cache.match_prefix([1, 2, 7])  # touches [1 2] only; splits off [3 4]
     # [3 4] keeps its old time, older than [9 9]: it goes first.
-    assert cache.evict(1) == 2
+    assert evict(cache, 1) == 2
     assert cache.match_prefix([1, 2, 3, 4, 0]).length == 2
     assert cache.match_prefix([9, 9, 0]).length == 2
     cache.check_invariants({})
@@ -230,12 +243,12 @@ def test_locked_path_is_never_evicted() -> None:
     assert req.matched == 4
     put(cache, [7, 7])
     assert cache.locked_pages == 2 and cache.evictable_pages == 1
-    assert cache.evict(100) == 1
+    assert evict(cache, 100) == 1
     assert cache.match_prefix([1, 2, 3, 4, 0]).length == 4
-    assert not cache.flush(), "locked nodes remain"
+    assert not flush(cache), "locked nodes remain"
     cache.check_invariants(held(req))
     req.finish()
-    assert cache.flush() and cache.allocator.num_free == 32
+    assert flush(cache) and cache.allocator.num_free == 32
 
 
 def test_unlock_below_zero_and_lock_of_evicted_node_fail() -> None:
@@ -243,7 +256,7 @@ def test_unlock_below_zero_and_lock_of_evicted_node_fail() -> None:
     res = cache.insert([1, 2], [*cache.allocator.alloc(2)])  # type: ignore[misc]
     with pytest.raises(AssertionError, match="below zero"):
         cache.unlock(res.handle)
-    cache.evict(2)
+    evict(cache, 2)
     with pytest.raises(AssertionError, match="evicted"):
         cache.lock(res.handle)
 
@@ -261,10 +274,10 @@ def test_split_keeps_locked_handles_consistent() -> None:
 
 
 def test_disabled_cache_matches_nothing_adopts_nothing() -> None:
-    cache = cache_with(16, 2, enabled=False)
-    req = Req(cache, [1, 2, 3, 4, 5])
+    cache = NoPrefixCache(PageAllocator(16), 2)
+    req = Req(cache, [1, 2, 3, 4, 5])  # type: ignore[arg-type]
     assert req.insert() == 0
-    assert cache.cached_tokens == 0 and cache.num_nodes == 0
+    assert cache.cached_tokens == 0 and cache.stats().num_nodes == 0
     assert Req(cache, [1, 2, 3, 4, 5]).matched == 0
     st = cache.stats()
     assert st.query_tokens == 10 and st.hit_tokens == 0 and st.hit_rate == 0.0

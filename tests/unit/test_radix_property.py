@@ -88,7 +88,9 @@ class RadixMachine(RuleBasedStateMachine):
     def _evict(self, n: int) -> None:
         locked = self._locked()
         evictable = sum(1 for ns, ps in self.model.items() for p in ps if (ns, p) not in locked)
-        freed = self.cache.evict(n)
+        released = self.cache.evict(n)
+        self.alloc.decref(released)  # the caller owns evicted pages (SequenceMemory frees them)
+        freed = len(released)
         assert freed >= min(n, evictable), f"evict({n}) freed {freed} of {evictable} evictable"
         for _ in range(freed):
             leaves = sorted(self._evictable_leaves(), key=lambda x: x[0])
@@ -220,7 +222,8 @@ class RadixMachine(RuleBasedStateMachine):
             return
         for req in list(self.reqs):
             self._drop(req)
-        assert self.cache.flush(), "nodes still locked after every request finished"
+        self.alloc.decref(self.cache.evict(self.cache.evictable_pages))
+        assert self.cache.num_nodes == 0, "nodes still locked after every request finished"
         assert self.alloc.num_free == self.alloc.num_total, "pages leaked"
         self.cache.check_invariants({})
 

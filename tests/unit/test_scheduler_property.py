@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 from radixrt.attention.torch_ref import TorchReferenceBackend
 from radixrt.cache.allocator import PageAllocator
 from radixrt.cache.kv_pool import KVPool
-from radixrt.cache.radix import RadixCache
+from radixrt.cache.prefix_cache import make_prefix_cache
 from radixrt.config import EngineConfig
 from radixrt.engine.memory import SequenceMemory
 from radixrt.engine.runner import ModelRunner
@@ -85,7 +85,7 @@ def build(page_size: int, pages: int, chunk: int, overlap: bool, policy: str, ca
                   dtype=torch.float32, device="cpu")
     runner = ModelRunner(CountingModel(), pool, TorchReferenceBackend(1, 1, 2, 1.0))
     allocator = PageAllocator(pages)
-    memory = SequenceMemory(allocator, RadixCache(allocator, page_size, enabled=cache), page_size,
+    memory = SequenceMemory(allocator, make_prefix_cache(allocator, page_size, cache), page_size,
                             pool.copy_pages)
     return Scheduler(config, runner, memory, Sampler(), vocab_size=VOCAB,
                      max_context_len=MAX_CONTEXT, eos_token_ids=())

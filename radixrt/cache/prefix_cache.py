@@ -1,0 +1,126 @@
+"""The prefix cache's interface, and the cache that caches nothing (``enable_prefix_cache=False``).
+
+The scheduler and ``SequenceMemory`` talk to a cache only through ``PrefixCache``: match the
+longest cached prefix, insert computed pages, lock / unlock the path a running sequence reads,
+evict (which hands the released page ids back to the caller, who frees them, so a lower tier can
+copy them first), stats and a self-check. ``RadixCache`` is the real implementation;
+``NoPrefixCache`` keeps the same code path with nothing ever shared.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Protocol
+
+import numpy as np
+
+from radixrt.cache.allocator import PageAllocator
+from radixrt.cache.radix import (
+    CacheStats,
+    InsertResult,
+    IntArray,
+    MatchResult,
+    Node,
+    RadixCache,
+    TokenIds,
+    _as_tokens,
+)
+
+
+class PrefixCache(Protocol):
+    page_size: int
+    allocator: PageAllocator
+
+    def match_prefix(
+        self, tokens: TokenIds, namespace: str | None = None, *, record_stats: bool = True
+    ) -> MatchResult: ...
+
+    def insert(
+        self, tokens: TokenIds, pages: Sequence[int] | IntArray, namespace: str | None = None
+    ) -> InsertResult: ...
+
+    def lock(self, handle: Node) -> None: ...
+
+    def unlock(self, handle: Node) -> None: ...
+
+    def evict(self, num_pages: int) -> IntArray: ...
+
+    @property
+    def evictable_pages(self) -> int: ...
+
+    @property
+    def locked_pages(self) -> int: ...
+
+    @property
+    def cached_tokens(self) -> int: ...
+
+    def stats(self) -> CacheStats: ...
+
+    def check_invariants(self, external_refs: Mapping[int, int] | None = None) -> None: ...
+
+
+class NoPrefixCache:
+    """Caches nothing: every match is empty and inserts keep the caller's own pages, so each
+    sequence's pages are private and freed when it releases them."""
+
+    def __init__(self, allocator: PageAllocator, page_size: int) -> None:
+        assert page_size >= 1, f"page_size must be >= 1, got {page_size}"
+        self.allocator = allocator
+        self.page_size = page_size
+        # Handles must be nodes the callers can pass back; a root is never locked.
+        self._root = Node(np.zeros(0, np.int32), np.zeros(0, np.int32), None, 0, 0, None,
+                          is_root=True)
+        self._query_tokens = 0
+
+    def match_prefix(
+        self, tokens: TokenIds, namespace: str | None = None, *, record_stats: bool = True
+    ) -> MatchResult:
+        if record_stats:
+            self._query_tokens += len(_as_tokens(tokens))
+        return MatchResult([], 0, self._root)
+
+    def insert(
+        self, tokens: TokenIds, pages: Sequence[int] | IntArray, namespace: str | None = None
+    ) -> InsertResult:
+        return InsertResult(self._root, [int(p) for p in pages], 0)
+
+    def lock(self, handle: Node) -> None:
+        assert handle is self._root, "NoPrefixCache hands out only its root"
+
+    def unlock(self, handle: Node) -> None:
+        assert handle is self._root, "NoPrefixCache hands out only its root"
+
+    def evict(self, num_pages: int) -> IntArray:
+        return np.zeros(0, np.int32)
+
+    @property
+    def evictable_pages(self) -> int:
+        return 0
+
+    @property
+    def locked_pages(self) -> int:
+        return 0
+
+    @property
+    def cached_tokens(self) -> int:
+        return 0
+
+    def stats(self) -> CacheStats:
+        return CacheStats(
+            total_pages=self.allocator.num_total, free_pages=self.allocator.num_free,
+            evictable_pages=0, locked_pages=0, cached_tokens=0, num_nodes=0, hit_tokens=0,
+            query_tokens=self._query_tokens, hit_rate=0.0, evictions=0,
+        )
+
+    def check_invariants(self, external_refs: Mapping[int, int] | None = None) -> None:
+        """Every allocated page belongs to a running sequence (nothing is cached)."""
+        if external_refs is not None:
+            self.allocator.check_refcounts(external_refs, "requests")
+        total = self.allocator.num_free + self.allocator.num_used
+        assert total == self.allocator.num_total, (
+            f"free + private = {total} != {self.allocator.num_total} pages"
+        )
+
+
+def make_prefix_cache(allocator: PageAllocator, page_size: int, enabled: bool) -> PrefixCache:
+    return RadixCache(allocator, page_size) if enabled else NoPrefixCache(allocator, page_size)

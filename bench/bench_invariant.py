@@ -88,14 +88,14 @@ def bench_gemm() -> dict[str, Any]:
     return out
 
 
-def paged(batch: int, seq: int, page: int = 16) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(k_flat, v_flat, page_table) of ``batch`` random sequences of ``seq`` tokens."""
+def paged(batch: int, seq: int, page: int = 16) -> tuple[torch.Tensor, ...]:
+    """(k_flat, v_flat, page_table, req_rows) of ``batch`` random sequences of ``seq`` tokens."""
     k, v, num_pages = paged_kv(batch * seq, page)
-    return k, v, random_page_table(batch, seq, page, num_pages)
+    return (k, v, *random_page_table(batch, seq, page, num_pages))
 
 
 def bench_decode_case(batch: int, seq: int, sms: int) -> dict[str, float]:
-    k, v, table = paged(batch, seq)
+    k, v, table, rows = paged(batch, seq)
     q = torch.randn(batch, HQ, HD, device=DEV, dtype=BF16)
     seq_lens = torch.full((batch,), seq, device=DEV, dtype=torch.int32)
     splits = choose_num_splits(batch, HKV, sms, 32)
@@ -103,16 +103,16 @@ def bench_decode_case(batch: int, seq: int, sms: int) -> dict[str, float]:
     pl = torch.empty(batch * HQ * splits, device=DEV)
     indptr = torch.arange(batch + 1, device=DEV, dtype=torch.int32)
     prefix = seq_lens - 1
-    t_dec = ms(lambda: decode_attention(q, k, v, seq_lens, table, 16, HD**-0.5, splits, po, pl))
+    t_dec = ms(lambda: decode_attention(q, k, v, seq_lens, table, rows, 16, HD**-0.5, splits, po, pl))
     chunk = invariant_chunk(32768, DEV)
-    t_inv = ms(lambda: invariant_attention(q, k, v, indptr, prefix, table, 16, 1, HD**-0.5,
-                                           chunk=chunk))
+    t_inv = ms(lambda: invariant_attention(q, k, v, indptr, prefix, table, rows, 16, 1,
+                                           HD**-0.5, chunk=chunk))
     kv_gb = 2 * batch * seq * HKV * HD * 2 / 1e9
     res = {"split_kv_ms": t_dec, "invariant_ms": t_inv, "split_kv_gbs": kv_gb / t_dec * 1e3,
            "invariant_gbs": kv_gb / t_inv * 1e3}
     if batch * HKV < sms:  # what the backend would run: one program per KV chunk
         buf = SplitBuffers(batch, HKV, HQ // HKV, HD, -(-seq // chunk), DEV)
-        t_split = ms(lambda: invariant_attention(q, k, v, indptr, prefix, table, 16, 1,
+        t_split = ms(lambda: invariant_attention(q, k, v, indptr, prefix, table, rows, 16, 1,
                                                  HD**-0.5, chunk=chunk, split=buf,
                                                  seq_lens=seq_lens))
         res.update(invariant_chunked_ms=t_split, invariant_chunked_gbs=kv_gb / t_split * 1e3)
@@ -126,12 +126,12 @@ def bench_attn() -> dict[str, Any]:
         out[f"decode {batch}x{seq}"] = bench_decode_case(batch, seq, sms)
         print(f"decode {batch}x{seq}", out[f"decode {batch}x{seq}"], flush=True)
     batch, new = 8, 1024
-    k, v, table = paged(batch, new)
+    k, v, table, rows = paged(batch, new)
     q = torch.randn(batch * new, HQ, HD, device=DEV, dtype=BF16)
     indptr = torch.arange(0, (batch + 1) * new, new, device=DEV, dtype=torch.int32)
     prefix = torch.zeros(batch, device=DEV, dtype=torch.int32)
-    t_ext = ms(lambda: extend_attention(q, k, v, indptr, prefix, table, 16, new, HD**-0.5))
-    t_inv = ms(lambda: invariant_attention(q, k, v, indptr, prefix, table, 16, new, HD**-0.5,
+    t_ext = ms(lambda: extend_attention(q, k, v, indptr, prefix, table, rows, 16, new, HD**-0.5))
+    t_inv = ms(lambda: invariant_attention(q, k, v, indptr, prefix, table, rows, 16, new, HD**-0.5,
                                            chunk=invariant_chunk(32768, DEV)))
     out["prefill 8x1024"] = {"extend_ms": t_ext, "invariant_ms": t_inv}
     print("prefill 8x1024", out["prefill 8x1024"], flush=True)

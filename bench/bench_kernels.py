@@ -68,15 +68,22 @@ def paged_kv(total_tokens: int, page_size: int) -> tuple[torch.Tensor, torch.Ten
     )
 
 
-def random_page_table(batch: int, seq_len: int, page_size: int, num_pages: int) -> torch.Tensor:
+def random_page_table(
+    batch: int, seq_len: int, page_size: int, num_pages: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(page_table [batch + 1, pages per request] int32 with scratch row 0, req_rows [batch]
+    int32 in shuffled order), like the engine's device page table."""
     per_req = triton.cdiv(seq_len, page_size)
     perm = torch.randperm(num_pages, device=DEV)[: batch * per_req] + 1  # fragmented pages
-    return perm.view(batch, per_req).to(torch.int32)
+    table = torch.zeros(batch + 1, per_req, dtype=torch.int32, device=DEV)
+    table[1:] = perm.view(batch, per_req)
+    rows = (torch.randperm(batch, device=DEV) + 1).to(torch.int32)
+    return table, rows
 
 
 def bench_decode(batch: int, seq_len: int, page_size: int, splits: list[int]) -> list[dict]:
     k_flat, v_flat, num_pages = paged_kv(batch * seq_len, page_size)
-    table = random_page_table(batch, seq_len, page_size, num_pages)
+    table, rows_idx = random_page_table(batch, seq_len, page_size, num_pages)
     seq_lens = torch.full((batch,), seq_len, device=DEV, dtype=torch.int32)
     q = torch.randn(batch, HQ, HD, device=DEV, dtype=BF16)
     out = torch.empty_like(q)
@@ -89,7 +96,8 @@ def bench_decode(batch: int, seq_len: int, page_size: int, splits: list[int]) ->
 
         def run(s: int = s) -> torch.Tensor:
             return decode_attention(
-                q, k_flat, v_flat, seq_lens, table, page_size, HD**-0.5, s, part_out, part_lse,
+                q, k_flat, v_flat, seq_lens, table, rows_idx, page_size, HD**-0.5, s, part_out,
+                part_lse,
                 out=out,
             )  # fmt: skip
 
@@ -101,14 +109,15 @@ def bench_decode(batch: int, seq_len: int, page_size: int, splits: list[int]) ->
 def bench_extend(batch: int, new: int, prefix: int, page_size: int) -> dict:
     seq = prefix + new
     k_flat, v_flat, num_pages = paged_kv(batch * seq, page_size)
-    table = random_page_table(batch, seq, page_size, num_pages)
+    table, rows_idx = random_page_table(batch, seq, page_size, num_pages)
     qo_indptr = torch.arange(0, (batch + 1) * new, new, device=DEV, dtype=torch.int32)
     prefix_lens = torch.full((batch,), prefix, device=DEV, dtype=torch.int32)
     q = torch.randn(batch * new, HQ, HD, device=DEV, dtype=BF16)
     out = torch.empty_like(q)
     ms = median_ms(
         lambda: extend_attention(
-            q, k_flat, v_flat, qo_indptr, prefix_lens, table, page_size, new, HD**-0.5, out=out
+            q, k_flat, v_flat, qo_indptr, prefix_lens, table, rows_idx, page_size, new, HD**-0.5,
+            out=out,
         )
     )
     flops = extend_flops([new] * batch, [prefix] * batch, HQ, HD)
@@ -121,9 +130,10 @@ def sweep_extend(batch: int, new: int, page_size: int) -> list[dict]:
     from radixrt.engine.batch import build_forward_batch
 
     k_flat, v_flat, num_pages = paged_kv(batch * new, page_size)
-    table = random_page_table(batch, new, page_size, num_pages)
+    table, rows_idx = random_page_table(batch, new, page_size, num_pages)
     fb = build_forward_batch(
-        new_token_ids=[[1] * new] * batch, prefix_lens=[0] * batch, page_tables=table.tolist(),
+        new_token_ids=[[1] * new] * batch, prefix_lens=[0] * batch,
+        page_tables=table[rows_idx.long()].tolist(),
         page_size=page_size, device=DEV,
     )  # fmt: skip
     q = torch.randn(batch * new, HQ, HD, device=DEV, dtype=BF16)
@@ -137,7 +147,7 @@ def sweep_extend(batch: int, new: int, page_size: int) -> list[dict]:
 
             def run(cfg: tuple[int, int, int, int] = cfg, out: torch.Tensor = out) -> torch.Tensor:
                 return extend_attention(
-                    q, k_flat, v_flat, fb.qo_indptr, fb.prefix_lens, fb.page_table, page_size,
+                    q, k_flat, v_flat, fb.qo_indptr, fb.prefix_lens, fb.page_table, fb.req_rows, page_size,
                     new, HD**-0.5, out=out, config=cfg,
                 )  # fmt: skip
 

@@ -1,14 +1,15 @@
 """Optional attention backend on FlashInfer's paged-KV kernels (``attention_backend="flashinfer"``).
 
 The pool's per-layer tensors ``[num_pages + 1, page_size, kv_heads, head_dim]`` are FlashInfer's
-"NHD" paged layout, so the kernels read the pool in place. Per step, the padded page table turns
-into FlashInfer's CSR page lists:
+"NHD" paged layout, so the kernels read the pool in place. Per step, the requests' rows of the
+device page table turn into FlashInfer's CSR page lists, gathered on the device (no host sync:
+the total page count comes from the host's sequence lengths):
 
-    page_table  [[7, 3, 0],      seq_lens [20, 9]  (page_size 16)
-                 [5, 0, 0]]
-    kv_indptr   [0, 2, 3]        pages per request: ceil(seq_len / page_size)
-    kv_indices  [7, 3, 5]
-    last_page   [4, 9]           tokens in each request's last page
+    page_table  row 4 [7, 3, 9]   req_rows [4, 1]   seq_lens [20, 9]  (page_size 16)
+                row 1 [5, 2, 6]   (entries past a request's last page are stale)
+    kv_indptr   [0, 2, 3]         pages per request: ceil(seq_len / page_size)
+    kv_indices  [7, 3, 5]         table[req_rows[owner], page - kv_indptr[owner]]
+    last_page   [4, 9]            tokens in each request's last page
 
 FlashInfer aligns the causal mask to the end of each request's KV (query j of an extend of length
 E over L keys sees keys 0 .. L - E + j), which is our prefix + j rule. CUDA graphs are not used
@@ -31,19 +32,24 @@ WORKSPACE_BYTES = 128 << 20
 
 
 def paged_kv_csr(
-    page_table: torch.Tensor,  # [B, max_pages] int32
+    page_table: torch.Tensor,  # [R, max_pages] int32
+    req_rows: torch.Tensor,  # [B] int32
     seq_lens: torch.Tensor,  # [B] int32
     page_size: int,
+    total_pages: int,  # sum of ceil(seq_len / page_size), from the host's lengths
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(kv_indptr [B+1], kv_indices [sum pages], kv_last_page_len [B]), all int32."""
+    """(kv_indptr [B+1], kv_indices [total_pages], kv_last_page_len [B]), all int32."""
+    dev = page_table.device
     num_pages = (seq_lens.long() + page_size - 1) // page_size  # [B]
-    indptr = torch.zeros(num_pages.numel() + 1, dtype=torch.int32, device=page_table.device)
+    indptr = torch.zeros(num_pages.numel() + 1, dtype=torch.long, device=dev)
     indptr[1:] = torch.cumsum(num_pages, 0)
-    cols = torch.arange(page_table.shape[1], device=page_table.device)
-    used = cols[None, :] < num_pages[:, None]  # [B, max_pages]
-    indices = page_table[used].to(torch.int32)  # row-major: request 0's pages, then 1's, ...
+    # output_size keeps repeat_interleave from reading the counts back to the host.
+    owner = torch.repeat_interleave(torch.arange(num_pages.numel(), device=dev), num_pages,
+                                    output_size=total_pages)  # [total_pages]
+    col = torch.arange(total_pages, device=dev) - indptr[owner]
+    indices = page_table[req_rows.long()[owner], col]  # request 0's pages, then 1's, ...
     last = (seq_lens.long() - (num_pages - 1) * page_size).to(torch.int32)
-    return indptr, indices, last
+    return indptr.to(torch.int32), indices, last
 
 
 def _import_flashinfer() -> Any:
@@ -81,7 +87,10 @@ class FlashInferBackend(AttentionBackend):
         self._active: Any = None
 
     def prepare(self, batch: ForwardBatch) -> None:
-        indptr, indices, last = paged_kv_csr(batch.page_table, batch.seq_lens, batch.page_size)
+        ps = batch.page_size
+        total = sum(-(-n // ps) for n in batch.seq_lens_cpu)
+        indptr, indices, last = paged_kv_csr(batch.page_table, batch.req_rows, batch.seq_lens, ps,
+                                             total)
         shape = (self.num_heads, self.num_kv_heads, self.head_dim, batch.page_size)
         if batch.is_decode:
             self.decode.plan(indptr, indices, last, *shape, sm_scale=self.scale,

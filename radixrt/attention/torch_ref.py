@@ -1,5 +1,5 @@
 """Reference attention over the paged pool in plain torch: gather each request's KV through its
-page table and run causal attention with the mask offset by the cached prefix length.
+row of the page table and run causal attention with the mask offset by the cached prefix length.
 
 Slow (a Python loop over requests) and exact; it is the oracle the Triton kernels are tested
 against and the CPU path of the engine.
@@ -38,7 +38,7 @@ def paged_attention_reference(
     start = 0
     for i, (prefix, extend) in enumerate(zip(batch.prefix_lens_cpu, batch.extend_lens_cpu)):
         seq_len = prefix + extend
-        slots = gather_slots(batch.page_table[i], seq_len, batch.page_size)
+        slots = gather_slots(batch.page_table[batch.req_rows_cpu[i]], seq_len, batch.page_size)
         k = k_flat[slots].float().repeat_interleave(group, dim=1)  # [L, Hq, D]
         v = v_flat[slots].float().repeat_interleave(group, dim=1)
         qi = q[start : start + extend].float()  # [E, Hq, D]
@@ -66,7 +66,8 @@ def paged_decode_reference(
     group = num_heads // num_kv_heads
     max_len = batch.max_seq_len
     pos = torch.arange(max_len, device=q.device)  # [L]
-    pages = batch.page_table.long()[:, pos // batch.page_size]  # [B, L]
+    rows = batch.page_table.index_select(0, batch.req_rows.long())  # [B, max_pages]
+    pages = rows.long()[:, pos // batch.page_size]  # [B, L]
     slots = pages * batch.page_size + pos % batch.page_size  # [B, L]
     k = k_flat[slots].float()  # [B, L, Hkv, D]
     v = v_flat[slots].float()

@@ -111,7 +111,7 @@ class TritonAttentionBackend(AttentionBackend):
         if self.deterministic:
             return invariant_attention(
                 q, k_flat, v_flat, batch.qo_indptr, batch.prefix_lens, batch.page_table,
-                batch.page_size, batch.max_extend_len, self.scale, chunk=self.chunk,
+                batch.req_rows, batch.page_size, batch.max_extend_len, self.scale, chunk=self.chunk,
                 split=self._split_buffers if self._split else None, seq_lens=batch.seq_lens,
             )
         if batch.is_decode:
@@ -121,6 +121,7 @@ class TritonAttentionBackend(AttentionBackend):
                 v_flat,
                 batch.seq_lens,
                 batch.page_table,
+                batch.req_rows,
                 batch.page_size,
                 self.scale,
                 self._num_splits,
@@ -135,6 +136,7 @@ class TritonAttentionBackend(AttentionBackend):
             batch.qo_indptr,
             batch.prefix_lens,
             batch.page_table,
+            batch.req_rows,
             batch.page_size,
             batch.max_extend_len,
             self.scale,

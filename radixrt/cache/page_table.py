@@ -10,16 +10,26 @@ Token position ``p`` of the sequence lives in physical page ``pages[p // page_si
 Holding a page id in ``pages`` == holding one allocator reference on it. Pages are allocated on
 demand as the sequence grows (never reserved up front for the maximum length), so at most the last
 page is partly filled.
+
+``pages`` is also the host copy of the sequence's row in the ``DevicePageTable``
+(device_pages.py): ``pages[:synced]`` are on the device except the indices in ``stale``::
+
+    pages    [ 17 | 3 | 42 | 8 ]       synced = 3, stale = [1] (page 1 swapped for the tree's)
+    device   [ 17 | 5 | 42 | . ]       next step writes entries 1 and 3 only
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 import numpy.typing as npt
 
 from radixrt.cache.allocator import PageAllocator
+
+if TYPE_CHECKING:
+    from radixrt.cache.device_pages import DevicePageTable
 
 
 class SequencePages:
@@ -30,6 +40,16 @@ class SequencePages:
         self.page_size = page_size
         self.pages: list[int] = []
         self.num_tokens = 0  # tokens whose slots are reserved (prefix + computed + pending)
+        # Device mirror (see the module docstring): the bound row, 0 = none.
+        self.row = 0
+        self.synced = 0
+        self.stale: list[int] = []
+        self._table: DevicePageTable | None = None
+
+    def bind(self, table: DevicePageTable, row: int) -> None:
+        """Called by ``DevicePageTable`` when it gives this sequence a row: nothing mirrored yet."""
+        assert self._table is None, f"already bound to row {self.row}"
+        self._table, self.row, self.synced, self.stale = table, row, 0, []
 
     @property
     def num_pages(self) -> int:
@@ -54,6 +74,7 @@ class SequencePages:
         allocator.incref(pages)
         self.pages = list(pages)
         self.num_tokens = len(self.pages) * self.page_size
+        self.synced, self.stale = 0, []
 
     def ensure_capacity(self, total_tokens: int, allocator: PageAllocator) -> bool:
         """Reserve slots for ``total_tokens`` tokens, allocating only the missing pages.
@@ -103,14 +124,20 @@ class SequencePages:
         allocator.incref(new[changed])
         freed = allocator.decref(old[changed])
         self.pages[:k] = new.tolist()
+        # Entries the device already has must be rewritten; those past the watermark will be.
+        idx = np.flatnonzero(changed)
+        self.stale.extend(idx[idx < self.synced].tolist())
         return freed
 
     def release(self, allocator: PageAllocator) -> int:
-        """Drop every page reference; returns how many pages became free."""
+        """Drop every page reference and the device row; returns how many pages became free."""
         freed = allocator.decref(self.pages)
         self.pages = []
         self.num_tokens = 0
+        if self._table is not None:
+            self._table.release(self.row)
+        self._table, self.row, self.synced, self.stale = None, 0, 0, []
         return freed
 
     def __repr__(self) -> str:
-        return f"SequencePages(num_tokens={self.num_tokens}, pages={self.pages})"
+        return f"SequencePages(num_tokens={self.num_tokens}, row={self.row}, pages={self.pages})"

@@ -8,13 +8,21 @@ chunk, or exactly one token when it is decoding), laid out back to back in reque
     qo_indptr      0                    5            8            9
     prefix_lens    p0                   p1           p2          (tokens already in the KV pool)
     seq_lens       p0 + 5               p1 + 3       p2 + 1      (KV length after this step)
+    req_rows       7                    2            5           (rows of the device page table)
 
 Token ``j`` of request ``i`` sits at absolute position ``prefix_lens[i] + j``; its K/V is
 written to pool slot ``out_slots[qo_indptr[i] + j]`` and it attends to KV positions
-``0 .. prefix_lens[i] + j`` (causal). Position ``p`` of request ``i`` lives in physical page
-``page_table[i, p // page_size]`` at offset ``p % page_size``, i.e. flat slot
-``page_table[i, p // page_size] * page_size + p % page_size``. Unused page-table entries hold
-page 0, the pool's scratch page, which no request owns.
+``0 .. prefix_lens[i] + j`` (causal). Pages are read through one indirection into the device
+page table that outlives the step (radixrt/cache/device_pages.py)::
+
+    page_table [R, max_pages] int32 (all rows; row 0 = scratch, all page 0)
+                 row 2  [ 9 | 4 | . . . ]    <- r1
+                 row 5  [ 1 | 8 | 3 | . ]    <- r2
+                 row 7  [ 6 | . . . . . ]    <- r0
+
+Position ``p`` of request ``i`` lives in physical page ``page_table[req_rows[i], p // page_size]``
+at offset ``p % page_size``, i.e. flat slot ``page * page_size + p % page_size``. Entries past a
+request's last page hold whatever an earlier owner left there: read nothing beyond ``seq_lens``.
 """
 
 from __future__ import annotations
@@ -26,6 +34,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from radixrt.cache.device_pages import DevicePageTable
+from radixrt.cache.page_table import SequencePages
+
 
 @dataclass
 class ForwardBatch:
@@ -34,7 +45,8 @@ class ForwardBatch:
     qo_indptr: torch.Tensor  # [B+1] int32, start of each request's new tokens
     prefix_lens: torch.Tensor  # [B] int32, KV tokens already in the pool
     seq_lens: torch.Tensor  # [B] int32, prefix_lens + extend_lens
-    page_table: torch.Tensor  # [B, max_pages] int32, physical page ids (0 = scratch)
+    page_table: torch.Tensor  # [R, max_pages] int32, the whole device table (0 = scratch page)
+    req_rows: torch.Tensor  # [B] int32, each request's row of page_table
     out_slots: torch.Tensor  # [T] int64, flat pool slot of each new token's K/V
     logits_indices: torch.Tensor  # [N] int64, rows of the hidden states that need logits
     page_size: int
@@ -44,6 +56,7 @@ class ForwardBatch:
     # Host copies (python ints) so reference paths never sync with the device.
     extend_lens_cpu: list[int]
     prefix_lens_cpu: list[int]
+    req_rows_cpu: list[int]
 
     @property
     def batch_size(self) -> int:
@@ -58,6 +71,50 @@ class ForwardBatch:
         return [p + e for p, e in zip(self.prefix_lens_cpu, self.extend_lens_cpu)]
 
 
+def pack_forward_batch(
+    *,
+    input_ids: np.ndarray,  # [T] int64
+    extend_lens: list[int],
+    prefix_lens: list[int],
+    req_rows: list[int],
+    out_slots: np.ndarray,  # [T] int64
+    logits_indices: np.ndarray,  # [N] int64
+    table: DevicePageTable,
+) -> ForwardBatch:
+    """Per-request host values -> a ForwardBatch in two host->device copies (one int64 and one
+    int32 buffer, sliced into views). Vectorized: no per-token Python loop."""
+    bsz = len(extend_lens)
+    extend = np.asarray(extend_lens, dtype=np.int64)
+    prefix = np.asarray(prefix_lens, dtype=np.int64)
+    assert bsz > 0 and bool((extend > 0).all()), "every request in a batch needs >= 1 new token"
+    num_tokens = int(input_ids.shape[0])
+    if num_tokens == bsz:  # pure decode: one token per request at position prefix
+        indptr = np.arange(bsz + 1, dtype=np.int64)
+        positions = prefix
+    else:
+        indptr = np.zeros(bsz + 1, dtype=np.int64)
+        np.cumsum(extend, out=indptr[1:])
+        owner = np.repeat(np.arange(bsz), extend)  # [T] request of each new token
+        positions = prefix[owner] + np.arange(num_tokens) - indptr[owner]  # [T]
+    seq_lens = prefix + extend
+    n_logits = int(logits_indices.shape[0])
+    long = host_to_device(np.concatenate([input_ids, positions, out_slots, logits_indices]),
+                          torch.int64, table.device)
+    ints = host_to_device(np.concatenate([indptr, prefix, seq_lens, req_rows]).astype(np.int32),
+                          torch.int32, table.device)
+    t, b = num_tokens, bsz
+    return ForwardBatch(
+        input_ids=long[:t], positions=long[t : 2 * t], out_slots=long[2 * t : 3 * t],
+        logits_indices=long[3 * t : 3 * t + n_logits],
+        qo_indptr=ints[: b + 1], prefix_lens=ints[b + 1 : 2 * b + 1],
+        seq_lens=ints[2 * b + 1 : 3 * b + 1], req_rows=ints[3 * b + 1 : 4 * b + 1],
+        page_table=table.table, page_size=table.page_size,
+        is_decode=num_tokens == bsz, max_extend_len=int(extend.max()),
+        max_seq_len=int(seq_lens.max()), extend_lens_cpu=list(extend_lens),
+        prefix_lens_cpu=list(prefix_lens), req_rows_cpu=list(req_rows),
+    )
+
+
 def build_forward_batch(
     *,
     new_token_ids: list[list[int]],
@@ -67,58 +124,46 @@ def build_forward_batch(
     logits_rows: list[list[int]] | None = None,
     device: torch.device | str = "cpu",
 ) -> ForwardBatch:
-    """Assemble a ForwardBatch from per-request host lists (vectorized: no per-token loop).
+    """One self-contained step from explicit page lists, on a fresh device page table holding
+    just these requests (tests, benchmarks, the tiny-model runner). The engine instead keeps
+    one table across steps and writes only what changed (step_builder.py).
 
+    Rows are handed out from the top, so request ``i`` lands in row ``B - i``: a reader that
+    ignored ``req_rows`` would read another request's pages (or the scratch row) and fail.
     ``logits_rows[i]`` lists offsets (within request i's new tokens) that need logits; by default
     only each request's last new token does.
     """
     assert len(new_token_ids) == len(prefix_lens) == len(page_tables), "ragged inputs disagree"
     bsz = len(new_token_ids)
-    extend = np.fromiter((len(t) for t in new_token_ids), dtype=np.int64, count=bsz)
-    assert bsz > 0 and bool((extend > 0).all()), "every request in a batch needs >= 1 new token"
-    prefix = np.asarray(prefix_lens, dtype=np.int64)
-    seq_lens = prefix + extend
-    indptr = np.zeros(bsz + 1, dtype=np.int64)
-    np.cumsum(extend, out=indptr[1:])
-    num_tokens = int(indptr[-1])
-    input_ids = np.fromiter(itertools.chain.from_iterable(new_token_ids), dtype=np.int64,
-                            count=num_tokens)
-    owner = np.repeat(np.arange(bsz), extend)  # [T] request of each new token
-    positions = prefix[owner] + np.arange(num_tokens) - indptr[owner]  # [T]
-    max_pages = max(1, max(len(pt) for pt in page_tables))
-    table = np.zeros((bsz, max_pages), dtype=np.int32)
+    assert bsz > 0, "a batch needs at least one request"
+    extend = [len(t) for t in new_token_ids]
+    table = DevicePageTable(num_rows=bsz, max_pages=max(1, max(len(pt) for pt in page_tables)),
+                            page_size=page_size, device=device)
+    rows, slots = [], []
     for i, pt in enumerate(page_tables):
-        assert len(pt) * page_size >= seq_lens[i], (
-            f"request {i}: page table covers {len(pt) * page_size} slots < seq_len {seq_lens[i]}"
+        seq_len = prefix_lens[i] + extend[i]
+        assert len(pt) * page_size >= seq_len, (
+            f"request {i}: page table covers {len(pt) * page_size} slots < seq_len {seq_len}"
         )
-        table[i, : len(pt)] = pt
-    out_slots = table[owner, positions // page_size].astype(np.int64) * page_size + positions % page_size
+        pages = SequencePages(page_size)
+        pages.pages = list(pt)
+        rows.append(table.stage(pages))
+        pos = np.arange(prefix_lens[i], seq_len, dtype=np.int64)
+        slots.append(np.asarray(pt, dtype=np.int64)[pos // page_size] * page_size + pos % page_size)
+    table.flush()
+    indptr = np.concatenate([[0], np.cumsum(extend)])
     if logits_rows is None:
         logits_idx = indptr[1:] - 1
     else:
         logits_idx = np.fromiter(
-            (int(indptr[i]) + r for i, rows in enumerate(logits_rows) for r in rows), dtype=np.int64
+            (int(indptr[i]) + r for i, rows_i in enumerate(logits_rows) for r in rows_i),
+            dtype=np.int64,
         )
-
-    def dev(x: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
-        return host_to_device(x, dtype, device)
-
-    extend_list = extend.tolist()
-    return ForwardBatch(
-        input_ids=dev(input_ids, torch.int64),
-        positions=dev(positions, torch.int64),
-        qo_indptr=dev(indptr, torch.int32),
-        prefix_lens=dev(prefix, torch.int32),
-        seq_lens=dev(seq_lens, torch.int32),
-        page_table=dev(table, torch.int32),
-        out_slots=dev(out_slots, torch.int64),
-        logits_indices=dev(logits_idx, torch.int64),
-        page_size=page_size,
-        is_decode=bool((extend == 1).all()),
-        max_extend_len=int(extend.max()),
-        max_seq_len=int(seq_lens.max()),
-        extend_lens_cpu=extend_list,
-        prefix_lens_cpu=list(prefix_lens),
+    input_ids = np.fromiter(itertools.chain.from_iterable(new_token_ids), dtype=np.int64,
+                            count=sum(extend))
+    return pack_forward_batch(
+        input_ids=input_ids, extend_lens=extend, prefix_lens=list(prefix_lens), req_rows=rows,
+        out_slots=np.concatenate(slots), logits_indices=logits_idx.astype(np.int64), table=table,
     )
 
 

@@ -103,6 +103,7 @@ class EngineCore:
             loaded.model, pool, backend,
             graph_max_batch=min(config.cuda_graph_max_batch, config.max_running_requests) if use_graphs else 0,
             max_pages_per_seq=-(-max_context // config.page_size),
+            max_running_requests=config.max_running_requests,
         )
         allocator = PageAllocator(num_pages)
         cache = make_prefix_cache(allocator, config.page_size, config.enable_prefix_cache)

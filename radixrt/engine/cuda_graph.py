@@ -1,11 +1,12 @@
 """CUDA graphs for decode steps: one graph per captured batch size, replayed over static buffers.
 
-A decode batch of B requests pads to the next captured size P >= B. Padding rows point at the
-scratch page 0 (slot 0) with seq_len 1, so they compute garbage nobody reads and write only
-scratch memory:
+A decode batch of B requests pads to the next captured size P >= B. The graphs read pages from
+the runner's device page table itself (captured once, updated in place by each step), so a
+replay copies only the per-request vectors. Padding rows point at the table's scratch row 0
+(all page 0) with seq_len 1, so they compute garbage nobody reads and write only scratch memory:
 
-    static rows   0 .. B-1  real requests (ids, positions, slots, page tables copied in)
-                  B .. P-1  padding: id 0, position 0, slot 0, seq_len 1, page table all 0
+    static rows   0 .. B-1  real requests (ids, positions, slots, seq lens, table rows copied in)
+                  B .. P-1  padding: id 0, position 0, slot 0, seq_len 1, row 0
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from typing import Any
 import torch
 
 from radixrt.attention.base import AttentionBackend
+from radixrt.cache.device_pages import DevicePageTable
 from radixrt.cache.kv_pool import KVPool
 from radixrt.engine.batch import ForwardBatch
 
@@ -38,20 +40,20 @@ class DecodeGraphs:
         backend: AttentionBackend,
         *,
         max_batch: int,
-        max_pages: int,
+        table: DevicePageTable,
     ) -> None:
         self.model = model
         self.pool = pool
         self.backend = backend
         self.max_batch = max_batch
-        self.max_pages = max_pages
+        self.table = table
         self.page_size = pool.page_size
         dev = pool.device
         self.input_ids = torch.zeros(max_batch, dtype=torch.int64, device=dev)
         self.positions = torch.zeros(max_batch, dtype=torch.int64, device=dev)
         self.seq_lens = torch.ones(max_batch, dtype=torch.int32, device=dev)
         self.prefix_lens = torch.zeros(max_batch, dtype=torch.int32, device=dev)
-        self.page_table = torch.zeros(max_batch, max_pages, dtype=torch.int32, device=dev)
+        self.req_rows = torch.zeros(max_batch, dtype=torch.int32, device=dev)
         self.out_slots = torch.zeros(max_batch, dtype=torch.int64, device=dev)
         self.qo_indptr = torch.arange(max_batch + 1, dtype=torch.int32, device=dev)
         self.logits_indices = torch.arange(max_batch, dtype=torch.int64, device=dev)
@@ -64,11 +66,12 @@ class DecodeGraphs:
         return ForwardBatch(
             input_ids=self.input_ids[:size], positions=self.positions[:size],
             qo_indptr=self.qo_indptr[: size + 1], prefix_lens=self.prefix_lens[:size],
-            seq_lens=self.seq_lens[:size], page_table=self.page_table[:size],
+            seq_lens=self.seq_lens[:size], page_table=self.table.table,
+            req_rows=self.req_rows[:size],
             out_slots=self.out_slots[:size], logits_indices=self.logits_indices[:size],
             page_size=self.page_size, is_decode=True, max_extend_len=1,
-            max_seq_len=self.max_pages * self.page_size, extend_lens_cpu=[1] * size,
-            prefix_lens_cpu=[0] * size,
+            max_seq_len=self.table.max_pages * self.page_size, extend_lens_cpu=[1] * size,
+            prefix_lens_cpu=[0] * size, req_rows_cpu=[0] * size,
         )
 
     def _run_model(self, batch: ForwardBatch) -> torch.Tensor:
@@ -103,22 +106,22 @@ class DecodeGraphs:
                     len(self.graphs), self.max_batch, time.perf_counter() - start)
 
     def can_run(self, batch: ForwardBatch) -> bool:
+        # A batch built on another table (tests' one-off batches) cannot use these graphs.
         return (
             batch.is_decode and batch.batch_size <= self.max_batch
-            and batch.page_table.shape[1] <= self.max_pages and bool(self.graphs)
+            and batch.page_table is self.table.table and bool(self.graphs)
         )
 
     def run(self, batch: ForwardBatch) -> torch.Tensor:
         """Replay the graph of the smallest captured size >= the batch; logits [B, vocab]."""
         bsz = batch.batch_size
         size = next(s for s in self.sizes if s >= bsz)
-        width = batch.page_table.shape[1]
         self.input_ids[:bsz].copy_(batch.input_ids)
         self.positions[:bsz].copy_(batch.positions)
         self.seq_lens[:bsz].copy_(batch.seq_lens)
         self.prefix_lens[:bsz].copy_(batch.prefix_lens)
         self.out_slots[:bsz].copy_(batch.out_slots)
-        self.page_table[:bsz, :width].copy_(batch.page_table)
+        self.req_rows[:bsz].copy_(batch.req_rows)
         if size > bsz:
             self._reset_rows(bsz, size)
         self.backend.prepare(self._static_batch(size))
@@ -131,5 +134,5 @@ class DecodeGraphs:
         self.seq_lens[start:end].fill_(1)
         self.prefix_lens[start:end].zero_()
         self.out_slots[start:end].zero_()
-        self.page_table[start:end].zero_()
+        self.req_rows[start:end].zero_()
 

@@ -1,4 +1,5 @@
-"""Model runner: owns the model, the KV pool and the attention backend; runs one forward step."""
+"""Model runner: owns the model, the KV pool, the device page table and the attention backend;
+runs one forward step."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import logging
 import torch
 
 from radixrt.attention.base import AttentionBackend
+from radixrt.cache.device_pages import DevicePageTable, rows_needed
 from radixrt.cache.kv_pool import KVPool
 from radixrt.engine.batch import ForwardBatch
 from radixrt.engine.cuda_graph import DecodeGraphs
@@ -50,15 +52,23 @@ class ModelRunner:
         *,
         graph_max_batch: int = 0,
         max_pages_per_seq: int = 0,
+        max_running_requests: int = 256,
     ) -> None:
+        """``max_pages_per_seq`` 0: as many as the pool holds (no sequence can hold more).
+        ``max_running_requests`` sizes the device page table (EngineCore passes its config's)."""
         self.model = model
         self.pool = pool
         self.backend = backend
         self.device = pool.device
+        max_pages = min(max_pages_per_seq, pool.num_pages) if max_pages_per_seq > 0 else pool.num_pages
+        # The scheduler stages changed pages into it; the backends and graphs read it.
+        self.page_table = DevicePageTable(num_rows=rows_needed(max_running_requests),
+                                          max_pages=max_pages, page_size=pool.page_size,
+                                          device=self.device)
         self.graphs: DecodeGraphs | None = None
         if graph_max_batch > 0 and self.device.type == "cuda" and backend.supports_cuda_graph:
             self.graphs = DecodeGraphs(model, pool, backend, max_batch=graph_max_batch,
-                                       max_pages=max_pages_per_seq)
+                                       table=self.page_table)
             self.graphs.capture()
 
     @torch.inference_mode()

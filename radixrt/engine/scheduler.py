@@ -136,7 +136,7 @@ class Scheduler:
         flight = None
         if work:
             batch = step_builder.build(
-                work, self.page_size, self.runner.device, pending=pending,
+                work, self.runner.page_table, pending=pending,
                 pending_tokens=prev.pending.tokens if prev is not None and prev.pending else None,
             )
             logits = self.runner.forward(batch.forward)

@@ -11,13 +11,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
-from radixrt.engine.batch import ForwardBatch, build_forward_batch, host_to_device
+from radixrt.cache.device_pages import DevicePageTable
+from radixrt.engine.batch import ForwardBatch, host_to_device, pack_forward_batch
 from radixrt.engine.request import Sequence
 
 
-@dataclass
+@dataclass(slots=True)
 class ItemRows:
     sample_row: int | None = None  # index into the step's logits, None = chunk mid-prompt
     prompt_lp_rows: list[int] = field(default_factory=list)
@@ -42,65 +44,90 @@ def token_slice(seq: Sequence, start: int, end: int) -> list[int]:
 
 def build(
     work: list[tuple[Sequence, int]],
-    page_size: int,
-    device: torch.device,
+    table: DevicePageTable,
     *,
     pending: dict[int, int] | None = None,
     pending_tokens: torch.Tensor | None = None,
 ) -> StepBatch:
     """``pending`` maps id(seq) -> row of ``pending_tokens`` (the previous step's device draw)
-    for sequences whose input token the host has not read yet (overlap)."""
-    new_tokens: list[list[int]] = []
-    logits_rows: list[list[int]] = []
+    for sequences whose input token the host has not read yet (overlap).
+
+    Host work is O(batch + new tokens + changed pages): a decoding sequence costs a few list
+    operations whatever its length, because its pages already sit in its device row and only
+    the page it just crossed into (if any) is written (``table.stage`` / ``flush``)."""
+    ps = table.page_size
+    num_tokens = sum(n for _, n in work)
+    input_ids = np.zeros(num_tokens, dtype=np.int64)
+    out_slots = np.empty(num_tokens, dtype=np.int64)
+    prefix_lens: list[int] = []
+    extend_lens: list[int] = []
+    rows: list[int] = []
+    logits_idx: list[int] = []  # token rows of the batch that need logits, in logits order
     items: list[ItemRows] = []
-    next_row = 0
-    token_cursor = 0
     fill_at: list[int] = []  # batch token rows to fill from pending_tokens
     fill_from: list[int] = []
+    stage = table.stage
+    cursor = 0
     for seq, n in work:
+        pages = seq.pages
+        rows.append(stage(pages))
+        kv = seq.kv_len
+        end = kv + n
+        prefix_lens.append(kv)
+        extend_lens.append(n)
+        page_ids = pages.pages
+        assert n >= 1 and len(page_ids) * ps >= end, (
+            f"{seq.rid}: {n} new tokens at {kv} but pages cover {len(page_ids) * ps} slots"
+        )
+        if n == 1:
+            out_slots[cursor] = page_ids[kv // ps] * ps + kv % ps
+        else:
+            out_slots[cursor : cursor + n] = pages.slot_array(kv, end)
         if pending is not None and id(seq) in pending:
             assert n == 1, f"{seq.rid}: a pending-token sequence computes exactly one token"
-            new_tokens.append([0])  # placeholder; the real id is on the device
-            logits_rows.append([0])
-            items.append(ItemRows(sample_row=next_row))
-            fill_at.append(token_cursor)
+            fill_at.append(cursor)  # the input id is on the device; 0 is a placeholder
             fill_from.append(pending[id(seq)])
-            next_row += 1
-            token_cursor += 1
-            continue
-        token_cursor += n
-        start, end = seq.kv_len, seq.kv_len + n
-        assert n >= 1 and end <= seq.num_tokens, f"{seq.rid}: bad chunk [{start}, {end})"
-        new_tokens.append(token_slice(seq, start, end))
-        rows: list[int] = []
-        item = ItemRows()
-        plen = len(seq.prompt_ids)
-        if seq.params.prompt_logprobs and seq.prompt_logprobs is not None:
-            # Row j predicts token j + 1 (the last prompt token predicts the output); rows whose
-            # logprob is already known (a resumed sequence) are skipped.
-            for pos in range(max(start, len(seq.prompt_logprobs) - 1), min(end, plen - 1)):
-                rows.append(pos - start)
-                item.prompt_lp_rows.append(next_row)
-                item.prompt_lp_targets.append(seq.prompt_ids[pos + 1])
-                next_row += 1
-        if end == seq.num_tokens:
-            if not rows or rows[-1] != n - 1:
-                rows.append(n - 1)
-                next_row += 1
-            item.sample_row = next_row - 1
-        logits_rows.append(rows)
-        items.append(item)
-    forward = build_forward_batch(
-        new_token_ids=new_tokens,
-        prefix_lens=[seq.kv_len for seq, _ in work],
-        page_tables=[seq.pages.pages for seq, _ in work],
-        page_size=page_size,
-        logits_rows=logits_rows,
-        device=device,
+            items.append(ItemRows(sample_row=len(logits_idx)))
+            logits_idx.append(cursor)
+        elif n == 1 and end == seq.num_tokens:  # decoding (or a 1-token prompt): sample only
+            plen = len(seq.prompt_ids)
+            input_ids[cursor] = seq.output_ids[kv - plen] if kv >= plen else seq.prompt_ids[kv]
+            items.append(ItemRows(sample_row=len(logits_idx)))
+            logits_idx.append(cursor)
+        else:
+            assert end <= seq.num_tokens, f"{seq.rid}: bad chunk [{kv}, {end})"
+            input_ids[cursor : cursor + n] = token_slice(seq, kv, end)
+            items.append(_chunk_rows(seq, kv, end, cursor, logits_idx))
+        cursor += n
+    table.flush()  # before the forward is queued: it reads the rows on the same stream
+    forward = pack_forward_batch(
+        input_ids=input_ids, extend_lens=extend_lens, prefix_lens=prefix_lens, req_rows=rows,
+        out_slots=out_slots, logits_indices=np.asarray(logits_idx, dtype=np.int64), table=table,
     )
     if fill_at:
         assert pending_tokens is not None, "pending sequences need the previous step's tokens"
         src = pending_tokens.index_select(0, host_to_device(fill_from, torch.int64, pending_tokens.device))
-        forward.input_ids.index_copy_(0, host_to_device(fill_at, torch.int64, device), src.to(device))
+        forward.input_ids.index_copy_(0, host_to_device(fill_at, torch.int64, table.device),
+                                      src.to(table.device))
     return StepBatch(forward=forward, items=items)
 
+
+def _chunk_rows(seq: Sequence, start: int, end: int, cursor: int, logits_idx: list[int]) -> ItemRows:
+    """Logits rows of a prefill chunk [start, end) whose first token is batch row ``cursor``:
+    prompt-logprob rows when asked, and the sampling row when the chunk ends the prompt."""
+    item = ItemRows()
+    plen = len(seq.prompt_ids)
+    last = None
+    if seq.params.prompt_logprobs and seq.prompt_logprobs is not None:
+        # Row j predicts token j + 1 (the last prompt token predicts the output); rows whose
+        # logprob is already known (a resumed sequence) are skipped.
+        for pos in range(max(start, len(seq.prompt_logprobs) - 1), min(end, plen - 1)):
+            item.prompt_lp_rows.append(len(logits_idx))
+            item.prompt_lp_targets.append(seq.prompt_ids[pos + 1])
+            logits_idx.append(cursor + pos - start)
+            last = pos
+    if end == seq.num_tokens:
+        if last != end - 1:
+            logits_idx.append(cursor + end - 1 - start)
+        item.sample_row = len(logits_idx) - 1
+    return item

@@ -26,6 +26,7 @@ import triton.language as tl
 
 from radixrt.kernels.extend_attention import (
     LOG2E,
+    _check_rows,
     _paged_slots,
     dot_precision,
     interpreting,
@@ -44,7 +45,7 @@ def _split_range(
     return start, end
 
 
-# The page-table width changes step to step: one compiled variant for every width.
+# One compiled variant for every page-table width (the engine's table, tests' one-off ones).
 @triton.jit(do_not_specialize=["stride_pt"])
 def _decode_stage1_kernel(
     Q,  # [B, Hq, D]
@@ -53,7 +54,8 @@ def _decode_stage1_kernel(
     PartO,  # [B, Hq, NUM_SPLITS, D] fp32
     PartLse,  # [B, Hq, NUM_SPLITS] fp32, base-2 log-sum-exp
     seq_lens,  # [B] int32
-    page_table,  # [B, max_pages] int32
+    page_table,  # [R, max_pages] int32, the device page table
+    req_rows,  # [B] int32, each request's row of page_table
     qk_scale,
     stride_qb,
     stride_qh,
@@ -80,7 +82,7 @@ def _decode_stage1_kernel(
     start, end = _split_range(seq_len, split, NUM_SPLITS, BLOCK_N, MIN_SPLIT_LEN)
     if start >= end:
         return
-    page_row = page_table + req.to(tl.int64) * stride_pt
+    page_row = page_table + tl.load(req_rows + req).to(tl.int64) * stride_pt
 
     offs_h = tl.arange(0, BLOCK_H)
     offs_d = tl.arange(0, BLOCK_D)
@@ -181,7 +183,8 @@ def decode_attention(
     k_flat: torch.Tensor,  # [S, Hkv, D] pool layer, already holding this step's K
     v_flat: torch.Tensor,  # [S, Hkv, D]
     seq_lens: torch.Tensor,  # [B] int32
-    page_table: torch.Tensor,  # [B, max_pages] int32
+    page_table: torch.Tensor,  # [R, max_pages] int32
+    req_rows: torch.Tensor,  # [B] int32, each request's row of page_table
     page_size: int,
     scale: float,
     num_splits: int,
@@ -212,12 +215,13 @@ def decode_attention(
     assert out.shape == q.shape and out.stride(2) == 1, "out must be [B, Hq, D], D contiguous"
     if batch == 0:
         return out
+    _check_rows(page_table, req_rows, seq_lens)
     block_n = decode_block_n(q.device)
     min_split_len = triton.cdiv(max(min_split_len, block_n), block_n) * block_n
     block_d = max(16, triton.next_power_of_2(head_dim))
     on_gpu = q.device.type == "cuda"
     _decode_stage1_kernel[(batch, num_kv_heads, num_splits)](
-        q, k_flat, v_flat, part_out, part_lse, seq_lens, page_table, scale * LOG2E,
+        q, k_flat, v_flat, part_out, part_lse, seq_lens, page_table, req_rows, scale * LOG2E,
         q.stride(0), q.stride(1), k_flat.stride(0), k_flat.stride(1),
         v_flat.stride(0), v_flat.stride(1), page_table.stride(0),
         GROUP=group, BLOCK_H=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim,

@@ -2,7 +2,7 @@
 
 Request ``b`` owns new queries ``qo_indptr[b] .. qo_indptr[b+1]`` (``E_b`` of them) whose K/V are
 already stored in the pool; query ``j`` sits at absolute position ``prefix_b + j`` and attends to
-KV positions ``0 .. prefix_b + j``, all read through the page table::
+KV positions ``0 .. prefix_b + j``, all read through row ``req_rows[b]`` of the page table::
 
     KV positions   0 ............ prefix_b ...... prefix_b + E_b
                    [ cached prefix ][ new tokens (causal) ]
@@ -111,7 +111,7 @@ def _attend_block(
     return acc, m_new, l_i
 
 
-# The page-table width changes step to step: one compiled variant for every width.
+# One compiled variant for every page-table width (the engine's table, tests' one-off ones).
 @triton.jit(do_not_specialize=["stride_pt"])
 def _extend_attention_kernel(
     Q,  # [T, Hq, D]
@@ -120,7 +120,8 @@ def _extend_attention_kernel(
     Out,  # [T, Hq, D]
     qo_indptr,  # [B+1] int32
     prefix_lens,  # [B] int32
-    page_table,  # [B, max_pages] int32
+    page_table,  # [R, max_pages] int32, the device page table
+    req_rows,  # [B] int32, each request's row of page_table
     qk_scale,  # softmax scale * log2(e)
     stride_qt,
     stride_qh,
@@ -152,7 +153,7 @@ def _extend_attention_kernel(
     if m_start >= extend:  # this request is shorter than the longest one
         return
     prefix = tl.load(prefix_lens + req)
-    page_row = page_table + req.to(tl.int64) * stride_pt
+    page_row = page_table + tl.load(req_rows + req).to(tl.int64) * stride_pt
 
     offs_m = m_start + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
@@ -220,6 +221,11 @@ def _check_paged_inputs(
     )
 
 
+def _check_rows(page_table: torch.Tensor, req_rows: torch.Tensor, per_request: torch.Tensor) -> None:
+    assert page_table.dim() == 2 and page_table.stride(1) == 1, "page_table rows must be contiguous"
+    assert req_rows.dim() == 1 and req_rows.shape == per_request.shape, "one table row per request"
+
+
 def dot_precision(dtype: torch.dtype) -> str:
     # fp32 inputs would otherwise go through TF32 (~3e-4 error); keep them exact.
     return "ieee" if dtype == torch.float32 else "tf32"
@@ -231,7 +237,8 @@ def extend_attention(
     v_flat: torch.Tensor,  # [S, Hkv, D]
     qo_indptr: torch.Tensor,  # [B+1] int32
     prefix_lens: torch.Tensor,  # [B] int32
-    page_table: torch.Tensor,  # [B, max_pages] int32
+    page_table: torch.Tensor,  # [R, max_pages] int32
+    req_rows: torch.Tensor,  # [B] int32, each request's row of page_table
     page_size: int,
     max_extend_len: int,
     scale: float,
@@ -244,15 +251,15 @@ def extend_attention(
     if out is None:
         out = torch.empty_like(q)
     assert out.shape == q.shape and out.stride(2) == 1, "out must be [T, Hq, D], D contiguous"
-    batch = page_table.shape[0]
+    batch = req_rows.shape[0]
     if num_tokens == 0 or batch == 0:
         return out
-    assert page_table.stride(1) == 1, "page_table rows must be contiguous"
+    _check_rows(page_table, req_rows, prefix_lens)
     block_d = max(16, triton.next_power_of_2(head_dim))
     block_m, block_n, num_warps, num_stages = config or _block_sizes(block_d, q.device)
     grid = (triton.cdiv(max_extend_len, block_m), batch, num_heads)
     _extend_attention_kernel[grid](
-        q, k_flat, v_flat, out, qo_indptr, prefix_lens, page_table, scale * LOG2E,
+        q, k_flat, v_flat, out, qo_indptr, prefix_lens, page_table, req_rows, scale * LOG2E,
         q.stride(0), q.stride(1), k_flat.stride(0), k_flat.stride(1),
         v_flat.stride(0), v_flat.stride(1), out.stride(0), out.stride(1), page_table.stride(0),
         GROUP=num_heads // k_flat.shape[1], HEAD_DIM=head_dim, BLOCK_D=block_d,

@@ -38,6 +38,7 @@ from radixrt.kernels.extend_attention import (
     LOG2E,
     _attend_block,
     _check_paged_inputs,
+    _check_rows,
     dot_precision,
     interpreting,
 )
@@ -74,7 +75,7 @@ def _chunk_state(
     return m_i, l_i, acc
 
 
-# The page-table width changes step to step: one compiled variant for every width.
+# One compiled variant for every page-table width (the engine's table, tests' one-off ones).
 @triton.jit(do_not_specialize=["stride_pt"])
 def _invariant_attention_kernel(
     Q,  # [T, Hq, D]
@@ -86,7 +87,8 @@ def _invariant_attention_kernel(
     PartAcc,  # split: [B, Hkv, MAX_CHUNKS, GROUP_P, D] fp32
     qo_indptr,  # [B+1] int32
     prefix_lens,  # [B] int32
-    page_table,  # [B, max_pages] int32
+    page_table,  # [R, max_pages] int32, the device page table
+    req_rows,  # [B] int32, each request's row of page_table
     qk_scale,  # softmax scale * log2(e)
     stride_qt,
     stride_qh,
@@ -123,7 +125,7 @@ def _invariant_attention_kernel(
     if SPLIT:  # noqa: SIM102 - constexpr test kept apart from the runtime one for Triton
         if tl.program_id(0) * CHUNK >= kv_end:  # past this request's KV
             return
-    page_row = page_table + req.to(tl.int64) * stride_pt
+    page_row = page_table + tl.load(req_rows + req).to(tl.int64) * stride_pt
 
     offs_r = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
@@ -241,7 +243,8 @@ def invariant_attention(
     v_flat: torch.Tensor,  # [S, Hkv, D]
     qo_indptr: torch.Tensor,  # [B+1] int32
     prefix_lens: torch.Tensor,  # [B] int32
-    page_table: torch.Tensor,  # [B, max_pages] int32
+    page_table: torch.Tensor,  # [R, max_pages] int32
+    req_rows: torch.Tensor,  # [B] int32, each request's row of page_table
     page_size: int,
     max_extend_len: int,
     scale: float,
@@ -259,10 +262,10 @@ def invariant_attention(
     if out is None:
         out = torch.empty_like(q)
     assert out.shape == q.shape and out.stride(2) == 1, "out must be [T, Hq, D], D contiguous"
-    batch = page_table.shape[0]
+    batch = req_rows.shape[0]
     if num_tokens == 0 or batch == 0:
         return out
-    assert page_table.stride(1) == 1, "page_table rows must be contiguous"
+    _check_rows(page_table, req_rows, prefix_lens)
     group = num_heads // num_kv_heads
     group_p = triton.next_power_of_2(group)
     block_m, block_n, num_warps, num_stages = invariant_tile(group, q.device)
@@ -284,7 +287,7 @@ def invariant_attention(
     # No FMA contraction: the in-program merge and the split path's merge launch must round
     # the same expressions the same way.
     _invariant_attention_kernel[grid](
-        q, k_flat, v_flat, out, *parts, qo_indptr, prefix_lens, page_table, scale * LOG2E,
+        q, k_flat, v_flat, out, *parts, qo_indptr, prefix_lens, page_table, req_rows, scale * LOG2E,
         q.stride(0), q.stride(1), k_flat.stride(0), k_flat.stride(1),
         v_flat.stride(0), v_flat.stride(1), out.stride(0), out.stride(1), page_table.stride(0),
         PAGE_SIZE=page_size, BLOCK_M=block_m, BLOCK_N=block_n, SPLIT=split is not None,

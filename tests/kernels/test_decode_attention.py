@@ -30,7 +30,7 @@ def _run(paged_case, assert_close, device, seq_lens, heads, kv_heads, head_dim, 
     part_lse = torch.full((rows,), float("nan"), device=device)
     out = torch.full_like(case.q, float("nan"))
     decode_attention(
-        case.q, case.k_flat, case.v_flat, b.seq_lens, b.page_table, b.page_size, scale,
+        case.q, case.k_flat, case.v_flat, b.seq_lens, b.page_table, b.req_rows, b.page_size, scale,
         num_splits, part_out, part_lse, out=out, min_split_len=min_split_len,
     )  # fmt: skip
     ref = paged_attention_reference(case.q, case.k_flat, case.v_flat, b, scale)

@@ -31,7 +31,7 @@ def _run(paged_case, assert_close, device, ragged, heads, kv_heads, head_dim, pa
     b, scale = case.batch, head_dim**-0.5
     out = torch.full_like(case.q, float("nan"))
     got = extend_attention(
-        case.q, case.k_flat, case.v_flat, b.qo_indptr, b.prefix_lens, b.page_table,
+        case.q, case.k_flat, case.v_flat, b.qo_indptr, b.prefix_lens, b.page_table, b.req_rows,
         b.page_size, b.max_extend_len, scale, out=out,
     )  # fmt: skip
     assert got is out, "the kernel must write into the given output"
@@ -76,12 +76,13 @@ def test_extend_reads_through_page_table(paged_case, device):
         page_size=4, dtype=torch.float32, device=device, spare_pages=4,
     )  # fmt: skip
     b = case.batch
-    args = (b.qo_indptr, b.prefix_lens, b.page_table, b.page_size, b.max_extend_len, 0.25)
+    args = (b.qo_indptr, b.prefix_lens, b.page_table, b.req_rows, b.page_size, b.max_extend_len,
+            0.25)
     before = extend_attention(case.q, case.k_flat, case.v_flat, *args)
     owned = torch.zeros(case.k_flat.shape[0], dtype=torch.bool, device=device)
     for i, seq_len in enumerate(b.seq_lens_cpu):
         pos = torch.arange(seq_len, device=device)
-        owned[b.page_table[i].long()[pos // 4] * 4 + pos % 4] = True
+        owned[b.page_table[b.req_rows_cpu[i]].long()[pos // 4] * 4 + pos % 4] = True
     case.k_flat[~owned] = 1e4
     case.v_flat[~owned] = float("nan")
     after = extend_attention(case.q, case.k_flat, case.v_flat, *args)

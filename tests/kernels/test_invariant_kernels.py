@@ -101,7 +101,7 @@ class OneSequence:
         buffers = SplitBuffers(len(chunks), kv_heads, heads // kv_heads, dim,
                                -(-len(self.q) // chunk), self.device) if split else None
         invariant_attention(q, self.k, self.v, batch.qo_indptr, batch.prefix_lens,
-                            batch.page_table, self.page, batch.max_extend_len, dim**-0.5,
+                            batch.page_table, batch.req_rows, self.page, batch.max_extend_len, dim**-0.5,
                             out=out, chunk=chunk, split=buffers, seq_lens=batch.seq_lens)
         return out
 
@@ -117,7 +117,7 @@ def test_attention_matches_reference(paged_case, assert_close, device, dtype):
     for chunk in _chunks(device):
         out = torch.full_like(case.q, float("nan"))
         invariant_attention(case.q, case.k_flat, case.v_flat, b.qo_indptr, b.prefix_lens,
-                            b.page_table, page, b.max_extend_len, scale, out=out, chunk=chunk)
+                            b.page_table, b.req_rows, page, b.max_extend_len, scale, out=out, chunk=chunk)
         assert_close(out, ref)
 
 

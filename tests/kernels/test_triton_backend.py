@@ -128,7 +128,7 @@ def test_decode_replays_in_cuda_graph(device, assert_close):
         out = backend.forward(0, q, k, v, pool, static)
     for lens in ([4000, 1, 513, 77], [16, 4096, 2048, 999]):
         fresh = decode_batch(lens)
-        for name in ("seq_lens", "page_table", "out_slots", "prefix_lens", "qo_indptr"):
+        for name in ("seq_lens", "page_table", "req_rows", "out_slots", "prefix_lens", "qo_indptr"):
             getattr(static, name).copy_(getattr(fresh, name))
         q.normal_()
         k.normal_()

@@ -39,7 +39,9 @@ def test_csr_page_lists_address_the_same_slots_as_the_page_table(page_size):
     rng = random.Random(page_size)
     for _ in range(20):
         batch = _random_batch(rng, page_size, 400, decode=rng.random() < 0.5)
-        indptr, indices, last = paged_kv_csr(batch.page_table, batch.seq_lens, page_size)
+        total = sum(-(-n // page_size) for n in batch.seq_lens_cpu)
+        indptr, indices, last = paged_kv_csr(batch.page_table, batch.req_rows, batch.seq_lens,
+                                             page_size, total)
         assert indptr[0] == 0 and indptr.numel() == batch.batch_size + 1
         for i, seq_len in enumerate(batch.seq_lens_cpu):
             pages = indices[indptr[i] : indptr[i + 1]].long()
@@ -47,7 +49,8 @@ def test_csr_page_lists_address_the_same_slots_as_the_page_table(page_size):
             assert (pages.numel() - 1) * page_size + int(last[i]) == seq_len
             pos = torch.arange(seq_len)
             slots = pages[pos // page_size] * page_size + pos % page_size
-            assert torch.equal(slots, gather_slots(batch.page_table[i], seq_len, page_size))
+            row = batch.page_table[batch.req_rows_cpu[i]]
+            assert torch.equal(slots, gather_slots(row, seq_len, page_size))
 
 
 @pytest.mark.skipif(HAS_FLASHINFER, reason="checks the error shown when flashinfer is missing")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -11,6 +12,21 @@ from typing import Any
 MAX_TOP_LOGPROBS = 20
 MAX_N = 64
 _PENALTY_RANGE = (-2.0, 2.0)
+# Integer fields end up in msgspec IPC messages (64-bit) and device tensors (int32 for top_k
+# and lengths): anything larger is a client error, never an OverflowError deep in the stack.
+MAX_INT32 = 2**31 - 1
+# Sample i of an n>1 request uses seed + i, and torch generators take seeds in [0, 2^64).
+MAX_SEED = 2**64 - 1
+# 0 < temperature below this would turn logits / temperature into inf (NaN probabilities);
+# temperature 0 is the way to ask for greedy decoding.
+MIN_TEMPERATURE = 1e-6
+# repetition_penalty divides or multiplies logits: outside this range it overflows them.
+REPETITION_PENALTY_RANGE = (1e-2, 1e2)
+# Stop strings are matched against every new piece of text of every sample, so their number
+# and length bound the per-token work of the router's detokenizer.
+MAX_STOP_STRINGS = 64
+MAX_STOP_LEN = 1024
+MAX_STOP_TOKEN_IDS = 1024
 
 
 def _is_int(x: Any) -> bool:
@@ -37,8 +53,13 @@ def _normalize_stop(stop: Any) -> tuple[str, ...]:
             raise ValueError(f"stop entries must be str, got {type(s).__name__}")
         if s == "":
             raise ValueError("stop must not contain empty strings")
+        if len(s) > MAX_STOP_LEN:
+            raise ValueError(f"stop strings must be at most {MAX_STOP_LEN} characters, got one "
+                             f"of {len(s)}")
         if s not in out:  # duplicates only cost matching time
             out.append(s)
+    if len(out) > MAX_STOP_STRINGS:
+        raise ValueError(f"stop takes at most {MAX_STOP_STRINGS} strings, got {len(out)}")
     return tuple(out)
 
 
@@ -47,9 +68,12 @@ def _normalize_ids(ids: Any) -> tuple[int, ...]:
         return ()
     if not isinstance(ids, (list, tuple)):
         raise ValueError(f"stop_token_ids must be a list of int, got {type(ids).__name__}")
+    if len(ids) > MAX_STOP_TOKEN_IDS:
+        raise ValueError(f"stop_token_ids takes at most {MAX_STOP_TOKEN_IDS} ids, got {len(ids)}")
     for t in ids:
-        if not _is_int(t) or t < 0:
-            raise ValueError(f"stop_token_ids entries must be non-negative int, got {t!r}")
+        if not _is_int(t) or not 0 <= t <= MAX_INT32:
+            raise ValueError(f"stop_token_ids entries must be int in [0, {MAX_INT32}], "
+                             f"got {t!r}")
     return tuple(ids)
 
 
@@ -96,7 +120,11 @@ class SamplingParams:
             "repetition_penalty",
         ):
             v = getattr(self, name)
-            if not _is_number(v) or v != v:  # v != v rejects NaN
+            try:  # float() of a huge int overflows: not finite either
+                finite = _is_number(v) and math.isfinite(float(v))
+            except OverflowError:
+                finite = False
+            if not finite:
                 raise ValueError(f"{name} must be a finite number, got {v!r}")
             object.__setattr__(self, name, float(v))
         for name in ("max_new_tokens", "top_k", "top_logprobs", "logprob_start_len", "n"):
@@ -107,11 +135,17 @@ class SamplingParams:
                 raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
         if self.seed is not None and not _is_int(self.seed):
             raise ValueError(f"seed must be an int or None, got {self.seed!r}")
+        for name in ("max_new_tokens", "top_k", "logprob_start_len"):
+            if getattr(self, name) > MAX_INT32:
+                raise ValueError(f"{name} must be at most {MAX_INT32}, got {getattr(self, name)}")
 
         if self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
-        if not 0.0 <= self.temperature < float("inf"):
-            raise ValueError(f"temperature must be >= 0 and finite, got {self.temperature}")
+        if self.temperature < 0.0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if 0.0 < self.temperature < MIN_TEMPERATURE:
+            raise ValueError(f"temperature must be 0 (greedy) or >= {MIN_TEMPERATURE}, got "
+                             f"{self.temperature}")
         if not 0.0 < self.top_p <= 1.0:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.top_k < -1:
@@ -122,8 +156,10 @@ class SamplingParams:
         for name in ("frequency_penalty", "presence_penalty"):
             if not lo <= getattr(self, name) <= hi:
                 raise ValueError(f"{name} must be in [{lo}, {hi}], got {getattr(self, name)}")
-        if not 0.0 < self.repetition_penalty < float("inf"):
-            raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+        lo, hi = REPETITION_PENALTY_RANGE
+        if not lo <= self.repetition_penalty <= hi:
+            raise ValueError(f"repetition_penalty must be in [{lo}, {hi}], got "
+                             f"{self.repetition_penalty}")
         if not 0 <= self.top_logprobs <= MAX_TOP_LOGPROBS:
             raise ValueError(
                 f"top_logprobs must be in [0, {MAX_TOP_LOGPROBS}], got {self.top_logprobs}"
@@ -132,6 +168,10 @@ class SamplingParams:
             raise ValueError(f"logprob_start_len must be >= 0, got {self.logprob_start_len}")
         if not 1 <= self.n <= MAX_N:
             raise ValueError(f"n must be in [1, {MAX_N}], got {self.n}")
+        if self.seed is not None and not 0 <= self.seed <= MAX_SEED - (self.n - 1):
+            # Sample i uses seed + i: the last one must still be a valid 64-bit seed.
+            raise ValueError(f"seed must be in [0, 2^64 - n] = [0, {MAX_SEED - (self.n - 1)}] "
+                             f"(sample i uses seed + i), got {self.seed}")
 
     @property
     def is_greedy(self) -> bool:

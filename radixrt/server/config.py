@@ -61,6 +61,18 @@ class ServerConfig:
     # Serve token ids only: load no tokenizer even if the model has one (always the case for
     # models without one, e.g. dummy-weight presets). Text, chat and stop strings get a 400.
     skip_tokenizer_init: bool = False
+    # Hostile-input limits (router): checked before a body is parsed or tokenized.
+    max_request_bytes: int = 4 * 1024 * 1024  # larger bodies get a 413
+    max_json_depth: int = 64  # deeper nesting gets a 400, found without recursing
+    max_sequences_per_request: int = 256  # prompts x n of one request
+    # A client-supplied chat_template is arbitrary Jinja: off unless asked for, and when on it
+    # renders in a child process that is killed after chat_template_timeout_s.
+    allow_request_chat_template: bool = False
+    chat_template_timeout_s: float = 2.0
+    # Tenancy: admin endpoints (/flush_cache) need one of these when any key is set.
+    admin_api_keys: tuple[str, ...] = ()
+    metrics_require_key: bool = False  # /metrics needs a valid key (tenant or admin)
+    salt_from_key: bool = False  # the cache namespace always includes the request's key
     # engine knobs (None = EngineConfig default)
     device: str | None = None
     dtype: str | None = None
@@ -106,6 +118,27 @@ class ServerConfig:
         for key in self.api_keys:
             if not key or any(c.isspace() for c in key):
                 raise ValueError("api keys must be non-empty and contain no whitespace")
+        object.__setattr__(self, "admin_api_keys", tuple(self.admin_api_keys))
+        for key in self.admin_api_keys:
+            if not key or any(c.isspace() for c in key):
+                raise ValueError("admin api keys must be non-empty and contain no whitespace")
+        if set(self.admin_api_keys) & set(self.api_keys):
+            raise ValueError("an admin api key must not also be a tenant api key")
+        if (self.metrics_require_key or self.salt_from_key) and not (
+                self.api_keys or self.admin_api_keys):
+            raise ValueError("metrics_require_key and salt_from_key need api keys "
+                             "(--api-key / --admin-api-key)")
+        if not 1024 <= self.max_request_bytes <= 2**31:
+            raise ValueError(f"max_request_bytes must be in [1024, 2^31], got "
+                             f"{self.max_request_bytes}")
+        if not 2 <= self.max_json_depth <= 10_000:
+            raise ValueError(f"max_json_depth must be in [2, 10000], got {self.max_json_depth}")
+        if self.max_sequences_per_request < 1:
+            raise ValueError("max_sequences_per_request must be >= 1, got "
+                             f"{self.max_sequences_per_request}")
+        if not self.chat_template_timeout_s > 0:
+            raise ValueError(f"chat_template_timeout_s must be > 0, got "
+                             f"{self.chat_template_timeout_s}")
         if self.log_level not in ("debug", "info", "warning", "error", "critical"):
             raise ValueError(f"log_level must be a logging level name, got {self.log_level!r}")
 

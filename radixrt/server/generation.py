@@ -96,7 +96,7 @@ class Generation:
                         for i in range(params.n)]
                 self.subs[st.rid] = _Sub(st, seqs, list(ids))
                 self._choice_subs.extend([self.subs[st.rid]] * params.n)
-        except APIError:
+        except BaseException:  # whatever failed, the requests already submitted are aborted
             self.close()
             raise
 

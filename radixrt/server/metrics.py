@@ -170,6 +170,12 @@ class ServerMetrics:
         self.queued = Gauge(p + "queued_requests", "Requests waiting in the engine queue.",
                             ("worker",))
         self.worker_up = Gauge(p + "worker_up", "1 while the worker answers pings.", ("worker",))
+        self.router_waiting = Gauge(p + "router_waiting_requests", "Engine requests the router "
+                                    "submitted that have no first token yet (what "
+                                    "--max-queued-requests bounds).")
+        self.router_in_flight = Gauge(p + "router_in_flight_requests",
+                                      "Engine requests the router has submitted and not "
+                                      "finished.")
         self.ttft = Histogram(p + "time_to_first_token_seconds", "Time to first token.",
                               _LATENCY_BUCKETS)
         self.itl = Histogram(p + "inter_token_latency_seconds",
@@ -178,8 +184,12 @@ class ServerMetrics:
                              "Request latency from arrival to the last token.", _LATENCY_BUCKETS)
         for m in (self.requests, self.prompt_tokens, self.generation_tokens, self.cached_tokens,
                   self.cache_hit_rate, self.kv_pages, self.running, self.queued, self.worker_up,
-                  self.ttft, self.itl, self.e2e):
+                  self.router_waiting, self.router_in_flight, self.ttft, self.itl, self.e2e):
             r.register(m)
+
+    def set_router(self, waiting: int, in_flight: int) -> None:
+        self.router_waiting.set(waiting)
+        self.router_in_flight.set(in_flight)
 
     def set_worker(self, worker: int, stats: StatsMsg | None, up: bool) -> None:
         w = str(worker)

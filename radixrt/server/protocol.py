@@ -7,7 +7,6 @@ Every rejection is an ``APIError`` that renders as OpenAI's ``{"error": {...}}``
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass, fields, replace
 from typing import Any
@@ -15,37 +14,17 @@ from typing import Any
 import msgspec
 
 from radixrt.sampling_params import SamplingParams
+from radixrt.server import body
+
+# Re-exported: handlers and tests use protocol.APIError / bad_request / error_body.
+from radixrt.server.errors import APIError as APIError
+from radixrt.server.errors import bad_request as bad_request
+from radixrt.server.errors import error_body as error_body
 
 MAX_CACHE_SALT_LEN = 256
 _FIELD_RE = re.compile(r"^([a-z_]+) ")
 # SamplingParams field -> the name clients used.
 _PARAM_ALIASES = {"max_new_tokens": "max_tokens"}
-
-
-class APIError(Exception):
-    def __init__(self, status: int, message: str, param: str | None = None,
-                 err_type: str | None = None) -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
-        self.param = param
-        self.err_type = err_type or _default_type(status)
-
-    def body(self) -> dict[str, Any]:
-        return error_body(self.message, self.err_type, self.param, self.status)
-
-
-def _default_type(status: int) -> str:
-    return {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
-            503: "service_unavailable"}.get(status, "internal_server_error")
-
-
-def error_body(message: str, err_type: str, param: str | None, code: int) -> dict[str, Any]:
-    return {"error": {"message": message, "type": err_type, "param": param, "code": code}}
-
-
-def bad_request(message: str, param: str | None = None) -> APIError:
-    return APIError(400, message, param)
 
 
 NO_TOKENIZER = "this server has no tokenizer: send token ids"
@@ -101,6 +80,7 @@ class ChatCompletionRequest(_Common, kw_only=True):
     add_generation_prompt: bool = True
     continue_final_message: bool = False
     chat_template_kwargs: dict[str, Any] | None = None
+    chat_template: str | None = None  # only with --allow-request-chat-template
 
 
 class CompletionRequest(_Common, kw_only=True):
@@ -119,22 +99,13 @@ class GenerateRequest(msgspec.Struct, kw_only=True):
     cache_salt: str | None = None
 
 
-def parse_body(raw: bytes, schema: type[Any]) -> Any:
-    """Decode a JSON body into ``schema``; malformed JSON and wrong types become 400s."""
-    if not raw.strip():
-        raise bad_request("Request body is empty; expected a JSON object")
-    try:
-        json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as e:
-        raise bad_request(f"Malformed JSON in request body: {e}") from None
-    try:
-        return msgspec.json.decode(raw, type=schema)
-    except msgspec.ValidationError as e:
-        msg = str(e)
-        m = re.search(r"`\$\.([A-Za-z_]+)", msg)
-        missing = re.search(r"missing required field `([A-Za-z_]+)`", msg)
-        param = missing.group(1) if missing else (m.group(1) if m else None)
-        raise bad_request(f"Invalid request: {msg}", param) from None
+DEFAULT_MAX_JSON_DEPTH = 64
+
+
+def parse_body(raw: bytes, schema: type[Any], max_depth: int = DEFAULT_MAX_JSON_DEPTH) -> Any:
+    """Decode a JSON body into ``schema``; malformed JSON, too deep nesting and wrong types
+    become 400s naming the field."""
+    return body.decode(raw, schema, max_depth)
 
 
 # ---------------------------------------------------------------------------- validation
@@ -149,6 +120,29 @@ def validate_cache_salt(salt: Any) -> str | None:
             f"cache_salt must be a non-empty string of at most {MAX_CACHE_SALT_LEN} printable "
             "characters", "cache_salt")
     return salt
+
+
+def check_sequences(num_prompts: int, n: int, cap: int) -> None:
+    """Prompts x n is how many sequences one request puts in the engine."""
+    if num_prompts * n > cap:
+        raise bad_request(f"This request asks for {num_prompts} prompt(s) x n={n} = "
+                          f"{num_prompts * n} sequences; this server's limit is {cap} "
+                          "(--max-sequences-per-request)", "n" if n > 1 else "prompt")
+
+
+def request_chat_template(req: ChatCompletionRequest, allowed: bool) -> str | None:
+    """The client's own chat template (top-level or in chat_template_kwargs), if allowed."""
+    kwargs = req.chat_template_kwargs or {}
+    given = req.chat_template if req.chat_template is not None else kwargs.get("chat_template")
+    if given is None:
+        return None
+    if not allowed:
+        raise bad_request("chat_template is not accepted by this server (it runs as code in "
+                          "the router; start it with --allow-request-chat-template)",
+                          "chat_template")
+    if not isinstance(given, str) or not given:
+        raise bad_request("chat_template must be a non-empty string", "chat_template")
+    return given
 
 
 def check_model_name(requested: str | None, served: tuple[str, ...]) -> None:

@@ -1,70 +1,46 @@
 """The HTTP front: FastAPI app with the OpenAI-compatible and native endpoints.
 
-Each handler validates the body (400 on bad input), tokenizes (chat template for chat), turns
-the request into a Job and runs it through ``serving`` (streamed as SSE or collected). A server
-without a tokenizer takes token-id prompts only; text, chat and stop strings get a 400.
+Each handler reads the body under the size limit (413 above it), then, in the text pool and
+off the event loop, validates it (400 on bad input, naming the field), tokenizes (chat template
+for chat) and turns it into a Job, which runs through ``serving`` (streamed as SSE or
+collected). A server without a tokenizer takes token-id prompts only; text, chat and stop
+strings get a 400. Every error, 404 and 405 included, is an OpenAI-style body; none re-raises
+into uvicorn, so a bad request never costs its keep-alive connection.
 """
 
 from __future__ import annotations
 
-import hashlib
-import hmac
+import asyncio
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from radixrt.server import protocol as p
+from radixrt.server.auth import ApiKeyAuth, key_tenant
+from radixrt.server.body import read_body
 from radixrt.server.serving import Job, ServingContext, run_full, run_stream, start
 
 log = logging.getLogger("radixrt.router")
 
-_OPEN_PATHS = ("/health", "/metrics")
 
-
-def _error(e: p.APIError) -> JSONResponse:
-    return JSONResponse(e.body(), status_code=e.status)
-
-
-class ApiKeyAuth:
-    """Bearer-key check as a plain ASGI middleware; the matched key lands in
-    ``request.state.api_key`` (None without keys). Starlette's ``@app.middleware("http")`` would
-    re-stream every response body through an extra task: on short streamed requests that was
-    the router's largest cost."""
-
-    def __init__(self, app: ASGIApp, keys: tuple[str, ...]) -> None:
-        self.app, self.keys = app, keys
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        state = scope.setdefault("state", {})
-        state["api_key"] = None
-        if self.keys and scope["path"] not in _OPEN_PATHS:
-            header = next((v.decode("latin-1") for k, v in scope["headers"]
-                           if k == b"authorization"), "")
-            token = header[7:].strip() if header.lower().startswith("bearer ") else ""
-            match = next((k for k in self.keys
-                          if hmac.compare_digest(k.encode(), token.encode())), None)
-            if match is None:
-                await _error(p.APIError(401, "Invalid or missing API key (send 'Authorization: "
-                                        "Bearer <key>')", None, "invalid_api_key"))(scope, receive, send)
-                return
-            state["api_key"] = match
-        await self.app(scope, receive, send)
+def _error(e: p.APIError, headers: Mapping[str, str] | None = None) -> JSONResponse:
+    return JSONResponse(e.body(), status_code=e.status, headers=headers)
 
 
 def _namespace(ctx: ServingContext, request: Request, salt: Any) -> str | None:
     """Cache namespace: the API key's tenant (when keys are set) and the request's cache_salt."""
     parts = []
     key = getattr(request.state, "api_key", None)
-    if key is not None and len(ctx.cfg.api_keys) > 1:
-        parts.append("key:" + hashlib.sha256(key.encode()).hexdigest()[:16])
+    # Several tenant keys always split the cache by key; --salt-from-key does it for one key
+    # (and the admin key) too, so a body's cache_salt only partitions within its own key.
+    if key is not None and (len(ctx.cfg.api_keys) > 1 or ctx.cfg.salt_from_key):
+        parts.append(key_tenant(key))
     s = p.validate_cache_salt(salt)
     if s is not None:
         parts.append("salt:" + s)
@@ -92,17 +68,26 @@ def _finish_params(ctx: ServingContext, params: Any, prompts: list[list[int]],
     return out
 
 
+# The job builders run in ctx.text_pool (decode, tokenize, template), never on the event loop.
+
+
 def chat_job(ctx: ServingContext, request: Request, raw: bytes) -> Job:
-    req = p.parse_body(raw, p.ChatCompletionRequest)
+    req = p.parse_body(raw, p.ChatCompletionRequest, ctx.cfg.max_json_depth)
     p.check_model_name(req.model, ctx.served_names)
+    template = p.request_chat_template(req, ctx.cfg.allow_request_chat_template)
     if ctx.codec is None:
         raise p.no_tokenizer("chat messages need a chat template and a tokenizer; use "
                              "/v1/completions or /generate with token ids", "messages")
     messages = p.chat_messages(req.messages)
     namespace = _namespace(ctx, request, req.cache_salt)
     params = p.openai_params(req)
+    p.check_sequences(1, params.n, ctx.cfg.max_sequences_per_request)
+    client_template = None
+    if template is not None:
+        assert ctx.templates is not None, "allow_request_chat_template starts the sandbox"
+        client_template = (template, ctx.templates)
     ids = ctx.codec.chat_ids(messages, req.add_generation_prompt, req.continue_final_message,
-                             req.chat_template_kwargs)
+                             req.chat_template_kwargs, client_template)
     max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None \
         else req.max_tokens
     params = _finish_params(ctx, params, [ids], max_tokens, None)
@@ -111,7 +96,7 @@ def chat_job(ctx: ServingContext, request: Request, raw: bytes) -> Job:
 
 
 def completion_job(ctx: ServingContext, request: Request, raw: bytes) -> Job:
-    req = p.parse_body(raw, p.CompletionRequest)
+    req = p.parse_body(raw, p.CompletionRequest, ctx.cfg.max_json_depth)
     p.check_model_name(req.model, ctx.served_names)
     if req.echo:
         raise p.bad_request("echo is not supported", "echo")
@@ -123,7 +108,9 @@ def completion_job(ctx: ServingContext, request: Request, raw: bytes) -> Job:
     params = p.openai_params(req)
     if ctx.codec is None:
         p.check_token_only(params)
-    prompts = [_prompt_ids(ctx, x, "prompt") for x in p.prompt_inputs(req.prompt)]
+    inputs = p.prompt_inputs(req.prompt)
+    p.check_sequences(len(inputs), params.n, ctx.cfg.max_sequences_per_request)
+    prompts = [_prompt_ids(ctx, x, "prompt") for x in inputs]
     # OpenAI's legacy default for /v1/completions is 16 tokens.
     params = _finish_params(ctx, params, prompts, req.max_tokens, 16)
     return Job("completion", prompts, params, namespace, req.stream,
@@ -131,11 +118,12 @@ def completion_job(ctx: ServingContext, request: Request, raw: bytes) -> Job:
 
 
 def generate_job(ctx: ServingContext, request: Request, raw: bytes) -> Job:
-    req = p.parse_body(raw, p.GenerateRequest)
+    req = p.parse_body(raw, p.GenerateRequest, ctx.cfg.max_json_depth)
     if (req.text is None) == (req.input_ids is None):
         raise p.bad_request("exactly one of text or input_ids is required", "text")
     namespace = _namespace(ctx, request, req.cache_salt)
     params = p.native_params(req.sampling_params)
+    p.check_sequences(1, params.n, ctx.cfg.max_sequences_per_request)
     if ctx.codec is None:
         p.check_token_only(params)
     prompt: str | list[int] = req.text if req.text is not None else (req.input_ids or [])
@@ -150,19 +138,31 @@ def generate_job(ctx: ServingContext, request: Request, raw: bytes) -> Job:
 
 def build_app(ctx: ServingContext) -> FastAPI:
     app = FastAPI(title="radixrt", docs_url=None, redoc_url=None)
+    cfg = ctx.cfg
+    app.add_middleware(ApiKeyAuth, keys=cfg.api_keys, admin_keys=cfg.admin_api_keys,
+                       metrics_require_key=cfg.metrics_require_key)
 
-    app.add_middleware(ApiKeyAuth, keys=ctx.cfg.api_keys)
+    def internal(path: str) -> JSONResponse:
+        # Answered here, not re-raised: Starlette's error middleware would re-raise it to
+        # uvicorn, which then drops the (keep-alive) connection under the client.
+        log.exception("unhandled error on %s", path)
+        return _error(p.APIError(500, "Internal server error"))
 
     async def generate(request: Request, make: Callable[..., Job]) -> Response:
+        kind = make.__name__.removesuffix("_job")
         try:
-            job = make(ctx, request, await request.body())
+            raw = await read_body(request, cfg.max_request_bytes)
+            job = await asyncio.get_running_loop().run_in_executor(
+                ctx.text_pool, make, ctx, request, raw)
             gen = start(ctx, job)
         except p.APIError as e:
-            kind = make.__name__.removesuffix("_job")
             ctx.metrics.requests.inc(endpoint=kind, status=str(e.status))
             if e.status >= 500:
                 log.warning("rejected request: %s", e.message)
             return _error(e)
+        except Exception:
+            ctx.metrics.requests.inc(endpoint=kind, status="500")
+            return internal(request.url.path)
         if job.stream:
             return StreamingResponse(run_stream(ctx, job, gen), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache"})
@@ -170,6 +170,8 @@ def build_app(ctx: ServingContext) -> FastAPI:
             return JSONResponse(await run_full(ctx, job, gen, request.is_disconnected))
         except p.APIError as e:
             return _error(e)
+        except Exception:
+            return internal(request.url.path)
 
     @app.post("/v1/chat/completions")
     async def chat(request: Request) -> Response:
@@ -207,14 +209,27 @@ def build_app(ctx: ServingContext) -> FastAPI:
     @app.get("/metrics")
     async def metrics() -> Response:
         for w in ctx.client.workers:
-            ok = w.alive and time.monotonic() - w.last_pong <= ctx.cfg.health_timeout_s
+            ok = w.alive and time.monotonic() - w.last_pong <= cfg.health_timeout_s
             ctx.metrics.set_worker(w.wid, w.stats, ok)
+        ctx.metrics.set_router(waiting=ctx.client.num_waiting,
+                               in_flight=len(ctx.client.requests))
         return PlainTextResponse(ctx.metrics.registry.render(),
                                  media_type="text/plain; version=0.0.4")
 
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> Response:
+        # 404 / 405 from routing, in the same OpenAI shape as every other error.
+        msg = {404: f"No such endpoint: {request.method} {request.url.path}",
+               405: f"Method {request.method} is not allowed on {request.url.path}"}.get(
+                   exc.status_code, str(exc.detail))
+        return _error(p.APIError(exc.status_code, msg), headers=exc.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, exc: RequestValidationError) -> Response:
+        return _error(p.bad_request(f"Invalid request: {exc.errors()}"))
+
     @app.exception_handler(Exception)
-    async def internal(request: Request, exc: Exception) -> Response:
-        log.exception("unhandled error on %s", request.url.path)
-        return _error(p.APIError(500, f"Internal server error: {type(exc).__name__}"))
+    async def unhandled(request: Request, exc: Exception) -> Response:
+        return internal(request.url.path)
 
     return app

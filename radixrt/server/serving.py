@@ -10,10 +10,13 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
+import os
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from typing import Any
 
 from radixrt.sampling_params import SamplingParams
@@ -23,6 +26,16 @@ from radixrt.server.generation import ChoiceUpdate, Generation
 from radixrt.server.metrics import ServerMetrics
 from radixrt.server.protocol import APIError, ModelLimits
 from radixrt.server.tokenization import TextCodec
+from radixrt.text.template_sandbox import TemplateSandbox
+
+log = logging.getLogger("radixrt.router")
+
+
+def _text_pool() -> ThreadPoolExecutor:
+    # Fast tokenizers release the GIL while they encode, so a few threads tokenize in parallel
+    # and the event loop keeps answering while a 4 MB prompt is split.
+    return ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1),
+                              thread_name_prefix="radixrt-text")
 
 
 @dataclass
@@ -33,6 +46,16 @@ class ServingContext:
     metrics: ServerMetrics
     limits: ModelLimits
     served_names: tuple[str, ...]
+    # Body decoding, tokenization and chat templating run here, never on the event loop.
+    text_pool: ThreadPoolExecutor = field(default_factory=_text_pool)
+    # Renders client-supplied chat templates (None unless --allow-request-chat-template).
+    templates: TemplateSandbox | None = None
+
+    def __post_init__(self) -> None:
+        if self.templates is None and self.cfg.allow_request_chat_template:
+            # A template's output is tokenized next: bound it by the body limit, with room.
+            self.templates = TemplateSandbox(self.cfg.chat_template_timeout_s,
+                                             max_chars=2 * self.cfg.max_request_bytes)
 
     @property
     def model_name(self) -> str:
@@ -215,6 +238,10 @@ async def run_stream(ctx: ServingContext, job: Job, gen: Generation) -> AsyncIte
     except APIError as e:
         status = "error"
         yield sse(e.body())
+    except Exception as e:  # a bug, not the client's: end the stream cleanly, log it
+        log.exception("stream failed")
+        status = "error"
+        yield sse(APIError(500, f"Internal server error: {type(e).__name__}").body())
     except BaseException:
         status = "cancelled"
         raise

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from radixrt.server.protocol import bad_request
+from radixrt.text.template_sandbox import TemplateError, TemplateSandbox
 
 
 def load_tokenizer(model_path: str) -> Any:
@@ -41,15 +42,29 @@ class TextCodec:
 
     def chat_ids(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True,
                  continue_final_message: bool = False,
-                 template_kwargs: dict[str, Any] | None = None) -> list[int]:
-        if getattr(self.tokenizer, "chat_template", None) is None:
-            raise bad_request("This model has no chat template; use /v1/completions", "messages")
+                 template_kwargs: dict[str, Any] | None = None,
+                 client_template: tuple[str, TemplateSandbox] | None = None) -> list[int]:
+        """Token ids of the chat prompt. ``client_template``: a request's own template and the
+        sandbox that renders it (the model's template is trusted and renders here)."""
         if continue_final_message and add_generation_prompt:
             add_generation_prompt = False  # continuing a message means no new turn header
+        kwargs = {k: v for k, v in (template_kwargs or {}).items() if k != "chat_template"}
+        if client_template is not None:
+            template, sandbox = client_template
+            specials = {k: v for k, v in self.tokenizer.special_tokens_map.items()
+                        if isinstance(v, str)}
+            try:
+                text = sandbox.render(template, messages, add_generation_prompt,
+                                      continue_final_message, {**specials, **kwargs})
+            except TemplateError as e:
+                raise bad_request(f"chat_template failed: {e}", "chat_template") from None
+            return list(self.tokenizer.encode(text, add_special_tokens=False))
+        if getattr(self.tokenizer, "chat_template", None) is None:
+            raise bad_request("This model has no chat template; use /v1/completions", "messages")
         try:
             text = self.tokenizer.apply_chat_template(
                 messages, tokenize=False, add_generation_prompt=add_generation_prompt,
-                continue_final_message=continue_final_message, **(template_kwargs or {}))
+                continue_final_message=continue_final_message, **kwargs)
         except Exception as e:  # jinja raise_exception(), bad roles, ...: the caller's input
             raise bad_request(f"Chat template failed on these messages: {e}",
                               "messages") from None

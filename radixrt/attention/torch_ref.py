@@ -68,12 +68,13 @@ def paged_decode_reference(
     pos = torch.arange(max_len, device=q.device)  # [L]
     rows = batch.page_table.index_select(0, batch.req_rows.long())  # [B, max_pages]
     pages = rows.long()[:, pos // batch.page_size]  # [B, L]
-    slots = pages * batch.page_size + pos % batch.page_size  # [B, L]
+    valid = pos[None, :] < batch.seq_lens.long()[:, None]  # [B, L]
+    # Past its length a row holds stale page ids (the device table is reused): read slot 0.
+    slots = torch.where(valid, pages * batch.page_size + pos % batch.page_size, 0)  # [B, L]
     k = k_flat[slots].float()  # [B, L, Hkv, D]
     v = v_flat[slots].float()
     qg = q.float().view(bsz, num_kv_heads, group, head_dim)  # [B, Hkv, G, D]
     scores = torch.einsum("bhgd,blhd->bhgl", qg, k) * scale  # [B, Hkv, G, L]
-    valid = pos[None, :] < batch.seq_lens.long()[:, None]  # [B, L]
     scores = scores.masked_fill(~valid[:, None, None, :], float("-inf"))
     out = torch.einsum("bhgl,blhd->bhgd", torch.softmax(scores, dim=-1), v)
     return out.reshape(bsz, num_heads, head_dim).to(q.dtype)

@@ -56,9 +56,8 @@ def build(
     operations whatever its length, because its pages already sit in its device row and only
     the page it just crossed into (if any) is written (``table.stage`` / ``flush``)."""
     ps = table.page_size
-    num_tokens = sum(n for _, n in work)
-    input_ids = np.zeros(num_tokens, dtype=np.int64)
-    out_slots = np.empty(num_tokens, dtype=np.int64)
+    tokens: list[int] = []  # input id of every new token (0 where pending fills it)
+    slots: list[int] = []  # its flat KV slot
     prefix_lens: list[int] = []
     extend_lens: list[int] = []
     rows: list[int] = []
@@ -67,42 +66,48 @@ def build(
     fill_at: list[int] = []  # batch token rows to fill from pending_tokens
     fill_from: list[int] = []
     stage = table.stage
-    cursor = 0
+    pending = pending or {}
     for seq, n in work:
         pages = seq.pages
-        rows.append(stage(pages))
+        page_ids = pages.pages
+        row = pages.row
+        if not row or pages.synced != len(page_ids) or pages.stale:  # else: nothing to write
+            row = stage(pages)
+        rows.append(row)
         kv = seq.kv_len
-        end = kv + n
         prefix_lens.append(kv)
         extend_lens.append(n)
-        page_ids = pages.pages
-        assert n >= 1 and len(page_ids) * ps >= end, (
+        cursor = len(tokens)
+        assert n >= 1 and len(page_ids) * ps >= kv + n, (
             f"{seq.rid}: {n} new tokens at {kv} but pages cover {len(page_ids) * ps} slots"
         )
         if n == 1:
-            out_slots[cursor] = page_ids[kv // ps] * ps + kv % ps
+            slots.append(page_ids[kv // ps] * ps + kv % ps)
         else:
-            out_slots[cursor : cursor + n] = pages.slot_array(kv, end)
-        if pending is not None and id(seq) in pending:
+            slots.extend(pages.slots(kv, kv + n))
+        if id(seq) in pending:
             assert n == 1, f"{seq.rid}: a pending-token sequence computes exactly one token"
             fill_at.append(cursor)  # the input id is on the device; 0 is a placeholder
             fill_from.append(pending[id(seq)])
-            items.append(ItemRows(sample_row=len(logits_idx)))
+            tokens.append(0)
+            items.append(ItemRows(len(logits_idx)))
             logits_idx.append(cursor)
-        elif n == 1 and end == seq.num_tokens:  # decoding (or a 1-token prompt): sample only
-            plen = len(seq.prompt_ids)
-            input_ids[cursor] = seq.output_ids[kv - plen] if kv >= plen else seq.prompt_ids[kv]
-            items.append(ItemRows(sample_row=len(logits_idx)))
+            continue
+        plen = len(seq.prompt_ids)
+        out = seq.output_ids
+        if n == 1 and kv + 1 == plen + len(out):  # decoding (or a 1-token prompt): sample only
+            tokens.append(out[kv - plen] if kv >= plen else seq.prompt_ids[kv])
+            items.append(ItemRows(len(logits_idx)))
             logits_idx.append(cursor)
         else:
-            assert end <= seq.num_tokens, f"{seq.rid}: bad chunk [{kv}, {end})"
-            input_ids[cursor : cursor + n] = token_slice(seq, kv, end)
-            items.append(_chunk_rows(seq, kv, end, cursor, logits_idx))
-        cursor += n
+            assert kv + n <= plen + len(out), f"{seq.rid}: bad chunk [{kv}, {kv + n})"
+            tokens.extend(token_slice(seq, kv, kv + n))
+            items.append(_chunk_rows(seq, kv, kv + n, cursor, logits_idx))
     table.flush()  # before the forward is queued: it reads the rows on the same stream
     forward = pack_forward_batch(
-        input_ids=input_ids, extend_lens=extend_lens, prefix_lens=prefix_lens, req_rows=rows,
-        out_slots=out_slots, logits_indices=np.asarray(logits_idx, dtype=np.int64), table=table,
+        input_ids=np.array(tokens, dtype=np.int64), extend_lens=extend_lens,
+        prefix_lens=prefix_lens, req_rows=rows, out_slots=np.array(slots, dtype=np.int64),
+        logits_indices=np.array(logits_idx, dtype=np.int64), table=table,
     )
     if fill_at:
         assert pending_tokens is not None, "pending sequences need the previous step's tokens"

@@ -138,3 +138,35 @@ def test_decode_replays_in_cuda_graph(device, assert_close):
         ref_backend = TorchReferenceBackend(heads, kv_heads, head_dim, head_dim**-0.5)
         ref = ref_backend.forward(0, q, k, v, pool, fresh)  # stores the same K/V again
         assert_close(out, ref)
+
+
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_kernels_read_no_table_entry_past_a_request(device, assert_close, deterministic):
+    """In the engine's device page table a row's entries past the request's last page hold an
+    earlier owner's pages. Here they point at a page of NaNs: any read of them shows."""
+    heads, kv_heads, head_dim, ps = 4, 2, 16, 4
+    cached, new = [13, 0, 7], [1, 6, 1]
+    need = [-(-(c + n) // ps) for c, n in zip(cached, new)]
+    poison = sum(need) + 1
+    pool = KVPool(num_layers=1, num_pages=poison, page_size=ps, num_kv_heads=kv_heads,
+                  head_dim=head_dim, dtype=torch.float32, device=device)  # fmt: skip
+    pool.k(0).normal_()
+    pool.v(0).normal_()
+    pool.k(0)[poison] = float("nan")
+    pool.v(0)[poison] = float("nan")
+    perm = (torch.randperm(poison - 1) + 1).tolist()
+    tables = [perm[sum(need[:i]) : sum(need[: i + 1])] + [poison] * 3 for i in range(3)]
+    backend = TritonAttentionBackend(
+        heads, kv_heads, head_dim, head_dim**-0.5, device=device, max_batch_size=4,
+        max_kv_splits=4, min_split_len=16 if device == "cpu" else 256,
+        num_sms=4 if device == "cpu" else None, deterministic=deterministic, max_context_len=64,
+    )  # fmt: skip
+    for decode in (False, True):
+        ext = [1, 1, 1] if decode else new
+        batch = build_forward_batch(new_token_ids=[[1] * e for e in ext], prefix_lens=cached,
+                                    page_tables=tables, page_size=ps, device=device)  # fmt: skip
+        q, k, v = _step(batch, heads, kv_heads, head_dim, torch.float32, device)
+        backend.prepare(batch)
+        out = backend.forward(0, q, k, v, pool, batch)
+        ref = TorchReferenceBackend(heads, kv_heads, head_dim, head_dim**-0.5)
+        assert_close(out, ref.forward(0, q, k, v, pool, batch))

@@ -1,11 +1,12 @@
 # Two entry points, both self-installing on a fresh machine (see README):
 #   make run   - start the server on the default model and send it a demo request
 #   make test  - run the whole test suite (CPU; GPU tests skip without a GPU)
+#   make serve ARGS="..." - run `radixrt serve ARGS` from the venv
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.radixrt-installed
 
-.PHONY: run test lint venv
+.PHONY: run test lint venv serve
 
 venv: $(STAMP)
 
@@ -21,6 +22,10 @@ $(STAMP): pyproject.toml Makefile
 
 run: $(STAMP)
 	$(PY) -m radixrt.demo
+
+# make serve ARGS="--port 30000 --model DIR": the server in the foreground (same set-up first)
+serve: $(STAMP)
+	$(VENV)/bin/radixrt serve $(ARGS)
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests

@@ -1,67 +1,150 @@
-"""`radixrt serve ...`: the command-line entry point."""
+"""`radixrt serve ...`: the command-line entry point.
+
+Every flag has help text that states its default (``serve --help``); engine knobs left unset
+fall through to EngineConfig's defaults, which the help names.
+"""
 
 from __future__ import annotations
 
 import argparse
 import sys
 
+from radixrt.config import EngineConfig
 from radixrt.server.config import DEFAULT_HOST, DEFAULT_PORT, ServerConfig
+
+_SERVER = ServerConfig()
+_ENGINE = EngineConfig()
+
+
+def _engine_default(name: str) -> str:
+    return f"(default: engine default, {getattr(_ENGINE, name)!r})"
 
 
 def add_serve_args(ap: argparse.ArgumentParser) -> None:
-    ap.add_argument("--model", default=None, help="HF directory or .gguf file (default model "
-                    "if omitted)")
-    ap.add_argument("--served-model-name", default=None)
-    ap.add_argument("--host", default=DEFAULT_HOST)
-    ap.add_argument("--port", type=int, default=DEFAULT_PORT)
-    ap.add_argument("--api-key", action="append", default=[], dest="api_keys",
-                    help="require 'Authorization: Bearer KEY' (repeat for several tenants; "
-                    "each key then gets its own cache namespace)")
-    ap.add_argument("--dp", type=int, default=1, help="data-parallel worker processes")
-    ap.add_argument("--max-queued-requests", type=int, default=4096)
-    ap.add_argument("--max-request-tokens", type=int, default=None)
-    ap.add_argument("--shutdown-timeout", type=float, default=10.0, dest="shutdown_timeout_s")
-    ap.add_argument("--health-timeout", type=float, default=20.0, dest="health_timeout_s")
-    ap.add_argument("--log-level", default="info")
-    ap.add_argument("--skip-tokenizer-init", action="store_true",
-                    help="load no tokenizer: requests must send token ids and get token ids "
-                    "back (implied for models without a tokenizer, e.g. --load-format dummy)")
-    ap.add_argument("--device", default=None)
-    ap.add_argument("--dtype", default=None)
-    ap.add_argument("--page-size", type=int, default=None)
-    ap.add_argument("--kv-cache-tokens", type=int, default=None)
-    ap.add_argument("--schedule-policy", default=None)
-    ap.add_argument("--disable-prefix-cache", action="store_const", const=False, default=None,
-                    dest="enable_prefix_cache")
-    ap.add_argument("--chunked-prefill-size", type=int, default=None)
-    ap.add_argument("--max-running-requests", type=int, default=None)
-    ap.add_argument("--max-context-len", type=int, default=None)
-    ap.add_argument("--load-format", default=None)
-    ap.add_argument("--attention-backend", default=None)
-    ap.add_argument("--seed", type=int, default=None)
-    ap.add_argument("--debug-invariants", action="store_const", const=True, default=None)
-    ap.add_argument("--mem-fraction", type=float, default=None,
-                    help="share of GPU memory for weights + KV pool (the KV pool gets what is free)")
-    ap.add_argument("--disable-cuda-graph", action="store_const", const=True, default=None)
-    ap.add_argument("--cuda-graph-max-batch", type=int, default=None)
-    ap.add_argument("--disable-overlap", action="store_const", const=False, default=None,
-                    dest="overlap_schedule",
-                    help="read each step's tokens before launching the next (default on CUDA: overlap)")
-    ap.add_argument("--enable-deterministic-inference", action="store_const", const=True,
-                    default=None, dest="deterministic_inference",
-                    help="batch-invariant GEMM and attention kernels (CUDA): outputs never depend "
-                    "on the prefix cache, batch composition or chunking; slower")
+    a = ap.add_argument
+    s = _SERVER
+    # ---- model and network
+    a("--model", default=None, help="local HF directory or .gguf file; hub ids are not fetched "
+      "(default: the default model, SmolLM2-135M-Instruct)")
+    a("--served-model-name", default=None,
+      help="name clients send as 'model' (default: the model's name and path)")
+    a("--host", default=DEFAULT_HOST, help=f"address to listen on (default: {DEFAULT_HOST})")
+    a("--port", type=int, default=DEFAULT_PORT, help=f"TCP port (default: {DEFAULT_PORT})")
+    a("--api-key", action="append", default=[], dest="api_keys",
+      help="require 'Authorization: Bearer KEY' (repeat for several tenants; each key then gets "
+      "its own cache namespace) (default: no keys, no auth)")
+    a("--admin-api-key", action="append", default=[], dest="admin_api_keys",
+      help="key for admin endpoints (/flush_cache) when keys are set; repeatable "
+      "(default: none)")
+    a("--metrics-require-key", action="store_true",
+      help="/metrics needs a valid key too (default: off; /health never needs one)")
+    a("--salt-from-key", action="store_true",
+      help="bind cache namespaces to the request's API key, so tenants never share cache "
+      "entries whatever cache_salt they send (default: off)")
+    a("--dp", type=int, default=s.dp, help=f"data-parallel worker processes (default: {s.dp})")
+    # ---- admission and limits
+    a("--max-queued-requests", type=int, default=s.max_queued_requests,
+      help="requests waiting for their first token, server-wide; more get a 503 "
+      f"(default: {s.max_queued_requests})")
+    a("--max-request-tokens", type=int, default=None,
+      help="cap on a request's max_tokens (default: the context window)")
+    a("--max-request-bytes", type=int, default=s.max_request_bytes,
+      help=f"largest request body; larger get a 413 (default: {s.max_request_bytes})")
+    a("--max-json-depth", type=int, default=s.max_json_depth,
+      help=f"deepest JSON nesting in a body (default: {s.max_json_depth})")
+    a("--max-sequences-per-request", type=int, default=s.max_sequences_per_request,
+      help=f"prompts x n of one request (default: {s.max_sequences_per_request})")
+    a("--allow-request-chat-template", action="store_true",
+      help="accept a client-supplied chat_template (sandboxed Jinja, time-bounded) "
+      "(default: off)")
+    a("--chat-template-timeout", type=float, default=s.chat_template_timeout_s,
+      dest="chat_template_timeout_s",
+      help=f"seconds a client chat template may render (default: {s.chat_template_timeout_s})")
+    a("--request-timeout", type=float, default=None, dest="request_timeout_s",
+      help="per-request deadline in seconds from arrival; past it the request is aborted with "
+      "an error (default: none)")
+    # ---- supervision and lifecycle
+    a("--worker-hang-timeout", type=float, default=s.worker_hang_timeout_s,
+      dest="worker_hang_timeout_s",
+      help="a worker silent this many seconds is hung: its requests fail and it is replaced "
+      f"(default: {s.worker_hang_timeout_s})")
+    a("--max-worker-restarts", type=int, default=s.max_worker_restarts,
+      help="restarts of one worker allowed per 10 minutes before it stays dead "
+      f"(default: {s.max_worker_restarts})")
+    a("--shutdown-timeout", type=float, default=s.shutdown_timeout_s, dest="shutdown_timeout_s",
+      help="seconds in-flight responses get after SIGTERM/SIGINT "
+      f"(default: {s.shutdown_timeout_s})")
+    a("--health-timeout", type=float, default=s.health_timeout_s, dest="health_timeout_s",
+      help="/health fails when no worker answered for this many seconds "
+      f"(default: {s.health_timeout_s})")
+    a("--log-level", default=s.log_level,
+      choices=("debug", "info", "warning", "error", "critical"),
+      help=f"logging level (default: {s.log_level})")
+    a("--skip-tokenizer-init", action="store_true",
+      help="load no tokenizer: requests must send token ids and get token ids back (implied "
+      "for models without a tokenizer, e.g. --load-format dummy) (default: off)")
+    # ---- engine (unset: EngineConfig's default)
+    a("--device", default=None, help="cpu, cuda or cuda:N " + _engine_default("device"))
+    a("--dtype", default=None,
+      help="float32, bfloat16, float16 or auto (float32 on CPU, bfloat16 on CUDA) "
+      + _engine_default("dtype"))
+    a("--page-size", type=int, default=None,
+      help="tokens per KV page, a power of two " + _engine_default("page_size"))
+    a("--kv-cache-tokens", type=int, default=None,
+      help="KV pool size in tokens (default: from free GPU memory; on CPU 16384 tokens or 1 GiB)")
+    a("--schedule-policy", default=None, choices=("lpm", "fcfs"),
+      help="lpm (longest prefix match first) or fcfs " + _engine_default("schedule_policy"))
+    a("--disable-prefix-cache", action="store_const", const=False, default=None,
+      dest="enable_prefix_cache", help="turn the radix prefix cache off (default: on)")
+    a("--chunked-prefill-size", type=int, default=None,
+      help="max prompt tokens computed for one request per step "
+      + _engine_default("chunked_prefill_size"))
+    a("--max-running-requests", type=int, default=None,
+      help="max sequences in a batch " + _engine_default("max_running_requests"))
+    a("--max-context-len", type=int, default=None,
+      help="context window (default: the model's max_position_embeddings)")
+    a("--load-format", default=None, choices=("auto", "safetensors", "gguf", "dummy"),
+      help="weights format; dummy = random weights for a preset or config.json "
+      + _engine_default("load_format"))
+    a("--attention-backend", default=None, choices=("auto", "torch", "triton", "flashinfer"),
+      help="attention implementation " + _engine_default("attention_backend"))
+    a("--seed", type=int, default=None,
+      help="engine seed (dummy weights, unseeded sampling) " + _engine_default("seed"))
+    a("--debug-invariants", action="store_const", const=True, default=None,
+      help="check cache/pool invariants whenever the engine is idle (default: off)")
+    a("--mem-fraction", type=float, default=None,
+      help="share of GPU memory for weights + KV pool (the KV pool gets what is free) "
+      + _engine_default("mem_fraction"))
+    a("--disable-cuda-graph", action="store_const", const=True, default=None,
+      help="run decode without CUDA graphs (default: graphs on CUDA)")
+    a("--cuda-graph-max-batch", type=int, default=None,
+      help="largest decode batch replayed as a CUDA graph "
+      + _engine_default("cuda_graph_max_batch"))
+    a("--disable-overlap", action="store_const", const=False, default=None,
+      dest="overlap_schedule",
+      help="read each step's tokens before launching the next (default: overlap on CUDA, off "
+      "on CPU)")
+    a("--enable-deterministic-inference", action="store_const", const=True,
+      default=None, dest="deterministic_inference",
+      help="batch-invariant GEMM and attention kernels (CUDA): outputs never depend on the "
+      "prefix cache, batch composition or chunking; slower (default: off)")
 
 
 def config_from_args(args: argparse.Namespace) -> ServerConfig:
     kw = {k: v for k, v in vars(args).items() if k != "command"}
     kw["api_keys"] = tuple(kw["api_keys"])
+    kw["admin_api_keys"] = tuple(kw["admin_api_keys"])
     return ServerConfig(**kw)
 
 
-def serve_main(argv: list[str] | None = None) -> int:
+def serve_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="radixrt serve", description="Start the HTTP server.")
     add_serve_args(ap)
+    return ap
+
+
+def serve_main(argv: list[str] | None = None) -> int:
+    ap = serve_parser()
     args = ap.parse_args(argv)
     try:
         cfg = config_from_args(args)

@@ -6,6 +6,7 @@ SequenceMemory; those + sampler -> Scheduler. Token ids in, token ids out; no te
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 from dataclasses import dataclass
@@ -32,6 +33,18 @@ logger = logging.getLogger(__name__)
 # On CPU, without an explicit budget, size the pool for this many tokens or this many bytes.
 CPU_DEFAULT_KV_TOKENS = 16384
 CPU_DEFAULT_KV_BYTES = 1 << 30
+
+
+# Errors after which the device, and so this process, cannot be trusted (vs. one bad request).
+_DEVICE_FAULT_MARKERS = ("CUDA error", "CUBLAS_STATUS", "cuDNN error", "device-side assert",
+                         "illegal memory access", "NCCL error", "HIP error")
+
+
+def is_device_fault(e: BaseException) -> bool:
+    accelerator_error = getattr(torch, "AcceleratorError", None)
+    if accelerator_error is not None and isinstance(e, accelerator_error):
+        return True
+    return isinstance(e, RuntimeError) and any(k in str(e) for k in _DEVICE_FAULT_MARKERS)
 
 
 @dataclass(frozen=True)
@@ -134,7 +147,27 @@ class EngineCore:
         self.scheduler.abort_request(rid, index)
 
     def step(self) -> list[SequenceDelta]:
-        return self.scheduler.step()
+        """One scheduler step. A step that raises (other than a device fault) fails the requests
+        the scheduler held, running and queued (admission is part of the step), with the error
+        in each delta, and the engine goes on serving. Device faults, and a failure that leaves
+        the page accounting inconsistent, are re-raised: the process must be replaced."""
+        try:
+            return self.scheduler.step()
+        except Exception as e:
+            if is_device_fault(e):
+                raise
+            logger.exception("scheduler step failed; failing the requests it held")
+            return self._fail_held(f"{type(e).__name__}: {e}")
+
+    def _fail_held(self, why: str) -> list[SequenceDelta]:
+        s = self.scheduler
+        s._inflight = None  # the failed step's results: its sequences are aborted below
+        for rid in list(s._by_rid):
+            s.abort_request(rid)
+        deltas: list[SequenceDelta] = []
+        s._apply_aborts(deltas)
+        self.check_invariants()  # raises if the failure left pages unaccounted for
+        return [dataclasses.replace(d, error=f"scheduler step failed: {why}") for d in deltas]
 
     def has_work(self) -> bool:
         return self.scheduler.has_work()

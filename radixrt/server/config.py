@@ -56,6 +56,11 @@ class ServerConfig:
     health_timeout_s: float = 20.0
     ping_interval_s: float = 0.5
     worker_start_timeout_s: float = 600.0
+    # Supervision: a ready worker silent for this long is hung (SIGKILLed and replaced); a
+    # worker that ends is restarted at most max_worker_restarts times per 10 minutes.
+    worker_hang_timeout_s: float = 60.0
+    max_worker_restarts: int = 5
+    request_timeout_s: float | None = None  # per-request deadline, arrival to end; None: none
     shutdown_timeout_s: float = 10.0
     log_level: str = "info"
     # Serve token ids only: load no tokenizer even if the model has one (always the case for
@@ -109,11 +114,17 @@ class ServerConfig:
         if self.max_request_tokens is not None and self.max_request_tokens < 1:
             raise ValueError(f"max_request_tokens must be >= 1, got {self.max_request_tokens}")
         for name in ("health_timeout_s", "ping_interval_s", "worker_start_timeout_s",
-                     "shutdown_timeout_s"):
+                     "shutdown_timeout_s", "worker_hang_timeout_s"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
         if self.ping_interval_s >= self.health_timeout_s:
             raise ValueError("ping_interval_s must be smaller than health_timeout_s")
+        if self.ping_interval_s >= self.worker_hang_timeout_s:
+            raise ValueError("ping_interval_s must be smaller than worker_hang_timeout_s")
+        if self.max_worker_restarts < 0:
+            raise ValueError(f"max_worker_restarts must be >= 0, got {self.max_worker_restarts}")
+        if self.request_timeout_s is not None and not self.request_timeout_s > 0:
+            raise ValueError(f"request_timeout_s must be > 0, got {self.request_timeout_s}")
         object.__setattr__(self, "api_keys", tuple(self.api_keys))
         for key in self.api_keys:
             if not key or any(c.isspace() for c in key):

@@ -3,16 +3,22 @@
 All of it runs on the router's asyncio loop. Sends use plain (synchronous) ZeroMQ sockets with
 NOBLOCK and no high-water mark, so they never wait and can run anywhere, including in the
 ``finally`` of a cancelled stream (that is how a client disconnect becomes an abort). One
-receive task decodes worker messages and fans each step's deltas out to per-request queues.
+receive task decodes worker messages and fans each step's deltas out to per-request queues; one
+monitor task pings workers, lets the Supervisor replace dead or hung ones, and ends requests
+past their deadline.
+
+Every request holds one queue slot (``num_waiting``) from ``submit`` until its first token or
+its release, whichever comes first; every path out of ``submit`` that raises takes none.
+A request submitted while no worker can take it but one is being restarted waits (still holding
+its slot) and is sent when a worker is ready again.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import itertools
 import logging
-import signal
-import subprocess
 import time
 import uuid
 from dataclasses import dataclass
@@ -26,13 +32,20 @@ from radixrt.server import messages as m
 from radixrt.server.config import ServerConfig
 from radixrt.server.protocol import APIError
 from radixrt.server.routing import PrefixRouter
+from radixrt.server.supervisor import Supervisor
 from radixrt.server.worker import to_router_addr, to_worker_addr
 
 log = logging.getLogger("radixrt.router")
 
+PENDING = -1  # RequestState.worker of a request waiting for a worker to be ready
+
 
 class WorkerFailure(Exception):
-    """The worker serving a request died or failed; the request cannot complete."""
+    """The worker serving a request died or failed; the request cannot complete (503)."""
+
+
+class RequestTimeout(WorkerFailure):
+    """The request ran past its deadline (``--request-timeout``) and was aborted."""
 
 
 class RequestRejected(Exception):
@@ -45,35 +58,28 @@ Event = m.DeltaMsg | WorkerFailure | RequestRejected
 @dataclass(eq=False)
 class RequestState:
     rid: str
-    worker: int
+    worker: int  # PENDING until sent
     input_ids: list[int]
     namespace: str | None
     n: int
     queue: asyncio.Queue[Event]
     t_arrival: float
+    wire: bytes  # the encoded GenerateReq
+    deadline: float | None = None  # monotonic
     started: bool = False  # first delta seen (no longer counts as queued)
 
 
 @dataclass(eq=False)
 class WorkerHandle:
     wid: int
-    proc: subprocess.Popen[bytes] | None
     sock: zmq.Socket
     ready: m.ReadyMsg | None = None
-    alive: bool = True
-    last_pong: float = 0.0
+    alive: bool = False  # ready and taking requests
+    last_pong: float = 0.0  # last message of any kind from it (monotonic)
     stats: m.StatsMsg | None = None
     load: int = 0  # requests routed here and not finished
     death: str | None = None
-
-
-def describe_exit(code: int) -> str:
-    if code < 0:
-        try:
-            return f"killed by signal {signal.Signals(-code).name}"
-        except ValueError:
-            return f"killed by signal {-code}"
-    return f"exited with code {code}"
+    send_warned: bool = False  # one "could not send" warning per incarnation, not one per ping
 
 
 class EngineClient:
@@ -83,6 +89,7 @@ class EngineClient:
         self._actx = zmq.asyncio.Context()
         self.pull = self._actx.socket(zmq.PULL)
         self.pull.setsockopt(zmq.RCVHWM, 0)
+        self.pull.setsockopt(zmq.LINGER, 0)
         self.pull.bind(to_router_addr(ipc_dir))
         self.workers: list[WorkerHandle] = []
         for i in range(cfg.dp):
@@ -90,8 +97,10 @@ class EngineClient:
             s.setsockopt(zmq.SNDHWM, 0)
             s.setsockopt(zmq.LINGER, 0)
             s.bind(to_worker_addr(ipc_dir, i))
-            self.workers.append(WorkerHandle(i, None, s))
+            self.workers.append(WorkerHandle(i, s))
+        self.supervisor = Supervisor(cfg, ipc_dir, self._on_death)
         self.requests: dict[str, RequestState] = {}
+        self.pending: dict[str, None] = {}  # rids waiting for a ready worker, in arrival order
         self.num_waiting = 0  # submitted, no token yet: what --max-queued-requests bounds
         self.accepting = True
         self.router: PrefixRouter | None = None
@@ -99,21 +108,17 @@ class EngineClient:
         self._flush_waiters: dict[int, asyncio.Future[list[bool]]] = {}
         self._flush_acks: dict[int, list[bool]] = {}
         self._tasks: list[asyncio.Task[None]] = []
+        self._closed = False
 
     # ------------------------------------------------------------------------- lifecycle
 
-    def attach(self, procs: list[subprocess.Popen[bytes]]) -> None:
-        assert len(procs) == len(self.workers), "one process per worker"
-        for w, p in zip(self.workers, procs):
-            w.proc = p
-
     async def wait_ready(self, timeout: float) -> list[m.ReadyMsg]:
+        self.supervisor.spawn_all()
         deadline = time.monotonic() + timeout
         while not all(w.ready for w in self.workers):
-            for w in self.workers:
-                code = w.proc.poll() if w.proc else None
-                if code is not None:
-                    raise RuntimeError(f"worker {w.wid} {describe_exit(code)} during startup")
+            why = self.supervisor.startup_failure()
+            if why is not None:
+                raise RuntimeError(why)
             left = deadline - time.monotonic()
             if left <= 0:
                 raise TimeoutError(f"workers not ready after {timeout:.0f}s")
@@ -122,8 +127,7 @@ class EngineClient:
                 if isinstance(msg, m.WorkerFatal):
                     raise RuntimeError(f"worker {msg.worker_id} failed to start: {msg.message}")
                 if isinstance(msg, m.ReadyMsg):
-                    self.workers[msg.worker_id].ready = msg
-                    self.workers[msg.worker_id].last_pong = time.monotonic()
+                    self._on_ready(msg)
         infos = [w.ready for w in self.workers if w.ready]
         per_worker_tokens = max(4096, (infos[0].max_context_len * 8))
         self.router = PrefixRouter(len(self.workers), per_worker_tokens)
@@ -144,20 +148,20 @@ class EngineClient:
             self.abort(st.rid)
 
     async def shutdown(self, grace_s: float) -> None:
-        """Abort what is left, ask workers to exit, then make sure they did."""
+        """Abort what is left, ask workers to exit, then make sure they did (and reap them)."""
         self.accepting = False
         self.fail_all("server is shutting down")
-        for w in self.workers:
-            self._send(w, m.ShutdownReq("router shutdown"))
-        deadline = time.monotonic() + grace_s
-        for w in self.workers:
-            while w.proc and w.proc.poll() is None and time.monotonic() < deadline:
-                await asyncio.sleep(0.05)
-        for t in self._tasks:
+        for t in self._tasks:  # no more pings, and no restarts from here on
             t.cancel()
+        for w in self.workers:
+            self._send(w, m.ShutdownReq("router shutdown"), quiet=True)
+        await asyncio.to_thread(self.supervisor.stop, grace_s)
         self.close()
 
     def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
         for w in self.workers:
             w.sock.close(0)
         self.pull.close(0)
@@ -167,15 +171,25 @@ class EngineClient:
     # ------------------------------------------------------------------------- health
 
     def healthy(self) -> tuple[bool, str]:
-        now = time.monotonic()
-        for w in self.workers:
-            if not w.alive:
-                return False, f"worker {w.wid} is dead: {w.death}"
-            if now - w.last_pong > self.cfg.health_timeout_s:
-                return False, f"worker {w.wid} has not answered for {now - w.last_pong:.1f}s"
+        """Healthy while at least one worker takes requests (the others are being replaced)."""
         if not self.accepting:
             return False, "server is shutting down"
-        return True, "ok"
+        now = time.monotonic()
+        if any(w.alive and now - w.last_pong <= self.cfg.health_timeout_s for w in self.workers):
+            return True, "ok"
+        reasons = []
+        for w, p in zip(self.workers, self.supervisor.workers):
+            if p.state == "dead":
+                reasons.append(f"worker {w.wid} is dead: {p.death}")
+            elif p.state in ("restarting", "starting") and p.death:
+                reasons.append(f"worker {w.wid} is restarting after: {p.death}")
+            else:
+                reasons.append(f"worker {w.wid} has not answered for {now - w.last_pong:.1f}s")
+        return False, "; ".join(reasons)
+
+    def _can_recover(self) -> bool:
+        return self.accepting and any(
+            p.state in ("starting", "restarting") for p in self.supervisor.workers)
 
     # ------------------------------------------------------------------------- requests
 
@@ -187,30 +201,55 @@ class EngineClient:
             raise APIError(503, f"Too many queued requests ({self.num_waiting} waiting, limit "
                            f"{self.cfg.max_queued_requests}); retry later")
         assert self.router is not None, "submit() before wait_ready()"
+        rid = uuid.uuid4().hex
+        # Stop strings are matched on text, in the router; the worker only sees token ids.
+        wire_params = params if not params.stop else dataclasses.replace(params, stop=())
+        try:  # encode before counting anything: a value msgpack cannot hold takes no slot
+            wire = m.encode(m.GenerateReq(rid, input_ids, wire_params, namespace))
+        except (OverflowError, TypeError, ValueError, msgspec.EncodeError) as e:
+            raise APIError(400, f"Request cannot be sent to the engine: {e}") from None
         wid = self.router.choose(input_ids, namespace, [w.load for w in self.workers],
                                  [w.alive for w in self.workers])
-        if wid is None:
+        if wid is None and not self._can_recover():
             reasons = "; ".join(f"worker {w.wid}: {w.death}" for w in self.workers)
             raise APIError(503, f"No worker is available ({reasons})")
-        w = self.workers[wid]
-        rid = uuid.uuid4().hex
-        st = RequestState(rid, wid, input_ids, namespace, params.n, queue, t_arrival)
+        timeout = self.cfg.request_timeout_s
+        st = RequestState(rid, PENDING, input_ids, namespace, params.n, queue, t_arrival, wire,
+                          None if timeout is None else t_arrival + timeout)
         self.requests[rid] = st
-        w.load += 1
         self.num_waiting += 1
-        # Stop strings are matched on text, in the router; the worker only sees token ids.
-        wire_params = params if not params.stop else _without_stop(params)
-        self._send(w, m.GenerateReq(rid, input_ids, wire_params, namespace))
+        if wid is None:
+            self.pending[rid] = None
+        else:
+            self._dispatch_to(st, wid)
         return st
+
+    def _dispatch_to(self, st: RequestState, wid: int) -> None:
+        w = self.workers[wid]
+        st.worker = wid
+        w.load += 1
+        self._send_raw(w, st.wire, "GenerateReq")
+
+    def _send_pending(self) -> None:
+        assert self.router is not None, "pending requests before wait_ready()"
+        for rid in list(self.pending):
+            st = self.requests.get(rid)
+            wid = None if st is None else self.router.choose(
+                st.input_ids, st.namespace, [w.load for w in self.workers],
+                [w.alive for w in self.workers])
+            if st is not None and wid is None:
+                return  # nobody can take it yet
+            del self.pending[rid]
+            if st is not None and wid is not None:
+                self._dispatch_to(st, wid)
 
     def abort(self, rid: str, index: int | None = None) -> None:
         """Stop generating ``rid`` (one sample, or all). Synchronous: safe while cancelled."""
         st = self.requests.get(rid)
         if st is None:
             return
-        w = self.workers[st.worker]
-        if w.alive:
-            self._send(w, m.AbortReq(rid, index))
+        if st.worker != PENDING and self.workers[st.worker].alive:
+            self._send(self.workers[st.worker], m.AbortReq(rid, index))
         if index is None:
             self.release(rid)
 
@@ -219,9 +258,12 @@ class EngineClient:
         st = self.requests.pop(rid, None)
         if st is None:
             return
-        self.workers[st.worker].load -= 1
+        self.pending.pop(rid, None)
         if not st.started:
             self.num_waiting -= 1
+        if st.worker == PENDING:
+            return
+        self.workers[st.worker].load -= 1
         if output_ids is not None and self.router is not None and self.workers[st.worker].alive:
             self.router.record(st.worker, st.input_ids + output_ids, st.namespace)
 
@@ -247,11 +289,16 @@ class EngineClient:
 
     # ------------------------------------------------------------------------- internals
 
-    def _send(self, w: WorkerHandle, msg: m.ToWorker) -> None:
+    def _send(self, w: WorkerHandle, msg: m.ToWorker, quiet: bool = False) -> None:
+        self._send_raw(w, m.encode(msg), type(msg).__name__, quiet)
+
+    def _send_raw(self, w: WorkerHandle, data: bytes, what: str, quiet: bool = False) -> None:
         try:
-            w.sock.send(m.encode(msg), zmq.NOBLOCK)
-        except zmq.ZMQError as e:  # no peer connected: the worker is gone
-            log.warning("could not send %s to worker %d: %s", type(msg).__name__, w.wid, e)
+            w.sock.send(data, zmq.NOBLOCK)
+        except zmq.ZMQError as e:  # no peer connected: the worker is gone (the monitor acts)
+            if not quiet and not w.send_warned:
+                w.send_warned = True
+                log.warning("could not send %s to worker %d: %s", what, w.wid, e)
 
     def _decode(self, data: bytes) -> m.ToRouter | None:
         try:
@@ -299,38 +346,67 @@ class EngineClient:
                 if len(acks) == sum(w.alive for w in self.workers):
                     fut.set_result(acks)
         elif isinstance(msg, m.WorkerFatal):
-            self._on_death(self.workers[msg.worker_id], f"fatal error: {msg.message}")
+            if self.supervisor.is_current(msg.worker_id, msg.pid):
+                # Fail its requests now; the Supervisor restarts it once the process exits.
+                self._on_death(msg.worker_id, f"fatal error: {msg.message}")
         elif isinstance(msg, m.ReadyMsg):
-            log.warning("unexpected Ready from worker %d after startup", msg.worker_id)
+            self._on_ready(msg)
+
+    def _on_ready(self, msg: m.ReadyMsg) -> None:
+        if not self.supervisor.mark_ready(msg.worker_id, msg.pid):
+            log.warning("ignoring a stale Ready from worker %d (pid %d)", msg.worker_id, msg.pid)
+            return
+        w = self.workers[msg.worker_id]
+        first = next((x.ready for x in self.workers if x.ready is not None), None)
+        if first is not None and (first.vocab_size, first.max_context_len) != (
+                msg.vocab_size, msg.max_context_len):
+            log.error("worker %d came back with a different model shape; not using it", w.wid)
+            return
+        restarted = w.ready is not None
+        w.ready, w.alive, w.death, w.send_warned = msg, True, None, False
+        w.last_pong = time.monotonic()
+        if restarted:
+            log.info("worker %d is back (pid %d); %d waiting requests", w.wid, msg.pid,
+                     len(self.pending))
+            self._send_pending()
 
     async def _monitor_loop(self) -> None:
         while True:
+            self.supervisor.poll([w.last_pong for w in self.workers], restart=self.accepting)
             for w in self.workers:
-                code = w.proc.poll() if w.proc is not None else None
-                if code is not None and w.alive:
-                    self._on_death(w, f"process {w.proc.pid if w.proc else '?'} "
-                                      f"{describe_exit(code)}")
-                elif w.alive:
+                if w.alive:
                     self._send(w, m.PingReq(next(self._seq)))
+            self._expire(time.monotonic())
             await asyncio.sleep(self.cfg.ping_interval_s)
 
-    def _on_death(self, w: WorkerHandle, why: str) -> None:
-        if not w.alive:
-            return
-        w.alive = False
-        w.death = why
-        log.error("worker %d died (%s); failing its in-flight requests", w.wid, why)
-        for st in [s for s in self.requests.values() if s.worker == w.wid]:
-            st.queue.put_nowait(WorkerFailure(f"worker {w.wid} died ({why})"))
+    def _expire(self, now: float) -> None:
+        for st in [s for s in self.requests.values() if s.deadline is not None and
+                   now > s.deadline]:
+            st.queue.put_nowait(RequestTimeout(
+                f"request exceeded its deadline of {self.cfg.request_timeout_s:g}s "
+                "(--request-timeout) and was aborted"))
+            self.abort(st.rid)
+
+    def _on_death(self, wid: int, why: str) -> None:
+        """Worker ``wid`` is gone (the Supervisor may be replacing it): fail what it held."""
+        w = self.workers[wid]
+        w.alive, w.death = False, why
+        again = self.supervisor.workers[wid].state in ("restarting", "starting")
+        suffix = "; it is being restarted, retry the request" if again else ""
+        for st in [s for s in self.requests.values() if s.worker == wid]:
+            st.queue.put_nowait(WorkerFailure(f"worker {wid} died ({why}){suffix}"))
             self.release(st.rid)
         if self.router is not None:
-            self.router.forget_worker(w.wid)
+            self.router.forget_worker(wid)
         for fut in self._flush_waiters.values():  # don't wait for a dead worker's ack
             if not fut.done():
                 fut.set_result([False])
-
-
-def _without_stop(params: SamplingParams) -> SamplingParams:
-    import dataclasses
-
-    return dataclasses.replace(params, stop=())
+        if self.pending:
+            if self._can_recover():
+                self._send_pending()  # another replica may take them
+            else:
+                for rid in list(self.pending):
+                    waiting = self.requests.get(rid)
+                    if waiting is not None:
+                        waiting.queue.put_nowait(WorkerFailure(f"no worker is available ({why})"))
+                        self.release(rid)

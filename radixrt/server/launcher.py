@@ -1,22 +1,28 @@
-"""Start a server: private socket dir, worker processes, router + uvicorn; clean up on exit.
+"""Start a server: checks, private dir, worker processes, router + uvicorn; clean up on exit.
 
-This process is the router. Workers are plain subprocesses (``python -m
-radixrt.server.worker``) handed the config as JSON: no pickled state crosses a process
-boundary. SIGTERM / SIGINT: uvicorn stops accepting and waits up to shutdown_timeout_s for
-in-flight responses, then we abort what is left, stop the workers (terminate, then kill) and
-remove the socket directory.
+This process is the router. Before anything heavy it binds the listening socket and checks the
+model path (``preflight``): a busy port or a wrong path exits 1 with one line. Workers are
+plain subprocesses (``python -m radixrt.server.worker``) owned by the Supervisor, which hands
+them the config as a 0600 file in the private directory: no pickled state, and no secret in
+argv, crosses a process boundary.
+
+SIGTERM / SIGINT: uvicorn stops accepting and waits up to shutdown_timeout_s for in-flight
+responses (ended with an error event just before that), then the workers are asked to exit
+(ShutdownReq; TERM, then KILL, only if they do not) and the private directory is removed.
+Every exit path, including failures at start-up, removes it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import shutil
 import signal
-import subprocess
-import sys
+import socket
 import tempfile
+from collections.abc import Generator
 from types import FrameType
 
 import uvicorn
@@ -24,6 +30,7 @@ import uvicorn
 from radixrt.server.config import ServerConfig
 from radixrt.server.engine_client import EngineClient
 from radixrt.server.metrics import ServerMetrics
+from radixrt.server.preflight import StartupError, bind_listen_socket, check_model
 from radixrt.server.protocol import ModelLimits
 from radixrt.server.router import build_app
 from radixrt.server.serving import ServingContext
@@ -31,10 +38,13 @@ from radixrt.server.tokenization import load_codec
 
 log = logging.getLogger("radixrt.router")
 
+_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
 
 class _Server(uvicorn.Server):
     """uvicorn that, on SIGTERM/SIGINT, also ends in-flight generations before its own timeout
-    cuts connections: streams then close cleanly with an error event instead of mid-chunk."""
+    cuts connections (streams then close cleanly with an error event instead of mid-chunk), and
+    that does not re-raise the signal after serving: the workers are stopped first."""
 
     def __init__(self, config: uvicorn.Config, client: EngineClient, grace_s: float) -> None:
         super().__init__(config)
@@ -42,40 +52,25 @@ class _Server(uvicorn.Server):
         self._grace_s = grace_s
         self._loop = asyncio.get_running_loop()
 
+    @contextlib.contextmanager
+    def capture_signals(self) -> Generator[None, None, None]:
+        previous = {sig: signal.signal(sig, self.handle_exit) for sig in _SIGNALS}
+        try:
+            yield
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
-        self._loop.call_soon_threadsafe(self._client.begin_shutdown, self._grace_s)
+        if not self.should_exit:
+            log.info("%s: shutting down", signal.Signals(sig).name)
+            self._loop.call_soon_threadsafe(self._client.begin_shutdown, self._grace_s)
         super().handle_exit(sig, frame)
 
 
-def spawn_workers(cfg: ServerConfig, ipc_dir: str) -> list[subprocess.Popen[bytes]]:
-    procs = []
-    for i in range(cfg.dp):
-        cmd = [sys.executable, "-m", "radixrt.server.worker", "--worker-id", str(i),
-               "--ipc-dir", ipc_dir, "--config", cfg.to_json().decode()]
-        procs.append(subprocess.Popen(cmd))
-        log.info("started worker %d (pid %d)", i, procs[-1].pid)
-    return procs
-
-
-def stop_workers(procs: list[subprocess.Popen[bytes]], timeout: float) -> None:
-    for p in procs:
-        if p.poll() is None:
-            p.terminate()
-    for p in procs:
-        try:
-            p.wait(timeout)
-        except subprocess.TimeoutExpired:
-            log.warning("worker pid %d ignored SIGTERM; killing it", p.pid)
-            p.kill()
-            p.wait()
-
-
-async def _serve(cfg: ServerConfig, ipc_dir: str,
-                 procs: list[subprocess.Popen[bytes]]) -> None:
+async def _serve(cfg: ServerConfig, ipc_dir: str, sock: socket.socket) -> None:
     client = EngineClient(cfg, ipc_dir)
     try:
-        procs.extend(spawn_workers(cfg, ipc_dir))
-        client.attach(procs)
         infos = await client.wait_ready(cfg.worker_start_timeout_s)
         info = infos[0]
         codec = await asyncio.to_thread(load_codec, info.model_path, cfg.skip_tokenizer_init)
@@ -101,21 +96,30 @@ async def _serve(cfg: ServerConfig, ipc_dir: str,
             timeout_graceful_shutdown=timeout, access_log=cfg.log_level == "debug"),
             client, grace_s=max(0.5, timeout - 1.0))
         log.info("serving %s on http://%s:%d (dp=%d)", names[0], cfg.host, cfg.port, cfg.dp)
-        await server.serve()
+        await server.serve(sockets=[sock])
+        if not server.started:
+            raise StartupError("the HTTP server did not start")
         log.info("HTTP server stopped; shutting down workers")
         await client.shutdown(grace_s=min(5.0, cfg.shutdown_timeout_s))
-    except BaseException:
+    finally:
+        # Failed start-up or an error: stop whatever was spawned (a no-op after shutdown()).
+        client.accepting = False
+        await asyncio.to_thread(client.supervisor.stop, 0.0)
         client.close()
-        raise
 
 
 def serve(cfg: ServerConfig) -> int:
     logging.basicConfig(level=cfg.log_level.upper(),
                         format="%(asctime)s router %(levelname)s %(name)s: %(message)s")
+    try:
+        sock = bind_listen_socket(cfg.host, cfg.port)
+        check_model(cfg)
+    except StartupError as e:
+        log.error("cannot start: %s", e)
+        return 1
     ipc_dir = tempfile.mkdtemp(prefix="radixrt-ipc-")  # mkdtemp: mode 0700, unique
     os.chmod(ipc_dir, 0o700)
     log.info("IPC socket dir: %s", ipc_dir)
-    procs: list[subprocess.Popen[bytes]] = []
 
     def _term(signum: int, frame: FrameType | None) -> None:
         # Only until uvicorn installs its own handlers (during startup), and after it stops.
@@ -124,14 +128,18 @@ def serve(cfg: ServerConfig) -> int:
     signal.signal(signal.SIGTERM, _term)
     code = 0
     try:
-        asyncio.run(_serve(cfg, ipc_dir, procs))
-    except (KeyboardInterrupt, SystemExit):
-        log.info("interrupted; shutting down")
+        asyncio.run(_serve(cfg, ipc_dir, sock))
+    except KeyboardInterrupt:
+        log.info("interrupted during start-up; shutting down")
+    except SystemExit as e:
+        log.info("signal during start-up; shutting down")
+        code = e.code if isinstance(e.code, int) else 1
     except Exception as e:
         log.error("server failed: %s", e)
         code = 1
     finally:
-        stop_workers(procs, timeout=5.0)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # the clean-up below must run to its end
+        sock.close()
         shutil.rmtree(ipc_dir, ignore_errors=True)
         log.info("removed %s; bye", ipc_dir)
     return code

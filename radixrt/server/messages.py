@@ -112,8 +112,11 @@ class RequestError(msgspec.Struct, tag=True, frozen=True):
 
 
 class WorkerFatal(msgspec.Struct, tag=True, frozen=True):
+    """The worker hit an error it cannot recover from and is exiting (the router restarts it)."""
+
     worker_id: int
     message: str
+    pid: int = 0  # tells an old incarnation's last words from the current worker's
 
 
 ToWorker = GenerateReq | AbortReq | PingReq | FlushCacheReq | ShutdownReq

@@ -2,22 +2,33 @@
 
 Loop: drain incoming messages (without blocking while there is work; polling with a timeout
 when idle), run one scheduler step, send one TokenBatch with every sequence's new tokens.
-The worker exits when told to, when its parent (the router) is gone, or on a fatal engine error
-(after telling the router why).
 
-Run as ``python -m radixrt.server.worker --worker-id I --ipc-dir DIR --config JSON``.
+One request's failure is that request's: an exception from ``add_request`` rejects only that
+request, and EngineCore turns a failed step into error results for the requests it held. Only
+what EngineCore re-raises (device-level faults, broken invariants) ends the worker, after a
+WorkerFatal naming it; the router then restarts the worker.
+
+Exits: a ShutdownReq (the normal path), SIGTERM (the same, from a signal), or the router's death
+(PR_SET_PDEATHSIG delivers SIGTERM, and the loop also polls getppid); the last one also removes
+the server's private directory, which the dead router can no longer do. A watchdog timer started
+by SIGTERM ends the process even if the clean path stalls (e.g. inside a long kernel).
+
+Run as ``python -m radixrt.server.worker --worker-id I --ipc-dir DIR --config-file FILE``.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import ctypes
 import logging
 import os
+import shutil
 import signal
 import sys
 import time
 import traceback
+from types import FrameType
 from typing import TYPE_CHECKING
 
 import msgspec
@@ -34,6 +45,9 @@ log = logging.getLogger("radixrt.worker")
 IDLE_POLL_MS = 50
 # While busy, still send a stats snapshot at least this often (for /metrics).
 STATS_EVERY_S = 0.5
+# After SIGTERM the clean exit must finish within this, or the default SIGALRM action ends it.
+TERM_WATCHDOG_S = 1.5
+_PR_SET_PDEATHSIG = 1
 
 
 def to_worker_addr(ipc_dir: str, worker_id: int) -> str:
@@ -44,8 +58,23 @@ def to_router_addr(ipc_dir: str) -> str:
     return f"ipc://{os.path.join(ipc_dir, 'to_router')}"
 
 
-class _Stop(Exception):
-    pass
+class _Stop(BaseException):
+    """Exit cleanly (SIGTERM, or the router is gone). BaseException: no ``except Exception``
+    on the way up may swallow it."""
+
+
+class _Shutdown(_Stop):
+    """The router asked this worker to exit."""
+
+
+def router_gone(parent_pid: int, wait_s: float) -> bool:
+    """Whether the router has exited, waiting up to ``wait_s`` to be sure: the death signal
+    comes when the router's forking thread exits, before its other threads are gone and this
+    process is re-parented, so getppid() may still name the router for a moment."""
+    deadline = time.monotonic() + wait_s
+    while os.getppid() == parent_pid and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return os.getppid() != parent_pid
 
 
 class WorkerLoop:
@@ -69,16 +98,16 @@ class WorkerLoop:
         return m.stats_to_msg(self.core.stats())
 
     def run(self) -> None:
+        """Serve until told to stop (returns); raises _Stop on SIGTERM or if the router is gone."""
         try:
             while True:
+                if os.getppid() != self.parent_pid:
+                    raise _Stop
                 if self.core.has_work() or self.poller.poll(IDLE_POLL_MS):
                     self._drain()
-                elif os.getppid() != self.parent_pid:
-                    log.warning("worker %d: router process is gone; exiting", self.worker_id)
-                    return
                 if self.core.has_work():
                     self._step()
-        except _Stop:
+        except _Shutdown:
             return
 
     def _drain(self) -> None:
@@ -111,6 +140,11 @@ class WorkerLoop:
                 self.core.add_request(msg.rid, msg.input_ids, msg.params, msg.namespace)
             except ValueError as e:
                 self.send(m.RequestError(self.worker_id, msg.rid, str(e)))
+            except Exception as e:  # e.g. a seed the RNG refuses: this request only
+                log.warning("worker %d: request %s refused: %r", self.worker_id, msg.rid, e)
+                self.send(m.RequestError(self.worker_id, msg.rid,
+                                         f"the engine cannot run this request: "
+                                         f"{type(e).__name__}: {e}"))
         elif isinstance(msg, m.AbortReq):
             # KeyError/ValueError: already finished; the abort crossed its last batch on the wire
             with contextlib.suppress(KeyError, ValueError):
@@ -121,7 +155,7 @@ class WorkerLoop:
             self.send(m.FlushCacheResp(self.worker_id, msg.seq, bool(self.core.flush_cache())))
         elif isinstance(msg, m.ShutdownReq):
             log.info("worker %d: shutdown requested (%s)", self.worker_id, msg.reason)
-            raise _Stop
+            raise _Shutdown
         else:  # pragma: no cover - the decoder only yields the union's members
             raise AssertionError(f"unhandled message {type(msg).__name__}")
 
@@ -144,19 +178,42 @@ def _engine_config(cfg: ServerConfig, worker_id: int) -> ServerConfig:
     return cfg
 
 
+def die_with_parent() -> None:
+    """Ask Linux for SIGTERM when the router dies (no-op elsewhere; getppid polling remains)."""
+    if not sys.platform.startswith("linux"):
+        return
+    with contextlib.suppress(OSError, AttributeError):
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+
+
+def _on_term(signum: int, frame: FrameType | None) -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGALRM, signal.SIG_DFL)
+    signal.setitimer(signal.ITIMER_REAL, TERM_WATCHDOG_S)  # a backstop, not the normal path
+    raise _Stop
+
+
+def read_config(path: str) -> ServerConfig:
+    with open(path, "rb") as f:
+        return ServerConfig.from_json(f.read())
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="radixrt.server.worker")
     ap.add_argument("--worker-id", type=int, required=True)
     ap.add_argument("--ipc-dir", required=True)
-    ap.add_argument("--config", required=True, help="ServerConfig as JSON")
+    ap.add_argument("--config-file", required=True,
+                    help="ServerConfig as JSON, in the server's private directory (mode 0600)")
     args = ap.parse_args(argv)
-    cfg = ServerConfig.from_json(args.config)
-    logging.basicConfig(level=cfg.log_level.upper(),
-                        format=f"%(asctime)s worker{args.worker_id} %(levelname)s %(message)s")
+    parent = os.getppid()
+    die_with_parent()
     # Ctrl-C reaches the whole process group; the router decides when workers stop.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
-    parent = os.getppid()
+    signal.signal(signal.SIGTERM, _on_term)
+    cfg = read_config(args.config_file)
+    logging.basicConfig(level=cfg.log_level.upper(),
+                        format=f"%(asctime)s worker{args.worker_id} %(levelname)s %(message)s")
     if (cfg.device or "cpu") == "cpu":
         import torch
 
@@ -164,13 +221,16 @@ def main(argv: list[str] | None = None) -> int:
 
     ctx = zmq.Context()
     push = ctx.socket(zmq.PUSH)
-    push.setsockopt(zmq.LINGER, 2000)
+    push.setsockopt(zmq.LINGER, 500)  # last words (WorkerFatal) get a moment, no more
     push.setsockopt(zmq.SNDHWM, 0)
     push.connect(to_router_addr(args.ipc_dir))
     pull = ctx.socket(zmq.PULL)
     pull.setsockopt(zmq.RCVHWM, 0)
     pull.connect(to_worker_addr(args.ipc_dir, args.worker_id))
+    orphaned = False
     try:
+        if os.getppid() != parent:  # the router died before the death signal was armed
+            raise _Stop
         from radixrt.engine.core import EngineCore
 
         ecfg = _engine_config(cfg, args.worker_id).engine_config()
@@ -184,18 +244,35 @@ def main(argv: list[str] | None = None) -> int:
         log.info("worker %d ready: %s", args.worker_id, info.model_name)
         WorkerLoop(core, args.worker_id, pull, push, parent).run()
         return 0
+    except _Stop:
+        orphaned = router_gone(parent, wait_s=0.5)
+        if orphaned:
+            log.warning("worker %d: router process is gone; exiting", args.worker_id)
+        return 0
     except Exception as e:
         log.error("worker %d failed: %s", args.worker_id, traceback.format_exc())
-        push.send(m.encode(m.WorkerFatal(args.worker_id, f"{type(e).__name__}: {e}")))
+        push.send(m.encode(m.WorkerFatal(args.worker_id, f"{type(e).__name__}: {e}",
+                                         os.getpid())))
         return 1
     finally:
-        # The process is on its way out: a TERM from the router now would only interrupt the
-        # interpreter's own clean-up (and print a spurious traceback).
+        # The process is on its way out: a TERM now would only interrupt the clean-up.
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        if orphaned:  # nobody else is left to remove the private directory
+            shutil.rmtree(args.ipc_dir, ignore_errors=True)
+            push.setsockopt(zmq.LINGER, 0)
         pull.close(0)
         push.close()
         ctx.term()
 
 
+def _exit(code: int) -> None:
+    # Skip the interpreter's teardown (torch's, mostly): everything this process owns is closed
+    # by now, and a slow teardown would only delay the router's wait for it.
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    _exit(main())

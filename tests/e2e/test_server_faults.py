@@ -1,9 +1,9 @@
-"""Faults: client disconnect, load shedding, worker death, SIGTERM."""
+"""Faults: client disconnect, load shedding, SIGTERM, start-up errors (worker death and hangs:
+test_supervision.py). No wall-clock assertions: waits are hang guards."""
 
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import signal
 import time
@@ -59,75 +59,68 @@ def test_client_disconnect_aborts_and_frees_pages(server: Server) -> None:
                 got += 1
                 if got == 3:
                     break
-    # Closed mid-stream. The abort must reach the worker and free the pages within a step.
-    t0 = time.monotonic()
-    m = engine_idle(server, timeout=5.0)
-    assert time.monotonic() - t0 < 5.0
+    # Closed mid-stream: the abort must reach the worker and free the pages (400 tokens would
+    # otherwise keep it running; the wait is a hang guard, not a timing assertion).
+    m = engine_idle(server, timeout=60.0)
     assert_no_request_pages(m)
     assert m['radixrt_requests_total{endpoint="completion",status="cancelled"}'] >= 1
     ok_request(server)
 
 
-def test_load_shedding_returns_503_at_once(server: Server) -> None:
-    async def one(c: httpx.AsyncClient, i: int) -> tuple[int, float]:
-        t0 = time.monotonic()
-        r = await c.post(server.url + "/v1/completions",
-                         json={"prompt": f"request number {i}", **LONG, "max_tokens": 40})
-        return r.status_code, time.monotonic() - t0
+def test_load_shedding_returns_503(server: Server) -> None:
+    async def one(c: httpx.AsyncClient, i: int) -> httpx.Response:
+        return await c.post(server.url + "/v1/completions",
+                            json={"prompt": f"request number {i}", **LONG, "max_tokens": 40})
 
-    async def burst() -> list[tuple[int, float]]:
+    async def burst() -> list[httpx.Response]:
         async with httpx.AsyncClient(timeout=120) as c:
             return await asyncio.gather(*(one(c, i) for i in range(8)))
 
     results = asyncio.run(burst())
-    codes = [c for c, _ in results]
+    codes = [r.status_code for r in results]
     assert codes.count(503) >= 1 and codes.count(200) >= 2, codes
-    assert all(dt < 3.0 for c, dt in results if c == 503), "503 must come at once"
+    shed = [r.json()["error"] for r in results if r.status_code == 503]
+    assert all("Too many queued requests" in e["message"] for e in shed), shed
+    assert_no_request_pages(engine_idle(server, timeout=60.0))
     ok_request(server)
 
 
 def test_sigterm_shuts_down_gracefully(server_factory: Any, tiny_model_dir: Any) -> None:
+    """SIGTERM during a stream: the stream ends, the router asks its worker to exit and it does
+    (no signal, no force-kill), and nothing is left behind. Event-based: how long it takes is
+    measured by bench/chaos.py, not asserted here."""
     s = server_factory(tiny_model_dir("llama"), "--shutdown-timeout", "3")
     ipc_dir = s.ipc_dir()
     assert ipc_dir.is_dir() and (ipc_dir.stat().st_mode & 0o777) == 0o700
     workers = s.worker_pids()
-    with httpx.stream("POST", s.url + "/v1/completions", timeout=60,
-                      json={"prompt": "x", "stream": True, **LONG, "max_tokens": 100000 // 100}
+    with httpx.stream("POST", s.url + "/v1/completions", timeout=120,
+                      json={"prompt": "x", "stream": True, **LONG, "max_tokens": 1000}
                       ) as stream:
         it = stream.iter_lines()
         next(line for line in it if line.startswith("data: "))
-        t0 = time.monotonic()
         s.proc.send_signal(signal.SIGTERM)
-        rest = list(it)  # in-flight stream ends (finishes, or is cut at the timeout)
-    assert s.proc.wait(15) is not None
-    assert time.monotonic() - t0 < 15
-    assert isinstance(rest, list)
+        rest = [line for line in it if line.startswith("data: ")]
+    assert rest and rest[-1] == "data: [DONE]", "the in-flight stream ends cleanly"
+    assert s.proc.wait(120) == 0  # hang guard only
+    log = s.log()
+    assert "HTTP server stopped; shutting down workers" in log
+    assert "worker 0: shutdown requested" in log, "the worker exits when asked, not signalled"
+    for line in ("ignored SIGTERM", "did not exit when asked", "could not send", "Traceback"):
+        assert line not in log, f"{line!r} in the shutdown log"
     assert not ipc_dir.exists(), "socket directory must be removed"
     for pid in workers:
         with pytest.raises(ProcessLookupError):
             os.kill(pid, 0)
 
 
-def test_worker_death(server_factory: Any, tiny_model_dir: Any) -> None:
+def test_sigterm_at_idle_exits_cleanly(server_factory: Any, tiny_model_dir: Any) -> None:
     s = server_factory(tiny_model_dir("llama"))
-    (pid,) = s.worker_pids()
-    body = {"prompt": "doomed", "stream": True, **LONG}
-    events: list[str] = []
-    with httpx.stream("POST", s.url + "/v1/completions", json=body, timeout=30) as stream:
-        it = stream.iter_lines()
-        first = next(line for line in it if line.startswith("data: "))
-        events.append(first)
-        os.kill(pid, signal.SIGKILL)
-        t0 = time.monotonic()
-        events.extend(line for line in it if line.startswith("data: "))
-    assert time.monotonic() - t0 < 5.0, "in-flight request must end promptly"
-    errors = [json.loads(e[6:]) for e in events if e.startswith("data: {\"error\"")]
-    assert errors and "died" in errors[0]["error"]["message"]
-    h = httpx.get(s.url + "/health", timeout=5)
-    assert h.status_code == 503 and "dead" in h.json()["reason"]
-    r = httpx.post(s.url + "/v1/completions", json={"prompt": "hi", "max_tokens": 2}, timeout=10)
-    assert r.status_code == 503 and "No worker" in r.json()["error"]["message"]
-    assert "SIGKILL" in s.log()  # the router says why
+    ipc_dir = s.ipc_dir()
+    assert s.stop(timeout=120) == 0
+    log = s.log()
+    assert "worker 0: shutdown requested" in log and "ignored SIGTERM" not in log
+    assert "could not send" not in log
+    assert not ipc_dir.exists()
 
 
 def test_engine_config_error_stops_startup_with_its_message(tmp_path: Any) -> None:

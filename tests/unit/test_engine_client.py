@@ -1,0 +1,143 @@
+"""EngineClient bookkeeping without processes: queue slots on every error path, requests that
+wait for a restarting worker, deadlines, and failing what a dead worker held."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import zmq
+
+from radixrt.sampling_params import SamplingParams
+from radixrt.server import engine_client as ec
+from radixrt.server import messages as m
+from radixrt.server.config import ServerConfig
+from radixrt.server.protocol import APIError
+from radixrt.server.routing import PrefixRouter
+from radixrt.server.worker import to_worker_addr
+
+
+class FakeProc:
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+
+    def poll(self) -> int | None:
+        return None
+
+
+def ready_msg(pid: int) -> m.ReadyMsg:
+    return m.ReadyMsg(worker_id=0, pid=pid, model_name="tiny", model_path=None, vocab_size=100,
+                      max_context_len=512, eos_token_ids=[0], page_size=16)
+
+
+@pytest.fixture
+def client(tmp_path: Path) -> Iterator[ec.EngineClient]:
+    cfg = ServerConfig(max_queued_requests=3, request_timeout_s=5.0)
+    c = ec.EngineClient(cfg, str(tmp_path))
+    c.supervisor.workers[0].proc = FakeProc(1234)  # type: ignore[assignment]
+    c._on_ready(ready_msg(1234))
+    c.router = PrefixRouter(1, 4096)
+    yield c
+    c.close()
+
+
+def submit(c: ec.EngineClient, q: asyncio.Queue[Any] | None = None,
+           t: float = 0.0) -> ec.RequestState:
+    return c.submit([1, 2, 3], SamplingParams(max_new_tokens=4), None, q or asyncio.Queue(), t)
+
+
+def test_config_file_is_private(client: ec.EngineClient) -> None:
+    path = Path(client.supervisor.config_path)
+    assert path.stat().st_mode & 0o777 == 0o600
+    assert ServerConfig.from_json(path.read_bytes()) == client.cfg
+
+
+def test_unencodable_request_takes_no_slot(client: ec.EngineClient,
+                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    def overflow(msg: Any) -> bytes:
+        raise OverflowError("int too big to convert")
+
+    monkeypatch.setattr(ec.m, "encode", overflow)
+    for _ in range(10):  # more than max_queued_requests: a leaked slot would turn into 503s
+        with pytest.raises(APIError) as e:
+            submit(client)
+        assert e.value.status == 400
+    assert client.num_waiting == 0 and not client.requests
+    assert client.workers[0].load == 0
+    monkeypatch.undo()
+    st = submit(client)
+    assert client.num_waiting == 1 and st.worker == 0
+
+
+def test_request_waits_for_a_restarting_worker(client: ec.EngineClient, tmp_path: Path) -> None:
+    peer = client._sync_ctx.socket(zmq.PULL)
+    peer.connect(to_worker_addr(str(tmp_path), 0))
+    connected = False
+    for _ in range(500):  # the ipc connection comes up asynchronously
+        try:
+            client.workers[0].sock.send(b"probe", zmq.NOBLOCK)
+            connected = True
+            break
+        except zmq.Again:
+            time.sleep(0.01)
+    assert connected and peer.recv() == b"probe"
+    try:
+        w = client.supervisor.workers[0]
+        w.state = "restarting"
+        client._on_death(0, "process 1234 killed by signal SIGKILL")
+        st = submit(client)
+        assert st.worker == ec.PENDING and st.rid in client.pending
+        assert client.healthy()[0] is False
+        w.proc, w.state = FakeProc(5678), "starting"  # type: ignore[assignment]
+        client._on_ready(ready_msg(1234))  # a stale Ready from the old incarnation: ignored
+        assert st.worker == ec.PENDING
+        client._on_ready(ready_msg(5678))
+        assert st.worker == 0 and not client.pending and client.healthy()[0]
+        assert peer.poll(5000), "the waiting request is sent to the new worker"
+        got = m.decode_to_worker(peer.recv())
+        assert isinstance(got, m.GenerateReq) and got.rid == st.rid
+    finally:
+        peer.close(0)
+
+
+def test_pending_requests_fail_when_no_worker_will_come_back(client: ec.EngineClient) -> None:
+    w = client.supervisor.workers[0]
+    w.state = "restarting"
+    client._on_death(0, "crashed")
+    q: asyncio.Queue[Any] = asyncio.Queue()
+    submit(client, q)
+    w.state = "dead"
+    client._on_death(0, "crashed; restart limit reached")
+    ev = q.get_nowait()
+    assert isinstance(ev, ec.WorkerFailure) and "no worker" in str(ev)
+    assert client.num_waiting == 0 and not client.requests and not client.pending
+    with pytest.raises(APIError) as e:
+        submit(client)
+    assert e.value.status == 503
+
+
+def test_death_fails_in_flight_requests_and_frees_their_slots(client: ec.EngineClient) -> None:
+    q: asyncio.Queue[Any] = asyncio.Queue()
+    submit(client, q)
+    client.supervisor.workers[0].state = "restarting"
+    client._on_death(0, "process 1234 killed by signal SIGKILL")
+    ev = q.get_nowait()
+    assert isinstance(ev, ec.WorkerFailure)
+    assert "SIGKILL" in str(ev) and "restarted" in str(ev)
+    assert client.num_waiting == 0 and client.workers[0].load == 0 and not client.requests
+
+
+def test_deadline_aborts_the_request(client: ec.EngineClient) -> None:
+    q: asyncio.Queue[Any] = asyncio.Queue()
+    st = submit(client, q, t=100.0)
+    assert st.deadline == 105.0
+    client._expire(104.0)
+    assert q.empty()
+    client._expire(106.0)
+    ev = q.get_nowait()
+    assert isinstance(ev, ec.RequestTimeout) and "deadline" in str(ev)
+    assert client.num_waiting == 0 and not client.requests

@@ -269,8 +269,6 @@ def openai_params(req: ChatCompletionRequest | CompletionRequest) -> SamplingPar
     else:
         want_lp = req.logprobs is not None
         top = req.logprobs or 0
-    if req.stop_token_ids:
-        check_token_ids(req.stop_token_ids, 1 << 62, "stop_token_ids")
     return _make_params(
         max_new_tokens=1, temperature=req.temperature, top_p=req.top_p, top_k=req.top_k,
         min_p=req.min_p, n=req.n, stop=req.stop, stop_token_ids=tuple(req.stop_token_ids or ()),

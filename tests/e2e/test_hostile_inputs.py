@@ -13,17 +13,14 @@ from typing import Any
 import httpx
 import pytest
 from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
 
 from tests.e2e.conftest import API_KEY, Server
+from tests.fixtures.hostile_requests import CHAT, COMPLETIONS, GENERATE, requests
 
 ADMIN_KEY = "sk-admin-test"
-CHAT, COMPLETIONS, GENERATE = "/v1/chat/completions", "/v1/completions", "/generate"
 MSGS = [{"role": "user", "content": "hi"}]
 # A client template whose loops run ~10^10 times: only the deadline can end it.
 HUGE_LOOP = "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}"
-EDGE_INTS = [2**31 - 1, 2**31, 2**63 - 1, 2**63, 2**64 - 1, 2**64, 2**70, -1, -(2**63),
-             -(2**63) - 1, -(2**70)]
 
 
 @pytest.fixture(scope="module")
@@ -153,49 +150,8 @@ def test_admin_and_client_template(server: Server, http: httpx.Client) -> None:
 
 # ---------------------------------------------------------------------------- hypothesis
 
-hostile_ints = st.one_of(st.integers(-3, 3), st.sampled_from(EDGE_INTS))
-hostile_floats = st.one_of(st.floats(-3, 3), st.sampled_from([0.0, 1e-300, 1e300]),
-                           st.floats(allow_nan=True, allow_infinity=True))
-# Text with lone surrogates mixed in (json.dumps writes them as \udXXX escapes).
-hostile_text = st.text(st.one_of(st.characters(), st.characters(min_codepoint=0xD800,
-                                                                max_codepoint=0xDFFF)),
-                       max_size=12)
-small_tokens = st.one_of(st.integers(1, 3), hostile_ints)
-common = {
-    "temperature": hostile_floats, "top_p": hostile_floats, "top_k": hostile_ints,
-    "min_p": hostile_floats, "n": st.one_of(st.integers(1, 3), hostile_ints),
-    "seed": hostile_ints, "presence_penalty": hostile_floats,
-    "frequency_penalty": hostile_floats, "repetition_penalty": hostile_floats,
-    "stop": st.one_of(hostile_text, st.lists(hostile_text, max_size=3)),
-    "stop_token_ids": st.lists(hostile_ints, max_size=3),
-    "cache_salt": hostile_text,
-}
-chat_bodies = st.fixed_dictionaries(
-    {"messages": st.lists(st.fixed_dictionaries({
-        "role": st.sampled_from(["user", "assistant", "system", "bogus"]),
-        "content": hostile_text}), max_size=3),
-     "max_tokens": small_tokens},
-    optional={**common, "logprobs": st.booleans(), "top_logprobs": hostile_ints,
-              "max_completion_tokens": small_tokens})
-prompts = st.one_of(hostile_text, st.lists(hostile_ints, max_size=6),
-                    st.lists(hostile_text, max_size=3))
-completion_bodies = st.fixed_dictionaries(
-    {"prompt": prompts, "max_tokens": small_tokens},
-    optional={**common, "logprobs": hostile_ints, "best_of": hostile_ints})
-sampling = st.fixed_dictionaries(
-    {"max_new_tokens": small_tokens},
-    optional={**common, "prompt_logprobs": st.booleans(), "logprob_start_len": hostile_ints,
-              "top_logprobs": hostile_ints, "logprobs": st.booleans()})
-generate_bodies = st.fixed_dictionaries(
-    {"sampling_params": sampling},
-    optional={"text": hostile_text, "input_ids": st.lists(hostile_ints, max_size=6),
-              "stream": st.booleans()})
-requests = st.one_of(st.tuples(st.just(CHAT), chat_bodies),
-                     st.tuples(st.just(COMPLETIONS), completion_bodies),
-                     st.tuples(st.just(GENERATE), generate_bodies))
 
-
-@settings(max_examples=80, deadline=None, derandomize=True, database=None,
+@settings(max_examples=150, deadline=None, derandomize=True, database=None,
           suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 @given(req=requests)
 def test_fuzz_request_schemas(server: Server, http: httpx.Client, req: tuple[str, Any]) -> None:

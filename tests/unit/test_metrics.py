@@ -55,3 +55,11 @@ def test_server_metrics_from_worker_stats() -> None:
     assert 'radixrt_cache_hit_rate{worker="0"} 0.75' in text
     assert 'radixrt_running_requests{worker="0"} 2' in text
     assert 'radixrt_worker_up{worker="0"} 1' in text
+
+
+def test_router_gauges() -> None:
+    sm = ServerMetrics()
+    sm.set_router(waiting=3, in_flight=5)
+    text = sm.registry.render()
+    assert "radixrt_router_waiting_requests 3" in text
+    assert "radixrt_router_in_flight_requests 5" in text

@@ -92,3 +92,32 @@ def test_native_params() -> None:
     assert sp.max_new_tokens == 3 and sp.stop == ("a",)
     with pytest.raises(p.APIError, match="bogus"):
         p.native_params({"bogus": 1})
+
+
+def test_sequences_cap_and_client_template() -> None:
+    p.check_sequences(4, 64, 256)
+    with pytest.raises(p.APIError, match="200 prompt") as e:
+        p.check_sequences(200, 64, 256)
+    assert e.value.param == "n"
+    req = p.parse_body(chat(chat_template="{{ x }}"), p.ChatCompletionRequest)
+    with pytest.raises(p.APIError, match="allow-request-chat-template") as e:
+        p.request_chat_template(req, allowed=False)
+    assert e.value.param == "chat_template"
+    assert p.request_chat_template(req, allowed=True) == "{{ x }}"
+    via_kwargs = p.parse_body(chat(chat_template_kwargs={"chat_template": "t"}),
+                              p.ChatCompletionRequest)
+    assert p.request_chat_template(via_kwargs, allowed=True) == "t"
+    assert p.request_chat_template(p.parse_body(chat(), p.ChatCompletionRequest), False) is None
+
+
+@pytest.mark.parametrize("raw,param,needle", [
+    (b'{"messages": [], "temperature": NaN}', "temperature", "finite"),
+    (b'{"messages": [{"role": "user", "content": "\\ud800"}]}', "content", "surrogate"),
+    (b"[" * 65 + b"]" * 65, None, "deeper"),
+    (b"[" * 64 + b"]" * 64, None, "Invalid request"),  # depth 64 is allowed: the schema says no
+    (b'{"messages": [}', None, "Malformed"),
+])
+def test_parse_body_hostile(raw: bytes, param: str | None, needle: str) -> None:
+    with pytest.raises(p.APIError, match=needle) as e:
+        p.parse_body(raw, p.ChatCompletionRequest)
+    assert e.value.status == 400 and e.value.param == param

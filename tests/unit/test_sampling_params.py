@@ -109,3 +109,31 @@ def test_with_seed_offset() -> None:
     assert [k.seed for k in kids] == [10, 11, 12, 13]
     assert all(k.n == 1 and k.temperature == 0.7 and k.stop == ("x",) for k in kids)
     assert SamplingParams(n=3).with_seed_offset(2).seed is None
+
+
+@pytest.mark.parametrize("kw,field", [
+    ({"seed": 2**64 - 1, "n": 2}, "seed"),  # sample 1 would use seed 2^64
+    ({"seed": 2**64}, "seed"),
+    ({"seed": -1}, "seed"),
+    ({"top_k": 2**31}, "top_k"),
+    ({"logprob_start_len": 2**70}, "logprob_start_len"),
+    ({"max_new_tokens": 2**63}, "max_new_tokens"),
+    ({"temperature": 1e-300}, "temperature"),
+    ({"temperature": 10**400}, "temperature"),  # an int too large for a float
+    ({"repetition_penalty": 1e-300}, "repetition_penalty"),
+    ({"repetition_penalty": 1e300}, "repetition_penalty"),
+    ({"stop": [f"s{i}" for i in range(65)]}, "stop"),
+    ({"stop": "x" * 1025}, "stop"),
+    ({"stop_token_ids": [2**31]}, "stop_token_ids"),
+    ({"stop_token_ids": list(range(1025))}, "stop_token_ids"),
+])
+def test_64_bit_and_numeric_limits(kw: dict, field: str) -> None:
+    with pytest.raises(ValueError, match=field):
+        SamplingParams(**kw)
+
+
+def test_largest_seeds_still_valid_for_every_sample() -> None:
+    p = SamplingParams(seed=2**64 - 3, n=3)
+    assert [p.with_seed_offset(i).seed for i in range(3)] == [2**64 - 3, 2**64 - 2, 2**64 - 1]
+    SamplingParams(top_k=2**31 - 1, logprob_start_len=2**31 - 1, temperature=1e-6,
+                   stop=["x" * 1024] * 2)

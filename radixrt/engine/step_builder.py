@@ -58,51 +58,52 @@ def build(
     ps = table.page_size
     tokens: list[int] = []  # input id of every new token (0 where pending fills it)
     slots: list[int] = []  # its flat KV slot
-    prefix_lens: list[int] = []
-    extend_lens: list[int] = []
+    prefix_lens = [seq.kv_len for seq, _ in work]
+    extend_lens = [n for _, n in work]
     rows: list[int] = []
     logits_idx: list[int] = []  # token rows of the batch that need logits, in logits order
     items: list[ItemRows] = []
     fill_at: list[int] = []  # batch token rows to fill from pending_tokens
     fill_from: list[int] = []
     stage = table.stage
+    add_row, add_token, add_slot, add_item, add_logit = (
+        rows.append, tokens.append, slots.append, items.append, logits_idx.append
+    )
     pending = pending or {}
-    for seq, n in work:
+    cursor = 0  # batch row of the sequence's first new token
+    for (seq, n), kv in zip(work, prefix_lens):
         pages = seq.pages
         page_ids = pages.pages
         row = pages.row
         if not row or pages.synced != len(page_ids) or pages.stale:  # else: nothing to write
             row = stage(pages)
-        rows.append(row)
-        kv = seq.kv_len
-        prefix_lens.append(kv)
-        extend_lens.append(n)
-        cursor = len(tokens)
+        add_row(row)
         assert n >= 1 and len(page_ids) * ps >= kv + n, (
             f"{seq.rid}: {n} new tokens at {kv} but pages cover {len(page_ids) * ps} slots"
         )
         if n == 1:
-            slots.append(page_ids[kv // ps] * ps + kv % ps)
+            add_slot(page_ids[kv // ps] * ps + kv % ps)
         else:
             slots.extend(pages.slots(kv, kv + n))
-        if id(seq) in pending:
+        if pending and id(seq) in pending:
             assert n == 1, f"{seq.rid}: a pending-token sequence computes exactly one token"
             fill_at.append(cursor)  # the input id is on the device; 0 is a placeholder
             fill_from.append(pending[id(seq)])
-            tokens.append(0)
-            items.append(ItemRows(len(logits_idx)))
-            logits_idx.append(cursor)
-            continue
-        plen = len(seq.prompt_ids)
-        out = seq.output_ids
-        if n == 1 and kv + 1 == plen + len(out):  # decoding (or a 1-token prompt): sample only
-            tokens.append(out[kv - plen] if kv >= plen else seq.prompt_ids[kv])
-            items.append(ItemRows(len(logits_idx)))
-            logits_idx.append(cursor)
+            add_token(0)
+            add_item(ItemRows(len(logits_idx)))
+            add_logit(cursor)
         else:
-            assert kv + n <= plen + len(out), f"{seq.rid}: bad chunk [{kv}, {kv + n})"
-            tokens.extend(token_slice(seq, kv, kv + n))
-            items.append(_chunk_rows(seq, kv, kv + n, cursor, logits_idx))
+            plen = len(seq.prompt_ids)
+            out = seq.output_ids
+            if n == 1 and kv + 1 == plen + len(out):  # decoding (or a 1-token prompt): sample
+                add_token(out[kv - plen] if kv >= plen else seq.prompt_ids[kv])
+                add_item(ItemRows(len(logits_idx)))
+                add_logit(cursor)
+            else:
+                assert kv + n <= plen + len(out), f"{seq.rid}: bad chunk [{kv}, {kv + n})"
+                tokens.extend(token_slice(seq, kv, kv + n))
+                add_item(_chunk_rows(seq, kv, kv + n, cursor, logits_idx))
+        cursor += n
     table.flush()  # before the forward is queued: it reads the rows on the same stream
     forward = pack_forward_batch(
         input_ids=np.array(tokens, dtype=np.int64), extend_lens=extend_lens,

@@ -9,8 +9,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from radixrt.server.protocol import bad_request
-from radixrt.text.template_sandbox import TemplateError, TemplateSandbox
+from radixrt.server.protocol import APIError, bad_request
+from radixrt.text.template_sandbox import TemplateBusy, TemplateError, TemplateSandbox
 
 
 def load_tokenizer(model_path: str) -> Any:
@@ -58,6 +58,8 @@ class TextCodec:
                                       continue_final_message, {**specials, **kwargs})
             except TemplateError as e:
                 raise bad_request(f"chat_template failed: {e}", "chat_template") from None
+            except TemplateBusy as e:
+                raise APIError(503, str(e)) from None
             return list(self.tokenizer.encode(text, add_special_tokens=False))
         if getattr(self.tokenizer, "chat_template", None) is None:
             raise bad_request("This model has no chat template; use /v1/completions", "messages")

@@ -26,6 +26,10 @@ class TemplateError(Exception):
     """The template failed, overran its deadline or its output limit: the client's input."""
 
 
+class TemplateBusy(Exception):
+    """Other client templates held the renderer for a whole deadline: the server is busy."""
+
+
 def _vm_bytes() -> int:
     with open("/proc/self/status") as f:
         for line in f:
@@ -86,8 +90,12 @@ class TemplateSandbox:
 
     def render(self, template: str, messages: list[dict[str, Any]], add_generation_prompt: bool,
                continue_final_message: bool, kwargs: dict[str, Any]) -> str:
-        """The rendered prompt text; TemplateError for anything the template did wrong."""
-        with self._lock:
+        """The rendered prompt text; TemplateError for anything the template did wrong,
+        TemplateBusy if the renderer stayed taken for a whole deadline (so a queue of slow
+        templates cannot hold every thread of the router's text pool for long)."""
+        if not self._lock.acquire(timeout=self.timeout_s):
+            raise TemplateBusy("client chat templates are rendering; retry later")
+        try:
             pool = self._ensure_pool()
             res = pool.apply_async(_render, (template, messages, add_generation_prompt,
                                              continue_final_message, kwargs, self.max_chars))
@@ -101,6 +109,8 @@ class TemplateSandbox:
                 raise
             except Exception as e:  # e.g. an argument that does not pickle
                 raise TemplateError(f"{type(e).__name__}: {e}") from None
+        finally:
+            self._lock.release()
 
     def _kill(self) -> None:
         if self._pool is not None:

@@ -44,6 +44,7 @@ def send(http: httpx.Client, path: str, body: Any = None, raw: bytes | None = No
 
 def assert_refused(r: httpx.Response, status: int = 400, param: str | None = "*") -> None:
     assert r.status_code == status, r.text[:500]
+    assert r.headers.get("connection", "").lower() != "close", "the refusal closed keep-alive"
     err = r.json()["error"]
     assert set(err) == {"message", "type", "param", "code"} and err["code"] == status, err
     assert isinstance(err["message"], str) and err["message"], err

@@ -112,6 +112,11 @@ class DevicePageTable:
         assert row in self._bound, f"row {row} released but not bound"
         self._bound.remove(row)
         self._free.append(row)
+        if self._idx:  # staged but never flushed (a step that raised): the next owner's now
+            lo, hi = row * self.max_pages, (row + 1) * self.max_pages
+            keep = [k for k, i in enumerate(self._idx) if not lo <= i < hi]
+            self._idx = [self._idx[k] for k in keep]
+            self._val = [self._val[k] for k in keep]
 
     def flush(self) -> int:
         """Write every staged entry to the device table; returns how many were written."""

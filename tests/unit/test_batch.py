@@ -196,3 +196,16 @@ def test_running_out_of_rows_is_a_clear_error():
     a, b = _decoding(alloc, "a", 3, 4), _decoding(alloc, "b", 3, 4)
     with pytest.raises(AssertionError, match="all 1 rows are bound"):
         step_builder.build([(a, 1), (b, 1)], table)
+
+
+def test_release_drops_entries_staged_for_the_row_but_never_flushed():
+    """A step that raises between stage and flush must not let its stale writes land on the
+    row's next owner."""
+    alloc = PageAllocator(16)
+    table = DevicePageTable(num_rows=2, max_pages=4, page_size=4, device="cpu")
+    a, b = _decoding(alloc, "a", 9, 4), _decoding(alloc, "b", 5, 4)
+    table.stage(a.pages)  # the step raises after this: no flush
+    table.stage(b.pages)
+    a.pages.release(alloc)
+    assert table.flush() == b.pages.num_pages, "only b's entries are still staged"
+    _assert_mirrored(table, [b])

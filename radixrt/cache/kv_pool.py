@@ -51,6 +51,10 @@ class KVPool:
     def v(self, layer: int) -> torch.Tensor:  # [P+1, page_size, Hkv, D]
         return self._v[layer]
 
+    def all_layers(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """K and V of every layer, [L, P+1, page_size, Hkv, D] each (host-tier page copies)."""
+        return self._k, self._v
+
     def k_flat(self, layer: int) -> torch.Tensor:  # [(P+1)*page_size, Hkv, D]
         return self._k[layer].view(-1, self.num_kv_heads, self.head_dim)
 
@@ -67,8 +71,10 @@ class KVPool:
         assert len(src) == len(dst), "copy_pages needs equal-length page lists"
         if not src:
             return
-        s = torch.tensor(src, device=self.device)
-        d = torch.tensor(dst, device=self.device)
+        idx = torch.tensor([src, dst], dtype=torch.int64)
+        if self.device.type == "cuda":  # pinned + non_blocking: no wait for the queued step
+            idx = idx.pin_memory().to(self.device, non_blocking=True)
+        s, d = idx[0], idx[1]
         self._k[:, d] = self._k[:, s]
         self._v[:, d] = self._v[:, s]
 

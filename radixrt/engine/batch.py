@@ -146,7 +146,7 @@ def build_forward_batch(
             f"request {i}: page table covers {len(pt) * page_size} slots < seq_len {seq_len}"
         )
         pages = SequencePages(page_size)
-        pages.pages = list(pt)
+        pages.pages = list(pt)  # given, not allocated: no allocator holds them for this batch
         rows.append(table.stage(pages))
         pos = np.arange(prefix_lens[i], seq_len, dtype=np.int64)
         slots.append(np.asarray(pt, dtype=np.int64)[pos // page_size] * page_size + pos % page_size)

@@ -11,14 +11,15 @@ import re
 from typing import Any
 
 import msgspec
+import numpy as np
 from starlette.requests import Request
 
 from radixrt.server.errors import APIError, bad_request
 
-# A JSON string token: quotes around non-quote/non-backslash runs and escape pairs.
-_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"', re.DOTALL)
-_NOT_BRACKETS = bytes(b for b in range(256) if b not in b"[]{}")
-_INNERMOST = re.compile(rb"\[\]|\{\}")
+# Byte -> nesting step: +1 for [ and {, -1 for ] and }, 0 for everything else.
+_STEPS = np.zeros(256, dtype=np.int8)
+_STEPS[[ord("["), ord("{")]] = 1
+_STEPS[[ord("]"), ord("}")]] = -1
 _KEY = re.compile(rb'"([A-Za-z_][A-Za-z0-9_]*)"\s*:')
 _NON_FINITE = re.compile(rb'"([A-Za-z_][A-Za-z0-9_]*)"\s*:\s*(-?(?:NaN|Infinity))')
 _HEX = rb"[0-9a-fA-F]{2}"
@@ -60,22 +61,29 @@ async def read_body(request: Request, limit: int) -> bytes:
 
 
 def check_depth(raw: bytes, limit: int) -> None:
-    """400 if ``raw`` nests deeper than ``limit`` or its brackets cannot balance.
+    """400 if ``raw`` nests deeper than ``limit`` (or closes more brackets than it opened).
 
-    Strings are dropped first (brackets in text are not structure), then each pass removes the
-    innermost ``[]`` / ``{}`` pairs: valid JSON of depth d empties in d passes. No recursion,
-    so 100,000 levels cost a few linear scans, never a RecursionError."""
-    s = _STRING.sub(b"", raw).translate(None, _NOT_BRACKETS)
-    for _ in range(limit):
-        if not s:
-            return
-        shorter = _INNERMOST.sub(b"", s)
-        if len(shorter) == len(s):
-            raise bad_request("Malformed JSON in request body: unbalanced brackets")
-        s = shorter
-    if s:
+    The depth is a running sum, +1 per ``[``/``{`` and -1 per ``]``/``}``, over the brackets
+    outside strings. Escapes go first: ``\\\\`` pairs, then ``\\"`` (in valid JSON backslashes
+    only occur in strings, so dropping them moves no structure); every quote left then toggles
+    in/out of a string. All of it is bytes.replace / numpy over the body, no recursion and no
+    per-character Python: 100,000 levels or 4 MB of ``[]`` cost milliseconds, never a
+    RecursionError. Mismatched pairs such as ``[}`` are the parser's to find: within the depth
+    limit it cannot recurse far."""
+    if raw.count(b"[") + raw.count(b"{") <= limit:  # too few openings to nest deeper
+        return
+    text = raw.replace(b"\\\\", b"").replace(b'\\"', b"")
+    a = np.frombuffer(text, dtype=np.uint8)
+    in_string = (np.cumsum(a == ord('"'), dtype=np.int32) & 1).astype(bool)
+    steps = _STEPS[a]
+    steps[in_string] = 0
+    depth = np.cumsum(steps, dtype=np.int32)
+    if int(depth.max()) > limit:
         raise bad_request(f"Request JSON nests deeper than this server's limit of {limit} "
                           "levels")
+    if int(depth.min()) < 0:
+        raise bad_request("Malformed JSON in request body: a bracket closes more than was "
+                          "opened")
 
 
 def _key_before(raw: bytes, pos: int) -> str | None:

@@ -6,6 +6,12 @@ requests share one queue, so the consumer sees one merged stream. Text is detoke
 incrementally here; a completed stop string ends that sample (finish_reason "stop") and
 aborts it in the worker. Without a tokenizer (codec None) there is no detokenizer: updates carry
 token ids and empty text. Leaving the stream early (client gone, error) aborts what is left.
+
+Detokenization stays on the event loop on purpose: each delta costs O(window + stop strings)
+(the detokenizer decodes a short window, SamplingParams caps stop strings at 64 x 1,024
+characters), so no single request can make it long, and a thread hop per delta would cost more
+than the work. The unbounded text work (decoding bodies, tokenizing prompts, chat templates)
+runs in the router's text pool instead.
 """
 
 from __future__ import annotations

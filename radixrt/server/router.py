@@ -20,6 +20,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from radixrt.server import protocol as p
 from radixrt.server.auth import ApiKeyAuth, key_tenant
@@ -160,6 +161,9 @@ def build_app(ctx: ServingContext) -> FastAPI:
             if e.status >= 500:
                 log.warning("rejected request: %s", e.message)
             return _error(e)
+        except ClientDisconnect:  # gone mid-upload: nobody to answer, nothing was submitted
+            ctx.metrics.requests.inc(endpoint=kind, status="cancelled")
+            return Response(status_code=499)
         except Exception:
             ctx.metrics.requests.inc(endpoint=kind, status="500")
             return internal(request.url.path)

@@ -115,7 +115,7 @@ def test_sequences_cap_and_client_template() -> None:
     (b'{"messages": [{"role": "user", "content": "\\ud800"}]}', "content", "surrogate"),
     (b"[" * 65 + b"]" * 65, None, "deeper"),
     (b"[" * 64 + b"]" * 64, None, "Invalid request"),  # depth 64 is allowed: the schema says no
-    (b'{"messages": [}', None, "Malformed"),
+    (b'{"messages": [}', "messages", "Malformed"),  # the field the error is in
 ])
 def test_parse_body_hostile(raw: bytes, param: str | None, needle: str) -> None:
     with pytest.raises(p.APIError, match=needle) as e:

@@ -137,7 +137,7 @@ def test_out_of_range_values_are_400s_naming_the_field(ctx: ServingContext, path
     (b'{"messages": [{"role": "user", "content": "a\\udc00b"}]}', "content", "surrogate"),
     (b'{"messages": [{"role": "user", "content": "\xed\xa0\x80"}]}', None, "UTF-8"),
     (b"[" * 100_000 + b"]" * 100_000, None, "deeper"),
-    (b'{"messages": ' + b"[" * 100_000, None, "Malformed"),
+    (b'{"messages": ' + b"[" * 100_000, None, "deeper"),
     (b'{"messages": [{"role": "user", "content": "' + b"[" * 100_000 + b'"}]' + b"}" * 3,
      None, "Malformed"),
 ])

@@ -62,10 +62,13 @@ def metrics(url: str) -> dict[str, float]:
     return out
 
 
+MAX_TOKENS = 32
+
+
 async def stream_one(c: httpx.AsyncClient, url: str, i: int, kind: str) -> dict[str, Any]:
     """kind: full (read to the end), disconnect (leave after 2 events), abort (non-streaming,
     give up after 0.3 s)."""
-    body = {"prompt": f"Story {i}: once upon a time", "max_tokens": 32, "temperature": 0.8,
+    body = {"prompt": f"Story {i}: once upon a time", "max_tokens": MAX_TOKENS, "temperature": 0.8,
             "seed": i, "ignore_eos": True}
     rec: dict[str, Any] = {"kind": kind, "status": None, "error": None}
     try:
@@ -187,6 +190,7 @@ def build_tiny_model(root: Path) -> Path:
 
 
 def main() -> int:
+    global MAX_TOKENS, GUARD_S
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default=None,
                     help="HF dir, or 'default' for the default model (default: the tests' tiny "
@@ -195,8 +199,12 @@ def main() -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--spread", type=float, default=8.0,
                     help="seconds over which the streams arrive; the kill is at half of it")
+    ap.add_argument("--max-tokens", type=int, default=MAX_TOKENS, help="per stream")
+    ap.add_argument("--guard", type=float, default=GUARD_S,
+                    help="seconds any one request or wait may take before the run is failed")
     ap.add_argument("--out", default=None, help="also write the JSON here")
     args = ap.parse_args()
+    MAX_TOKENS, GUARD_S = args.max_tokens, args.guard
     tmp = Path(tempfile.mkdtemp(prefix="radixrt-chaos-"))
     model = args.model or str(build_tiny_model(tmp))
     port = free_port()

@@ -21,6 +21,7 @@ import itertools
 import logging
 import time
 import uuid
+import weakref
 from dataclasses import dataclass
 
 import msgspec
@@ -62,7 +63,9 @@ class RequestState:
     input_ids: list[int]
     namespace: str | None
     n: int
-    queue: asyncio.Queue[Event]
+    # Weak: if the consumer is dropped without closing (a streaming response that never
+    # started, e.g. its client left first), the request is found orphaned and aborted.
+    queue_ref: weakref.ref[asyncio.Queue[Event]]
     t_arrival: float
     wire: bytes  # the encoded GenerateReq
     deadline: float | None = None  # monotonic
@@ -144,7 +147,7 @@ class EngineClient:
 
     def fail_all(self, why: str) -> None:
         for st in list(self.requests.values()):
-            st.queue.put_nowait(WorkerFailure(why))
+            self._post(st, WorkerFailure(why))
             self.abort(st.rid)
 
     async def shutdown(self, grace_s: float) -> None:
@@ -214,8 +217,8 @@ class EngineClient:
             reasons = "; ".join(f"worker {w.wid}: {w.death}" for w in self.workers)
             raise APIError(503, f"No worker is available ({reasons})")
         timeout = self.cfg.request_timeout_s
-        st = RequestState(rid, PENDING, input_ids, namespace, params.n, queue, t_arrival, wire,
-                          None if timeout is None else t_arrival + timeout)
+        st = RequestState(rid, PENDING, input_ids, namespace, params.n, weakref.ref(queue),
+                          t_arrival, wire, None if timeout is None else t_arrival + timeout)
         self.requests[rid] = st
         self.num_waiting += 1
         if wid is None:
@@ -298,7 +301,8 @@ class EngineClient:
         except zmq.ZMQError as e:  # no peer connected: the worker is gone (the monitor acts)
             if not quiet and not w.send_warned:
                 w.send_warned = True
-                log.warning("could not send %s to worker %d: %s", what, w.wid, e)
+                # str(e): a logged exception would keep its frames (and their queues) alive
+                log.warning("could not send %s to worker %d: %s", what, w.wid, str(e))
 
     def _decode(self, data: bytes) -> m.ToRouter | None:
         try:
@@ -329,15 +333,16 @@ class EngineClient:
                 if not st.started:
                     st.started = True
                     self.num_waiting -= 1
-                st.queue.put_nowait(d)
+                if not self._post(st, d):
+                    self.abort(st.rid)
         elif isinstance(msg, m.PongMsg):
             w = self.workers[msg.worker_id]
             w.last_pong = time.monotonic()
             w.stats = msg.stats
         elif isinstance(msg, m.RequestError):
             st = self.requests.get(msg.rid)
-            if st is not None:
-                st.queue.put_nowait(RequestRejected(msg.message))
+            if st is not None and not self._post(st, RequestRejected(msg.message)):
+                self.release(st.rid)
         elif isinstance(msg, m.FlushCacheResp):
             acks = self._flush_acks.get(msg.seq)
             fut = self._flush_waiters.get(msg.seq)
@@ -379,13 +384,25 @@ class EngineClient:
             self._expire(time.monotonic())
             await asyncio.sleep(self.cfg.ping_interval_s)
 
+    def _post(self, st: RequestState, ev: Event) -> bool:
+        """Hand ``ev`` to the request's consumer; False if the consumer is gone."""
+        queue = st.queue_ref()
+        if queue is None:
+            return False
+        queue.put_nowait(ev)
+        return True
+
     def _expire(self, now: float) -> None:
-        for st in [s for s in self.requests.values() if s.deadline is not None and
-                   now > s.deadline]:
-            st.queue.put_nowait(RequestTimeout(
-                f"request exceeded its deadline of {self.cfg.request_timeout_s:g}s "
-                "(--request-timeout) and was aborted"))
-            self.abort(st.rid)
+        """Abort requests past their deadline, and those whose consumer is gone."""
+        for st in list(self.requests.values()):
+            if st.queue_ref() is None:
+                log.warning("request %s has no consumer left; aborting it", st.rid)
+                self.abort(st.rid)
+            elif st.deadline is not None and now > st.deadline:
+                self._post(st, RequestTimeout(
+                    f"request exceeded its deadline of {self.cfg.request_timeout_s:g}s "
+                    "(--request-timeout) and was aborted"))
+                self.abort(st.rid)
 
     def _on_death(self, wid: int, why: str) -> None:
         """Worker ``wid`` is gone (the Supervisor may be replacing it): fail what it held."""
@@ -394,7 +411,7 @@ class EngineClient:
         again = self.supervisor.workers[wid].state in ("restarting", "starting")
         suffix = "; it is being restarted, retry the request" if again else ""
         for st in [s for s in self.requests.values() if s.worker == wid]:
-            st.queue.put_nowait(WorkerFailure(f"worker {wid} died ({why}){suffix}"))
+            self._post(st, WorkerFailure(f"worker {wid} died ({why}){suffix}"))
             self.release(st.rid)
         if self.router is not None:
             self.router.forget_worker(wid)
@@ -408,5 +425,5 @@ class EngineClient:
                 for rid in list(self.pending):
                     waiting = self.requests.get(rid)
                     if waiting is not None:
-                        waiting.queue.put_nowait(WorkerFailure(f"no worker is available ({why})"))
+                        self._post(waiting, WorkerFailure(f"no worker is available ({why})"))
                         self.release(rid)

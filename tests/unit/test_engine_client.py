@@ -45,9 +45,14 @@ def client(tmp_path: Path) -> Iterator[ec.EngineClient]:
     c.close()
 
 
+_consumers: list[asyncio.Queue[Any]] = []  # the client holds queues weakly: keep them alive
+
+
 def submit(c: ec.EngineClient, q: asyncio.Queue[Any] | None = None,
            t: float = 0.0) -> ec.RequestState:
-    return c.submit([1, 2, 3], SamplingParams(max_new_tokens=4), None, q or asyncio.Queue(), t)
+    q = q if q is not None else asyncio.Queue()
+    _consumers.append(q)
+    return c.submit([1, 2, 3], SamplingParams(max_new_tokens=4), None, q, t)
 
 
 def test_config_file_is_private(client: ec.EngineClient) -> None:
@@ -141,3 +146,14 @@ def test_deadline_aborts_the_request(client: ec.EngineClient) -> None:
     ev = q.get_nowait()
     assert isinstance(ev, ec.RequestTimeout) and "deadline" in str(ev)
     assert client.num_waiting == 0 and not client.requests
+
+
+def test_request_whose_consumer_is_gone_is_aborted(client: ec.EngineClient) -> None:
+    """A streaming response that never started (its client left first) drops its consumer
+    without closing it: the request must not hold its slot and keep generating for nobody."""
+    q: asyncio.Queue[Any] = asyncio.Queue()
+    st = client.submit([1, 2, 3], SamplingParams(max_new_tokens=4), None, q, 0.0)
+    del q
+    assert st.queue_ref() is None
+    client._expire(1.0)
+    assert client.num_waiting == 0 and not client.requests and client.workers[0].load == 0

@@ -2,15 +2,18 @@
 
 The scheduler and ``SequenceMemory`` talk to a cache only through ``PrefixCache``: match the
 longest cached prefix, insert computed pages, lock / unlock the path a running sequence reads,
-evict (which hands the released page ids back to the caller, who frees them, so a lower tier can
-copy them first), stats and a self-check. ``RadixCache`` is the real implementation;
-``NoPrefixCache`` keeps the same code path with nothing ever shared.
+evict (which hands the released page ids back to the caller, who frees them), stats and a
+self-check. With a host tier a match may end in a host-only continuation: ``start_load`` gives it
+GPU pages and copies it in, ``poll`` (once per step) retires finished copies, ``backup_ahead``
+writes the oldest GPU entries down in the background. ``RadixCache`` is the GPU-only tree,
+``TieredRadixCache`` adds the host tier, ``NoPrefixCache`` keeps the same code path with nothing
+ever shared.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-from typing import Protocol
+from collections.abc import Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 
@@ -25,6 +28,9 @@ from radixrt.cache.radix import (
     TokenIds,
     _as_tokens,
 )
+
+if TYPE_CHECKING:
+    from radixrt.cache.transfer import PageTransfer
 
 
 class PrefixCache(Protocol):
@@ -44,6 +50,14 @@ class PrefixCache(Protocol):
     def unlock(self, handle: Node) -> None: ...
 
     def evict(self, num_pages: int) -> IntArray: ...
+
+    def flush(self) -> IntArray: ...
+
+    def start_load(self, match: MatchResult, alloc: Callable[[int], list[int] | None]) -> int: ...
+
+    def poll(self) -> None: ...
+
+    def backup_ahead(self, num_pages: int) -> int: ...
 
     @property
     def evictable_pages(self) -> int: ...
@@ -93,6 +107,18 @@ class NoPrefixCache:
     def evict(self, num_pages: int) -> IntArray:
         return np.zeros(0, np.int32)
 
+    def flush(self) -> IntArray:
+        return np.zeros(0, np.int32)
+
+    def start_load(self, match: MatchResult, alloc: Callable[[int], list[int] | None]) -> int:
+        return 0
+
+    def poll(self) -> None:
+        """Nothing is ever copied."""
+
+    def backup_ahead(self, num_pages: int) -> int:
+        return 0
+
     @property
     def evictable_pages(self) -> int:
         return 0
@@ -122,5 +148,15 @@ class NoPrefixCache:
         )
 
 
-def make_prefix_cache(allocator: PageAllocator, page_size: int, enabled: bool) -> PrefixCache:
-    return RadixCache(allocator, page_size) if enabled else NoPrefixCache(allocator, page_size)
+def make_prefix_cache(
+    allocator: PageAllocator, page_size: int, enabled: bool, transfer: PageTransfer | None = None
+) -> PrefixCache:
+    """The cache for a config: none, the GPU tree, or the GPU tree over a host tier."""
+    if not enabled:
+        assert transfer is None, "a host tier needs the prefix cache"
+        return NoPrefixCache(allocator, page_size)
+    if transfer is not None:
+        from radixrt.cache.tiered import TieredRadixCache
+
+        return TieredRadixCache(allocator, page_size, transfer)
+    return RadixCache(allocator, page_size)

@@ -23,14 +23,16 @@ Reference semantics (the correctness core)
   held them); they return to the free list when the request swaps them for the tree's pages
   (``SequencePages.replace_prefix_pages``) or releases. So nothing a page table still points at
   is ever freed.
-* Eviction hands pages back: ``evict`` detaches unlocked leaves and *returns* their page ids
-  with the tree's reference still on them; the caller (``SequenceMemory``) owns that reference
-  from then on and frees it, so a lower tier can copy a page before it is reused.
+* Eviction hands pages back: ``evict`` takes exactly the pages asked for from the tails of
+  unlocked leaves (splitting the last leaf it touches) and *returns* their page ids with the
+  tree's reference still on them; the caller (``SequenceMemory``) owns that reference from then
+  on and frees it. A subclass may keep the evicted tokens in a lower tier (``tiered.py``): the
+  ``_release_gpu`` hook decides what happens to a leaf's tail.
 * LRU: every match/insert takes one tick of a deterministic clock and stamps it on each node of
   the path it touched. A match ending inside an edge splits it there, so touches are always
-  whole-node and a parent's ``last_access`` >= its children's. Eviction pops the unlocked leaf
-  with the smallest ``(last_access, id)`` from a ``SortedList`` (O(log n)), cascading to parents
-  that become unlocked leaves.
+  whole-node and a parent's ``last_access`` >= its children's. Eviction pops the unlocked GPU
+  leaf (no child on the GPU) with the smallest ``(last_access, id)`` from a ``SortedList``
+  (O(log n)), cascading to parents that become unlocked GPU leaves.
 * Namespaces (e.g. a tenant's ``cache_salt``) each get their own root, created lazily by insert
   and dropped when eviction empties it, so different namespaces never share an entry.
 * Splitting keeps handles valid: the *original* node object keeps the lower part of the edge (the
@@ -40,84 +42,27 @@ Reference semantics (the correctness core)
 from __future__ import annotations
 
 import itertools
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
-import numpy.typing as npt
 from sortedcontainers import SortedList
 
 from radixrt.cache.allocator import PageAllocator
+from radixrt.cache.node import EMPTY as _EMPTY
+from radixrt.cache.node import (
+    CacheStats,
+    InsertResult,
+    IntArray,
+    MatchResult,
+    Node,
+    TokenIds,
+)
+from radixrt.cache.node import as_tokens as _as_tokens
 
-TokenIds = Sequence[int] | npt.NDArray[np.integer]
-IntArray = npt.NDArray[np.int32]
-_EMPTY = np.zeros(0, dtype=np.int32)
-
-
-class Node:
-    """One compressed edge of the tree. Roots have an empty key and are never locked."""
-
-    __slots__ = (
-        "key", "pages", "children", "parent", "lock_ref", "last_access", "id", "is_root",
-        "namespace",
-    )  # fmt: skip
-
-    def __init__(
-        self, key: IntArray, pages: IntArray, parent: Node | None, node_id: int,
-        last_access: int, namespace: str | None, is_root: bool = False,
-    ) -> None:  # fmt: skip
-        self.key = key  # [num_pages * page_size] int32 tokens
-        self.pages = pages  # [num_pages] int32 physical page ids
-        self.children: dict[bytes, Node] = {}
-        self.parent = parent
-        self.lock_ref = 0  # locks on this node or any descendant
-        self.last_access = last_access
-        self.id = node_id
-        self.is_root = is_root
-        self.namespace = namespace
-
-    def __repr__(self) -> str:
-        return (
-            f"Node(id={self.id}, tokens={len(self.key)}, pages={self.pages.tolist()}, "
-            f"lock_ref={self.lock_ref}, last_access={self.last_access})"
-        )
-
-
-@dataclass(frozen=True)
-class MatchResult:
-    pages: list[int]
-    length: int  # matched tokens, a multiple of page_size
-    handle: Node  # deepest matched node (a root when nothing matched)
-
-
-@dataclass(frozen=True)
-class InsertResult:
-    handle: Node  # node ending exactly at the inserted span (a root for an empty span)
-    pages: list[int]  # the tree's pages for the whole span
-    num_existing: int  # tokens of the span that were already cached
-
-
-@dataclass(frozen=True)
-class CacheStats:
-    total_pages: int
-    free_pages: int
-    evictable_pages: int
-    locked_pages: int
-    cached_tokens: int
-    num_nodes: int
-    hit_tokens: int
-    query_tokens: int
-    hit_rate: float
-    evictions: int  # pages evicted since creation
-
-
-def _as_tokens(tokens: TokenIds) -> IntArray:
-    if isinstance(tokens, np.ndarray):
-        arr = np.asarray(tokens, dtype=np.int32)
-    else:  # fromiter is ~1.7x faster than asarray on a list of Python ints
-        arr = np.fromiter(tokens, dtype=np.int32, count=len(tokens))
-    assert arr.ndim == 1, f"tokens must be 1-D, got shape {arr.shape}"
-    return arr
+__all__ = [
+    "CacheStats", "InsertResult", "IntArray", "MatchResult", "Node", "RadixCache", "TokenIds",
+    "_EMPTY", "_as_tokens",
+]  # fmt: skip
 
 
 class RadixCache:
@@ -133,13 +78,14 @@ class RadixCache:
         self._clock = 0
         self.root = self._new_root(None)
         self._roots: dict[str | None, Node] = {None: self.root}
-        # Unlocked leaves, keyed (last_access, id); the dict maps id -> node for the same set.
+        # Unlocked GPU leaves, keyed (last_access, id); the dict maps id -> node for the same set.
         self._lru: SortedList = SortedList()
         self._lru_nodes: dict[int, Node] = {}
-        self._cached_tokens = 0
+        self._cached_tokens = 0  # tokens on the GPU
         self._locked_pages = 0
         self._num_nodes = 0
         self._hit_tokens = 0
+        self._host_hit_tokens = 0
         self._query_tokens = 0
         self._evicted_pages = 0
 
@@ -147,7 +93,8 @@ class RadixCache:
     def match_prefix(
         self, tokens: TokenIds, namespace: str | None = None, *, record_stats: bool = True
     ) -> MatchResult:
-        """Longest cached page-aligned prefix, leaving at least the last token uncached."""
+        """Longest cached page-aligned prefix, leaving at least the last token uncached: its
+        GPU-resident part, then (with a host tier) the host-only continuation."""
         toks = _as_tokens(tokens)
         if record_stats:
             self._query_tokens += len(toks)
@@ -156,11 +103,21 @@ class RadixCache:
             return MatchResult([], 0, root if root is not None else self.root)
         # The model needs the last prompt token's logits, so it must be recomputed.
         limit = ((len(toks) - 1) // self.page_size) * self.page_size
-        node, length, path = self._descend(root, toks[:limit])
+        _, length, path = self._descend(root, toks[:limit])
         self._touch_path(path)
+        on_gpu = 0
+        while on_gpu < len(path) and path[on_gpu].on_gpu:
+            on_gpu += 1
+        gpu_path, host_path = path[:on_gpu], tuple(path[on_gpu:])
+        host_length = sum(len(n.key) for n in host_path)
         if record_stats:
             self._hit_tokens += length
-        return MatchResult(self._path_pages(path), length, node)
+            self._host_hit_tokens += host_length
+        return MatchResult(
+            self._path_pages(gpu_path), length - host_length,
+            gpu_path[-1] if gpu_path else root, host_length, host_path,
+            ready=not any(n.load_seq for n in gpu_path),
+        )  # fmt: skip
 
     def insert(
         self, tokens: TokenIds, pages: Sequence[int] | IntArray, namespace: str | None = None
@@ -178,11 +135,12 @@ class RadixCache:
         if root is None:
             root = self._roots[namespace] = self._new_root(namespace)
         node, pos, path = self._descend(root, toks)
+        self._adopt_path(path, pages)
         if pos < len(toks):
             new_pages = np.array(pages[pos // ps :], dtype=np.int32)
             self.allocator.incref(new_pages)
             leaf = Node(toks[pos:].copy(), new_pages, node, next(self._ids), 0, namespace)
-            self._lru_discard(node)  # gains a child: no longer a leaf
+            self._lru_discard(node)  # gains a GPU child: no longer a GPU leaf
             node.children[leaf.key[:ps].tobytes()] = leaf
             self._lru_add(leaf)
             self._num_nodes += 1
@@ -197,6 +155,7 @@ class RadixCache:
         if handle.is_root:
             return
         assert handle.parent is not None, f"lock of node {handle.id}, which was evicted"
+        assert handle.on_gpu, f"lock of node {handle.id}, which is not on the GPU"
         node = handle
         while not node.is_root:
             if node.lock_ref == 0:
@@ -215,24 +174,43 @@ class RadixCache:
             node.lock_ref -= 1
             if node.lock_ref == 0:
                 self._locked_pages -= len(node.pages)
-                if not node.children:
+                if not self._has_gpu_child(node):
                     self._lru_add(node)
             assert node.parent is not None, f"node {node.id} is detached from its root"
             node = node.parent
 
     def evict(self, num_pages: int) -> IntArray:
-        """Detach unlocked leaves in LRU order until at least ``num_pages`` pages (or every
-        evictable one) left the tree. Returns those page ids, each still carrying the tree's
-        reference: the caller now owns it and must decref (after any copy to a lower tier)."""
+        """Take ``num_pages`` GPU pages (or every evictable one) from the tails of unlocked
+        leaves in LRU order. Returns those page ids, each still carrying the tree's reference:
+        the caller now owns it and must decref it."""
         released: list[IntArray] = []
         count = 0
         while count < num_pages and self._lru:
             _, node_id = self._lru.pop(0)
-            pages = self._remove_leaf(self._lru_nodes.pop(node_id))
+            node = self._lru_nodes.pop(node_id)
+            keep = len(node.pages) - (num_pages - count)
+            if keep > 0:  # evict only the tail this call needs; the head stays cached
+                self._split(node, keep * self.page_size)
+            pages = self._release_gpu(node)
             released.append(pages)
             count += len(pages)
         self._evicted_pages += count
         return np.concatenate(released) if released else _EMPTY
+
+    # ------------------------------------------------------------------ lower tier (none here)
+    def start_load(self, match: MatchResult, alloc: Callable[[int], list[int] | None]) -> int:
+        assert not match.host_nodes, "a cache without a host tier matched host nodes"
+        return 0
+
+    def poll(self) -> None:
+        """Retire finished transfers (there are none without a lower tier)."""
+
+    def backup_ahead(self, num_pages: int) -> int:
+        return 0
+
+    def flush(self) -> IntArray:
+        """Drop every unlocked entry; returns the released GPU pages (the caller frees them)."""
+        return self.evict(self.evictable_pages)
 
     # ------------------------------------------------------------------ accounting
     @property
@@ -267,8 +245,18 @@ class RadixCache:
         )
 
     def tree_pages(self) -> set[int]:
-        """All pages the tree holds (debug/test helper; walks the whole tree)."""
+        """All GPU pages the tree holds (debug/test helper; walks the whole tree)."""
         return {p for node in self._iter_nodes() for p in node.pages.tolist()}
+
+    # ------------------------------------------------------------------ hooks for a lower tier
+    def _adopt_path(self, path: list[Node], pages: Sequence[int] | IntArray) -> None:
+        """Insert matched ``path`` (nodes already cached) for pages the caller computed; without
+        a lower tier every cached node is on the GPU and there is nothing to adopt."""
+
+    def _release_gpu(self, node: Node) -> IntArray:
+        """Take an unlocked GPU leaf's pages out of the tree; without a lower tier the node
+        goes. Returns the GPU pages (the caller frees them)."""
+        return self._remove_leaf(node)
 
     # ------------------------------------------------------------------ internals
     def _new_root(self, namespace: str | None) -> Node:
@@ -304,22 +292,32 @@ class RadixCache:
 
         before:  parent ─[k0 .. k(m-1) | km .. kL]─ child
         after:   parent ─[k0 .. k(m-1)]─ upper ─[km .. kL]─ child   (child keeps its identity)
+
+        Both tiers' pages split at the same page; transfer tickets apply to both halves.
         """
         ps = self.page_size
         parent = child.parent
         assert parent is not None, f"split of detached node {child.id}"
+        cut = m // ps
         upper = Node(
-            child.key[:m], child.pages[: m // ps], parent, next(self._ids), child.last_access,
+            child.key[:m], child.pages[:cut], parent, next(self._ids), child.last_access,
             child.namespace,
         )  # fmt: skip
         upper.lock_ref = child.lock_ref
+        upper.host_pages = child.host_pages[:cut]
+        upper.load_seq, upper.write_seq = child.load_seq, child.write_seq
         upper.children[child.key[m : m + ps].tobytes()] = child
         parent.children[child.key[:ps].tobytes()] = upper  # same first page, same dict slot
         child.key = child.key[m:]
-        child.pages = child.pages[m // ps :]
+        child.pages = child.pages[cut:]
+        child.host_pages = child.host_pages[cut:]
         child.parent = upper
         self._num_nodes += 1
+        self._after_split(upper, child)
         return upper
+
+    def _after_split(self, upper: Node, lower: Node) -> None:
+        """Bookkeeping a lower tier keeps per node (none here)."""
 
     def _touch_path(self, path: list[Node]) -> None:
         self._clock += 1
@@ -337,6 +335,10 @@ class RadixCache:
             return []
         return np.concatenate([node.pages for node in path]).tolist()  # type: ignore[no-any-return]
 
+    @staticmethod
+    def _has_gpu_child(node: Node) -> bool:
+        return any(c.on_gpu for c in node.children.values())
+
     def _lru_add(self, node: Node) -> None:
         if node.is_root or node.id in self._lru_nodes:
             return
@@ -347,20 +349,28 @@ class RadixCache:
         if self._lru_nodes.pop(node.id, None) is not None:
             self._lru.remove((node.last_access, node.id))
 
-    def _remove_leaf(self, node: Node) -> IntArray:
+    def _gpu_leaf_released(self, parent: Node) -> None:
+        """A child of ``parent`` left the GPU: the parent may now be an unlocked GPU leaf."""
+        if not parent.is_root and parent.lock_ref == 0 and not self._has_gpu_child(parent):
+            self._lru_add(parent)  # cascade
+
+    def _detach(self, node: Node) -> Node:
+        """Unlink a childless node from its parent (dropping an emptied namespace root)."""
         parent = node.parent
-        assert parent is not None and not node.children and node.lock_ref == 0, (
-            f"evicting node {node.id} that is detached, internal or locked"
-        )
+        assert parent is not None and not node.children, f"detach of node {node.id}"
         del parent.children[node.key[: self.page_size].tobytes()]
         node.parent = None
         self._num_nodes -= 1
+        if parent.is_root and not parent.children and parent is not self.root:
+            del self._roots[parent.namespace]
+        return parent
+
+    def _remove_leaf(self, node: Node) -> IntArray:
+        assert node.parent is not None and not node.children and node.lock_ref == 0, (
+            f"evicting node {node.id} that is detached, internal or locked"
+        )
         self._cached_tokens -= len(node.key)
-        if parent.is_root:
-            if not parent.children and parent is not self.root:
-                del self._roots[parent.namespace]
-        elif not parent.children and parent.lock_ref == 0:
-            self._lru_add(parent)  # cascade: the parent is now an unlocked leaf
+        self._gpu_leaf_released(self._detach(node))
         return node.pages
 
     def _iter_nodes(self) -> list[Node]:

@@ -205,7 +205,9 @@ def test_eviction_cascades_to_parents_that_become_leaves() -> None:
     put(cache, [1, 2, 4])  # tree: [1 2] -> {[3], [4]}
     assert cache.num_nodes == 3
     freed = evict(cache, 3)
-    assert freed == 4 and cache.num_nodes == 0, "both leaves, then their parent"
+    assert freed == 3 and cache.num_nodes == 1, "both leaves, then the parent's last page"
+    assert cache.match_prefix([1, 2, 3]).length == 1, "the parent's head page stays cached"
+    assert evict(cache, 5) == 1 and cache.num_nodes == 0
     assert cache.stats().evictions == 4
     cache.check_invariants({})
 
@@ -216,9 +218,11 @@ def test_lru_order_evicts_least_recently_used_leaf() -> None:
     pb = put(cache, [2, 2, 2, 2])
     pc = put(cache, [3, 3, 3, 3])
     cache.match_prefix([1, 1, 1, 1, 0])  # a is now the most recent
-    assert evict(cache, 1) == 2
+    assert evict(cache, 1) == 1, "exactly the pages asked for, from the tail of a leaf"
+    assert cache.allocator.refcount(pb[1]) == 0 and cache.allocator.refcount(pb[0]) == 1
+    assert evict(cache, 1) == 1
     assert all(cache.allocator.refcount(p) == 0 for p in pb), "b was least recently used"
-    assert evict(cache, 1) == 2
+    assert evict(cache, 2) == 2
     assert all(cache.allocator.refcount(p) == 0 for p in pc)
     assert all(cache.allocator.refcount(p) == 1 for p in pa)
     cache.check_invariants({})
@@ -229,8 +233,9 @@ def test_partial_match_touches_only_the_matched_part() -> None:
     put(cache, [1, 2, 3, 4])
     put(cache, [9, 9])
     cache.match_prefix([1, 2, 7])  # touches [1 2] only; splits off [3 4]
-    # [3 4] keeps its old time, older than [9 9]: it goes first.
-    assert evict(cache, 1) == 2
+    # [3 4] keeps its old time, older than [9 9]: it goes first, tail page first.
+    assert evict(cache, 1) == 1 and cache.cached_tokens == 5
+    assert evict(cache, 1) == 1 and cache.cached_tokens == 4
     assert cache.match_prefix([1, 2, 3, 4, 0]).length == 2
     assert cache.match_prefix([9, 9, 0]).length == 2
     cache.check_invariants({})

@@ -11,11 +11,9 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import os
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -25,17 +23,11 @@ from radixrt.server.engine_client import EngineClient
 from radixrt.server.generation import ChoiceUpdate, Generation
 from radixrt.server.metrics import ServerMetrics
 from radixrt.server.protocol import APIError, ModelLimits
+from radixrt.server.text_pool import TextPool
 from radixrt.server.tokenization import TextCodec
 from radixrt.text.template_sandbox import TemplateSandbox
 
 log = logging.getLogger("radixrt.router")
-
-
-def _text_pool() -> ThreadPoolExecutor:
-    # Fast tokenizers release the GIL while they encode, so a few threads tokenize in parallel
-    # and the event loop keeps answering while a 4 MB prompt is split.
-    return ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1),
-                              thread_name_prefix="radixrt-text")
 
 
 @dataclass
@@ -47,7 +39,7 @@ class ServingContext:
     limits: ModelLimits
     served_names: tuple[str, ...]
     # Body decoding, tokenization and chat templating run here, never on the event loop.
-    text_pool: ThreadPoolExecutor = field(default_factory=_text_pool)
+    text_pool: TextPool = field(default_factory=TextPool)
     # Renders client-supplied chat templates (None unless --allow-request-chat-template).
     templates: TemplateSandbox | None = None
 

@@ -38,6 +38,9 @@ class EngineConfig:
     # a default token budget (CPU).
     kv_cache_tokens: int | None = None
     mem_fraction: float = 0.85
+    # Host KV tier behind the GPU pool (pinned RAM on CUDA), in tokens: 0 = off; "auto" = on
+    # CUDA 4x the GPU pool within 40% of the RAM available at start (off on CPU).
+    host_kv_cache_tokens: int | Literal["auto"] = 0
     max_running_requests: int = 256
     chunked_prefill_size: int = 2048  # max prompt tokens computed for one request per step
     max_prefill_tokens: int = 8192  # max prompt tokens computed for all requests per step
@@ -65,6 +68,13 @@ class EngineConfig:
              "page_size", f"must be a power of two >= 1, got {self.page_size}")
         need(self.kv_cache_tokens is None or self.kv_cache_tokens >= self.page_size,
              "kv_cache_tokens", f"must hold at least one page, got {self.kv_cache_tokens}")
+        need(self.host_kv_cache_tokens == "auto" or (
+            isinstance(self.host_kv_cache_tokens, int) and (
+                self.host_kv_cache_tokens == 0 or self.host_kv_cache_tokens >= self.page_size)),
+             "host_kv_cache_tokens",
+             f"must be 0 (off), 'auto' or >= page_size, got {self.host_kv_cache_tokens!r}")
+        need(self.host_kv_cache_tokens == 0 or self.enable_prefix_cache, "host_kv_cache_tokens",
+             "a host tier needs the prefix cache (enable_prefix_cache=True)")
         need(0.0 < self.mem_fraction <= 1.0, "mem_fraction", f"must be in (0, 1], got {self.mem_fraction}")
         need(self.max_running_requests >= 1, "max_running_requests", "must be >= 1")
         need(self.chunked_prefill_size >= self.page_size, "chunked_prefill_size",

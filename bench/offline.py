@@ -39,12 +39,14 @@ class RunOutput:
 
 def build_core(model: str, *, device: str, dtype: str, load_format: str, page_size: int,
                kv_cache_tokens: int | None, enable_prefix_cache: bool, schedule_policy: str,
-               max_running_requests: int, mem_fraction: float, seed: int) -> EngineCore:
+               max_running_requests: int, mem_fraction: float, seed: int,
+               host_kv_cache_tokens: int = 0) -> EngineCore:
     cfg = EngineConfig(
         model=model, device=device, dtype=dtype, load_format=load_format,  # type: ignore[arg-type]
         page_size=page_size, kv_cache_tokens=kv_cache_tokens,
         enable_prefix_cache=enable_prefix_cache, schedule_policy=schedule_policy,  # type: ignore[arg-type]
         max_running_requests=max_running_requests, mem_fraction=mem_fraction, seed=seed,
+        host_kv_cache_tokens=host_kv_cache_tokens,
     )
     return EngineCore(cfg)
 
@@ -122,4 +124,6 @@ def run_offline(core: EngineCore, workload: Workload, *, progress: bool = True,
     s = core.stats()
     engine = {"steps": steps, "evictions": s.evictions - stats.evictions,
               "retractions": s.retractions - stats.retractions, "total_pages": s.total_pages}
+    # Host tier (engine totals since start; absent with the tier off).
+    engine.update({k: v for k, v in s.extra.items() if k.startswith("host_")})
     return RunOutput(order, duration, dropped, peak_used, peak_pinned, total_pages, engine)

@@ -66,6 +66,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--page-size", type=int, default=16)
     p.add_argument("--kv-cache-tokens", type=int, default=None)
+    p.add_argument("--host-kv-cache-tokens", type=int, default=0,
+                   help="host KV tier behind the GPU pool, in tokens (0 = off)")
     p.add_argument("--mem-fraction", type=float, default=0.85)
     p.add_argument("--max-running-requests", type=int, default=256)
     p.add_argument("--schedule-policy", choices=("lpm", "fcfs"), default="lpm")
@@ -125,6 +127,7 @@ def result(w: Workload, variant: str, out: RunOutput, args: argparse.Namespace,
     return {
         "workload": w.name, "variant": variant, "mode": args.mode, "model": args.model,
         "device": args.device, "scale": args.scale, "len_scale": args.len_scale,
+        "host_kv_cache_tokens": args.host_kv_cache_tokens if variant == "radix" else 0,
         "workload_params": dict(w.params), "num_requests": w.num_requests,
         "dropped_turns": out.dropped_turns, "metrics": m.to_dict(),
         "optimal_hit_rate": optimal_hit_rate(records_stream(out.records), args.page_size),
@@ -275,7 +278,8 @@ def _run_engine_variant(variant: str, workloads: list[Workload], args: argparse.
                       enable_prefix_cache=variant == "radix",
                       schedule_policy=args.schedule_policy,
                       max_running_requests=args.max_running_requests,
-                      mem_fraction=args.mem_fraction, seed=args.seed)
+                      mem_fraction=args.mem_fraction, seed=args.seed,
+                      host_kv_cache_tokens=args.host_kv_cache_tokens if variant == "radix" else 0)
     if not floors:
         kv_tokens = core.stats().total_pages * args.page_size
         floors.update(build_floors(workloads, shape, hw, args, kv_tokens))

@@ -257,7 +257,9 @@ class TieredRadixCache(RadixCache):
 
     # ------------------------------------------------------------------ whole-cache operations
     def flush(self) -> IntArray:
-        """Drop every unlocked entry of both tiers (no write-back); returns the GPU pages."""
+        """Drop every unlocked entry of both tiers (no write-back); returns the GPU pages.
+        An admin operation on an idle engine: it waits for copies in flight."""
+        self.transfer.synchronize()
         self.poll()
         self._writes_enabled = False
         try:

@@ -181,3 +181,58 @@ class PageTransfer:
     @property
     def in_flight(self) -> int:
         return len(self._pending)
+
+
+# "auto" sizing of the host tier: this many times the GPU pool, within this share of the RAM
+# available at start (pinned memory cannot be swapped out, so leave the rest to the system).
+AUTO_GPU_MULTIPLE = 4
+AUTO_RAM_SHARE = 0.4
+
+
+def available_ram_bytes() -> int:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    import os
+
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def host_tier_pages(tokens: int | str, page_size: int, page_bytes: int, gpu_pages: int,
+                    device: torch.device) -> int:
+    """Host pages for ``host_kv_cache_tokens`` (0 = off, "auto", or tokens); raises ValueError
+    when an explicit size would not fit the available RAM."""
+    avail = available_ram_bytes()
+    if tokens == "auto":
+        if device.type != "cuda":
+            return 0
+        return max(0, min(AUTO_GPU_MULTIPLE * gpu_pages, int(AUTO_RAM_SHARE * avail) // page_bytes))
+    assert isinstance(tokens, int), f"host tier size {tokens!r}"
+    pages = -(-tokens // page_size)
+    if pages and pages * page_bytes > 0.9 * avail:
+        raise ValueError(
+            f"host_kv_cache_tokens={tokens} needs {pages * page_bytes / 2**30:.1f} GiB of RAM; "
+            f"{avail / 2**30:.1f} GiB are available"
+        )
+    return pages
+
+
+def make_host_tier(pool: KVPool, tokens: int | str, *, staging_pages: int = 64) -> PageTransfer | None:
+    """The host pool and its transfer engine for a GPU pool, or None when the tier is off."""
+    page_bytes = HostKVPool.bytes_per_page(
+        num_layers=pool.num_layers, page_size=pool.page_size, num_kv_heads=pool.num_kv_heads,
+        head_dim=pool.head_dim, dtype=pool.dtype,
+    )
+    pages = host_tier_pages(tokens, pool.page_size, page_bytes, pool.num_pages, pool.device)
+    if pages == 0:
+        return None
+    host = HostKVPool(
+        num_pages=pages, num_layers=pool.num_layers, page_size=pool.page_size,
+        num_kv_heads=pool.num_kv_heads, head_dim=pool.head_dim, dtype=pool.dtype,
+        pin=pool.device.type == "cuda",
+    )
+    return PageTransfer(pool, host, staging_pages=min(staging_pages, pages))

@@ -176,3 +176,20 @@ def test_cuda_round_trip_through_pinned_memory() -> None:
     m = cache.match_prefix(toks + [0])
     assert m.length == 40 and kv_ok(cache, toks, m.pages)
     cache.check_invariants({})
+
+
+def test_host_tier_sizing() -> None:
+    from radixrt.cache.transfer import available_ram_bytes, host_tier_pages, make_host_tier
+
+    cpu = torch.device("cpu")
+    assert host_tier_pages(0, 16, 1 << 20, 100, cpu) == 0
+    assert host_tier_pages("auto", 16, 1 << 20, 100, cpu) == 0, "auto is off on CPU"
+    assert host_tier_pages(33, 16, 1 << 20, 100, cpu) == 3
+    huge = 2 * available_ram_bytes()  # tokens at 1 byte each (16-byte pages): twice the RAM
+    with pytest.raises(ValueError, match="GiB of RAM"):
+        host_tier_pages(huge, 16, 16, 100, cpu)
+    pool = KVPool(num_layers=1, num_pages=4, page_size=PS, num_kv_heads=1, head_dim=4,
+                  dtype=torch.float32, device="cpu")
+    assert make_host_tier(pool, 0) is None
+    tier = make_host_tier(pool, 10)
+    assert tier is not None and tier.host.num_pages == 5 and not tier.host.pinned

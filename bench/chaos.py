@@ -114,14 +114,31 @@ async def hostile_one(c: httpx.AsyncClient, url: str, name: str, body: bytes) ->
         return {"kind": "hostile", "name": name, "status": None, "transport_error": repr(e)}
 
 
-async def wait_recovered(url: str, t_kill: float) -> float:
+async def wait_recovered(url: str, t_kill: float) -> dict[str, float]:
+    """Seconds from the kill until /health is 200 again (a worker is back), and until a new
+    request completes (it queues behind the requests that waited for the restart)."""
+    out: dict[str, float] = {}
     async with httpx.AsyncClient() as c:
+
+        async def health() -> int:
+            try:
+                return (await c.get(url + "/health", timeout=10)).status_code
+            except httpx.HTTPError:
+                return 0
+
+        # The router notices within one monitor tick: first see it unhealthy, then healthy.
+        while time.monotonic() - t_kill < GUARD_S and await health() == 200:
+            await asyncio.sleep(0.02)
+        while time.monotonic() - t_kill < GUARD_S and await health() != 200:
+            await asyncio.sleep(0.02)
+        out["healthy"] = time.monotonic() - t_kill
         while time.monotonic() - t_kill < GUARD_S:
             try:
                 r = await c.post(url + "/v1/completions", timeout=GUARD_S,
                                  json={"prompt": "probe", "max_tokens": 1})
                 if r.status_code == 200:
-                    return time.monotonic() - t_kill
+                    out["served"] = time.monotonic() - t_kill
+                    return out
             except httpx.HTTPError:
                 pass
             await asyncio.sleep(0.05)
@@ -182,6 +199,53 @@ def summarize(records: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
+def start_server(model: str, log_path: Path) -> tuple[subprocess.Popen[bytes], str, Path]:
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    env = {**os.environ, "PYTHONPATH": str(REPO), "TOKENIZERS_PARALLELISM": "false"}
+    model_args = [] if model == "default" else ["--model", model]
+    with log_path.open("wb") as f:
+        proc = subprocess.Popen([sys.executable, "-m", "radixrt.serve", "--port", str(port),
+                                 "--host", "127.0.0.1", *model_args],
+                                stdout=f, stderr=subprocess.STDOUT, cwd=REPO, env=env)
+    deadline = time.monotonic() + GUARD_S
+    while True:
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            raise RuntimeError(f"server did not start:\n{log_path.read_text()[-3000:]}")
+        try:
+            if httpx.get(url + "/health", timeout=2).status_code == 200:
+                return proc, url, log_path
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+
+
+def worker_pid(log_path: Path) -> int:
+    return int(re.findall(r"started worker 0 \(pid (\d+)\)", log_path.read_text())[-1])
+
+
+def orphan_exit(model: str, log_path: Path) -> dict[str, Any]:
+    """kill -9 an idle router: how long until its worker has exited and removed the IPC dir."""
+    proc, _, _ = start_server(model, log_path)
+    pid = worker_pid(log_path)
+    ipc_dir = Path(re.findall(r"IPC socket dir: (\S+)", log_path.read_text())[0])
+    proc.kill()
+    t0 = time.monotonic()
+    proc.wait()
+    while time.monotonic() - t0 < GUARD_S:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                alive = f.read().rsplit(")", 1)[1].split()[0] != "Z"
+        except FileNotFoundError:
+            alive = False
+        if not alive and not ipc_dir.exists():
+            break
+        time.sleep(0.01)
+    return {"orphaned_worker_exit_s": round(time.monotonic() - t0, 3),
+            "orphaned_ipc_dir_removed": not ipc_dir.exists()}
+
+
 def build_tiny_model(root: Path) -> Path:
     sys.path.insert(0, str(REPO))
     from tests.fixtures.tiny_models import TinyModelFactory
@@ -207,29 +271,13 @@ def main() -> int:
     MAX_TOKENS, GUARD_S = args.max_tokens, args.guard
     tmp = Path(tempfile.mkdtemp(prefix="radixrt-chaos-"))
     model = args.model or str(build_tiny_model(tmp))
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    log_path = tmp / "server.log"
-    env = {**os.environ, "PYTHONPATH": str(REPO), "TOKENIZERS_PARALLELISM": "false"}
-    with log_path.open("wb") as f:
-        model_args = [] if model == "default" else ["--model", model]
-        proc = subprocess.Popen([sys.executable, "-m", "radixrt.serve", "--port", str(port),
-                                 "--host", "127.0.0.1", *model_args],
-                                stdout=f, stderr=subprocess.STDOUT, cwd=REPO, env=env)
+    proc, url, log_path = start_server(model, tmp / "server.log")
     try:
-        deadline = time.monotonic() + GUARD_S
-        while True:
-            assert proc.poll() is None and time.monotonic() < deadline, log_path.read_text()
-            try:
-                if httpx.get(url + "/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.2)
-        pid = int(re.findall(r"started worker 0 \(pid (\d+)\)", log_path.read_text())[-1])
+        pid = worker_pid(log_path)
         t0 = time.monotonic()
         run = asyncio.run(drive(url, pid, args.streams, args.seed, args.spread))
         wall = time.monotonic() - t0
+        deadline = time.monotonic() + GUARD_S
         # Idle: nothing running, and no page held by a request (cache-held pages are evictable).
         while True:
             m = metrics(url)
@@ -253,11 +301,14 @@ def main() -> int:
             "free_plus_evictable_equals_total": idle_ok,
             "queued_at_idle": int(m['radixrt_queued_requests{worker="0"}']),
             "healthy_after": healthy,
-            "time_to_recover_s": round(run["time_to_recover_s"], 2),
+            "time_to_healthy_after_kill_s": round(run["time_to_recover_s"]["healthy"], 2),
+            "time_to_first_new_response_after_kill_s": round(
+                run["time_to_recover_s"]["served"], 2),
             "wall_s": round(wall, 2),
             "shutdown_s_at_idle": round(shutdown_s, 2),
             "shutdown_exit_code": code,
             "force_killed": "ignored SIGTERM" in log or "did not exit when asked" in log,
+            **orphan_exit(model, tmp / "orphan.log"),
             "model": model if args.model else "tests' tiny llama",
         }
     finally:

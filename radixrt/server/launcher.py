@@ -104,7 +104,7 @@ async def _serve(cfg: ServerConfig, ipc_dir: str, sock: socket.socket) -> None:
     finally:
         # Failed start-up or an error: stop whatever was spawned (a no-op after shutdown()).
         client.accepting = False
-        await asyncio.to_thread(client.supervisor.stop, 0.0)
+        await asyncio.to_thread(client.supervisor.stop, 1.0, False)
         client.close()
 
 

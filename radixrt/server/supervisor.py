@@ -170,15 +170,17 @@ class Supervisor:
 
     # ----------------------------------------------------------------- stopping
 
-    def stop(self, timeout: float) -> None:
-        """Workers were asked to exit (ShutdownReq): wait for them, then TERM, then KILL."""
+    def stop(self, timeout: float, asked: bool = True) -> None:
+        """Wait ``timeout`` for the workers to exit (``asked``: they got a ShutdownReq), then
+        TERM, then KILL; reap them all."""
         deadline = time.monotonic() + timeout
         procs = [w.proc for w in self.workers if w.proc is not None]
         for p in procs:
             try:
                 p.wait(max(0.0, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
-                log.warning("worker pid %d did not exit when asked; sending SIGTERM", p.pid)
+                if asked:
+                    log.warning("worker pid %d did not exit when asked; sending SIGTERM", p.pid)
                 p.terminate()
         for p in procs:
             try:

@@ -27,7 +27,8 @@ HUGE_LOOP = "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %
 def server(server_factory: Any, tiny_model_dir: Any) -> Server:
     return server_factory(tiny_model_dir("llama"), "--page-size", "16", "--admin-api-key",
                           ADMIN_KEY, "--allow-request-chat-template",
-                          "--chat-template-timeout", "1", api_key=API_KEY)
+                          "--chat-template-timeout", "1", "--salt-from-key",
+                          "--metrics-require-key", api_key=API_KEY)
 
 
 @pytest.fixture(scope="module")
@@ -64,7 +65,16 @@ def assert_ok_or_refused(r: httpx.Response) -> None:
         assert not errors, errors  # a stream that started must not end in an error
 
 
-def wait_idle(server: Server) -> dict[str, float]:
+def metrics(http: httpx.Client) -> dict[str, float]:
+    out = {}
+    for line in http.get("/metrics").text.splitlines():
+        if line and not line.startswith("#"):
+            name, value = line.rsplit(" ", 1)
+            out[name] = float(value)
+    return out
+
+
+def wait_idle(http: httpx.Client) -> dict[str, float]:
     """Metrics once the router and the worker report nothing waiting, running or held
     (worker stats arrive with its pongs, a moment after the last request)."""
     keys = ("radixrt_router_waiting_requests", "radixrt_router_in_flight_requests",
@@ -73,7 +83,7 @@ def wait_idle(server: Server) -> dict[str, float]:
             'radixrt_kv_pages{worker="0",state="private"}')
     deadline = time.monotonic() + 60
     while True:
-        m = server.metrics()
+        m = metrics(http)
         if all(m.get(k) == 0 for k in keys) or time.monotonic() > deadline:
             return {k: m.get(k, -1) for k in keys}
         time.sleep(0.5)
@@ -83,7 +93,7 @@ def assert_healthy_and_idle(server: Server, http: httpx.Client) -> None:
     assert http.get("/health").status_code == 200
     ok = send(http, COMPLETIONS, {"prompt": "still serving?", "max_tokens": 2})
     assert ok.status_code == 200 and ok.json()["usage"]["completion_tokens"] == 2
-    idle = wait_idle(server)
+    idle = wait_idle(http)
     assert all(v == 0 for v in idle.values()), f"not back to idle: {idle}"
     assert len(server.worker_pids()) == 1, "the worker died and was replaced"
 
@@ -136,6 +146,21 @@ def test_hostile_corpus_back_to_back(server: Server, http: httpx.Client) -> None
     for method, path, status in (("GET", "/nope", 404), ("GET", CHAT, 405)):
         assert_refused(http.request(method, path), status)
     assert_healthy_and_idle(server, http)
+
+
+def test_salt_bound_to_key_and_metrics_key(server: Server, http: httpx.Client) -> None:
+    # --salt-from-key: the admin key and the tenant key sending the same salt share nothing.
+    body = {"prompt": list(range(10, 10 + 3 * 16 + 3)), "max_tokens": 1, "cache_salt": "s"}
+    admin = {"Authorization": f"Bearer {ADMIN_KEY}"}
+    send(http, COMPLETIONS, body)
+    again = send(http, COMPLETIONS, body).json()["usage"]["prompt_tokens_details"]
+    other = http.post(COMPLETIONS, json=body, headers=admin).json()["usage"]
+    assert again["cached_tokens"] == 3 * 16
+    assert other["prompt_tokens_details"]["cached_tokens"] == 0
+    # --metrics-require-key: no key, no metrics; /health stays open.
+    assert_refused(httpx.get(server.url + "/metrics"), 401)
+    assert httpx.get(server.url + "/health").status_code == 200
+    assert "radixrt_router_in_flight_requests" in metrics(http)
 
 
 def test_admin_and_client_template(server: Server, http: httpx.Client) -> None:

@@ -6,7 +6,6 @@ SequenceMemory; those + sampler -> Scheduler. Token ids in, token ids out; no te
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
 from dataclasses import dataclass
@@ -160,14 +159,9 @@ class EngineCore:
             return self._fail_held(f"{type(e).__name__}: {e}")
 
     def _fail_held(self, why: str) -> list[SequenceDelta]:
-        s = self.scheduler
-        s._inflight = None  # the failed step's results: its sequences are aborted below
-        for rid in list(s._by_rid):
-            s.abort_request(rid)
-        deltas: list[SequenceDelta] = []
-        s._apply_aborts(deltas)
+        deltas = self.scheduler.fail_all(f"scheduler step failed: {why}")
         self.check_invariants()  # raises if the failure left pages unaccounted for
-        return [dataclasses.replace(d, error=f"scheduler step failed: {why}") for d in deltas]
+        return deltas
 
     def has_work(self) -> bool:
         return self.scheduler.has_work()

@@ -1,22 +1,37 @@
-"""Orders the waiting queue before admission.
+"""The waiting queue and the order admission visits it in.
 
-``lpm``: requests that share a long cached stem go first and together. Each waiting request is
-matched against the radix tree; requests are then visited in a depth-first walk of the tree of
-their matched nodes, heavier subtrees (more waiting requests below) first, as in the SGLang
-paper's DFS-weight order; ties keep arrival order.
+``fcfs``: arrival order. ``lpm``: requests that share a long cached stem go first and together.
+Each waiting request is placed at its deepest matched radix node; admission visits the tree of
+those nodes depth-first, heavier subtrees (more waiting requests below) first, as in the SGLang
+paper's DFS-weight order; a node's own requests come after its subtree's, in arrival order.
 
     root (w=5)                 visit order:  A-subtree (w=3) before B (w=2);
      ├── A (w=3) ── A1 (w=2)   inside A: requests at A1 (w=2), then those at A itself
      └── B (w=2)
 
-Matching every request each step costs O(queue x prompt); past ``LPM_MAX_QUEUE`` waiting requests
-the policy falls back to fcfs (the same cut-off SGLang uses), keeping the step cheap.
+Cost at any queue length: a request is matched once when it joins the queue, and again only
+when the tree changed in a way that can change its match. Its deepest matched node ("handle")
+ends exactly at its match (matching splits edges) and keeps that end when an edge is split
+later, so its match can only
+
+* shrink, when eviction detaches the handle (``parent`` None: leaves go first, so an attached
+  handle has all its ancestors), or
+* grow, when the handle gains a child keyed by the request's next page of tokens, or (for a
+  namespace with no root yet) when the namespace's root appears.
+
+Requests are grouped by handle and, inside a group, by that next page, so a step checks each
+group with one set intersection, not each request. Ordering then walks only the nodes that
+have waiting requests and their ancestors, lazily: admission usually takes the first few.
 """
 
 from __future__ import annotations
 
-from collections import Counter
+import bisect
+from collections import defaultdict
+from collections.abc import Iterator
 from typing import TYPE_CHECKING
+
+import numpy as np
 
 from radixrt.engine.request import Sequence
 
@@ -24,37 +39,158 @@ if TYPE_CHECKING:
     from radixrt.cache.prefix_cache import PrefixCache
     from radixrt.cache.radix import Node
 
-LPM_MAX_QUEUE = 128
+_EMPTY = np.zeros(0, dtype=np.int32)
 
 
-def _fcfs(waiting: list[Sequence]) -> list[Sequence]:
-    return sorted(waiting, key=lambda s: s.arrival)
+class _Group:
+    """Waiting requests at one handle (or, ``rootless``, in a namespace without a root)."""
+
+    __slots__ = ("node", "rootless", "seqs", "by_next")
+
+    def __init__(self, node: Node, rootless: bool) -> None:
+        self.node = node  # where the group sorts: its handle (a rootless group: the default root)
+        self.rootless = rootless
+        self.seqs: list[Sequence] = []  # arrival order
+        self.by_next: dict[bytes, list[Sequence]] = defaultdict(list)  # next page -> requests
 
 
-def order_waiting(waiting: list[Sequence], cache: PrefixCache, policy: str) -> list[Sequence]:
-    if policy == "fcfs" or len(waiting) > LPM_MAX_QUEUE or len(waiting) <= 1:
-        return _fcfs(waiting)
-    assert policy == "lpm", f"unknown schedule policy {policy!r}"
+class WaitingQueue:
+    def __init__(self, cache: PrefixCache, policy: str) -> None:
+        assert policy in ("lpm", "fcfs"), f"unknown schedule policy {policy!r}"
+        self.cache = cache
+        self.policy = policy
+        self.page_size = cache.page_size
+        self._fcfs: list[Sequence] = []  # every waiting request, arrival order
+        self._groups: dict[object, _Group] = {}  # handle node (or namespace, rootless) -> group
+        self._where: dict[int, tuple[object, bytes | None]] = {}  # id(seq) -> (group key, next page)
+        self.rematches = 0  # matches redone because the tree changed (for benchmarks)
 
-    # Path of (node) from the root to each request's deepest matched node.
-    paths: dict[int, list[Node]] = {}
-    weight: Counter[int] = Counter()  # node id -> waiting requests at or below it
-    for seq in waiting:
-        match = cache.match_prefix(seq.token_array(), seq.namespace, record_stats=False)
-        path: list[Node] = []
-        node: Node | None = match.handle
-        while node is not None:
-            path.append(node)
-            weight[node.id] += 1
-            node = node.parent
-        path.reverse()
-        paths[id(seq)] = path
+    def __len__(self) -> int:
+        return len(self._fcfs)
 
-    def key(seq: Sequence) -> tuple:
-        # Lexicographic over the path: heavier subtrees first, then stable by node id; a request
-        # sitting at a node sorts after the deeper requests below it (longer prefix first).
-        path = paths[id(seq)]
-        steps = tuple((-weight[n.id], n.id) for n in path)
-        return (*steps, (1, 0), seq.arrival)
+    def __bool__(self) -> bool:
+        return bool(self._fcfs)
 
-    return sorted(waiting, key=key)
+    def __iter__(self) -> Iterator[Sequence]:
+        return iter(self._fcfs)
+
+    def push(self, seq: Sequence) -> None:
+        bisect.insort(self._fcfs, seq, key=_arrival)  # a retracted request keeps its arrival
+        if self.policy == "lpm":
+            self._place(seq)
+
+    def remove(self, seq: Sequence) -> None:
+        i = bisect.bisect_left(self._fcfs, seq.arrival, key=_arrival)
+        assert i < len(self._fcfs) and self._fcfs[i] is seq, f"{seq.rid}/{seq.index} not waiting"
+        del self._fcfs[i]
+        if self.policy == "lpm":
+            self._unplace(seq)
+
+    def ordered(self) -> Iterator[Sequence]:
+        """Waiting requests in admission order (a snapshot: admission may remove them)."""
+        if self.policy == "fcfs" or len(self._fcfs) <= 1:
+            return iter(list(self._fcfs))
+        self._refresh()
+        return self._dfs()
+
+    # ---- lpm: one match per request, redone only when the tree changed under it ----------
+    def _place(self, seq: Sequence) -> None:
+        tokens = seq.token_array()
+        match = self.cache.match_prefix(tokens, seq.namespace, record_stats=False)
+        handle, rootless = match.handle, match.handle.namespace != seq.namespace
+        key: object = ("rootless", seq.namespace) if rootless else handle
+        group = self._groups.get(key)
+        if group is None:
+            group = self._groups[key] = _Group(handle, rootless)
+        bisect.insort(group.seqs, seq, key=_arrival)
+        # The match leaves the last token uncached: a match that reached that limit never grows.
+        limit = (len(tokens) - 1) // self.page_size * self.page_size
+        nxt = None
+        if match.length < limit:
+            nxt = tokens[match.length : match.length + self.page_size].tobytes()
+            group.by_next[nxt].append(seq)
+        self._where[id(seq)] = (key, nxt)
+
+    def _unplace(self, seq: Sequence) -> None:
+        key, nxt = self._where.pop(id(seq))
+        group = self._groups[key]
+        i = bisect.bisect_left(group.seqs, seq.arrival, key=_arrival)
+        assert group.seqs[i] is seq, f"{seq.rid}/{seq.index} misplaced in its lpm group"
+        del group.seqs[i]
+        if nxt is not None:
+            same = group.by_next[nxt]
+            same.remove(seq)
+            if not same:
+                del group.by_next[nxt]
+        if not group.seqs:
+            del self._groups[key]
+
+    def _refresh(self) -> None:
+        stale: list[Sequence] = []
+        roots: dict[str | None, Node] = {}
+
+        def root_of(ns: str | None) -> Node:  # a namespace's root now (the default if none)
+            if ns not in roots:
+                roots[ns] = self.cache.match_prefix(_EMPTY, ns, record_stats=False).handle
+            return roots[ns]
+
+        for group in self._groups.values():
+            node = group.node
+            if group.rootless or node.is_root:
+                # A namespace's root is created by its first insert and dropped when eviction
+                # empties it: a request matched at a root re-checks which root is current.
+                ns = group.seqs[0].namespace
+                now = root_of(ns)
+                if now.namespace == ns if group.rootless else now is not node:
+                    stale.extend(group.seqs)
+                    continue
+                if group.rootless:
+                    continue  # never probe another namespace's children
+            elif node.parent is None:  # evicted
+                stale.extend(group.seqs)
+                continue
+            if node.children and group.by_next:
+                for nxt in group.by_next.keys() & node.children.keys():
+                    stale.extend(group.by_next[nxt])
+        for seq in stale:
+            self._unplace(seq)
+            self._place(seq)
+        self.rematches += len(stale)
+
+    def _dfs(self) -> Iterator[Sequence]:
+        weight: dict[Node, int] = defaultdict(int)  # waiting requests at or below a node
+        kids: dict[Node, set[Node]] = defaultdict(set)
+        at: dict[Node, list[_Group]] = defaultdict(list)
+        tops: set[Node] = set()
+        for group in self._groups.values():
+            node: Node | None = group.node
+            at[group.node].append(group)
+            n = len(group.seqs)
+            while node is not None:
+                weight[node] += n
+                if node.parent is None:
+                    tops.add(node)
+                else:
+                    kids[node.parent].add(node)
+                node = node.parent
+
+        def heaviest_first(nodes: set[Node]) -> list[Node]:
+            return sorted(nodes, key=lambda x: (-weight[x], x.id))
+
+        # Iterative DFS (trees can be deeper than Python's recursion limit): a node is pushed
+        # once to expand its children and once more to emit its own requests after them.
+        stack: list[tuple[Node, bool]] = [(t, False) for t in reversed(heaviest_first(tops))]
+        while stack:
+            node, expanded = stack.pop()
+            if expanded:
+                groups = at.get(node, [])
+                seqs = groups[0].seqs if len(groups) == 1 else sorted(
+                    (s for g in groups for s in g.seqs), key=_arrival)
+                yield from list(seqs)
+                continue
+            stack.append((node, True))
+            stack.extend((c, False) for c in reversed(heaviest_first(kids.get(node, set()))))
+
+
+def _arrival(seq: Sequence) -> int:
+    return seq.arrival

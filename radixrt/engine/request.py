@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from radixrt.cache.page_table import SequencePages
-from radixrt.engine.outputs import FinishReason
+from radixrt.engine.outputs import FinishReason, SequenceDelta
 from radixrt.sampling_params import SamplingParams
 
 if TYPE_CHECKING:
@@ -55,6 +55,8 @@ class Sequence:
     prompt_logprobs_sent: bool = False
     matched_stop_token: int | None = None
     _array: np.ndarray | None = field(default=None, repr=False)  # token_array() cache
+    # Chained hashes of its full pages (inbatch.py); valid forever as tokens are only appended.
+    page_hashes: list[int] = field(default_factory=list, repr=False)
 
     @property
     def num_tokens(self) -> int:
@@ -79,6 +81,42 @@ class Sequence:
         """True while more than the newest token still lacks KV (prompt, or resumed after retraction)."""
         return self.num_to_compute > 1 or not self.output_ids
 
+    def prefix_cap(self) -> int | None:
+        """Most prompt tokens a cached prefix may cover when (re)admitted, or None for no cap.
+
+        Prompt logprobs need the logits of every position from the first unscored entry - 1
+        on, so those positions must be computed, on the first admission and on every resume
+        after a retraction (whatever more of the prompt the tree holds by then)."""
+        if not self.params.prompt_logprobs:
+            return None
+        if self.prompt_logprobs is None:
+            return self.params.logprob_start_len - 1
+        if len(self.prompt_logprobs) >= len(self.prompt_ids):
+            return None  # every entry is scored: resume on the longest prefix
+        return len(self.prompt_logprobs) - 1
+
     @property
     def finished(self) -> bool:
         return self.status is SeqStatus.FINISHED
+
+    def take_delta(self) -> SequenceDelta:
+        """What this sequence has to report since its last delta (and mark it reported)."""
+        new = self.output_ids[self.sent_tokens :]
+        delta = SequenceDelta(
+            rid=self.rid, index=self.index, new_token_ids=new,
+            prompt_tokens=len(self.prompt_ids), cached_tokens=max(self.cached_tokens, 0),
+            completion_tokens=len(self.output_ids) + (self.matched_stop_token is not None),
+            finished=self.finished, finish_reason=self.finish_reason, error=self.error,
+            matched_stop_token=self.matched_stop_token,
+        )
+        if self.params.logprobs or self.params.top_logprobs:
+            delta.new_logprobs = self.logprobs[self.sent_tokens :]
+            if self.params.top_logprobs:
+                delta.new_top_logprobs = self.top_logprobs[self.sent_tokens :]
+        pl = self.prompt_logprobs
+        # Sent once, complete (a request aborted mid-prefill has only part of them: none sent).
+        if pl is not None and not self.prompt_logprobs_sent and len(pl) >= len(self.prompt_ids):
+            delta.prompt_logprobs = pl
+            self.prompt_logprobs_sent = True
+        self.sent_tokens = len(self.output_ids)
+        return delta

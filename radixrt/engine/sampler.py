@@ -34,9 +34,12 @@ _MIN_EXP = 1e-20
 
 
 def make_generator(seed: int, device: torch.device | str) -> torch.Generator:
-    """A generator for one seeded request, living on the device its logits live on."""
+    """A generator for one seeded request, living on the device its logits live on.
+
+    torch takes seeds in [0, 2^64); the seed is wrapped into that range (Python's ``%`` also
+    maps negatives there), so no seed can raise here, inside a fork in the middle of a step."""
     gen = torch.Generator(device=device)
-    gen.manual_seed(seed)
+    gen.manual_seed(seed % 2**64)
     return gen
 
 

@@ -6,7 +6,8 @@ position's attention output is the mean over its context; its next token is
 freed while still read, a bad dedupe swap, a fork that copied the wrong page, a retraction that
 resumed on the wrong prefix) changes a sum and therefore the tokens. Hypothesis drives random
 arrivals, aborts, shared stems, tenants, n > 1, page sizes, chunking, tiny pools and overlap,
-checking the cache invariants after every step and exact outputs at the end.
+checking the cache invariants after every step, that every retraction takes the newest running
+sequence, and exact outputs and prompt logprobs at the end.
 """
 
 from __future__ import annotations
@@ -14,53 +15,12 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
-import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from radixrt.attention.torch_ref import TorchReferenceBackend
-from radixrt.cache.allocator import PageAllocator
-from radixrt.cache.kv_pool import KVPool
-from radixrt.cache.prefix_cache import make_prefix_cache
-from radixrt.config import EngineConfig
-from radixrt.engine.memory import SequenceMemory
-from radixrt.engine.runner import ModelRunner
-from radixrt.engine.sampler import Sampler
-from radixrt.engine.scheduler import Scheduler
+from radixrt.engine.request import Sequence
 from radixrt.sampling_params import SamplingParams
-
-VOCAB = 64
-MAX_CONTEXT = 200
-
-
-def next_token(tokens: list[int]) -> int:
-    pos = len(tokens) - 1
-    return (sum(tokens) * 31 + pos) % VOCAB
-
-
-def reference(prompt: list[int], max_new: int, stop: int | None) -> tuple[list[int], str]:
-    seq, out = list(prompt), []
-    while len(out) < max_new and len(seq) < MAX_CONTEXT:
-        tok = next_token(seq)
-        if tok == stop:
-            return out, "stop"  # a stop token ends the output and is not part of it
-        out.append(tok)
-        seq.append(tok)
-    return out, "length"
-
-
-class CountingModel(torch.nn.Module):
-    def forward(self, input_ids, positions, attn):  # [T], [T] -> hidden [T, 2]
-        t = input_ids.shape[0]
-        kv = torch.stack([input_ids.float(), positions.float()], dim=-1).view(t, 1, 2)
-        mean = attn(0, torch.zeros(t, 1, 2), kv, kv.clone()).view(t, 2)  # context means
-        return torch.stack([mean[:, 0], positions.float()], dim=-1)
-
-    def compute_logits(self, hidden):  # [N, 2] -> [N, V]
-        pos = hidden[:, 1]
-        total = torch.round(hidden[:, 0] * (pos + 1))  # mean * context length = sum of tokens
-        nxt = ((total * 31 + pos) % VOCAB).long()
-        return torch.nn.functional.one_hot(nxt, VOCAB).float() * 10.0
+from tests.fixtures.counting import VOCAB, build, prompt_logprob_reference, reference
 
 
 @dataclass
@@ -73,22 +33,8 @@ class Req:
     abort: int | None
     salt: str | None
     stop: int | None
-
-
-def build(page_size: int, pages: int, chunk: int, overlap: bool, policy: str, cache: bool,
-          max_running: int = 8) -> Scheduler:
-    config = EngineConfig(page_size=page_size, kv_cache_tokens=pages * page_size,
-                          chunked_prefill_size=chunk, max_prefill_tokens=2 * chunk,
-                          max_running_requests=max_running, overlap_schedule=overlap, schedule_policy=policy,
-                          enable_prefix_cache=cache, debug_invariants=True)  # type: ignore[arg-type]
-    pool = KVPool(num_layers=1, num_pages=pages, page_size=page_size, num_kv_heads=1, head_dim=2,
-                  dtype=torch.float32, device="cpu")
-    runner = ModelRunner(CountingModel(), pool, TorchReferenceBackend(1, 1, 2, 1.0))
-    allocator = PageAllocator(pages)
-    memory = SequenceMemory(allocator, make_prefix_cache(allocator, page_size, cache), page_size,
-                            pool.copy_pages)
-    return Scheduler(config, runner, memory, Sampler(), vocab_size=VOCAB,
-                     max_context_len=MAX_CONTEXT, eos_token_ids=())
+    prompt_logprobs: bool
+    logprob_start: int
 
 
 requests = st.lists(
@@ -100,8 +46,10 @@ requests = st.lists(
         n=st.sampled_from([1, 1, 2]),
         arrive=st.integers(0, 12),
         abort=st.none() | st.integers(0, 20),
-        salt=st.sampled_from([None, None, "tenant"]),
+        salt=st.sampled_from([None, None, "a", "b"]),  # tenants sharing the same stems
         stop=st.none() | st.integers(0, VOCAB - 1),
+        prompt_logprobs=st.booleans(),
+        logprob_start=st.integers(0, 50),
     ),
     min_size=1,
     max_size=10,
@@ -128,21 +76,38 @@ def test_outputs_are_exact_and_nothing_leaks(reqs, page_size, spare_pages, chunk
     pages = -(-longest // page_size) + 1 + spare_pages // page_size
     chunk = max(page_size, chunk_pages * 8 // page_size * page_size)
     sched = build(page_size, pages, chunk, overlap, policy, cache, max_running)
+    retract = sched.requests.retract
+
+    def retract_newest(victim: Sequence) -> None:
+        newest = max(sched.requests.running, key=lambda s: s.arrival)
+        assert victim is newest, (
+            f"retracted {victim.rid}/{victim.index} (arrival {victim.arrival}) while "
+            f"{newest.rid}/{newest.index} (arrival {newest.arrival}) is newer"
+        )
+        retract(victim)
+
+    setattr(sched.requests, "retract", retract_newest)  # noqa: B010 (an instance spy)
     prompts = {f"r{i}": stems[r.stem] + r.suffix for i, r in enumerate(reqs)}
     outputs: dict[tuple[str, int], list[int]] = {}
     reasons: dict[tuple[str, int], str | None] = {}
+    prompt_lps: dict[tuple[str, int], list[float | None]] = {}
     step = 0
     while step <= 12 or sched.has_work():
         for i, r in enumerate(reqs):
             rid = f"r{i}"
             if r.arrive == step:
                 params = SamplingParams(temperature=0, max_new_tokens=r.max_new, n=r.n,
-                                        stop_token_ids=() if r.stop is None else (r.stop,))
+                                        stop_token_ids=() if r.stop is None else (r.stop,),
+                                        prompt_logprobs=r.prompt_logprobs,
+                                        logprob_start_len=r.logprob_start)
                 sched.add_request(rid, prompts[rid], params, r.salt)
             if r.abort == step and r.arrive <= step:
                 sched.abort_request(rid)
         for d in sched.step():
             outputs.setdefault((d.rid, d.index), []).extend(d.new_token_ids)
+            if d.prompt_logprobs is not None:
+                assert (d.rid, d.index) not in prompt_lps, f"{d.rid}/{d.index}: sent twice"
+                prompt_lps[(d.rid, d.index)] = d.prompt_logprobs
             if d.finished:
                 assert (d.rid, d.index) not in reasons, f"{d.rid}/{d.index} finished twice"
                 reasons[(d.rid, d.index)] = d.finish_reason
@@ -161,7 +126,24 @@ def test_outputs_are_exact_and_nothing_leaks(reqs, page_size, spare_pages, chunk
                 assert got == ref[: len(got)], f"{rid}/{index}: aborted output is not a prefix"
             else:
                 assert (reason, got) == (ref_reason, ref), f"{rid}/{index}: {got} != {ref}"
+                assert r.prompt_logprobs == ((rid, index) in prompt_lps), f"{rid}/{index}"
+            if (rid, index) in prompt_lps:
+                check_prompt_logprobs(prompt_lps[(rid, index)], prompts[rid], r.logprob_start)
     stats = sched.stats()
     assert stats.running_requests == stats.queued_requests == 0
     assert stats.free_pages + stats.evictable_pages == stats.total_pages, "pages leaked"
     sched.memory.check_invariants([])
+
+
+def check_prompt_logprobs(got: list[float | None], prompt: list[int], start: int) -> None:
+    """One entry per prompt token; every entry from ``start`` on (never entry 0) is scored and
+    exact; entries before it may be None (served from the cache) or exact."""
+    want = prompt_logprob_reference(prompt)
+    assert len(got) == len(prompt), f"{len(got)} prompt logprobs for {len(prompt)} tokens"
+    for k, (g, w) in enumerate(zip(got, want)):
+        if w is None:
+            assert g is None, f"entry 0 (nothing precedes it) is {g}"
+        elif g is None:
+            assert k < start, f"prompt logprob {k} is missing (logprob_start_len {start})"
+        else:
+            assert abs(g - w) < 1e-4, f"prompt logprob {k}: {g} != {w}"

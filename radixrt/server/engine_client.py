@@ -191,8 +191,9 @@ class EngineClient:
         return False, "; ".join(reasons)
 
     def _can_recover(self) -> bool:
-        return self.accepting and any(
-            p.state in ("starting", "restarting") for p in self.supervisor.workers)
+        """Some worker will take requests again: it is loading, or due for a restart (or it
+        reported a fatal error and the Supervisor has yet to see its process exit)."""
+        return self.accepting and any(p.state != "dead" for p in self.supervisor.workers)
 
     # ------------------------------------------------------------------------- requests
 
@@ -366,6 +367,8 @@ class EngineClient:
         if first is not None and (first.vocab_size, first.max_context_len) != (
                 msg.vocab_size, msg.max_context_len):
             log.error("worker %d came back with a different model shape; not using it", w.wid)
+            self.supervisor.retire(w.wid, "restarted with a different model shape")
+            self._on_death(w.wid, "restarted with a different model shape")
             return
         restarted = w.ready is not None
         w.ready, w.alive, w.death, w.send_warned = msg, True, None, False

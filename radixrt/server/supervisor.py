@@ -144,6 +144,12 @@ class Supervisor:
                 w.restarts.append(now)
                 self.spawn(w.wid)
 
+    def retire(self, wid: int, why: str) -> None:
+        """Stop using worker ``wid`` for good (kill and reap it; no restart)."""
+        w = self.workers[wid]
+        self._kill(w)
+        w.state, w.death = "dead", why
+
     def _kill(self, w: WorkerProcess) -> None:
         if w.proc is not None and w.proc.poll() is None:
             w.proc.kill()

@@ -9,6 +9,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import pytest
 import zmq
 
@@ -157,3 +158,19 @@ def test_request_whose_consumer_is_gone_is_aborted(client: ec.EngineClient) -> N
     assert st.queue_ref() is None
     client._expire(1.0)
     assert client.num_waiting == 0 and not client.requests and client.workers[0].load == 0
+
+
+def test_with_dp_a_dead_replica_sends_new_requests_to_the_other(tmp_path: Path) -> None:
+    c = ec.EngineClient(ServerConfig(dp=2), str(tmp_path))
+    try:
+        for wid, pid in ((0, 11), (1, 22)):
+            c.supervisor.workers[wid].proc = FakeProc(pid)  # type: ignore[assignment]
+            c._on_ready(msgspec.structs.replace(ready_msg(pid), worker_id=wid))
+        c.router = PrefixRouter(2, 4096)
+        c.supervisor.workers[0].state = "restarting"
+        c._on_death(0, "killed")
+        sts = [submit(c) for _ in range(4)]
+        assert all(st.worker == 1 for st in sts) and not c.pending
+        assert c.healthy()[0], "one replica serving is healthy"
+    finally:
+        c.close()

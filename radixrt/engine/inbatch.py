@@ -3,10 +3,12 @@
 both compute it. The scheduler defers a request whose uncached stem starts like one already
 admitted this step; next step it hits the tree instead.
 
-Prefixes are compared by chained page hashes: h_k = hash((h_{k-1}, page_k tokens)), so one pass
-over each admitted prompt records all its page-aligned prefixes. The chain starts from the
-request's namespace (its cache_salt), as the radix tree keeps one root per namespace: a tenant is
-never deferred for another tenant's stem, which it could not hit anyway.
+A stem is keyed by where it starts and what it starts with: (the radix node its cached prefix
+ends at, its namespace, its next ``MIN_SHARED_TOKENS`` tokens, rounded up to whole pages). Two
+requests sharing a stem matched the same cached prefix, so they reached the same node (a node
+lives in one namespace's tree); the namespace is part of the key as well, so a tenant is never
+deferred for another tenant's stem, which it could not hit anyway. One key per request: O(1)
+per admission, whatever the prompt's length.
 """
 
 from __future__ import annotations
@@ -16,31 +18,28 @@ from radixrt.engine.request import Sequence
 # A deferred request must share at least this many uncached tokens with an admitted one.
 MIN_SHARED_TOKENS = 32
 
+StemKey = tuple[object, str | None, bytes]
+
 
 class InBatchPrefixes:
     def __init__(self, page_size: int) -> None:
-        self.page_size = page_size
-        self._hashes: set[int] = set()
-        self._need_pages = max(1, -(-MIN_SHARED_TOKENS // page_size))
+        self._span = max(1, -(-MIN_SHARED_TOKENS // page_size)) * page_size
+        self._stems: set[StemKey] = set()
 
-    def _chain(self, seq: Sequence, num_pages: int) -> list[int]:
-        """The first ``num_pages`` chained hashes of ``seq``'s tokens. Cached on the sequence:
-        its tokens are only ever appended, so a full page's hash never changes."""
-        chain = seq.page_hashes
-        if len(chain) < num_pages:
-            ps, tokens = self.page_size, seq.token_array()
-            h = chain[-1] if chain else hash(("namespace", seq.namespace))
-            for k in range(len(chain), num_pages):
-                h = hash((h, tokens[k * ps : (k + 1) * ps].tobytes()))
-                chain.append(h)
-        return chain
+    def _stem(self, seq: Sequence) -> StemKey | None:
+        """The stem after ``seq``'s attached prefix (``kv_len`` tokens), if long enough."""
+        start = seq.kv_len
+        if start + self._span > seq.num_tokens:
+            return None
+        anchor = seq.cache_handle if start > 0 else None  # nothing cached: the namespace's root
+        return anchor, seq.namespace, seq.token_array()[start : start + self._span].tobytes()
 
-    def shares_stem(self, seq: Sequence, cached_len: int) -> bool:
+    def shares_stem(self, seq: Sequence) -> bool:
         """True if ``seq`` extends its cached part by a stem an admitted request is computing."""
-        target = cached_len // self.page_size + self._need_pages
-        if not self._hashes or target * self.page_size > seq.num_tokens:
-            return False
-        return self._chain(seq, target)[target - 1] in self._hashes
+        key = self._stem(seq) if self._stems else None
+        return key is not None and key in self._stems
 
     def add(self, seq: Sequence) -> None:
-        self._hashes.update(self._chain(seq, seq.num_tokens // self.page_size))
+        key = self._stem(seq)
+        if key is not None:
+            self._stems.add(key)

@@ -55,8 +55,6 @@ class Sequence:
     prompt_logprobs_sent: bool = False
     matched_stop_token: int | None = None
     _array: np.ndarray | None = field(default=None, repr=False)  # token_array() cache
-    # Chained hashes of its full pages (inbatch.py); valid forever as tokens are only appended.
-    page_hashes: list[int] = field(default_factory=list, repr=False)
 
     @property
     def num_tokens(self) -> int:

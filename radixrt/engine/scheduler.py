@@ -118,6 +118,7 @@ class Scheduler:
         """Receive aborts, schedule, launch, then process the previous step's result while this
         one runs (overlap); without overlap a step's result is processed before the next plan."""
         deltas = self.requests.apply_aborts()
+        self.memory.poll()  # host-tier copies that finished make their prefixes usable
         prev, self._inflight = self._inflight, None
         plan = self._plan_continuation(prev) if prev is not None else None
         if prev is not None and plan is None:  # this plan needs prev's tokens on the host
@@ -195,23 +196,33 @@ class Scheduler:
     def _admit(self, budget: PrefillBudget, work: Work) -> None:
         admitted = InBatchPrefixes(self.page_size)
         use_cache = self.config.enable_prefix_cache
+        running = self.requests.running
+        # What the running sequences are still owed (the rest of each prompt, a share of each
+        # remaining output), kept as a running sum: admission may visit many requests a step.
+        owed_pages, owed_tokens = 0, 0.0
+        for seq in running:
+            owed_pages += self._prompt_pages_left(seq)
+            owed_tokens += self._output_share(seq)
         for seq in self.requests.ordered_waiting():
             # n > 1 samples fork after prefill: count them all against the running cap.
-            if len(self.requests.running) + seq.num_forks > self.config.max_running_requests:
+            if len(running) + seq.num_forks > self.config.max_running_requests:
                 return
             if budget.exhausted:
                 return
+            if use_cache and not self.memory.prefix_ready(seq, max_tokens=seq.prefix_cap()):
+                continue  # its prefix is loading from the host tier: the others go on
             matched = self.memory.attach_prefix(seq, max_tokens=seq.prefix_cap())
-            if use_cache and admitted.shares_stem(seq, matched):
+            if use_cache and admitted.shares_stem(seq):
                 # Its stem is being computed this step by another request: wait for the hit.
                 self.memory.release(seq, keep_in_cache=False)
                 seq.kv_len = 0
                 continue
             n = budget.peek(seq.num_to_compute, seq.kv_len)
             # Admit only if the whole rest of the prompt fits (not just this chunk), next to
-            # what the running sequences are still owed.
+            # what the running sequences (and this one's output) are still owed.
             need = self._pages(seq.num_tokens) - seq.pages.num_pages
-            reserve = self._reserve_pages(extra=seq) if self.requests.running else 0
+            share = self._output_share(seq)
+            reserve = owed_pages + int(-(-(owed_tokens + share) // self.page_size)) if running else 0
             if n == 0 or self.memory.available_pages - need < reserve or not self.memory.grow(
                 seq, seq.kv_len + n
             ):
@@ -226,21 +237,20 @@ class Scheduler:
                 # (the first token never is: nothing precedes it).
                 seq.prompt_logprobs = [None] * (seq.kv_len + 1)
             self.requests.admit(seq, matched)
+            owed_pages += self._prompt_pages_left(seq)
+            owed_tokens += share
             work.append((seq, n))
 
     def _pages(self, tokens: int) -> int:
         return -(-tokens // self.page_size)
 
-    def _reserve_pages(self, extra: Sequence) -> int:
-        """Pages the running sequences (and ``extra``) are still owed: the rest of each prompt
-        and a share of each remaining output."""
-        pages, tokens = 0, 0.0
-        for seq in (*self.requests.running, extra):
-            if seq is not extra:
-                pages += max(0, self._pages(seq.num_tokens) - seq.pages.num_pages)
-            left = min(seq.params.max_new_tokens - len(seq.output_ids), DECODE_RESERVE_CAP)
-            tokens += max(1.0, left * DECODE_RESERVE_RATIO) * seq.num_forks
-        return pages + int(-(-tokens // self.page_size))
+    def _prompt_pages_left(self, seq: Sequence) -> int:
+        return max(0, self._pages(seq.num_tokens) - seq.pages.num_pages)
+
+    @staticmethod
+    def _output_share(seq: Sequence) -> float:
+        left = min(seq.params.max_new_tokens - len(seq.output_ids), DECODE_RESERVE_CAP)
+        return max(1.0, left * DECODE_RESERVE_RATIO) * seq.num_forks
 
     def _make_room(self, seq: Sequence, tokens: int, deltas: list[SequenceDelta]) -> bool:
         """Give ``seq`` slots for ``tokens`` tokens, retracting the newest running sequences
@@ -274,7 +284,8 @@ class Scheduler:
             retractions=self.requests.retractions, prompt_tokens_total=self.requests.prompt_tokens,
             generated_tokens_total=self.results.generated_tokens,
             extra={"held_page_refs": float(sum(s.pages.num_pages for s in running)),
-                   "overlapped_steps": float(self.overlapped_steps)},
+                   "overlapped_steps": float(self.overlapped_steps),
+                   **self.memory.tier_stats()},
         )
 
     def flush_cache(self) -> bool:

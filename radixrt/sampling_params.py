@@ -27,6 +27,16 @@ REPETITION_PENALTY_RANGE = (1e-2, 1e2)
 MAX_STOP_STRINGS = 64
 MAX_STOP_LEN = 1024
 MAX_STOP_TOKEN_IDS = 1024
+# logit_bias: OpenAI accepts at most 300 entries, each in [-100, 100]; we allow a few more
+# entries (tool-call and DSL users build them programmatically), same value range.
+MAX_LOGIT_BIAS = 1024
+LOGIT_BIAS_RANGE = (-100.0, 100.0)
+# A grammar (regex / JSON schema / EBNF) is parsed in the router and compiled in the worker;
+# its text size bounds both. A schema's nesting is bounded separately (the JSON-schema
+# converter recurses over it).
+MAX_GRAMMAR_CHARS = 64 * 1024
+MAX_SCHEMA_DEPTH = 32
+CONSTRAINT_FIELDS = ("regex", "json_schema", "ebnf")
 
 
 def _is_int(x: Any) -> bool:
@@ -77,6 +87,65 @@ def _normalize_ids(ids: Any) -> tuple[int, ...]:
     return tuple(ids)
 
 
+def _normalize_bias(bias: Any) -> tuple[tuple[int, float], ...]:
+    """logit_bias as sorted (token id, bias) pairs; a dict may have str keys (JSON)."""
+    if bias is None:
+        return ()
+    if isinstance(bias, dict):
+        items: Iterable[Any] = bias.items()
+    elif isinstance(bias, (list, tuple)):
+        items = bias
+    else:
+        raise ValueError(f"logit_bias must be a map of token id to bias, got {type(bias).__name__}")
+    out: dict[int, float] = {}
+    for item in items:
+        if not isinstance(item, (list, tuple)) or len(item) != 2:
+            raise ValueError("logit_bias entries must be (token id, bias) pairs")
+        tok, val = item
+        if isinstance(tok, str) and tok.isascii() and tok.isdigit() and len(tok) <= 10:
+            tok = int(tok)
+        if not _is_int(tok) or not 0 <= tok <= MAX_INT32:
+            raise ValueError(f"logit_bias keys must be token ids in [0, {MAX_INT32}], got {tok!r}")
+        lo, hi = LOGIT_BIAS_RANGE
+        if not _is_number(val) or not math.isfinite(float(val)) or not lo <= val <= hi:
+            raise ValueError(f"logit_bias values must be numbers in [{lo}, {hi}], got {val!r}")
+        out[tok] = float(val)
+    if len(out) > MAX_LOGIT_BIAS:
+        raise ValueError(f"logit_bias takes at most {MAX_LOGIT_BIAS} tokens, got {len(out)}")
+    return tuple(sorted(out.items()))
+
+
+def _json_depth(x: Any) -> int:
+    """Nesting depth of decoded JSON, iteratively (a hostile schema never hits recursion)."""
+    depth, stack = 0, [(x, 1)]
+    while stack:
+        v, d = stack.pop()
+        if isinstance(v, (dict, list)):
+            depth = max(depth, d)
+            stack.extend((c, d + 1) for c in (v.values() if isinstance(v, dict) else v))
+    return depth
+
+
+def _check_grammar(name: str, text: Any) -> None:
+    if text is None:
+        return
+    if not isinstance(text, str) or not text:
+        raise ValueError(f"{name} must be a non-empty string")
+    if len(text) > MAX_GRAMMAR_CHARS:
+        raise ValueError(f"{name} must be at most {MAX_GRAMMAR_CHARS} characters, got {len(text)}")
+    if name == "json_schema":
+        import json
+
+        try:
+            schema = json.loads(text)
+        except ValueError:
+            raise ValueError("json_schema must be a JSON schema (an object, as JSON text)") from None
+        if not isinstance(schema, (dict, bool)):
+            raise ValueError("json_schema must be a JSON object (or true/false)")
+        if _json_depth(schema) > MAX_SCHEMA_DEPTH:
+            raise ValueError(f"json_schema is nested deeper than {MAX_SCHEMA_DEPTH} levels")
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     """How to pick tokens for one request and when to stop.
@@ -106,10 +175,27 @@ class SamplingParams:
     logprob_start_len: int = 0
     n: int = 1
     skip_special_tokens: bool = True
+    # Structured output: at most one of these (radixrt/constrained compiles it in the worker).
+    # json_schema is JSON text; "json_object" output is json_schema '{"type": "object"}'.
+    regex: str | None = None
+    json_schema: str | None = None
+    ebnf: str | None = None
+    # Added to the logits (before penalties and temperature) on the device.
+    logit_bias: tuple[tuple[int, float], ...] = field(default=())
 
     def __post_init__(self) -> None:
         # frozen: normalization goes through object.__setattr__.
         object.__setattr__(self, "stop", _normalize_stop(self.stop))
+        object.__setattr__(self, "logit_bias", _normalize_bias(self.logit_bias))
+        for name in CONSTRAINT_FIELDS:
+            _check_grammar(name, getattr(self, name))
+        given = [name for name in CONSTRAINT_FIELDS if getattr(self, name) is not None]
+        if len(given) > 1:
+            raise ValueError(f"{given[0]} and {given[1]} are exclusive: give at most one of "
+                             f"{', '.join(CONSTRAINT_FIELDS)}")
+        if given and self.ignore_eos:
+            # The grammar ends with the stop token; generating past it has no grammar state.
+            raise ValueError(f"ignore_eos cannot be combined with {given[0]}")
         object.__setattr__(self, "stop_token_ids", _normalize_ids(self.stop_token_ids))
         for name in (
             "temperature",
@@ -182,12 +268,26 @@ class SamplingParams:
     def top_k_enabled(self) -> bool:
         return self.top_k >= 1
 
+    @property
+    def constraint(self) -> tuple[str, str] | None:
+        """(kind, text) of the grammar this request is constrained by, if any."""
+        for name in CONSTRAINT_FIELDS:
+            text = getattr(self, name)
+            if text is not None:
+                return name, text
+        return None
+
     def validate_for_model(self, vocab_size: int, max_context: int, prompt_len: int) -> None:
         """Checks that need the model: token ids in range, room to generate at least one token."""
         for t in self.stop_token_ids:
             if t >= vocab_size:
                 raise ValueError(
                     f"stop_token_ids contains {t}, outside the vocabulary (size {vocab_size})"
+                )
+        for t, _ in self.logit_bias:
+            if t >= vocab_size:
+                raise ValueError(
+                    f"logit_bias has token id {t}, outside the vocabulary (size {vocab_size})"
                 )
         if prompt_len < 1:
             raise ValueError(f"prompt must have at least one token, got {prompt_len}")

@@ -7,6 +7,7 @@ Every rejection is an ``APIError`` that renders as OpenAI's ``{"error": {...}}``
 
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass, fields, replace
 from typing import Any
@@ -40,6 +41,8 @@ def check_token_only(params: SamplingParams) -> None:
     if params.stop:
         raise no_tokenizer("stop strings are matched on text; use stop_token_ids instead",
                            "stop")
+    if params.constraint is not None:
+        raise no_tokenizer("grammars are compiled against the tokenizer", params.constraint[0])
 
 
 # ---------------------------------------------------------------------------- schemas
@@ -70,6 +73,7 @@ class _Common(msgspec.Struct, kw_only=True):
     stream_options: StreamOptions | None = None
     user: str | None = None
     cache_salt: str | None = None
+    logit_bias: dict[str, float] | None = None
 
 
 class ChatCompletionRequest(_Common, kw_only=True):
@@ -81,6 +85,13 @@ class ChatCompletionRequest(_Common, kw_only=True):
     continue_final_message: bool = False
     chat_template_kwargs: dict[str, Any] | None = None
     chat_template: str | None = None  # only with --allow-request-chat-template
+    response_format: dict[str, Any] | None = None
+    tools: list[Any] | None = None
+    tool_choice: Any = None
+    parallel_tool_calls: bool | None = None
+    # The pre-tools API: rejected by name rather than ignored.
+    functions: Any = None
+    function_call: Any = None
 
 
 class CompletionRequest(_Common, kw_only=True):
@@ -270,12 +281,58 @@ def openai_params(req: ChatCompletionRequest | CompletionRequest) -> SamplingPar
         want_lp = req.logprobs is not None
         top = req.logprobs or 0
     return _make_params(
+        logit_bias=_bias(req.logit_bias),
         max_new_tokens=1, temperature=req.temperature, top_p=req.top_p, top_k=req.top_k,
         min_p=req.min_p, n=req.n, stop=req.stop, stop_token_ids=tuple(req.stop_token_ids or ()),
         seed=req.seed, presence_penalty=req.presence_penalty,
         frequency_penalty=req.frequency_penalty, repetition_penalty=req.repetition_penalty,
         ignore_eos=req.ignore_eos, skip_special_tokens=req.skip_special_tokens,
         logprobs=want_lp, top_logprobs=top)
+
+
+def _bias(bias: dict[str, float] | None) -> tuple[tuple[Any, float], ...]:
+    return tuple(bias.items()) if bias else ()
+
+
+def check_grammar(params: SamplingParams, param: str | None = None) -> None:
+    """400 naming the field when the request's regex / json_schema / ebnf does not parse."""
+    if params.constraint is None:
+        return
+    from radixrt.constrained.grammar import GrammarError, check_syntax
+
+    kind, text = params.constraint
+    try:
+        check_syntax(kind, text)
+    except GrammarError as e:
+        raise bad_request(str(e), param or kind) from None
+
+
+def replace_params(params: SamplingParams, *, param: str, **changes: Any) -> SamplingParams:
+    """dataclasses.replace, with a rejection as a 400 naming ``param``."""
+    try:
+        return replace(params, **changes)
+    except (ValueError, TypeError) as e:
+        raise bad_request(str(e), param) from None
+
+
+def response_format_schema(fmt: dict[str, Any] | None) -> str | None:
+    """OpenAI ``response_format`` -> the JSON schema text that constrains the output."""
+    if fmt is None:
+        return None
+    kind = fmt.get("type")
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        return json.dumps({"type": "object"})
+    if kind == "json_schema":
+        spec = fmt.get("json_schema")
+        if not isinstance(spec, dict) or not isinstance(spec.get("schema", {}), (dict, bool)):
+            raise bad_request("response_format.json_schema must be {\"name\": ..., \"schema\": "
+                              "{...}, \"strict\": ...}", "response_format")
+        # strict or not, the output is held to the schema (strict only promises more).
+        return json.dumps(spec.get("schema", {}))
+    raise bad_request(f"response_format.type must be text, json_object or json_schema, got "
+                      f"{kind!r}", "response_format")
 
 
 _NATIVE_FIELDS = {f.name for f in fields(SamplingParams)}
@@ -285,6 +342,10 @@ def native_params(sp: dict[str, Any] | None) -> SamplingParams:
     sp = dict(sp or {})
     if "max_tokens" in sp and "max_new_tokens" not in sp:
         sp["max_new_tokens"] = sp.pop("max_tokens")
+    if isinstance(sp.get("json_schema"), (dict, bool)):
+        sp["json_schema"] = json.dumps(sp["json_schema"])
+    if isinstance(sp.get("logit_bias"), dict):
+        sp["logit_bias"] = tuple(sp["logit_bias"].items())
     unknown = sorted(set(sp) - _NATIVE_FIELDS)
     if unknown:
         raise bad_request(f"Unknown sampling parameter(s): {', '.join(unknown)}",
@@ -302,4 +363,8 @@ def finalize_params(params: SamplingParams, prompt_len: int, max_tokens: int | N
         if t >= limits.vocab_size:
             raise bad_request(f"stop_token_ids contains {t}, outside the vocabulary (size "
                               f"{limits.vocab_size})", "stop_token_ids")
+    for t, _ in params.logit_bias:
+        if t >= limits.vocab_size:
+            raise bad_request(f"logit_bias has token id {t}, outside the vocabulary (size "
+                              f"{limits.vocab_size})", "logit_bias")
     return replace(params, max_new_tokens=n_new)

@@ -23,6 +23,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
 from radixrt.server import protocol as p
+from radixrt.server import tool_calls
 from radixrt.server.auth import ApiKeyAuth, key_tenant
 from radixrt.server.body import read_body
 from radixrt.server.serving import Job, ServingContext, run_full, run_stream, start
@@ -79,6 +80,9 @@ def chat_job(ctx: ServingContext, request: Request, raw: bytes) -> Job:
     if ctx.codec is None:
         raise p.no_tokenizer("chat messages need a chat template and a tokenizer; use "
                              "/v1/completions or /generate with token ids", "messages")
+    for name in ("functions", "function_call"):
+        if getattr(req, name) is not None:
+            raise p.bad_request(f"{name} is not supported; use tools / tool_choice", name)
     messages = p.chat_messages(req.messages)
     namespace = _namespace(ctx, request, req.cache_salt)
     params = p.openai_params(req)
@@ -87,13 +91,41 @@ def chat_job(ctx: ServingContext, request: Request, raw: bytes) -> Job:
     if template is not None:
         assert ctx.templates is not None, "allow_request_chat_template starts the sandbox"
         client_template = (template, ctx.templates)
+    plan = tool_calls.make_plan(
+        req.tools, req.tool_choice, req.parallel_tool_calls,
+        template if template is not None else getattr(ctx.codec.tokenizer, "chat_template", None))
+    kwargs = dict(req.chat_template_kwargs or {})
+    if plan is not None and plan.choice != "none":
+        if plan.native:
+            kwargs["tools"] = [t.as_openai() for t in plan.tools]
+        else:
+            messages = tool_calls.with_system_prompt(messages, plan)
+    params = _constrain_chat(params, req, plan)
     ids = ctx.codec.chat_ids(messages, req.add_generation_prompt, req.continue_final_message,
-                             req.chat_template_kwargs, client_template)
+                             kwargs, client_template)
     max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None \
         else req.max_tokens
     params = _finish_params(ctx, params, [ids], max_tokens, None)
     return Job("chat", [ids], params, namespace, req.stream,
-               bool(req.stream_options and req.stream_options.include_usage))
+               bool(req.stream_options and req.stream_options.include_usage),
+               tools=plan if plan is not None and plan.parses else None)
+
+
+def _constrain_chat(params: Any, req: p.ChatCompletionRequest,
+                    plan: tool_calls.ToolPlan | None) -> Any:
+    """response_format and forced tool calls -> the request's grammar (checked here: 400)."""
+    schema = p.response_format_schema(req.response_format)
+    forced = plan is not None and plan.choice in ("required", "named")
+    if schema is not None and forced:
+        raise p.bad_request("response_format cannot be combined with a required tool call",
+                            "response_format")
+    if schema is not None:
+        params = p.replace_params(params, json_schema=schema, param="response_format")
+    elif forced:
+        assert plan is not None
+        params = p.replace_params(params, ebnf=tool_calls.forced_grammar(plan), param="tools")
+    p.check_grammar(params, "response_format" if schema is not None else None)
+    return params
 
 
 def completion_job(ctx: ServingContext, request: Request, raw: bytes) -> Job:
@@ -127,6 +159,7 @@ def generate_job(ctx: ServingContext, request: Request, raw: bytes) -> Job:
     p.check_sequences(1, params.n, ctx.cfg.max_sequences_per_request)
     if ctx.codec is None:
         p.check_token_only(params)
+    p.check_grammar(params)
     prompt: str | list[int] = req.text if req.text is not None else (req.input_ids or [])
     if isinstance(prompt, str) and not prompt:
         raise p.bad_request("text is empty", "text")

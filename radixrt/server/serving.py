@@ -25,6 +25,8 @@ from radixrt.server.metrics import ServerMetrics
 from radixrt.server.protocol import APIError, ModelLimits
 from radixrt.server.text_pool import TextPool
 from radixrt.server.tokenization import TextCodec
+from radixrt.server.tool_calls import StreamParser, ToolPlan
+from radixrt.server.tool_calls import parse as parse_tool_calls
 from radixrt.text.template_sandbox import TemplateSandbox
 
 log = logging.getLogger("radixrt.router")
@@ -64,6 +66,8 @@ class Job:
     namespace: str | None
     stream: bool
     include_usage: bool = False
+    # Chat with tools (tool_choice not "none"): the output is parsed into tool_calls.
+    tools: ToolPlan | None = None
 
 
 def sse(obj: Any) -> bytes:
@@ -102,6 +106,8 @@ class Responder:
         self.lps: list[list[dict[str, Any]]] = [[] for _ in range(n)]
         self.want_lp = job.params.logprobs
         self.token_only = ctx.codec is None
+        self.tool_streams = ([StreamParser(job.tools) for _ in range(n)]
+                             if job.tools is not None else None)
 
     def _lp_entries(self, u: ChoiceUpdate) -> list[dict[str, Any]]:
         if not self.want_lp or u.logprobs is None:
@@ -138,9 +144,9 @@ class Responder:
         usage = self.gen.usage.as_dict()
         n = len(self.texts)
         if self.job.kind == "chat":
-            choices = [{"index": i, "message": {"role": "assistant", "content": self.texts[i]},
+            choices = [{"index": i, **self._message(i),
                         "logprobs": {"content": self.lps[i]} if self.want_lp else None,
-                        "finish_reason": self.finish[i], "matched_stop": self.matched[i]}
+                        "matched_stop": self.matched[i]}
                        for i in range(n)]
             return {"id": self.id, "object": "chat.completion", "created": self.created,
                     "model": self.ctx.model_name, "choices": choices, "usage": usage}
@@ -154,6 +160,19 @@ class Responder:
                     "model": self.ctx.model_name, "choices": choices, "usage": usage}
         outs = [self._native(i, usage, final=True) for i in range(n)]
         return outs[0] if n == 1 else outs
+
+    def _message(self, i: int) -> dict[str, Any]:
+        """A chat choice's message and finish_reason (tool calls parsed out of the text)."""
+        msg: dict[str, Any] = {"role": "assistant", "content": self.texts[i]}
+        finish = self.finish[i]
+        if self.job.tools is not None:
+            content, calls = parse_tool_calls(self.job.tools, self.texts[i])
+            if calls:
+                msg["content"] = content or None
+                msg["tool_calls"] = calls
+                if finish == "stop":
+                    finish = "tool_calls"
+        return {"message": msg, "finish_reason": finish}
 
     def _native(self, i: int, usage: dict[str, Any], final: bool) -> dict[str, Any]:
         meta: dict[str, Any] = {
@@ -179,14 +198,27 @@ class Responder:
             return self._native(u.choice, self.gen.usage.as_dict(),
                                 final=u.finish_reason is not None)
         if self.job.kind == "chat":
-            delta: dict[str, Any] = {"content": u.text}
+            text, finish = u.text, u.finish_reason
+            calls: list[dict[str, Any]] = []
+            if self.tool_streams is not None:
+                parser = self.tool_streams[u.choice]
+                text = parser.feed(u.text)
+                if finish is not None:
+                    rest, calls = parser.finish()
+                    text += rest
+                    if calls and finish == "stop":
+                        finish = "tool_calls"
+            delta: dict[str, Any] = {"content": text}
+            if calls:
+                delta["content"] = text or None
+                delta["tool_calls"] = [{"index": k, **c} for k, c in enumerate(calls)]
             if first:
                 delta["role"] = "assistant"
-            if not u.text and u.finish_reason is None and not first:
+            if not text and finish is None and not first:
                 return None
             choice: dict[str, Any] = {"index": u.choice, "delta": delta,
                                       "logprobs": {"content": entries} if self.want_lp else None,
-                                      "finish_reason": u.finish_reason}
+                                      "finish_reason": finish}
             obj = "chat.completion.chunk"
         else:
             if not news and u.finish_reason is None:

@@ -1,0 +1,160 @@
+"""Grammar texts -> xgrammar compiled grammars, cached per (kind, text).
+
+Two halves:
+- ``check_syntax`` (router, no tokenizer): parses the grammar so a bad regex / schema / EBNF is
+  a 400 naming the field before anything reaches a worker.
+- ``GrammarCompiler`` (worker): compiles against the model's tokenizer in a small thread pool
+  and keeps the results in an LRU keyed by the grammar text, so a schema is compiled once per
+  worker however many requests use it. A compilation that overruns ``timeout_s`` fails its
+  request (its thread finishes in the background and the result is cached all the same).
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections import OrderedDict
+from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
+from typing import Any
+
+import xgrammar as xgr
+
+GrammarKey = tuple[str, str]  # (kind, text): kind in radixrt.sampling_params.CONSTRAINT_FIELDS
+
+DEFAULT_COMPILE_TIMEOUT_S = 10.0
+DEFAULT_CACHE_ENTRIES = 256
+
+
+class GrammarError(ValueError):
+    """The grammar is invalid, unsupported, or did not compile in time (a client error)."""
+
+
+# xgrammar 0.2.9 writes length-bounded JSON strings ({"maxLength": n}) with the character class
+# below, which admits control characters: a walk can emit "a\x17b", which strict JSON parsers
+# (Python's json.loads) reject. The unbounded string rule excludes them; so do we.
+_LOOSE_STRING_CHARS = r'[^\"\\\r\n]'
+_STRICT_STRING_CHARS = r'[^\0-\x1f\"\\]'
+
+
+def json_schema_grammar(text: str) -> xgr.Grammar:
+    """A JSON schema's grammar: compact separators, no extra properties unless allowed."""
+    g = xgr.Grammar.from_json_schema(text, any_whitespace=False, strict_mode=True)
+    ebnf = str(g)
+    if _LOOSE_STRING_CHARS not in ebnf:
+        return g
+    return xgr.Grammar.from_ebnf(ebnf.replace(_LOOSE_STRING_CHARS, _STRICT_STRING_CHARS))
+
+
+def _grammar(kind: str, text: str) -> xgr.Grammar:
+    if kind == "regex":
+        return xgr.Grammar.from_regex(text)
+    if kind == "json_schema":
+        return json_schema_grammar(text)
+    if kind == "ebnf":
+        return xgr.Grammar.from_ebnf(text)
+    raise GrammarError(f"unknown grammar kind {kind!r}")
+
+
+def _clean(e: Exception) -> str:
+    # xgrammar prefixes its messages with "[time] /path/file.cc:line: "; keep the reason.
+    msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    return msg.split(": ", 1)[1] if msg.startswith("[") and ": " in msg else msg
+
+
+def check_syntax(kind: str, text: str) -> None:
+    """Raises GrammarError when ``text`` is not a valid grammar of ``kind``."""
+    try:
+        _grammar(kind, text)
+    except GrammarError:
+        raise
+    except Exception as e:  # xgrammar raises RuntimeError / ValueError / its own classes
+        raise GrammarError(f"invalid {kind}: {_clean(e)}") from None
+
+
+def tokenizer_info(tokenizer: Any, vocab_size: int) -> xgr.TokenizerInfo:
+    """xgrammar's view of the tokenizer; ``vocab_size`` is the model's logits width (it may
+    exceed the tokenizer's length: the padding ids are never allowed)."""
+    return xgr.TokenizerInfo.from_huggingface(tokenizer, vocab_size=vocab_size)
+
+
+class GrammarCompiler:
+    """Compiles and caches grammars for one tokenizer. Thread-safe."""
+
+    def __init__(self, info: xgr.TokenizerInfo, *, max_entries: int = DEFAULT_CACHE_ENTRIES,
+                 timeout_s: float = DEFAULT_COMPILE_TIMEOUT_S, threads: int = 2) -> None:
+        assert max_entries >= 1 and timeout_s > 0, "need a positive cache size and timeout"
+        self.info = info
+        self.vocab_size = info.vocab_size
+        self.timeout_s = timeout_s
+        # xgrammar's own cache is off: ours is keyed by the request's text and bounded by count.
+        self._xgr = xgr.GrammarCompiler(info, max_threads=threads, cache_enabled=False)
+        self._pool = ThreadPoolExecutor(threads, thread_name_prefix="grammar")
+        self._lock = threading.Lock()
+        self._cache: OrderedDict[GrammarKey, Future[xgr.CompiledGrammar]] = OrderedDict()
+        self._max = max_entries
+        self.hits = 0
+        self.misses = 0
+        self.compile_s = 0.0  # total time spent compiling (cold compiles only)
+
+    def _compile(self, key: GrammarKey) -> xgr.CompiledGrammar:
+        kind, text = key
+        t0 = time.perf_counter()
+        try:
+            if kind == "regex":
+                out = self._xgr.compile_regex(text)
+            elif kind == "json_schema":
+                out = self._xgr.compile_grammar(json_schema_grammar(text))
+            elif kind == "ebnf":
+                out = self._xgr.compile_grammar(text)
+            else:
+                raise GrammarError(f"unknown grammar kind {kind!r}")
+        except GrammarError:
+            raise
+        except Exception as e:
+            raise GrammarError(f"invalid {kind}: {_clean(e)}") from None
+        finally:
+            self.compile_s += time.perf_counter() - t0
+        return out
+
+    def submit(self, key: GrammarKey) -> Future[xgr.CompiledGrammar]:
+        """The (possibly finished) compilation of ``key``; starts it on a miss."""
+        with self._lock:
+            fut = self._cache.get(key)
+            if fut is not None:
+                self._cache.move_to_end(key)
+                self.hits += 1
+                return fut
+            self.misses += 1
+            fut = self._pool.submit(self._compile, key)
+            self._cache[key] = fut
+            while len(self._cache) > self._max:
+                self._cache.popitem(last=False)
+        # A failed compilation is not kept: the same text fails fast in check_syntax anyway,
+        # and a timeout-only failure deserves a retry.
+        fut.add_done_callback(lambda f: self._forget_failed(key, f))
+        return fut
+
+    def _forget_failed(self, key: GrammarKey, fut: Future[xgr.CompiledGrammar]) -> None:
+        if fut.cancelled() or fut.exception() is None:
+            return
+        with self._lock:
+            if self._cache.get(key) is fut:
+                del self._cache[key]
+
+    def compile(self, key: GrammarKey) -> xgr.CompiledGrammar:
+        """Blocking compile (cached); GrammarError on a bad grammar or after ``timeout_s``."""
+        fut = self.submit(key)
+        try:
+            return fut.result(timeout=self.timeout_s)
+        except FutureTimeout:
+            raise GrammarError(f"{key[0]} did not compile within {self.timeout_s:g} s") from None
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+def json_object_schema() -> str:
+    """response_format json_object: any JSON object."""
+    return json.dumps({"type": "object"})

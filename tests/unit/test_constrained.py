@@ -1,0 +1,160 @@
+"""radixrt.constrained: compile cache, matcher (advance / rollback / fork), batch bitmask,
+logit bias; every grammar-guided output (hypothesis regexes and schemas included) parses."""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Any
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from radixrt.constrained.batch import MaskBuilder, apply_logit_bias
+from radixrt.constrained.grammar import GrammarCompiler, GrammarError, check_syntax, tokenizer_info
+from radixrt.constrained.matcher import Matcher
+from radixrt.kernels.token_bitmask import apply_token_bitmask
+from tests.fixtures.tiny_models import EOS_ID, TINY_VOCAB, build_tokenizer
+
+jsonschema = pytest.importorskip("jsonschema")
+
+
+@pytest.fixture(scope="module")
+def tok() -> Any:
+    return build_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def compiler(tok: Any) -> GrammarCompiler:
+    return GrammarCompiler(tokenizer_info(tok, TINY_VOCAB), timeout_s=60)
+
+
+def walk(compiler: GrammarCompiler, kind: str, text: str, seed: int, max_steps: int = 200,
+         batch: int = 1) -> list[list[int]]:
+    """Random walks through the grammar: each step draws from random logits masked by the
+    batch bitmask, exactly as the sampler would; returns each row's tokens (stop excluded)."""
+    cg = compiler.compile((kind, text))
+    matchers = [Matcher(cg) for _ in range(batch)]
+    builder = MaskBuilder(TINY_VOCAB, "cpu")
+    gen = torch.Generator().manual_seed(seed)
+    out: list[list[int]] = [[] for _ in range(batch)]
+    live = list(range(batch))
+    for _ in range(max_steps):
+        if not live:
+            break
+        rows: list[Matcher | None] = [matchers[i] for i in live]
+        mask = builder.fill(rows)
+        assert mask is not None
+        logits = torch.randn(len(live), TINY_VOCAB, generator=gen)
+        apply_token_bitmask(logits, mask)
+        # Prefer ending once allowed, so walks finish: the stop token gets a boost.
+        logits[:, EOS_ID] += 2.0
+        picks = logits.argmax(-1).tolist()
+        still = []
+        for i, t in zip(live, picks):
+            assert torch.isfinite(logits[live.index(i), t]), "an all-masked row"
+            assert matchers[i].advance(t), f"masked draw {t} rejected by the grammar"
+            if t == EOS_ID:
+                assert matchers[i].is_terminated
+            else:
+                out[i].append(t)
+                still.append(i)
+        live = still
+    assert not live, "a walk did not finish within max_steps"
+    return out
+
+
+def test_compile_cache_hits_and_bad_grammars(compiler: GrammarCompiler) -> None:
+    key = ("regex", "[ab]{2,4}")
+    a = compiler.compile(key)
+    hits = compiler.hits
+    assert compiler.compile(key) is a and compiler.hits == hits + 1
+    with pytest.raises(GrammarError, match="regex"):
+        compiler.compile(("regex", "a(b"))
+    for kind, text in [("regex", "a(b"), ("ebnf", "root ::= x"), ("json_schema", '{"type": 1}')]:
+        with pytest.raises(GrammarError, match=kind):
+            check_syntax(kind, text)
+
+
+def test_regex_walks_match(compiler: GrammarCompiler, tok: Any) -> None:
+    pattern = r"(yes|no|maybe) [0-9]{1,3}"
+    for seq in walk(compiler, "regex", pattern, seed=1, batch=12):
+        assert re.fullmatch(pattern, tok.decode(seq)), tok.decode(seq)
+
+
+def test_matcher_rollback_and_fork(compiler: GrammarCompiler, tok: Any) -> None:
+    cg = compiler.compile(("regex", "abc|abd"))
+    m = Matcher(cg)
+    ids = tok.encode("ab", add_special_tokens=False)
+    for t in ids:
+        assert m.advance(t)
+    child = m.fork()
+    c = tok.encode("c", add_special_tokens=False)[0]
+    d = tok.encode("d", add_special_tokens=False)[0]
+    assert m.advance(c) and child.advance(d), "forks walk independently"
+    m.rollback(1)
+    assert m.num_accepted == len(ids)
+    assert m.advance(d)
+    assert not Matcher(cg).advance(d) or len(tok.encode("d")) == 0  # 'd' cannot start it
+    assert m.advance(EOS_ID) and m.is_terminated
+
+
+SCHEMA_LEAVES = st.sampled_from([
+    {"type": "integer"}, {"type": "boolean"}, {"type": "string", "maxLength": 6},
+    {"enum": ["red", "green", 3]}, {"type": "number"}, {"type": "null"},
+    {"type": "integer", "minimum": -5, "maximum": 40},
+])
+
+
+def _schemas() -> st.SearchStrategy[dict[str, Any]]:
+    def objects(children: st.SearchStrategy[dict[str, Any]]) -> st.SearchStrategy[dict[str, Any]]:
+        props = st.dictionaries(st.from_regex(r"[a-z]{1,5}", fullmatch=True), children,
+                                min_size=1, max_size=3)
+        return st.one_of(
+            props.map(lambda p: {"type": "object", "properties": p, "required": sorted(p),
+                                 "additionalProperties": False}),
+            children.map(lambda c: {"type": "array", "items": c, "maxItems": 3}))
+    return st.recursive(SCHEMA_LEAVES, objects, max_leaves=6)
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(schema=_schemas(), seed=st.integers(0, 2**31))
+def test_hypothesis_schemas_walks_validate(compiler: GrammarCompiler, tok: Any,
+                                           schema: dict[str, Any], seed: int) -> None:
+    for seq in walk(compiler, "json_schema", json.dumps(schema), seed=seed, max_steps=400,
+                    batch=2):
+        jsonschema.validate(json.loads(tok.decode(seq)), schema)
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(parts=st.lists(st.sampled_from(["[a-c]", "[0-9]{1,2}", "(x|yz)", "-", "q?", "[ab]+"]),
+                      min_size=1, max_size=5), seed=st.integers(0, 2**31))
+def test_hypothesis_regex_walks_match(compiler: GrammarCompiler, tok: Any, parts: list[str],
+                                      seed: int) -> None:
+    pattern = "".join(parts)
+    for seq in walk(compiler, "regex", pattern, seed=seed, max_steps=300):
+        assert re.fullmatch(pattern, tok.decode(seq)), (pattern, tok.decode(seq))
+
+
+def test_ebnf_walks(compiler: GrammarCompiler, tok: Any) -> None:
+    grammar = 'root ::= "(" item ("," item)* ")"\nitem ::= [0-9] | "x"'
+    for seq in walk(compiler, "ebnf", grammar, seed=3, batch=10):  # >= 8 rows: batch fill
+        assert re.fullmatch(r"\(([0-9]|x)(,([0-9]|x))*\)", tok.decode(seq))
+
+
+def test_mask_builder_leaves_unconstrained_rows(compiler: GrammarCompiler) -> None:
+    m = Matcher(compiler.compile(("regex", "[0-9]")))
+    mask = MaskBuilder(TINY_VOCAB, "cpu").fill([None, m, None])
+    assert mask is not None and mask.shape == (3, (TINY_VOCAB + 31) // 32)
+    assert (mask[0] == -1).all() and (mask[2] == -1).all() and not (mask[1] == -1).all()
+    assert MaskBuilder(TINY_VOCAB, "cpu").fill([None, None]) is None
+
+
+def test_logit_bias_adds_per_row() -> None:
+    x = torch.zeros(3, 10)
+    apply_logit_bias(x, [((1, -100.0), (4, 2.5)), (), ((9, 100.0),)])
+    want = torch.zeros(3, 10)
+    want[0, 1], want[0, 4], want[2, 9] = -100.0, 2.5, 100.0
+    assert torch.equal(x, want)

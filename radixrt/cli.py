@@ -16,6 +16,15 @@ _SERVER = ServerConfig()
 _ENGINE = EngineConfig()
 
 
+def _tokens_or_auto(v: str) -> int | str:
+    if v == "auto":
+        return v
+    try:
+        return int(v)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a token count or 'auto', got {v!r}") from None
+
+
 def _engine_default(name: str) -> str:
     return f"(default: engine default, {getattr(_ENGINE, name)!r})"
 
@@ -92,6 +101,11 @@ def add_serve_args(ap: argparse.ArgumentParser) -> None:
       help="tokens per KV page, a power of two " + _engine_default("page_size"))
     a("--kv-cache-tokens", type=int, default=None,
       help="KV pool size in tokens (default: from free GPU memory; on CPU 16384 tokens or 1 GiB)")
+    a("--host-kv-cache-tokens", type=_tokens_or_auto, default=None,
+      help="host KV tier behind the GPU pool, in tokens (pinned RAM on CUDA; 0 = off, the "
+      "default). A GPU eviction writes pages down, a hit there loads them back instead of "
+      "recomputing. 'auto' = 4x the GPU pool within 40%% of the available RAM; size it to the "
+      "working set (Llama-3-8B in bf16: 128 KiB per token, so 800000 tokens = 100 GB)")
     a("--schedule-policy", default=None, choices=("lpm", "fcfs"),
       help="lpm (longest prefix match first) or fcfs " + _engine_default("schedule_policy"))
     a("--disable-prefix-cache", action="store_const", const=False, default=None,

@@ -16,6 +16,7 @@ import torch
 from radixrt.cache.allocator import PageAllocator
 from radixrt.cache.kv_pool import KVPool
 from radixrt.cache.prefix_cache import make_prefix_cache
+from radixrt.cache.transfer import make_host_tier
 from radixrt.config import EngineConfig
 from radixrt.engine.memory import SequenceMemory
 from radixrt.engine.outputs import EngineStats, SequenceDelta
@@ -118,8 +119,11 @@ class EngineCore:
             max_running_requests=config.max_running_requests,
         )
         allocator = PageAllocator(num_pages)
-        cache = make_prefix_cache(allocator, config.page_size, config.enable_prefix_cache)
-        memory = SequenceMemory(allocator, cache, config.page_size, pool.copy_pages)
+        tier = make_host_tier(pool, config.host_kv_cache_tokens)
+        cache = make_prefix_cache(allocator, config.page_size, config.enable_prefix_cache, tier)
+        # A full prefill step's worth of the oldest GPU cache stays written down ahead of need.
+        memory = SequenceMemory(allocator, cache, config.page_size, pool.copy_pages,
+                                backup_ahead_pages=2 * config.max_prefill_tokens // config.page_size)
         eos = set(args.eos_token_ids)
         if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
             eos.add(int(self.tokenizer.eos_token_id))

@@ -4,6 +4,10 @@ the page allocator and the radix prefix cache.
 Reference rule (see radixrt/cache/radix.py): a page's refcount = (1 if a tree node holds it) +
 (number of sequences holding it). A sequence keeps its cache handle locked, and every tree page
 it holds lies on that locked path, so eviction only ever frees pages nobody reads.
+
+With a host tier (radixrt/cache/tiered.py) the cache writes evicted pages down before this
+class frees them, ``prefix_ready`` starts loading a host-resident prefix back (the request waits
+in the queue, nothing else does) and ``poll`` once per step retires finished copies.
 """
 
 from __future__ import annotations
@@ -23,11 +27,15 @@ class SequenceMemory:
         cache: PrefixCache,
         page_size: int,
         copy_pages: Callable[[list[int], list[int]], None],
+        *,
+        backup_ahead_pages: int = 0,
     ) -> None:
         self.allocator = allocator
         self.cache = cache
         self.page_size = page_size
         self._copy_pages = copy_pages
+        # Host tier: keep this many of the oldest evictable GPU pages written down ahead of need.
+        self._backup_ahead = backup_ahead_pages
 
     @property
     def available_pages(self) -> int:
@@ -51,6 +59,34 @@ class SequenceMemory:
         seq.kv_len = match.length
         return match.length
 
+    def prefix_ready(self, seq: Sequence, max_tokens: int | None = None) -> bool:
+        """False while part of the sequence's cached prefix is still being loaded from the host
+        tier (this starts that load when the GPU has room): the caller skips the sequence this
+        step and admits others. True when the prefix is usable now, or is to be computed."""
+        tokens = seq.token_array()
+        if max_tokens is not None:
+            tokens = tokens[: max_tokens + 1]
+        if len(tokens) < 2:
+            return True
+        match = self.cache.match_prefix(tokens, seq.namespace, record_stats=False)
+        if match.host_nodes:
+            if not self.cache.start_load(match, self._alloc_evicting):
+                return True  # no GPU room for it now: the sequence computes it instead
+            self.cache.poll()  # a copy that already ended (always, on CPU) is usable now
+            match = self.cache.match_prefix(tokens, seq.namespace, record_stats=False)
+        return match.ready
+
+    def poll(self) -> None:
+        """Once per step: retire finished host-tier copies and write the oldest GPU entries
+        down ahead of need (so evicting them later waits for no copy)."""
+        self.cache.poll()
+        if self._backup_ahead:
+            self.cache.backup_ahead(self._backup_ahead)
+
+    def _alloc_evicting(self, n: int) -> list[int] | None:
+        self._free_up(n)
+        return self.allocator.alloc(n)
+
     def grow(self, seq: Sequence, total_tokens: int) -> bool:
         """Reserve slots for ``total_tokens`` tokens of ``seq``, evicting LRU cache if short."""
         if seq.pages.ensure_capacity(total_tokens, self.allocator):
@@ -65,8 +101,8 @@ class SequenceMemory:
             self.allocator.decref(self.cache.evict(short))
 
     def flush_cache(self) -> bool:
-        """Evict every unlocked cache entry; False if locked entries remain."""
-        self.allocator.decref(self.cache.evict(self.cache.evictable_pages))
+        """Drop every unlocked cache entry (both tiers); False if locked entries remain."""
+        self.allocator.decref(self.cache.flush())
         return self.cache.evictable_pages == 0 and self.cache.locked_pages == 0
 
     def commit_progress(self, seq: Sequence) -> None:
@@ -123,6 +159,19 @@ class SequenceMemory:
             self.cache.lock(parent.cache_handle)
             child.cache_handle = parent.cache_handle
         return True
+
+    def tier_stats(self) -> dict[str, float]:
+        """The host tier's numbers for ``EngineStats.extra`` (empty without a tier)."""
+        s = self.cache.stats()
+        if not s.host_total_pages:
+            return {}
+        return {
+            "host_total_pages": s.host_total_pages, "host_free_pages": s.host_free_pages,
+            "host_only_pages": s.host_only_pages, "host_backup_pages": s.host_backup_pages,
+            "host_loading_pages": s.host_loading_pages, "host_hit_tokens": s.loaded_tokens,
+            "host_bytes_loaded": s.bytes_loaded, "host_bytes_written": s.bytes_written,
+            "host_load_seconds": s.load_seconds, "host_write_fences": s.write_fences,
+        }
 
     @staticmethod
     def external_refs(seqs: Iterable[Sequence]) -> Counter[int]:

@@ -25,6 +25,7 @@ _ENGINE_FIELDS = (
     "dtype",
     "page_size",
     "kv_cache_tokens",
+    "host_kv_cache_tokens",
     "schedule_policy",
     "enable_prefix_cache",
     "chunked_prefill_size",
@@ -83,6 +84,7 @@ class ServerConfig:
     dtype: str | None = None
     page_size: int | None = None
     kv_cache_tokens: int | None = None
+    host_kv_cache_tokens: int | str | None = None  # tokens, or "auto"
     schedule_policy: str | None = None
     enable_prefix_cache: bool | None = None
     chunked_prefill_size: int | None = None

@@ -182,9 +182,21 @@ class ServerMetrics:
                              "Time between output tokens of one sequence.", _LATENCY_BUCKETS)
         self.e2e = Histogram(p + "e2e_request_latency_seconds",
                              "Request latency from arrival to the last token.", _LATENCY_BUCKETS)
+        # Host KV tier (only with --host-kv-cache-tokens): pages by state, and the worker's
+        # totals since it started (hits served by loads, bytes each way, device time of loads).
+        self.host_pages = Gauge(p + "host_kv_pages", "Host KV tier pages by state (host_only: "
+                                "the only copy; backup: also on the GPU; loading: being copied "
+                                "to the GPU).", ("worker", "state"))
+        self.host_hit_tokens = Gauge(p + "host_kv_hit_tokens", "Prompt tokens served by loads "
+                                     "from the host tier since the worker started.", ("worker",))
+        self.host_bytes = Gauge(p + "host_kv_bytes", "Bytes copied between the host tier and "
+                                "the GPU since the worker started.", ("worker", "direction"))
+        self.host_load_seconds = Gauge(p + "host_kv_load_seconds", "Summed duration of host "
+                                       "tier loads since the worker started.", ("worker",))
         for m in (self.requests, self.prompt_tokens, self.generation_tokens, self.cached_tokens,
                   self.cache_hit_rate, self.kv_pages, self.running, self.queued, self.worker_up,
-                  self.router_waiting, self.router_in_flight, self.ttft, self.itl, self.e2e):
+                  self.router_waiting, self.router_in_flight, self.ttft, self.itl, self.e2e,
+                  self.host_pages, self.host_hit_tokens, self.host_bytes, self.host_load_seconds):
             r.register(m)
 
     def set_router(self, waiting: int, in_flight: int) -> None:
@@ -204,3 +216,12 @@ class ServerMetrics:
             self.kv_pages.set(v, worker=w, state=state)
         self.running.set(stats.running_requests, worker=w)
         self.queued.set(stats.queued_requests, worker=w)
+        x = stats.extra
+        if "host_total_pages" in x:
+            for state in ("total", "free", "only", "backup", "loading"):
+                self.host_pages.set(x[f"host_{state}_pages"], worker=w,
+                                    state="host_only" if state == "only" else state)
+            self.host_hit_tokens.set(x["host_hit_tokens"], worker=w)
+            self.host_bytes.set(x["host_bytes_loaded"], worker=w, direction="loaded")
+            self.host_bytes.set(x["host_bytes_written"], worker=w, direction="written")
+            self.host_load_seconds.set(x["host_load_seconds"], worker=w)

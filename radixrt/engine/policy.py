@@ -97,7 +97,10 @@ class WaitingQueue:
     def _place(self, seq: Sequence) -> None:
         tokens = seq.token_array()
         match = self.cache.match_prefix(tokens, seq.namespace, record_stats=False)
-        handle, rootless = match.handle, match.handle.namespace != seq.namespace
+        # With a host tier, the deepest node of either tier: a host hit is cheap to load, and
+        # only detaching or gaining a child can change the match then, as without a tier.
+        handle = match.host_nodes[-1] if match.host_nodes else match.handle
+        rootless = handle.namespace != seq.namespace
         key: object = ("rootless", seq.namespace) if rootless else handle
         group = self._groups.get(key)
         if group is None:
@@ -106,8 +109,9 @@ class WaitingQueue:
         # The match leaves the last token uncached: a match that reached that limit never grows.
         limit = (len(tokens) - 1) // self.page_size * self.page_size
         nxt = None
-        if match.length < limit:
-            nxt = tokens[match.length : match.length + self.page_size].tobytes()
+        matched = match.length + match.host_length
+        if matched < limit:
+            nxt = tokens[matched : matched + self.page_size].tobytes()
             group.by_next[nxt].append(seq)
         self._where[id(seq)] = (key, nxt)
 

@@ -7,7 +7,7 @@ then asked about again. Prints one JSON line per configuration (and writes them 
               a host hit and a load with the tier on, a cold prefill again with it off
 Target (issue 12): after <= cold / 5 with the tier on.
 
-    python bench/bench_tier.py --device cuda --model llama3-8b --doc-tokens 120000 \\
+    python bench/bench_tier.py --device cuda --model llama3.1-8b --doc-tokens 120000 \\
         --kv-cache-tokens 150000 --host-kv-cache-tokens 800000
 """
 
@@ -84,7 +84,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--device", default="cuda")
     p.add_argument("--dtype", default="auto")
-    p.add_argument("--model", default="llama3-8b")
+    p.add_argument("--model", default="llama3.1-8b", help="a preset (dummy weights) with room "
+                   "for the document: llama3.1-8b is the Llama-3-8B shape with 128k positions")
     p.add_argument("--doc-tokens", type=int, default=120_000)
     p.add_argument("--kv-cache-tokens", type=int, default=150_000)
     p.add_argument("--host-kv-cache-tokens", type=int, default=800_000)

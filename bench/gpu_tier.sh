@@ -10,7 +10,7 @@
 # Sizes: the issue's chat --scale 8 with a 150,000-token GPU pool and an 800,000-token host tier
 # (~98 GiB pinned) when the RAM allows it (MemAvailable >= 112 GiB), else all three halved
 # (scale 4, 75,000, 400,000). Env overrides: SCALE, GPU_TOKENS, HOST_TOKENS, DOC_TOKENS,
-# RAG_HOST_TOKENS, MODEL, DEVICE, DTYPE, and per-step timeouts T_XFER T_ON T_OFF T_RAG.
+# RAG_HOST_TOKENS, MODEL, RAG_MODEL, DEVICE, DTYPE, and per-step timeouts T_XFER T_ON T_OFF T_RAG.
 # CPU dry run (tiny model, seconds):
 #   DEVICE=cpu MODEL=llama-tiny DTYPE=float32 SCALE=0.05 GPU_TOKENS=2048 HOST_TOKENS=16384 \
 #     DOC_TOKENS=1500 RAG_HOST_TOKENS=8192 XFER_ARGS="--model-shape tiny --pages 64 --pool-pages 256" \
@@ -53,7 +53,9 @@ timeout -k 10 "$T_ON" "$PY" bench/run_bench.py "${CHAT[@]}" --host-kv-cache-toke
 timeout -k 10 "$T_OFF" "$PY" bench/run_bench.py "${CHAT[@]}" --out "$OUT/chat_off" --tag off 2>&1 \
   | tee "$OUT/chat_off.log" | grep -v "^GPU memory"
 
-timeout -k 10 "${T_RAG:-170}" "$PY" bench/bench_tier.py --device "$DEVICE" --dtype "$DTYPE" --model "$MODEL" \
+# The same shape with 128k positions (llama3.1-8b) for the long document.
+RAG_MODEL="${RAG_MODEL:-$([ "$MODEL" = llama3-8b ] && echo llama3.1-8b || echo "$MODEL")}"
+timeout -k 10 "${T_RAG:-170}" "$PY" bench/bench_tier.py --device "$DEVICE" --dtype "$DTYPE" --model "$RAG_MODEL" \
   --doc-tokens "$DOC_TOKENS" --kv-cache-tokens "$GPU_TOKENS" --host-kv-cache-tokens "$RAG_HOST_TOKENS" \
   --out "$OUT/rag.jsonl" 2>&1 | tee "$OUT/rag.log"
 

@@ -70,6 +70,11 @@ class SequenceMemory:
             return True
         match = self.cache.match_prefix(tokens, seq.namespace, record_stats=False)
         if match.host_nodes:
+            # Load only what admission can then keep: the whole prompt must fit beside it, else
+            # the loaded pages would be evicted again before the sequence could use them.
+            need = -(-seq.num_tokens // self.page_size) - len(match.pages)
+            if need > self.available_pages:
+                return True
             if not self.cache.start_load(match, self._alloc_evicting):
                 return True  # no GPU room for it now: the sequence computes it instead
             self.cache.poll()  # a copy that already ended (always, on CPU) is usable now

@@ -194,9 +194,11 @@ class Scheduler:
             self._admit(budget, work)
 
     def _admit(self, budget: PrefillBudget, work: Work) -> None:
+        running = self.requests.running
+        if len(running) >= self.config.max_running_requests:
+            return  # no room for anyone: skip ordering the queue at all
         admitted = InBatchPrefixes(self.page_size)
         use_cache = self.config.enable_prefix_cache
-        running = self.requests.running
         # What the running sequences are still owed (the rest of each prompt, a share of each
         # remaining output), kept as a running sum: admission may visit many requests a step.
         owed_pages, owed_tokens = 0, 0.0

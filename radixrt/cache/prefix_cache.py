@@ -36,6 +36,7 @@ if TYPE_CHECKING:
 class PrefixCache(Protocol):
     page_size: int
     allocator: PageAllocator
+    tiered: bool  # has a host tier: matches may end on the host and need a load
 
     def match_prefix(
         self, tokens: TokenIds, namespace: str | None = None, *, record_stats: bool = True
@@ -76,6 +77,8 @@ class PrefixCache(Protocol):
 class NoPrefixCache:
     """Caches nothing: every match is empty and inserts keep the caller's own pages, so each
     sequence's pages are private and freed when it releases them."""
+
+    tiered = False
 
     def __init__(self, allocator: PageAllocator, page_size: int) -> None:
         assert page_size >= 1, f"page_size must be >= 1, got {page_size}"

@@ -70,6 +70,8 @@ class RadixCache:
 
     Implements ``radixrt.cache.prefix_cache.PrefixCache``."""
 
+    tiered = False
+
     def __init__(self, allocator: PageAllocator, page_size: int) -> None:
         assert page_size >= 1, f"page_size must be >= 1, got {page_size}"
         self.allocator = allocator

@@ -39,6 +39,8 @@ AllocPages = Callable[[int], "list[int] | None"]
 class TieredRadixCache(RadixCache):
     """``RadixCache`` with a host tier; implements ``PrefixCache``."""
 
+    tiered = True
+
     def __init__(self, allocator: PageAllocator, page_size: int, transfer: PageTransfer) -> None:
         super().__init__(allocator, page_size)
         self.transfer = transfer

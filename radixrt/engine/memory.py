@@ -63,6 +63,8 @@ class SequenceMemory:
         """False while part of the sequence's cached prefix is still being loaded from the host
         tier (this starts that load when the GPU has room): the caller skips the sequence this
         step and admits others. True when the prefix is usable now, or is to be computed."""
+        if not self.cache.tiered:
+            return True  # one GPU tier: what matches is usable (and no second match per step)
         tokens = seq.token_array()
         if max_tokens is not None:
             tokens = tokens[: max_tokens + 1]

@@ -73,10 +73,13 @@ def check_syntax(kind: str, text: str) -> None:
         raise GrammarError(f"invalid {kind}: {_clean(e)}") from None
 
 
-def tokenizer_info(tokenizer: Any, vocab_size: int) -> xgr.TokenizerInfo:
+def tokenizer_info(tokenizer: Any, vocab_size: int,
+                   stop_token_ids: list[int] | None = None) -> xgr.TokenizerInfo:
     """xgrammar's view of the tokenizer; ``vocab_size`` is the model's logits width (it may
-    exceed the tokenizer's length: the padding ids are never allowed)."""
-    return xgr.TokenizerInfo.from_huggingface(tokenizer, vocab_size=vocab_size)
+    exceed the tokenizer's length: the padding ids are never allowed); ``stop_token_ids``: the
+    tokens that may end a complete match (default: the tokenizer's eos)."""
+    return xgr.TokenizerInfo.from_huggingface(tokenizer, vocab_size=vocab_size,
+                                              stop_token_ids=stop_token_ids or None)
 
 
 class GrammarCompiler:

@@ -18,6 +18,7 @@ from radixrt.cache.kv_pool import KVPool
 from radixrt.cache.prefix_cache import make_prefix_cache
 from radixrt.cache.transfer import make_host_tier
 from radixrt.config import EngineConfig
+from radixrt.constrained.sequences import SequenceGrammars
 from radixrt.engine.memory import SequenceMemory
 from radixrt.engine.outputs import EngineStats, SequenceDelta
 from radixrt.engine.runner import ModelRunner, make_attention_backend
@@ -130,6 +131,7 @@ class EngineCore:
         self.scheduler = Scheduler(
             config, self.runner, memory, Sampler(), vocab_size=args.vocab_size,
             max_context_len=max_context, eos_token_ids=eos,
+            grammars=SequenceGrammars(self.tokenizer, args.vocab_size, device, eos),
         )
         self.model_info = ModelInfo(
             model_name=loaded.source,

@@ -4,7 +4,10 @@
               queue the draw on the device -> InFlight
     complete  (one sync) read the tokens, apply stop rules, emit deltas
 
-With overlap on, the scheduler launches step N+1 between the two halves of step N. This module
+With overlap on, the scheduler launches step N+1 between the two halves of step N. A step with
+grammar-constrained rows defers its draw (``draw``) until step N's tokens have been read and
+have advanced the grammars: the masks for N+1 are filled on the host while N+1's forward runs
+on the device, and the draw is queued right behind it. This module
 owns no sequence state: it advances what a step computed and asks the request table for every
 transition (fork, finish).
 """
@@ -16,6 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
+from radixrt.constrained.sequences import SequenceGrammars
 from radixrt.engine.memory import SequenceMemory
 from radixrt.engine.outputs import SequenceDelta
 from radixrt.engine.request import SeqStatus, Sequence
@@ -32,6 +36,8 @@ class InFlight:
 
     sampled: list[Sequence]  # in draw order; row i of pending.tokens belongs to sampled[i]
     pending: PendingSample | None
+    # A draw waiting for its grammar masks: the picked logits [B, V] and the sampler rows.
+    deferred: tuple[torch.Tensor, list[SamplerRow]] | None = None
 
 
 def will_hit_length(seq: Sequence, extra: int, max_context_len: int) -> bool:
@@ -42,8 +48,10 @@ def will_hit_length(seq: Sequence, extra: int, max_context_len: int) -> bool:
 
 class StepResults:
     def __init__(self, table: RequestTable, memory: SequenceMemory, sampler: Sampler, *,
-                 eos_token_ids: Iterable[int], max_context_len: int) -> None:
+                 eos_token_ids: Iterable[int], max_context_len: int,
+                 grammars: SequenceGrammars | None = None) -> None:
         self.table = table
+        self.grammars = grammars
         self.memory = memory
         self.sampler = sampler
         self.eos_token_ids = frozenset(eos_token_ids)
@@ -76,13 +84,26 @@ class StepResults:
         if not to_sample:
             return InFlight([], None)
         picked = logits if rows == list(range(logits.shape[0])) else logits[rows]
-        pending = self.sampler.draw(
-            picked, [SamplerRow(s.params, s.generator, s.prompt_ids, s.output_ids) for s in to_sample]
-        )
-        return InFlight(to_sample, pending)
+        sampler_rows = [SamplerRow(s.params, s.generator, s.prompt_ids, s.output_ids)
+                        for s in to_sample]
+        if self.grammars is not None and self.grammars.needs_masks(to_sample):
+            return InFlight(to_sample, None, deferred=(picked, sampler_rows))
+        return InFlight(to_sample, self.sampler.draw(picked, sampler_rows))
+
+    def draw(self, flight: InFlight) -> None:
+        """Queue a deferred draw: grammar masks from every row's newest state (the previous
+        step's tokens must have been read: ``complete`` of it comes first)."""
+        if flight.deferred is None:
+            return
+        assert self.grammars is not None, "only grammar rows defer their draw"
+        picked, rows = flight.deferred
+        live = [s.status is SeqStatus.RUNNING for s in flight.sampled]
+        bitmask = self.grammars.bitmask(flight.sampled, live)
+        flight.pending, flight.deferred = self.sampler.draw(picked, rows, bitmask), None
 
     def complete(self, flight: InFlight) -> list[SequenceDelta]:
         deltas: list[SequenceDelta] = []
+        self.draw(flight)
         if flight.pending is None:
             return deltas
         out = flight.pending.resolve()
@@ -98,6 +119,9 @@ class StepResults:
                       top: list[tuple[int, float]] | None) -> SequenceDelta:
         params = seq.params
         self.generated_tokens += 1
+        if self.grammars is not None and not self.grammars.accept(seq, token):
+            return self.table.finish(seq, "abort", f"token {token} is outside the request's "
+                                     f"{params.constraint[0] if params.constraint else 'grammar'}")
         if (token in self.eos_token_ids and not params.ignore_eos) or token in params.stop_token_ids:
             seq.matched_stop_token = token  # not part of the output, as in OpenAI's API
             return self.table.finish(seq, "stop")

@@ -138,11 +138,17 @@ class Sampler:
     def sample(self, logits: torch.Tensor, rows: Sequence[SamplerRow]) -> SampleOutput:
         return self.draw(logits, rows).resolve()
 
-    def draw(self, logits: torch.Tensor, rows: Sequence[SamplerRow]) -> PendingSample:
-        """Queue the draw on the logits' device; nothing waits for it until ``resolve()``."""
+    def draw(self, logits: torch.Tensor, rows: Sequence[SamplerRow],
+             bitmask: torch.Tensor | None = None) -> PendingSample:
+        """Queue the draw on the logits' device; nothing waits for it until ``resolve()``.
+
+        ``bitmask``: [B, ceil(V / 32)] int32 on the device, the tokens each row's grammar
+        allows (radixrt/constrained). It and each row's logit_bias apply first, so penalties,
+        logprobs and the draw all see the constrained distribution."""
         assert logits.dim() == 2, f"logits must be [B, V], got shape {tuple(logits.shape)}"
         assert logits.shape[0] == len(rows), f"{logits.shape[0]} logit rows for {len(rows)} rows"
-        x = self._apply_penalties(logits.float(), rows)  # [B, V], new tensor
+        x = self._constrain(logits.float(), rows, bitmask, copied=logits.dtype != torch.float32)
+        x = self._apply_penalties(x, rows)  # [B, V], new tensor
 
         want_lp = any(r.params.logprobs or r.params.top_logprobs > 0 for r in rows)
         logprobs = torch.log_softmax(x, dim=-1) if want_lp else None  # [B, V]
@@ -181,6 +187,26 @@ class Sampler:
         return lp.gather(1, idx).squeeze(1).tolist()
 
     # ---- pipeline stages -------------------------------------------------------------------
+
+    @staticmethod
+    def _constrain(x: torch.Tensor, rows: Sequence[SamplerRow], bitmask: torch.Tensor | None,
+                   copied: bool) -> torch.Tensor:
+        """logit_bias (one sparse add) then the grammar bitmask (one fused pass), in place on a
+        copy: the caller's logits are the runner's and stay as computed."""
+        biases = [r.params.logit_bias for r in rows]
+        if bitmask is None and not any(biases):
+            return x
+        if not copied:
+            x = x.clone()
+        if any(biases):
+            from radixrt.constrained.batch import apply_logit_bias
+
+            apply_logit_bias(x, biases)
+        if bitmask is not None:
+            from radixrt.kernels.token_bitmask import apply_token_bitmask
+
+            apply_token_bitmask(x, bitmask)
+        return x
 
     @staticmethod
     def _apply_penalties(x: torch.Tensor, rows: Sequence[SamplerRow]) -> torch.Tensor:

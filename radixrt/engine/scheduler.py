@@ -19,6 +19,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 from radixrt.config import EngineConfig
+from radixrt.constrained.sequences import SequenceGrammars
 from radixrt.engine import overlap, step_builder
 from radixrt.engine.budget import PrefillBudget
 from radixrt.engine.inbatch import InBatchPrefixes
@@ -50,6 +51,7 @@ class Scheduler:
         vocab_size: int,
         max_context_len: int,
         eos_token_ids: Iterable[int],
+        grammars: SequenceGrammars | None = None,
     ) -> None:
         self.config = config
         self.runner = runner
@@ -60,7 +62,7 @@ class Scheduler:
         self.requests = RequestTable(memory, WaitingQueue(memory.cache, config.schedule_policy),
                                      config.page_size, runner.device)
         self.results = StepResults(self.requests, memory, sampler, eos_token_ids=eos_token_ids,
-                                   max_context_len=max_context_len)
+                                   max_context_len=max_context_len, grammars=grammars)
         self._inflight: InFlight | None = None  # launched, tokens not yet read
         self.overlapped_steps = 0  # steps launched before the previous step's tokens were read
 
@@ -90,6 +92,10 @@ class Scheduler:
                 "and at least one must be left to generate"
             )
         params.validate_for_model(self.vocab_size, self.max_context_len, len(input_ids))
+        if params.constraint is not None:
+            if self.results.grammars is None:
+                raise ValueError(f"{params.constraint[0]}: this engine has no grammar support")
+            self.results.grammars.check(params)  # compiles now (cached): a bad one is refused
         if params.seed is not None and not 0 <= params.seed <= MAX_SEED - (params.n - 1):
             # Sample i draws with seed + i, made when it forks mid-step: reject it here instead.
             raise ValueError(f"seed must be in [0, 2^64 - n], got {params.seed} with n={params.n}")
@@ -129,6 +135,8 @@ class Scheduler:
         flight = self._launch(work, feeds, prev) if work else None
         if prev is not None:
             deltas += self.results.complete(prev)  # read while the step just launched runs
+        if flight is not None:
+            self.results.draw(flight)  # a grammar step's masks need prev's tokens: now
         if flight is not None and not self.config.overlap:
             deltas += self.results.complete(flight)
             flight = None

@@ -45,12 +45,13 @@ _EMPTY = np.zeros(0, dtype=np.int32)
 class _Group:
     """Waiting requests at one handle (or, ``rootless``, in a namespace without a root)."""
 
-    __slots__ = ("node", "rootless", "seqs", "by_next")
+    __slots__ = ("node", "rootless", "seqs", "keys", "by_next")
 
     def __init__(self, node: Node, rootless: bool) -> None:
         self.node = node  # where the group sorts: its handle (a rootless group: the default root)
         self.rootless = rootless
         self.seqs: list[Sequence] = []  # arrival order
+        self.keys: list[int] = []  # their arrivals (bisect on ints: no key callbacks)
         self.by_next: dict[bytes, list[Sequence]] = defaultdict(list)  # next page -> requests
 
 
@@ -61,6 +62,7 @@ class WaitingQueue:
         self.policy = policy
         self.page_size = cache.page_size
         self._fcfs: list[Sequence] = []  # every waiting request, arrival order
+        self._fcfs_keys: list[int] = []  # their arrivals
         self._groups: dict[object, _Group] = {}  # handle node (or namespace, rootless) -> group
         self._where: dict[int, tuple[object, bytes | None]] = {}  # id(seq) -> (group key, next page)
         self.rematches = 0  # matches redone because the tree changed (for benchmarks)
@@ -75,14 +77,12 @@ class WaitingQueue:
         return iter(self._fcfs)
 
     def push(self, seq: Sequence) -> None:
-        bisect.insort(self._fcfs, seq, key=_arrival)  # a retracted request keeps its arrival
+        _insert(self._fcfs, self._fcfs_keys, seq)  # a retracted request keeps its arrival
         if self.policy == "lpm":
             self._place(seq)
 
     def remove(self, seq: Sequence) -> None:
-        i = bisect.bisect_left(self._fcfs, seq.arrival, key=_arrival)
-        assert i < len(self._fcfs) and self._fcfs[i] is seq, f"{seq.rid}/{seq.index} not waiting"
-        del self._fcfs[i]
+        _delete(self._fcfs, self._fcfs_keys, seq)
         if self.policy == "lpm":
             self._unplace(seq)
 
@@ -105,7 +105,7 @@ class WaitingQueue:
         group = self._groups.get(key)
         if group is None:
             group = self._groups[key] = _Group(handle, rootless)
-        bisect.insort(group.seqs, seq, key=_arrival)
+        _insert(group.seqs, group.keys, seq)
         # The match leaves the last token uncached: a match that reached that limit never grows.
         limit = (len(tokens) - 1) // self.page_size * self.page_size
         nxt = None
@@ -118,9 +118,7 @@ class WaitingQueue:
     def _unplace(self, seq: Sequence) -> None:
         key, nxt = self._where.pop(id(seq))
         group = self._groups[key]
-        i = bisect.bisect_left(group.seqs, seq.arrival, key=_arrival)
-        assert group.seqs[i] is seq, f"{seq.rid}/{seq.index} misplaced in its lpm group"
-        del group.seqs[i]
+        _delete(group.seqs, group.keys, seq)
         if nxt is not None:
             same = group.by_next[nxt]
             same.remove(seq)
@@ -198,3 +196,16 @@ class WaitingQueue:
 
 def _arrival(seq: Sequence) -> int:
     return seq.arrival
+
+
+def _insert(seqs: list[Sequence], keys: list[int], seq: Sequence) -> None:
+    i = bisect.bisect_right(keys, seq.arrival)
+    keys.insert(i, seq.arrival)
+    seqs.insert(i, seq)
+
+
+def _delete(seqs: list[Sequence], keys: list[int], seq: Sequence) -> None:
+    i = bisect.bisect_left(keys, seq.arrival)
+    assert i < len(seqs) and seqs[i] is seq, f"{seq.rid}/{seq.index} is not where it waits"
+    del keys[i]
+    del seqs[i]

@@ -207,18 +207,6 @@ def main(argv: list[str] | None = None) -> int:
                     help="ServerConfig as JSON, in the server's private directory (mode 0600)")
     args = ap.parse_args(argv)
     parent = os.getppid()
-    die_with_parent()
-    # Ctrl-C reaches the whole process group; the router decides when workers stop.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, _on_term)
-    cfg = read_config(args.config_file)
-    logging.basicConfig(level=cfg.log_level.upper(),
-                        format=f"%(asctime)s worker{args.worker_id} %(levelname)s %(message)s")
-    if (cfg.device or "cpu") == "cpu":
-        import torch
-
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // cfg.dp))
-
     ctx = zmq.Context()
     push = ctx.socket(zmq.PUSH)
     push.setsockopt(zmq.LINGER, 500)  # last words (WorkerFatal) get a moment, no more
@@ -227,10 +215,21 @@ def main(argv: list[str] | None = None) -> int:
     pull = ctx.socket(zmq.PULL)
     pull.setsockopt(zmq.RCVHWM, 0)
     pull.connect(to_worker_addr(args.ipc_dir, args.worker_id))
+    # Ctrl-C reaches the whole process group; the router decides when workers stop.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, _on_term)
+    die_with_parent()
     orphaned = False
-    try:
+    try:  # from here on every exit, SIGTERM included, goes through the clean-up below
         if os.getppid() != parent:  # the router died before the death signal was armed
             raise _Stop
+        cfg = read_config(args.config_file)
+        logging.basicConfig(level=cfg.log_level.upper(),
+                            format=f"%(asctime)s worker{args.worker_id} %(levelname)s %(message)s")
+        if (cfg.device or "cpu") == "cpu":
+            import torch
+
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // cfg.dp))
         from radixrt.engine.core import EngineCore
 
         ecfg = _engine_config(cfg, args.worker_id).engine_config()

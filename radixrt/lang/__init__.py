@@ -19,6 +19,8 @@ from radixrt.lang.ops import (
     assistant_begin,
     assistant_end,
     gen,
+    gen_int,
+    gen_string,
     select,
     system,
     system_begin,
@@ -33,6 +35,6 @@ from radixrt.lang.state import ForkedStates, ProgramError, ProgramState
 __all__ = [
     "Backend", "BackendError", "ChatTemplate", "EngineBackend", "ForkedStates", "GenParams",
     "Program", "ProgramError", "ProgramState", "RuntimeEndpoint", "assistant", "assistant_begin",
-    "assistant_end", "function", "gen", "select", "system", "system_begin", "system_end", "user",
-    "user_begin", "user_end",
+    "assistant_end", "function", "gen", "gen_int", "gen_string", "select", "system",
+    "system_begin", "system_end", "user", "user_begin", "user_end",
 ]

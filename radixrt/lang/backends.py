@@ -38,8 +38,15 @@ class GenParams:
     top_k: int = -1
     stop: tuple[str, ...] = ()
     seed: int | None = None
+    # At most one grammar (the engine refuses more): the output must match it.
+    regex: str | None = None
+    json_schema: str | None = None  # JSON text
+    ebnf: str | None = None
 
     def __post_init__(self) -> None:
+        given = [k for k in ("regex", "json_schema", "ebnf") if getattr(self, k) is not None]
+        if len(given) > 1:
+            raise ValueError(f"give at most one of regex, json_schema, ebnf; got {given}")
         if self.max_tokens < 1:
             raise ValueError(f"max_tokens must be >= 1, got {self.max_tokens}")
         if self.temperature < 0:
@@ -50,6 +57,9 @@ class GenParams:
                              "top_p": self.top_p, "top_k": self.top_k, "stop": list(self.stop)}
         if self.seed is not None:
             d["seed"] = self.seed
+        for k in ("regex", "json_schema", "ebnf"):
+            if getattr(self, k) is not None:
+                d[k] = getattr(self, k)
         return d
 
 
@@ -214,7 +224,8 @@ def _sampling(params: GenParams) -> SamplingParams:
 
     return SamplingParams(max_new_tokens=params.max_tokens, temperature=params.temperature,
                           top_p=params.top_p, top_k=params.top_k, stop=params.stop,
-                          seed=params.seed)
+                          seed=params.seed, regex=params.regex, json_schema=params.json_schema,
+                          ebnf=params.ebnf)
 
 
 def _check(out: RequestOutput) -> None:

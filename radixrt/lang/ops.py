@@ -3,9 +3,10 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass, fields
-from typing import TYPE_CHECKING, Union
+from typing import TYPE_CHECKING, Any, Union
 
 from radixrt.lang.backends import GenParams
 from radixrt.lang.scoring import (
@@ -44,6 +45,9 @@ class Gen(Expr):
     top_k: int | None = None
     stop: tuple[str, ...] | None = None
     seed: int | None = None
+    regex: str | None = None
+    json_schema: str | None = None
+    ebnf: str | None = None
 
     def describe(self) -> str:
         return f"gen({self.name!r})"
@@ -154,16 +158,48 @@ class Role(Expr):
         s._end_role(self.role)
 
 
+def _schema_text(schema: Any) -> str | None:
+    """A JSON schema given as text, a dict, or a pydantic model class -> JSON text."""
+    if schema is None or isinstance(schema, str):
+        return schema
+    if isinstance(schema, type) and hasattr(schema, "model_json_schema"):
+        return json.dumps(schema.model_json_schema())
+    if isinstance(schema, (dict, bool)):
+        return json.dumps(schema)
+    raise ValueError(f"json_schema must be JSON text, a dict or a pydantic model, got "
+                     f"{type(schema).__name__}")
+
+
 def gen(name: str | None = None, max_tokens: int | None = None, *,
         stop: str | Sequence[str] | None = None, temperature: float | None = None,
         top_p: float | None = None, top_k: int | None = None, seed: int | None = None,
-        choices: Sequence[str] | None = None) -> Expr:
-    """``gen(name, max_tokens=..., stop=..., temperature=...)``; with ``choices`` it is a
-    ``select``."""
+        choices: Sequence[str] | None = None, regex: str | None = None,
+        json_schema: Any = None, ebnf: str | None = None) -> Expr:
+    """``gen(name, max_tokens=..., stop=..., temperature=...)``. ``regex`` / ``json_schema``
+    (text, dict or pydantic model) / ``ebnf`` constrain the output to the grammar; with
+    ``choices`` it is a ``select`` (each choice scored by the model, one picked)."""
     if choices is not None:
+        if regex is not None or json_schema is not None or ebnf is not None:
+            raise ValueError("gen takes choices or a grammar (regex, json_schema, ebnf), not both")
         return select(name, choices)
     stops = None if stop is None else ((stop,) if isinstance(stop, str) else tuple(stop))
-    return Gen(name, max_tokens, temperature, top_p, top_k, stops, seed)
+    return Gen(name, max_tokens, temperature, top_p, top_k, stops, seed, regex,
+               _schema_text(json_schema), ebnf)
+
+
+# An integer without leading zeros that fits in 64 bits; a JSON string literal.
+INT_REGEX = r"-?(0|[1-9][0-9]{0,17})"
+STRING_REGEX = r'"([^"\\\x00-\x1f]|\\["\\/bfnrt])*"'
+
+
+def gen_int(name: str | None = None, max_tokens: int | None = 24, **kw: Any) -> Expr:
+    """Generate a decimal integer (the text; ``int(state[name])`` reads it)."""
+    return gen(name, max_tokens, regex=INT_REGEX, **kw)
+
+
+def gen_string(name: str | None = None, max_tokens: int | None = None, **kw: Any) -> Expr:
+    """Generate a double-quoted JSON string literal (``json.loads(state[name])`` reads it)."""
+    return gen(name, max_tokens, regex=STRING_REGEX, **kw)
 
 
 def select(name: str | None = None, choices: Sequence[str] = (),

@@ -89,7 +89,7 @@ def main() -> None:
     p.add_argument("--doc-tokens", type=int, default=120_000)
     p.add_argument("--kv-cache-tokens", type=int, default=150_000)
     p.add_argument("--host-kv-cache-tokens", type=int, default=800_000)
-    p.add_argument("--flood-factor", type=float, default=1.5,
+    p.add_argument("--flood-factor", type=float, default=1.0,
                    help="other traffic, in multiples of the GPU pool")
     p.add_argument("--chunk", type=int, default=8192, help="prefill chunk (tokens per step)")
     p.add_argument("--tier", choices=("on", "off", "both"), default="both")

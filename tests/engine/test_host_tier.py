@@ -11,6 +11,7 @@ import random
 from pathlib import Path
 
 import pytest
+import torch
 
 from radixrt import Engine, SamplingParams
 
@@ -79,3 +80,21 @@ def test_cached_tokens_count_a_host_hit(llama_dir):
     assert cold.generate([doc + [9, 10]], OUT)[0].token_ids == again.token_ids
     assert first.cached_tokens == 0
     eng.check_invariants()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_tier_with_overlap_matches_an_unbounded_pool(llama_dir):
+    """The real asynchronous path: pinned host pages, side-stream copies, events, fences, with
+    the overlap schedule; batch-invariant kernels make tokens comparable bitwise across runs."""
+    kw = dict(device="cuda", page_size=16, deterministic_inference=True)
+    want, best = chat(Engine(str(llama_dir), kv_cache_tokens=8192, **kw), convs=12, turns=5)
+    tier = Engine(str(llama_dir), kv_cache_tokens=256, host_kv_cache_tokens=16384,
+                  debug_invariants=True, **kw)
+    got, rate = chat(tier, convs=12, turns=5)
+    assert got == want, "the host tier changed an answer on CUDA"
+    assert rate >= 0.95 * best, f"hit rate {rate:.3f} with the tier, {best:.3f} unbounded"
+    st = tier.stats()
+    assert st.extra["host_hit_tokens"] > 0 and st.extra["host_load_seconds"] > 0
+    tier.check_invariants()
+    assert tier.flush_cache()

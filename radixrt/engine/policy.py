@@ -160,13 +160,19 @@ class WaitingQueue:
         self.rematches += len(stale)
 
     def _dfs(self) -> Iterator[Sequence]:
+        # Few allocations per step (ints and one set per internal node, no per-node tuples or
+        # lists): with thousands of groups, garbage created here paces Python's full GC passes.
         weight: dict[Node, int] = defaultdict(int)  # waiting requests at or below a node
         kids: dict[Node, set[Node]] = defaultdict(set)
-        at: dict[Node, list[_Group]] = defaultdict(list)
+        at: dict[Node, _Group] = {}
+        shared: dict[Node, list[_Group]] = {}  # the rare node with two groups (rootless ones)
         tops: set[Node] = set()
         for group in self._groups.values():
             node: Node | None = group.node
-            at[group.node].append(group)
+            if group.node in at:
+                shared.setdefault(group.node, [at[group.node]]).append(group)
+            else:
+                at[group.node] = group
             n = len(group.seqs)
             while node is not None:
                 weight[node] += n
@@ -176,22 +182,26 @@ class WaitingQueue:
                     kids[node.parent].add(node)
                 node = node.parent
 
-        def heaviest_first(nodes: set[Node]) -> list[Node]:
-            return sorted(nodes, key=lambda x: (-weight[x], x.id))
+        def heaviest_first(nodes: set[Node]) -> Iterator[Node]:
+            # (-weight, id) as one int key: node ids stay far below 2^40
+            return iter(sorted(nodes, key=lambda x: (-weight[x] << 40) + x.id))
 
-        # Iterative DFS (trees can be deeper than Python's recursion limit): a node is pushed
-        # once to expand its children and once more to emit its own requests after them.
-        stack: list[tuple[Node, bool]] = [(t, False) for t in reversed(heaviest_first(tops))]
+        # Iterative DFS (trees can be deeper than Python's recursion limit): each stack entry is
+        # a node and the iterator over its children; a node's own requests follow its subtree.
+        stack: list[tuple[Node | None, Iterator[Node]]] = [(None, heaviest_first(tops))]
         while stack:
-            node, expanded = stack.pop()
-            if expanded:
-                groups = at.get(node, [])
-                seqs = groups[0].seqs if len(groups) == 1 else sorted(
-                    (s for g in groups for s in g.seqs), key=_arrival)
-                yield from list(seqs)
+            node, children = stack[-1]
+            child = next(children, None)
+            if child is not None:
+                stack.append((child, heaviest_first(kids[child]) if child in kids else iter(())))
                 continue
-            stack.append((node, True))
-            stack.extend((c, False) for c in reversed(heaviest_first(kids.get(node, set()))))
+            stack.pop()
+            if node is None or node not in at:
+                continue
+            if node in shared:
+                yield from sorted((s for g in shared[node] for s in g.seqs), key=_arrival)
+            else:
+                yield from list(at[node].seqs)
 
 
 def _arrival(seq: Sequence) -> int:

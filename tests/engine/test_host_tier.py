@@ -9,11 +9,18 @@ from __future__ import annotations
 
 import random
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import pytest
 import torch
 
 from radixrt import Engine, SamplingParams
+from radixrt.cache.host_pool import HostKVPool
+from radixrt.cache.kv_pool import KVPool
+from radixrt.cache.node import IntArray
+from radixrt.cache.tiered import TieredRadixCache
+from radixrt.cache.transfer import PageTransfer
 
 OUT = SamplingParams(temperature=0.0, max_new_tokens=6, ignore_eos=True)
 
@@ -98,3 +105,78 @@ def test_cuda_tier_with_overlap_matches_an_unbounded_pool(llama_dir):
     assert st.extra["host_hit_tokens"] > 0 and st.extra["host_load_seconds"] > 0
     tier.check_invariants()
     assert tier.flush_cache()
+
+
+class SlowTransfer(PageTransfer):
+    """A copy finishes only ``delay`` polls after it was issued (its data lands then, in ticket
+    order, like a side stream); a fence finishes it at once (the compute stream waits)."""
+
+    def __init__(self, pool: KVPool, host: HostKVPool, delay: int) -> None:
+        super().__init__(pool, host, staging_pages=4)
+        self.delay = delay
+        self.queue: list[list[Any]] = []  # [ticket, polls left, gpu pages, host pages, is_load]
+
+    def _run(self, gpu_pages: IntArray, host_pages: IntArray, *, is_load: bool) -> int:
+        ticket = self._next
+        self._next += 1
+        self.queue.append([ticket, self.delay, gpu_pages.copy(), np.asarray(host_pages), is_load])
+        return ticket
+
+    def _finish_upto(self, ticket: int) -> None:
+        while self.queue and self.queue[0][0] <= ticket:
+            t, _, gp, hp, is_load = self.queue.pop(0)
+            self._copy(gp, hp, is_load)
+            self._completed = t
+
+    def poll(self) -> int:
+        for item in self.queue:
+            item[1] -= 1
+        ready = [item[0] for item in self.queue if item[1] <= 0]
+        if ready:
+            self._finish_upto(max(ready))
+        return self._completed
+
+    def fence(self, ticket: int) -> bool:
+        if ticket <= self._completed:
+            return False
+        self._finish_upto(ticket)
+        return True
+
+
+def test_a_pending_load_holds_back_only_its_own_request(llama_dir):
+    eng = Engine(str(llama_dir), page_size=16, kv_cache_tokens=256, host_kv_cache_tokens=2048,
+                 debug_invariants=True)
+    cache = eng.core.scheduler.memory.cache
+    assert isinstance(cache, TieredRadixCache)
+    slow = SlowTransfer(cache.transfer.pool, cache.transfer.host, delay=4)
+    cache.transfer = slow  # before any copy: tickets start over
+    rng = random.Random(11)
+    doc = [rng.randrange(3, 500) for _ in range(160)]
+    eng.generate([doc + [5]], OUT)
+    for _ in range(3):
+        eng.generate([[rng.randrange(3, 500) for _ in range(200)]], OUT)
+    assert cache.match_prefix(doc + [6], record_stats=False).host_length > 0, "doc left the GPU"
+    other = [rng.randrange(3, 500) for _ in range(40)]
+    core = eng.core
+    core.add_request("a", doc + [6], OUT)
+    core.add_request("b", other, OUT)
+    out: dict[str, list[int]] = {"a": [], "b": []}
+    cached: dict[str, int] = {}
+    b_first_step = a_first_step = None
+    step = 0
+    while core.has_work():
+        step += 1
+        for d in core.step():
+            out[d.rid] += d.new_token_ids
+            cached[d.rid] = d.cached_tokens
+            if d.new_token_ids and d.rid == "b" and b_first_step is None:
+                b_first_step = step
+            if d.new_token_ids and d.rid == "a" and a_first_step is None:
+                a_first_step = step
+    assert b_first_step is not None and a_first_step is not None
+    assert b_first_step < a_first_step, "b ran while a's prefix was loading"
+    assert cached["a"] == 160, "a was served from the host tier once its load finished"
+    ref = Engine(str(llama_dir), page_size=16, kv_cache_tokens=4096)
+    assert out["a"] == ref.generate([doc + [6]], OUT)[0].token_ids
+    assert out["b"] == ref.generate([other], OUT)[0].token_ids
+    eng.check_invariants()

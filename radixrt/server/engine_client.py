@@ -180,20 +180,10 @@ class EngineClient:
         now = time.monotonic()
         if any(w.alive and now - w.last_pong <= self.cfg.health_timeout_s for w in self.workers):
             return True, "ok"
-        reasons = []
-        for w, p in zip(self.workers, self.supervisor.workers):
-            if p.state == "dead":
-                reasons.append(f"worker {w.wid} is dead: {p.death}")
-            elif p.state in ("restarting", "starting") and p.death:
-                reasons.append(f"worker {w.wid} is restarting after: {p.death}")
-            else:
-                reasons.append(f"worker {w.wid} has not answered for {now - w.last_pong:.1f}s")
-        return False, "; ".join(reasons)
+        return False, self.supervisor.why_unavailable([w.last_pong for w in self.workers], now)
 
     def _can_recover(self) -> bool:
-        """Some worker will take requests again: it is loading, or due for a restart (or it
-        reported a fatal error and the Supervisor has yet to see its process exit)."""
-        return self.accepting and any(p.state != "dead" for p in self.supervisor.workers)
+        return self.accepting and self.supervisor.will_serve_again()
 
     # ------------------------------------------------------------------------- requests
 

@@ -113,6 +113,23 @@ class Supervisor:
 
     # ----------------------------------------------------------------- watching
 
+    def will_serve_again(self) -> bool:
+        """Some worker will take requests again: it is loading, or due for a restart (or it
+        reported a fatal error and its process has yet to be seen exiting)."""
+        return any(w.state != "dead" for w in self.workers)
+
+    def why_unavailable(self, last_heard: list[float], now: float) -> str:
+        reasons = []
+        for w in self.workers:
+            if w.state == "dead":
+                reasons.append(f"worker {w.wid} is dead: {w.death}")
+            elif w.state in ("restarting", "starting") and w.death:
+                reasons.append(f"worker {w.wid} is restarting after: {w.death}")
+            else:
+                reasons.append(f"worker {w.wid} has not answered for "
+                               f"{now - last_heard[w.wid]:.1f}s")
+        return "; ".join(reasons)
+
     def startup_failure(self) -> str | None:
         """During the initial start: why a worker is gone (None while all are alive)."""
         for w in self.workers:

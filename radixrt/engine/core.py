@@ -152,10 +152,14 @@ class EngineCore:
         self.scheduler.abort_request(rid, index)
 
     def step(self) -> list[SequenceDelta]:
-        """One scheduler step. A step that raises (other than a device fault) fails the requests
-        the scheduler held, running and queued (admission is part of the step), with the error
-        in each delta, and the engine goes on serving. Device faults, and a failure that leaves
-        the page accounting inconsistent, are re-raised: the process must be replaced."""
+        return self.scheduler.step()
+
+    def step_isolating_faults(self) -> list[SequenceDelta]:
+        """One step for a server: a step that raises (other than a device fault) fails the
+        requests the scheduler held, running and queued (admission is part of the step), with
+        the error in each delta, and the engine goes on serving. Device faults, and a failure
+        that leaves the page accounting inconsistent, are re-raised: the process must be
+        replaced. (In-process callers use ``step``, which lets every error through.)"""
         try:
             return self.scheduler.step()
         except Exception as e:

@@ -160,7 +160,7 @@ class WorkerLoop:
             raise AssertionError(f"unhandled message {type(msg).__name__}")
 
     def _step(self) -> None:
-        deltas = self.core.step()
+        deltas = self.core.step_isolating_faults()
         self.step_no += 1
         out = [m.delta_to_msg(d) for d in deltas]
         idle = not self.core.has_work()

@@ -1,5 +1,6 @@
-"""EngineCore.step: an exception in a step fails the requests it held and the engine serves on
-with every page accounted for; a device fault is re-raised (the worker must be replaced)."""
+"""EngineCore.step_isolating_faults (the worker's step): an exception in a step fails the
+requests it held and the engine serves on with every page accounted for; a device fault is
+re-raised (the worker must be replaced). The in-process ``step`` lets every error through."""
 
 from __future__ import annotations
 
@@ -46,7 +47,7 @@ def test_failed_step_fails_its_requests_and_the_engine_serves_on(
     core.add_request("a", list(range(1, 40)), params)
     core.add_request("b", list(range(5, 30)), SamplingParams(max_new_tokens=8, n=2, seed=3))
     fail_next_forward(core, monkeypatch, ValueError("bad sampling state"))
-    deltas = core.step()
+    deltas = core.step_isolating_faults()
     done = {d.rid for d in deltas if d.finished}
     assert done == {"a", "b"}
     for d in deltas:
@@ -66,6 +67,14 @@ def test_device_fault_is_reraised(core: EngineCore, monkeypatch: pytest.MonkeyPa
     fail_next_forward(core, monkeypatch,
                       RuntimeError("CUDA error: an illegal memory access was encountered"))
     with pytest.raises(RuntimeError, match="illegal memory access"):
+        core.step_isolating_faults()
+
+
+def test_in_process_step_lets_errors_through(core: EngineCore,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    core.add_request("a", [1, 2, 3], SamplingParams(max_new_tokens=4))
+    fail_next_forward(core, monkeypatch, ValueError("bad sampling state"))
+    with pytest.raises(ValueError, match="bad sampling state"):
         core.step()
 
 

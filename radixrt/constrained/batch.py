@@ -1,6 +1,5 @@
 """The step's token bitmask: filled on the CPU from each constrained row's matcher, copied to
-the device without a sync, applied there in one pass (``kernels/token_bitmask``); plus
-logit_bias as one sparse scatter-add.
+the device without a sync, applied there in one pass (``kernels/token_bitmask``).
 
 Rows without a grammar keep all-ones words. Many constrained rows are filled in parallel by
 xgrammar's batch matcher (its own threads, outside the GIL). Host buffers are pinned and used
@@ -11,7 +10,6 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import numpy as np
 import torch
 import xgrammar as xgr
 
@@ -66,20 +64,3 @@ class MaskBuilder:
         if self.device.type == "cpu":
             return host.clone()  # the ring buffer is reused two steps later
         return host.to(self.device, non_blocking=True)
-
-
-def apply_logit_bias(logits: torch.Tensor, biases: Sequence[Sequence[tuple[int, float]]]) -> None:
-    """logits[b, t] += bias for each row's (t, bias) pairs, in place, one scatter-add."""
-    lengths = np.fromiter((len(b) for b in biases), dtype=np.int64, count=len(biases))
-    if not lengths.any():
-        return
-    rows = np.repeat(np.arange(len(biases), dtype=np.int64), lengths)
-    toks = np.fromiter((t for b in biases for t, _ in b), dtype=np.int64, count=int(lengths.sum()))
-    vals = np.fromiter((v for b in biases for _, v in b), dtype=np.float32,
-                       count=int(lengths.sum()))
-    from radixrt.engine.batch import host_to_device
-
-    r = host_to_device(rows, torch.int64, logits.device)
-    t = host_to_device(toks, torch.int64, logits.device)
-    v = host_to_device(vals, logits.dtype, logits.device)
-    logits.index_put_((r, t), v, accumulate=True)

@@ -21,9 +21,10 @@ from typing import Any
 
 import xgrammar as xgr
 
+from radixrt.constrained.sequences import DEFAULT_COMPILE_TIMEOUT_S
+
 GrammarKey = tuple[str, str]  # (kind, text): kind in radixrt.sampling_params.CONSTRAINT_FIELDS
 
-DEFAULT_COMPILE_TIMEOUT_S = 10.0
 DEFAULT_CACHE_ENTRIES = 256
 
 
@@ -31,20 +32,24 @@ class GrammarError(ValueError):
     """The grammar is invalid, unsupported, or did not compile in time (a client error)."""
 
 
-# xgrammar 0.2.9 writes length-bounded JSON strings ({"maxLength": n}) with the character class
-# below, which admits control characters: a walk can emit "a\x17b", which strict JSON parsers
-# (Python's json.loads) reject. The unbounded string rule excludes them; so do we.
-_LOOSE_STRING_CHARS = r'[^\"\\\r\n]'
-_STRICT_STRING_CHARS = r'[^\0-\x1f\"\\]'
+# xgrammar 0.2.9's JSON string rules need two repairs before they admit only valid JSON:
+# - length-bounded strings ({"maxLength": n}) use a class that admits control characters, so a
+#   walk can emit "a\x17b", which strict JSON parsers (Python's json.loads) reject;
+# - every negated class admits the UTF-16 surrogates U+D800..U+DFFF as 3-byte sequences, which
+#   are not UTF-8 at all (they decode to U+FFFD, one per byte, breaking maxLength too).
+_STRING_CLASS_FIXES = (
+    (r'[^\"\\\r\n]', r'[^\0-\x1f\"\\\ud800-\udfff]'),
+    (r'[^\0-\x1f\"\\\r\n]', r'[^\0-\x1f\"\\\r\n\ud800-\udfff]'),
+)
 
 
 def json_schema_grammar(text: str) -> xgr.Grammar:
-    """A JSON schema's grammar: compact separators, no extra properties unless allowed."""
-    g = xgr.Grammar.from_json_schema(text, any_whitespace=False, strict_mode=True)
-    ebnf = str(g)
-    if _LOOSE_STRING_CHARS not in ebnf:
-        return g
-    return xgr.Grammar.from_ebnf(ebnf.replace(_LOOSE_STRING_CHARS, _STRICT_STRING_CHARS))
+    """A JSON schema's grammar: compact separators, no extra properties unless allowed, and
+    strings that are valid JSON and valid UTF-8 (see above)."""
+    ebnf = str(xgr.Grammar.from_json_schema(text, any_whitespace=False, strict_mode=True))
+    for loose, strict in _STRING_CLASS_FIXES:
+        ebnf = ebnf.replace(loose, strict)
+    return xgr.Grammar.from_ebnf(ebnf)
 
 
 def _grammar(kind: str, text: str) -> xgr.Grammar:

@@ -21,18 +21,17 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from radixrt.constrained.batch import MaskBuilder
-from radixrt.constrained.grammar import (
-    DEFAULT_COMPILE_TIMEOUT_S,
-    GrammarCompiler,
-    GrammarError,
-    tokenizer_info,
-)
-from radixrt.constrained.matcher import Matcher
 from radixrt.sampling_params import SamplingParams
 
 if TYPE_CHECKING:
+    # xgrammar is imported on the first grammar, not with the engine: a deployment without it
+    # still serves everything else, and refuses grammars with a message.
+    from radixrt.constrained.batch import MaskBuilder
+    from radixrt.constrained.grammar import GrammarCompiler
+    from radixrt.constrained.matcher import Matcher
     from radixrt.engine.request import Sequence as Seq
+
+DEFAULT_COMPILE_TIMEOUT_S = 10.0
 
 
 class SequenceGrammars:
@@ -53,6 +52,8 @@ class SequenceGrammars:
     def compiler(self) -> GrammarCompiler:
         if self._compiler is None:
             assert self.tokenizer is not None, "check() refuses grammars without a tokenizer"
+            from radixrt.constrained.grammar import GrammarCompiler, tokenizer_info
+
             # The grammar ends on the engine's stop tokens, not only the tokenizer's eos.
             info = tokenizer_info(self.tokenizer, self.vocab_size, self.stop_token_ids)
             self._compiler = GrammarCompiler(info, timeout_s=self.compile_timeout_s)
@@ -65,6 +66,12 @@ class SequenceGrammars:
         kind, _ = params.constraint
         if self.tokenizer is None:
             raise ValueError(f"{kind} needs a tokenizer, and this model has none")
+        try:
+            import xgrammar  # noqa: F401
+        except ImportError:
+            raise ValueError(f"{kind} needs the xgrammar package, which is not installed") from None
+        from radixrt.constrained.grammar import GrammarError
+
         try:
             self.compiler.compile(params.constraint)
         except GrammarError as e:
@@ -81,6 +88,8 @@ class SequenceGrammars:
             return None
         m = self._matchers.get(seq)
         if m is None:
+            from radixrt.constrained.matcher import Matcher
+
             m = Matcher(self.compiler.compile(key))
             self._matchers[seq] = m
         out = seq.output_ids
@@ -98,6 +107,8 @@ class SequenceGrammars:
             m = self.matcher(seq) if ok else None
             rows.append(None if m is None or m.failed or m.is_terminated else m)
         if self._masks is None:
+            from radixrt.constrained.batch import MaskBuilder
+
             self._masks = MaskBuilder(self.vocab_size, self.device)
         return self._masks.fill(rows)
 

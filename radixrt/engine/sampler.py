@@ -199,7 +199,7 @@ class Sampler:
         if not copied:
             x = x.clone()
         if any(biases):
-            from radixrt.constrained.batch import apply_logit_bias
+            from radixrt.constrained.bias import apply_logit_bias
 
             apply_logit_bias(x, biases)
         if bitmask is not None:

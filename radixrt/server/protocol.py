@@ -298,9 +298,12 @@ def check_grammar(params: SamplingParams, param: str | None = None) -> None:
     """400 naming the field when the request's regex / json_schema / ebnf does not parse."""
     if params.constraint is None:
         return
-    from radixrt.constrained.grammar import GrammarError, check_syntax
-
     kind, text = params.constraint
+    try:
+        from radixrt.constrained.grammar import GrammarError, check_syntax
+    except ImportError:
+        raise bad_request(f"{kind} needs the xgrammar package, which this server lacks",
+                          param or kind) from None
     try:
         check_syntax(kind, text)
     except GrammarError as e:

@@ -23,10 +23,7 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
-import xgrammar as xgr
-
-from radixrt.constrained.grammar import json_schema_grammar
-from radixrt.server.errors import bad_request
+from radixrt.server.errors import APIError, bad_request
 
 FORMATS = ("hermes", "llama3", "mistral")
 MAX_TOOLS = 128
@@ -153,12 +150,24 @@ def call_schema(plan: ToolPlan) -> dict[str, Any]:
     return cases[0] if len(cases) == 1 else {"anyOf": cases}
 
 
+def _xgrammar(param: str) -> Any:
+    try:
+        import xgrammar as xgr
+
+        from radixrt.constrained.grammar import json_schema_grammar
+    except ImportError:
+        raise APIError(400, "grammar-constrained output needs the xgrammar package, which this "
+                       "server lacks", param) from None
+    return xgr, json_schema_grammar
+
+
 def _lit(s: str) -> str:
     return json.dumps(s)  # a JSON string literal is a valid EBNF string literal
 
 
 def forced_grammar(plan: ToolPlan) -> str:
     """EBNF admitting one or (parallel) more calls of the allowed tools, nothing else."""
+    xgr, json_schema_grammar = _xgrammar("tool_choice")
     try:
         obj = str(json_schema_grammar(json.dumps(call_schema(plan))))
     except Exception as e:

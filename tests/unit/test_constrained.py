@@ -12,7 +12,8 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from radixrt.constrained.batch import MaskBuilder, apply_logit_bias
+from radixrt.constrained.batch import MaskBuilder
+from radixrt.constrained.bias import apply_logit_bias
 from radixrt.constrained.grammar import GrammarCompiler, GrammarError, check_syntax, tokenizer_info
 from radixrt.constrained.matcher import Matcher
 from radixrt.kernels.token_bitmask import apply_token_bitmask

@@ -8,7 +8,7 @@
 #      (bench_tier, tier on; its first question is the cold prefill; RAG_TIER=both adds a run
 #      with the tier off)
 #   4. chat again with the tier off (the baseline; cut first if the call runs long)
-# Step limits add up to 495 s plus start-up.
+# Step limits add up to 515 s plus start-up.
 # Results in $OUT (default bench/results/gpu_tier): tier.md (all tables), transfer.jsonl,
 # rag.jsonl, chat_on/ and chat_off/ (run_bench JSON + summary.md), logs.
 # Sizes: the chat --scale 8 with a 150,000-token GPU pool and an 800,000-token host tier
@@ -58,7 +58,7 @@ timeout -k 5 "${T_XFER:-40}" "$PY" bench/bench_transfer.py --device "$DEVICE" --
 CHAT=(--workload chat --chat-output short --model "$MODEL" --load-format dummy --device "$DEVICE"
       --dtype "$DTYPE" --kv-cache-tokens "$GPU_TOKENS" --max-running-requests 256 --page-size 16
       --scale "$SCALE" --variants radix --no-progress)
-T_ON="${T_ON:-135}"; T_OFF="${T_OFF:-135}"
+T_ON="${T_ON:-170}"; T_OFF="${T_OFF:-120}"  # tier on includes pinning ~100 GB
 timeout -k 10 "$T_ON" "$PY" bench/run_bench.py "${CHAT[@]}" --host-kv-cache-tokens "$HOST_TOKENS" \
   --out "$OUT/chat_on" --tag on 2>&1 | tee "$OUT/chat_on.log" | grep -v "^GPU memory"
 

@@ -47,6 +47,11 @@ def pid_gone(pid: int) -> bool:
         return True
 
 
+def reaped(pid: int) -> bool:
+    """Gone from the process table: its parent (the router) waited for it, no zombie left."""
+    return not os.path.exists(f"/proc/{pid}")
+
+
 def current_worker_pid(s: Server) -> int:
     return s.worker_pids()[-1]
 
@@ -86,7 +91,7 @@ def test_killed_worker_fails_its_requests_with_503_and_is_restarted(server: Serv
     assert err is not None and err["code"] == 503, events[-1:]
     assert "died" in err["message"] and "SIGKILL" in err["message"]
     assert "restarted" in err["message"], "the client is told to retry"
-    wait_for("the killed worker to be reaped", lambda: pid_gone(pid))
+    wait_for("the killed worker to be reaped", lambda: reaped(pid))
     wait_for("a replacement", lambda: current_worker_pid(server) != pid)
     wait_for("health back to 200", lambda: health(server)[0] == 200)
     ok_completion(server)
@@ -100,7 +105,7 @@ def test_request_during_restart_waits_for_the_new_worker(server: Server) -> None
         health(server)))
     assert "restarting" in body["reason"]
     ok_completion(server)  # sent while the replacement loads; answered once it is ready
-    assert pid_gone(pid)
+    wait_for("the killed worker to be reaped", lambda: reaped(pid))
 
 
 def test_hung_worker_is_killed_and_replaced(server: Server) -> None:
@@ -110,7 +115,7 @@ def test_hung_worker_is_killed_and_replaced(server: Server) -> None:
     err = events[-1].get("error")
     assert err is not None and err["code"] == 503, events[-1:]
     assert "hung" in err["message"]
-    wait_for("the hung worker to be killed and reaped", lambda: pid_gone(pid))
+    wait_for("the hung worker to be killed and reaped", lambda: reaped(pid))
     wait_for("health back to 200", lambda: health(server)[0] == 200)
     ok_completion(server)
 
@@ -149,7 +154,7 @@ def test_restart_limit_leaves_the_worker_dead(server_factory: Any, tiny_model_di
     assert "dead" in body["reason"] and "restart limit" in body["reason"]
     r = httpx.post(s.url + "/v1/completions", json={"prompt": "hi", "max_tokens": 2}, timeout=10)
     assert r.status_code == 503 and "No worker" in r.json()["error"]["message"]
-    wait_for("the dead worker to be reaped", lambda: pid_gone(pid))
+    wait_for("the dead worker to be reaped", lambda: reaped(pid))
     assert s.worker_pids() == [pid], "no restart past the limit"
 
 

@@ -117,7 +117,7 @@ def main() -> None:
         del xfer
 
     # 3. Naive torch indexing between the pools (layer-major host view, synchronous).
-    k, v = pool.all_layers()
+    k, _ = pool.all_layers()
     gi = torch.from_numpy(gpu_pages.astype(np.int64)).to(device)
     hi = torch.from_numpy(host_pages.astype(np.int64))
     hk = host.data[:, 0].transpose(0, 1)  # [L, P+1, ps, H, D] view of the page-major host pool
@@ -136,7 +136,6 @@ def main() -> None:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text("".join(json.dumps(r) + "\n" for r in rows))
     host.close()
-    _ = v
 
 
 if __name__ == "__main__":

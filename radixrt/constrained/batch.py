@@ -8,6 +8,7 @@ round-robin: by the time a buffer comes round again, the step that read it has b
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 
 import torch
@@ -24,15 +25,22 @@ def bitmask_words(vocab_size: int) -> int:
     return (vocab_size + 31) // 32
 
 
+def default_threads() -> int:
+    """Threads for filling a batch's masks: half the cores (the scheduler's own thread and the
+    tokenizer pools need the rest), at most 8 (xgrammar's fill stops scaling past that)."""
+    return max(1, min(8, (os.cpu_count() or 2) // 2))
+
+
 class MaskBuilder:
-    def __init__(self, vocab_size: int, device: torch.device | str, threads: int = 2) -> None:
+    def __init__(self, vocab_size: int, device: torch.device | str,
+                 threads: int | None = None) -> None:
         self.vocab_size = vocab_size
         self.words = bitmask_words(vocab_size)
         self.device = torch.device(device)
         self._pinned = self.device.type == "cuda"
         self._ring: list[torch.Tensor] = []
         self._next = 0
-        self._batch = xgr.BatchGrammarMatcher(max_threads=threads)
+        self._batch = xgr.BatchGrammarMatcher(max_threads=threads or default_threads())
 
     def _host(self, rows: int) -> torch.Tensor:
         if len(self._ring) < _RING or self._ring[self._next].shape[0] < rows:

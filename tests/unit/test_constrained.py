@@ -159,3 +159,14 @@ def test_logit_bias_adds_per_row() -> None:
     want = torch.zeros(3, 10)
     want[0, 1], want[0, 4], want[2, 9] = -100.0, 2.5, 100.0
     assert torch.equal(x, want)
+
+
+def test_cpu_bitmask_apply_equals_the_torch_reference() -> None:
+    from radixrt.kernels.token_bitmask import apply_token_bitmask_torch
+
+    x = torch.randn(7, 1000)
+    m = torch.randint(-2**31, 2**31 - 1, (7, 32), dtype=torch.int32)
+    a, b = x.clone(), x.clone()
+    apply_token_bitmask(a, m)  # xgrammar's C++ loop on the CPU
+    apply_token_bitmask_torch(b, m)
+    assert torch.equal(a, b)

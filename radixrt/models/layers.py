@@ -15,13 +15,16 @@ import importlib
 import math
 from collections.abc import Callable
 from types import ModuleType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from radixrt.models.args import RopeScaling
+
+if TYPE_CHECKING:
+    from radixrt.distributed.group import TPGroup
 
 # attn(layer_id, q[T,Hq,D], k[T,Hkv,D], v[T,Hkv,D]) -> [T,Hq,D]; bound by the runner to an
 # AttentionBackend + KVPool + ForwardBatch, so models never see pages.
@@ -208,14 +211,40 @@ class Linear(nn.Module):
         return self.gemm(x, self.weight, self.bias)
 
 
+class RowParallelLinear(Linear):
+    """Input features split over the tensor-parallel ranks: each rank multiplies its slice and
+    the partial outputs are summed by one all-reduce (the bias, replicated, is added after it).
+    A column-parallel projection needs no class of its own: it is a ``Linear`` with this rank's
+    rows, and the loader narrows the checkpoint to them."""
+
+    def __init__(
+        self, in_features: int, out_features: int, *, bias: bool, dtype: torch.dtype,
+        device: Device, tp: TPGroup | None,
+    ) -> None:
+        super().__init__(in_features, out_features, bias=bias, dtype=dtype, device=device)
+        self.tp = tp
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.tp is None or self.tp.size == 1:
+            return self.gemm(x, self.weight, self.bias)
+        out = self.tp.all_reduce(self.gemm(x, self.weight, None))
+        return out + self.bias if self.bias is not None else out
+
+
 class GatedMLP(nn.Module):
     def __init__(
-        self, hidden: int, intermediate: int, *, dtype: torch.dtype, device: Device
+        self, hidden: int, intermediate: int, *, dtype: torch.dtype, device: Device,
+        tp: TPGroup | None = None,
     ) -> None:
         super().__init__()
-        # Fused [gate; up]: rows 0..I-1 are gate_proj, rows I..2I-1 are up_proj.
-        self.gate_up_proj = Linear(hidden, 2 * intermediate, bias=False, dtype=dtype, device=device)
-        self.down_proj = Linear(intermediate, hidden, bias=False, dtype=dtype, device=device)
+        # Fused [gate; up]: rows 0..I-1 are gate_proj, rows I..2I-1 are up_proj (this rank's
+        # I / tp rows of each under tensor parallelism).
+        tp_size = tp.size if tp is not None else 1
+        assert intermediate % tp_size == 0, f"intermediate {intermediate} not divisible by tp {tp_size}"
+        local = intermediate // tp_size
+        self.gate_up_proj = Linear(hidden, 2 * local, bias=False, dtype=dtype, device=device)
+        self.down_proj = RowParallelLinear(local, hidden, bias=False, dtype=dtype, device=device,
+                                           tp=tp)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [T, H] -> [T, H]
         return self.down_proj(silu_and_mul(self.gate_up_proj(x)))
@@ -224,27 +253,57 @@ class GatedMLP(nn.Module):
 # --------------------------------------------------------------------------- embeddings
 
 
+def vocab_shard(vocab: int, tp: TPGroup | None) -> tuple[int, int]:
+    """(first row, rows per rank) of this rank's slice of a vocab-parallel table: the vocab is
+    padded up to a multiple of the ranks; padding rows are zero and their logits dropped."""
+    if tp is None or tp.size == 1:
+        return 0, vocab
+    per_rank = -(-vocab // tp.size)
+    return tp.rank * per_rank, per_rank
+
+
 class VocabEmbedding(nn.Module):
-    def __init__(self, vocab: int, hidden: int, *, dtype: torch.dtype, device: Device) -> None:
+    """Vocab-parallel under TP: each rank looks up the ids in its slice (others give zero rows)
+    and one all-reduce assembles the embedding."""
+
+    def __init__(self, vocab: int, hidden: int, *, dtype: torch.dtype, device: Device,
+                 tp: TPGroup | None = None) -> None:
         super().__init__()
-        self.weight = nn.Parameter(torch.empty(vocab, hidden, dtype=dtype, device=device))
+        self.tp = tp
+        self.vocab_start, rows = vocab_shard(vocab, tp)
+        self.weight = nn.Parameter(torch.empty(rows, hidden, dtype=dtype, device=device))
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:  # [T] -> [T, H]
-        return F.embedding(input_ids, self.weight)
+        if self.tp is None or self.tp.size == 1:
+            return F.embedding(input_ids, self.weight)
+        local = input_ids - self.vocab_start
+        mine = (local >= 0) & (local < self.weight.shape[0])
+        out = F.embedding(local * mine, self.weight) * mine.unsqueeze(-1).to(self.weight.dtype)
+        return self.tp.all_reduce(out)
 
 
 class LMHead(nn.Module):
-    """Untied output projection. Tied models have no LMHead and project with the embedding's
-    weight instead (see ``lm_logits``), so the weight is stored and loaded once."""
+    """Untied output projection (vocab-parallel rows under TP, as the embedding). Tied models
+    have no LMHead and project with the embedding's weight instead (see ``lm_logits``), so the
+    weight is stored and loaded once."""
 
-    def __init__(self, vocab: int, hidden: int, *, dtype: torch.dtype, device: Device) -> None:
+    def __init__(self, vocab: int, hidden: int, *, dtype: torch.dtype, device: Device,
+                 tp: TPGroup | None = None) -> None:
         super().__init__()
-        self.weight = nn.Parameter(torch.empty(vocab, hidden, dtype=dtype, device=device))
+        _, rows = vocab_shard(vocab, tp)
+        self.weight = nn.Parameter(torch.empty(rows, hidden, dtype=dtype, device=device))
 
 
-def lm_logits(hidden: torch.Tensor, weight: torch.Tensor, gemm: GemmFn = F.linear) -> torch.Tensor:
-    """hidden[N, H] x weight[V, H] -> logits [N, V] float32 (matmul in the model dtype, as HF)."""
-    return gemm(hidden, weight, None).float()
+def lm_logits(hidden: torch.Tensor, weight: torch.Tensor, gemm: GemmFn = F.linear,
+              tp: TPGroup | None = None, vocab: int | None = None) -> torch.Tensor:
+    """hidden[N, H] x weight[V, H] -> logits [N, V] float32 (matmul in the model dtype, as HF).
+    Under TP ``weight`` is this rank's vocab slice: the slices are gathered in rank order (every
+    rank gets the full logits; only rank 0 samples) and the padding columns dropped."""
+    logits = gemm(hidden, weight, None)
+    if tp is not None and tp.size > 1:
+        assert vocab is not None, "a vocab-parallel head needs the true vocab size"
+        logits = tp.all_gather_last(logits)[..., :vocab]
+    return logits.float()
 
 
 def set_gemm(model: nn.Module, gemm: GemmFn) -> int:

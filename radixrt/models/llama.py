@@ -12,7 +12,7 @@ Checkpoints use HF names; ``load_weights`` packs q/k/v into ``qkv_proj`` and gat
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -28,29 +28,39 @@ from radixrt.models.layers import (
     LMHead,
     RMSNorm,
     RotaryEmbedding,
+    RowParallelLinear,
     VocabEmbedding,
     lm_logits,
 )
+from radixrt.models.shard import ShardPlan, take_shard
+
+if TYPE_CHECKING:
+    from radixrt.distributed.group import TPGroup
 
 
 class LlamaAttention(nn.Module):
-    def __init__(self, args: ModelArgs, layer_id: int, *, dtype: torch.dtype, device: Device):
+    def __init__(self, args: ModelArgs, layer_id: int, *, dtype: torch.dtype, device: Device,
+                 tp: TPGroup | None = None):
         super().__init__()
+        plan = ShardPlan.of(args, tp)
         self.layer_id = layer_id
-        self.num_heads = args.num_heads
-        self.num_kv_heads = args.num_kv_heads
+        # This rank's heads (all of them without TP): q heads split evenly, KV heads split or,
+        # when there are fewer than ranks, replicated (each rank keeps the one its q heads use).
+        self.num_heads = plan.num_heads
+        self.num_kv_heads = plan.num_kv_heads
         self.head_dim = args.head_dim
-        self.q_size = args.q_size
-        self.kv_size = args.kv_size
+        self.q_size = plan.num_heads * args.head_dim
+        self.kv_size = plan.num_kv_heads * args.head_dim
         # Fused [q; k; v] rows: [0, q_size) | [q_size, q_size + kv_size) | [.., + kv_size).
         self.qkv_proj = Linear(
             args.hidden_size,
-            args.q_size + 2 * args.kv_size,
+            self.q_size + 2 * self.kv_size,
             bias=args.attention_bias,
             dtype=dtype,
             device=device,
         )
-        self.o_proj = Linear(args.q_size, args.hidden_size, bias=False, dtype=dtype, device=device)
+        self.o_proj = RowParallelLinear(self.q_size, args.hidden_size, bias=False, dtype=dtype,
+                                        device=device, tp=tp)
 
     def qk_transform(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Hook applied to q[T,Hq,D], k[T,Hkv,D] before RoPE (Qwen3 normalizes here)."""
@@ -85,10 +95,12 @@ class LlamaDecoderLayer(nn.Module):
         *,
         dtype: torch.dtype,
         device: Device,
+        tp: TPGroup | None = None,
     ):
         super().__init__()
-        self.self_attn = attention_cls(args, layer_id, dtype=dtype, device=device)
-        self.mlp = GatedMLP(args.hidden_size, args.intermediate_size, dtype=dtype, device=device)
+        self.self_attn = attention_cls(args, layer_id, dtype=dtype, device=device, tp=tp)
+        self.mlp = GatedMLP(args.hidden_size, args.intermediate_size, dtype=dtype, device=device,
+                            tp=tp)
         eps = args.rms_norm_eps
         self.input_layernorm = RMSNorm(args.hidden_size, eps, dtype=dtype, device=device)
         self.post_attention_layernorm = RMSNorm(args.hidden_size, eps, dtype=dtype, device=device)
@@ -119,13 +131,14 @@ class LlamaModel(nn.Module):
         *,
         dtype: torch.dtype,
         device: Device,
+        tp: TPGroup | None = None,
     ):
         super().__init__()
         self.embed_tokens = VocabEmbedding(
-            args.vocab_size, args.hidden_size, dtype=dtype, device=device
+            args.vocab_size, args.hidden_size, dtype=dtype, device=device, tp=tp
         )
         self.layers = nn.ModuleList(
-            LlamaDecoderLayer(args, i, attention_cls, dtype=dtype, device=device)
+            LlamaDecoderLayer(args, i, attention_cls, dtype=dtype, device=device, tp=tp)
             for i in range(args.num_layers)
         )
         self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps, dtype=dtype, device=device)
@@ -163,15 +176,18 @@ class LlamaForCausalLM(nn.Module):
     attention_cls: ClassVar[type[LlamaAttention]] = LlamaAttention
 
     def __init__(
-        self, args: ModelArgs, *, dtype: torch.dtype = torch.float32, device: Device = "cpu"
+        self, args: ModelArgs, *, dtype: torch.dtype = torch.float32, device: Device = "cpu",
+        tp: TPGroup | None = None,
     ):
         super().__init__()
         self.args = args
-        self.model = LlamaModel(args, self.attention_cls, dtype=dtype, device=device)
+        self.tp = tp
+        self.shard_plan = ShardPlan.of(args, tp)
+        self.model = LlamaModel(args, self.attention_cls, dtype=dtype, device=device, tp=tp)
         self.lm_head = (
             None
             if args.tie_word_embeddings
-            else LMHead(args.vocab_size, args.hidden_size, dtype=dtype, device=device)
+            else LMHead(args.vocab_size, args.hidden_size, dtype=dtype, device=device, tp=tp)
         )
         self.logits_gemm: GemmFn = F.linear
 
@@ -185,15 +201,15 @@ class LlamaForCausalLM(nn.Module):
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:  # [N, H] -> [N, V] fp32
         weight = self.lm_head.weight if self.lm_head is not None else self.model.embed_tokens.weight
-        return lm_logits(hidden, weight, self.logits_gemm)
+        return lm_logits(hidden, weight, self.logits_gemm, self.tp, self.args.vocab_size)
 
     # ----------------------------------------------------------------------- weights
 
     def _shard_sizes(self, fused: str) -> list[int]:
-        a = self.args
+        p = self.shard_plan
         if fused == "qkv_proj":
-            return [a.q_size, a.kv_size, a.kv_size]
-        return [a.intermediate_size, a.intermediate_size]
+            return [p.q_size, p.kv_size, p.kv_size]
+        return [p.intermediate, p.intermediate]
 
     def checkpoint_names(self) -> set[str]:
         """HF parameter names a complete checkpoint of this model provides."""
@@ -208,8 +224,11 @@ class LlamaForCausalLM(nn.Module):
                     names.add(name.replace(f".{fused}.", f".{hf}."))
         return names
 
-    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
-        """Copy HF-named tensors into the (fused) parameters, converting dtype and device."""
+    def load_weights(self, weights: Iterable[tuple[str, Any]]) -> None:
+        """Copy HF-named tensors into the (fused) parameters, converting dtype and device.
+
+        A weight is a tensor or a lazy safetensors slice; under TP only this rank's part of it is
+        read (``ShardPlan.rule``), so a rank never materializes another rank's shard."""
         params = dict(self.named_parameters())
         expected = self.checkpoint_names()
         loaded: set[str] = set()
@@ -228,6 +247,10 @@ class LlamaForCausalLM(nn.Module):
                 dst = param.data.narrow(0, sum(sizes[:shard]), sizes[shard])
             else:
                 dst = params[name].data
+            tensor = take_shard(tensor, self.shard_plan.rule(name))
+            if self.shard_plan.is_vocab(name) and tensor.shape[0] < dst.shape[0]:
+                dst[tensor.shape[0]:].zero_()  # padding rows of the last vocab slice
+                dst = dst[: tensor.shape[0]]
             if tuple(dst.shape) != tuple(tensor.shape):
                 raise ValueError(
                     f"weight {name!r} has shape {tuple(tensor.shape)}, expected {tuple(dst.shape)}"

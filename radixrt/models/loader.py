@@ -12,7 +12,7 @@ import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 
@@ -20,6 +20,9 @@ from radixrt.models.args import MODEL_TYPE_TO_ARCHITECTURE, ModelArgs
 from radixrt.models.llama import LlamaForCausalLM
 from radixrt.models.presets import PRESETS, preset_config
 from radixrt.models.registry import build_model
+
+if TYPE_CHECKING:
+    from radixrt.distributed.group import TPGroup
 
 LoadFormat = Literal["auto", "safetensors", "gguf", "dummy"]
 LOAD_FORMATS: tuple[str, ...] = ("auto", "safetensors", "gguf", "dummy")
@@ -43,7 +46,9 @@ def load_model(
     device: torch.device | str = "cpu",
     load_format: LoadFormat = "auto",
     seed: int = 0,
+    tp: TPGroup | None = None,
 ) -> LoadedModel:
+    """``tp``: build and load only this tensor-parallel rank's shard of every parameter."""
     if load_format not in LOAD_FORMATS:
         raise ValueError(f"unknown load_format {load_format!r}; expected one of {LOAD_FORMATS}")
     if model is None:
@@ -52,7 +57,7 @@ def load_model(
 
         model = default_model_path()
     if load_format == "dummy":
-        return _load_dummy(str(model), dtype=dtype, device=device, seed=seed)
+        return _load_dummy(str(model), dtype=dtype, device=device, seed=seed, tp=tp)
 
     path = Path(model).expanduser()
     if not path.exists():
@@ -63,12 +68,12 @@ def load_model(
     if fmt == "gguf":
         if not is_gguf:
             raise ValueError(f"load_format='gguf' needs a .gguf file, got {str(path)!r}")
-        return _load_gguf(path, dtype=dtype, device=device)
+        return _load_gguf(path, dtype=dtype, device=device, tp=tp)
     if not path.is_dir():
         raise ValueError(
             f"{str(path)!r} is not a model directory (config.json + *.safetensors) or a .gguf file"
         )
-    return _load_safetensors_dir(path, dtype=dtype, device=device)
+    return _load_safetensors_dir(path, dtype=dtype, device=device, tp=tp)
 
 
 # --------------------------------------------------------------------------- HF directories
@@ -101,8 +106,10 @@ def safetensors_files(directory: Path) -> list[Path]:
 
 
 def iter_safetensors(
-    files: list[Path], device: torch.device | str
-) -> Iterator[tuple[str, torch.Tensor]]:
+    files: list[Path], device: torch.device | str, *, lazy: bool = False
+) -> Iterator[tuple[str, Any]]:
+    """(name, tensor) per checkpoint entry; ``lazy``: (name, slice) where indexing the slice
+    reads only the indexed part (a tensor-parallel rank reads just its shard)."""
     from safetensors import safe_open
 
     # safetensors cannot open onto "meta"; read on the CPU then.
@@ -110,7 +117,7 @@ def iter_safetensors(
     for file in files:
         with safe_open(str(file), framework="pt", device=where) as f:
             for name in f.keys():  # noqa: SIM118 (safe_open is not a dict)
-                yield name, f.get_tensor(name)
+                yield name, (f.get_slice(name) if lazy else f.get_tensor(name))
 
 
 def _load_tokenizer(directory: Path) -> Any:
@@ -128,12 +135,12 @@ def _finish(model: LlamaForCausalLM) -> LlamaForCausalLM:
 
 
 def _load_safetensors_dir(
-    directory: Path, *, dtype: torch.dtype, device: torch.device | str
+    directory: Path, *, dtype: torch.dtype, device: torch.device | str, tp: TPGroup | None
 ) -> LoadedModel:
     args = ModelArgs.from_hf_config(read_config(directory))
     files = safetensors_files(directory)
-    model = build_model(args, dtype=dtype, device=device)
-    model.load_weights(iter_safetensors(files, device))
+    model = build_model(args, dtype=dtype, device=device, tp=tp)
+    model.load_weights(iter_safetensors(files, device, lazy=tp is not None and tp.size > 1))
     return LoadedModel(_finish(model), args, _load_tokenizer(directory), str(directory))
 
 
@@ -173,10 +180,12 @@ def read_gguf(path: Path) -> GGUFCheckpoint:
     return GGUFCheckpoint(hf_config, config, dict(parsed["tensors"]), tokenizer)
 
 
-def _load_gguf(path: Path, *, dtype: torch.dtype, device: torch.device | str) -> LoadedModel:
+def _load_gguf(
+    path: Path, *, dtype: torch.dtype, device: torch.device | str, tp: TPGroup | None
+) -> LoadedModel:
     ckpt = read_gguf(path)
     args = ModelArgs.from_hf_config(ckpt.config)
-    model = build_model(args, dtype=dtype, device=device)
+    model = build_model(args, dtype=dtype, device=device, tp=tp)
     model.load_weights(ckpt.tensors.items())
     return LoadedModel(_finish(model), args, ckpt.tokenizer, str(path))
 
@@ -185,7 +194,7 @@ def _load_gguf(path: Path, *, dtype: torch.dtype, device: torch.device | str) ->
 
 
 def _load_dummy(
-    model: str, *, dtype: torch.dtype, device: torch.device | str, seed: int
+    model: str, *, dtype: torch.dtype, device: torch.device | str, seed: int, tp: TPGroup | None
 ) -> LoadedModel:
     if model in PRESETS:
         config, source = preset_config(model), f"dummy:{model}"
@@ -198,8 +207,9 @@ def _load_dummy(
             )
         config, source = read_config(directory), f"dummy:{directory}"
     args = ModelArgs.from_hf_config(config)
-    net = build_model(args, dtype=dtype, device=device)
-    init_dummy_weights(net, seed=seed)
+    net = build_model(args, dtype=dtype, device=device, tp=tp)
+    # Under TP each rank draws its own shard's values: dummy weights are for benchmarks only.
+    init_dummy_weights(net, seed=seed + (tp.rank if tp is not None else 0))
     return LoadedModel(_finish(net), args, None, source)
 
 

@@ -3,7 +3,7 @@ RoPE), no projection bias, and a head_dim that need not equal hidden / heads."""
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 import torch
 
@@ -11,10 +11,14 @@ from radixrt.models.args import ModelArgs
 from radixrt.models.layers import Device, RMSNorm
 from radixrt.models.llama import LlamaAttention, LlamaForCausalLM
 
+if TYPE_CHECKING:
+    from radixrt.distributed.group import TPGroup
+
 
 class Qwen3Attention(LlamaAttention):
-    def __init__(self, args: ModelArgs, layer_id: int, *, dtype: torch.dtype, device: Device):
-        super().__init__(args, layer_id, dtype=dtype, device=device)
+    def __init__(self, args: ModelArgs, layer_id: int, *, dtype: torch.dtype, device: Device,
+                 tp: TPGroup | None = None):
+        super().__init__(args, layer_id, dtype=dtype, device=device, tp=tp)
         self.q_norm = RMSNorm(args.head_dim, args.rms_norm_eps, dtype=dtype, device=device)
         self.k_norm = RMSNorm(args.head_dim, args.rms_norm_eps, dtype=dtype, device=device)
 
@@ -30,8 +34,9 @@ class Qwen3ForCausalLM(LlamaForCausalLM):
     attention_cls: ClassVar[type[LlamaAttention]] = Qwen3Attention
 
     def __init__(
-        self, args: ModelArgs, *, dtype: torch.dtype = torch.float32, device: Device = "cpu"
+        self, args: ModelArgs, *, dtype: torch.dtype = torch.float32, device: Device = "cpu",
+        tp: TPGroup | None = None,
     ):
         if not args.qk_norm:
             raise ValueError("Qwen3 needs qk_norm=True")
-        super().__init__(args, dtype=dtype, device=device)
+        super().__init__(args, dtype=dtype, device=device, tp=tp)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from types import MappingProxyType
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 
@@ -13,6 +13,9 @@ from radixrt.models.layers import AttnFn, Device
 from radixrt.models.llama import LlamaForCausalLM
 from radixrt.models.qwen2 import Qwen2ForCausalLM
 from radixrt.models.qwen3 import Qwen3ForCausalLM
+
+if TYPE_CHECKING:
+    from radixrt.distributed.group import TPGroup
 
 
 class CausalLM(Protocol):
@@ -52,7 +55,9 @@ def model_class(architecture: str) -> type[LlamaForCausalLM]:
 
 
 def build_model(
-    args: ModelArgs, *, dtype: torch.dtype = torch.float32, device: Device = "cpu"
+    args: ModelArgs, *, dtype: torch.dtype = torch.float32, device: Device = "cpu",
+    tp: TPGroup | None = None,
 ) -> LlamaForCausalLM:
-    """Allocate (uninitialized) parameters for ``args`` directly on ``device`` in ``dtype``."""
-    return model_class(args.architecture)(args, dtype=dtype, device=device)
+    """Allocate (uninitialized) parameters for ``args`` directly on ``device`` in ``dtype``;
+    under ``tp`` only this rank's shard of each parallel parameter."""
+    return model_class(args.architecture)(args, dtype=dtype, device=device, tp=tp)

@@ -1,13 +1,14 @@
 """Structured output through the real server and the official openai client, on a tiny model:
 response_format, tools / tool_choice (forced calls always parse and match their schema;
 streamed tool-call deltas reassemble to the non-streamed result), logit_bias, native
-/generate grammars, and a 400 naming the field for every bad or unsupported input."""
+/generate grammars, LangChain's with_structured_output and bind_tools, and a 400 naming the
+field for every bad or unsupported input."""
 
 from __future__ import annotations
 
 import json
 import re
-from typing import Any
+from typing import Any, Literal
 
 import httpx
 import openai
@@ -203,3 +204,32 @@ def test_bad_structured_inputs_are_400(server: Server, path: str, body: dict[str
     assert r.status_code == 400, r.text
     assert r.json()["error"]["param"] == param, r.json()
     assert httpx.get(server.url + "/health").status_code == 200
+
+
+def test_langchain_structured_output_and_bind_tools(server: Server) -> None:
+    lc = pytest.importorskip("langchain_openai")
+    from pydantic import BaseModel, Field
+
+    class Person(BaseModel):
+        name: str = Field(max_length=8)
+        age: int = Field(ge=0, le=120)
+
+    llm = lc.ChatOpenAI(base_url=server.url + "/v1", api_key="none", model="tiny",
+                        temperature=0, max_tokens=120, max_retries=0, timeout=120)
+    person = llm.with_structured_output(Person, method="json_schema", strict=True).invoke(
+        "Describe a person.")
+    assert isinstance(person, Person) and 0 <= person.age <= 120
+
+    class GetWeather(BaseModel):
+        """Current weather in a city."""
+
+        city: str = Field(max_length=10)
+        unit: Literal["c", "f"]
+
+    for choice in ("GetWeather", "any"):
+        msg = llm.bind_tools([GetWeather], tool_choice=choice).invoke(
+            "What is the weather in Oslo?")
+        assert msg.tool_calls, msg
+        call = msg.tool_calls[0]
+        assert call["name"] == "GetWeather"
+        GetWeather(**call["args"])

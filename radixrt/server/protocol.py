@@ -74,6 +74,11 @@ class _Common(msgspec.Struct, kw_only=True):
     user: str | None = None
     cache_salt: str | None = None
     logit_bias: dict[str, float] | None = None
+    # vLLM's names for grammars (``guided_json`` etc.): honoured, see guided_constraint().
+    guided_json: Any = None
+    guided_regex: str | None = None
+    guided_grammar: str | None = None
+    guided_choice: list[str] | None = None
 
 
 class ChatCompletionRequest(_Common, kw_only=True):
@@ -336,6 +341,44 @@ def response_format_schema(fmt: dict[str, Any] | None) -> str | None:
         return json.dumps(spec.get("schema", {}))
     raise bad_request(f"response_format.type must be text, json_object or json_schema, got "
                       f"{kind!r}", "response_format")
+
+
+def guided_constraint(req: ChatCompletionRequest | CompletionRequest) -> tuple[str, str, str] | None:
+    """vLLM's ``guided_*`` fields -> (SamplingParams field, grammar text, the client's name)."""
+    given = [(name, getattr(req, name)) for name in
+             ("guided_json", "guided_regex", "guided_grammar", "guided_choice")
+             if getattr(req, name) is not None]
+    if not given:
+        return None
+    if len(given) > 1:
+        raise bad_request(f"{given[0][0]} and {given[1][0]} are exclusive", given[1][0])
+    name, value = given[0]
+    if name == "guided_json":
+        if isinstance(value, str):
+            return "json_schema", value, name
+        if not isinstance(value, (dict, bool)):
+            raise bad_request("guided_json must be a JSON schema", name)
+        return "json_schema", json.dumps(value), name
+    if name == "guided_choice":
+        if not value or not all(isinstance(c, str) and c for c in value):
+            raise bad_request("guided_choice must be a non-empty list of non-empty strings", name)
+        return "regex", "|".join(f"({re.escape(c)})" for c in value), name
+    return ("regex" if name == "guided_regex" else "ebnf"), value, name
+
+
+def apply_guided(params: SamplingParams, req: ChatCompletionRequest | CompletionRequest
+                 ) -> SamplingParams:
+    """``params`` with the request's guided_* grammar (checked: a 400 naming the field)."""
+    g = guided_constraint(req)
+    if g is None:
+        return params
+    field, text, name = g
+    if params.constraint is not None:
+        raise bad_request(f"{name} cannot be combined with response_format or a required tool "
+                          "call", name)
+    params = replace_params(params, param=name, **{field: text})
+    check_grammar(params, name)
+    return params
 
 
 _NATIVE_FIELDS = {f.name for f in fields(SamplingParams)}

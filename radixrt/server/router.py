@@ -100,7 +100,7 @@ def chat_job(ctx: ServingContext, request: Request, raw: bytes) -> Job:
             kwargs["tools"] = [t.as_openai() for t in plan.tools]
         else:
             messages = tool_calls.with_system_prompt(messages, plan)
-    params = _constrain_chat(params, req, plan)
+    params = p.apply_guided(_constrain_chat(params, req, plan), req)
     ids = ctx.codec.chat_ids(messages, req.add_generation_prompt, req.continue_final_message,
                              kwargs, client_template)
     max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None \
@@ -138,7 +138,7 @@ def completion_job(ctx: ServingContext, request: Request, raw: bytes) -> Job:
     if req.best_of is not None and req.best_of != req.n:
         raise p.bad_request("best_of must equal n (or be omitted)", "best_of")
     namespace = _namespace(ctx, request, req.cache_salt)
-    params = p.openai_params(req)
+    params = p.apply_guided(p.openai_params(req), req)
     if ctx.codec is None:
         p.check_token_only(params)
     inputs = p.prompt_inputs(req.prompt)

@@ -58,6 +58,9 @@ class EngineConfig:
     # depend on the prefix cache, batch composition or chunking. CUDA + Triton only; slower.
     deterministic_inference: bool = False
     debug_invariants: bool = False  # check cache/pool invariants whenever the engine is idle
+    # Tensor parallelism: the model split over this many ranks (processes; on CUDA, GPUs
+    # device..device+tp_size-1), one scheduler and radix cache on rank 0.
+    tp_size: int = 1
 
     def __post_init__(self) -> None:
         def need(cond: bool, field: str, msg: str) -> None:
@@ -96,6 +99,11 @@ class EngineConfig:
              "deterministic_inference", f"needs the triton attention backend, not {self.attention_backend!r}")
         need(self.load_format in ("auto", "safetensors", "gguf", "dummy"), "load_format",
              f"unknown load format {self.load_format!r}")
+        need(isinstance(self.tp_size, int) and self.tp_size >= 1, "tp_size",
+             f"must be an int >= 1, got {self.tp_size!r}")
+        # The host tier copies one pool's pages; each rank's shard would need its own tier.
+        need(self.tp_size == 1 or self.host_kv_cache_tokens == 0, "host_kv_cache_tokens",
+             "the host KV tier is not supported with tp_size > 1 yet")
 
     @property
     def overlap(self) -> bool:

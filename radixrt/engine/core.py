@@ -19,14 +19,12 @@ from radixrt.cache.prefix_cache import make_prefix_cache
 from radixrt.cache.transfer import make_host_tier
 from radixrt.config import EngineConfig
 from radixrt.constrained.sequences import SequenceGrammars
+from radixrt.distributed.launch import build_runner, start_tensor_parallel
 from radixrt.engine.memory import SequenceMemory
 from radixrt.engine.outputs import EngineStats, SequenceDelta
-from radixrt.engine.runner import ModelRunner, make_attention_backend
 from radixrt.engine.sampler import Sampler
 from radixrt.engine.scheduler import Scheduler
 from radixrt.models.args import ModelArgs
-from radixrt.models.layers import set_gemm
-from radixrt.models.loader import load_model
 from radixrt.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
@@ -38,7 +36,8 @@ CPU_DEFAULT_KV_BYTES = 1 << 30
 
 # Errors after which the device, and so this process, cannot be trusted (vs. one bad request).
 _DEVICE_FAULT_MARKERS = ("CUDA error", "CUBLAS_STATUS", "cuDNN error", "device-side assert",
-                         "illegal memory access", "NCCL error", "HIP error")
+                         "illegal memory access", "NCCL error", "HIP error",
+                         "tensor-parallel peer lost")
 
 
 def is_device_fault(e: BaseException) -> bool:
@@ -87,43 +86,22 @@ class EngineCore:
         if device.type == "cuda" and not torch.cuda.is_available():
             raise ValueError("device='cuda' was requested but no CUDA GPU is available")
         torch.manual_seed(config.seed)
-        loaded = load_model(
-            config.model, dtype=config.torch_dtype, device=device,
-            load_format=config.load_format, seed=config.seed,
-        )
+        # Model, KV pool, attention backend and runner (launch.build_runner); with tp_size > 1
+        # the follower ranks are started first and hold the other shards.
+        if config.tp_size > 1:
+            built, _ = start_tensor_parallel(config)
+        else:
+            built = build_runner(config, device, None)
+        loaded, pool, num_pages, max_context = built.loaded, built.pool, built.num_pages, built.max_context
         self.tokenizer: Any = loaded.tokenizer
         args = loaded.args
         self.args = args
-        num_pages = kv_pool_pages(config, args, device)
-        pool = KVPool(
-            num_layers=args.num_layers, num_pages=num_pages, page_size=config.page_size,
-            num_kv_heads=args.num_kv_heads, head_dim=args.head_dim, dtype=config.torch_dtype,
-            device=device,
-        )
-        max_context = config.max_context_len or args.max_position_embeddings
-        backend = make_attention_backend(
-            config.attention_backend, device, num_heads=args.num_heads,
-            num_kv_heads=args.num_kv_heads, head_dim=args.head_dim,
-            max_batch=config.max_running_requests, dtype=config.torch_dtype,
-            deterministic=config.deterministic_inference, max_context_len=max_context,
-        )
-        if config.deterministic_inference:
-            from radixrt.kernels.matmul import batch_invariant_linear
-
-            rerouted = set_gemm(loaded.model, batch_invariant_linear)
-            logger.info("deterministic inference: %d projections on the batch-invariant GEMM", rerouted)
-        use_graphs = device.type == "cuda" and not config.disable_cuda_graph
-        self.runner = ModelRunner(
-            loaded.model, pool, backend,
-            graph_max_batch=min(config.cuda_graph_max_batch, config.max_running_requests) if use_graphs else 0,
-            max_pages_per_seq=-(-max_context // config.page_size),
-            max_running_requests=config.max_running_requests,
-        )
+        self.runner = built.runner
         allocator = PageAllocator(num_pages)
         tier = make_host_tier(pool, config.host_kv_cache_tokens)
         cache = make_prefix_cache(allocator, config.page_size, config.enable_prefix_cache, tier)
         # A full prefill step's worth of the oldest GPU cache stays written down ahead of need.
-        memory = SequenceMemory(allocator, cache, config.page_size, pool.copy_pages,
+        memory = SequenceMemory(allocator, cache, config.page_size, self.runner.copy_pages,
                                 backup_ahead_pages=2 * config.max_prefill_tokens // config.page_size)
         eos = set(args.eos_token_ids)
         if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
@@ -181,6 +159,10 @@ class EngineCore:
 
     def flush_cache(self) -> bool:
         return self.scheduler.flush_cache()
+
+    def close(self) -> None:
+        """Stop what outlives this object on its own (tensor-parallel follower ranks)."""
+        self.runner.close()
 
     def check_invariants(self) -> None:
         self.scheduler.memory.check_invariants(self.scheduler.running)

@@ -4,6 +4,8 @@ runs one forward step."""
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -12,6 +14,9 @@ from radixrt.cache.device_pages import DevicePageTable, rows_needed
 from radixrt.cache.kv_pool import KVPool
 from radixrt.engine.batch import ForwardBatch
 from radixrt.engine.cuda_graph import DecodeGraphs
+
+if TYPE_CHECKING:
+    from radixrt.distributed.plan import PlanSender
 
 logger = logging.getLogger(__name__)
 
@@ -53,27 +58,46 @@ class ModelRunner:
         graph_max_batch: int = 0,
         max_pages_per_seq: int = 0,
         max_running_requests: int = 256,
+        table_cls: type[DevicePageTable] = DevicePageTable,
     ) -> None:
         """``max_pages_per_seq`` 0: as many as the pool holds (no sequence can hold more).
-        ``max_running_requests`` sizes the device page table (EngineCore passes its config's)."""
+        ``max_running_requests`` sizes the device page table (EngineCore passes its config's).
+        ``table_cls``: the page table's class (tensor-parallel rank 0 records its writes)."""
         self.model = model
         self.pool = pool
         self.backend = backend
         self.device = pool.device
         max_pages = min(max_pages_per_seq, pool.num_pages) if max_pages_per_seq > 0 else pool.num_pages
         # The scheduler stages changed pages into it; the backends and graphs read it.
-        self.page_table = DevicePageTable(num_rows=rows_needed(max_running_requests),
-                                          max_pages=max_pages, page_size=pool.page_size,
-                                          device=self.device)
+        self.page_table = table_cls(num_rows=rows_needed(max_running_requests),
+                                    max_pages=max_pages, page_size=pool.page_size,
+                                    device=self.device)
+        # Tensor-parallel rank 0: sends each step to the follower ranks before running it.
+        self.plan_sender: PlanSender | None = None
+        self.on_close: list[Callable[[], None]] = []  # run once by close() (TP: stop followers)
         self.graphs: DecodeGraphs | None = None
         if graph_max_batch > 0 and self.device.type == "cuda" and backend.supports_cuda_graph:
             self.graphs = DecodeGraphs(model, pool, backend, max_batch=graph_max_batch,
                                        table=self.page_table)
             self.graphs.capture()
 
+    def close(self) -> None:
+        """Release what outlives the process's objects (the follower ranks under TP)."""
+        hooks, self.on_close = self.on_close, []
+        for hook in hooks:
+            hook()
+
+    def copy_pages(self, src: list[int], dst: list[int]) -> None:
+        """Copy whole KV pages (forks), on every tensor-parallel rank's shard."""
+        self.pool.copy_pages(src, dst)
+        if self.plan_sender is not None:
+            self.plan_sender.queue_copy(src, dst)
+
     @torch.inference_mode()
     def forward(self, batch: ForwardBatch) -> torch.Tensor:
         """Run one step; returns float32 logits for ``batch.logits_indices`` rows: [N, vocab]."""
+        if self.plan_sender is not None:
+            self.plan_sender.send_forward(batch)
         if self.graphs is not None and self.graphs.can_run(batch):
             return self.graphs.run(batch)
         self.backend.prepare(batch)

@@ -8,19 +8,27 @@ the first time a sequence is sampled and is re-synchronized with ``output_ids`` 
 mask: a fork of an n > 1 request (empty output) starts from the grammar's start; a sequence
 whose output was cut back is rolled back; one that gained tokens elsewhere catches up.
 
-Compilation happens when a request is added (``check``): cached per grammar text, bounded by
-``compile_timeout_s``; a bad grammar is a ValueError there, so the request is refused before
-anything is allocated.
+Compilation starts when a request is added (``ready_or_park``), cached per grammar text, in a
+thread pool. A grammar that compiles (or fails) within ``SYNC_COMPILE_WAIT_S`` is decided
+there: a bad one is a ValueError, refused before anything is allocated. A slow one parks its
+request here, outside the scheduler's queue, so a hostile schema that takes seconds never
+holds up the step loop; ``take_ready`` hands parked requests over once compiled, or ends them
+with an error delta (``GRAMMAR_ERROR_PREFIX``, a 400 in the router) after a failure or
+``compile_timeout_s``.
 """
 
 from __future__ import annotations
 
+import time
 import weakref
 from collections.abc import Iterable, Sequence
+from concurrent.futures import FIRST_COMPLETED, Future, wait
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
 
+from radixrt.engine.outputs import SequenceDelta
 from radixrt.sampling_params import SamplingParams
 
 if TYPE_CHECKING:
@@ -32,6 +40,21 @@ if TYPE_CHECKING:
     from radixrt.engine.request import Sequence as Seq
 
 DEFAULT_COMPILE_TIMEOUT_S = 10.0
+SYNC_COMPILE_WAIT_S = 0.05
+# Errors that are the client's grammar, not the engine's fault: the router answers 400.
+GRAMMAR_ERROR_PREFIX = "invalid grammar: "
+
+
+@dataclass
+class Parked:
+    """A request whose grammar is still compiling."""
+
+    rid: str
+    input_ids: list[int]
+    params: SamplingParams
+    namespace: str | None
+    future: Future[Any]
+    since: float
 
 
 class SequenceGrammars:
@@ -46,6 +69,7 @@ class SequenceGrammars:
         self._compiler: GrammarCompiler | None = None  # built on the first grammar
         self._masks: MaskBuilder | None = None
         self._matchers: weakref.WeakKeyDictionary[Seq, Matcher] = weakref.WeakKeyDictionary()
+        self._parked: dict[str, Parked] = {}
         self.rejected_tokens = 0
 
     @property
@@ -59,10 +83,8 @@ class SequenceGrammars:
             self._compiler = GrammarCompiler(info, timeout_s=self.compile_timeout_s)
         return self._compiler
 
-    def check(self, params: SamplingParams) -> None:
-        """Compile the request's grammar now (cached); ValueError if it cannot be served."""
-        if params.constraint is None:
-            return
+    def _submit(self, params: SamplingParams) -> Future[Any]:
+        assert params.constraint is not None, "only constrained requests compile"
         kind, _ = params.constraint
         if self.tokenizer is None:
             raise ValueError(f"{kind} needs a tokenizer, and this model has none")
@@ -70,12 +92,85 @@ class SequenceGrammars:
             import xgrammar  # noqa: F401
         except ImportError:
             raise ValueError(f"{kind} needs the xgrammar package, which is not installed") from None
+        return self.compiler.submit(params.constraint)
+
+    def check(self, params: SamplingParams) -> None:
+        """Compile the request's grammar now, blocking (cached); ValueError if it cannot be
+        served. For callers that can wait (benchmarks); the scheduler uses ready_or_park."""
+        if params.constraint is not None:
+            self._raise_if_failed(self._submit(params), self.compile_timeout_s)
+
+    def _raise_if_failed(self, fut: Future[Any], timeout: float) -> None:
         from radixrt.constrained.grammar import GrammarError
 
         try:
-            self.compiler.compile(params.constraint)
+            fut.result(timeout=timeout)
         except GrammarError as e:
             raise ValueError(str(e)) from None
+
+    def ready_or_park(self, rid: str, input_ids: list[int], params: SamplingParams,
+                      namespace: str | None) -> bool:
+        """True: the grammar is compiled, queue the request now. False: it is parked here until
+        ``take_ready``. ValueError: the grammar is bad (nothing was queued)."""
+        fut = self._submit(params)
+        done, _ = wait([fut], timeout=SYNC_COMPILE_WAIT_S)
+        if done:
+            self._raise_if_failed(fut, 0)
+            return True
+        self._parked[rid] = Parked(rid, input_ids, params, namespace, fut, time.monotonic())
+        return False
+
+    @property
+    def has_parked(self) -> bool:
+        return bool(self._parked)
+
+    def is_parked(self, rid: str) -> bool:
+        return rid in self._parked
+
+    def unpark(self, rid: str) -> bool:
+        """Drop a parked request (aborted while compiling); False if it is not parked."""
+        return self._parked.pop(rid, None) is not None
+
+    def take_ready(self, idle: bool) -> tuple[list[Parked], list[SequenceDelta]]:
+        """Parked requests whose grammar compiled, and error deltas for those whose grammar
+        failed or overran the timeout. ``idle`` (nothing else to run): wait a few ms for a
+        compilation instead of letting the step loop spin."""
+        if idle and self._parked:
+            wait([p.future for p in self._parked.values()], timeout=0.005,
+                 return_when=FIRST_COMPLETED)
+        ready: list[Parked] = []
+        failed: list[SequenceDelta] = []
+        now = time.monotonic()
+        for rid, p in list(self._parked.items()):
+            error = None
+            if p.future.done():
+                exc = p.future.exception()
+                if exc is None:
+                    ready.append(p)
+                else:
+                    error = str(exc)
+            elif now - p.since > self.compile_timeout_s:
+                assert p.params.constraint is not None
+                error = f"{p.params.constraint[0]} did not compile within " \
+                        f"{self.compile_timeout_s:g} s"
+            if error is not None:
+                failed.extend(self._error_deltas(p, GRAMMAR_ERROR_PREFIX + error))
+            if p.future.done() or error is not None:
+                del self._parked[rid]
+        return ready, failed
+
+    def fail_parked(self, error: str) -> list[SequenceDelta]:
+        deltas = [d for p in self._parked.values() for d in self._error_deltas(p, error)]
+        self._parked.clear()
+        return deltas
+
+    @staticmethod
+    def _error_deltas(p: Parked, error: str) -> list[SequenceDelta]:
+        return [SequenceDelta(rid=p.rid, index=i, new_token_ids=[],
+                              prompt_tokens=len(p.input_ids), cached_tokens=0,
+                              completion_tokens=0, finished=True, finish_reason="abort",
+                              error=error)
+                for i in range(p.params.n)]
 
     @staticmethod
     def needs_masks(seqs: Sequence[Seq]) -> bool:

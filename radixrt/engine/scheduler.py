@@ -79,7 +79,8 @@ class Scheduler:
         self, rid: str, input_ids: list[int], params: SamplingParams, namespace: str | None = None
     ) -> None:
         """Queue a request; raises ValueError (nothing queued) when it cannot be served."""
-        if rid in self.requests:
+        grammars = self.results.grammars
+        if rid in self.requests or (grammars is not None and grammars.is_parked(rid)):
             raise ValueError(f"request id {rid!r} is already in use")
         if not input_ids:
             raise ValueError("prompt is empty: at least one token is needed")
@@ -93,9 +94,11 @@ class Scheduler:
             )
         params.validate_for_model(self.vocab_size, self.max_context_len, len(input_ids))
         if params.constraint is not None:
-            if self.results.grammars is None:
+            if grammars is None:
                 raise ValueError(f"{params.constraint[0]}: this engine has no grammar support")
-            self.results.grammars.check(params)  # compiles now (cached): a bad one is refused
+            # A bad grammar is refused here; a slow one waits outside the queue (step() adds it).
+            if not grammars.ready_or_park(rid, list(input_ids), params, namespace):
+                return
         if params.seed is not None and not 0 <= params.seed <= MAX_SEED - (params.n - 1):
             # Sample i draws with seed + i, made when it forks mid-step: reject it here instead.
             raise ValueError(f"seed must be in [0, 2^64 - n], got {params.seed} with n={params.n}")
@@ -109,21 +112,34 @@ class Scheduler:
 
     def abort_request(self, rid: str, index: int | None = None) -> None:
         """Abort a request (all its samples, or one); takes effect at the next step."""
+        grammars = self.results.grammars
+        if index is None and grammars is not None and grammars.unpark(rid):
+            return  # still compiling its grammar: nothing was queued
         self.requests.request_abort(rid, index)
 
     def has_work(self) -> bool:
-        return not self.requests.is_empty or self._inflight is not None
+        grammars = self.results.grammars
+        return (not self.requests.is_empty or self._inflight is not None
+                or (grammars is not None and grammars.has_parked))
 
     def fail_all(self, error: str) -> list[SequenceDelta]:
         """After a step raised: drop its results and end every request with ``error``."""
         self._inflight = None
-        return self.requests.abort_all(error)
+        parked = self.results.grammars.fail_parked(error) if self.results.grammars else []
+        return self.requests.abort_all(error) + parked
 
     # ---- one step ----------------------------------------------------------------------
     def step(self) -> list[SequenceDelta]:
         """Receive aborts, schedule, launch, then process the previous step's result while this
         one runs (overlap); without overlap a step's result is processed before the next plan."""
         deltas = self.requests.apply_aborts()
+        grammars = self.results.grammars
+        if grammars is not None and grammars.has_parked:  # grammars that finished compiling
+            ready, failed = grammars.take_ready(
+                idle=self.requests.is_empty and self._inflight is None)
+            deltas += failed
+            for p in ready:
+                self.requests.add(p.rid, p.input_ids, p.params, p.namespace)
         self.memory.poll()  # host-tier copies that finished make their prefixes usable
         prev, self._inflight = self._inflight, None
         plan = self._plan_continuation(prev) if prev is not None else None

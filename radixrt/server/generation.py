@@ -22,6 +22,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from radixrt.constrained.sequences import GRAMMAR_ERROR_PREFIX
 from radixrt.sampling_params import SamplingParams
 from radixrt.server.engine_client import (
     EngineClient,
@@ -167,6 +168,10 @@ class Generation:
             upd.finish_reason, upd.matched_stop = "stop", step.matched_stop
         elif d.finished:
             if d.finish_reason == "abort":
+                if d.error is not None and d.error.startswith(GRAMMAR_ERROR_PREFIX):
+                    # The request's grammar failed to compile in the worker: the client's.
+                    kind = self.params.constraint[0] if self.params.constraint else None
+                    raise APIError(400, d.error, kind)
                 raise APIError(500, f"The engine aborted the request: {d.error or 'unknown'}",
                                err_type="server_error")
             if seq.detok is not None:

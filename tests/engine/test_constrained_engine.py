@@ -89,3 +89,55 @@ def test_constrained_stream_ends_with_stop_token(llama_dir):
                                                    regex="(yes|no)"))[0].outputs[0]
     assert eng.tokenizer.decode(out.token_ids) in ("yes", "no")
     assert out.finish_reason == "stop" and EOS_ID not in out.token_ids
+
+
+def test_slow_grammar_waits_outside_the_queue(llama_dir, monkeypatch):
+    """A grammar still compiling parks its request: other requests keep running, the parked
+    one joins when compiled; one that overruns the timeout ends with an invalid-grammar error;
+    an abort while parked drops it."""
+    import threading
+
+    from radixrt.constrained import sequences
+
+    eng = Engine(str(llama_dir), page_size=16, kv_cache_tokens=4096)
+    core = eng.core
+    grammars = core.scheduler.results.grammars
+    assert grammars is not None
+    gate = threading.Event()
+    real = grammars.compiler._compile
+
+    def slow(key):
+        gate.wait(30)
+        return real(key)
+
+    monkeypatch.setattr(grammars.compiler, "_compile", slow)
+    p = SamplingParams(temperature=0, max_new_tokens=8, regex="(yes|no)")
+    core.add_request("slow", _prompts(1)[0], p)
+    core.add_request("gone", _prompts(1)[0], SamplingParams(max_new_tokens=4, regex="[ab]+"))
+    core.abort_request("gone")
+    core.add_request("free", _prompts(2)[1], SamplingParams(temperature=0, max_new_tokens=3))
+    assert grammars.is_parked("slow") and not grammars.is_parked("gone")
+    done: dict[str, object] = {}
+    for _ in range(40):  # "free" runs to the end while "slow" compiles
+        for d in core.step():
+            if d.finished:
+                done[d.rid] = d
+        if "free" in done:
+            break
+    assert "free" in done and grammars.is_parked("slow")
+    gate.set()
+    while core.has_work():
+        for d in core.step():
+            if d.finished:
+                done[d.rid] = d
+    assert done["slow"].finish_reason == "stop" and "gone" not in done
+    monkeypatch.setattr(sequences, "SYNC_COMPILE_WAIT_S", 0.0)
+    gate.clear()
+    grammars.compile_timeout_s = 0.05
+    core.add_request("late", _prompts(1)[0], SamplingParams(max_new_tokens=4, regex="x+y"))
+    deltas = []
+    while core.has_work():
+        deltas += core.step()
+    gate.set()
+    (d,) = [d for d in deltas if d.rid == "late"]
+    assert d.finish_reason == "abort" and d.error.startswith(sequences.GRAMMAR_ERROR_PREFIX)

@@ -94,6 +94,9 @@ def add_serve_args(ap: argparse.ArgumentParser) -> None:
       "for models without a tokenizer, e.g. --load-format dummy) (default: off)")
     # ---- engine (unset: EngineConfig's default)
     a("--device", default=None, help="cpu, cuda or cuda:N " + _engine_default("device"))
+    a("--tp", type=int, default=None, dest="tp_size",
+      help="tensor parallelism: split the model over N ranks (on CUDA, GPUs device..device+N-1; "
+      "on CPU, N processes over gloo) " + _engine_default("tp_size"))
     a("--dtype", default=None,
       help="float32, bfloat16, float16 or auto (float32 on CPU, bfloat16 on CUDA) "
       + _engine_default("dtype"))

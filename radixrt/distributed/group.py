@@ -16,6 +16,7 @@ import contextlib
 import datetime
 import socket
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -41,8 +42,9 @@ class TPGroup:
     rank: int
     size: int
     device: torch.device
-    device_pg: dist.ProcessGroup | None = None
-    control_pg: dist.ProcessGroup | None = None
+    # c10d backends (ProcessGroupGloo / ProcessGroupNCCL objects, called directly).
+    device_pg: Any = None
+    control_pg: Any = None
     store: dist.Store | None = field(default=None, repr=False)
 
     @staticmethod
@@ -59,7 +61,7 @@ class TPGroup:
         control = dist.ProcessGroupGloo(dist.PrefixStore("control", store), rank, size, timeout)
         if device.type == "cuda":
             opts = dist.ProcessGroupNCCL.Options()
-            devpg: dist.ProcessGroup = dist.ProcessGroupNCCL(
+            devpg: Any = dist.ProcessGroupNCCL(
                 dist.PrefixStore("nccl", store), rank, size, opts)
         else:
             devpg = dist.ProcessGroupGloo(dist.PrefixStore("device", store), rank, size, timeout)
@@ -117,7 +119,7 @@ class TPGroup:
         assert self.control_pg is not None, "TP group not connected"
         t = torch.tensor([value], dtype=torch.int64)
         opts = dist.AllreduceOptions()
-        opts.reduceOp = dist.ReduceOp.MIN
+        opts.reduceOp = dist.ReduceOp(dist.ReduceOp.MIN)
         self._wait(self.control_pg.allreduce([t], opts))
         return int(t.item())
 

@@ -162,6 +162,7 @@ def start_tensor_parallel(config: EngineConfig) -> tuple[BuiltRunner, Followers]
     sender = built.runner.plan_sender
     assert sender is not None, "rank 0 of a TP group sends plans"
     sender.check_alive = followers.check_alive
+    built.runner.tp_followers = followers
     built.runner.on_close.append(lambda: followers.close(sender))
     # Also at interpreter exit and when the runner is collected (in-process engines, tests).
     weakref.finalize(built.runner, followers.close, sender)

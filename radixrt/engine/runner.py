@@ -16,6 +16,7 @@ from radixrt.engine.batch import ForwardBatch
 from radixrt.engine.cuda_graph import DecodeGraphs
 
 if TYPE_CHECKING:
+    from radixrt.distributed.launch import Followers
     from radixrt.distributed.plan import PlanSender
 
 logger = logging.getLogger(__name__)
@@ -75,6 +76,7 @@ class ModelRunner:
         # Tensor-parallel rank 0: sends each step to the follower ranks before running it.
         self.plan_sender: PlanSender | None = None
         self.on_close: list[Callable[[], None]] = []  # run once by close() (TP: stop followers)
+        self.tp_followers: Followers | None = None  # TP rank 0: the other ranks' processes
         self.graphs: DecodeGraphs | None = None
         if graph_max_batch > 0 and self.device.type == "cuda" and backend.supports_cuda_graph:
             self.graphs = DecodeGraphs(model, pool, backend, max_batch=graph_max_batch,

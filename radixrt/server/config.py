@@ -40,6 +40,7 @@ _ENGINE_FIELDS = (
     "cuda_graph_max_batch",
     "overlap_schedule",
     "deterministic_inference",
+    "tp_size",
 )
 
 
@@ -99,6 +100,7 @@ class ServerConfig:
     cuda_graph_max_batch: int | None = None
     overlap_schedule: bool | None = None
     deterministic_inference: bool | None = None
+    tp_size: int | None = None  # --tp: ranks (GPUs) per replica
 
     def __post_init__(self) -> None:
         try:
@@ -111,6 +113,9 @@ class ServerConfig:
             raise ValueError(f"port must be in [0, 65535], got {self.port}")
         if not 1 <= self.dp <= 64:
             raise ValueError(f"dp must be in [1, 64], got {self.dp}")
+        if self.tp_size is not None and self.tp_size > 1 and self.dp > 1:
+            # Each replica's ranks would need their own GPUs (issue 16, item 2).
+            raise ValueError("--tp > 1 together with --dp > 1 is not supported yet")
         if self.max_queued_requests < 1:
             raise ValueError(f"max_queued_requests must be >= 1, got {self.max_queued_requests}")
         if self.max_request_tokens is not None and self.max_request_tokens < 1:

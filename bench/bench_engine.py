@@ -113,6 +113,13 @@ def run_decode(eng: Engine, nums: dict[str, float], ceil: dict[str, float], args
         core.add_request(f"d{i}", ids, p)
     while any(s.in_prefill for s in core.scheduler.running) or core.scheduler.waiting:
         core.step()
+    return time_decode_steps(core, "decode", batch, ctx, steps, nums, ceil)
+
+
+def time_decode_steps(core: Any, name: str, batch: int, ctx: int, steps: int,
+                      nums: dict[str, float], ceil: dict[str, float]) -> dict[str, Any]:
+    """Time ``steps`` decode steps of a batch already past prefill, then drain it; the floor
+    reads the weights once and every request's KV (``ctx`` tokens, growing) per step."""
     timer = GpuTimer(core.runner)
     # No sync inside the loop: with overlap, step N+1 is queued before step N's tokens are read.
     torch.cuda.synchronize()
@@ -122,15 +129,14 @@ def run_decode(eng: Engine, nums: dict[str, float], ceil: dict[str, float], args
     torch.cuda.synchronize()
     wall_ms = (time.perf_counter() - t) * 1e3 / steps
     gpu = timer.gpu_ms()
-    core.runner.forward = timer.inner  # type: ignore[method-assign]
+    core.runner.forward = timer.inner
     while core.has_work():
         core.step()
     kv_read = batch * (ctx + steps / 2) * nums["kv_bytes_per_token"]
     floor_ms = (nums["weight_bytes"] + kv_read) / ceil["copy_bw_Bps"] * 1e3
-    step = wall_ms
     g = sum(gpu) / len(gpu)
-    return {"decode_step_ms": step, "decode_gpu_ms": g, "decode_idle_ms": step - g,
-            "decode_floor_ms": floor_ms, "decode_vs_floor": step / floor_ms}
+    return {f"{name}_step_ms": wall_ms, f"{name}_gpu_ms": g, f"{name}_idle_ms": wall_ms - g,
+            f"{name}_floor_ms": floor_ms, f"{name}_vs_floor": wall_ms / floor_ms}
 
 
 def run_decode_long(a: argparse.Namespace, nums: dict[str, float], ceil: dict[str, float],
@@ -153,25 +159,11 @@ def run_decode_long(a: argparse.Namespace, nums: dict[str, float], ceil: dict[st
     while any(s.in_prefill for s in core.scheduler.running) or core.scheduler.waiting:
         core.step()
     assert len(core.scheduler.running) == batch, "all 64 long requests must decode together"
-    timer = GpuTimer(core.runner)
-    torch.cuda.synchronize()
-    t = time.perf_counter()
-    for _ in range(steps):
-        core.step()
-    torch.cuda.synchronize()
-    wall_ms = (time.perf_counter() - t) * 1e3 / steps
-    gpu = timer.gpu_ms()
-    core.runner.forward = timer.inner  # type: ignore[method-assign]
-    while core.has_work():
-        core.step()
+    out = time_decode_steps(core, "decode32k", batch, ctx, steps, nums, ceil)
     del eng
     gc.collect()
     torch.cuda.empty_cache()
-    kv_read = batch * (ctx + steps / 2) * nums["kv_bytes_per_token"]
-    floor_ms = (nums["weight_bytes"] + kv_read) / ceil["copy_bw_Bps"] * 1e3
-    g = sum(gpu) / len(gpu)
-    return {"decode32k_step_ms": wall_ms, "decode32k_gpu_ms": g, "decode32k_idle_ms": wall_ms - g,
-            "decode32k_floor_ms": floor_ms, "decode32k_vs_floor": wall_ms / floor_ms}
+    return out
 
 
 def run_prefill(eng: Engine, nums: dict[str, float], ceil: dict[str, float], args: ModelArgs) -> dict[str, Any]:

@@ -37,6 +37,15 @@ PRESETS: Mapping[str, Mapping[str, Any]] = MappingProxyType(
                 "original_max_position_embeddings": 8192,
             },
         },
+        # The Llama-3-70B shape: 140 GB of bf16 weights, served with tensor parallelism.
+        "llama3-70b": {
+            **_LLAMA3_8B,
+            "hidden_size": 8192,
+            "intermediate_size": 28672,
+            "num_hidden_layers": 80,
+            "num_attention_heads": 64,
+            "num_key_value_heads": 8,
+        },
         "qwen3-8b": {
             "architectures": ["Qwen3ForCausalLM"],
             "vocab_size": 151936,

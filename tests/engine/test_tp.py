@@ -256,3 +256,32 @@ def _alive(pid: int) -> bool:
     except OSError:
         return False
     return state != "Z"
+
+
+# --------------------------------------------------------------------------- CUDA (NCCL)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA GPUs")
+@pytest.mark.parametrize("variant", ["llama", "qwen3", "mqa"])
+def test_cuda_tp2_matches_tp1(variant: str, tiny_model_dir, mqa_dir) -> None:
+    """NCCL all-reduces captured in the decode CUDA graphs, overlap on (the CUDA default):
+    same tokens as TP=1, logprobs within fp32 kernel rounding, under retraction too."""
+    model = str(mqa_dir if variant == "mqa" else tiny_model_dir(variant))
+    prompts = _prompts(3, n=8)
+    params = SamplingParams(temperature=0.0, max_new_tokens=24, ignore_eos=True, logprobs=True)
+    results = {}
+    for tp in (1, 2):
+        for kv in (8192, 320):  # 320 tokens: retraction and eviction
+            engine = Engine(model, device="cuda", dtype="float32", kv_cache_tokens=kv, tp_size=tp)
+            try:
+                assert engine.core.runner.graphs is not None, "decode must replay CUDA graphs"
+                results[tp, kv] = (_run(engine, prompts, params), _run(engine, prompts, params))
+            finally:
+                _close(engine)
+    for kv in (8192, 320):
+        for r, g in zip(results[1, kv], results[2, kv], strict=True):
+            for ro, go in zip(r, g, strict=True):
+                assert go.token_ids == ro.token_ids, f"kv={kv}: TP=2 tokens differ"
+                torch.testing.assert_close(torch.tensor(go.logprobs), torch.tensor(ro.logprobs),
+                                           atol=1e-3, rtol=0)

@@ -105,6 +105,7 @@ class CompletionRequest(_Common, kw_only=True):
     echo: bool = False
     suffix: str | None = None
     best_of: int | None = None
+    response_format: dict[str, Any] | None = None  # vLLM / SGLang accept it here too
 
 
 class GenerateRequest(msgspec.Struct, kw_only=True):

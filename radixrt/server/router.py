@@ -138,7 +138,12 @@ def completion_job(ctx: ServingContext, request: Request, raw: bytes) -> Job:
     if req.best_of is not None and req.best_of != req.n:
         raise p.bad_request("best_of must equal n (or be omitted)", "best_of")
     namespace = _namespace(ctx, request, req.cache_salt)
-    params = p.apply_guided(p.openai_params(req), req)
+    params = p.openai_params(req)
+    schema = p.response_format_schema(req.response_format)
+    if schema is not None:
+        params = p.replace_params(params, json_schema=schema, param="response_format")
+        p.check_grammar(params, "response_format")
+    params = p.apply_guided(params, req)
     if ctx.codec is None:
         p.check_token_only(params)
     inputs = p.prompt_inputs(req.prompt)

@@ -225,7 +225,13 @@ _START = {"hermes": "<tool_call>", "mistral": "[TOOL_CALLS]", "llama3": "<|pytho
 
 
 def parse(plan: ToolPlan, text: str) -> tuple[str, list[dict[str, Any]]]:
-    """(content, tool_calls). Text that does not hold well-formed calls stays content."""
+    """(content, tool_calls). Text that does not hold well-formed calls stays content; with
+    ``parallel_tool_calls`` false only the first call is returned (OpenAI's "at most one")."""
+    content, calls = _parse(plan, text)
+    return content, calls if plan.parallel else calls[:1]
+
+
+def _parse(plan: ToolPlan, text: str) -> tuple[str, list[dict[str, Any]]]:
     calls: list[dict[str, Any]] = []
     if plan.fmt == "hermes":
         start = text.find("<tool_call>")

@@ -63,6 +63,18 @@ def test_tools_reach_the_prompt_through_the_template_or_the_system_message() -> 
         assert "lookup" in text and len(tooled.prompts[0]) > len(plain.prompts[0])
 
 
+def test_completions_response_format_and_single_call_when_not_parallel() -> None:
+    from radixrt.server.tool_calls import make_plan, parse
+
+    ctx = make_ctx()
+    j = job(ctx, completion_job, {"prompt": "x", "response_format": {"type": "json_object"}})
+    assert j.params.json_schema == '{"type": "object"}'
+    two = ('<tool_call>\n{"name": "lookup", "arguments": {"q": "a"}}\n</tool_call>\n'
+           '<tool_call>\n{"name": "lookup", "arguments": {"q": "b"}}\n</tool_call>')
+    assert len(parse(make_plan([TOOL], "auto", True, ""), two)[1]) == 2
+    assert len(parse(make_plan([TOOL], "auto", False, ""), two)[1]) == 1
+
+
 def test_guided_fields() -> None:
     ctx = make_ctx()
     j = job(ctx, completion_job, {"prompt": "x", "guided_choice": ["a.b", "c"]})

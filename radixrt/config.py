@@ -104,6 +104,10 @@ class EngineConfig:
         # The host tier copies one pool's pages; each rank's shard would need its own tier.
         need(self.tp_size == 1 or self.host_kv_cache_tokens == 0, "host_kv_cache_tokens",
              "the host KV tier is not supported with tp_size > 1 yet")
+        # A two-rank sum is the same whatever order NCCL adds in; more ranks' sums are not
+        # batch-invariant (the reduction order follows the message size).
+        need(not self.deterministic_inference or self.tp_size <= 2, "deterministic_inference",
+             f"supports tp_size <= 2, got {self.tp_size}")
 
     @property
     def overlap(self) -> bool:

@@ -25,7 +25,7 @@ import torch
 from radixrt.cache.device_pages import DevicePageTable
 from radixrt.cache.kv_pool import KVPool
 from radixrt.distributed.group import TPGroup
-from radixrt.engine.batch import ForwardBatch
+from radixrt.engine.batch import ForwardBatch, host_to_device
 
 OP_FORWARD = 1
 OP_STOP = 2
@@ -111,9 +111,11 @@ def receive_step(tp: TPGroup, table: DevicePageTable, pool: KVPool) -> ForwardBa
     extend, prefix, rows, idx, val, src = (p.tolist() for p in parts[:6])
     dst = parts[6].tolist()
     if n_entries:
-        flat = table.table.view(-1)
-        flat.index_copy_(0, torch.tensor(idx, dtype=torch.int64, device=table.device),
-                         torch.tensor(val, dtype=torch.int32, device=table.device))
+        # Pinned + non_blocking (host_to_device): a pageable copy would wait for the step still
+        # running on this rank, and every collective of the next step would wait for that.
+        entries = host_to_device(np.stack([np.asarray(idx), np.asarray(val)]), torch.int64,
+                                 table.device)
+        table.table.view(-1).index_copy_(0, entries[0], entries[1].to(torch.int32))
     # One pair at a time: rank 0 ran its copies call by call, and a later call may read a page
     # an earlier one wrote (forks are rare; this costs nothing when there are none).
     for s_page, d_page in zip(src, dst):

@@ -233,3 +233,24 @@ def test_langchain_structured_output_and_bind_tools(server: Server) -> None:
         call = msg.tool_calls[0]
         assert call["name"] == "GetWeather"
         GetWeather(**call["args"])
+
+
+def test_dsl_grammars_over_http(server: Server, tiny_model_dir: Any) -> None:
+    from radixrt.lang import RuntimeEndpoint, function, gen, gen_int
+
+    @function
+    def form(s: Any) -> None:
+        s += "Pet: "
+        s += gen("pet", regex="(cat|dog)")
+        s += "\nAge: "
+        s += gen_int("age", max_tokens=8)
+        s += "\nJSON: "
+        s += gen("obj", max_tokens=80, json_schema=PERSON)
+
+    backend = RuntimeEndpoint(server.url, tokenizer=str(tiny_model_dir("llama")))
+    st = form.run(backend=backend, temperature=1.0, seed=4)
+    assert st["pet"] in ("cat", "dog")
+    assert re.fullmatch(r"-?(0|[1-9][0-9]*)", st["age"]) or \
+        st.get_meta_info("age")["finish_reason"] == "length"
+    if st.get_meta_info("obj")["finish_reason"] == "stop":
+        jsonschema.validate(json.loads(st["obj"]), PERSON)

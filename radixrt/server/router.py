@@ -23,7 +23,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
 from radixrt.server import protocol as p
-from radixrt.server import tool_calls
+from radixrt.server import structured, tool_calls
 from radixrt.server.auth import ApiKeyAuth, key_tenant
 from radixrt.server.body import read_body
 from radixrt.server.serving import Job, ServingContext, run_full, run_stream, start
@@ -100,7 +100,7 @@ def chat_job(ctx: ServingContext, request: Request, raw: bytes) -> Job:
             kwargs["tools"] = [t.as_openai() for t in plan.tools]
         else:
             messages = tool_calls.with_system_prompt(messages, plan)
-    params = p.apply_guided(_constrain_chat(params, req, plan), req)
+    params = structured.apply_guided(_constrain_chat(params, req, plan), req)
     ids = ctx.codec.chat_ids(messages, req.add_generation_prompt, req.continue_final_message,
                              kwargs, client_template)
     max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None \
@@ -114,17 +114,17 @@ def chat_job(ctx: ServingContext, request: Request, raw: bytes) -> Job:
 def _constrain_chat(params: Any, req: p.ChatCompletionRequest,
                     plan: tool_calls.ToolPlan | None) -> Any:
     """response_format and forced tool calls -> the request's grammar (checked here: 400)."""
-    schema = p.response_format_schema(req.response_format)
+    schema = structured.response_format_schema(req.response_format)
     forced = plan is not None and plan.choice in ("required", "named")
     if schema is not None and forced:
         raise p.bad_request("response_format cannot be combined with a required tool call",
                             "response_format")
     if schema is not None:
-        params = p.replace_params(params, json_schema=schema, param="response_format")
+        params = structured.replace_params(params, json_schema=schema, param="response_format")
     elif forced:
         assert plan is not None
-        params = p.replace_params(params, ebnf=tool_calls.forced_grammar(plan), param="tools")
-    p.check_grammar(params, "response_format" if schema is not None else None)
+        params = structured.replace_params(params, ebnf=tool_calls.forced_grammar(plan), param="tools")
+    structured.check_grammar(params, "response_format" if schema is not None else None)
     return params
 
 
@@ -139,11 +139,11 @@ def completion_job(ctx: ServingContext, request: Request, raw: bytes) -> Job:
         raise p.bad_request("best_of must equal n (or be omitted)", "best_of")
     namespace = _namespace(ctx, request, req.cache_salt)
     params = p.openai_params(req)
-    schema = p.response_format_schema(req.response_format)
+    schema = structured.response_format_schema(req.response_format)
     if schema is not None:
-        params = p.replace_params(params, json_schema=schema, param="response_format")
-        p.check_grammar(params, "response_format")
-    params = p.apply_guided(params, req)
+        params = structured.replace_params(params, json_schema=schema, param="response_format")
+        structured.check_grammar(params, "response_format")
+    params = structured.apply_guided(params, req)
     if ctx.codec is None:
         p.check_token_only(params)
     inputs = p.prompt_inputs(req.prompt)
@@ -164,7 +164,7 @@ def generate_job(ctx: ServingContext, request: Request, raw: bytes) -> Job:
     p.check_sequences(1, params.n, ctx.cfg.max_sequences_per_request)
     if ctx.codec is None:
         p.check_token_only(params)
-    p.check_grammar(params)
+    structured.check_grammar(params)
     prompt: str | list[int] = req.text if req.text is not None else (req.input_ids or [])
     if isinstance(prompt, str) and not prompt:
         raise p.bad_request("text is empty", "text")

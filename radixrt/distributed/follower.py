@@ -54,6 +54,7 @@ def main() -> int:
     device = torch.device(config.device)
     if device.type == "cuda":
         torch.cuda.set_device(device)
+    torch.set_num_threads(int(spec["threads"]))
     torch.manual_seed(config.seed)
     tp = TPGroup.connect(rank, size, int(spec["port"]), device)
     try:

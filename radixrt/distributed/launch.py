@@ -65,10 +65,6 @@ def build_runner(config: EngineConfig, device: torch.device, tp: TPGroup | None)
     this, in this order: the pool size and CUDA-graph capture involve collectives."""
     from radixrt.engine.core import kv_pool_pages  # core imports this module
 
-    if device.type == "cpu" and tp is not None and tp.size > 1:
-        # The ranks share the cores; more threads than cores makes every collective wait for
-        # a descheduled peer (measured: 7 ms per all-reduce instead of 0.2 on 2 cores).
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // tp.size))
     loaded = load_model(config.model, dtype=config.torch_dtype, device=device,
                         load_format=config.load_format, seed=config.seed, tp=tp)
     args, plan = loaded.args, loaded.model.shard_plan
@@ -144,11 +140,19 @@ def start_tensor_parallel(config: EngineConfig) -> tuple[BuiltRunner, Followers]
     size = config.tp_size
     device = torch.device(config.device)
     port = free_port()
+    threads = torch.get_num_threads()
+    if device.type == "cpu":
+        # The ranks share this process's cores (a --dp worker already has its share); more
+        # threads than cores makes every collective wait for a descheduled peer (measured on
+        # 2 cores: 7 ms per all-reduce instead of 0.2).
+        threads = max(1, threads // size)
+        torch.set_num_threads(threads)
     procs: list[subprocess.Popen[bytes]] = []
     try:
         for rank in range(1, size):
             cfg = dataclasses.replace(config, device=str(rank_device(device, rank)))
-            spec = {"config": dataclasses.asdict(cfg), "rank": rank, "size": size, "port": port}
+            spec = {"config": dataclasses.asdict(cfg), "rank": rank, "size": size, "port": port,
+                    "threads": threads}
             proc = subprocess.Popen([sys.executable, "-m", "radixrt.distributed.follower"],
                                     stdin=subprocess.PIPE, env=os.environ.copy())
             assert proc.stdin is not None

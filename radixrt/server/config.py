@@ -113,9 +113,8 @@ class ServerConfig:
             raise ValueError(f"port must be in [0, 65535], got {self.port}")
         if not 1 <= self.dp <= 64:
             raise ValueError(f"dp must be in [1, 64], got {self.dp}")
-        if self.tp_size is not None and self.tp_size > 1 and self.dp > 1:
-            # Each replica's ranks would need their own GPUs (issue 16, item 2).
-            raise ValueError("--tp > 1 together with --dp > 1 is not supported yet")
+        if self.tp_size is not None and self.tp_size * self.dp > 64:
+            raise ValueError(f"tp x dp must be <= 64 ranks, got {self.tp_size} x {self.dp}")
         if self.max_queued_requests < 1:
             raise ValueError(f"max_queued_requests must be >= 1, got {self.max_queued_requests}")
         if self.max_request_tokens is not None and self.max_request_tokens < 1:

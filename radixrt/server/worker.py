@@ -172,9 +172,10 @@ class WorkerLoop:
 
 
 def _engine_config(cfg: ServerConfig, worker_id: int) -> ServerConfig:
-    # One GPU per replica; on CPU, split the cores between replicas.
+    # One GPU per replica (tp GPUs with --tp: replica w's ranks on GPUs w*tp .. w*tp+tp-1);
+    # on CPU, split the cores between replicas.
     if cfg.dp > 1 and cfg.device == "cuda":
-        return cfg.replace(device=f"cuda:{worker_id}")
+        return cfg.replace(device=f"cuda:{worker_id * (cfg.tp_size or 1)}")
     return cfg
 
 

@@ -196,8 +196,9 @@ def test_tp_config_rejections() -> None:
         EngineConfig(tp_size=0)
     with pytest.raises(ValueError, match="host KV tier"):
         EngineConfig(tp_size=2, host_kv_cache_tokens=1024)
-    with pytest.raises(ValueError, match="--tp > 1 together with --dp"):
-        ServerConfig(tp_size=2, dp=2)
+    with pytest.raises(ValueError, match="tp x dp must be <= 64"):
+        ServerConfig(tp_size=8, dp=9)
+    ServerConfig(tp_size=2, dp=2)  # M replicas of N ranks
 
 
 # --------------------------------------------------------------------------- server
@@ -236,6 +237,76 @@ def test_server_with_tp2_answers_openai(tiny_model_dir, tmp_path) -> None:
         assert server.stop() == 0
     assert not any(Path(f"/proc/{pid}").exists() and _alive(pid) for pid in followers), (
         "a follower rank outlived its server")
+
+
+@pytest.mark.slow
+def test_server_tp2_dp2_serves_and_a_dead_rank_fails_only_its_replica(tiny_model_dir,
+                                                                      tmp_path) -> None:
+    """4 worker-side processes (2 replicas x 2 ranks): the API answers; killing one replica's
+    follower rank ends that replica's stream with a 503 while the other replica's stream
+    finishes, and the supervisor brings the replica back."""
+    import json
+    import threading
+    import time
+
+    import httpx
+    from openai import OpenAI
+
+    from tests.e2e.conftest import start_server
+
+    server = start_server(tiny_model_dir("llama"), tmp_path, "--tp", "2", "--dp", "2",
+                          "--kv-cache-tokens", "2048")
+    try:
+        workers = server.worker_pids()
+        followers = {w: _children(w) for w in workers}
+        assert len(workers) == 2 and all(len(f) == 1 for f in followers.values()), followers
+        client = OpenAI(base_url=server.url + "/v1", api_key="none")
+        name = client.models.list().data[0].id
+        chat = client.chat.completions.create(model=name, max_tokens=6, temperature=0,
+                                              messages=[{"role": "user", "content": "hi"}])
+        assert chat.usage.completion_tokens == 6
+        chunks = list(client.completions.create(model=name, prompt=PROMPT, max_tokens=6,
+                                                temperature=0, stream=True))
+        assert "".join(c.choices[0].text for c in chunks if c.choices)
+        # Two long streams at once: the router gives them to different (least-loaded) replicas.
+        ends: list[dict] = []
+        started = threading.Barrier(3)
+
+        def stream(prompt: str) -> None:
+            body = {"prompt": prompt, "max_tokens": 400, "ignore_eos": True, "temperature": 0,
+                    "stream": True}
+            last: dict = {}
+            first = True
+            with httpx.stream("POST", server.url + "/v1/completions", json=body,
+                              timeout=180) as r:
+                for line in r.iter_lines():
+                    if line.startswith("data: {"):
+                        last = json.loads(line[6:])
+                        if first:
+                            started.wait()
+                            first = False
+            ends.append(last)
+
+        threads = [threading.Thread(target=stream, args=(p,)) for p in ("one two", "three four")]
+        for t in threads:
+            t.start()
+        started.wait(timeout=120)
+        os.kill(followers[workers[0]][0], signal.SIGKILL)
+        for t in threads:
+            t.join(timeout=180)
+        errors = [e["error"] for e in ends if "error" in e]
+        assert len(ends) == 2 and len(errors) == 1, ends
+        assert errors[0]["code"] == 503, errors
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and len(server.worker_pids()) < 3:
+            time.sleep(0.2)
+        assert len(server.worker_pids()) == 3, "the failed replica was not restarted"
+        while time.monotonic() < deadline and httpx.get(server.url + "/health").status_code != 200:
+            time.sleep(0.2)
+        again = client.completions.create(model=name, prompt="after", max_tokens=3)
+        assert again.usage.completion_tokens == 3
+    finally:
+        assert server.stop() == 0
 
 
 def _children(pid: int) -> list[int]:

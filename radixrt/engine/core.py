@@ -160,6 +160,10 @@ class EngineCore:
     def flush_cache(self) -> bool:
         return self.scheduler.flush_cache()
 
+    def check_peers(self) -> None:
+        """Raise TPPeerLost if a tensor-parallel follower rank has died (no-op without TP)."""
+        self.runner.check_peers()
+
     def close(self) -> None:
         """Stop what outlives this object on its own (tensor-parallel follower ranks)."""
         self.runner.close()

@@ -89,6 +89,11 @@ class ModelRunner:
         for hook in hooks:
             hook()
 
+    def check_peers(self) -> None:
+        """TP rank 0: raise TPPeerLost if a follower process has exited."""
+        if self.tp_followers is not None:
+            self.tp_followers.check_alive()
+
     def copy_pages(self, src: list[int], dst: list[int]) -> None:
         """Copy whole KV pages (forks), on every tensor-parallel rank's shard."""
         self.pool.copy_pages(src, dst)

@@ -150,6 +150,7 @@ class WorkerLoop:
             with contextlib.suppress(KeyError, ValueError):
                 self.core.abort_request(msg.rid, msg.index)
         elif isinstance(msg, m.PingReq):
+            self.core.check_peers()  # a dead TP rank ends this worker even while it is idle
             self.send(m.PongMsg(self.worker_id, msg.seq, self.stats()))
         elif isinstance(msg, m.FlushCacheReq):
             self.send(m.FlushCacheResp(self.worker_id, msg.seq, bool(self.core.flush_cache())))

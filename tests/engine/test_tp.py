@@ -233,6 +233,20 @@ def test_server_with_tp2_answers_openai(tiny_model_dir, tmp_path) -> None:
         finally:
             _close(ref)
         assert first.choices[0].text == want.text
+        # An idle replica's dead rank is found by the router's next ping: the worker exits
+        # (a device fault) and the supervisor starts a new one, with its own follower.
+        import time
+
+        worker = server.worker_pids()[-1]
+        os.kill(followers[0], signal.SIGKILL)
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and server.worker_pids()[-1] == worker:
+            time.sleep(0.2)
+        assert server.worker_pids()[-1] != worker, "the worker outlived its dead rank"
+        while time.monotonic() < deadline and not _children(server.worker_pids()[-1]):
+            time.sleep(0.2)
+        followers += _children(server.worker_pids()[-1])
+        assert client.completions.create(**kwargs).choices[0].text == want.text
     finally:
         assert server.stop() == 0
     assert not any(Path(f"/proc/{pid}").exists() and _alive(pid) for pid in followers), (

@@ -134,7 +134,8 @@ def test_tp2_under_eviction_and_retraction(tiny_model_dir, overlap: bool) -> Non
     """``overlap``: step N+1 is launched with input ids filled on rank 0's device from step N's
     draw; followers get them by the device broadcast, never through rank 0's host."""
     model = str(tiny_model_dir("llama"))
-    prompts = _prompts(2, n=8, stem=24)
+    # The 150-token prompt runs in 64-token chunks: steps whose batch needs no logits rows.
+    prompts = _prompts(2, n=8, stem=24) + [list(range(3, 153))]
     params = SamplingParams(temperature=0.0, max_new_tokens=40, ignore_eos=True)
     ref_engine = Engine(model, kv_cache_tokens=8192)
     try:

@@ -40,13 +40,17 @@ class RunOutput:
 def build_core(model: str, *, device: str, dtype: str, load_format: str, page_size: int,
                kv_cache_tokens: int | None, enable_prefix_cache: bool, schedule_policy: str,
                max_running_requests: int, mem_fraction: float, seed: int,
-               host_kv_cache_tokens: int = 0) -> EngineCore:
+               host_kv_cache_tokens: int = 0, max_prefill_tokens: int | None = None) -> EngineCore:
+    # max_prefill_tokens (None: the engine default) also caps the chunk, which may not exceed it.
+    budget = {} if max_prefill_tokens is None else {
+        "max_prefill_tokens": max_prefill_tokens,
+        "chunked_prefill_size": min(EngineConfig.chunked_prefill_size, max_prefill_tokens)}
     cfg = EngineConfig(
         model=model, device=device, dtype=dtype, load_format=load_format,  # type: ignore[arg-type]
         page_size=page_size, kv_cache_tokens=kv_cache_tokens,
         enable_prefix_cache=enable_prefix_cache, schedule_policy=schedule_policy,  # type: ignore[arg-type]
         max_running_requests=max_running_requests, mem_fraction=mem_fraction, seed=seed,
-        host_kv_cache_tokens=host_kv_cache_tokens,
+        host_kv_cache_tokens=host_kv_cache_tokens, **budget,  # type: ignore[arg-type]
     )
     return EngineCore(cfg)
 

@@ -68,6 +68,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--kv-cache-tokens", type=int, default=None)
     p.add_argument("--host-kv-cache-tokens", type=int, default=0,
                    help="host KV tier behind the GPU pool, in tokens (0 = off)")
+    p.add_argument("--max-prefill-tokens", type=int, default=None,
+                   help="prompt tokens per step (engine default when unset; also caps the chunk)")
     p.add_argument("--mem-fraction", type=float, default=0.85)
     p.add_argument("--max-running-requests", type=int, default=256)
     p.add_argument("--schedule-policy", choices=("lpm", "fcfs"), default="lpm")
@@ -279,7 +281,8 @@ def _run_engine_variant(variant: str, workloads: list[Workload], args: argparse.
                       schedule_policy=args.schedule_policy,
                       max_running_requests=args.max_running_requests,
                       mem_fraction=args.mem_fraction, seed=args.seed,
-                      host_kv_cache_tokens=args.host_kv_cache_tokens if variant == "radix" else 0)
+                      host_kv_cache_tokens=args.host_kv_cache_tokens if variant == "radix" else 0,
+                      max_prefill_tokens=args.max_prefill_tokens)
     if not floors:
         kv_tokens = core.stats().total_pages * args.page_size
         floors.update(build_floors(workloads, shape, hw, args, kv_tokens))

@@ -1,8 +1,12 @@
 """Summarize bench/gpu_tier.sh: chat with the host tier on vs off, RAG after GPU eviction, and
 the page-copy bandwidth, as one markdown table set (stdout and --out).
 
-The chat floor gets the host loads added at the measured contiguous pinned H2D bandwidth
-(``floor + loaded bytes / H2D``): a load is work the optimal-hit floor does not count.
+The chat floor gets the *needed* host loads added at the measured page-load bandwidth
+(``floor + host-hit bytes / load GB/s``): a load is work the optimal-hit floor does not count,
+but only the tokens requests actually read from the host need loading; counting every loaded
+byte would excuse loads that were thrown away and loaded again. Waste ratio = bytes loaded /
+host-hit bytes (1.0: every load was read); "wasted pages" were evicted before any request read
+them. Also: plain time / floor, and tier-on wall time over tier-off.
 """
 
 from __future__ import annotations
@@ -28,6 +32,38 @@ def _jsonl(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
+def _chat_row(r: dict[str, Any], load_bw: float | None, off_s: float | None) -> str:
+    m, eng = r["metrics"], r.get("engine", {})
+    floor = r["floor"]["optimal"]["total_s"] if r.get("floor") else float("nan")
+    loaded = float(eng.get("host_bytes_loaded", 0.0))
+    bound = ""
+    if "host_loaded_tokens" in eng:
+        loaded_tok, used_tok = float(eng["host_loaded_tokens"]), float(eng["host_hit_tokens"])
+    else:  # results from before the waste stats: host_hit_tokens counted every loaded token,
+        # and all cached tokens (both tiers) bound the host hits from above
+        loaded_tok, used_tok = float(eng.get("host_hit_tokens", 0.0)), float(m["cached_tokens"])
+        bound = "<= " if loaded else ""
+    bpt = loaded / loaded_tok if loaded_tok else 0.0  # bytes per token (all layers, K and V)
+    needed = used_tok * bpt
+    load_s = needed / (load_bw * 1e9) if load_bw else 0.0
+    waste = f"{'>= ' if bound else ''}{loaded / needed:.2f}" if needed else "-"
+    ttft = {int(k): v for k, v in r.get("ttft_by_turn", {}).items()}
+    last = max(ttft) if ttft else None
+    ratio = ttft[last] / ttft[1] if last and ttft.get(1) else float("nan")
+    opt = r["optimal_hit_rate"]
+    dur = m["duration_s"]
+    on = bool(r.get("host_kv_cache_tokens"))
+    vs_off = f"{dur / off_s:.2f}" if on and off_s else "-"
+    return (f"| {'on' if on else 'off'} | {eng.get('total_pages', '?')} pages | "
+            f"{r.get('host_kv_cache_tokens', 0)} | {m['hit_rate']:.3f} | {opt:.3f} | "
+            f"{m['hit_rate'] / opt if opt else float('nan'):.3f} | {dur:.1f} | {floor:.1f} | "
+            f"{dur / floor:.2f} | {bound}{floor + load_s:.1f} | {bound.replace('<', '>')}"
+            f"{dur / (floor + load_s):.2f} | "
+            f"{ratio:.2f} (turn {last}) | {bound}{needed / 1e9:.1f} | {loaded / 1e9:.1f} | {waste} | "
+            f"{eng.get('host_load_wasted_pages', '-')} | "
+            f"{float(eng.get('host_bytes_written', 0.0)) / 1e9:.1f} | {vs_off} |")
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("folder")
@@ -43,26 +79,19 @@ def main() -> None:
         lines += [f"| {r['kind']} | {r.get('staging_pages', '-')} | {r['GB/s']} | "
                   f"{r.get('fraction', '-')} |" for r in xfer]
         lines.append("")
-    lines += ["## Chat", "", "| tier | GPU pool | host tier | hit rate | optimal | hit / optimal | "
-              "time s | floor s | floor + loads s | time / (floor + loads) | TTFT turn 8 / turn 1 "
-              "| loaded GB | written GB |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    # Loads run at the tier's page-copy bandwidth (the largest staging size measured), else at
+    # the contiguous pinned H2D bandwidth.
+    load_bw = next((r["GB/s"] for r in reversed(xfer) if r["kind"] == "tier_load"), h2d)
+    lines += ["## Chat", "", f"Needed loads counted at {load_bw} GB/s (page loads).", "",
+              "| tier | GPU pool | host tier | hit rate | optimal | hit / optimal | time s | "
+              "floor s | time / floor | floor + needed loads s | time / (floor + loads) | "
+              "TTFT turn 8 / turn 1 | host-hit GB | loaded GB | waste ratio | wasted pages | "
+              "written GB | time / tier off |", "|" + "---|" * 18]
+    runs = {tag: _runs(root / tag) for tag in ("chat_on", "chat_off")}
+    off_s = next((r["metrics"]["duration_s"] for r in runs["chat_off"]), None)
     for tag in ("chat_on", "chat_off"):
-        for r in _runs(root / tag):
-            m, eng = r["metrics"], r.get("engine", {})
-            floor = r["floor"]["optimal"]["total_s"] if r.get("floor") else float("nan")
-            loaded = float(eng.get("host_bytes_loaded", 0.0))
-            load_s = loaded / (h2d * 1e9) if h2d else 0.0
-            ttft = {int(k): v for k, v in r.get("ttft_by_turn", {}).items()}
-            last = max(ttft) if ttft else None
-            ratio = ttft[last] / ttft[1] if last and ttft.get(1) else float("nan")
-            opt = r["optimal_hit_rate"]
-            lines.append(
-                f"| {'on' if r.get('host_kv_cache_tokens') else 'off'} | {eng.get('total_pages', '?')}"
-                f" pages | {r.get('host_kv_cache_tokens', 0)} | {m['hit_rate']:.3f} | {opt:.3f} | "
-                f"{m['hit_rate'] / opt if opt else float('nan'):.3f} | {m['duration_s']:.1f} | "
-                f"{floor:.1f} | {floor + load_s:.1f} | {m['duration_s'] / (floor + load_s):.2f} | "
-                f"{ratio:.2f} (turn {last}) | {loaded / 1e9:.1f} | "
-                f"{float(eng.get('host_bytes_written', 0.0)) / 1e9:.1f} |")
+        for r in runs[tag]:
+            lines.append(_chat_row(r, load_bw, off_s))
     rag = _jsonl(root / "rag.jsonl")
     if rag:
         lines += ["", "## RAG: a document evicted from the GPU, asked again", "",

@@ -29,7 +29,7 @@ class Node:
 
     __slots__ = (
         "key", "pages", "host_pages", "children", "parent", "lock_ref", "last_access", "id",
-        "is_root", "namespace", "load_seq", "write_seq",
+        "is_root", "namespace", "load_seq", "write_seq", "load_unused",
     )  # fmt: skip
 
     def __init__(
@@ -51,6 +51,8 @@ class Node:
         # load_seq -1 pins the node's host copy while a load is being set up.
         self.load_seq = 0
         self.write_seq = 0
+        # Loaded from the host and not yet claimed by a sequence: evicting it wastes the load.
+        self.load_unused = False
 
     @property
     def on_gpu(self) -> bool:
@@ -108,6 +110,8 @@ class CacheStats:
     host_cached_tokens: int = 0
     host_hit_tokens: int = 0  # tokens matched on the host only (each needs a load)
     loaded_tokens: int = 0
+    load_used_tokens: int = 0  # loaded tokens a sequence then used (first use of each load)
+    load_wasted_pages: int = 0  # loaded pages evicted from the GPU before any sequence used them
     bytes_loaded: int = 0
     bytes_written: int = 0
     load_seconds: float = 0.0  # summed duration of finished loads

@@ -60,6 +60,8 @@ class PrefixCache(Protocol):
 
     def backup_ahead(self, num_pages: int) -> int: ...
 
+    def claim_loaded(self, handle: Node) -> int: ...
+
     @property
     def evictable_pages(self) -> int: ...
 
@@ -120,6 +122,9 @@ class NoPrefixCache:
         """Nothing is ever copied."""
 
     def backup_ahead(self, num_pages: int) -> int:
+        return 0
+
+    def claim_loaded(self, handle: Node) -> int:
         return 0
 
     @property

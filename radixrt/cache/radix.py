@@ -210,6 +210,9 @@ class RadixCache:
     def backup_ahead(self, num_pages: int) -> int:
         return 0
 
+    def claim_loaded(self, handle: Node) -> int:
+        return 0  # nothing is ever loaded
+
     def flush(self) -> IntArray:
         """Drop every unlocked entry; returns the released GPU pages (the caller frees them)."""
         return self.evict(self.evictable_pages)

@@ -52,6 +52,8 @@ class TieredRadixCache(RadixCache):
         self._loads: list[tuple[int, Node]] = []  # (ticket, deepest loading node)
         self._loading_pages = 0
         self._loaded_tokens = 0
+        self._load_used_tokens = 0
+        self._load_wasted_pages = 0
         self._fences = 0
         self._writes_enabled = True
 
@@ -86,6 +88,7 @@ class TieredRadixCache(RadixCache):
             k = len(n.host_pages)
             self._to_gpu(n, gpu[off : off + k])
             n.load_seq = ticket
+            n.load_unused = True
             self._host_sync(n)
             off += k
         self.lock(nodes[-1])
@@ -113,6 +116,19 @@ class TieredRadixCache(RadixCache):
                 node = node.parent
             self.unlock(deepest)
         self._loads = keep
+
+    def claim_loaded(self, handle: Node) -> int:
+        """A sequence now reads the path ending at ``handle``: loads on it were used (not
+        wasted). Returns the loaded tokens claimed for the first time."""
+        node: Node | None = handle
+        claimed = 0
+        while node is not None and not node.is_root:
+            if node.load_unused:
+                node.load_unused = False
+                claimed += len(node.key)
+            node = node.parent
+        self._load_used_tokens += claimed
+        return claimed
 
     @property
     def loads_pending(self) -> int:
@@ -146,6 +162,9 @@ class TieredRadixCache(RadixCache):
         return True
 
     def _release_gpu(self, node: Node) -> IntArray:
+        if node.load_unused:  # loaded for a sequence that never read it: the copy was wasted
+            node.load_unused = False
+            self._load_wasted_pages += len(node.pages)
         if not node.on_host and not (self._writes_enabled and self._write_back(node, None)):
             self._drop_host_subtree(node)  # the host tier is full: the tokens leave the cache
             return self._remove_leaf(node)
@@ -240,6 +259,7 @@ class TieredRadixCache(RadixCache):
 
     # ------------------------------------------------------------------ RadixCache hooks
     def _after_split(self, upper: Node, lower: Node) -> None:
+        upper.load_unused = lower.load_unused
         self._host_sync(upper)
 
     def _detach(self, node: Node) -> Node:
@@ -289,6 +309,8 @@ class TieredRadixCache(RadixCache):
                "host_cached_tokens": self._host_tokens,
                "host_hit_tokens": self._host_hit_tokens,
                "loaded_tokens": self._loaded_tokens,
+               "load_used_tokens": self._load_used_tokens,
+               "load_wasted_pages": self._load_wasted_pages,
                "bytes_loaded": ts.bytes_loaded, "bytes_written": ts.bytes_written,
                "load_seconds": ts.load_seconds, "write_fences": self._fences},
         )  # fmt: skip

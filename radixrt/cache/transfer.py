@@ -12,11 +12,15 @@ pages it overwrites), then, per chunk of at most ``staging_pages`` pages::
 The gather/scatter run on the device (HBM bandwidth, far above PCIe), so the PCIe part is a few
 large contiguous copies. The host never waits: ``done(ticket)`` polls events; ``fence(ticket)``
 makes the *compute* stream wait on the device (for a GPU page that is about to be reused while
-its write-back is still in flight). On CPU every copy completes before the call returns.
+its write-back is still in flight). On CPU every copy completes before the call returns, unless
+``sim_gbps`` is set (env ``RADIXRT_SIM_TRANSFER_GBPS`` for benches): the data is copied at once
+but a ticket reports done only when a copy engine of that bandwidth, serving tickets in order,
+would have finished it, so CPU runs see loads pending across steps as on a GPU.
 """
 
 from __future__ import annotations
 
+import os
 import time
 from collections import deque
 from dataclasses import dataclass
@@ -58,7 +62,8 @@ def page_runs(pages: IntArray) -> list[tuple[int, int, int]]:
 
 
 class PageTransfer:
-    def __init__(self, pool: KVPool, host: HostKVPool, *, staging_pages: int = 64) -> None:
+    def __init__(self, pool: KVPool, host: HostKVPool, *, staging_pages: int = 64,
+                 sim_gbps: float = 0.0) -> None:
         assert pool.page_size == host.page_size and pool.num_layers == host.num_layers, (
             "host tier and GPU pool must share the page geometry"
         )
@@ -76,6 +81,9 @@ class PageTransfer:
         self._completed = 0  # every ticket <= this has finished
         self._pending: deque[_Pending] = deque()
         self.stats = TransferStats()
+        assert sim_gbps >= 0 and (sim_gbps == 0 or not self._cuda), "sim_gbps is for CPU only"
+        self._sim_bps = sim_gbps * 1e9
+        self._sim: deque[tuple[int, float]] = deque()  # (ticket, done at), in ticket order
 
     # ------------------------------------------------------------------ copies
     def write(self, gpu_pages: IntArray, host_pages: IntArray) -> int:
@@ -101,11 +109,16 @@ class PageTransfer:
             t0 = time.perf_counter()
             self._copy(gpu_pages, host_pages, is_load)
             secs = time.perf_counter() - t0
+            if self._sim_bps:
+                secs = len(gpu_pages) * self.host.page_bytes / self._sim_bps
+                start_at = max(t0, self._sim[-1][1]) if self._sim else t0
+                self._sim.append((ticket, start_at + secs))
+            else:
+                self._completed = ticket
             if is_load:
                 self.stats.load_seconds += secs
             else:
                 self.stats.write_seconds += secs
-            self._completed = ticket
             return ticket
         start, done = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         self._stream.wait_stream(torch.cuda.current_stream(self.device))
@@ -148,6 +161,9 @@ class PageTransfer:
     # ------------------------------------------------------------------ completion
     def poll(self) -> int:
         """Retire finished tickets (in order); returns the newest ticket known finished."""
+        now = time.perf_counter() if self._sim else 0.0
+        while self._sim and self._sim[0][1] <= now:
+            self._completed = self._sim.popleft()[0]
         while self._pending and self._pending[0].done.query():
             p = self._pending.popleft()
             secs = p.start.elapsed_time(p.done) / 1e3
@@ -166,6 +182,8 @@ class PageTransfer:
         Returns True if the ticket was still running."""
         if self.done(ticket):
             return False
+        if self._sim_bps:
+            return True  # simulated: the data was copied already, only "done" is late
         for p in self._pending:
             if p.ticket == ticket:
                 torch.cuda.current_stream(self.device).wait_event(p.done)
@@ -176,11 +194,14 @@ class PageTransfer:
         """Wait (on the host) for every ticket: shutdown and tests only."""
         if self._stream is not None:
             self._stream.synchronize()
+        if self._sim:
+            self._completed = self._sim[-1][0]
+            self._sim.clear()
         self.poll()
 
     @property
     def in_flight(self) -> int:
-        return len(self._pending)
+        return len(self._pending) + len(self._sim)
 
 
 # "auto" sizing of the host tier: this many times the GPU pool, within this share of the RAM
@@ -197,7 +218,6 @@ def available_ram_bytes() -> int:
                     return int(line.split()[1]) * 1024
     except OSError:
         pass
-    import os
 
     return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
@@ -235,4 +255,7 @@ def make_host_tier(pool: KVPool, tokens: int | str, *, staging_pages: int = 64) 
         num_kv_heads=pool.num_kv_heads, head_dim=pool.head_dim, dtype=pool.dtype,
         pin=pool.device.type == "cuda",
     )
-    return PageTransfer(pool, host, staging_pages=min(staging_pages, pages))
+    sim = float(os.environ.get("RADIXRT_SIM_TRANSFER_GBPS", "0") or 0)
+    if sim and pool.device.type == "cuda":
+        raise ValueError("RADIXRT_SIM_TRANSFER_GBPS simulates copy time on CPU only")
+    return PageTransfer(pool, host, staging_pages=min(staging_pages, pages), sim_gbps=sim)

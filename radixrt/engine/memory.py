@@ -8,16 +8,55 @@ it holds lies on that locked path, so eviction only ever frees pages nobody read
 With a host tier (radixrt/cache/tiered.py) the cache writes evicted pages down before this
 class frees them, ``prefix_ready`` starts loading a host-resident prefix back (the request waits
 in the queue, nothing else does) and ``poll`` once per step retires finished copies.
+
+A load is only worth its bytes if the request reads them, so (measured on an H200: unbounded
+loads moved 7x the bytes the hits needed, each evicted and loaded again before admission)::
+
+    prefix_ready(seq, room)  start a load only when the request fits ``room`` (what admission can
+                             take within about a step: pages beyond what the running sequences
+                             are owed, prefill tokens, running slots), counting what earlier
+                             reserved loads still need; the loaded pages stay *reserved* (locked
+                             for that waiting request) until it is admitted or ends
+    poll()                   drops reservations of admitted/ended requests, and stale ones
+    grow/_free_up            a running sequence short of pages takes reservations back before it
+                             would have to retract anybody
 """
 
 from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 
 from radixrt.cache.allocator import PageAllocator
+from radixrt.cache.node import Node
 from radixrt.cache.prefix_cache import PrefixCache
-from radixrt.engine.request import Sequence
+from radixrt.engine.request import SeqStatus, Sequence
+
+# A reservation not admitted after this many steps is given back (its pages stay cached,
+# evictable): the request fell behind in the policy order, others need the room.
+RESERVE_MAX_STEPS = 4
+
+
+@dataclass(frozen=True)
+class LoadRoom:
+    """What admission can still take soon; a host load starts only for a request inside it."""
+
+    pages: int  # GPU pages free or evictable beyond what the running sequences are owed
+    tokens: int  # prefill tokens admission may still take (this step's budget left + one step)
+    seqs: int  # running slots left
+
+    def __post_init__(self) -> None:
+        assert self.tokens >= 0 and self.seqs >= 0, f"negative load room {self}"
+
+
+@dataclass
+class _Reservation:
+    seq: Sequence
+    handle: Node  # deepest loaded node, locked once for ``seq``
+    rest_pages: int  # pages the prompt still needs beyond the cached (incl. loaded) prefix
+    rest_tokens: int  # prompt tokens still to compute
+    age: int = 0
 
 
 class SequenceMemory:
@@ -36,6 +75,7 @@ class SequenceMemory:
         self._copy_pages = copy_pages
         # Host tier: keep this many of the oldest evictable GPU pages written down ahead of need.
         self._backup_ahead = backup_ahead_pages
+        self._reserved: dict[int, _Reservation] = {}  # id(seq) -> loaded prefix held for it
 
     @property
     def available_pages(self) -> int:
@@ -54,15 +94,18 @@ class SequenceMemory:
             return 0
         match = self.cache.match_prefix(tokens, seq.namespace, record_stats=False)
         self.cache.lock(match.handle)
+        self.cache.claim_loaded(match.handle)
         seq.cache_handle = match.handle
         seq.pages.adopt_prefix(match.pages, self.allocator)
         seq.kv_len = match.length
         return match.length
 
-    def prefix_ready(self, seq: Sequence, max_tokens: int | None = None) -> bool:
+    def prefix_ready(self, seq: Sequence, max_tokens: int | None = None,
+                     room: LoadRoom | None = None) -> bool:
         """False while part of the sequence's cached prefix is still being loaded from the host
-        tier (this starts that load when the GPU has room): the caller skips the sequence this
-        step and admits others. True when the prefix is usable now, or is to be computed."""
+        tier (this starts that load when it fits ``room``, or without ``room`` when the whole
+        prompt fits the GPU): the caller skips the sequence this step and admits others. True
+        when the prefix is usable now, or is to be computed (admission then decides)."""
         if not self.cache.tiered:
             return True  # one GPU tier: what matches is usable (and no second match per step)
         tokens = seq.token_array()
@@ -71,22 +114,52 @@ class SequenceMemory:
         if len(tokens) < 2:
             return True
         match = self.cache.match_prefix(tokens, seq.namespace, record_stats=False)
-        if match.host_nodes:
-            # Load only what admission can then keep: the whole prompt must fit beside it, else
-            # the loaded pages would be evicted again before the sequence could use them.
-            need = -(-seq.num_tokens // self.page_size) - len(match.pages)
-            if need > self.available_pages:
-                return True
-            if not self.cache.start_load(match, self._alloc_evicting):
-                return True  # no GPU room for it now: the sequence computes it instead
-            self.cache.poll()  # a copy that already ended (always, on CPU) is usable now
-            match = self.cache.match_prefix(tokens, seq.namespace, record_stats=False)
+        if id(seq) in self._reserved or not match.host_nodes:
+            return match.ready  # already loaded (or loading) for it, or nothing on the host
+        host_pages = match.host_length // self.page_size
+        rest_pages = max(0, -(-seq.num_tokens // self.page_size) - len(match.pages) - host_pages)
+        if room is None:
+            if host_pages + rest_pages > self.available_pages:
+                return True  # would be evicted again before the sequence could use it
+        else:
+            if host_pages + rest_pages > room.pages:
+                return True  # does not fit even alone: admission stops here (or computes it)
+            owed = self._reserved.values()
+            if (host_pages + rest_pages + sum(r.rest_pages for r in owed) > room.pages
+                    or sum(r.rest_tokens for r in owed) + seq.num_tokens - match.length
+                    - match.host_length > room.tokens or len(self._reserved) >= room.seqs):
+                return False  # admission takes the earlier reservations first: wait
+        if not self.cache.start_load(match, self._alloc_evicting):
+            return True  # no GPU room for it now: the sequence computes it instead
+        self.cache.poll()  # a copy that already ended (always, on plain CPU) is usable now
+        match = self.cache.match_prefix(tokens, seq.namespace, record_stats=False)
+        assert not match.host_nodes, f"{seq.rid}: a load left host nodes in its match"
+        self.cache.lock(match.handle)  # reserved for seq: eviction cannot waste the load
+        self._reserved[id(seq)] = _Reservation(
+            seq, match.handle, rest_pages, max(0, seq.num_tokens - match.length))
         return match.ready
+
+    @property
+    def reserved_requests(self) -> int:
+        return len(self._reserved)
+
+    def _settle_reservations(self, age: bool) -> None:
+        """Give back reservations of requests admitted (their own lock covers the path now),
+        ended, or (``age``) waiting too many steps since the load finished."""
+        for key, r in list(self._reserved.items()):
+            r.age += age and r.handle.load_seq == 0  # steps counted once the load is done
+            if r.seq.status is not SeqStatus.WAITING or r.age > RESERVE_MAX_STEPS:
+                self._drop_reservation(key)
+
+    def _drop_reservation(self, key: int) -> None:
+        self.cache.unlock(self._reserved.pop(key).handle)
 
     def poll(self) -> None:
         """Once per step: retire finished host-tier copies and write the oldest GPU entries
         down ahead of need (so evicting them later waits for no copy)."""
         self.cache.poll()
+        if self._reserved:
+            self._settle_reservations(age=True)
         if self._backup_ahead:
             self.cache.backup_ahead(self._backup_ahead)
 
@@ -104,11 +177,18 @@ class SequenceMemory:
     def _free_up(self, pages: int) -> None:
         """Evict LRU cache so ``pages`` pages are free, if the evictable part can cover it."""
         short = pages - self.allocator.num_free
+        if short > 0 and self._reserved and self.cache.evictable_pages < short:
+            self._settle_reservations(age=False)
+            for key in reversed(list(self._reserved)):  # the newest reservations give way
+                if self.cache.evictable_pages >= short:
+                    break
+                self._drop_reservation(key)
         if short > 0 and self.cache.evictable_pages >= short:
             self.allocator.decref(self.cache.evict(short))
 
     def flush_cache(self) -> bool:
         """Drop every unlocked cache entry (both tiers); False if locked entries remain."""
+        self._settle_reservations(age=False)
         self.allocator.decref(self.cache.flush())
         return self.cache.evictable_pages == 0 and self.cache.locked_pages == 0
 
@@ -175,7 +255,13 @@ class SequenceMemory:
         return {
             "host_total_pages": s.host_total_pages, "host_free_pages": s.host_free_pages,
             "host_only_pages": s.host_only_pages, "host_backup_pages": s.host_backup_pages,
-            "host_loading_pages": s.host_loading_pages, "host_hit_tokens": s.loaded_tokens,
+            "host_loading_pages": s.host_loading_pages,
+            # host_hit_tokens: loaded tokens a sequence used; a load evicted before any sequence
+            # read it is waste (waste ratio = loaded / used; 1.0 = every byte loaded was needed).
+            "host_hit_tokens": s.load_used_tokens, "host_loaded_tokens": s.loaded_tokens,
+            "host_load_wasted_pages": s.load_wasted_pages,
+            "host_load_waste_ratio": s.loaded_tokens / s.load_used_tokens
+            if s.load_used_tokens else float(s.loaded_tokens > 0),
             "host_bytes_loaded": s.bytes_loaded, "host_bytes_written": s.bytes_written,
             "host_load_seconds": s.load_seconds, "host_write_fences": s.write_fences,
         }
@@ -189,3 +275,7 @@ class SequenceMemory:
 
     def check_invariants(self, seqs: Iterable[Sequence]) -> None:
         self.cache.check_invariants(self.external_refs(seqs))
+        for r in self._reserved.values():
+            assert r.handle.parent is not None and r.handle.on_gpu and r.handle.lock_ref > 0, (
+                f"reservation of {r.seq.rid}: node {r.handle.id} is not a locked GPU node"
+            )

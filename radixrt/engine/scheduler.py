@@ -23,7 +23,7 @@ from radixrt.constrained.sequences import SequenceGrammars
 from radixrt.engine import overlap, step_builder
 from radixrt.engine.budget import PrefillBudget
 from radixrt.engine.inbatch import InBatchPrefixes
-from radixrt.engine.memory import SequenceMemory
+from radixrt.engine.memory import LoadRoom, SequenceMemory
 from radixrt.engine.outputs import EngineStats, SequenceDelta
 from radixrt.engine.policy import WaitingQueue
 from radixrt.engine.request import SeqStatus, Sequence
@@ -235,7 +235,13 @@ class Scheduler:
                 return
             if budget.exhausted:
                 return
-            if use_cache and not self.memory.prefix_ready(seq, max_tokens=seq.prefix_cap()):
+            share = self._output_share(seq)
+            reserve = owed_pages + int(-(-(owed_tokens + share) // self.page_size)) if running else 0
+            # A host-tier load starts only for what admission can take within about a step.
+            room = LoadRoom(max(0, self.memory.available_pages - reserve),
+                            max(0, budget.remaining) + self.config.max_prefill_tokens,
+                            max(0, self.config.max_running_requests - len(running)))
+            if use_cache and not self.memory.prefix_ready(seq, seq.prefix_cap(), room):
                 continue  # its prefix is loading from the host tier: the others go on
             matched = self.memory.attach_prefix(seq, max_tokens=seq.prefix_cap())
             if use_cache and admitted.shares_stem(seq):
@@ -247,8 +253,6 @@ class Scheduler:
             # Admit only if the whole rest of the prompt fits (not just this chunk), next to
             # what the running sequences (and this one's output) are still owed.
             need = self._pages(seq.num_tokens) - seq.pages.num_pages
-            share = self._output_share(seq)
-            reserve = owed_pages + int(-(-(owed_tokens + share) // self.page_size)) if running else 0
             if n == 0 or self.memory.available_pages - need < reserve or not self.memory.grow(
                 seq, seq.kv_len + n
             ):

@@ -89,6 +89,24 @@ def test_gpu_eviction_writes_back_and_a_host_hit_loads_it_again() -> None:
     cache.check_invariants({})
 
 
+def test_a_load_evicted_before_use_counts_as_wasted() -> None:
+    cache = make()
+    a = [1, 2, 3, 4, 5, 6]
+    put(cache, a)
+    cache.allocator.decref(cache.evict(3))
+    assert load(cache, a) == 6
+    cache.allocator.decref(cache.evict(3))  # nobody claimed it: the copy was for nothing
+    s = cache.stats()
+    assert (s.loaded_tokens, s.load_used_tokens, s.load_wasted_pages) == (6, 0, 3)
+    assert load(cache, a) == 6
+    m = cache.match_prefix(a + [0], record_stats=False)
+    assert cache.claim_loaded(m.handle) == 6 and cache.claim_loaded(m.handle) == 0, "once each"
+    cache.allocator.decref(cache.evict(3))  # used, then evicted: not waste
+    s = cache.stats()
+    assert (s.loaded_tokens, s.load_used_tokens, s.load_wasted_pages) == (12, 6, 3)
+    cache.check_invariants({})
+
+
 def test_eviction_takes_exactly_the_tail_it_needs() -> None:
     cache = make()
     a = [1, 1, 2, 2, 3, 3, 4, 4]

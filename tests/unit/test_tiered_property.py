@@ -193,6 +193,7 @@ class TieredMachine(RuleBasedStateMachine):
         seq = SequencePages(self.ps)
         seq.adopt_prefix(m.pages, self.alloc)
         self.cache.lock(m.handle)
+        self.cache.claim_loaded(m.handle)
         req = SimReq(ns, tokens, seq, m.handle, m.length)
         self.reqs.append(req)
         if not self._reserve(seq, len(tokens)):
@@ -264,6 +265,9 @@ class TieredMachine(RuleBasedStateMachine):
         if not hasattr(self, "cache"):
             return
         self.cache.check_invariants(self._held())
+        s = self.cache.stats()  # each loaded token is used once, wasted once, or still loaded
+        assert s.load_used_tokens + s.load_wasted_pages * self.ps <= s.loaded_tokens, (
+            f"used {s.load_used_tokens} + wasted {s.load_wasted_pages} pages > {s.loaded_tokens}")
         hdata = self.host.data
         for node in self.cache._iter_nodes():
             tokens = self._path_tokens(node)

@@ -24,6 +24,8 @@ import torch.distributed as dist
 # A follower that has not answered by then is gone (its death usually shows much sooner, as a
 # closed connection).
 DEFAULT_TIMEOUT_S = 600.0
+# Followers join the rendezvous right after importing torch (before loading their shard).
+JOIN_TIMEOUT_S = 120.0
 
 
 class TPPeerLost(RuntimeError):
@@ -57,7 +59,12 @@ class TPGroup:
         """Rendezvous of ``size`` ranks on rank 0's TCPStore at host:port."""
         assert 0 <= rank < size, f"rank {rank} outside a group of {size}"
         timeout = datetime.timedelta(seconds=timeout_s)
-        store = dist.TCPStore(host, port, size, is_master=rank == 0, timeout=timeout)
+        join = datetime.timedelta(seconds=min(timeout_s, JOIN_TIMEOUT_S))
+        try:
+            store = dist.TCPStore(host, port, size, is_master=rank == 0, timeout=join)
+        except RuntimeError as e:  # DistStoreError: a rank never joined (it died at start-up)
+            raise TPPeerLost(f"tensor-parallel peer lost: {size} ranks did not meet at "
+                             f"{host}:{port} within {join.total_seconds():.0f}s: {e}") from e
         control = dist.ProcessGroupGloo(dist.PrefixStore("control", store), rank, size, timeout)
         if device.type == "cuda":
             opts = dist.ProcessGroupNCCL.Options()

@@ -59,9 +59,9 @@ def _chat_row(r: dict[str, Any], load_bw: float | None, off_s: float | None) -> 
             f"{m['hit_rate'] / opt if opt else float('nan'):.3f} | {dur:.1f} | {floor:.1f} | "
             f"{dur / floor:.2f} | {bound}{floor + load_s:.1f} | {bound.replace('<', '>')}"
             f"{dur / (floor + load_s):.2f} | "
-            f"{ratio:.2f} (turn {last}) | {bound}{needed / 1e9:.1f} | {loaded / 1e9:.1f} | {waste} | "
+            f"{ratio:.2f} (turn {last}) | {bound}{needed / 1e9:.2f} | {loaded / 1e9:.2f} | {waste} | "
             f"{eng.get('host_load_wasted_pages', '-')} | "
-            f"{float(eng.get('host_bytes_written', 0.0)) / 1e9:.1f} | {vs_off} |")
+            f"{float(eng.get('host_bytes_written', 0.0)) / 1e9:.2f} | {vs_off} |")
 
 
 def main() -> None:
@@ -79,9 +79,11 @@ def main() -> None:
         lines += [f"| {r['kind']} | {r.get('staging_pages', '-')} | {r['GB/s']} | "
                   f"{r.get('fraction', '-')} |" for r in xfer]
         lines.append("")
-    # Loads run at the tier's page-copy bandwidth (the largest staging size measured), else at
-    # the contiguous pinned H2D bandwidth.
-    load_bw = next((r["GB/s"] for r in reversed(xfer) if r["kind"] == "tier_load"), h2d)
+    # Loads run at the tier's page-copy bandwidth (at the engine's staging size, 64 pages, else
+    # the last measured), else at the contiguous pinned H2D bandwidth.
+    loads = [r for r in xfer if r["kind"] == "tier_load"]
+    load_bw = next((r["GB/s"] for r in loads if r.get("staging_pages") == 64),
+                   loads[-1]["GB/s"] if loads else h2d)
     lines += ["## Chat", "", f"Needed loads counted at {load_bw} GB/s (page loads).", "",
               "| tier | GPU pool | host tier | hit rate | optimal | hit / optimal | time s | "
               "floor s | time / floor | floor + needed loads s | time / (floor + loads) | "

@@ -120,8 +120,10 @@ def decode(raw: bytes, schema: type[Any], max_depth: int) -> Any:
     except msgspec.ValidationError as e:
         msg = str(e)
         path = re.search(r"`\$\.([A-Za-z_]+)", msg)
-        missing = re.search(r"missing required field `([A-Za-z_]+)`", msg)
-        param = missing.group(1) if missing else (path.group(1) if path else None)
+        named = re.search(r"(?:missing required|unknown) field `([^`]+)`", msg)
+        param = named.group(1) if named else (path.group(1) if path else None)
+        if msg.startswith("Object contains unknown field"):
+            msg += " (unsupported parameters are refused rather than ignored)"
         raise bad_request(f"Invalid request: {msg}", param) from None
     except msgspec.DecodeError as e:
         raise explain_decode_error(raw, e) from None

@@ -46,7 +46,8 @@ class WorkerFailure(Exception):
 
 
 class RequestTimeout(WorkerFailure):
-    """The request ran past its deadline (``--request-timeout``) and was aborted."""
+    """The request ran past its deadline (its ``timeout`` or ``--request-timeout``) and was
+    aborted (504)."""
 
 
 class RequestRejected(Exception):
@@ -69,6 +70,7 @@ class RequestState:
     t_arrival: float
     wire: bytes  # the encoded GenerateReq
     deadline: float | None = None  # monotonic
+    timeout_s: float | None = None  # what set the deadline, for the error message
     started: bool = False  # first delta seen (no longer counts as queued)
 
 
@@ -188,7 +190,10 @@ class EngineClient:
     # ------------------------------------------------------------------------- requests
 
     def submit(self, input_ids: list[int], params: SamplingParams, namespace: str | None,
-               queue: asyncio.Queue[Event], t_arrival: float) -> RequestState:
+               queue: asyncio.Queue[Event], t_arrival: float,
+               timeout_s: float | None = None) -> RequestState:
+        """Queue one prompt. ``timeout_s`` is the request's own deadline; the server's
+        ``--request-timeout`` stays an upper bound on it."""
         if not self.accepting:
             raise APIError(503, "The server is shutting down")
         if self.num_waiting >= self.cfg.max_queued_requests:
@@ -207,9 +212,11 @@ class EngineClient:
         if wid is None and not self._can_recover():
             reasons = "; ".join(f"worker {w.wid}: {w.death}" for w in self.workers)
             raise APIError(503, f"No worker is available ({reasons})")
-        timeout = self.cfg.request_timeout_s
+        limits = [t for t in (timeout_s, self.cfg.request_timeout_s) if t is not None]
+        timeout = min(limits) if limits else None
         st = RequestState(rid, PENDING, input_ids, namespace, params.n, weakref.ref(queue),
-                          t_arrival, wire, None if timeout is None else t_arrival + timeout)
+                          t_arrival, wire, None if timeout is None else t_arrival + timeout,
+                          timeout)
         self.requests[rid] = st
         self.num_waiting += 1
         if wid is None:
@@ -392,9 +399,10 @@ class EngineClient:
                 log.warning("request %s has no consumer left; aborting it", st.rid)
                 self.abort(st.rid)
             elif st.deadline is not None and now > st.deadline:
+                own = st.timeout_s != self.cfg.request_timeout_s
                 self._post(st, RequestTimeout(
-                    f"request exceeded its deadline of {self.cfg.request_timeout_s:g}s "
-                    "(--request-timeout) and was aborted"))
+                    f"request exceeded its deadline of {st.timeout_s:g}s "
+                    f"({'its timeout' if own else '--request-timeout'}) and was aborted"))
                 self.abort(st.rid)
 
     def _on_death(self, wid: int, why: str) -> None:

@@ -29,6 +29,7 @@ from radixrt.server.engine_client import (
     Event,
     RequestRejected,
     RequestState,
+    RequestTimeout,
     WorkerFailure,
 )
 from radixrt.server.messages import DeltaMsg
@@ -85,7 +86,7 @@ class _Sub:
 class Generation:
     def __init__(self, client: EngineClient, codec: TextCodec | None, prompts: list[list[int]],
                  params: SamplingParams, namespace: str | None, metrics: ServerMetrics,
-                 t_arrival: float) -> None:
+                 t_arrival: float, timeout_s: float | None = None) -> None:
         self.client = client
         self.metrics = metrics
         self.params = params
@@ -96,7 +97,7 @@ class Generation:
         self._choice_subs: list[_Sub] = []  # choice i -> the engine request serving it
         try:
             for p_idx, ids in enumerate(prompts):
-                st = client.submit(ids, params, namespace, self.queue, t_arrival)
+                st = client.submit(ids, params, namespace, self.queue, t_arrival, timeout_s)
                 seqs = [_Seq(p_idx * params.n + i, None if codec is None else
                              IncrementalDetokenizer(codec.tokenizer, params.skip_special_tokens,
                                                     params.stop, context_token_ids=ids[-5:]))
@@ -131,6 +132,9 @@ class Generation:
         try:
             while any(s.open for sub in self.subs.values() for s in sub.seqs):
                 ev = await self.queue.get()
+                if isinstance(ev, RequestTimeout):
+                    raise APIError(504, f"Generation timed out: {ev}", err_type="timeout",
+                                   param="timeout")
                 if isinstance(ev, WorkerFailure):
                     raise APIError(503, f"Generation failed: {ev}", err_type="server_error")
                 if isinstance(ev, RequestRejected):

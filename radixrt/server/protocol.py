@@ -8,6 +8,7 @@ Every rejection is an ``APIError`` that renders as OpenAI's ``{"error": {...}}``
 from __future__ import annotations
 
 import json
+import math
 import re
 from dataclasses import dataclass, fields, replace
 from typing import Any
@@ -48,12 +49,13 @@ def check_token_only(params: SamplingParams) -> None:
 # ---------------------------------------------------------------------------- schemas
 
 
-class StreamOptions(msgspec.Struct):
+class StreamOptions(msgspec.Struct, forbid_unknown_fields=True):
     include_usage: bool = False
     continuous_usage_stats: bool = False
 
 
-class _Common(msgspec.Struct, kw_only=True):
+# Unknown fields are refused (400 naming the field), never silently ignored.
+class _Common(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     model: str | None = None
     max_tokens: int | None = None
     temperature: float = 1.0
@@ -73,6 +75,7 @@ class _Common(msgspec.Struct, kw_only=True):
     stream_options: StreamOptions | None = None
     user: str | None = None
     cache_salt: str | None = None
+    timeout: float | None = None  # seconds from arrival; see request_timeout()
     logit_bias: dict[str, float] | None = None
     # vLLM's names for grammars (``guided_json`` etc.): honoured, see guided_constraint().
     guided_json: Any = None
@@ -108,15 +111,28 @@ class CompletionRequest(_Common, kw_only=True):
     response_format: dict[str, Any] | None = None  # vLLM / SGLang accept it here too
 
 
-class GenerateRequest(msgspec.Struct, kw_only=True):
+class GenerateRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     text: str | None = None
     input_ids: list[int] | None = None
     sampling_params: dict[str, Any] | None = None
     stream: bool = False
     cache_salt: str | None = None
+    timeout: float | None = None
 
 
 DEFAULT_MAX_JSON_DEPTH = 64
+MAX_REQUEST_TIMEOUT_S = 7 * 24 * 3600.0
+
+
+def request_timeout(value: float | None) -> float | None:
+    """The request's ``timeout`` (seconds from arrival, after which it is aborted with a 504);
+    the server's ``--request-timeout`` still bounds it."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not math.isfinite(value) or not 0 < value <= MAX_REQUEST_TIMEOUT_S:
+        raise bad_request(f"timeout must be a number of seconds in (0, {MAX_REQUEST_TIMEOUT_S:g}]",
+                          "timeout")
+    return float(value)
 
 
 def parse_body(raw: bytes, schema: type[Any], max_depth: int = DEFAULT_MAX_JSON_DEPTH) -> Any:

@@ -108,7 +108,8 @@ def chat_job(ctx: ServingContext, request: Request, raw: bytes) -> Job:
     params = _finish_params(ctx, params, [ids], max_tokens, None)
     return Job("chat", [ids], params, namespace, req.stream,
                bool(req.stream_options and req.stream_options.include_usage),
-               tools=plan if plan is not None and plan.parses else None)
+               tools=plan if plan is not None and plan.parses else None,
+               timeout_s=p.request_timeout(req.timeout))
 
 
 def _constrain_chat(params: Any, req: p.ChatCompletionRequest,
@@ -152,7 +153,8 @@ def completion_job(ctx: ServingContext, request: Request, raw: bytes) -> Job:
     # OpenAI's legacy default for /v1/completions is 16 tokens.
     params = _finish_params(ctx, params, prompts, req.max_tokens, 16)
     return Job("completion", prompts, params, namespace, req.stream,
-               bool(req.stream_options and req.stream_options.include_usage))
+               bool(req.stream_options and req.stream_options.include_usage),
+               timeout_s=p.request_timeout(req.timeout))
 
 
 def generate_job(ctx: ServingContext, request: Request, raw: bytes) -> Job:
@@ -172,7 +174,8 @@ def generate_job(ctx: ServingContext, request: Request, raw: bytes) -> Job:
     given = (req.sampling_params or {})
     max_tokens = given.get("max_new_tokens", given.get("max_tokens", params.max_new_tokens))
     params = _finish_params(ctx, params, [ids], max_tokens, None)
-    return Job("generate", [ids], params, namespace, req.stream)
+    return Job("generate", [ids], params, namespace, req.stream,
+               timeout_s=p.request_timeout(req.timeout))
 
 
 def build_app(ctx: ServingContext) -> FastAPI:

@@ -68,6 +68,7 @@ class Job:
     include_usage: bool = False
     # Chat with tools (tool_choice not "none"): the output is parsed into tool_calls.
     tools: ToolPlan | None = None
+    timeout_s: float | None = None  # the request's own deadline (``timeout``)
 
 
 def sse(obj: Any) -> bytes:
@@ -243,7 +244,7 @@ class Responder:
 
 def start(ctx: ServingContext, job: Job) -> Generation:
     return Generation(ctx.client, ctx.codec, job.prompts, job.params, job.namespace,
-                      ctx.metrics, time.monotonic())
+                      ctx.metrics, time.monotonic(), job.timeout_s)
 
 
 async def run_stream(ctx: ServingContext, job: Job, gen: Generation) -> AsyncIterator[bytes]:

@@ -137,11 +137,20 @@ def test_request_timeout_ends_a_long_request(server_factory: Any, tiny_model_dir
     s = server_factory(tiny_model_dir("llama"), "--request-timeout", "1")
     r = httpx.post(s.url + "/v1/completions", json={"prompt": "slow", **LONG, "max_tokens": 2000},
                    timeout=GUARD_S)
-    assert r.status_code == 503 and "deadline" in r.json()["error"]["message"], r.text
+    assert r.status_code == 504 and "deadline" in r.json()["error"]["message"], r.text
+    assert "--request-timeout" in r.json()["error"]["message"]
     m = wait_for("the worker to go idle", lambda: (lambda x: x if x[
         'radixrt_running_requests{worker="0"}'] == 0 else None)(s.metrics()))
     assert m['radixrt_kv_pages{worker="0",state="locked"}'] == 0
     assert m['radixrt_kv_pages{worker="0",state="private"}'] == 0
+    ok_completion(s)
+    # A request's own, shorter timeout ends it the same way (504 naming it); a bad one is a 400.
+    r = httpx.post(s.url + "/v1/completions", json={"prompt": "slow", **LONG, "max_tokens": 2000,
+                                                    "timeout": 0.5}, timeout=GUARD_S)
+    body = r.json()["error"]
+    assert r.status_code == 504 and body["param"] == "timeout" and "its timeout" in body["message"]
+    r = httpx.post(s.url + "/v1/completions", json={"prompt": "hi", "timeout": -1}, timeout=10)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "timeout", r.text
     ok_completion(s)
 
 

@@ -149,6 +149,21 @@ def test_deadline_aborts_the_request(client: ec.EngineClient) -> None:
     assert client.num_waiting == 0 and not client.requests
 
 
+def test_a_request_timeout_is_bounded_by_the_server_default(client: ec.EngineClient) -> None:
+    params = SamplingParams(max_new_tokens=4)
+    short_q: asyncio.Queue[Any] = asyncio.Queue()
+    long_q: asyncio.Queue[Any] = asyncio.Queue()
+    _consumers.extend([short_q, long_q])
+    short = client.submit([1, 2, 3], params, None, short_q, 100.0, timeout_s=1.0)
+    long = client.submit([1, 2, 3], params, None, long_q, 100.0, timeout_s=60.0)
+    assert short.deadline == 101.0, "the request's own timeout applies"
+    assert long.deadline == 105.0, "--request-timeout (5 s here) caps a longer one"
+    client._expire(102.0)
+    ev = short_q.get_nowait()
+    assert isinstance(ev, ec.RequestTimeout) and "its timeout" in str(ev)
+    assert long_q.empty() and long.rid in client.requests
+
+
 def test_request_whose_consumer_is_gone_is_aborted(client: ec.EngineClient) -> None:
     """A streaming response that never started (its client left first) drops its consumer
     without closing it: the request must not hold its slot and keep generating for nobody."""

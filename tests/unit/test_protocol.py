@@ -29,6 +29,10 @@ def test_parse_chat_and_params() -> None:
     (json.dumps({"model": "m"}).encode(), "messages"),
     (chat(max_tokens="5"), "max_tokens"),
     (chat(n=True), "n"),
+    (chat(frobnicate=1), "frobnicate"),  # unsupported fields are refused, never ignored
+    (chat(reasoning_effort="high"), "reasoning_effort"),
+    (chat(stream_options={"include_usage": True, "extra": 1}), "extra"),
+    (chat(timeout="soon"), "timeout"),
 ])
 def test_parse_errors(raw: bytes, param: str | None) -> None:
     with pytest.raises(p.APIError) as e:
@@ -121,3 +125,21 @@ def test_parse_body_hostile(raw: bytes, param: str | None, needle: str) -> None:
     with pytest.raises(p.APIError, match=needle) as e:
         p.parse_body(raw, p.ChatCompletionRequest)
     assert e.value.status == 400 and e.value.param == param
+
+
+@pytest.mark.parametrize("schema,body", [
+    (p.CompletionRequest, {"prompt": "x", "best_off": 2}),
+    (p.GenerateRequest, {"text": "x", "sampling_param": {}}),
+])
+def test_unknown_fields_are_refused_on_every_endpoint(schema: type, body: dict) -> None:
+    with pytest.raises(p.APIError) as e:
+        p.parse_body(json.dumps(body).encode(), schema)
+    assert e.value.status == 400 and e.value.param in body and "refused" in e.value.message
+
+
+def test_request_timeout_range() -> None:
+    assert p.request_timeout(None) is None and p.request_timeout(2) == 2.0
+    for bad in (0, -1.0, float("inf"), float("nan"), 1e12, True):
+        with pytest.raises(p.APIError) as e:
+            p.request_timeout(bad)  # type: ignore[arg-type]
+        assert e.value.status == 400 and e.value.param == "timeout"

@@ -2,7 +2,10 @@
 # Structured generation on a GPU (issue 14), one device call: the token-bitmask kernel tests
 # compiled on CUDA, then bench_grammar.py: 256 JSON-schema-constrained vs unconstrained decode
 # steps on the llama3-8b shape (dummy weights; target <= 1.1x), the CPU mask fill per step on
-# that box, and compile times. Results under $OUT (grammar.json, *.log).
+# that box, and compile times; the host ms per step by part (plan, build, launch, complete, grammar
+# advance, mask rows/start/wait, draw) for both modes on the GPU, with the syncs of the timed
+# constrained steps counted (torch.cuda.set_sync_debug_mode("warn")), and the same breakdown on
+# the CPU with a stub forward (host section). Results under $OUT (grammar.json, *.log).
 #
 # Dry run on a CPU box: DEVICE=cpu PRESET=llama-tiny BATCH=8 STEPS=5 PATH=.venv/bin:$PATH bash bench/gpu_grammar.sh
 # Before the call, on the CPU side (once):  bash bench/gpu_grammar.sh --prepare
@@ -32,5 +35,5 @@ python3 -c "import xgrammar, msgspec" || { echo "xgrammar/msgspec missing: run b
 nvidia-smi --query-gpu=name,memory.total --format=csv 2>&1 | tee "$OUT/gpu.txt"
 timeout 120 python3 -m pytest -q -m gpu -p no:cacheprovider tests/kernels/test_token_bitmask.py 2>&1 \
   | tee "$OUT/kernel_tests.log" | tail -3
-timeout 420 python3 bench/bench_grammar.py --sections gpu,masks,compile --tokenizer "${TOKENIZER:-.whl/tok}" \
-  --batch "${BATCH:-256}" --steps "${STEPS:-50}" --device "${DEVICE:-cuda}" --preset "${PRESET:-llama3-8b}" --out "$OUT" 2>&1 | grep -v Warning | tee "$OUT/bench_grammar.log" | tail -12
+timeout 420 python3 bench/bench_grammar.py --sections gpu,host,masks,compile --tokenizer "${TOKENIZER:-.whl/tok}" \
+  --batch "${BATCH:-256}" --steps "${STEPS:-50}" --device "${DEVICE:-cuda}" --preset "${PRESET:-llama3-8b}" --out "$OUT" 2>&1 | grep -v Warning | tee "$OUT/bench_grammar.log" | tail -45

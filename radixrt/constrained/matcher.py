@@ -36,6 +36,18 @@ class Matcher:
             self.failed = True
         return ok
 
+    @staticmethod
+    def advance_batch(matchers: list[Matcher], tokens: list[int]) -> list[bool]:
+        """``advance`` for many matchers in one xgrammar call (none may be failed or
+        terminated: the caller checks)."""
+        oks = xgr.BatchGrammarMatcher.batch_accept_token([m._m for m in matchers], tokens)
+        for m, ok in zip(matchers, oks):
+            if ok:
+                m.num_accepted += 1
+            else:
+                m.failed = True
+        return oks
+
     def rollback(self, n: int) -> None:
         assert 0 <= n <= self.num_accepted, f"cannot roll back {n} of {self.num_accepted} tokens"
         if n:

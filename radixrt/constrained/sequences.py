@@ -34,7 +34,7 @@ from radixrt.sampling_params import SamplingParams
 if TYPE_CHECKING:
     # xgrammar is imported on the first grammar, not with the engine: a deployment without it
     # still serves everything else, and refuses grammars with a message.
-    from radixrt.constrained.batch import MaskBuilder
+    from radixrt.constrained.batch import MaskBuilder, PendingMask
     from radixrt.constrained.grammar import GrammarCompiler
     from radixrt.constrained.matcher import Matcher
     from radixrt.engine.request import Sequence as Seq
@@ -176,8 +176,9 @@ class SequenceGrammars:
     def needs_masks(seqs: Sequence[Seq]) -> bool:
         return any(s.params.constraint is not None for s in seqs)
 
-    def matcher(self, seq: Seq) -> Matcher | None:
-        """The sequence's matcher, in step with its output; None if it is unconstrained."""
+    def matcher(self, seq: Seq, ahead: bool = False) -> Matcher | None:
+        """The sequence's matcher, in step with its output; None if it is unconstrained.
+        ``ahead``: it has accepted a token that is not appended to the output yet."""
         key = seq.params.constraint
         if key is None:
             return None
@@ -188,36 +189,78 @@ class SequenceGrammars:
             m = Matcher(self.compiler.compile(key))
             self._matchers[seq] = m
         out = seq.output_ids
-        if m.num_accepted > len(out):
-            m.rollback(m.num_accepted - len(out))  # output cut back (e.g. a retraction)
-        for t in out[m.num_accepted:]:  # tokens appended without us (none, in the engine)
-            m.advance(t)
+        n = len(out) + ahead
+        if m.num_accepted != n:  # in step already on the hot path: no slice
+            if m.num_accepted > n:
+                m.rollback(m.num_accepted - n)  # output cut back (e.g. a retraction)
+            for t in out[m.num_accepted:]:  # tokens appended without us (none, in the engine)
+                m.advance(t)
         return m
 
     def bitmask(self, seqs: Sequence[Seq], live: Sequence[bool]) -> torch.Tensor | None:
         """[B, W] int32 on the device for a draw over ``seqs``; rows not ``live`` (ended while
         the step ran: their token is dropped) and unconstrained rows allow everything."""
+        return self.finish_bitmask(self.start_bitmask(seqs, live))
+
+    def start_bitmask(self, seqs: Sequence[Seq], live: Sequence[bool],
+                      ahead: frozenset[int] = frozenset()) -> PendingMask | None:
+        """``bitmask`` begun in the background: the matchers are synced here, the fill runs
+        while the caller goes on; ``finish_bitmask`` waits. No sequence may be sampled
+        (``accept_batch``) in between. ``ahead``: ids of sequences whose accepted token is
+        not appended yet (``accept_batch`` returned them)."""
         rows: list[Matcher | None] = []
         for seq, ok in zip(seqs, live):
-            m = self.matcher(seq) if ok else None
-            rows.append(None if m is None or m.failed or m.is_terminated else m)
+            m = self.matcher(seq, id(seq) in ahead) if ok else None
+            rows.append(None if m is None or m.failed or m.raw.is_terminated() else m)
         if self._masks is None:
             from radixrt.constrained.batch import MaskBuilder
 
             self._masks = MaskBuilder(self.vocab_size, self.device)
-        return self._masks.fill(rows)
+        return self._masks.start(rows)
+
+    def finish_bitmask(self, pending: PendingMask | None) -> torch.Tensor | None:
+        assert self._masks is not None or pending is None, "finish without a start"
+        return self._masks.finish(pending) if self._masks is not None else None
 
     def accept(self, seq: Seq, token: int) -> bool:
         """Advance the sequence's grammar by its newly sampled ``token``; False if the grammar
         does not allow it (never under the mask: the caller ends the sequence)."""
-        m = self.matcher(seq)
-        if m is None:
-            return True
-        ok = m.advance(token)
-        if not ok:
-            self.rejected_tokens += 1
-        else:
-            # A stop token is accepted but never appended to the output: keep the count in
-            # step with output_ids so the next sync does not roll it back.
-            m.num_accepted -= token in self.stop_token_ids
-        return ok
+        return self.accept_batch([seq], [token])[0][0]
+
+    def accept_batch(self, seqs: Sequence[Seq],
+                     tokens: Sequence[int]) -> tuple[list[bool], frozenset[int]]:
+        """``accept`` for a step's rows at once: one call into xgrammar for all constrained
+        rows instead of a Python round trip each (unconstrained rows are True). Also the ids
+        of the sequences now one token ahead of their output (accepted, not a stop token:
+        the caller appends it; ``start_bitmask`` before that needs to know)."""
+        from radixrt.constrained.matcher import Matcher
+
+        oks = [True] * len(seqs)
+        live: list[Matcher] = []
+        where: list[int] = []
+        for i, seq in enumerate(seqs):
+            m = self.matcher(seq)
+            if m is None:
+                continue
+            if m.failed or m.raw.is_terminated():
+                m.failed, oks[i] = True, False  # nothing may follow: as advance() decides
+                self.rejected_tokens += 1
+                continue
+            live.append(m)
+            where.append(i)
+        if not live:
+            return oks, frozenset()
+        accepted = Matcher.advance_batch(live, [int(tokens[i]) for i in where])
+        stops = self.stop_token_ids
+        ahead: list[int] = []
+        for i, m, ok in zip(where, live, accepted):
+            if not ok:
+                oks[i] = False
+                self.rejected_tokens += 1
+            elif tokens[i] in stops:
+                # A stop token is accepted but never appended to the output: keep the count
+                # in step with output_ids so the next sync does not roll it back.
+                m.num_accepted -= 1
+            else:
+                ahead.append(id(seqs[i]))
+        return oks, frozenset(ahead)

@@ -16,10 +16,14 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
 from radixrt.constrained.sequences import SequenceGrammars
+
+if TYPE_CHECKING:
+    from radixrt.constrained.batch import PendingMask
 from radixrt.engine.memory import SequenceMemory
 from radixrt.engine.outputs import SequenceDelta
 from radixrt.engine.request import SeqStatus, Sequence
@@ -38,6 +42,9 @@ class InFlight:
     pending: PendingSample | None
     # A draw waiting for its grammar masks: the picked logits [B, V] and the sampler rows.
     deferred: tuple[torch.Tensor, list[SamplerRow]] | None = None
+    constrained: bool = False  # some row has a grammar: its tokens advance the matchers
+    mask: PendingMask | None = None  # the deferred draw's masks, being filled
+    mask_started: bool = False
 
 
 def will_hit_length(seq: Sequence, extra: int, max_context_len: int) -> bool:
@@ -57,6 +64,7 @@ class StepResults:
         self.eos_token_ids = frozenset(eos_token_ids)
         self.max_context_len = max_context_len
         self.generated_tokens = 0
+        self._next_draw: InFlight | None = None  # the newest launched step with a deferred draw
 
     def launch(self, work: Work, batch: StepBatch, logits: torch.Tensor) -> InFlight:
         """``logits``: [rows, vocab] float32 of the step just queued."""
@@ -87,7 +95,9 @@ class StepResults:
         sampler_rows = [SamplerRow(s.params, s.generator, s.prompt_ids, s.output_ids)
                         for s in to_sample]
         if self.grammars is not None and self.grammars.needs_masks(to_sample):
-            return InFlight(to_sample, None, deferred=(picked, sampler_rows))
+            flight = InFlight(to_sample, None, deferred=(picked, sampler_rows), constrained=True)
+            self._next_draw = flight
+            return flight
         return InFlight(to_sample, self.sampler.draw(picked, sampler_rows))
 
     def draw(self, flight: InFlight) -> None:
@@ -97,9 +107,19 @@ class StepResults:
             return
         assert self.grammars is not None, "only grammar rows defer their draw"
         picked, rows = flight.deferred
+        if not flight.mask_started:
+            self._start_masks(flight)
+        bitmask = self.grammars.finish_bitmask(flight.mask)
+        flight.pending, flight.deferred, flight.mask = self.sampler.draw(picked, rows, bitmask), \
+            None, None
+        if self._next_draw is flight:
+            self._next_draw = None
+
+    def _start_masks(self, flight: InFlight, ahead: frozenset[int] = frozenset()) -> None:
+        assert self.grammars is not None and not flight.mask_started, "masks start once"
         live = [s.status is SeqStatus.RUNNING for s in flight.sampled]
-        bitmask = self.grammars.bitmask(flight.sampled, live)
-        flight.pending, flight.deferred = self.sampler.draw(picked, rows, bitmask), None
+        flight.mask = self.grammars.start_bitmask(flight.sampled, live, ahead)
+        flight.mask_started = True
 
     def complete(self, flight: InFlight) -> list[SequenceDelta]:
         deltas: list[SequenceDelta] = []
@@ -107,19 +127,32 @@ class StepResults:
         if flight.pending is None:
             return deltas
         out = flight.pending.resolve()
-        for i, seq in enumerate(flight.sampled):
-            if seq.status is not SeqStatus.RUNNING:
-                continue  # finished or aborted while this step ran: its extra token is dropped
+        # Finished or aborted while this step ran: its extra token is dropped.
+        rows = [i for i, seq in enumerate(flight.sampled) if seq.status is SeqStatus.RUNNING]
+        oks: list[bool] | None = None
+        ahead: frozenset[int] = frozenset()
+        if self.grammars is not None and flight.constrained:
+            # Every grammar advanced in one batch call, before the stop rules read the tokens.
+            oks, ahead = self.grammars.accept_batch([flight.sampled[i] for i in rows],
+                                                    [out.token_ids[i] for i in rows])
+        nxt = self._next_draw
+        if nxt is not None and nxt is not flight and not nxt.mask_started:
+            # The step launched behind this one draws next: its grammars are now up to date,
+            # so its masks fill (off the GIL) while the stop rules below append the tokens.
+            # A row those rules end is filled for nothing; its token is dropped anyway.
+            self._start_masks(nxt, ahead)
+        for j, i in enumerate(rows):
             lp = out.logprobs[i] if out.logprobs is not None else None
             top = out.top_logprobs[i] if out.top_logprobs is not None else None
-            deltas.append(self._append_token(seq, out.token_ids[i], lp, top))
+            deltas.append(self._append_token(flight.sampled[i], out.token_ids[i], lp, top,
+                                             oks[j] if oks is not None else True))
         return deltas
 
     def _append_token(self, seq: Sequence, token: int, logprob: float | None,
-                      top: list[tuple[int, float]] | None) -> SequenceDelta:
+                      top: list[tuple[int, float]] | None, grammar_ok: bool) -> SequenceDelta:
         params = seq.params
         self.generated_tokens += 1
-        if self.grammars is not None and not self.grammars.accept(seq, token):
+        if not grammar_ok:
             return self.table.finish(seq, "abort", f"token {token} is outside the request's "
                                      f"{params.constraint[0] if params.constraint else 'grammar'}")
         if (token in self.eos_token_ids and not params.ignore_eos) or token in params.stop_token_ids:

@@ -153,6 +153,42 @@ def test_mask_builder_leaves_unconstrained_rows(compiler: GrammarCompiler) -> No
     assert MaskBuilder(TINY_VOCAB, "cpu").fill([None, None]) is None
 
 
+def test_mask_builder_ring_reuse_and_batch_fill(compiler: GrammarCompiler, tok: Any) -> None:
+    """Batch fills (>= BATCH_FILL_MIN_ROWS rows, on the fill thread) into reused ring buffers
+    that hold a previous step's words: every row equals a fresh single-row fill, and rows
+    without a grammar are all ones, whatever pattern of rows the step before had."""
+    cg = compiler.compile(("json_schema", json.dumps({"type": "object"})))
+    ms = [Matcher(cg) for _ in range(12)]
+    prefix = tok.encode('{"a', add_special_tokens=False)
+    for m in ms[::2]:  # two grammar states in the batch
+        for t in prefix:
+            assert m.advance(t)
+    builder = MaskBuilder(TINY_VOCAB, "cpu")
+    words = (TINY_VOCAB + 31) // 32
+    patterns = [list(range(12)), [i for i in range(12) if i % 3], list(range(12)),
+                [i for i in range(12) if i != 5]]
+    for step, keep in enumerate(patterns):
+        rows: list[Matcher | None] = [ms[i] if i in keep else None for i in range(12)]
+        got = builder.finish(builder.start(rows))
+        assert got is not None
+        ref = torch.full((12, words), -1, dtype=torch.int32)
+        for i in keep:
+            ms[i].fill(ref, i)
+        assert torch.equal(got, ref), f"step {step}: rows differ from a fresh fill"
+
+
+def test_advance_batch_matches_advance(compiler: GrammarCompiler, tok: Any) -> None:
+    cg = compiler.compile(("regex", "[0-9]+"))
+    one, batch = [Matcher(cg) for _ in range(3)], [Matcher(cg) for _ in range(3)]
+    digit, letter = tok.encode("7", add_special_tokens=False)[0], tok.encode("x",
+                                                                             add_special_tokens=False)[0]
+    toks = [digit, letter, digit]
+    oks = Matcher.advance_batch(batch, toks)
+    assert oks == [m.advance(t) for m, t in zip(one, toks)] == [True, False, True]
+    assert [m.num_accepted for m in batch] == [m.num_accepted for m in one] == [1, 0, 1]
+    assert [m.failed for m in batch] == [False, True, False]
+
+
 def test_logit_bias_adds_per_row() -> None:
     x = torch.zeros(3, 10)
     apply_logit_bias(x, [((1, -100.0), (4, 2.5)), (), ((9, 100.0),)])

@@ -1,4 +1,8 @@
-"""`radixrt serve ...`: the command-line entry point.
+"""`radixrt serve|worker|keys ...`: the command-line entry point.
+
+``serve`` runs the router and its local workers; ``worker --router tcp://HOST:PORT`` runs a
+remote data-parallel replica that joins a router started with ``--remote-listen``; ``keys
+--out DIR`` writes the CURVE key pairs both sides load (radixrt.server.keys).
 
 Every flag has help text that states its default (``serve --help``); engine knobs left unset
 fall through to EngineConfig's defaults, which the help names.
@@ -32,9 +36,7 @@ def _engine_default(name: str) -> str:
 def add_serve_args(ap: argparse.ArgumentParser) -> None:
     a = ap.add_argument
     s = _SERVER
-    # ---- model and network
-    a("--model", default=None, help="local HF directory or .gguf file; hub ids are not fetched "
-      "(default: the default model, SmolLM2-135M-Instruct)")
+    # ---- network
     a("--served-model-name", default=None,
       help="name clients send as 'model' (default: the model's name and path)")
     a("--host", default=DEFAULT_HOST, help=f"address to listen on (default: {DEFAULT_HOST})")
@@ -86,13 +88,36 @@ def add_serve_args(ap: argparse.ArgumentParser) -> None:
     a("--health-timeout", type=float, default=s.health_timeout_s, dest="health_timeout_s",
       help="/health fails when no worker answered for this many seconds "
       f"(default: {s.health_timeout_s})")
-    a("--log-level", default=s.log_level,
-      choices=("debug", "info", "warning", "error", "critical"),
-      help=f"logging level (default: {s.log_level})")
+    _add_log_level(ap)
+    # ---- remote workers (other hosts)
+    a("--remote-listen", default=None,
+      help="tcp://HOST:PORT where remote workers (radixrt worker --router) join; needs the "
+      "CURVE flags below (default: off, local workers only)")
+    a("--curve-server-secret", default=None,
+      help="the router's CURVE key pair file, server.key_secret from radixrt keys "
+      "(default: none)")
+    a("--curve-clients", default=None,
+      help="directory of allowed remote-worker public keys (*.key); others are refused "
+      "(default: none)")
+    a("--max-remote-workers", type=int, default=s.max_remote_workers,
+      help=f"remote workers that may join (default: {s.max_remote_workers})")
     a("--skip-tokenizer-init", action="store_true",
       help="load no tokenizer: requests must send token ids and get token ids back (implied "
       "for models without a tokenizer, e.g. --load-format dummy) (default: off)")
-    # ---- engine (unset: EngineConfig's default)
+    add_engine_args(ap)
+
+
+def _add_log_level(ap: argparse.ArgumentParser) -> None:
+    ap.add_argument("--log-level", default=_SERVER.log_level,
+                    choices=("debug", "info", "warning", "error", "critical"),
+                    help=f"logging level (default: {_SERVER.log_level})")
+
+
+def add_engine_args(ap: argparse.ArgumentParser) -> None:
+    """The model and engine knobs (unset: EngineConfig's default); shared by serve and worker."""
+    a = ap.add_argument
+    a("--model", default=None, help="local HF directory or .gguf file; hub ids are not fetched "
+      "(default: the default model, SmolLM2-135M-Instruct)")
     a("--device", default=None, help="cpu, cuda or cuda:N " + _engine_default("device"))
     a("--tp", type=int, default=None, dest="tp_size",
       help="tensor parallelism: split the model over N ranks (on CUDA, GPUs device..device+N-1; "
@@ -172,16 +197,76 @@ def serve_main(argv: list[str] | None = None) -> int:
     return serve(cfg)
 
 
+def worker_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(
+        prog="radixrt worker",
+        description="Run a data-parallel replica that joins a router on another host "
+        "(started with --remote-listen) over ZeroMQ TCP with CURVE keys.")
+    ap.add_argument("--router", required=True,
+                    help="the router's --remote-listen address, tcp://HOST:PORT")
+    ap.add_argument("--curve-client-secret", required=True,
+                    help="this worker's CURVE key pair file (client.key_secret from "
+                    "radixrt keys; its public key must be in the router's --curve-clients)")
+    ap.add_argument("--curve-server-public", required=True,
+                    help="the router's public key file (server.key from radixrt keys)")
+    _add_log_level(ap)
+    add_engine_args(ap)
+    return ap
+
+
+def worker_main(argv: list[str] | None = None) -> int:
+    ap = worker_parser()
+    args = ap.parse_args(argv)
+    own = {"router": args.router, "client_secret": args.curve_client_secret,
+           "server_public": args.curve_server_public}
+    kw = {k: v for k, v in vars(args).items()
+          if k not in ("router", "curve_client_secret", "curve_server_public")}
+    try:
+        cfg = ServerConfig(**kw)
+        if not own["router"].startswith("tcp://"):
+            raise ValueError(f"--router must be tcp://HOST:PORT, got {own['router']!r}")
+    except ValueError as e:
+        ap.error(str(e))
+    from radixrt.server.remote_worker import run_remote_worker
+
+    return run_remote_worker(cfg, own["router"], own["client_secret"], own["server_public"])
+
+
+def keys_main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="radixrt keys",
+                                 description="Write CURVE key pairs for remote workers.")
+    ap.add_argument("--out", required=True, help="directory to create the key files in (0700)")
+    args = ap.parse_args(argv)
+    from radixrt.server.keys import generate
+
+    try:
+        paths = generate(args.out)
+    except (FileExistsError, RuntimeError) as e:
+        print(f"radixrt keys: {e}", file=sys.stderr)
+        return 1
+    print(f"router:  --curve-server-secret {paths['server_secret']} "
+          f"--curve-clients {paths['clients_dir']}")
+    print(f"workers: --curve-client-secret {paths['client_secret']} "
+          f"--curve-server-public {paths['server_public']}")
+    return 0
+
+
+COMMANDS = {"serve": serve_main, "worker": worker_main, "keys": keys_main}
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
         print("usage: radixrt serve [--model PATH] [--host H] [--port P] [--api-key KEY] "
-              "[--dp N] ...\n       radixrt serve --help")
+              "[--dp N] ...\n       radixrt worker --router tcp://HOST:PORT "
+              "--curve-client-secret F --curve-server-public F [--model PATH] ..."
+              "\n       radixrt keys --out DIR\n       radixrt COMMAND --help")
         return 0 if argv else 2
-    if argv[0] != "serve":
-        print(f"radixrt: unknown command {argv[0]!r} (expected 'serve')", file=sys.stderr)
+    if argv[0] not in COMMANDS:
+        print(f"radixrt: unknown command {argv[0]!r} (expected one of: {', '.join(COMMANDS)})",
+              file=sys.stderr)
         return 2
-    return serve_main(argv[1:])
+    return COMMANDS[argv[0]](argv[1:])
 
 
 if __name__ == "__main__":

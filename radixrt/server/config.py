@@ -101,6 +101,11 @@ class ServerConfig:
     overlap_schedule: bool | None = None
     deterministic_inference: bool | None = None
     tp_size: int | None = None  # --tp: ranks (GPUs) per replica
+    # Remote workers (other hosts) join over ZeroMQ TCP with CURVE; see server/remote.py.
+    remote_listen: str | None = None  # tcp://HOST:PORT the router binds for them
+    curve_server_secret: str | None = None  # the router's key pair file (radixrt keys)
+    curve_clients: str | None = None  # directory of allowed client public keys (*.key)
+    max_remote_workers: int = 16
 
     def __post_init__(self) -> None:
         try:
@@ -156,6 +161,18 @@ class ServerConfig:
         if not self.chat_template_timeout_s > 0:
             raise ValueError(f"chat_template_timeout_s must be > 0, got "
                              f"{self.chat_template_timeout_s}")
+        if self.remote_listen is not None:
+            if not self.remote_listen.startswith("tcp://"):
+                raise ValueError(f"remote_listen must be tcp://HOST:PORT, got "
+                                 f"{self.remote_listen!r}")
+            if not (self.curve_server_secret and self.curve_clients):
+                raise ValueError("--remote-listen needs --curve-server-secret and --curve-clients "
+                                 "(remote workers are always authenticated; see radixrt keys)")
+        elif self.curve_server_secret or self.curve_clients:
+            raise ValueError("--curve-server-secret / --curve-clients need --remote-listen")
+        if not 1 <= self.max_remote_workers <= 256:
+            raise ValueError(f"max_remote_workers must be in [1, 256], got "
+                             f"{self.max_remote_workers}")
         if self.log_level not in ("debug", "info", "warning", "error", "critical"):
             raise ValueError(f"log_level must be a logging level name, got {self.log_level!r}")
 

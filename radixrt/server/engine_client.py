@@ -22,7 +22,6 @@ import logging
 import time
 import uuid
 import weakref
-from dataclasses import dataclass
 
 import msgspec
 import zmq
@@ -30,62 +29,27 @@ import zmq.asyncio
 
 from radixrt.sampling_params import SamplingParams
 from radixrt.server import messages as m
+from radixrt.server.client_state import (
+    PENDING,
+    Event,
+    RequestRejected,
+    RequestState,
+    RequestTimeout,
+    Sender,
+    WorkerFailure,
+    WorkerHandle,
+)
 from radixrt.server.config import ServerConfig
 from radixrt.server.protocol import APIError
+from radixrt.server.remote import RemoteHub
 from radixrt.server.routing import PrefixRouter
 from radixrt.server.supervisor import Supervisor
 from radixrt.server.worker import to_router_addr, to_worker_addr
 
 log = logging.getLogger("radixrt.router")
 
-PENDING = -1  # RequestState.worker of a request waiting for a worker to be ready
-
-
-class WorkerFailure(Exception):
-    """The worker serving a request died or failed; the request cannot complete (503)."""
-
-
-class RequestTimeout(WorkerFailure):
-    """The request ran past its deadline (its ``timeout`` or ``--request-timeout``) and was
-    aborted (504)."""
-
-
-class RequestRejected(Exception):
-    """The engine refused the request (its ValueError message)."""
-
-
-Event = m.DeltaMsg | WorkerFailure | RequestRejected
-
-
-@dataclass(eq=False)
-class RequestState:
-    rid: str
-    worker: int  # PENDING until sent
-    input_ids: list[int]
-    namespace: str | None
-    n: int
-    # Weak: if the consumer is dropped without closing (a streaming response that never
-    # started, e.g. its client left first), the request is found orphaned and aborted.
-    queue_ref: weakref.ref[asyncio.Queue[Event]]
-    t_arrival: float
-    wire: bytes  # the encoded GenerateReq
-    deadline: float | None = None  # monotonic
-    timeout_s: float | None = None  # what set the deadline, for the error message
-    started: bool = False  # first delta seen (no longer counts as queued)
-
-
-@dataclass(eq=False)
-class WorkerHandle:
-    wid: int
-    sock: zmq.Socket
-    ready: m.ReadyMsg | None = None
-    alive: bool = False  # ready and taking requests
-    last_pong: float = 0.0  # last message of any kind from it (monotonic)
-    stats: m.StatsMsg | None = None
-    load: int = 0  # requests routed here and not finished
-    death: str | None = None
-    send_warned: bool = False  # one "could not send" warning per incarnation, not one per ping
-
+__all__ = ["PENDING", "EngineClient", "Event", "RequestRejected", "RequestState",
+           "RequestTimeout", "WorkerFailure", "WorkerHandle"]
 
 class EngineClient:
     def __init__(self, cfg: ServerConfig, ipc_dir: str) -> None:
@@ -114,6 +78,15 @@ class EngineClient:
         self._flush_acks: dict[int, list[bool]] = {}
         self._tasks: list[asyncio.Task[None]] = []
         self._closed = False
+        self.remote: RemoteHub | None = RemoteHub(cfg, self) if cfg.remote_listen else None
+
+    def add_worker(self, sock: Sender, remote: bool) -> int:
+        """A new worker slot (a remote worker joining); its id."""
+        wid = len(self.workers)
+        self.workers.append(WorkerHandle(wid, sock, remote=remote))
+        if self.router is not None:
+            self.router.add_worker()
+        return wid
 
     # ------------------------------------------------------------------------- lifecycle
 
@@ -141,6 +114,8 @@ class EngineClient:
     def start(self) -> None:
         self._tasks = [asyncio.create_task(self._recv_loop(), name="radixrt-recv"),
                        asyncio.create_task(self._monitor_loop(), name="radixrt-monitor")]
+        if self.remote is not None:
+            self._tasks.append(asyncio.create_task(self.remote.recv_loop(), name="radixrt-remote"))
 
     def begin_shutdown(self, grace_s: float) -> None:
         """Stop accepting now; end what is still running after ``grace_s`` with an error."""
@@ -158,8 +133,9 @@ class EngineClient:
         self.fail_all("server is shutting down")
         for t in self._tasks:  # no more pings, and no restarts from here on
             t.cancel()
-        for w in self.workers:
-            self._send(w, m.ShutdownReq("router shutdown"), quiet=True)
+        for w in self.workers:  # remote workers stay up and rejoin a restarted router
+            if not w.remote:
+                self._send(w, m.ShutdownReq("router shutdown"), quiet=True)
         await asyncio.to_thread(self.supervisor.stop, grace_s)
         self.close()
 
@@ -170,6 +146,8 @@ class EngineClient:
         for w in self.workers:
             w.sock.close(0)
         self.pull.close(0)
+        if self.remote is not None:
+            self.remote.close()
         self._sync_ctx.term()
         self._actx.term()
 
@@ -182,7 +160,8 @@ class EngineClient:
         now = time.monotonic()
         if any(w.alive and now - w.last_pong <= self.cfg.health_timeout_s for w in self.workers):
             return True, "ok"
-        return False, self.supervisor.why_unavailable([w.last_pong for w in self.workers], now)
+        why = self.supervisor.why_unavailable([w.last_pong for w in self.workers], now)
+        return False, "; ".join([why, *(self.remote.describe(now) if self.remote else [])])
 
     def _can_recover(self) -> bool:
         return self.accepting and self.supervisor.will_serve_again()
@@ -356,6 +335,9 @@ class EngineClient:
             self._on_ready(msg)
 
     def _on_ready(self, msg: m.ReadyMsg) -> None:
+        if self.workers[msg.worker_id].remote:  # RemoteHub checked its shape and identity
+            self._mark_ready(self.workers[msg.worker_id], msg)
+            return
         if not self.supervisor.mark_ready(msg.worker_id, msg.pid):
             log.warning("ignoring a stale Ready from worker %d (pid %d)", msg.worker_id, msg.pid)
             return
@@ -367,6 +349,9 @@ class EngineClient:
             self.supervisor.retire(w.wid, "restarted with a different model shape")
             self._on_death(w.wid, "restarted with a different model shape")
             return
+        self._mark_ready(w, msg)
+
+    def _mark_ready(self, w: WorkerHandle, msg: m.ReadyMsg) -> None:
         restarted = w.ready is not None
         w.ready, w.alive, w.death, w.send_warned = msg, True, None, False
         w.last_pong = time.monotonic()
@@ -381,6 +366,8 @@ class EngineClient:
             for w in self.workers:
                 if w.alive:
                     self._send(w, m.PingReq(next(self._seq)))
+            if self.remote is not None:
+                self.remote.check_deadlines(time.monotonic())
             self._expire(time.monotonic())
             await asyncio.sleep(self.cfg.ping_interval_s)
 
@@ -409,8 +396,10 @@ class EngineClient:
         """Worker ``wid`` is gone (the Supervisor may be replacing it): fail what it held."""
         w = self.workers[wid]
         w.alive, w.death = False, why
-        again = self.supervisor.workers[wid].state in ("restarting", "starting")
+        again = not w.remote and self.supervisor.workers[wid].state in ("restarting", "starting")
         suffix = "; it is being restarted, retry the request" if again else ""
+        if w.remote:
+            log.error("remote worker %d is gone: %s", wid, why)
         for st in [s for s in self.requests.values() if s.worker == wid]:
             self._post(st, WorkerFailure(f"worker {wid} died ({why}){suffix}"))
             self.release(st.rid)

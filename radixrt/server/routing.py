@@ -162,6 +162,11 @@ class PrefixRouter:
         """Remember more tokens (e.g. prompt + output) as cached on ``worker``."""
         self.trees[worker].insert([namespace_token(namespace), *tokens])
 
+    def add_worker(self) -> int:
+        """A worker joined (a remote replica): its index, with an empty tree."""
+        self.trees.append(ApproxRadixTree(self.trees[0].max_tokens))
+        return len(self.trees) - 1
+
     def forget_worker(self, worker: int) -> None:
         self.trees[worker].clear()
 

@@ -48,6 +48,9 @@ STATS_EVERY_S = 0.5
 # After SIGTERM the clean exit must finish within this, or the default SIGALRM action ends it.
 TERM_WATCHDOG_S = 1.5
 _PR_SET_PDEATHSIG = 1
+# A remote worker that hears nothing from the router for this long says Ready again (the
+# router pings every ping_interval_s, 0.5 s by default).
+REJOIN_AFTER_S = 5.0
 
 
 def to_worker_addr(ipc_dir: str, worker_id: int) -> str:
@@ -79,7 +82,11 @@ def router_gone(parent_pid: int, wait_s: float) -> bool:
 
 class WorkerLoop:
     def __init__(self, core: EngineCore, worker_id: int, pull: zmq.Socket, push: zmq.Socket,
-                 parent_pid: int) -> None:
+                 parent_pid: int | None, rejoin: m.ReadyMsg | None = None) -> None:
+        """``parent_pid``: exit when it is no longer our parent (None: a remote worker, whose
+        router is on another host). ``rejoin``: say this Ready again after REJOIN_AFTER_S
+        without a message from the router (it restarted, or marked us dead), aborting what we
+        hold first: the router failed those requests when it lost us."""
         self.core = core
         self.worker_id = worker_id
         self.pull = pull
@@ -89,6 +96,9 @@ class WorkerLoop:
         self.last_stats = 0.0
         self.poller = zmq.Poller()
         self.poller.register(pull, zmq.POLLIN)
+        self.rejoin = rejoin
+        self.last_heard = time.monotonic()
+        self.rids: set[str] = set()  # requests held, tracked only to abort them on a rejoin
 
     def send(self, msg: m.ToRouter) -> None:
         self.push.send(m.encode(msg), copy=False)
@@ -101,14 +111,27 @@ class WorkerLoop:
         """Serve until told to stop (returns); raises _Stop on SIGTERM or if the router is gone."""
         try:
             while True:
-                if os.getppid() != self.parent_pid:
+                if self.parent_pid is not None and os.getppid() != self.parent_pid:
                     raise _Stop
                 if self.core.has_work() or self.poller.poll(IDLE_POLL_MS):
                     self._drain()
+                if (self.rejoin is not None
+                        and time.monotonic() - self.last_heard > REJOIN_AFTER_S):
+                    self._say_ready_again()
                 if self.core.has_work():
                     self._step()
         except _Shutdown:
             return
+
+    def _say_ready_again(self) -> None:
+        assert self.rejoin is not None, "only a remote worker rejoins"
+        for rid in self.rids:
+            with contextlib.suppress(KeyError, ValueError):
+                self.core.abort_request(rid)
+        self.rids.clear()
+        log.warning("no message from the router for %.0fs; saying Ready again", REJOIN_AFTER_S)
+        self.send(self.rejoin)
+        self.last_heard = time.monotonic()
 
     def _drain(self) -> None:
         while True:
@@ -116,6 +139,7 @@ class WorkerLoop:
                 data = self.pull.recv(zmq.NOBLOCK)
             except zmq.Again:
                 return
+            self.last_heard = time.monotonic()
             try:
                 msg = m.decode_to_worker(data)
             except (msgspec.ValidationError, msgspec.DecodeError) as e:
@@ -136,6 +160,8 @@ class WorkerLoop:
 
     def _handle(self, msg: m.ToWorker) -> None:
         if isinstance(msg, m.GenerateReq):
+            if self.rejoin is not None:
+                self.rids.add(msg.rid)
             try:
                 self.core.add_request(msg.rid, msg.input_ids, msg.params, msg.namespace)
             except ValueError as e:
@@ -164,6 +190,8 @@ class WorkerLoop:
         deltas = self.core.step_isolating_faults()
         self.step_no += 1
         out = [m.delta_to_msg(d) for d in deltas]
+        if self.rids:
+            self.rids.difference_update(d.rid for d in deltas if d.finished)
         idle = not self.core.has_work()
         want_stats = (idle or any(d.finished for d in deltas)
                       or time.monotonic() - self.last_stats > STATS_EVERY_S)

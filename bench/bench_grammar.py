@@ -232,6 +232,9 @@ def instrument(core: Any) -> Sections:
     s.wrap(sched, "_schedule", "plan")
     s.wrap(step_builder, "build", "build")
     s.wrap(sched.runner, "forward", "forward (launch)")
+    if getattr(sched.runner, "graphs", None) is not None:
+        # Nonzero in a mode only if its decode steps replay CUDA graphs.
+        s.wrap(sched.runner.graphs, "run", "forward (graph replay)")
     s.wrap(res, "launch", "launch (kv, forks, rows)")
     s.wrap(res, "complete", "complete (stop rules, deltas)")
     s.wrap(res, "draw", "deferred draw (live rows)")

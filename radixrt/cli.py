@@ -122,6 +122,12 @@ def add_engine_args(ap: argparse.ArgumentParser) -> None:
     a("--tp", type=int, default=None, dest="tp_size",
       help="tensor parallelism: split the model over N ranks (on CUDA, GPUs device..device+N-1; "
       "on CPU, N processes over gloo) " + _engine_default("tp_size"))
+    a("--nnodes", type=int, default=None,
+      help="hosts one --tp replica spans (tp/nnodes ranks each); this one is node 0, the others "
+      "run radixrt node " + _engine_default("nnodes"))
+    a("--dist-init-addr", default=None,
+      help="HOST:PORT of node 0's torch.distributed rendezvous (TCPStore), reachable from every "
+      "node; needed with --nnodes > 1 (default: none)")
     a("--dtype", default=None,
       help="float32, bfloat16, float16 or auto (float32 on CPU, bfloat16 on CUDA) "
       + _engine_default("dtype"))
@@ -251,7 +257,36 @@ def keys_main(argv: list[str] | None = None) -> int:
     return 0
 
 
-COMMANDS = {"serve": serve_main, "worker": worker_main, "keys": keys_main}
+def node_main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(
+        prog="radixrt node",
+        description="Run this host's ranks of a tensor-parallel replica whose rank 0 is a "
+        "server or worker started with the same --tp/--nnodes/--dist-init-addr and engine flags.")
+    ap.add_argument("--node-rank", type=int, required=True,
+                    help="this host's index, 1 .. nnodes-1 (node 0 is the server)")
+    _add_log_level(ap)
+    add_engine_args(ap)
+    args = ap.parse_args(argv)
+    node_rank = args.node_rank
+    kw = {k: v for k, v in vars(args).items() if k != "node_rank"}
+    try:
+        cfg = ServerConfig(**kw)
+        ecfg = cfg.engine_config()
+        if ecfg.nnodes < 2 or not 1 <= node_rank < ecfg.nnodes:
+            raise ValueError(f"--node-rank must be in [1, nnodes-1] with --nnodes >= 2, got "
+                             f"node {node_rank} of {ecfg.nnodes}")
+    except ValueError as e:
+        ap.error(str(e))
+    import logging
+
+    from radixrt.distributed.node import run_node
+
+    logging.basicConfig(level=cfg.log_level.upper(),
+                        format=f"%(asctime)s node{node_rank} %(levelname)s %(message)s")
+    return run_node(ecfg, node_rank)
+
+
+COMMANDS = {"serve": serve_main, "worker": worker_main, "keys": keys_main, "node": node_main}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -260,7 +295,8 @@ def main(argv: list[str] | None = None) -> int:
         print("usage: radixrt serve [--model PATH] [--host H] [--port P] [--api-key KEY] "
               "[--dp N] ...\n       radixrt worker --router tcp://HOST:PORT "
               "--curve-client-secret F --curve-server-public F [--model PATH] ..."
-              "\n       radixrt keys --out DIR\n       radixrt COMMAND --help")
+              "\n       radixrt keys --out DIR\n       radixrt node --node-rank K --nnodes N "
+              "--dist-init-addr HOST:PORT --tp T [--model PATH] ...\n       radixrt COMMAND --help")
         return 0 if argv else 2
     if argv[0] not in COMMANDS:
         print(f"radixrt: unknown command {argv[0]!r} (expected one of: {', '.join(COMMANDS)})",

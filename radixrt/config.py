@@ -61,6 +61,11 @@ class EngineConfig:
     # Tensor parallelism: the model split over this many ranks (processes; on CUDA, GPUs
     # device..device+tp_size-1), one scheduler and radix cache on rank 0.
     tp_size: int = 1
+    # Tensor parallelism across hosts (torch.distributed's TCPStore rendezvous): the tp_size
+    # ranks are spread over nnodes hosts, tp_size // nnodes each; this engine is rank 0 on
+    # node 0 and binds dist_init_addr ("HOST:PORT"); the other nodes run `radixrt node`.
+    nnodes: int = 1
+    dist_init_addr: str | None = None
 
     def __post_init__(self) -> None:
         def need(cond: bool, field: str, msg: str) -> None:
@@ -108,6 +113,12 @@ class EngineConfig:
         # batch-invariant (the reduction order follows the message size).
         need(not self.deterministic_inference or self.tp_size <= 2, "deterministic_inference",
              f"supports tp_size <= 2, got {self.tp_size}")
+        need(isinstance(self.nnodes, int) and self.nnodes >= 1
+             and self.tp_size % self.nnodes == 0, "nnodes",
+             f"must be >= 1 and divide tp_size {self.tp_size}, got {self.nnodes!r}")
+        need(self.nnodes == 1 or (self.dist_init_addr is not None
+                                  and self.dist_init_addr.rpartition(":")[2].isdigit()),
+             "dist_init_addr", f"nnodes > 1 needs HOST:PORT, got {self.dist_init_addr!r}")
 
     @property
     def overlap(self) -> bool:

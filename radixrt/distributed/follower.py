@@ -1,7 +1,8 @@
 """A follower rank: builds its shard, then runs every step rank 0 plans until told to stop.
 
 Started by rank 0 (launch.start_tensor_parallel) as ``python -m radixrt.distributed.follower``
-with a JSON spec on stdin: {"config": EngineConfig fields, "rank", "size", "port"}.
+(or by ``radixrt node`` on another host) with a JSON spec on stdin: {"config": EngineConfig
+fields, "rank", "size", "host", "port", "threads"}.
 """
 
 from __future__ import annotations
@@ -46,7 +47,7 @@ def main() -> int:
     die_with_parent()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s follower %(levelname)s %(message)s")
     from radixrt.config import EngineConfig
-    from radixrt.distributed.launch import build_runner
+    from radixrt.distributed.launch import build_runner, check_same_config
 
     spec = json.loads(sys.stdin.read())
     config = EngineConfig(**spec["config"])
@@ -56,8 +57,10 @@ def main() -> int:
         torch.cuda.set_device(device)
     torch.set_num_threads(int(spec["threads"]))
     torch.manual_seed(config.seed)
-    tp = TPGroup.connect(rank, size, int(spec["port"]), device)
+    tp = TPGroup.connect(rank, size, int(spec["port"]), device,
+                         host=str(spec.get("host", "127.0.0.1")))
     try:
+        check_same_config(tp, config)
         built = build_runner(config, device, tp)
         steps = follow(built.runner, tp)
     except TPPeerLost as e:  # rank 0 went away: nothing left to serve

@@ -7,6 +7,12 @@
         build_runner(shard 0)                     build_runner(shard r)   (same code, same order:
         scheduler, radix cache                    follow(): plan -> forward  collectives pair up)
 
+Across hosts (``nnodes`` > 1): ranks are laid out node-major, tp_size // nnodes per node; rank 0
+binds the TCPStore at ``dist_init_addr`` and starts only its own node's followers; every other
+node runs ``radixrt node --node-rank K`` (radixrt.distributed.node), which starts that node's
+ranks against the same address. Every follower checks that its engine config is rank 0's
+(``check_same_config``) before it loads anything.
+
 Rank 0 owns the scheduler and the cache; the followers own nothing but their shard and obey
 plans. Lifetime: a follower exits when rank 0 tells it to, when its connection to rank 0 closes,
 or (Linux) when rank 0's process dies (PR_SET_PDEATHSIG); rank 0 checks its followers are alive
@@ -53,11 +59,64 @@ class BuiltRunner:
     max_context: int
 
 
-def rank_device(device: torch.device, rank: int) -> torch.device:
-    """Rank r of a replica on CUDA uses the r-th GPU after the one rank 0 was given."""
+CONFIG_KEY = "radixrt/engine_config"
+
+
+def rank_device(device: torch.device, local_rank: int) -> torch.device:
+    """A replica's local rank r on CUDA uses the r-th GPU after the node's base device."""
     if device.type != "cuda":
         return device
-    return torch.device("cuda", (device.index or 0) + rank)
+    return torch.device("cuda", (device.index or 0) + local_rank)
+
+
+def rendezvous(config: EngineConfig) -> tuple[str, int]:
+    """Where rank 0's TCPStore is: ``dist_init_addr`` across hosts, else a free local port."""
+    if config.nnodes == 1:
+        return "127.0.0.1", free_port()
+    assert config.dist_init_addr is not None, "EngineConfig validates nnodes > 1 has an address"
+    host, _, port = config.dist_init_addr.rpartition(":")
+    return host.strip("[]"), int(port)
+
+
+def config_fingerprint(config: EngineConfig) -> str:
+    """What must be equal on every rank for their shards to pair up: all but the device and the
+    model's path (another host may mount the same checkpoint elsewhere)."""
+    fields = dataclasses.asdict(config)
+    fields.pop("device")
+    fields.pop("model")
+    return json.dumps(fields, sort_keys=True, default=str)
+
+
+def check_same_config(tp: TPGroup, config: EngineConfig) -> None:
+    """Rank 0 publishes its config; a follower refuses to run with a different one (another
+    node started with other flags would otherwise hang or corrupt the collectives)."""
+    assert tp.store is not None, "a connected group has a store"
+    mine = config_fingerprint(config)
+    if tp.rank == 0:
+        tp.store.set(CONFIG_KEY, mine)
+        return
+    theirs = tp.store.get(CONFIG_KEY).decode()
+    if theirs != mine:
+        a, b = json.loads(theirs), json.loads(mine)
+        diff = {k: (a.get(k), b.get(k)) for k in a.keys() | b.keys() if a.get(k) != b.get(k)}
+        raise ValueError(f"rank {tp.rank}: engine config differs from rank 0's "
+                         f"(field: (rank 0, this rank)): {diff}")
+
+
+def spawn_follower(config: EngineConfig, rank: int, size: int, host: str, port: int,
+                   threads: int, local_rank: int) -> subprocess.Popen[bytes]:
+    """Start rank ``rank`` (the node's ``local_rank``-th) as ``python -m
+    radixrt.distributed.follower``, its spec on stdin (never argv)."""
+    cfg = dataclasses.replace(config, device=str(rank_device(torch.device(config.device),
+                                                             local_rank)))
+    spec = {"config": dataclasses.asdict(cfg), "rank": rank, "size": size, "host": host,
+            "port": port, "threads": threads}
+    proc = subprocess.Popen([sys.executable, "-m", "radixrt.distributed.follower"],
+                            stdin=subprocess.PIPE, env=os.environ.copy())
+    assert proc.stdin is not None
+    proc.stdin.write(json.dumps(spec).encode())
+    proc.stdin.close()
+    return proc
 
 
 def build_runner(config: EngineConfig, device: torch.device, tp: TPGroup | None) -> BuiltRunner:
@@ -138,29 +197,23 @@ def start_tensor_parallel(config: EngineConfig) -> tuple[BuiltRunner, Followers]
     """Rank 0: spawn ranks 1..tp_size-1, rendezvous, build shard 0. The runner's forward then
     sends every step to the followers; closing it (or this process exiting) stops them."""
     size = config.tp_size
+    per_node = size // config.nnodes
     device = torch.device(config.device)
-    port = free_port()
+    host, port = rendezvous(config)
     threads = torch.get_num_threads()
     if device.type == "cpu":
         # The ranks share this process's cores (a --dp worker already has its share); more
         # threads than cores makes every collective wait for a descheduled peer (measured on
         # 2 cores: 7 ms per all-reduce instead of 0.2).
-        threads = max(1, threads // size)
+        threads = max(1, threads // per_node)
         torch.set_num_threads(threads)
     procs: list[subprocess.Popen[bytes]] = []
     try:
-        for rank in range(1, size):
-            cfg = dataclasses.replace(config, device=str(rank_device(device, rank)))
-            spec = {"config": dataclasses.asdict(cfg), "rank": rank, "size": size, "port": port,
-                    "threads": threads}
-            proc = subprocess.Popen([sys.executable, "-m", "radixrt.distributed.follower"],
-                                    stdin=subprocess.PIPE, env=os.environ.copy())
-            assert proc.stdin is not None
-            proc.stdin.write(json.dumps(spec).encode())
-            proc.stdin.close()
-            procs.append(proc)
-        tp = TPGroup.connect(0, size, port, device)
+        for rank in range(1, per_node):  # this node's ranks; other nodes start their own
+            procs.append(spawn_follower(config, rank, size, host, port, threads, rank))
+        tp = TPGroup.connect(0, size, port, device, host=host)
         followers = Followers(procs, tp)
+        check_same_config(tp, config)
         built = build_runner(config, device, tp)
     except BaseException:
         for proc in procs:

@@ -41,6 +41,8 @@ _ENGINE_FIELDS = (
     "overlap_schedule",
     "deterministic_inference",
     "tp_size",
+    "nnodes",
+    "dist_init_addr",
 )
 
 
@@ -101,6 +103,8 @@ class ServerConfig:
     overlap_schedule: bool | None = None
     deterministic_inference: bool | None = None
     tp_size: int | None = None  # --tp: ranks (GPUs) per replica
+    nnodes: int | None = None  # --nnodes: hosts one TP replica spans (this one is node 0)
+    dist_init_addr: str | None = None  # --dist-init-addr HOST:PORT: node 0's rendezvous
     # Remote workers (other hosts) join over ZeroMQ TCP with CURVE; see server/remote.py.
     remote_listen: str | None = None  # tcp://HOST:PORT the router binds for them
     curve_server_secret: str | None = None  # the router's key pair file (radixrt keys)
@@ -161,6 +165,9 @@ class ServerConfig:
         if not self.chat_template_timeout_s > 0:
             raise ValueError(f"chat_template_timeout_s must be > 0, got "
                              f"{self.chat_template_timeout_s}")
+        if (self.nnodes or 1) > 1 and self.dp != 1:
+            raise ValueError("--nnodes > 1 spreads one replica over hosts: it needs --dp 1 "
+                             "(add replicas as remote workers)")
         if self.remote_listen is not None:
             if not self.remote_listen.startswith("tcp://"):
                 raise ValueError(f"remote_listen must be tcp://HOST:PORT, got "

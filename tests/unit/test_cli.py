@@ -32,3 +32,61 @@ def test_supervision_flags_reach_the_config() -> None:
 def test_bad_supervision_values_are_rejected() -> None:
     with pytest.raises(ValueError, match="request_timeout_s"):
         config_from_args(serve_parser().parse_args(["--request-timeout", "0"]))
+
+
+def test_remote_listen_needs_its_curve_keys() -> None:
+    with pytest.raises(ValueError, match="curve-server-secret"):
+        config_from_args(serve_parser().parse_args(["--remote-listen", "tcp://127.0.0.1:5600"]))
+    with pytest.raises(ValueError, match="tcp://"):
+        config_from_args(serve_parser().parse_args(
+            ["--remote-listen", "ipc:///tmp/x", "--curve-server-secret", "s",
+             "--curve-clients", "c"]))
+    with pytest.raises(ValueError, match="need --remote-listen"):
+        config_from_args(serve_parser().parse_args(["--curve-clients", "c"]))
+    cfg = config_from_args(serve_parser().parse_args(
+        ["--remote-listen", "tcp://0.0.0.0:5600", "--curve-server-secret", "s",
+         "--curve-clients", "c", "--max-remote-workers", "3"]))
+    assert (cfg.remote_listen, cfg.max_remote_workers) == ("tcp://0.0.0.0:5600", 3)
+
+
+def test_multi_node_flags_reach_the_engine_config() -> None:
+    cfg = config_from_args(serve_parser().parse_args(
+        ["--tp", "4", "--nnodes", "2", "--dist-init-addr", "10.0.0.1:29500"]))
+    ecfg = cfg.engine_config()
+    assert (ecfg.tp_size, ecfg.nnodes, ecfg.dist_init_addr) == (4, 2, "10.0.0.1:29500")
+    with pytest.raises(ValueError, match="--dp 1"):
+        config_from_args(serve_parser().parse_args(
+            ["--tp", "2", "--nnodes", "2", "--dist-init-addr", "h:1", "--dp", "2"]))
+
+
+def test_keys_command_writes_private_key_files(tmp_path, capsys) -> None:
+    import stat
+
+    from radixrt.cli import main
+    from radixrt.server import keys
+
+    out = tmp_path / "k"
+    assert main(["keys", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "--curve-server-secret" in printed and "--curve-client-secret" in printed
+    for f in ("server.key_secret", "client.key_secret", "server.key", "clients/client.key"):
+        assert stat.S_IMODE((out / f).stat().st_mode) == 0o600, f
+    assert stat.S_IMODE(out.stat().st_mode) == 0o700
+    client = keys.load_pair(str(out / "client.key_secret"))
+    assert keys.load_allowed(str(out / "clients")) == {client.public}
+    assert "secret" not in repr(client).replace("secret=<hidden>", "")
+    assert main(["keys", "--out", str(out)]) == 1, "never overwrites keys"
+
+
+def test_worker_and_node_commands_validate_their_flags(capsys) -> None:
+    from radixrt.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["worker", "--router", "ipc:///x", "--curve-client-secret", "a",
+              "--curve-server-public", "b"])
+    assert "tcp://HOST:PORT" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["node", "--node-rank", "0", "--tp", "2", "--nnodes", "2",
+              "--dist-init-addr", "127.0.0.1:1"])
+    assert "--node-rank must be in [1, nnodes-1]" in capsys.readouterr().err
+    assert main(["bogus"]) == 2

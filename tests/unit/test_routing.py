@@ -51,3 +51,13 @@ def test_namespaces_do_not_share_prefixes_and_dead_workers_are_skipped() -> None
     assert r.choose(a, "tenant-b", [1, 0], [True, True]) == 1  # no cross-namespace match
     assert r.choose(a, "tenant-a", [0, 0], [False, True]) == 1
     assert r.choose(a, None, [0, 0], [False, False]) is None
+
+
+def test_a_joining_worker_gets_an_empty_tree_and_takes_requests() -> None:
+    r = PrefixRouter(1, 1000)
+    prompt = list(range(40))
+    assert r.choose(prompt, None, [0], [True]) == 0
+    assert r.add_worker() == 1
+    # The cache holder keeps its prefix; an unrelated prompt goes to the idle newcomer.
+    assert r.choose(prompt, None, [1, 0], [True, True]) == 0
+    assert r.choose(list(range(100, 140)), None, [1, 0], [True, True]) == 1

@@ -64,14 +64,21 @@ class _AllowList:
     def __init__(self, allowed: frozenset[bytes]) -> None:
         self.allowed = allowed
         self.refused = 0
+        self.refused_keys: dict[bytes, int] = {}
 
     def callback(self, domain: str, key: bytes) -> bool:
         # Runs on the authenticator's thread; an int increment is atomic enough for a counter.
         ok = key in self.allowed
         if not ok:
             self.refused += 1
-            log.warning("refused a remote worker: CURVE public key %s is not in the allow-list "
-                        "(--curve-clients)", key.decode(errors="replace"))
+            # A refused peer may retry every 100 ms (ZeroMQ reconnects): log the first refusal
+            # of a key and then one in 100, not every attempt.
+            seen = self.refused_keys.get(key, 0)
+            self.refused_keys[key] = seen + 1
+            if seen % 100 == 0:
+                log.warning("refused a remote worker: CURVE public key %s is not in the "
+                            "allow-list (--curve-clients); %d attempts with it so far",
+                            key.decode(errors="replace"), seen + 1)
         return ok
 
 

@@ -5,9 +5,9 @@ One EngineCore behind one DEALER socket (CURVE client) connected to the router's
 router is on another host) and plus the rejoin: after a few seconds without a message from the
 router this worker aborts what it holds and says Ready again, so it comes back after a network
 partition or a router restart. It exits on SIGTERM/SIGINT, on a fatal engine error (after a
-WorkerFatal), or when the router refuses it (a ShutdownReq naming why: model shape, too many
-workers). A wrong key is refused silently by design (CURVE gives an unauthenticated peer
-nothing): the router logs it, and this worker never gets a ping.
+WorkerFatal), or when the router refuses it: a wrong key is refused in the CURVE handshake (the
+router logs it; this worker sees the handshake fail and exits with code 2 before loading the
+model, if the router is up), a wrong model shape or too many workers by a ShutdownReq naming why.
 """
 
 from __future__ import annotations
@@ -15,10 +15,12 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import time
 import traceback
 import uuid
 
 import zmq
+from zmq.utils.monitor import recv_monitor_message
 
 from radixrt.server import keys
 from radixrt.server import messages as m
@@ -30,6 +32,32 @@ log = logging.getLogger("radixrt.worker")
 
 def _on_int(signum: int, frame: object) -> None:
     raise _Stop
+
+
+HANDSHAKE_WAIT_S = 10.0  # how long to wait for the router's verdict on our key before loading
+EXIT_REFUSED = 2
+
+
+def handshake(sock: zmq.Socket, wait_s: float) -> bool | None:
+    """True once the CURVE handshake succeeded, False if the router refused our key, None if
+    neither happened within ``wait_s`` (router not up yet: ZeroMQ keeps reconnecting)."""
+    events = (zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_HANDSHAKE_FAILED_AUTH
+              | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL)
+    mon = sock.get_monitor_socket(events)
+    try:
+        deadline = time.monotonic() + wait_s
+        while (left := deadline - time.monotonic()) > 0:
+            if not mon.poll(int(left * 1000)):
+                return None
+            ev = recv_monitor_message(mon)["event"]
+            if ev == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+                return True
+            if ev in (zmq.EVENT_HANDSHAKE_FAILED_AUTH, zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL):
+                return False
+        return None
+    finally:
+        sock.disable_monitor()
+        mon.close(0)
 
 
 def run_remote_worker(cfg: ServerConfig, router: str, client_secret: str,
@@ -48,6 +76,17 @@ def run_remote_worker(cfg: ServerConfig, router: str, client_secret: str,
     sock.setsockopt(zmq.LINGER, 500)  # last words (WorkerFatal) get a moment, no more
     keys.curve_client(sock, own, server_key)
     sock.connect(router)
+    verdict = handshake(sock, HANDSHAKE_WAIT_S)
+    if verdict is False:
+        log.error("the router at %s refused this worker's CURVE key (is its public key in the "
+                  "router's --curve-clients, and --curve-server-public the router's key?)",
+                  router)
+        sock.close(0)
+        ctx.term()
+        return EXIT_REFUSED
+    if verdict is None:
+        log.warning("no answer from the router at %s yet; loading the model and retrying",
+                    router)
     signal.signal(signal.SIGTERM, _on_term)
     signal.signal(signal.SIGINT, _on_int)
     try:

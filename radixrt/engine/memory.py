@@ -124,10 +124,11 @@ class SequenceMemory:
         else:
             if host_pages + rest_pages > room.pages:
                 return True  # does not fit even alone: admission stops here (or computes it)
-            owed = self._reserved.values()
-            if (host_pages + rest_pages + sum(r.rest_pages for r in owed) > room.pages
-                    or sum(r.rest_tokens for r in owed) + seq.num_tokens - match.length
-                    - match.host_length > room.tokens or len(self._reserved) >= room.seqs):
+            owed = list(self._reserved.values())  # none: this request is the first to load
+            compute = seq.num_tokens - match.length - match.host_length
+            if owed and (host_pages + rest_pages + sum(r.rest_pages for r in owed) > room.pages
+                         or sum(r.rest_tokens for r in owed) + compute > room.tokens
+                         or len(owed) >= room.seqs):
                 return False  # admission takes the earlier reservations first: wait
         if not self.cache.start_load(match, self._alloc_evicting):
             return True  # no GPU room for it now: the sequence computes it instead

@@ -105,6 +105,24 @@ def test_loads_are_used_not_thrown_away(llama_dir, monkeypatch, sim_gbps):
     assert st.free_pages + st.evictable_pages == st.total_pages, "reserved pages leaked at idle"
 
 
+def test_a_host_hit_with_a_long_new_part_is_loaded_and_chunked(llama_dir):
+    """The load window's token bound applies behind earlier reservations only: a lone request
+    whose new part exceeds the prefill budget still loads its prefix (it used to wait forever)."""
+    eng = Engine(str(llama_dir), page_size=16, kv_cache_tokens=512, host_kv_cache_tokens=4096,
+                 max_prefill_tokens=32, chunked_prefill_size=32, debug_invariants=True)
+    rng = random.Random(5)
+    doc = [rng.randrange(3, 500) for _ in range(160)]
+    eng.generate([doc + [7, 8]], OUT)
+    for _ in range(3):  # other documents push it off the GPU
+        eng.generate([[rng.randrange(3, 500) for _ in range(300)]], OUT)
+    tail = [rng.randrange(3, 500) for _ in range(100)]
+    again = eng.generate([doc + tail], OUT)[0]
+    assert again.cached_tokens == 160, f"cached_tokens {again.cached_tokens}: host hit expected"
+    cold = Engine(str(llama_dir), page_size=16, kv_cache_tokens=4096)
+    assert cold.generate([doc + tail], OUT)[0].token_ids == again.token_ids
+    eng.check_invariants()
+
+
 def test_cached_tokens_count_a_host_hit(llama_dir):
     eng = Engine(str(llama_dir), page_size=16, kv_cache_tokens=256, host_kv_cache_tokens=2048,
                  debug_invariants=True)

@@ -189,3 +189,81 @@ def test_with_dp_a_dead_replica_sends_new_requests_to_the_other(tmp_path: Path) 
         assert c.healthy()[0], "one replica serving is healthy"
     finally:
         c.close()
+
+
+# ------------------------------------------------------------------------- remote workers
+
+
+def test_remote_worker_joins_dies_by_heartbeat_and_rejoins(tmp_path: Path) -> None:
+    """RemoteHub over real CURVE TCP on 127.0.0.1, messages pumped by hand (no event loop)."""
+    from radixrt.server import keys
+    from radixrt.server.remote_worker import handshake
+
+    good = keys.generate(str(tmp_path / "good"))
+    wrong = keys.generate(str(tmp_path / "wrong"))
+    cfg = ServerConfig(remote_listen="tcp://127.0.0.1:*", curve_server_secret=good["server_secret"],
+                       curve_clients=good["clients_dir"], worker_hang_timeout_s=5.0)
+    c = ec.EngineClient(cfg, str(tmp_path))
+    ctx = zmq.Context()
+    socks = []
+
+    def dealer(which: dict[str, str]) -> zmq.Socket:
+        s = ctx.socket(zmq.DEALER)
+        s.setsockopt(zmq.LINGER, 0)
+        keys.curve_client(s, keys.load_pair(which["client_secret"]),
+                          keys.load_public(good["server_public"]))
+        s.connect(c.remote.endpoint)  # type: ignore[union-attr]
+        socks.append(s)
+        return s
+
+    def pump() -> None:
+        assert c.remote is not None
+        assert c.remote.sock.poll(10_000), "a message from the remote worker"
+        ident, data = c.remote.sock.recv_multipart()
+        msg = c._decode(data)
+        assert msg is not None
+        c.remote._handle(ident, msg)
+
+    try:
+        c.supervisor.workers[0].proc = FakeProc(1234)  # type: ignore[assignment]
+        c._on_ready(ready_msg(1234))
+        c.router = PrefixRouter(1, 4096)
+        assert c.remote is not None
+        intruder = dealer(wrong)
+        assert handshake(intruder, 10.0) is False, "a key off the allow-list is refused"
+        assert c.remote.refused >= 1 and len(c.workers) == 1
+        w = dealer(good)
+        w.send(m.encode(ready_msg(99)))
+        pump()
+        assert len(c.workers) == 2 and c.workers[1].remote and c.workers[1].alive
+        assert len(c.router.trees) == 2, "routing knows the new replica"
+        c.workers[0].load = 5  # the local worker is busy: the next request goes remote
+        q: asyncio.Queue[Any] = asyncio.Queue()
+        st = submit(c, q)
+        assert st.worker == 1
+        assert w.poll(10_000) and isinstance(m.decode_to_worker(w.recv()), m.GenerateReq)
+        w.send(m.encode(m.PongMsg(0, 1, m.stats_to_msg(stats()))))  # worker_id rewritten to 1
+        pump()
+        assert c.workers[1].stats is not None
+        c.workers[1].last_pong = time.monotonic() - 6.0
+        c.remote.check_deadlines(time.monotonic())
+        assert not c.workers[1].alive
+        ev = q.get_nowait()
+        assert isinstance(ev, ec.WorkerFailure) and "stopped answering" in str(ev)
+        assert st.rid not in c.requests and c.num_waiting == 0
+        ok, why = c.healthy()
+        assert ok, "the local worker still serves"
+        w.send(m.encode(ready_msg(99)))  # it hears nothing, says Ready again: same slot
+        pump()
+        assert len(c.workers) == 2 and c.workers[1].alive
+    finally:
+        for s in socks:
+            s.close(0)
+        ctx.term()
+        c.close()
+
+
+def stats() -> Any:
+    from radixrt.engine.outputs import EngineStats
+
+    return EngineStats(0, 0, 10, 10, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0)

@@ -78,7 +78,13 @@ class EngineClient:
         self._flush_acks: dict[int, list[bool]] = {}
         self._tasks: list[asyncio.Task[None]] = []
         self._closed = False
-        self.remote: RemoteHub | None = RemoteHub(cfg, self) if cfg.remote_listen else None
+        self.remote: RemoteHub | None = None
+        if cfg.remote_listen:
+            try:
+                self.remote = RemoteHub(cfg, self)
+            except BaseException:  # e.g. the port is taken: close what is open, then fail
+                self.close()
+                raise
 
     def add_worker(self, sock: Sender, remote: bool) -> int:
         """A new worker slot (a remote worker joining); its id."""

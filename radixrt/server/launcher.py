@@ -30,7 +30,12 @@ import uvicorn
 from radixrt.server.config import ServerConfig
 from radixrt.server.engine_client import EngineClient
 from radixrt.server.metrics import ServerMetrics
-from radixrt.server.preflight import StartupError, bind_listen_socket, check_model
+from radixrt.server.preflight import (
+    StartupError,
+    bind_listen_socket,
+    check_model,
+    check_remote,
+)
 from radixrt.server.protocol import ModelLimits
 from radixrt.server.router import build_app
 from radixrt.server.serving import ServingContext
@@ -114,6 +119,7 @@ def serve(cfg: ServerConfig) -> int:
     try:
         sock = bind_listen_socket(cfg.host, cfg.port)
         check_model(cfg)
+        check_remote(cfg)
     except StartupError as e:
         log.error("cannot start: %s", e)
         return 1

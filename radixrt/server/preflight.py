@@ -41,6 +41,21 @@ def bind_listen_socket(host: str, port: int) -> socket.socket:
     return sock
 
 
+def check_remote(cfg: ServerConfig) -> None:
+    """The CURVE files of --remote-listen load (a wrong path fails here, not in the router)."""
+    if cfg.remote_listen is None:
+        return
+    from radixrt.server import keys
+
+    assert cfg.curve_server_secret and cfg.curve_clients, "ServerConfig validates the pair"
+    try:
+        keys.load_pair(cfg.curve_server_secret)
+        keys.load_allowed(cfg.curve_clients)
+    except (OSError, ValueError) as e:
+        raise StartupError(f"remote workers: cannot load the CURVE keys: {e} "
+                           "(create them with radixrt keys --out DIR)") from None
+
+
 def check_model(cfg: ServerConfig) -> None:
     """Raise StartupError unless the model the workers will load plausibly exists."""
     if cfg.model is None:

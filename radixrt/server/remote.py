@@ -109,7 +109,14 @@ class RemoteHub:
         s.curve_server = True
         s.curve_secretkey = pair.secret
         s.curve_publickey = pair.public
-        s.bind(cfg.remote_listen)
+        try:
+            s.bind(cfg.remote_listen)
+        except zmq.ZMQError as e:
+            s.close(0)
+            self.auth.stop()
+            self.ctx.term()
+            raise RuntimeError(f"cannot listen on {cfg.remote_listen} for remote workers: {e} "
+                               "(pick another --remote-listen port)") from None
         self.sock = s
         self.arecv = zmq.asyncio.Socket.from_socket(s)  # same socket, awaited on the loop
         self.endpoint = s.getsockopt_string(zmq.LAST_ENDPOINT)

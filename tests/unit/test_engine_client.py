@@ -267,3 +267,20 @@ def stats() -> Any:
     from radixrt.engine.outputs import EngineStats
 
     return EngineStats(0, 0, 10, 10, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0)
+
+
+def test_a_busy_remote_port_fails_with_one_line(tmp_path: Path) -> None:
+    import socket
+
+    from radixrt.server import keys
+
+    good = keys.generate(str(tmp_path / "k"))
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        cfg = ServerConfig(remote_listen=f"tcp://127.0.0.1:{port}",
+                           curve_server_secret=good["server_secret"],
+                           curve_clients=good["clients_dir"])
+        with pytest.raises(RuntimeError, match="cannot listen on .* for remote workers"):
+            ec.EngineClient(cfg, str(tmp_path))

@@ -67,3 +67,33 @@ class WorkerHandle:
     load: int = 0  # requests routed here and not finished
     death: str | None = None
     send_warned: bool = False  # one "could not send" warning per incarnation, not one per ping
+
+
+class FlushAcks:
+    """The /flush_cache calls in flight: each waits for one ack per worker alive when it began
+    (a worker dying meanwhile fails it: its cache state is unknown)."""
+
+    def __init__(self) -> None:
+        self._waiting: dict[int, tuple[asyncio.Future[list[bool]], int, list[bool]]] = {}
+
+    def begin(self, seq: int, expected: int) -> asyncio.Future[list[bool]]:
+        fut: asyncio.Future[list[bool]] = asyncio.get_running_loop().create_future()
+        self._waiting[seq] = (fut, expected, [])
+        return fut
+
+    def ack(self, seq: int, ok: bool) -> None:
+        entry = self._waiting.get(seq)
+        if entry is None or entry[0].done():
+            return  # timed out already, or failed by a death
+        fut, expected, acks = entry
+        acks.append(ok)
+        if len(acks) == expected:
+            fut.set_result(acks)
+
+    def fail_all(self) -> None:
+        for fut, _, _ in self._waiting.values():
+            if not fut.done():
+                fut.set_result([False])
+
+    def end(self, seq: int) -> None:
+        self._waiting.pop(seq, None)

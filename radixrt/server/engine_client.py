@@ -32,6 +32,7 @@ from radixrt.server import messages as m
 from radixrt.server.client_state import (
     PENDING,
     Event,
+    FlushAcks,
     RequestRejected,
     RequestState,
     RequestTimeout,
@@ -74,8 +75,7 @@ class EngineClient:
         self.accepting = True
         self.router: PrefixRouter | None = None
         self._seq = itertools.count(1)
-        self._flush_waiters: dict[int, asyncio.Future[list[bool]]] = {}
-        self._flush_acks: dict[int, list[bool]] = {}
+        self._flushes = FlushAcks()
         self._tasks: list[asyncio.Task[None]] = []
         self._closed = False
         self.remote: RemoteHub | None = None
@@ -255,10 +255,8 @@ class EngineClient:
 
     async def flush_cache(self, timeout: float = 10.0) -> bool:
         seq = next(self._seq)
-        fut: asyncio.Future[list[bool]] = asyncio.get_running_loop().create_future()
-        self._flush_waiters[seq] = fut
-        self._flush_acks[seq] = []
         live = [w for w in self.workers if w.alive]
+        fut = self._flushes.begin(seq, len(live))
         for w in live:
             self._send(w, m.FlushCacheReq(seq))
         try:
@@ -266,8 +264,7 @@ class EngineClient:
         except asyncio.TimeoutError:
             return False
         finally:
-            self._flush_waiters.pop(seq, None)
-            self._flush_acks.pop(seq, None)
+            self._flushes.end(seq)
         ok = bool(live) and all(acks)
         if ok and self.router is not None:
             self.router.clear()
@@ -327,12 +324,7 @@ class EngineClient:
             if st is not None and not self._post(st, RequestRejected(msg.message)):
                 self.release(st.rid)
         elif isinstance(msg, m.FlushCacheResp):
-            acks = self._flush_acks.get(msg.seq)
-            fut = self._flush_waiters.get(msg.seq)
-            if acks is not None and fut is not None and not fut.done():
-                acks.append(msg.ok)
-                if len(acks) == sum(w.alive for w in self.workers):
-                    fut.set_result(acks)
+            self._flushes.ack(msg.seq, msg.ok)
         elif isinstance(msg, m.WorkerFatal):
             if self.supervisor.is_current(msg.worker_id, msg.pid):
                 # Fail its requests now; the Supervisor restarts it once the process exits.
@@ -411,9 +403,7 @@ class EngineClient:
             self.release(st.rid)
         if self.router is not None:
             self.router.forget_worker(wid)
-        for fut in self._flush_waiters.values():  # don't wait for a dead worker's ack
-            if not fut.done():
-                fut.set_result([False])
+        self._flushes.fail_all()  # don't wait for a dead worker's ack
         if self.pending:
             if self._can_recover():
                 self._send_pending()  # another replica may take them

@@ -142,6 +142,12 @@ def test_remote_worker_serves_requests(server: Server, workers: Workers, key_dir
     m = server.metrics()
     assert m['radixrt_worker_up{worker="1"}'] == 1.0
     assert m.get('radixrt_kv_pages{worker="1",state="evictable"}', 0) > 0
+    # /flush_cache waits for both replicas' acks, the remote one's included.
+    r = httpx.post(server.url + "/flush_cache", timeout=GUARD_S)
+    assert r.status_code == 200 and r.json() == {"flushed": True}, r.text
+    cold = ask(shared)
+    assert cold.usage is not None and cold.usage.prompt_tokens_details is not None
+    assert not cold.usage.prompt_tokens_details.cached_tokens
 
 
 def server_model(s: Server) -> str:

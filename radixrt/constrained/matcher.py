@@ -38,9 +38,12 @@ class Matcher:
 
     @staticmethod
     def advance_batch(matchers: list[Matcher], tokens: list[int]) -> list[bool]:
-        """``advance`` for many matchers in one xgrammar call (none may be failed or
-        terminated: the caller checks)."""
-        oks = xgr.BatchGrammarMatcher.batch_accept_token([m._m for m in matchers], tokens)
+        """``advance`` for many matchers (none may be failed or terminated: the caller checks).
+
+        One ``accept_token`` call per row, not xgrammar's ``batch_accept_token``: on the H200
+        box (16 cores) the batch call took 11.1 ms for 256 rows against 1.2-1.3 ms for the
+        per-row calls (bench/RESULTS.md, constrained decode), and the rows are independent."""
+        oks = [bool(m._m.accept_token(int(t))) for m, t in zip(matchers, tokens)]
         for m, ok in zip(matchers, oks):
             if ok:
                 m.num_accepted += 1

@@ -48,8 +48,10 @@ def test_readme_server_commands_use_real_flags_and_targets() -> None:
 
 
 def test_make_serve_runs_the_venv_entry_point() -> None:
-    out = subprocess.run(["make", "-n", "serve", "ARGS=--port 30001"], cwd=REPO,
-                         capture_output=True, text=True, timeout=60)
+    # --no-print-directory: under `make test` this runs as a sub-make, which would otherwise
+    # print "Entering/Leaving directory" around the recipe.
+    out = subprocess.run(["make", "--no-print-directory", "-n", "serve", "ARGS=--port 30001"],
+                         cwd=REPO, capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip().splitlines()[-1] == ".venv/bin/radixrt serve --port 30001"
 

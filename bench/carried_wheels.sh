@@ -6,3 +6,14 @@ use_carried_wheels() {
   "${PY:-python3}" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
     --target /tmp/site .whl/*.whl && export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
 }
+
+# require_modules NAME...: exit 2 naming the first module python cannot import, with how to carry it.
+require_modules() {
+  local name
+  for name in "$@"; do
+    "${PY:-python3}" -c "import $name" 2>/dev/null || {
+      echo "$name is missing: run ../shared/device/wheels.sh $name and carry .whl"
+      exit 2
+    }
+  done
+}

@@ -28,10 +28,7 @@ unset TRITON_INTERPRET
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 
 . bench/carried_wheels.sh && use_carried_wheels
-"$PY" -c "import sortedcontainers" 2>/dev/null || {
-  echo "sortedcontainers is missing: run ../shared/device/wheels.sh sortedcontainers and carry .whl"
-  exit 2
-}
+require_modules sortedcontainers
 
 S="${SCALE:-1}"
 L="${LEN_SCALE:-1}"

@@ -30,10 +30,7 @@ PY="${PYTHON:-python3}"
 unset TRITON_INTERPRET
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 . bench/carried_wheels.sh && use_carried_wheels
-"$PY" -c "import sortedcontainers" 2>/dev/null || {
-  echo "sortedcontainers is missing: run ../shared/device/wheels.sh sortedcontainers and carry .whl"
-  exit 2
-}
+require_modules sortedcontainers
 DEVICE="${DEVICE:-cuda}"; MODEL="${MODEL:-llama3-8b}"; DTYPE="${DTYPE:-bfloat16}"
 AVAIL_GIB=$(awk '/MemAvailable/ {print int($2 / 1048576)}' /proc/meminfo)
 if [ "$AVAIL_GIB" -ge 105 ]; then BIG=1; else BIG=0; fi

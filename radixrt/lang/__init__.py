@@ -1,27 +1,30 @@
 """radixrt's frontend language: structured LLM programs that get prefix reuse for free.
+SGLang frontend programs run with ``import radixrt.lang as sgl``.
 
-    from radixrt.lang import function, gen, select, user, assistant, EngineBackend
+    import radixrt.lang as sgl
 
-    @function
+    @sgl.function
     def qa(s, question):
-        s += user(question)
-        s += assistant(gen("answer", max_tokens=64))
+        s += sgl.user(question)
+        s += sgl.assistant(sgl.gen("answer", max_tokens=64))
 
-    state = qa.run(question="What is a radix tree?", backend=EngineBackend())
+    sgl.set_default_backend(sgl.EngineBackend())   # or sgl.RuntimeEndpoint("http://...")
+    state = qa.run(question="What is a radix tree?")
     print(state["answer"])
 """
 
 from radixrt.lang.backends import Backend, BackendError, EngineBackend, GenParams
 from radixrt.lang.chat_template import ChatTemplate
-from radixrt.lang.http_backend import RuntimeEndpoint
-from radixrt.lang.ops import (
+from radixrt.lang.choices import (
+    ChoicesMethod,
+    greedy_token_selection,
+    token_length_normalized,
+    unconditional_likelihood_normalized,
+)
+from radixrt.lang.exprs import (
     assistant,
     assistant_begin,
     assistant_end,
-    gen,
-    gen_int,
-    gen_string,
-    select,
     system,
     system_begin,
     system_end,
@@ -29,12 +32,25 @@ from radixrt.lang.ops import (
     user_begin,
     user_end,
 )
-from radixrt.lang.program import Program, function
+from radixrt.lang.extras import image, separate_reasoning, video
+from radixrt.lang.http_backend import RuntimeEndpoint
+from radixrt.lang.ops import gen, gen_int, gen_string, select
+from radixrt.lang.program import (
+    Program,
+    flush_cache,
+    function,
+    get_server_info,
+    global_config,
+    set_default_backend,
+)
 from radixrt.lang.state import ForkedStates, ProgramError, ProgramState
 
 __all__ = [
-    "Backend", "BackendError", "ChatTemplate", "EngineBackend", "ForkedStates", "GenParams",
-    "Program", "ProgramError", "ProgramState", "RuntimeEndpoint", "assistant", "assistant_begin",
-    "assistant_end", "function", "gen", "gen_int", "gen_string", "select", "system",
-    "system_begin", "system_end", "user", "user_begin", "user_end",
+    "Backend", "BackendError", "ChatTemplate", "ChoicesMethod", "EngineBackend", "ForkedStates",
+    "GenParams", "Program", "ProgramError", "ProgramState", "RuntimeEndpoint", "assistant",
+    "assistant_begin", "assistant_end", "flush_cache", "function", "gen", "gen_int",
+    "gen_string", "get_server_info", "global_config", "greedy_token_selection", "image",
+    "select", "separate_reasoning", "set_default_backend", "system", "system_begin",
+    "system_end", "token_length_normalized", "unconditional_likelihood_normalized", "user",
+    "user_begin", "user_end", "video",
 ]

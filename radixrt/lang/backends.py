@@ -6,6 +6,7 @@ cache-warming request (for ``fork``). The HTTP twin is ``RuntimeEndpoint`` (http
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, wait
@@ -13,71 +14,16 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
 from radixrt.lang.chat_template import ChatTemplate
+from radixrt.lang.params import BackendError, GenChunk, GenParams, GenResult
 from radixrt.lang.scoring import PromptScores
 
 if TYPE_CHECKING:
     from radixrt.engine.engine import Engine, RequestOutput
     from radixrt.sampling_params import SamplingParams
 
+__all__ = ["Backend", "BackendError", "EngineBackend", "GenChunk", "GenParams", "GenResult"]
 
-class BackendError(RuntimeError):
-    """A backend (or the server behind it) refused or failed a request."""
-
-    def __init__(self, message: str, status: int | None = None) -> None:
-        super().__init__(message if status is None else f"server error {status}: {message}")
-        self.status = status
-
-
-@dataclass(frozen=True)
-class GenParams:
-    """Sampling settings of one ``gen`` call, resolved against the program's defaults."""
-
-    max_tokens: int = 128
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = -1
-    stop: tuple[str, ...] = ()
-    seed: int | None = None
-    # At most one grammar (the engine refuses more): the output must match it.
-    regex: str | None = None
-    json_schema: str | None = None  # JSON text
-    ebnf: str | None = None
-
-    def __post_init__(self) -> None:
-        given = [k for k in ("regex", "json_schema", "ebnf") if getattr(self, k) is not None]
-        if len(given) > 1:
-            raise ValueError(f"give at most one of regex, json_schema, ebnf; got {given}")
-        if self.max_tokens < 1:
-            raise ValueError(f"max_tokens must be >= 1, got {self.max_tokens}")
-        if self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
-
-    def as_dict(self) -> dict[str, Any]:
-        d: dict[str, Any] = {"max_new_tokens": self.max_tokens, "temperature": self.temperature,
-                             "top_p": self.top_p, "top_k": self.top_k, "stop": list(self.stop)}
-        if self.seed is not None:
-            d["seed"] = self.seed
-        for k in ("regex", "json_schema", "ebnf"):
-            if getattr(self, k) is not None:
-                d[k] = getattr(self, k)
-        return d
-
-
-@dataclass
-class GenResult:
-    text: str
-    prompt_tokens: int
-    cached_tokens: int
-    completion_tokens: int
-    finish_reason: str | None
-
-
-@dataclass
-class GenChunk:
-    """A streamed piece of text; the last chunk carries the whole result in ``done``."""
-
-    text: str
-    done: GenResult | None = None
+Prompt = str | list[int]
 
 
 class Backend(Protocol):
@@ -85,20 +31,28 @@ class Backend(Protocol):
 
     def stream(self, prompt: str, params: GenParams) -> Iterator[GenChunk]: ...
 
-    def prompt_logprobs(self, prompts: Sequence[str],
+    def prompt_logprobs(self, prompts: Sequence[Prompt],
                         logprob_start_len: int = 0) -> list[PromptScores]:
         """Score each prompt's tokens at index >= ``logprob_start_len``; earlier tokens may be
         served from the prefix cache (their logprobs None). The prompts stay cached."""
         ...
 
-    def cache_prefix(self, prompt: str) -> GenResult: ...
+    def cache_prefix(self, prompt: str) -> GenResult:
+        """Prefill ``prompt`` only (max_new_tokens 0), leaving it in the prefix cache."""
+        ...
 
     def chat_template(self) -> ChatTemplate: ...
+
+    def flush_cache(self) -> bool: ...
+
+    def get_server_info(self) -> dict[str, Any]: ...
+
+    def reasoning_parser(self) -> str | None: ...
 
 
 @dataclass
 class _Pending:
-    prompt: str
+    prompt: Prompt
     params: SamplingParams
     future: Future[RequestOutput] = field(default_factory=Future)
 
@@ -127,7 +81,7 @@ class EngineBackend:
         self._template: ChatTemplate | None = None
 
     # ---- batching ----------------------------------------------------------------------
-    def _run(self, items: list[tuple[str, SamplingParams]]) -> list[RequestOutput]:
+    def _run(self, items: list[tuple[Prompt, SamplingParams]]) -> list[RequestOutput]:
         pending = [_Pending(p, sp) for p, sp in items]
         with self._queue_lock:
             self._queue.extend(pending)
@@ -152,11 +106,9 @@ class EngineBackend:
             try:
                 outs = self.engine.generate([x.prompt for x in batch], [x.params for x in batch])
             except Exception:
-                if len(batch) > 1:  # one bad request must not fail the programs batched with it
-                    for x in batch:
-                        self._run_one(x)
-                    continue
-                self._run_one(batch[0])
+                # One bad request must not fail the programs batched with it.
+                for x in batch:
+                    self._run_one(x)
                 continue
             except BaseException as e:  # every waiter gets the failure, nobody hangs
                 for x in batch:
@@ -175,10 +127,25 @@ class EngineBackend:
 
     # ---- Backend -----------------------------------------------------------------------
     def generate(self, prompt: str, params: GenParams) -> GenResult:
-        (out,) = self._run([(prompt, _sampling(params))])
-        return _result(out)
+        sp = _sampling(params)
+        if params.return_logprob and params.logprob_start_len is not None:
+            sp = dataclasses.replace(sp, prompt_logprobs=True,
+                                     logprob_start_len=params.logprob_start_len)
+        (out,) = self._run([(prompt, sp)])
+        _check(out)
+        if params.max_tokens == 0:  # prefill only: the one token the engine made is dropped
+            return GenResult("", out.prompt_tokens, out.cached_tokens, 0, "length")
+        meta = self._logprob_meta(out, params) if params.return_logprob else {}
+        return GenResult(out.text, out.prompt_tokens, out.cached_tokens, out.completion_tokens,
+                         out.finish_reason, [o.text for o in out.outputs], meta)
 
     def stream(self, prompt: str, params: GenParams) -> Iterator[GenChunk]:
+        if params.return_logprob:
+            raise BackendError("return_logprob on a streamed gen is not supported in process "
+                               "(use stream=False, or a server)")
+        if params.max_tokens == 0:
+            yield GenChunk("", self.generate(prompt, params))
+            return
         sp = _sampling(params)
         n_prompt = len(self.engine.encode(prompt))
         text, n_out, cached, finish = "", 0, 0, None
@@ -191,9 +158,9 @@ class EngineBackend:
                     yield GenChunk(chunk.text)
         if finish == "abort":
             raise BackendError("the engine aborted the request")
-        yield GenChunk("", GenResult(text, n_prompt, cached, n_out, finish))
+        yield GenChunk("", GenResult(text, n_prompt, cached, n_out, finish, [text]))
 
-    def prompt_logprobs(self, prompts: Sequence[str],
+    def prompt_logprobs(self, prompts: Sequence[Prompt],
                         logprob_start_len: int = 0) -> list[PromptScores]:
         from radixrt.sampling_params import SamplingParams
 
@@ -204,12 +171,14 @@ class EngineBackend:
         for out in outs:
             _check(out)
             assert out.prompt_logprobs is not None, "the engine returned no prompt logprobs"
-            scores.append(PromptScores(list(out.prompt_token_ids), list(out.prompt_logprobs),
-                                       out.prompt_tokens, out.cached_tokens))
+            ids = list(out.prompt_token_ids)
+            texts = [None] * logprob_start_len + [self._piece(t) for t in ids[logprob_start_len:]]
+            scores.append(PromptScores(ids, list(out.prompt_logprobs), out.prompt_tokens,
+                                       out.cached_tokens, 0, texts[:len(ids)]))
         return scores
 
     def cache_prefix(self, prompt: str) -> GenResult:
-        return self.generate(prompt, GenParams(max_tokens=1, temperature=0.0))
+        return self.generate(prompt, GenParams(max_tokens=0, temperature=0.0))
 
     def chat_template(self) -> ChatTemplate:
         if self._template is None:
@@ -218,23 +187,56 @@ class EngineBackend:
             self._template = ChatTemplate.from_tokenizer(self.engine.tokenizer)
         return self._template
 
+    def flush_cache(self) -> bool:
+        with self._engine_lock:
+            return bool(self.engine.flush_cache())
+
+    def get_server_info(self) -> dict[str, Any]:
+        cfg = self.engine.config
+        info = {k: v for k, v in vars(cfg).items() if isinstance(v, (str, int, float, bool))}
+        return {"backend": "radixrt.EngineBackend", **info}
+
+    def reasoning_parser(self) -> str | None:
+        return None
+
+    # ---- logprobs ----------------------------------------------------------------------
+    def _piece(self, token_id: int) -> str | None:
+        tok = self.engine.tokenizer
+        return None if tok is None else str(tok.decode([token_id]))
+
+    def _logprob_meta(self, out: RequestOutput, params: GenParams) -> dict[str, Any]:
+        """SGLang's meta_info logprob fields: rows ``[logprob, id, text]``."""
+        def text(t: int) -> str | None:
+            return self._piece(t) if params.return_text_in_logprobs else None
+
+        o = out.outputs[0]
+        lps = o.logprobs or []
+        meta: dict[str, Any] = {"output_token_logprobs": [
+            [lp, t, text(t)] for lp, t in zip(lps, o.token_ids)]}
+        if params.top_logprobs_num:
+            meta["output_top_logprobs"] = [[[lp, t, text(t)] for t, lp in pos]
+                                           for pos in (o.top_logprobs or [])]
+        if params.logprob_start_len is not None and out.prompt_logprobs is not None:
+            start = params.logprob_start_len
+            meta["input_token_logprobs"] = [
+                [lp, t, text(t)] for lp, t in zip(out.prompt_logprobs[start:],
+                                                  out.prompt_token_ids[start:])]
+        return meta
+
 
 def _sampling(params: GenParams) -> SamplingParams:
     from radixrt.sampling_params import SamplingParams
 
-    return SamplingParams(max_new_tokens=params.max_tokens, temperature=params.temperature,
-                          top_p=params.top_p, top_k=params.top_k, stop=params.stop,
-                          seed=params.seed, regex=params.regex, json_schema=params.json_schema,
-                          ebnf=params.ebnf)
+    return SamplingParams(
+        max_new_tokens=max(1, params.max_tokens), temperature=params.temperature,
+        top_p=params.top_p, top_k=params.top_k, min_p=params.min_p,
+        frequency_penalty=params.frequency_penalty, presence_penalty=params.presence_penalty,
+        stop=params.stop, stop_token_ids=params.stop_token_ids, ignore_eos=params.ignore_eos,
+        n=params.n, seed=params.seed, regex=params.regex, json_schema=params.json_schema,
+        ebnf=params.ebnf, logprobs=params.return_logprob, top_logprobs=params.top_logprobs_num)
 
 
 def _check(out: RequestOutput) -> None:
     errors = [o.error for o in out.outputs if o.finish_reason == "abort"]
     if errors:
         raise BackendError(f"the engine aborted the request: {errors[0] or 'unknown reason'}")
-
-
-def _result(out: RequestOutput) -> GenResult:
-    _check(out)
-    return GenResult(out.text, out.prompt_tokens, out.cached_tokens, out.completion_tokens,
-                     out.finish_reason)

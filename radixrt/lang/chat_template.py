@@ -8,7 +8,10 @@ generated answer (which is what the OpenAI chat endpoint feeds the model).
 
 from __future__ import annotations
 
+import json
+from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 ROLES = ("system", "user", "assistant")
@@ -51,6 +54,39 @@ class ChatTemplate:
             return str(tokenizer.apply_chat_template(msgs, tokenize=False,
                                                      add_generation_prompt=gen))
 
+        return cls.from_renderer(render)
+
+    @classmethod
+    def from_jinja(cls, template: str, special_tokens: dict[str, Any] | None = None) -> ChatTemplate:
+        """From a raw Jinja chat template (what a server's /get_model_info reports), rendered
+        the way Hugging Face tokenizers render it (sandboxed, trim/lstrip blocks)."""
+        from jinja2.exceptions import TemplateError
+        from jinja2.ext import loopcontrols
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+        def raise_exception(message: str) -> None:
+            raise TemplateError(message)
+
+        def strftime_now(fmt: str) -> str:
+            return datetime.now().strftime(fmt)
+
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                            extensions=[loopcontrols])
+        env.filters["tojson"] = lambda x, indent=None, **_: json.dumps(
+            x, ensure_ascii=False, indent=indent)
+        env.globals.update(raise_exception=raise_exception, strftime_now=strftime_now)
+        compiled = env.from_string(template)
+        extra = {k: v for k, v in (special_tokens or {}).items() if v is not None}
+
+        def render(msgs: list[dict[str, str]], gen: bool = False) -> str:
+            return str(compiled.render(messages=msgs, add_generation_prompt=gen, **extra))
+
+        return cls.from_renderer(render)
+
+    @classmethod
+    def from_renderer(cls, render: Callable[..., str]) -> ChatTemplate:
+        """Read each role's text around its content off renderings of sentinel messages;
+        ``render(messages, gen)`` renders with or without the generation prompt."""
         sys_m = {"role": "system", "content": _MARK["system"]}
         user_m = {"role": "user", "content": _MARK["user"]}
         asst_m = {"role": "assistant", "content": _MARK["assistant"]}

@@ -1,161 +1,104 @@
-"""The DSL's primitives: ``gen``, ``select`` and role blocks (``system``, ``user``,
-``assistant``). Each is an ``Expr`` that a state runs when it is added: ``s += gen("x")``."""
+"""The primitives that call the model: ``gen`` (and ``gen_int`` / ``gen_string``) and
+``select``, with SGLang's signatures. Role blocks and ``+`` joining are in exprs.py."""
 
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Sequence
-from dataclasses import dataclass, fields
-from typing import TYPE_CHECKING, Any, Union
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
-from radixrt.lang.backends import GenParams
-from radixrt.lang.scoring import (
-    CACHE_ONLY_START,
-    CHOICES_METHODS,
-    choice_start,
-    lacks_choice_logprobs,
-    pick,
-    scoring_start,
+from radixrt.lang.choices import ChoicesMethod, resolve, token_length_normalized
+from radixrt.lang.exprs import (  # noqa: F401  (re-exported: the DSL's public names)
+    Content,
+    Expr,
+    ExprList,
+    Role,
+    RoleBegin,
+    RoleEnd,
+    assistant,
+    assistant_begin,
+    assistant_end,
+    system,
+    system_begin,
+    system_end,
+    user,
+    user_begin,
+    user_end,
 )
+from radixrt.lang.params import PARAM_NAMES
+from radixrt.lang.selection import run_select
 
 if TYPE_CHECKING:
     from radixrt.lang.state import ProgramState
 
-# What may be added to a state: text, a primitive, or a sequence of them.
-Content = Union[str, "Expr", Sequence[Union[str, "Expr"]], None]
+# An integer without leading zeros that fits in 64 bits; a decimal number; a JSON string
+# literal; a Python bool (what SGLang's dtype=bool produces).
+INT_REGEX = r"-?(0|[1-9][0-9]{0,17})"
+FLOAT_REGEX = r"-?(0|[1-9][0-9]{0,17})(\.[0-9]{1,16})?([eE][-+]?[0-9]{1,3})?"
+STRING_REGEX = r'"([^"\\\x00-\x1f]|\\["\\/bfnrt])*"'
+BOOL_REGEX = r"(True|False)"
+DTYPE_REGEX = {"int": INT_REGEX, "float": FLOAT_REGEX, "str": STRING_REGEX, "bool": BOOL_REGEX}
 
 
-class Expr:
-    def apply(self, s: ProgramState) -> None:
-        raise NotImplementedError
-
-    def describe(self) -> str:
-        """How the call is named in error messages: ``gen('answer')``."""
-        raise NotImplementedError
-
-
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Gen(Expr):
-    """Generate text after the current state; stored under ``name`` when given."""
+    """Generate text after the current state; stored under ``name`` when given. ``overrides``
+    are the sampling settings given to this call (the rest come from the run's defaults)."""
 
     name: str | None = None
-    max_tokens: int | None = None
-    temperature: float | None = None
-    top_p: float | None = None
-    top_k: int | None = None
-    stop: tuple[str, ...] | None = None
-    seed: int | None = None
-    regex: str | None = None
-    json_schema: str | None = None
-    ebnf: str | None = None
+    overrides: dict[str, Any] = field(default_factory=dict)
 
     def describe(self) -> str:
         return f"gen({self.name!r})"
 
-    def params(self, defaults: GenParams) -> GenParams:
-        # A field left unset here falls back to the program run's defaults.
-        kw = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "name"}
-        return GenParams(**{k: (getattr(defaults, k) if v is None else v)
-                            for k, v in kw.items()})
-
     def apply(self, s: ProgramState) -> None:
-        params = self.params(s.defaults)
+        params = s.resolve_params(self.overrides)
         prompt = s.text()
         if s.streaming:
+            if params.n > 1:
+                raise ValueError("n > 1 is not supported on streamed programs")
+            s._stream_var_begin(self.name)
             result = None
             for chunk in s.backend.stream(prompt, params):
-                s._append(chunk.text)
+                s._append(chunk.text, var=self.name, meta=chunk.meta)
                 result = chunk.done or result
             assert result is not None, "a stream ends with its result"
         else:
             result = s.backend.generate(prompt, params)
             s._append(result.text)
-        s._record(self.name, result.text, {
+        value: Any = result.texts if params.n > 1 else result.text
+        s._record(self.name, value, {
             "prompt_tokens": result.prompt_tokens, "cached_tokens": result.cached_tokens,
             "completion_tokens": result.completion_tokens,
-            "finish_reason": result.finish_reason})
+            "finish_reason": result.finish_reason, **result.meta})
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Select(Expr):
     """Append the choice whose tokens the model finds most likely after the current state."""
 
     name: str | None
     choices: tuple[str, ...]
-    choices_method: str = "token_length_normalized"
+    method: ChoicesMethod = token_length_normalized
 
     def __post_init__(self) -> None:
         if not self.choices or not all(isinstance(c, str) and c for c in self.choices):
             raise ValueError("select needs a non-empty list of non-empty strings")
-        if self.choices_method not in CHOICES_METHODS:
-            raise ValueError(f"choices_method must be one of {CHOICES_METHODS}")
 
     def describe(self) -> str:
         return f"select({self.name!r})"
 
     def apply(self, s: ProgramState) -> None:
-        stem = s.text()
-        if not stem:
-            raise ValueError("select needs a non-empty prompt before it")
-        # The stem first, alone: its ids locate each choice's tokens, and it is left in the
-        # prefix cache so the choices below compute only their last few stem tokens.
-        (stem_scores,) = s.backend.prompt_logprobs([stem], logprob_start_len=CACHE_ONLY_START)
-        stem_ids = stem_scores.token_ids
-        fulls = [stem + c for c in self.choices]
-        scored = s.backend.prompt_logprobs(fulls, logprob_start_len=scoring_start(len(stem_ids)))
-        # A boundary merge reaching past the margin left choice tokens unscored: redo those
-        # from where the choice starts (rare; still a cache hit up to there).
-        for i, c in enumerate(self.choices):
-            if lacks_choice_logprobs(stem_ids, scored[i], c):
-                start = choice_start(stem_ids, scored[i], c)
-                (scored[i],) = s.backend.prompt_logprobs([fulls[i]], logprob_start_len=start)
-        res = pick(stem_ids, self.choices, scored, self.choices_method)
-        choice = self.choices[res.best]
+        choice, meta = run_select(s.backend, s.text(), self.choices, self.method)
         s._append(choice)
-        s._record(self.name, choice, {
-            "normalized_prompt_logprobs": res.normalized, "sum_logprobs": res.sums,
-            "num_tokens": res.num_tokens, "cached_tokens": res.cached_tokens,
-            "prompt_tokens": [x.prompt_tokens for x in scored],
-            "stem_tokens": len(stem_ids)})
+        s._record(self.name, choice, meta)
 
 
-@dataclass(frozen=True)
-class RoleBegin(Expr):
-    role: str
-
-    def describe(self) -> str:
-        return f"{self.role}_begin()"
-
-    def apply(self, s: ProgramState) -> None:
-        s._begin_role(self.role)
-
-
-@dataclass(frozen=True)
-class RoleEnd(Expr):
-    role: str
-
-    def describe(self) -> str:
-        return f"{self.role}_end()"
-
-    def apply(self, s: ProgramState) -> None:
-        s._end_role(self.role)
-
-
-@dataclass(frozen=True)
-class Role(Expr):
-    """A whole message: ``user("hi")`` or ``assistant(gen("answer"))``."""
-
-    role: str
-    content: Content
-
-    def describe(self) -> str:
-        return f"{self.role}(...)"
-
-    def apply(self, s: ProgramState) -> None:
-        s._begin_role(self.role)
-        if self.content is not None:
-            s += self.content
-        s._end_role(self.role)
+# SGLang gen keywords that radixrt cannot honour: rejected when set, never ignored.
+_UNSUPPORTED = {"min_tokens": 0, "stop_regex": None}
+_ALIASES = {"max_new_tokens": "max_tokens"}
 
 
 def _schema_text(schema: Any) -> str | None:
@@ -170,74 +113,86 @@ def _schema_text(schema: Any) -> str | None:
                      f"{type(schema).__name__}")
 
 
-def gen(name: str | None = None, max_tokens: int | None = None, *,
-        stop: str | Sequence[str] | None = None, temperature: float | None = None,
-        top_p: float | None = None, top_k: int | None = None, seed: int | None = None,
-        choices: Sequence[str] | None = None, regex: str | None = None,
-        json_schema: Any = None, ebnf: str | None = None) -> Expr:
-    """``gen(name, max_tokens=..., stop=..., temperature=...)``. ``regex`` / ``json_schema``
-    (text, dict or pydantic model) / ``ebnf`` constrain the output to the grammar; with
-    ``choices`` it is a ``select`` (each choice scored by the model, one picked)."""
+def _dtype_name(dtype: Any) -> str:
+    name = dtype.__name__ if isinstance(dtype, type) else dtype
+    if name not in DTYPE_REGEX:
+        raise ValueError(f"dtype must be one of int, float, str, bool; got {dtype!r}")
+    return str(name)
+
+
+def gen(name: str | None = None, max_tokens: int | None = None, min_tokens: int | None = None,
+        n: int | None = None, stop: str | Sequence[str] | None = None,
+        stop_token_ids: Sequence[int] | None = None, stop_regex: Any = None,
+        temperature: float | None = None, top_p: float | None = None,
+        top_k: int | None = None, min_p: float | None = None,
+        frequency_penalty: float | None = None, presence_penalty: float | None = None,
+        ignore_eos: bool | None = None, return_logprob: bool | None = None,
+        logprob_start_len: int | None = None, top_logprobs_num: int | None = None,
+        return_text_in_logprobs: bool | None = None, dtype: Any = None,
+        choices: Sequence[str] | None = None,
+        choices_method: str | ChoicesMethod | None = None, regex: str | None = None,
+        json_schema: Any = None, *, ebnf: str | None = None, seed: int | None = None,
+        max_new_tokens: int | None = None) -> Expr:
+    """SGLang's ``gen``: ``gen("answer", max_tokens=64, stop="\\n", temperature=0)``.
+
+    ``regex`` / ``json_schema`` (text, dict or pydantic model) / ``ebnf`` / ``dtype`` (int,
+    float, str, bool) constrain the output; with ``choices`` it is a ``select``.
+    ``max_tokens=0`` generates nothing (the prompt is only prefilled and cached)."""
+    given = {k: v for k, v in locals().items() if v is not None and k not in (
+        "name", "choices", "choices_method", "dtype", "json_schema", "max_new_tokens")}
+    if max_new_tokens is not None:
+        if max_tokens is not None:
+            raise ValueError("give max_tokens or max_new_tokens, not both")
+        given["max_tokens"] = max_new_tokens
+    for key, default in _UNSUPPORTED.items():
+        if key in given and given[key] not in (default, [], ()):
+            raise ValueError(f"gen({key}=...) is not supported by radixrt")
+        given.pop(key, None)
+    grammar = [k for k in ("regex", "ebnf") if k in given] + (
+        ["json_schema"] if json_schema is not None else []) + (["dtype"] if dtype else [])
     if choices is not None:
-        if regex is not None or json_schema is not None or ebnf is not None:
-            raise ValueError("gen takes choices or a grammar (regex, json_schema, ebnf), not both")
-        return select(name, choices)
-    stops = None if stop is None else ((stop,) if isinstance(stop, str) else tuple(stop))
-    return Gen(name, max_tokens, temperature, top_p, top_k, stops, seed, regex,
-               _schema_text(json_schema), ebnf)
+        if grammar:
+            raise ValueError(f"gen takes choices or a grammar ({', '.join(grammar)}), not both")
+        return select(name, choices, temperature=temperature or 0.0,
+                      choices_method=choices_method or token_length_normalized)
+    if choices_method is not None:
+        raise ValueError("choices_method needs choices")
+    if len(grammar) > 1:
+        raise ValueError(f"gen takes one of regex, json_schema, ebnf, dtype; got {grammar}")
+    if regex is not None:
+        re.compile(regex)  # a bad pattern fails here, naming the call site
+    if json_schema is not None:
+        given["json_schema"] = _schema_text(json_schema)
+    if dtype is not None:
+        given["regex"] = DTYPE_REGEX[_dtype_name(dtype)]
+    if "stop" in given:
+        given["stop"] = (stop,) if isinstance(stop, str) else tuple(given["stop"])
+    if "stop_token_ids" in given:
+        given["stop_token_ids"] = tuple(given["stop_token_ids"])
+    for k in ("ignore_eos", "return_logprob", "return_text_in_logprobs"):
+        if k in given:
+            given[k] = bool(given[k])
+    assert set(given) <= set(PARAM_NAMES), set(given) - set(PARAM_NAMES)
+    return Gen(name, given)
 
 
-# An integer without leading zeros that fits in 64 bits; a JSON string literal.
-INT_REGEX = r"-?(0|[1-9][0-9]{0,17})"
-STRING_REGEX = r'"([^"\\\x00-\x1f]|\\["\\/bfnrt])*"'
-
-
-def gen_int(name: str | None = None, max_tokens: int | None = 24, **kw: Any) -> Expr:
+def gen_int(name: str | None = None, max_tokens: int | None = None, **kw: Any) -> Expr:
     """Generate a decimal integer (the text; ``int(state[name])`` reads it)."""
-    return gen(name, max_tokens, regex=INT_REGEX, **kw)
+    return gen(name, max_tokens, dtype=int, **kw)
 
 
 def gen_string(name: str | None = None, max_tokens: int | None = None, **kw: Any) -> Expr:
     """Generate a double-quoted JSON string literal (``json.loads(state[name])`` reads it)."""
-    return gen(name, max_tokens, regex=STRING_REGEX, **kw)
+    return gen(name, max_tokens, dtype=str, **kw)
 
 
-def select(name: str | None = None, choices: Sequence[str] = (),
-           choices_method: str = "token_length_normalized") -> Select:
-    return Select(name, tuple(choices), choices_method)
-
-
-def system(content: Content = None) -> Role:
-    return Role("system", content)
-
-
-def user(content: Content = None) -> Role:
-    return Role("user", content)
-
-
-def assistant(content: Content = None) -> Role:
-    return Role("assistant", content)
-
-
-def system_begin() -> RoleBegin:
-    return RoleBegin("system")
-
-
-def system_end() -> RoleEnd:
-    return RoleEnd("system")
-
-
-def user_begin() -> RoleBegin:
-    return RoleBegin("user")
-
-
-def user_end() -> RoleEnd:
-    return RoleEnd("user")
-
-
-def assistant_begin() -> RoleBegin:
-    return RoleBegin("assistant")
-
-
-def assistant_end() -> RoleEnd:
-    return RoleEnd("assistant")
+def select(name: str | None = None, choices: Sequence[str] | None = None,
+           temperature: float = 0.0,
+           choices_method: str | ChoicesMethod = token_length_normalized) -> Select:
+    """Pick one of ``choices`` by the model's likelihood of it (greedy: ``temperature`` 0)."""
+    if choices is None:
+        raise ValueError("select needs choices")
+    if temperature > 1e-5:
+        raise ValueError(f"select(temperature={temperature}) is not supported: radixrt picks "
+                         "the most likely choice (temperature 0)")
+    return Select(name, tuple(choices), resolve(choices_method))

@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
 import queue
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from typing import Any
 
-from radixrt.lang.backends import Backend, GenParams
-from radixrt.lang.ops import Content, Expr
+from radixrt.lang.backends import Backend
+from radixrt.lang.exprs import Content, Expr, Role
+from radixrt.lang.params import GenParams
 
 
 class ProgramError(RuntimeError):
@@ -34,6 +37,8 @@ class ProgramState:
         self._meta: dict[str, dict[str, Any]] = {}
         self._messages: list[dict[str, str]] = []
         self._role: tuple[str, int] | None = None  # open role block: (role, content start)
+        self._fork_start = 0  # where this branch's own text begins (0 unless forked)
+        # Streamed pieces: (variable or None, text, the server's meta_info or None).
         self._chunks: queue.Queue[object] | None = queue.Queue() if streaming else None
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
@@ -59,21 +64,34 @@ class ProgramState:
                             "str, gen(...), select(...), a role, or a list of them)")
         return self
 
+    def _role_scope(self, role: str, content: Content) -> Any:
+        if content is not None:  # s.user("hi") adds the whole message
+            self += Role(role, content)
+            return None
+        return self._block(role)
+
     @contextmanager
     def _block(self, role: str) -> Iterator[ProgramState]:
         self._begin_role(role)
         yield self
         self._end_role(role)
 
-    def system(self) -> Any:
-        """``with s.system(): s += ...``"""
-        return self._block("system")
+    def system(self, content: Content = None) -> Any:
+        """``with s.system(): s += ...`` (or ``s.system("text")``)."""
+        return self._role_scope("system", content)
 
-    def user(self) -> Any:
-        return self._block("user")
+    def user(self, content: Content = None) -> Any:
+        return self._role_scope("user", content)
 
-    def assistant(self) -> Any:
-        return self._block("assistant")
+    def assistant(self, content: Content = None) -> Any:
+        return self._role_scope("assistant", content)
+
+    @contextmanager
+    def var_scope(self, name: str) -> Iterator[ProgramState]:
+        """``with s.var_scope("x"): s += ...``: ``s["x"]`` is the text added inside."""
+        start = len(self._text)
+        yield self
+        self._vars[name] = self._text[start:]
 
     # ---- reading -----------------------------------------------------------------------
     def text(self) -> str:
@@ -88,6 +106,9 @@ class ProgramState:
             raise KeyError(f"no result named {name!r} (have: {sorted(self._vars)})")
         return self._vars[name]
 
+    def __setitem__(self, name: str, value: Any) -> None:
+        self._vars[name] = value
+
     def __contains__(self, name: str) -> bool:
         return name in self._vars
 
@@ -98,7 +119,9 @@ class ProgramState:
         self._vars[name] = value
 
     def get_meta_info(self, name: str) -> dict[str, Any]:
-        """Token counts of a ``gen`` (prompt, cached, completion) or scores of a ``select``."""
+        """Token counts (and logprobs, when asked) of a ``gen``, or scores of a ``select``."""
+        if name not in self._meta:
+            raise KeyError(f"no gen or select named {name!r} (have: {sorted(self._meta)})")
         return dict(self._meta[name])
 
     def usage(self) -> dict[str, int]:
@@ -108,13 +131,22 @@ class ProgramState:
                 "cached_tokens": sum(m["cached_tokens"] for m in gens),
                 "completion_tokens": sum(m["completion_tokens"] for m in gens)}
 
+    def error(self) -> BaseException | None:
+        """A streamed program's error, once it has ended (None if it succeeded)."""
+        if self._thread is not None:
+            self._thread.join()
+        return self._error
+
     def __repr__(self) -> str:
         return f"ProgramState(text={self._text[-60:]!r}, vars={sorted(self._vars)})"
 
     # ---- fork --------------------------------------------------------------------------
-    def fork(self, n: int = 1) -> ForkedStates:
+    def fork(self, n: int = 1, position_ids_offset: Any = None) -> ForkedStates:
         """``n`` copies sharing this state's text. The stem is sent to the cache once first,
         so every branch's requests reuse its pages instead of racing to compute it."""
+        if position_ids_offset is not None:
+            raise ValueError("fork(position_ids_offset=...) is not supported by radixrt")
+        n = int(n)
         if n < 1:
             raise ValueError(f"fork needs n >= 1, got {n}")
         if self._role is not None:
@@ -125,22 +157,54 @@ class ProgramState:
                 stem_tokens = self.backend.cache_prefix(self._text).prompt_tokens
             except Exception as e:
                 raise ProgramError(f"fork({n}) failed caching the stem: {e}") from e
-        return ForkedStates([self._copy() for _ in range(n)], stem_tokens)
+        return ForkedStates([self._copy() for _ in range(n)], stem_tokens, self)
+
+    @contextmanager
+    def copy(self) -> Iterator[ProgramState]:
+        """``with s.copy() as c: c += ...``: a branch whose new variables join back into s."""
+        forks = self.fork(1)
+        try:
+            yield forks[0]
+        finally:
+            forks.join()
 
     def _copy(self) -> ProgramState:
         c = ProgramState(self.backend, self.defaults)
         c._text, c._vars = self._text, dict(self._vars)
         c._messages = [dict(m) for m in self._messages]
+        c._fork_start = len(self._text)
         return c
 
     # ---- streaming ---------------------------------------------------------------------
-    def text_iter(self) -> Iterator[str]:
-        """Pieces of text as the (``stream=True``) program produces them; raises its error."""
+    def text_iter(self, var_name: str | None = None) -> Iterator[str]:
+        """Pieces of text as the (``stream=True``) program produces them (only those of
+        ``gen(var_name)`` when given); raises the program's error at the end."""
         if self._chunks is None:
-            yield self._text
+            yield self._text if var_name is None else str(self[var_name])
             return
+        for var, text, _ in self._stream_items():
+            if var_name is None or var == var_name:
+                yield text
+
+    async def text_async_iter(self, var_name: str | None = None,
+                              return_meta_data: bool = False) -> AsyncIterator[Any]:
+        """``text_iter`` for asyncio; with ``return_meta_data`` it yields ``(text, meta)``,
+        meta being the server's meta_info of that piece (None in process)."""
+        if return_meta_data and var_name is None:
+            raise ValueError("text_async_iter(return_meta_data=True) needs a var_name")
+        items = self._stream_items() if self._chunks is not None else iter(
+            [(var_name, self._text if var_name is None else str(self[var_name]),
+              self._meta.get(var_name or ""))])
+        loop = asyncio.get_running_loop()
+        while (item := await loop.run_in_executor(None, next, items, None)) is not None:
+            var, text, meta = item
+            if var_name is None or var == var_name:
+                yield (text, meta) if return_meta_data else text
+
+    def _stream_items(self) -> Iterator[tuple[str | None, str, dict[str, Any] | None]]:
+        assert self._chunks is not None, "streaming state"
         while (item := self._chunks.get()) is not _END:
-            assert isinstance(item, str), "the stream carries text"
+            assert isinstance(item, tuple), "the stream carries (var, text, meta)"
             yield item
         self.sync()
 
@@ -152,7 +216,7 @@ class ProgramState:
             raise self._error
         return self
 
-    def _start(self, target: Any) -> None:
+    def _start(self, target: Callable[[], None]) -> None:
         def main() -> None:
             try:
                 target()
@@ -166,11 +230,25 @@ class ProgramState:
         self._thread.start()
 
     # ---- used by ops -------------------------------------------------------------------
-    def _append(self, text: str) -> None:
+    def resolve_params(self, overrides: dict[str, Any]) -> GenParams:
+        return dataclasses.replace(self.defaults, **overrides)
+
+    def backend_reasoning_parser(self) -> str | None:
+        return self.backend.reasoning_parser()
+
+    def _append(self, text: str, var: str | None = None,
+                meta: dict[str, Any] | None = None) -> None:
         if text:
             self._text += text
             if self._chunks is not None:
-                self._chunks.put(text)
+                self._chunks.put((var, text, meta))
+
+    def _stream_var_begin(self, name: str | None) -> None:
+        if name is not None:
+            self._vars[name] = ""
+
+    def _replace_text(self, text: str) -> None:
+        self._text = text
 
     def _record(self, name: str | None, value: Any, meta: dict[str, Any]) -> None:
         if name is not None:
@@ -198,11 +276,14 @@ class ProgramState:
 
 class ForkedStates(Sequence[ProgramState]):
     """Branches of a fork. ``forks += expr`` runs ``expr`` on every branch concurrently (so
-    their requests batch); ``forks[i]`` is one branch."""
+    their requests batch); ``forks += lambda i: ...`` or ``forks += [e0, e1, ...]`` gives each
+    branch its own; ``forks[i]`` is one branch; ``forks.join()`` gathers them back."""
 
-    def __init__(self, states: list[ProgramState], stem_tokens: int | None = None) -> None:
+    def __init__(self, states: list[ProgramState], stem_tokens: int | None = None,
+                 parent: ProgramState | None = None) -> None:
         self._states = states
         self.stem_tokens = stem_tokens  # tokens of the shared stem, when it was pre-cached
+        self._parent = parent
 
     def __len__(self) -> int:
         return len(self._states)
@@ -210,23 +291,59 @@ class ForkedStates(Sequence[ProgramState]):
     def __getitem__(self, i: int) -> ProgramState:  # type: ignore[override]
         return self._states[i]
 
+    def __setitem__(self, i: int, value: ProgramState) -> None:
+        # `forks[i] += x` assigns the (same) state back.
+        if value is not self._states[i]:
+            raise TypeError("a fork's branches cannot be replaced")
+
     def __iter__(self) -> Iterator[ProgramState]:
         return iter(self._states)
 
-    def __iadd__(self, other: Content) -> ForkedStates:
-        if isinstance(other, str) or len(self._states) == 1:
-            for s in self._states:
-                s += other
+    def __iadd__(self, other: Any) -> ForkedStates:
+        if callable(other) and not isinstance(other, Expr):
+            per_branch = [other(i) for i in range(len(self._states))]
+        elif isinstance(other, (list, tuple)):
+            if len(other) != len(self._states):
+                raise ValueError(f"forks += a list needs one item per branch ({len(self)}), "
+                                 f"got {len(other)}")
+            per_branch = list(other)
+        else:
+            per_branch = [other] * len(self._states)
+        if len(self._states) == 1 or all(isinstance(x, str) for x in per_branch):
+            for s, x in zip(self._states, per_branch):
+                s += x
             return self
 
-        def add(s: ProgramState) -> None:
-            s += other
+        def add(s: ProgramState, x: Any) -> None:
+            s += x
 
         with ThreadPoolExecutor(len(self._states), thread_name_prefix="radixrt-fork") as ex:
-            for f in [ex.submit(add, s) for s in self._states]:
+            for f in [ex.submit(add, s, x) for s, x in zip(self._states, per_branch)]:
                 f.result()  # re-raises a branch's ProgramError
         return self
 
-    def join(self, name: str) -> list[Any]:
-        """Each branch's result ``name``."""
-        return [s[name] for s in self._states]
+    def join(self, name: str | None = None, mode: str = "gather_variable") -> Any:
+        """``join("x")``: each branch's result ``x``. ``join()``: every variable a branch
+        made becomes, in the parent, the list of the branches' values. ``join(mode=
+        "concate_and_append")``: the parent's text gets each branch's new text, in order."""
+        if name is not None:
+            return [s[name] for s in self._states]
+        parent = self._parent
+        if parent is None:
+            raise ValueError("join() needs the forked state (use join(name))")
+        if mode == "gather_variable":
+            before = set(parent._vars)
+            for s in self._states:
+                for k, v in s._vars.items():
+                    if k not in before:
+                        parent._vars.setdefault(k, []).append(v)
+                        if k in s._meta:
+                            parent._meta.setdefault(k, {}).setdefault("branches", []).append(
+                                s._meta[k])
+        elif mode == "concate_and_append":
+            for s in self._states:
+                parent._append(s._text[s._fork_start:])
+        else:
+            raise ValueError(f"join mode must be 'gather_variable' or 'concate_and_append', "
+                             f"got {mode!r}")
+        return None

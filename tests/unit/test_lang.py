@@ -22,12 +22,18 @@ from radixrt.lang import (
     user,
     user_end,
 )
+from radixrt.lang.choices import (
+    greedy_token_selection,
+    sum_logprobs,
+    token_length_normalized,
+    unconditional_likelihood_normalized,
+)
 from radixrt.lang.scoring import (
     BOUNDARY_MARGIN,
-    CACHE_ONLY_START,
     PromptScores,
+    choice_tokens,
     common_prefix_len,
-    pick,
+    rescore_from,
 )
 
 PAGE = 16
@@ -44,22 +50,60 @@ def backend(engine: Engine) -> EngineBackend:
     return EngineBackend(engine)
 
 
-def test_pick_scores_only_the_choice_tokens_after_a_boundary_merge() -> None:
-    stem = [5, 6, 7, 8]  # the last stem token (say " ") merges into the choice's first token
+def test_choice_tokens_are_those_after_a_boundary_merge() -> None:
+    # The last stem token (say " ") merges into the choice's first token.
+    stem = PromptScores([5, 6, 7, 8], [None, -1.0, -1.0, -1.0], 4, 0)
     a = PromptScores([5, 6, 7, 40, 41], [None, -1.0, -1.0, -2.0, -4.0], 5, 0)
     b = PromptScores([5, 6, 7, 8, 50], [None, -1.0, -1.0, -0.5, -2.5], 5, 0)
-    res = pick(stem, ["Xy", "z"], [a, b])
-    assert res.num_tokens == [2, 1]
-    assert res.normalized == [-3.0, -2.5] and res.sums == [-6.0, -2.5] and res.best == 1
-    assert pick(stem, ["Xy", "z"], [a, b], "sum").best == 1
-    tie = pick(stem, ["p", "q"], [b, b])
-    assert tie.best == 0, "ties go to the first choice"
+    ta, tb = choice_tokens(stem, a, "Xy"), choice_tokens(stem, b, "z")
+    assert (ta.token_ids, ta.logprobs) == ([40, 41], [-2.0, -4.0])
+    assert (tb.token_ids, tb.logprobs) == ([50], [-2.5])
+    assert token_length_normalized.decide([ta, tb]).best == 1  # -3.0 vs -2.5
+    assert sum_logprobs.decide([ta, tb]).best == 1
+    assert token_length_normalized.decide([tb, tb]).best == 0, "ties go to the first choice"
     with pytest.raises(ValueError, match="adds no tokens"):
-        pick(stem, ["?"], [PromptScores(stem, [None, -1.0, -1.0, -1.0], 4, 0)])
-    # A choice token served from the cache (no logprob) must never be scored as if it had one.
+        choice_tokens(stem, PromptScores([5, 6, 7, 8], [None, -1.0, -1.0, -1.0], 4, 0), "?")
+    # A choice token served from the cache (no logprob) is rescored from where it starts,
+    # and never scored as if it had one.
     cached = PromptScores([5, 6, 7, 40, 41], [None, None, None, None, -4.0], 5, 0)
+    assert rescore_from(stem, cached, "Xy") == 3 and rescore_from(stem, a, "Xy") is None
     with pytest.raises(AssertionError, match=r"prompt tokens \[3\] have no logprob"):
-        pick(stem, ["Xy"], [cached])
+        choice_tokens(stem, cached, "Xy")
+
+
+def test_sglang_row_layout_and_uncertain_starts() -> None:
+    # SGLang returns rows only from logprob_start_len on: ids before it are unknown.
+    rows = [[-1.0, 7, "a"], [-2.0, 8, "b"]]
+    s = PromptScores.from_rows(rows, 2, 4, 0)
+    assert s.token_ids == [-1, -1, 7, 8] and s.logprobs == [None, None, -1.0, -2.0]
+    assert s.token_texts == [None, None, "a", "b"] and s.known_from == 2
+    full_rows = [[None, 5, None], [-0.5, 6, None], *rows]  # one row per prompt token
+    assert PromptScores.from_rows(full_rows, 2, 4, 0).token_ids == s.token_ids
+    with pytest.raises(ValueError, match="3 logprob rows"):
+        PromptScores.from_rows(rows + rows[:1], 2, 4, 0)
+    # The choice differs from the stem at the first returned row: it may differ earlier
+    # too, so it is scored again from further back.
+    stem = PromptScores.from_rows([[-1.0, 7], [-1.0, 8]], 20, 22, 0)
+    full = PromptScores.from_rows([[-1.0, 9], [-1.0, 10], [-1.0, 11]], 20, 23, 0)
+    assert rescore_from(stem, full, "x") == 20 - 4 * BOUNDARY_MARGIN
+    ok = PromptScores.from_rows([[-1.0, 7], [-1.0, 12]], 20, 22, 0)
+    assert rescore_from(stem, ok, "x") is None
+
+
+def test_greedy_and_unconditional_methods() -> None:
+    stem = PromptScores([1, 2], [None, -1.0], 2, 0)
+    long_ = choice_tokens(stem, PromptScores([1, 2, 3, 4], [None, -1.0, -0.5, -3.0], 4, 0), "ab")
+    short = choice_tokens(stem, PromptScores([1, 2, 5], [None, -1.0, -0.7], 3, 0), "c")
+    # Greedy: position 0 decides (-0.5 beats -0.7) although the mean prefers the short one.
+    d = greedy_token_selection.decide([long_, short])
+    assert d.best == 0 and d.meta["greedy_logprob_matrix"] == [[-0.5, -3.0], [-0.7, -0.7]]
+    assert token_length_normalized.decide([long_, short]).best == 1
+    # Unconditional: subtract each token's no-context logprob (the first counts as 0).
+    u = unconditional_likelihood_normalized.decide([long_, short], [[None, -0.5], [None]])
+    assert u.meta["normalized_unconditional_prompt_logprobs"] == [(-0.5 - 2.5) / 2, -0.7]
+    assert u.best == 1
+    with pytest.raises(ValueError, match="unconditional"):
+        unconditional_likelihood_normalized.decide([long_])
 
 
 def test_chat_template_roles_match_apply_chat_template(engine: Engine) -> None:
@@ -151,16 +195,21 @@ class RecordingBackend(EngineBackend):
     def __init__(self, engine: Engine, blank_first_choice: bool = False) -> None:
         super().__init__(engine)
         self.calls: list[tuple[int, int]] = []  # (number of prompts, logprob_start_len)
+        self.cached = 0
         self.blank = blank_first_choice
+
+    def cache_prefix(self, prompt: str) -> Any:
+        self.cached += 1
+        return super().cache_prefix(prompt)
 
     def prompt_logprobs(self, prompts: Any, logprob_start_len: int = 0) -> list[PromptScores]:
         self.calls.append((len(prompts), logprob_start_len))
         out = super().prompt_logprobs(prompts, logprob_start_len)
         if self.blank and len(prompts) > 1:
             self.blank = False
-            x = out[0]
+            x = out[1]  # out[0] is the stem
             lps = x.logprobs[:-1] + [None]  # the last token is inside the choice
-            out[0] = PromptScores(x.token_ids, lps, x.prompt_tokens, x.cached_tokens)
+            out[1] = PromptScores(x.token_ids, lps, x.prompt_tokens, x.cached_tokens)
         return out
 
 
@@ -177,8 +226,9 @@ def test_select_scores_choices_over_the_cached_stem(engine: Engine) -> None:
     meta = state.get_meta_info("yn")
     n_stem = meta["stem_tokens"]
     assert n_stem == len(engine.encode(LONG_STEM + "Is that true? Answer:")) > 3 * PAGE
-    # The stem alone (only cached), then all choices scored from a few tokens before its end.
-    assert rec.calls == [(1, CACHE_ONLY_START), (3, n_stem - BOUNDARY_MARGIN)]
+    # The stem alone (only cached), then stem + all choices scored from a few tokens before
+    # its end.
+    assert rec.calls == [(4, n_stem - BOUNDARY_MARGIN)] and rec.cached == 1
     # Each choice computed only its last stem tokens: the cache covers the pages before
     # logprob_start_len - 1 (row start - 1 scores token start).
     floor = (n_stem - BOUNDARY_MARGIN - 1) // PAGE * PAGE
@@ -202,7 +252,7 @@ def test_select_rescores_a_choice_whose_tokens_came_back_unscored(engine: Engine
     state = long_judge.run(backend=rec)
     n_stem = state.get_meta_info("yn")["stem_tokens"]
     # The blanked choice is scored again, alone, from where its tokens start.
-    assert rec.calls[2:] == [(1, n_stem)]
+    assert rec.calls[1:] == [(2, n_stem)]
     assert state["yn"] == plain["yn"]
     assert state.get_meta_info("yn")["normalized_prompt_logprobs"] == pytest.approx(
         plain.get_meta_info("yn")["normalized_prompt_logprobs"], abs=1e-4)

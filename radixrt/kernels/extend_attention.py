@@ -6,15 +6,18 @@ KV positions ``0 .. prefix_b + j``, all read through row ``req_rows[b]`` of the 
 
     KV positions   0 ............ prefix_b ...... prefix_b + E_b
                    [ cached prefix ][ new tokens (causal) ]
-    query block    rows m0 .. m0+BM-1  (positions prefix_b + m0 ..)
+    query block    positions m0 .. m0+P-1, each with the G packed query heads of one KV head
                    |<---- unmasked ---->|<- causal ->|
-                   0              prefix_b + m0   prefix_b + m0 + BM
+                   0              prefix_b + m0   prefix_b + m0 + P
 
-Keys below ``prefix_b + m0`` are visible to every row of the block, so that part runs without
-masks; only the trailing ``BLOCK_M`` keys (the block's own diagonal) need the causal mask.
+A tile of ``BLOCK_M`` rows holds ``P = BLOCK_M / G`` positions times ``G`` query heads sharing a
+KV head (GQA packing), so every K/V tile is loaded once for all of them. Keys below
+``prefix_b + m0`` are visible to every row, so those tiles run without masks; only the trailing
+``P`` keys (the diagonal) need the causal mask. With split-KV, the unmasked tiles of a block are
+shared among ``splits`` programs whose partial results merge by log-sum-exp.
 
-Grid: (query blocks of the longest request, requests, query heads). Online softmax in fp32,
-base 2 (the scale folds in log2(e)).
+Grid: (query blocks of the longest request, requests, head groups x splits). Online softmax in
+fp32, base 2 (the scale folds in log2(e)). Tile shapes: ``extend_configs``.
 """
 
 from __future__ import annotations
@@ -24,6 +27,13 @@ import os
 import torch
 import triton
 import triton.language as tl
+
+from radixrt.kernels.extend_configs import (
+    ExtendConfig,
+    choose_kv_splits,
+    default_config,
+    sm_count,
+)
 
 LOG2E = 1.4426950408889634
 
@@ -111,101 +121,213 @@ def _attend_block(
     return acc, m_new, l_i
 
 
-# One compiled variant for every page-table width (the engine's table, tests' one-off ones).
-@triton.jit(do_not_specialize=["stride_pt"])
-def _extend_attention_kernel(
+@triton.jit
+def mma_acc(a, b, acc, PRECISION: tl.constexpr, INTERPRET: tl.constexpr):
+    """acc + a @ b in fp32; on the GPU the MMA accumulates in place (no separate add)."""
+    if INTERPRET:
+        out = acc + tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    else:
+        out = tl.dot(a, b, acc, input_precision=PRECISION)
+    return out
+
+
+@triton.jit
+def _tile_slots(
+    page_row, start_n, kv_end, PAGE_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
+    PAGE_VEC: tl.constexpr, MASKED: tl.constexpr,
+):  # fmt: skip
+    """Flat pool slots of keys start_n .. start_n + BLOCK_N - 1 (start_n a multiple of BLOCK_N)."""
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    if PAGE_SIZE >= BLOCK_N:
+        # The tile lies inside one page: one table read, contiguous slots.
+        page = tl.load(page_row + start_n // PAGE_SIZE).to(tl.int64)
+        slots = page * PAGE_SIZE + (offs_n % PAGE_SIZE)
+    elif PAGE_VEC and PAGE_SIZE >= 16:
+        # One table read per page of the tile instead of one per key.
+        idx = start_n // PAGE_SIZE + tl.arange(0, BLOCK_N // PAGE_SIZE)
+        if MASKED:
+            pages = tl.load(page_row + idx, mask=idx * PAGE_SIZE < kv_end, other=0)
+        else:
+            pages = tl.load(page_row + idx)
+        in_page = tl.arange(0, PAGE_SIZE)
+        slots = tl.reshape(pages.to(tl.int64)[:, None] * PAGE_SIZE + in_page[None, :], [BLOCK_N])
+    else:
+        if MASKED:
+            page = tl.load(page_row + offs_n // PAGE_SIZE, mask=offs_n < kv_end, other=0)
+        else:
+            page = tl.load(page_row + offs_n // PAGE_SIZE)
+        slots = page.to(tl.int64) * PAGE_SIZE + (offs_n % PAGE_SIZE)
+    return slots
+
+
+@triton.jit
+def _load_kv(base, slots, stride_t, offs_n, kv_end, offs_d, mask_d, EVEN_D: tl.constexpr,
+             MASKED: tl.constexpr):
+    ptrs = base + slots[:, None] * stride_t + offs_d[None, :]
+    if MASKED:
+        tile = tl.load(ptrs, mask=(offs_n < kv_end)[:, None] & mask_d[None, :], other=0.0)
+    elif EVEN_D:
+        tile = tl.load(ptrs)
+    else:
+        tile = tl.load(ptrs, mask=mask_d[None, :], other=0.0)
+    return tile
+
+
+@triton.jit
+def _attend_tile(
+    q, acc, m_i, l_i, K, V, page_row, start_n, kv_end, q_pos, stride_kt, stride_vt, qk_scale,
+    offs_d, mask_d, PAGE_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, PAGE_VEC: tl.constexpr,
+    EVEN_D: tl.constexpr, MASKED: tl.constexpr, PRECISION: tl.constexpr, INTERPRET: tl.constexpr,
+):  # fmt: skip
+    """One K/V tile into the online softmax; K and V already point at the tile's KV head.
+    MASKED tiles apply the causal mask (callers guarantee every valid row sees >= 1 key)."""
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    slots = _tile_slots(page_row, start_n, kv_end, PAGE_SIZE, BLOCK_N, PAGE_VEC, MASKED)
+    k = _load_kv(K, slots, stride_kt, offs_n, kv_end, offs_d, mask_d, EVEN_D, MASKED)
+    qk = mma(q, tl.trans(k.to(q.dtype)), PRECISION, INTERPRET)
+    if MASKED:
+        s = tl.where(offs_n[None, :] <= q_pos[:, None], qk * qk_scale, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        p = tl.exp2(s - m_new[:, None])
+    else:  # the scale folds into one multiply-add with the max subtraction
+        m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
+        p = tl.exp2(qk * qk_scale - m_new[:, None])
+    alpha = tl.exp2(m_i - m_new)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    v = _load_kv(V, slots, stride_vt, offs_n, kv_end, offs_d, mask_d, EVEN_D, MASKED)
+    acc = mma_acc(p.to(q.dtype), v.to(q.dtype), acc * alpha[:, None], PRECISION, INTERPRET)
+    return acc, m_new, l_i
+
+
+# One compiled variant for every page-table width, token count and split count.
+@triton.jit(do_not_specialize=["stride_pt", "num_tokens", "num_splits"])
+def _extend_kernel(
     Q,  # [T, Hq, D]
     K,  # [S, Hkv, D] flat pool layer
     V,  # [S, Hkv, D]
     Out,  # [T, Hq, D]
-    qo_indptr,  # [B+1] int32
-    prefix_lens,  # [B] int32
-    page_table,  # [R, max_pages] int32, the device page table
-    req_rows,  # [B] int32, each request's row of page_table
+    PartO,  # [splits, T, Hq, HEAD_DIM] fp32 (SPLIT only)
+    PartLse,  # [splits, T, Hq] fp32, base-2 log-sum-exp (SPLIT only)
+    qo_indptr, prefix_lens, page_table, req_rows,  # as in extend_attention
     qk_scale,  # softmax scale * log2(e)
-    stride_qt,
-    stride_qh,
-    stride_kt,
-    stride_kh,
-    stride_vt,
-    stride_vh,
-    stride_ot,
-    stride_oh,
-    stride_pt,
-    GROUP: tl.constexpr,
-    HEAD_DIM: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-    PAGE_SIZE: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    PRECISION: tl.constexpr,
-    INTERPRET: tl.constexpr,
-):
+    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
+    stride_pt, num_tokens, num_splits,
+    GROUP: tl.constexpr, HEADS_PER_TILE: tl.constexpr, HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr, PAGE_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    PAGE_VEC: tl.constexpr, SPLIT: tl.constexpr, PRECISION: tl.constexpr, INTERPRET: tl.constexpr,
+):  # fmt: skip
     # Launch the longest-running (last, most keys) query blocks first for better load balance.
     m_block = tl.num_programs(0) - 1 - tl.program_id(0)
     req = tl.program_id(1)
-    head = tl.program_id(2)
-    kv_head = head // GROUP
+    head_group = tl.program_id(2) // num_splits
+    split = tl.program_id(2) % num_splits
+    POSITIONS: tl.constexpr = BLOCK_M // HEADS_PER_TILE
+    kv_head = (head_group * HEADS_PER_TILE) // GROUP
 
     q_start = tl.load(qo_indptr + req)
     extend = tl.load(qo_indptr + req + 1) - q_start
-    m_start = m_block * BLOCK_M
+    m_start = m_block * POSITIONS
     if m_start >= extend:  # this request is shorter than the longest one
         return
     prefix = tl.load(prefix_lens + req)
     page_row = page_table + tl.load(req_rows + req).to(tl.int64) * stride_pt
 
-    offs_m = m_start + tl.arange(0, BLOCK_M)
+    # Row r of the tile: position m_start + r // HEADS_PER_TILE, head r % HEADS_PER_TILE of the
+    # group (head-minor, so one position's heads are adjacent in Q and Out).
+    offs_r = tl.arange(0, BLOCK_M)
+    pos = m_start + offs_r // HEADS_PER_TILE
+    head = head_group * HEADS_PER_TILE + offs_r % HEADS_PER_TILE
     offs_d = tl.arange(0, BLOCK_D)
-    mask_m = offs_m < extend
+    mask_m = pos < extend
     mask_d = offs_d < HEAD_DIM
-    tok = (q_start + offs_m).to(tl.int64)
+    tok = (q_start + pos).to(tl.int64)
     q = tl.load(
-        Q + tok[:, None] * stride_qt + head * stride_qh + offs_d[None, :],
+        Q + tok[:, None] * stride_qt + head[:, None] * stride_qh + offs_d[None, :],
         mask=mask_m[:, None] & mask_d[None, :],
         other=0.0,
     )
-    q_pos = prefix + offs_m
+    q_pos = prefix + pos
+    K += kv_head * stride_kh
+    V += kv_head * stride_vh
 
-    # Every row of the block sees keys < full_end; whole BLOCK_N tiles below it need no mask.
+    # Every row sees keys < full_end: whole tiles below it run unmasked; only the last few tiles
+    # (the block's own POSITIONS keys, the diagonal) need the causal mask.
     full_end = prefix + m_start
     n_full = (full_end // BLOCK_N) * BLOCK_N
-    kv_end = tl.minimum(prefix + extend, full_end + BLOCK_M)
+    kv_end = tl.minimum(prefix + extend, full_end + POSITIONS)
+    lo = 0
+    hi = n_full
+    masked_lo = n_full
+    if SPLIT:  # split s takes its share of the unmasked tiles; the last also takes the diagonal
+        tiles = n_full // BLOCK_N
+        per = tl.cdiv(tiles, num_splits)
+        lo = tl.minimum(split * per, tiles) * BLOCK_N
+        hi = tl.minimum(split * per + per, tiles) * BLOCK_N
+        masked_lo = tl.where(split == num_splits - 1, n_full, kv_end)
 
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    for start_n in range(0, n_full, BLOCK_N):
-        acc, m_i, l_i = _attend_block(
-            q, acc, m_i, l_i, K, V, page_row, start_n, kv_end, q_pos, kv_head,
-            stride_kt, stride_kh, stride_vt, stride_vh, qk_scale, offs_d, mask_d,
-            PAGE_SIZE, BLOCK_N, False, PRECISION, INTERPRET, False,
+    EVEN_D: tl.constexpr = BLOCK_D == HEAD_DIM
+    for start_n in range(lo, hi, BLOCK_N):
+        acc, m_i, l_i = _attend_tile(
+            q, acc, m_i, l_i, K, V, page_row, start_n, kv_end, q_pos, stride_kt, stride_vt,
+            qk_scale, offs_d, mask_d, PAGE_SIZE, BLOCK_N, PAGE_VEC, EVEN_D, False, PRECISION,
+            INTERPRET,
         )  # fmt: skip
-    # Key n_full <= full_end <= every row's position, so no row is fully masked here (no NaN).
-    for start_n in range(n_full, kv_end, BLOCK_N):
-        acc, m_i, l_i = _attend_block(
-            q, acc, m_i, l_i, K, V, page_row, start_n, kv_end, q_pos, kv_head,
-            stride_kt, stride_kh, stride_vt, stride_vh, qk_scale, offs_d, mask_d,
-            PAGE_SIZE, BLOCK_N, True, PRECISION, INTERPRET, False,
+    # Key n_full <= full_end <= every row's position, so no valid row is fully masked (no NaN).
+    for start_n in range(masked_lo, kv_end, BLOCK_N):
+        acc, m_i, l_i = _attend_tile(
+            q, acc, m_i, l_i, K, V, page_row, start_n, kv_end, q_pos, stride_kt, stride_vt,
+            qk_scale, offs_d, mask_d, PAGE_SIZE, BLOCK_N, PAGE_VEC, EVEN_D, True, PRECISION,
+            INTERPRET,
         )  # fmt: skip
 
-    out = acc / l_i[:, None]
-    tl.store(
-        Out + tok[:, None] * stride_ot + head * stride_oh + offs_d[None, :],
-        out.to(Out.dtype.element_ty),
-        mask=mask_m[:, None] & mask_d[None, :],
-    )
+    io_mask = mask_m[:, None] & mask_d[None, :]
+    if SPLIT:  # an empty split (no tiles) leaves l = 0: it writes lse -inf and weighs nothing
+        empty = l_i == 0.0
+        l_safe = tl.where(empty, 1.0, l_i)
+        row = (split * num_tokens + tok) * (tl.num_programs(2) // num_splits * HEADS_PER_TILE) + head
+        tl.store(PartO + row[:, None] * HEAD_DIM + offs_d[None, :], acc / l_safe[:, None],
+                 mask=io_mask)
+        tl.store(PartLse + row, tl.where(empty, float("-inf"), m_i + tl.log2(l_safe)), mask=mask_m)
+    else:
+        out = acc / l_i[:, None]
+        tl.store(
+            Out + tok[:, None] * stride_ot + head[:, None] * stride_oh + offs_d[None, :],
+            out.to(Out.dtype.element_ty),
+            mask=io_mask,
+        )
 
 
-def _block_sizes(head_dim_block: int, device: torch.device) -> tuple[int, int, int, int]:
-    """(BLOCK_M, BLOCK_N, num_warps, num_stages) for the launch."""
-    if device.type != "cuda":
-        return 16, 16, 4, 1  # interpreter: small tiles keep numpy work per program low
-    if head_dim_block <= 64:
-        return 128, 64, 4, 3
-    # head_dim 128 on an H100, 8 x 1024 causal prefill (bench_kernels.py --sweep-extend):
-    # 64x64 / 4 warps / 4 stages 0.277 ms vs 0.308 ms for the former 128x64 / 8 warps.
-    return 64, 64, 4, 4
+@triton.jit(do_not_specialize=["num_tokens", "num_splits"])
+def _merge_splits_kernel(
+    PartO, PartLse, Out, stride_ot, stride_oh, num_tokens, num_splits,
+    NUM_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
+):  # fmt: skip
+    """Out[t, h] = the splits' partial outputs weighted by their share of the softmax mass."""
+    tok = tl.program_id(0).to(tl.int64)
+    offs_h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_h = offs_h < NUM_HEADS
+    mask = mask_h[:, None] & (offs_d < HEAD_DIM)[None, :]
+    m = tl.full([BLOCK_H], float("-inf"), dtype=tl.float32)
+    l_sum = tl.zeros([BLOCK_H], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_H, BLOCK_D], dtype=tl.float32)
+    for s in range(num_splits):
+        row = (s * num_tokens + tok) * NUM_HEADS + offs_h
+        lse = tl.load(PartLse + row, mask=mask_h, other=float("-inf"))
+        o = tl.load(PartO + row[:, None] * HEAD_DIM + offs_d[None, :], mask=mask, other=0.0)
+        m_new = tl.maximum(m, lse)
+        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)  # no split seen yet: no NaN
+        alpha = tl.exp2(m - m_ref)
+        w = tl.exp2(lse - m_ref)
+        acc = acc * alpha[:, None] + o * w[:, None]
+        l_sum = l_sum * alpha + w
+        m = m_new
+    out = acc / l_sum[:, None]
+    tl.store(Out + tok * stride_ot + offs_h[:, None] * stride_oh + offs_d[None, :],
+             out.to(Out.dtype.element_ty), mask=mask)
 
 
 def _check_paged_inputs(
@@ -243,7 +365,10 @@ def extend_attention(
     max_extend_len: int,
     scale: float,
     out: torch.Tensor | None = None,  # [T, Hq, D]
-    config: tuple[int, int, int, int] | None = None,  # (BLOCK_M, BLOCK_N, warps, stages)
+    config: ExtendConfig | None = None,  # default: the table's entry for this shape and GPU
+    *,
+    max_seq_len: int | None = None,  # longest prefix + extend; enables split-KV when known
+    num_kv_splits: int | None = None,  # force a split count (default: choose_kv_splits)
 ) -> torch.Tensor:  # [T, Hq, D]
     """Causal attention of each request's new queries over its cached prefix plus itself."""
     _check_paged_inputs(q, k_flat, v_flat, page_size)
@@ -255,17 +380,38 @@ def extend_attention(
     if num_tokens == 0 or batch == 0:
         return out
     _check_rows(page_table, req_rows, prefix_lens)
+    group = num_heads // k_flat.shape[1]
     block_d = max(16, triton.next_power_of_2(head_dim))
-    block_m, block_n, num_warps, num_stages = config or _block_sizes(block_d, q.device)
-    grid = (triton.cdiv(max_extend_len, block_m), batch, num_heads)
-    _extend_attention_kernel[grid](
-        q, k_flat, v_flat, out, qo_indptr, prefix_lens, page_table, req_rows, scale * LOG2E,
-        q.stride(0), q.stride(1), k_flat.stride(0), k_flat.stride(1),
-        v_flat.stride(0), v_flat.stride(1), out.stride(0), out.stride(1), page_table.stride(0),
-        GROUP=num_heads // k_flat.shape[1], HEAD_DIM=head_dim, BLOCK_D=block_d,
-        PAGE_SIZE=page_size, BLOCK_M=block_m, BLOCK_N=block_n,
-        PRECISION=dot_precision(q.dtype), INTERPRET=interpreting(), num_warps=num_warps, num_stages=num_stages,
+    cfg = config or default_config(block_d, group, q.device)
+    assert group % cfg.heads_per_tile == 0, f"{cfg} packs more heads than the group of {group}"
+    head_groups = num_heads // cfg.heads_per_tile
+    m_blocks = triton.cdiv(max_extend_len, cfg.block_m // cfg.heads_per_tile)
+    splits = num_kv_splits or choose_kv_splits(
+        m_blocks * batch * head_groups, max_seq_len, num_tokens, num_heads, head_dim,
+        sm_count(q.device),
     )  # fmt: skip
+    assert splits >= 1 and head_groups * splits < 65536, f"bad split count {splits}"
+    part_o = part_lse = out  # unused unless split
+    if splits > 1:
+        part_o = torch.empty(splits, num_tokens, num_heads, head_dim, dtype=torch.float32,
+                             device=q.device)
+        part_lse = torch.empty(splits, num_tokens, num_heads, dtype=torch.float32, device=q.device)
+    _extend_kernel[(m_blocks, batch, head_groups * splits)](
+        q, k_flat, v_flat, out, part_o, part_lse, qo_indptr, prefix_lens, page_table, req_rows,
+        scale * LOG2E, q.stride(0), q.stride(1), k_flat.stride(0), k_flat.stride(1),
+        v_flat.stride(0), v_flat.stride(1), out.stride(0), out.stride(1), page_table.stride(0),
+        num_tokens, splits,
+        GROUP=group, HEADS_PER_TILE=cfg.heads_per_tile, HEAD_DIM=head_dim, BLOCK_D=block_d,
+        PAGE_SIZE=page_size, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, PAGE_VEC=cfg.page_vec,
+        SPLIT=splits > 1, PRECISION=dot_precision(q.dtype), INTERPRET=interpreting(),
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )  # fmt: skip
+    if splits > 1:
+        block_h = min(triton.next_power_of_2(num_heads), 8)
+        _merge_splits_kernel[(num_tokens, triton.cdiv(num_heads, block_h))](
+            part_o, part_lse, out, out.stride(0), out.stride(1), num_tokens, splits,
+            NUM_HEADS=num_heads, HEAD_DIM=head_dim, BLOCK_H=block_h, BLOCK_D=block_d,
+        )  # fmt: skip
     return out
 
 

@@ -1,0 +1,101 @@
+"""Tile configurations for the extend (prefill) attention kernel, and its split-KV policy.
+
+A config is chosen by (padded head_dim, GQA group size, GPU major capability); the table holds
+the winners of ``bench/bench_prefill.py --sweep`` (run by ``bench/gpu_prefill.sh``), and shapes
+it has no entry for fall back to a rule of thumb. Split-KV is chosen from host-side sizes only.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import torch
+import triton
+
+
+def _pow2(x: int) -> bool:
+    return x >= 1 and x & (x - 1) == 0
+
+
+@dataclass(frozen=True)
+class ExtendConfig:
+    """One launch shape. A tile has ``block_m`` rows: ``block_m // heads_per_tile`` query
+    positions times ``heads_per_tile`` query heads of one KV head (GQA packing), so a K/V tile
+    loaded once serves every packed head."""
+
+    block_m: int
+    block_n: int
+    heads_per_tile: int
+    num_warps: int
+    num_stages: int
+    page_vec: bool = True  # pages >= 16 tokens: one page-table read per page, not per key
+
+    def __post_init__(self) -> None:
+        for name in ("block_m", "block_n", "heads_per_tile", "num_warps"):
+            assert _pow2(getattr(self, name)), f"ExtendConfig.{name} must be a power of 2: {self}"
+        assert self.block_m >= 16 and self.block_n >= 16, f"tiles below 16 rows: {self}"
+        assert self.block_m % self.heads_per_tile == 0, f"heads_per_tile must divide block_m: {self}"
+        assert self.block_m // self.heads_per_tile >= 1 and self.num_stages >= 1, f"bad {self}"
+
+    def as_tuple(self) -> tuple[int, int, int, int, int, bool]:
+        return (self.block_m, self.block_n, self.heads_per_tile, self.num_warps, self.num_stages,
+                self.page_vec)
+
+
+# (padded head_dim, group, major capability) -> winner of the H200 sweep (bench/gpu_prefill.sh).
+TABLE: dict[tuple[int, int, int], ExtendConfig] = {}
+
+INTERPRETER_CONFIG = (16, 16, 4, 1)  # (block_m, block_n, warps, stages): small numpy tiles
+
+
+def packable_heads(group: int, cap: int) -> int:
+    """Largest power of 2 up to ``cap`` that divides the GQA group (1: no packing)."""
+    h = 1
+    while h * 2 <= cap and group % (h * 2) == 0:
+        h *= 2
+    return h
+
+
+def default_config(block_d: int, group: int, device: torch.device) -> ExtendConfig:
+    """The table's entry for this shape and GPU, else a rule of thumb."""
+    if device.type != "cuda":
+        bm, bn, warps, stages = INTERPRETER_CONFIG
+        return ExtendConfig(bm, bn, packable_heads(group, min(bm, 4)), warps, stages)
+    major = torch.cuda.get_device_capability(device)[0]
+    hit = TABLE.get((block_d, group, major))
+    if hit is not None:
+        return hit
+    if block_d <= 64:
+        return ExtendConfig(128, 64, packable_heads(group, 8), 4, 3)
+    if block_d <= 128:
+        return ExtendConfig(128, 64, packable_heads(group, 4), 4, 3)
+    return ExtendConfig(64, 32, packable_heads(group, 4), 4, 2)  # wide heads: keep registers low
+
+
+@functools.lru_cache(maxsize=8)
+def sm_count(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 8
+    return int(torch.cuda.get_device_properties(device).multi_processor_count)
+
+
+MIN_SPLIT_KEYS = 2048  # keys per split at least: below it the merge costs more than it saves
+MAX_SPLITS = 16
+MAX_SCRATCH_BYTES = 512 << 20  # fp32 partial outputs of all splits
+
+
+def choose_kv_splits(programs: int, max_seq_len: int | None, num_tokens: int, num_heads: int,
+                     head_dim: int, num_sms: int) -> int:
+    """KV splits for a launch of ``programs`` tiles: 1 unless the tiles alone leave SMs idle
+    (about two programs per SM are needed to fill one) and the longest KV is long enough that
+    each split still scans ``MIN_SPLIT_KEYS`` keys."""
+    if max_seq_len is None or programs <= 0:
+        return 1
+    target = 2 * num_sms
+    if programs >= target:
+        return 1
+    splits = min(triton.cdiv(target, programs), max_seq_len // MIN_SPLIT_KEYS, MAX_SPLITS)
+    per_split = num_tokens * num_heads * (head_dim + 1) * 4
+    splits = min(splits, MAX_SCRATCH_BYTES // max(per_split, 1))
+    return max(1, splits)

@@ -57,6 +57,12 @@ class EngineConfig:
     # Batch-invariant kernels (GEMM and attention): a request's tokens and logprobs never
     # depend on the prefix cache, batch composition or chunking. CUDA + Triton only; slower.
     deterministic_inference: bool = False
+    # Shared-prefix (cascade) decode: requests sharing a cached prefix of at least
+    # cascade_min_shared_pages pages, cascade_min_group or more of them, read it once per group
+    # per step. "auto" = the engine's measured default (engine/runner.py CASCADE_AUTO_ON_CUDA).
+    cascade_decode: Literal["auto", "on", "off"] = "auto"
+    cascade_min_shared_pages: int = 2
+    cascade_min_group: int = 2
     debug_invariants: bool = False  # check cache/pool invariants whenever the engine is idle
     # Tensor parallelism: the model split over this many ranks (processes; on CUDA, GPUs
     # device..device+tp_size-1), one scheduler and radix cache on rank 0.
@@ -102,6 +108,14 @@ class EngineConfig:
              "deterministic_inference", "needs device='cuda' (it runs batch-invariant Triton kernels)")
         need(not self.deterministic_inference or self.attention_backend in ("auto", "triton"),
              "deterministic_inference", f"needs the triton attention backend, not {self.attention_backend!r}")
+        need(self.cascade_decode in ("auto", "on", "off"), "cascade_decode",
+             f"must be 'auto', 'on' or 'off', got {self.cascade_decode!r}")
+        need(self.cascade_decode != "on" or not self.deterministic_inference, "cascade_decode",
+             "'on' is not batch-invariant: it cannot be combined with deterministic_inference")
+        need(self.cascade_decode != "on" or self.attention_backend in ("auto", "torch", "triton"),
+             "cascade_decode", f"'on' needs the triton or torch backend, not {self.attention_backend!r}")
+        need(self.cascade_min_shared_pages >= 1, "cascade_min_shared_pages", "must be >= 1")
+        need(self.cascade_min_group >= 2, "cascade_min_group", "must be >= 2")
         need(self.load_format in ("auto", "safetensors", "gguf", "dummy"), "load_format",
              f"unknown load format {self.load_format!r}")
         need(isinstance(self.tp_size, int) and self.tp_size >= 1, "tp_size",

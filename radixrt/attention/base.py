@@ -15,12 +15,16 @@ import torch
 if TYPE_CHECKING:
     from radixrt.cache.kv_pool import KVPool
     from radixrt.engine.batch import ForwardBatch
+    from radixrt.engine.cascade_groups import CascadePolicy
 
 
 class AttentionBackend(ABC):
     # Whether a decode step can be captured in a CUDA graph (prepare() touches host state only
     # and forward() reads fixed device buffers).
     supports_cuda_graph = True
+    # Set when decode steps may carry shared-prefix groups (``ForwardBatch.cascade``) for this
+    # backend to read once per group; None: the step builder computes no grouping.
+    cascade_policy: CascadePolicy | None = None
 
     def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float) -> None:
         assert num_heads % num_kv_heads == 0, "query heads must be a multiple of KV heads (GQA)"

@@ -16,6 +16,7 @@ from radixrt.attention.base import AttentionBackend
 if TYPE_CHECKING:
     from radixrt.cache.kv_pool import KVPool
     from radixrt.engine.batch import ForwardBatch
+    from radixrt.engine.cascade_groups import CascadePolicy
 
 
 def gather_slots(page_table_row: torch.Tensor, seq_len: int, page_size: int) -> torch.Tensor:
@@ -80,7 +81,62 @@ def paged_decode_reference(
     return out.reshape(bsz, num_heads, head_dim).to(q.dtype)
 
 
+def _partial(qg: torch.Tensor, k: torch.Tensor, v: torch.Tensor, valid: torch.Tensor,
+             scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Normalised attention output and natural-log LSE of queries ``qg`` [N, Hkv, G, D] over
+    keys [N, L, Hkv, D] where ``valid`` [N, L]; rows without a valid key give (0, -inf)."""
+    scores = torch.einsum("bhgd,blhd->bhgl", qg, k) * scale
+    scores = scores.masked_fill(~valid[:, None, None, :], float("-inf"))
+    lse = torch.logsumexp(scores, dim=-1)  # [N, Hkv, G]
+    probs = torch.exp(scores - torch.where(lse.isinf(), 0.0, lse)[..., None])
+    return torch.einsum("bhgl,blhd->bhgd", probs, v), lse
+
+
+def cascade_decode_reference(
+    q: torch.Tensor,  # [B, Hq, D]
+    k_flat: torch.Tensor,  # [S, Hkv, D]
+    v_flat: torch.Tensor,  # [S, Hkv, D]
+    batch: ForwardBatch,
+    scale: float,
+) -> torch.Tensor:  # [B, Hq, D]
+    """Decode the cascade way (``batch.cascade``): each group's shared prefix once for all its
+    members, each request's own suffix, merged by log-sum-exp; in fp32."""
+    groups = batch.cascade
+    assert groups is not None, "cascade reference needs the batch's groups"
+    bsz, num_heads, head_dim = q.shape
+    num_kv_heads = k_flat.shape[1]
+    qg = q.float().view(bsz, num_kv_heads, num_heads // num_kv_heads, head_dim)
+    ps = batch.page_size
+    starts = torch.zeros(bsz, dtype=torch.long, device=q.device)
+    members = torch.as_tensor(groups.members, device=q.device)
+    sizes = torch.as_tensor(groups.indptr[1:] - groups.indptr[:-1], device=q.device)
+    starts[members] = torch.as_tensor(groups.shared_lens, device=q.device).repeat_interleave(sizes)
+    # Own suffixes [start, seq_len), all requests at once (padded to the longest).
+    pos = torch.arange(batch.max_seq_len, device=q.device)
+    rows = batch.page_table.index_select(0, batch.req_rows.long())
+    valid = (pos[None, :] < batch.seq_lens.long()[:, None]) & (pos[None, :] >= starts[:, None])
+    slots = torch.where(valid, rows.long()[:, pos // ps] * ps + pos % ps, 0)
+    out, lse = _partial(qg, k_flat[slots].float(), v_flat[slots].float(), valid, scale)
+    for g in range(groups.num_groups):
+        idx = members[int(groups.indptr[g]) : int(groups.indptr[g + 1])]
+        length = int(groups.shared_lens[g])
+        shared = gather_slots(batch.page_table[int(groups.rows[g])], length, ps)
+        k = k_flat[shared].float()[None].expand(len(idx), -1, -1, -1)  # read once, all members
+        v = v_flat[shared].float()[None].expand(len(idx), -1, -1, -1)
+        all_valid = torch.ones(len(idx), length, dtype=torch.bool, device=q.device)
+        p_out, p_lse = _partial(qg[idx], k, v, all_valid, scale)
+        m = torch.maximum(lse[idx], p_lse)
+        w_s, w_p = torch.exp(lse[idx] - m), torch.exp(p_lse - m)
+        out[idx] = (out[idx] * w_s[..., None] + p_out * w_p[..., None]) / (w_s + w_p)[..., None]
+    return out.reshape(bsz, num_heads, head_dim).to(q.dtype)
+
+
 class TorchReferenceBackend(AttentionBackend):
+    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float, *,
+                 cascade: CascadePolicy | None = None) -> None:
+        super().__init__(num_heads, num_kv_heads, head_dim, scale)
+        self.cascade_policy = cascade
+
     def prepare(self, batch: ForwardBatch) -> None:
         # Nothing to precompute: the reference reads the batch's host lists directly.
         return None
@@ -95,6 +151,10 @@ class TorchReferenceBackend(AttentionBackend):
         batch: ForwardBatch,
     ) -> torch.Tensor:
         pool.store(layer_id, batch.out_slots, k, v)
+        if batch.is_decode and batch.cascade is not None and self.cascade_policy is not None:
+            return cascade_decode_reference(
+                q, pool.k_flat(layer_id), pool.v_flat(layer_id), batch, self.scale
+            )
         if batch.is_decode:
             return paged_decode_reference(
                 q, pool.k_flat(layer_id), pool.v_flat(layer_id), batch, self.scale

@@ -8,6 +8,12 @@ allocations. The split partials live in buffers allocated once here, sized for t
 split count from the batch size alone (a host int), so a graph captured at a batch size replays
 with the same grid whatever the sequence lengths.
 
+With ``cascade`` set, a decode step whose batch carries shared-prefix groups
+(``ForwardBatch.cascade``) runs the cascade kernels instead (kernels/cascade_decode.py): each
+group's prefix read once per tile of members, each request's suffix, an LSE merge. Its metadata
+goes to fixed device buffers (attention/cascade_plan.py) and pass 1 loops over a device-side item
+count, so a graph captured with groups replays any grouping; ungrouped requests ride along.
+
 With ``deterministic=True`` every step (prefill, mixed, decode) runs the batch-invariant kernel
 instead, so a token's attention output never depends on the batch it was computed in.
 """
@@ -19,7 +25,9 @@ from typing import TYPE_CHECKING
 import torch
 
 from radixrt.attention.base import AttentionBackend
-from radixrt.kernels.decode_attention import choose_num_splits, decode_attention
+from radixrt.attention.cascade_plan import CascadeBuffers, ItemBudget
+from radixrt.kernels.cascade_decode import CascadeMeta, PrefixTiling, cascade_decode
+from radixrt.kernels.decode_attention import choose_num_splits, decode_attention, decode_block_n
 from radixrt.kernels.extend_attention import extend_attention
 from radixrt.kernels.invariant_attention import SplitBuffers, invariant_attention, invariant_chunk
 from radixrt.kernels.store_kv import store_kv
@@ -27,6 +35,7 @@ from radixrt.kernels.store_kv import store_kv
 if TYPE_CHECKING:
     from radixrt.cache.kv_pool import KVPool
     from radixrt.engine.batch import ForwardBatch
+    from radixrt.engine.cascade_groups import CascadePolicy
 
 
 class TritonAttentionBackend(AttentionBackend):
@@ -44,6 +53,9 @@ class TritonAttentionBackend(AttentionBackend):
         num_sms: int | None = None,
         deterministic: bool = False,
         max_context_len: int = 8192,
+        cascade: CascadePolicy | None = None,
+        cascade_tile_reqs: int | None = None,
+        cascade_item_target: int | None = None,
     ) -> None:
         super().__init__(num_heads, num_kv_heads, head_dim, scale)
         assert max_batch_size >= 1 and max_kv_splits >= 1, "need a positive batch and split cap"
@@ -77,6 +89,25 @@ class TritonAttentionBackend(AttentionBackend):
         )
         self._part_lse = torch.empty(rows * num_heads, dtype=torch.float32, device=self.device)
         self._num_splits = 1
+        assert cascade is None or not deterministic, "cascade decode is not batch-invariant"
+        self.cascade_policy = cascade
+        self._cascade: CascadeBuffers | None = None
+        self._meta: CascadeMeta | None = None  # the prepared step's, when it has groups
+        if cascade is not None:
+            self._cascade = self._cascade_buffers(cascade_tile_reqs, cascade_item_target)
+
+    def _cascade_buffers(self, tile_reqs: int | None, item_target: int | None) -> CascadeBuffers:
+        tiling = PrefixTiling.make(self.num_heads // self.num_kv_heads, self.device, tile_reqs)
+        on_gpu = self.device.type == "cuda"
+        # Pass 1 fills ~4 programs per SM; each loops over items (KV chunks of a tile).
+        target = item_target or max(1, -(-4 * self.num_sms // self.num_kv_heads))
+        block_n = decode_block_n(self.device)
+        budget = ItemBudget(item_target=target,
+                            item_cap=max(target, -(-self.max_batch_size // 2)),
+                            min_chunk=256 if on_gpu else block_n, block_n=block_n)
+        return CascadeBuffers(tiling, budget, max_batch=self.max_batch_size,
+                              num_kv_heads=self.num_kv_heads, head_dim=self.head_dim,
+                              device=self.device)
 
     @property
     def kv_split(self) -> bool:
@@ -96,6 +127,9 @@ class TritonAttentionBackend(AttentionBackend):
                 f"decode batch {batch.batch_size} > max_batch_size {self.max_batch_size}"
             )
             self._num_splits = self.num_splits_for(batch.batch_size)
+        self._meta = None
+        if batch.is_decode and self._cascade is not None and batch.cascade is not None:
+            self._meta = self._cascade.upload(batch.cascade, batch.batch_size)
 
     def forward(
         self,
@@ -113,6 +147,16 @@ class TritonAttentionBackend(AttentionBackend):
                 q, k_flat, v_flat, batch.qo_indptr, batch.prefix_lens, batch.page_table,
                 batch.req_rows, batch.page_size, batch.max_extend_len, self.scale, chunk=self.chunk,
                 split=self._split_buffers if self._split else None, seq_lens=batch.seq_lens,
+            )
+        if batch.is_decode and self._meta is not None:
+            assert self._cascade is not None
+            buffers = self._cascade
+            return cascade_decode(
+                q, k_flat, v_flat, batch.seq_lens, batch.page_table, batch.req_rows,
+                batch.page_size, self.scale, self._meta, buffers.tiling,
+                num_splits=self._num_splits, prefix_programs=buffers.budget.item_target,
+                suf_out=self._part_out, suf_lse=self._part_lse, pre_out=buffers.pre_out,
+                pre_lse=buffers.pre_lse, min_split_len=self.min_split_len,
             )
         if batch.is_decode:
             return decode_attention(

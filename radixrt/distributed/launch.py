@@ -38,7 +38,7 @@ from radixrt.cache.device_pages import DevicePageTable
 from radixrt.cache.kv_pool import KVPool
 from radixrt.distributed.group import TPGroup, TPPeerLost, free_port
 from radixrt.distributed.plan import PlanSender, RecordingPageTable
-from radixrt.engine.runner import ModelRunner, make_attention_backend
+from radixrt.engine.runner import ModelRunner, cascade_policy, make_attention_backend
 from radixrt.models.layers import set_gemm
 from radixrt.models.loader import LoadedModel, load_model
 
@@ -140,6 +140,7 @@ def build_runner(config: EngineConfig, device: torch.device, tp: TPGroup | None)
         num_kv_heads=plan.num_kv_heads, head_dim=args.head_dim,
         max_batch=config.max_running_requests, dtype=config.torch_dtype,
         deterministic=config.deterministic_inference, max_context_len=max_context,
+        cascade=cascade_policy(config),
     )
     if config.deterministic_inference:
         from radixrt.kernels.matmul import batch_invariant_linear

@@ -36,6 +36,7 @@ import torch
 
 from radixrt.cache.device_pages import DevicePageTable
 from radixrt.cache.page_table import SequencePages
+from radixrt.engine.cascade_groups import CascadeGroups
 
 
 @dataclass
@@ -57,6 +58,8 @@ class ForwardBatch:
     extend_lens_cpu: list[int]
     prefix_lens_cpu: list[int]
     req_rows_cpu: list[int]
+    # Decode only: requests sharing a cached prefix (cascade_groups.py); None = no groups.
+    cascade: CascadeGroups | None = None
 
     @property
     def batch_size(self) -> int:

@@ -7,6 +7,10 @@ replay copies only the per-request vectors. Padding rows point at the table's sc
 
     static rows   0 .. B-1  real requests (ids, positions, slots, seq lens, table rows copied in)
                   B .. P-1  padding: id 0, position 0, slot 0, seq_len 1, row 0
+
+With a cascade backend every size is captured twice: without groups, and with (the backend's
+fixed cascade buffers hold the step's grouping, written by ``prepare`` before the replay; padding
+rows are in no group). A step carrying groups replays the second.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from radixrt.attention.base import AttentionBackend
 from radixrt.cache.device_pages import DevicePageTable
 from radixrt.cache.kv_pool import KVPool
 from radixrt.engine.batch import ForwardBatch
+from radixrt.engine.cascade_groups import CascadeGroups
 
 logger = logging.getLogger(__name__)
 
@@ -58,11 +63,15 @@ class DecodeGraphs:
         self.qo_indptr = torch.arange(max_batch + 1, dtype=torch.int32, device=dev)
         self.logits_indices = torch.arange(max_batch, dtype=torch.int64, device=dev)
         self.sizes = capture_sizes(max_batch)
-        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
-        self.outputs: dict[int, torch.Tensor] = {}
+        # Keyed (size, with cascade groups).
+        self.graphs: dict[tuple[int, bool], torch.cuda.CUDAGraph] = {}
+        self.outputs: dict[tuple[int, bool], torch.Tensor] = {}
+        policy = backend.cascade_policy
+        self.modes = [False] if policy is None else [False, True]
+        self._min_group = policy.min_group if policy is not None else 0
         self.mempool: Any = None
 
-    def _static_batch(self, size: int) -> ForwardBatch:
+    def _static_batch(self, size: int, cascade: CascadeGroups | None = None) -> ForwardBatch:
         return ForwardBatch(
             input_ids=self.input_ids[:size], positions=self.positions[:size],
             qo_indptr=self.qo_indptr[: size + 1], prefix_lens=self.prefix_lens[:size],
@@ -71,7 +80,7 @@ class DecodeGraphs:
             out_slots=self.out_slots[:size], logits_indices=self.logits_indices[:size],
             page_size=self.page_size, is_decode=True, max_extend_len=1,
             max_seq_len=self.table.max_pages * self.page_size, extend_lens_cpu=[1] * size,
-            prefix_lens_cpu=[0] * size, req_rows_cpu=[0] * size,
+            prefix_lens_cpu=[0] * size, req_rows_cpu=[0] * size, cascade=cascade,
         )
 
     def _run_model(self, batch: ForwardBatch) -> torch.Tensor:
@@ -90,20 +99,26 @@ class DecodeGraphs:
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
             for size in reversed(self.sizes):  # largest first so smaller ones reuse its memory
-                batch = self._static_batch(size)
-                self.backend.prepare(batch)
-                for _ in range(2):  # warm up: Triton compiles and autotunes outside the graph
-                    self._run_model(batch)
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph, pool=self.mempool, stream=stream):
-                    self.outputs[size] = self._run_model(batch)
-                if self.mempool is None:
-                    self.mempool = graph.pool()
-                self.graphs[size] = graph
+                for grouped in self.modes:
+                    if grouped and size < self._min_group:
+                        continue  # no group fits
+                    self._capture_one(size, grouped, stream)
         torch.cuda.current_stream().wait_stream(stream)
         torch.cuda.synchronize(self.pool.device)
         logger.info("captured %d decode CUDA graphs (batch <= %d) in %.1fs",
                     len(self.graphs), self.max_batch, time.perf_counter() - start)
+
+    def _capture_one(self, size: int, grouped: bool, stream: torch.cuda.Stream) -> None:
+        batch = self._static_batch(size, CascadeGroups.empty() if grouped else None)
+        self.backend.prepare(batch)
+        for _ in range(2):  # warm up: Triton compiles and autotunes outside the graph
+            self._run_model(batch)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.mempool, stream=stream):
+            self.outputs[size, grouped] = self._run_model(batch)
+        if self.mempool is None:
+            self.mempool = graph.pool()
+        self.graphs[size, grouped] = graph
 
     def can_run(self, batch: ForwardBatch) -> bool:
         # A batch built on another table (tests' one-off batches) cannot use these graphs.
@@ -124,9 +139,10 @@ class DecodeGraphs:
         self.req_rows[:bsz].copy_(batch.req_rows)
         if size > bsz:
             self._reset_rows(bsz, size)
-        self.backend.prepare(self._static_batch(size))
-        self.graphs[size].replay()
-        return self.outputs[size][:bsz]
+        key = (size, batch.cascade is not None and (size, True) in self.graphs)
+        self.backend.prepare(self._static_batch(size, batch.cascade if key[1] else None))
+        self.graphs[key].replay()
+        return self.outputs[key][:bsz]
 
     def _reset_rows(self, start: int, end: int) -> None:
         self.input_ids[start:end].zero_()

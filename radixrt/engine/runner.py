@@ -13,18 +13,38 @@ from radixrt.attention.base import AttentionBackend
 from radixrt.cache.device_pages import DevicePageTable, rows_needed
 from radixrt.cache.kv_pool import KVPool
 from radixrt.engine.batch import ForwardBatch
+from radixrt.engine.cascade_groups import CascadePolicy, PrefixGrouper
 from radixrt.engine.cuda_graph import DecodeGraphs
 
 if TYPE_CHECKING:
+    from radixrt.config import EngineConfig
     from radixrt.distributed.launch import Followers
     from radixrt.distributed.plan import PlanSender
 
 logger = logging.getLogger(__name__)
 
+# What cascade_decode="auto" means on CUDA with the Triton backend: flip to True once the GPU
+# benchmark (bench/gpu_cascade.sh) shows the cascade path faster end to end.
+CASCADE_AUTO_ON_CUDA = False
+
+
+def cascade_policy(config: EngineConfig) -> CascadePolicy | None:
+    """The shared-prefix decode policy ``config`` asks for (None: off)."""
+    mode = config.cascade_decode
+    backend = config.attention_backend
+    if mode == "auto":
+        on_triton = backend == "triton" or (backend == "auto" and config.device != "cpu")
+        mode = "on" if (CASCADE_AUTO_ON_CUDA and config.device != "cpu" and on_triton
+                        and not config.deterministic_inference) else "off"
+    if mode == "off":
+        return None
+    return CascadePolicy(config.cascade_min_shared_pages, config.cascade_min_group)
+
 
 def make_attention_backend(
     name: str, device: torch.device, *, num_heads: int, num_kv_heads: int, head_dim: int,
     max_batch: int, dtype: torch.dtype, deterministic: bool = False, max_context_len: int = 8192,
+    cascade: CascadePolicy | None = None,
 ) -> AttentionBackend:
     # ``deterministic`` (triton only) is checked against the backend by EngineConfig.
     scale = head_dim**-0.5
@@ -33,14 +53,16 @@ def make_attention_backend(
     if name == "torch":
         from radixrt.attention.torch_ref import TorchReferenceBackend
 
-        return TorchReferenceBackend(num_heads, num_kv_heads, head_dim, scale)
+        return TorchReferenceBackend(num_heads, num_kv_heads, head_dim, scale, cascade=cascade)
     if name == "triton":
         from radixrt.attention.triton_backend import TritonAttentionBackend
 
         return TritonAttentionBackend(num_heads, num_kv_heads, head_dim, scale, device=device,
                                       max_batch_size=max(max_batch, 1),
                                       deterministic=deterministic,
-                                      max_context_len=max_context_len)
+                                      max_context_len=max_context_len, cascade=cascade)
+    if cascade is not None:
+        raise ValueError(f"cascade decode needs the triton or torch attention backend, not {name!r}")
     if name == "flashinfer":
         from radixrt.attention.flashinfer_backend import FlashInferBackend
 
@@ -77,6 +99,9 @@ class ModelRunner:
         self.plan_sender: PlanSender | None = None
         self.on_close: list[Callable[[], None]] = []  # run once by close() (TP: stop followers)
         self.tp_followers: Followers | None = None  # TP rank 0: the other ranks' processes
+        # Groups decode steps by shared cached prefix when the backend reads them (cascade).
+        policy = backend.cascade_policy
+        self.cascade = PrefixGrouper(policy, pool.page_size) if policy is not None else None
         self.graphs: DecodeGraphs | None = None
         if graph_max_batch > 0 and self.device.type == "cuda" and backend.supports_cuda_graph:
             self.graphs = DecodeGraphs(model, pool, backend, max_batch=graph_max_batch,

@@ -170,6 +170,7 @@ class Scheduler:
         batch = step_builder.build(
             work, self.runner.page_table, pending=feeds,
             pending_tokens=prev.pending.tokens if prev is not None and prev.pending else None,
+            cascade=self.runner.cascade,
         )
         logits = self.runner.forward(batch.forward)
         return self.results.launch(work, batch, logits)

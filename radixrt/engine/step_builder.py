@@ -16,6 +16,7 @@ import torch
 
 from radixrt.cache.device_pages import DevicePageTable
 from radixrt.engine.batch import ForwardBatch, host_to_device, pack_forward_batch
+from radixrt.engine.cascade_groups import PrefixGrouper
 from radixrt.engine.request import Sequence
 
 
@@ -48,9 +49,11 @@ def build(
     *,
     pending: dict[int, int] | None = None,
     pending_tokens: torch.Tensor | None = None,
+    cascade: PrefixGrouper | None = None,
 ) -> StepBatch:
     """``pending`` maps id(seq) -> row of ``pending_tokens`` (the previous step's device draw)
-    for sequences whose input token the host has not read yet (overlap).
+    for sequences whose input token the host has not read yet (overlap). ``cascade``: group a
+    pure-decode step's sequences by shared cached prefix (``ForwardBatch.cascade``).
 
     Host work is O(batch + new tokens + changed pages): a decoding sequence costs a few list
     operations whatever its length, because its pages already sit in its device row and only
@@ -110,6 +113,8 @@ def build(
         prefix_lens=prefix_lens, req_rows=rows, out_slots=np.array(slots, dtype=np.int64),
         logits_indices=np.array(logits_idx, dtype=np.int64), table=table,
     )
+    if cascade is not None and forward.is_decode:
+        forward.cascade = cascade.group([seq for seq, _ in work], rows, prefix_lens)
     if fill_at:
         assert pending_tokens is not None, "pending sequences need the previous step's tokens"
         src = pending_tokens.index_select(0, host_to_device(fill_from, torch.int64, pending_tokens.device))

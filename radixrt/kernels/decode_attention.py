@@ -45,6 +45,16 @@ def _split_range(
     return start, end
 
 
+@triton.jit
+def split_range_from(
+    kv_start, seq_len, split, NUM_SPLITS: tl.constexpr, BLOCK_N: tl.constexpr,
+    MIN_SPLIT_LEN: tl.constexpr,
+):
+    """``_split_range`` of the KV range [kv_start, seq_len) (a cascade request's own suffix)."""
+    start, end = _split_range(seq_len - kv_start, split, NUM_SPLITS, BLOCK_N, MIN_SPLIT_LEN)
+    return kv_start + start, kv_start + end
+
+
 # One compiled variant for every page-table width (the engine's table, tests' one-off ones).
 @triton.jit(do_not_specialize=["stride_pt"])
 def _decode_stage1_kernel(
@@ -56,6 +66,7 @@ def _decode_stage1_kernel(
     seq_lens,  # [B] int32
     page_table,  # [R, max_pages] int32, the device page table
     req_rows,  # [B] int32, each request's row of page_table
+    kv_starts,  # [B] int32 first KV position to attend (read only when HAS_KV_START)
     qk_scale,
     stride_qb,
     stride_qh,
@@ -74,12 +85,17 @@ def _decode_stage1_kernel(
     MIN_SPLIT_LEN: tl.constexpr,
     PRECISION: tl.constexpr,
     INTERPRET: tl.constexpr,
+    HAS_KV_START: tl.constexpr = False,
 ):
     req = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
     seq_len = tl.load(seq_lens + req)
-    start, end = _split_range(seq_len, split, NUM_SPLITS, BLOCK_N, MIN_SPLIT_LEN)
+    if HAS_KV_START:
+        kv_start = tl.load(kv_starts + req)
+        start, end = split_range_from(kv_start, seq_len, split, NUM_SPLITS, BLOCK_N, MIN_SPLIT_LEN)
+    else:
+        start, end = _split_range(seq_len, split, NUM_SPLITS, BLOCK_N, MIN_SPLIT_LEN)
     if start >= end:
         return
     page_row = page_table + tl.load(req_rows + req).to(tl.int64) * stride_pt
@@ -195,6 +211,44 @@ def decode_attention(
 ) -> torch.Tensor:  # [B, Hq, D]
     """Attention of one new query per request over its whole KV (no host syncs, no allocation
     beyond ``out`` when it is not given)."""
+    if out is None:
+        out = torch.empty_like(q)
+    assert out.shape == q.shape and out.stride(2) == 1, "out must be [B, Hq, D], D contiguous"
+    if q.shape[0] == 0:
+        return out
+    block_n, min_split_len = decode_partials(
+        q, k_flat, v_flat, seq_lens, page_table, req_rows, page_size, scale, num_splits,
+        part_out, part_lse, min_split_len=min_split_len,
+    )  # fmt: skip
+    batch, num_heads, head_dim = q.shape
+    _decode_stage2_kernel[(batch, num_heads)](
+        part_out, part_lse, out, seq_lens, out.stride(0), out.stride(1),
+        HEAD_DIM=head_dim, BLOCK_D=max(16, triton.next_power_of_2(head_dim)), BLOCK_N=block_n,
+        NUM_SPLITS=num_splits, BLOCK_S=triton.next_power_of_2(num_splits),
+        MIN_SPLIT_LEN=min_split_len, num_warps=4 if q.device.type == "cuda" else 1,
+    )  # fmt: skip
+    return out
+
+
+def decode_partials(
+    q: torch.Tensor,  # [B, Hq, D]
+    k_flat: torch.Tensor,  # [S, Hkv, D]
+    v_flat: torch.Tensor,  # [S, Hkv, D]
+    seq_lens: torch.Tensor,  # [B] int32
+    page_table: torch.Tensor,  # [R, max_pages] int32
+    req_rows: torch.Tensor,  # [B] int32
+    page_size: int,
+    scale: float,
+    num_splits: int,
+    part_out: torch.Tensor,  # >= B * Hq * num_splits * D fp32, viewed as [B, Hq, splits, D]
+    part_lse: torch.Tensor,  # >= B * Hq * num_splits fp32 (base-2 log-sum-exp)
+    *,
+    min_split_len: int = 256,
+    kv_starts: torch.Tensor | None = None,  # [B] int32: attend [kv_starts[b], seq_lens[b]) only
+) -> tuple[int, int]:
+    """Stage 1 alone: each request's normalised split partials and their LSE. Returns the
+    (BLOCK_N, rounded min split length) a reader of the partials needs to know which splits are
+    non-empty (``split_range_from``)."""
     assert q.dim() == 3 and k_flat.dim() == 3, "q is [B, Hq, D]; k/v are flat pool [S, Hkv, D]"
     assert q.shape[2] == k_flat.shape[2] and k_flat.shape == v_flat.shape, "shape mismatch"
     assert q.shape[1] % k_flat.shape[1] == 0, "query heads must be a multiple of KV heads"
@@ -210,32 +264,25 @@ def decode_attention(
     assert part_out.is_contiguous() and part_lse.is_contiguous(), "partial buffers contiguous"
     assert part_out.numel() >= batch * num_heads * num_splits * head_dim, "part_out too small"
     assert part_lse.numel() >= batch * num_heads * num_splits, "part_lse too small"
-    if out is None:
-        out = torch.empty_like(q)
-    assert out.shape == q.shape and out.stride(2) == 1, "out must be [B, Hq, D], D contiguous"
-    if batch == 0:
-        return out
     _check_rows(page_table, req_rows, seq_lens)
+    assert kv_starts is None or kv_starts.shape == seq_lens.shape, "one KV start per request"
     block_n = decode_block_n(q.device)
     min_split_len = triton.cdiv(max(min_split_len, block_n), block_n) * block_n
-    block_d = max(16, triton.next_power_of_2(head_dim))
+    if batch == 0:
+        return block_n, min_split_len
     on_gpu = q.device.type == "cuda"
     _decode_stage1_kernel[(batch, num_kv_heads, num_splits)](
-        q, k_flat, v_flat, part_out, part_lse, seq_lens, page_table, req_rows, scale * LOG2E,
+        q, k_flat, v_flat, part_out, part_lse, seq_lens, page_table, req_rows,
+        kv_starts if kv_starts is not None else seq_lens, scale * LOG2E,
         q.stride(0), q.stride(1), k_flat.stride(0), k_flat.stride(1),
         v_flat.stride(0), v_flat.stride(1), page_table.stride(0),
         GROUP=group, BLOCK_H=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim,
-        BLOCK_D=block_d, PAGE_SIZE=page_size, BLOCK_N=block_n, NUM_SPLITS=num_splits,
-        MIN_SPLIT_LEN=min_split_len, PRECISION=dot_precision(q.dtype), INTERPRET=interpreting(),
+        BLOCK_D=max(16, triton.next_power_of_2(head_dim)), PAGE_SIZE=page_size, BLOCK_N=block_n,
+        NUM_SPLITS=num_splits, MIN_SPLIT_LEN=min_split_len, PRECISION=dot_precision(q.dtype),
+        INTERPRET=interpreting(), HAS_KV_START=kv_starts is not None,
         num_warps=4 if on_gpu else 1, num_stages=3 if on_gpu else 1,
     )  # fmt: skip
-    _decode_stage2_kernel[(batch, num_heads)](
-        part_out, part_lse, out, seq_lens, out.stride(0), out.stride(1),
-        HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_N=block_n, NUM_SPLITS=num_splits,
-        BLOCK_S=triton.next_power_of_2(num_splits), MIN_SPLIT_LEN=min_split_len,
-        num_warps=4 if on_gpu else 1,
-    )  # fmt: skip
-    return out
+    return block_n, min_split_len
 
 
 def choose_num_splits(batch_size: int, num_kv_heads: int, num_sms: int, max_splits: int) -> int:

@@ -1,0 +1,134 @@
+"""Host side of cascade decode: a step's groups -> tiles -> pass-1 items, packed into one int32
+buffer copied to the device in one transfer (views of it are the kernels' ``CascadeMeta``).
+
+    group (members, shared L)   -> ceil(members / tile_reqs) tiles of near-equal size
+    tile                        -> n KV chunks ("items") of the shared range, n chosen so the
+                                   step's items roughly fill ``item_target`` programs per KV head
+    request                     -> its tile's items (first, count), its slot in the tile, and
+                                   its own suffix start L (0 and no items when not grouped)
+
+    packed int32  [ num_items | items (item_cap x 5) | members (max_batch) |
+                    kv_starts | first_item | item_count | slot  (max_batch each) ]
+
+All numpy over groups/tiles/items; nothing loops over pages or tokens.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+
+from radixrt.kernels.cascade_decode import ITEM_FIELDS, CascadeMeta, PrefixTiling
+
+if TYPE_CHECKING:
+    from radixrt.engine.cascade_groups import CascadeGroups
+
+
+@dataclass(frozen=True)
+class ItemBudget:
+    item_target: int  # pass-1 programs per KV head (each loops over items)
+    item_cap: int  # most items a step may have (the partial buffers' size)
+    min_chunk: int  # shortest KV chunk worth its own item
+    block_n: int  # chunks are whole multiples of the kernel's KV tile
+
+    def __post_init__(self) -> None:
+        assert 1 <= self.item_target <= self.item_cap, f"bad item budget {self}"
+        assert self.min_chunk >= 1 and self.block_n >= 1, f"bad item budget {self}"
+
+
+def _cdiv(a: np.ndarray, b: np.ndarray | int) -> np.ndarray:
+    return -(-a // b)  # type: ignore[no-any-return]
+
+
+def packed_len(item_cap: int, max_batch: int) -> int:
+    return 1 + item_cap * ITEM_FIELDS + 5 * max_batch
+
+
+def pack_cascade(groups: CascadeGroups, batch_size: int, tiling: PrefixTiling,
+                 budget: ItemBudget, max_batch: int) -> np.ndarray:
+    """The packed buffer for one step (see the module docstring)."""
+    assert batch_size <= max_batch, f"batch {batch_size} > cascade buffers' {max_batch}"
+    cap = budget.item_cap
+    buf = np.zeros(packed_len(cap, max_batch), dtype=np.int32)
+    sizes = np.diff(groups.indptr)
+    if sizes.shape[0] == 0:
+        return buf
+    ntile = _cdiv(sizes, tiling.tile_reqs)
+    tile_group = np.repeat(np.arange(sizes.shape[0]), ntile)
+    tile_k = np.arange(tile_group.shape[0]) - np.repeat(np.cumsum(ntile) - ntile, ntile)
+    base, rem = (sizes // ntile)[tile_group], (sizes % ntile)[tile_group]
+    tile_count = base + (tile_k < rem)
+    tile_first = groups.indptr[tile_group] + tile_k * base + np.minimum(tile_k, rem)
+    if tile_group.shape[0] > cap:  # more tiles than items: the rest take the plain path
+        tile_group, tile_count, tile_first = tile_group[:cap], tile_count[:cap], tile_first[:cap]
+    num_tiles = tile_group.shape[0]
+    tile_len = groups.shared_lens[tile_group]
+    # Items: one per tile, the rest of the target shared in proportion to prefix length.
+    n = np.ones(num_tiles, dtype=np.int64)
+    extra = budget.item_target - num_tiles
+    if extra > 0:
+        n += (extra * tile_len) // max(1, int(tile_len.sum()))
+    n = np.maximum(1, np.minimum(np.minimum(n, tiling.max_items), _cdiv(tile_len, budget.min_chunk)))
+    chunk = _cdiv(_cdiv(tile_len, n), budget.block_n) * budget.block_n
+    n = _cdiv(tile_len, chunk)  # rounding up the chunk may leave fewer, never empty, items
+    tile_item0 = np.cumsum(n) - n
+    num_items = int(n.sum())
+    assert num_items <= cap, f"{num_items} items > cap {cap}"
+    item_tile = np.repeat(np.arange(num_tiles), n)
+    start = (np.arange(num_items) - tile_item0[item_tile]) * chunk[item_tile]
+    items = np.stack([groups.rows[tile_group][item_tile], start,
+                      np.minimum(start + chunk[item_tile], tile_len[item_tile]),
+                      tile_first[item_tile], tile_count[item_tile]], axis=1)
+    buf[0] = num_items
+    buf[1 : 1 + num_items * ITEM_FIELDS] = items.reshape(-1)
+    off = 1 + cap * ITEM_FIELDS
+    buf[off : off + groups.members.shape[0]] = groups.members
+    kept = int(tile_first[-1] + tile_count[-1])  # tiles cover members[:kept] in order
+    member_tile = np.repeat(np.arange(num_tiles), tile_count)
+    req = groups.members[:kept]
+    per_req = buf[off + max_batch :].reshape(4, max_batch)
+    per_req[0, req] = tile_len[member_tile]
+    per_req[1, req] = tile_item0[member_tile]
+    per_req[2, req] = n[member_tile]
+    per_req[3, req] = np.arange(kept) - tile_first[member_tile]
+    return buf
+
+
+def meta_views(dev: torch.Tensor, item_cap: int, max_batch: int, batch_size: int) -> CascadeMeta:
+    """Views of a device copy of a packed buffer for a batch of ``batch_size``."""
+    off = 1 + item_cap * ITEM_FIELDS
+    per_req = dev[off + max_batch :].view(4, max_batch)[:, :batch_size]
+    return CascadeMeta(
+        num_items=dev[:1], items=dev[1:off].view(item_cap, ITEM_FIELDS),
+        members=dev[off : off + max_batch], kv_starts=per_req[0], first_item=per_req[1],
+        item_count=per_req[2], slot=per_req[3],
+    )
+
+
+class CascadeBuffers:
+    """The device copy of the packed metadata (reused every step, so a captured graph reads
+    it) and the pass-1 partials."""
+
+    def __init__(self, tiling: PrefixTiling, budget: ItemBudget, *, max_batch: int,
+                 num_kv_heads: int, head_dim: int, device: torch.device) -> None:
+        self.tiling, self.budget, self.max_batch = tiling, budget, max_batch
+        self.device = device
+        self.packed = torch.zeros(packed_len(budget.item_cap, max_batch), dtype=torch.int32,
+                                  device=device)
+        rows = budget.item_cap * num_kv_heads * tiling.block_m
+        self.pre_out = torch.empty(rows * head_dim, dtype=torch.float32, device=device)
+        self.pre_lse = torch.empty(rows, dtype=torch.float32, device=device)
+
+    def upload(self, groups: CascadeGroups, batch_size: int) -> CascadeMeta:
+        host = torch.from_numpy(pack_cascade(groups, batch_size, self.tiling, self.budget,
+                                             self.max_batch))
+        if self.device.type == "cuda":
+            # A fresh pinned buffer per step: the copy may still be queued behind the running
+            # step when the next one is planned (overlap), so never reuse the host side.
+            self.packed.copy_(host.pin_memory(), non_blocking=True)
+        else:
+            self.packed.copy_(host)
+        return meta_views(self.packed, self.budget.item_cap, self.max_batch, batch_size)

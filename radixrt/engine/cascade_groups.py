@@ -1,0 +1,153 @@
+"""Which requests of a decode step share a cached prefix, from the radix tree's locks.
+
+A running sequence holds its ``cache_handle`` locked, and its first pages ARE the tree's pages
+of the path root .. handle (radix.py's reference rule), so two sequences whose paths share a
+node hold the same physical pages for everything up to that node's end::
+
+    root ─ S [system prompt, 128 pages] ─┬─ q1 ... <- handle of seq 1
+                                         ├─ q2 ... <- handle of seq 2
+                                         └─ q3 ... <- handle of seq 3
+    group {1, 2, 3}: shared KV [0, 2048) read through seq 1's page-table row; each sequence's
+    own suffix [2048, seq_len) through its own row
+
+A sequence joins the group of the deepest node on its path that at least ``min_group`` of the
+step's sequences share and that ends at least ``min_shared_pages`` pages in; groups left with
+fewer than ``min_group`` members dissolve (their sequences take the per-request path).
+
+Host cost per step is O(batch x path depth): each handle's path (node ids and end depths) is
+cached while the handle stays the same. A node's end depth never changes while it is locked
+(a split keeps the original node as the lower part), so a cached path stays true; a split above
+it only hides the new upper node from the grouping, which can cost sharing, never correctness.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Sequence as Seq
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import numpy as np
+import numpy.typing as npt
+
+if TYPE_CHECKING:
+    from radixrt.cache.node import Node
+    from radixrt.engine.request import Sequence
+
+I64 = npt.NDArray[np.int64]
+
+
+@dataclass(frozen=True)
+class CascadePolicy:
+    min_shared_pages: int = 2  # a shorter shared prefix is not worth a second pass
+    min_group: int = 2  # requests that must share it
+
+    def __post_init__(self) -> None:
+        if self.min_shared_pages < 1:
+            raise ValueError(f"cascade min_shared_pages must be >= 1, got {self.min_shared_pages}")
+        if self.min_group < 2:
+            raise ValueError(f"cascade min_group must be >= 2, got {self.min_group}")
+
+
+@dataclass(frozen=True)
+class CascadeGroups:
+    """One decode step's grouping (host arrays), carried by the ForwardBatch."""
+
+    indptr: I64  # [G + 1] group g's members are members[indptr[g] : indptr[g + 1]]
+    members: I64  # [M] batch indices, group by group, each at most once
+    shared_lens: I64  # [G] tokens of the shared prefix, whole pages
+    rows: I64  # [G] page-table row to read group g's shared pages from (a member's)
+
+    def __post_init__(self) -> None:
+        g = self.shared_lens.shape[0]
+        assert self.indptr.shape == (g + 1,) and self.rows.shape == (g,), "ragged group arrays"
+        assert self.indptr[0] == 0 and self.indptr[-1] == self.members.shape[0], "bad indptr"
+        assert bool((np.diff(self.indptr) >= 1).all()), "every group needs a member"
+        assert bool((self.shared_lens >= 1).all()), "a group shares at least one token"
+        assert np.unique(self.members).shape == self.members.shape, "a request in two groups"
+
+    @property
+    def num_groups(self) -> int:
+        return int(self.shared_lens.shape[0])
+
+    @staticmethod
+    def empty() -> CascadeGroups:
+        z = np.zeros(0, dtype=np.int64)
+        return CascadeGroups(np.zeros(1, dtype=np.int64), z, z, z)
+
+    @staticmethod
+    def of(groups: Seq[tuple[int, Seq[int]]], rows: Seq[int]) -> CascadeGroups:
+        """From (shared tokens, member batch indices) pairs; ``rows`` = each request's
+        page-table row (tests, benchmarks)."""
+        members = [list(m) for _, m in groups]
+        indptr = np.zeros(len(groups) + 1, dtype=np.int64)
+        np.cumsum([len(m) for m in members], out=indptr[1:])
+        flat = np.array([b for m in members for b in m], dtype=np.int64)
+        return CascadeGroups(indptr, flat, np.array([n for n, _ in groups], dtype=np.int64),
+                             np.array([rows[m[0]] for m in members], dtype=np.int64))
+
+
+# A handle's path, deepest first: (node ids, end depth of each in tokens).
+_Path = tuple[list[int], list[int]]
+
+
+class PrefixGrouper:
+    """Groups a decode step's sequences by shared radix nodes (one per runner)."""
+
+    def __init__(self, policy: CascadePolicy, page_size: int) -> None:
+        self.policy = policy
+        self.page_size = page_size
+        self.min_tokens = policy.min_shared_pages * page_size
+        self._paths: dict[int, tuple[Node, _Path]] = {}  # id(handle) -> (handle, path)
+
+    def _path(self, handle: Node) -> _Path:
+        ids: list[int] = []
+        depths: list[int] = []
+        nodes = []
+        node: Node | None = handle
+        while node is not None and not node.is_root:
+            nodes.append(node)
+            node = node.parent
+        depth = sum(len(n.key) for n in nodes)
+        for n in nodes:
+            if depth < self.min_tokens:
+                break
+            ids.append(id(n))
+            depths.append(depth)
+            depth -= len(n.key)
+        return ids, depths
+
+    def group(self, seqs: Seq[Sequence], rows: Seq[int], kv_lens: Seq[int]) -> CascadeGroups | None:
+        """The step's groups, or None when no group forms. ``rows``/``kv_lens``: each
+        sequence's page-table row and KV already in the pool (its shared prefix is within)."""
+        if len(seqs) < self.policy.min_group:
+            return None
+        old, fresh = self._paths, {}
+        paths: list[_Path | None] = []
+        counts: Counter[int] = Counter()
+        for seq in seqs:
+            handle = seq.cache_handle
+            if handle is None or handle.is_root:
+                paths.append(None)
+                continue
+            key = id(handle)
+            hit = old.get(key)
+            path = hit[1] if hit is not None and hit[0] is handle else self._path(handle)
+            fresh[key] = (handle, path)
+            paths.append(path)
+            counts.update(path[0])
+        self._paths = fresh  # handles no longer decoding drop out
+        need = self.policy.min_group
+        by_anchor: dict[int, tuple[int, list[int]]] = {}  # node id -> (depth, batch indices)
+        for i, path in enumerate(paths):
+            if path is None:
+                continue
+            for node_id, depth in zip(*path):
+                if counts[node_id] >= need:
+                    assert depth <= kv_lens[i], f"shared prefix {depth} past KV {kv_lens[i]}"
+                    by_anchor.setdefault(node_id, (depth, []))[1].append(i)
+                    break
+        picked = [(d, m) for d, m in by_anchor.values() if len(m) >= need]
+        if not picked:
+            return None
+        return CascadeGroups.of(picked, rows)

@@ -1,0 +1,298 @@
+"""Shared-prefix (cascade) decode attention: a prefix several running requests share is read
+once per group per step instead of once per request.
+
+    group g: requests b0 b1 b2 share KV positions [0, L_g) (the same physical pages)
+
+    pass 1  items (one KV chunk of one tile) x KV heads: a tile packs up to TILE_REQS requests
+            of one group x the GROUP query heads of one KV head into BLOCK_M rows, so each
+            shared K/V tile is loaded once and scored by every row ([BLOCK_M, D] x [D, BLOCK_N]):
+
+                rows   b0.h0 b0.h1 b0.h2 b0.h3 | b1.h0 ... | b2.h3 | padding
+                item   KV [start, end) of the group's prefix, read through row ``rep`` of the
+                       page table (any member's row: the prefix pages are the same)
+
+            writes a normalised partial output + base-2 LSE per row, item-major:
+            PreO[item, kv_head, row, D].
+    pass 2  each request's own suffix [kv_starts[b], seq_len_b) by the split-KV decode stage 1
+            (``decode_partials``); ungrouped requests have kv_start 0 and no items.
+    merge   grid (B, Hq): the suffix splits and the request's prefix items combined by LSE.
+
+Every launch shape depends on host ints fixed per batch size (splits, programs), and pass 1
+loops over ``num_items`` read on the device, so a captured CUDA graph replays any grouping whose
+metadata fits the buffers (``attention/cascade_plan.py`` builds it).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from radixrt.kernels.decode_attention import decode_block_n, decode_partials, split_range_from
+from radixrt.kernels.extend_attention import (
+    LOG2E,
+    _paged_slots,
+    dot_precision,
+    interpreting,
+    mma,
+)
+
+ITEM_FIELDS = 5  # per pass-1 item: page-table row, kv start, kv end, first member, member count
+
+
+@dataclass(frozen=True)
+class CascadeMeta:
+    """Device views of one step's cascade metadata (see ``cascade_plan.py``)."""
+
+    num_items: torch.Tensor  # [1] int32
+    items: torch.Tensor  # [item_cap, ITEM_FIELDS] int32
+    members: torch.Tensor  # [M] int32 batch index of each tile member, tile by tile
+    kv_starts: torch.Tensor  # [B] int32 first position of the request's own suffix (0: no group)
+    first_item: torch.Tensor  # [B] int32
+    item_count: torch.Tensor  # [B] int32 (0: not in a group)
+    slot: torch.Tensor  # [B] int32 the request's place in its tile
+
+    def __post_init__(self) -> None:
+        b = self.kv_starts.shape[0]
+        assert self.items.dim() == 2 and self.items.shape[1] == ITEM_FIELDS, "items [cap, 5]"
+        assert self.items.is_contiguous(), "items must be contiguous"
+        for t in (self.first_item, self.item_count, self.slot):
+            assert t.shape == (b,), "per-request metadata disagree in length"
+        for t in (self.num_items, self.items, self.members, self.kv_starts, self.first_item,
+                  self.item_count, self.slot):
+            assert t.dtype == torch.int32 and t.stride(-1) == 1, "metadata is contiguous int32"
+
+
+@dataclass(frozen=True)
+class PrefixTiling:
+    """Pass-1 tile geometry, fixed per backend (the plan builder sizes tiles with it)."""
+
+    block_m: int  # rows of a tile (power of two >= 16)
+    tile_reqs: int  # requests per tile: block_m // GROUP (at least 1)
+    max_items: int  # most KV chunks one tile may be split into (power of two)
+
+    @staticmethod
+    def make(group: int, device: torch.device, tile_reqs: int | None = None,
+             max_items: int = 16) -> PrefixTiling:
+        if tile_reqs is None:
+            tile_reqs = 16 if device.type == "cuda" else 4
+        block_m = max(16, triton.next_power_of_2(group * tile_reqs))
+        block_m = min(block_m, max(128, triton.next_power_of_2(group)))
+        return PrefixTiling(block_m, max(1, min(tile_reqs, block_m // group)), max_items)
+
+    def __post_init__(self) -> None:
+        assert self.block_m >= 16 and self.block_m & (self.block_m - 1) == 0, "block_m 2^k >= 16"
+        assert self.tile_reqs >= 1 and self.max_items & (self.max_items - 1) == 0, "bad tiling"
+
+
+# One compiled variant for every page-table width.
+@triton.jit(do_not_specialize=["stride_pt"])
+def _shared_prefix_kernel(
+    Q,  # [B, Hq, D]
+    K,  # [S, Hkv, D]
+    V,  # [S, Hkv, D]
+    PreO,  # [item_cap, Hkv, BLOCK_M, D] fp32
+    PreLse,  # [item_cap, Hkv, BLOCK_M] fp32, base 2
+    items,  # [item_cap, 5] int32
+    num_items_ptr,  # [1] int32
+    members,  # [M] int32
+    page_table,  # [R, max_pages] int32
+    qk_scale,
+    stride_qb,
+    stride_qh,
+    stride_kt,
+    stride_kh,
+    stride_vt,
+    stride_vh,
+    stride_pt,
+    GROUP: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    PAGE_SIZE: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    PRECISION: tl.constexpr,
+    INTERPRET: tl.constexpr,
+):
+    kv_head = tl.program_id(1)
+    num_kv_heads = tl.num_programs(1)
+    num_items = tl.load(num_items_ptr)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_d = offs_d < HEAD_DIM
+    member = offs_m // GROUP
+    heads = kv_head * GROUP + offs_m % GROUP
+    # Persistent over items: the grid is fixed (a graph replays it) while the item count varies.
+    for item in range(tl.program_id(0), num_items, tl.num_programs(0)):
+        meta = items + item * 5
+        page_row = page_table + tl.load(meta).to(tl.int64) * stride_pt
+        kv_start = tl.load(meta + 1)
+        kv_end = tl.load(meta + 2)
+        first = tl.load(meta + 3)
+        count = tl.load(meta + 4)
+        valid_m = member < count
+        req = tl.load(members + first + member, mask=valid_m, other=0).to(tl.int64)
+        q = tl.load(
+            Q + req[:, None] * stride_qb + heads[:, None] * stride_qh + offs_d[None, :],
+            mask=valid_m[:, None] & mask_d[None, :],
+            other=0.0,
+        )  # [BLOCK_M, BLOCK_D]: every member's query heads of this KV head
+        acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+        m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+        l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+        for start_n in range(kv_start, kv_end, BLOCK_N):
+            offs_n = start_n + tl.arange(0, BLOCK_N)
+            mask_n = offs_n < kv_end
+            slots = _paged_slots(page_row, offs_n, mask_n, PAGE_SIZE)
+            kv_mask = mask_n[:, None] & mask_d[None, :]
+            k = tl.load(K + slots[:, None] * stride_kt + kv_head * stride_kh + offs_d[None, :],
+                        mask=kv_mask, other=0.0)
+            v = tl.load(V + slots[:, None] * stride_vt + kv_head * stride_vh + offs_d[None, :],
+                        mask=kv_mask, other=0.0)
+            qk = mma(q, tl.trans(k.to(q.dtype)), PRECISION, INTERPRET) * qk_scale
+            # Each tile holds >= 1 valid key, so m_new is finite for every row (padding too).
+            qk = tl.where(mask_n[None, :], qk, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(qk, 1))
+            alpha = tl.exp2(m_i - m_new)
+            p = tl.exp2(qk - m_new[:, None])
+            l_i = l_i * alpha + tl.sum(p, 1)
+            acc = acc * alpha[:, None] + mma(p.to(q.dtype), v.to(q.dtype), PRECISION, INTERPRET)
+            m_i = m_new
+        row = ((item * num_kv_heads + kv_head) * BLOCK_M + offs_m).to(tl.int64)
+        tl.store(PreO + row[:, None] * HEAD_DIM + offs_d[None, :], acc / l_i[:, None],
+                 mask=valid_m[:, None] & mask_d[None, :])
+        tl.store(PreLse + row, m_i + tl.log2(l_i), mask=valid_m)
+
+
+@triton.jit
+def _cascade_merge_kernel(
+    SufO,  # [B, Hq, NUM_SPLITS, D] fp32 (decode_partials)
+    SufLse,  # [B, Hq, NUM_SPLITS]
+    PreO,  # [item_cap, Hkv, BLOCK_M, D] fp32
+    PreLse,  # [item_cap, Hkv, BLOCK_M]
+    Out,  # [B, Hq, D]
+    seq_lens,
+    kv_starts,
+    first_item,
+    item_count,
+    slot,
+    stride_ob,
+    stride_oh,
+    GROUP: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    NUM_SPLITS: tl.constexpr,
+    BLOCK_S: tl.constexpr,
+    MIN_SPLIT_LEN: tl.constexpr,
+    MAX_ITEMS: tl.constexpr,
+):
+    req = tl.program_id(0)
+    head = tl.program_id(1)
+    num_heads = tl.num_programs(1)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_d = offs_d < HEAD_DIM
+    seq_len = tl.load(seq_lens + req)
+    # The suffix splits decode_partials wrote (empty ones left stale rows: never read them).
+    offs_s = tl.arange(0, BLOCK_S)
+    start, end = split_range_from(tl.load(kv_starts + req), seq_len, offs_s, NUM_SPLITS,
+                                  BLOCK_N, MIN_SPLIT_LEN)
+    valid_s = (offs_s < NUM_SPLITS) & (start < end)
+    row_s = (req.to(tl.int64) * num_heads + head) * NUM_SPLITS + offs_s
+    lse_s = tl.load(SufLse + row_s, mask=valid_s, other=float("-inf"))
+    # The shared-prefix items of the request's tile.
+    offs_i = tl.arange(0, MAX_ITEMS)
+    valid_i = offs_i < tl.load(item_count + req)
+    kv_head = head // GROUP
+    row_p = ((tl.load(first_item + req) + offs_i).to(tl.int64) * (num_heads // GROUP)
+             + kv_head) * BLOCK_M + tl.load(slot + req) * GROUP + head % GROUP
+    lse_p = tl.load(PreLse + row_p, mask=valid_i, other=float("-inf"))
+    m = tl.maximum(tl.max(lse_s, 0), tl.max(lse_p, 0))
+    m = tl.where(m == float("-inf"), 0.0, m)  # nothing at all: a padded row of a graph
+    w_s = tl.where(valid_s, tl.exp2(lse_s - m), 0.0)
+    w_p = tl.where(valid_i, tl.exp2(lse_p - m), 0.0)
+    part_s = tl.load(SufO + row_s[:, None] * HEAD_DIM + offs_d[None, :],
+                     mask=valid_s[:, None] & mask_d[None, :], other=0.0)
+    part_p = tl.load(PreO + row_p[:, None] * HEAD_DIM + offs_d[None, :],
+                     mask=valid_i[:, None] & mask_d[None, :], other=0.0)
+    acc = tl.sum(part_s * w_s[:, None], 0) + tl.sum(part_p * w_p[:, None], 0)
+    out = acc / tl.maximum(tl.sum(w_s, 0) + tl.sum(w_p, 0), 1e-30)
+    tl.store(Out + req.to(tl.int64) * stride_ob + head * stride_oh + offs_d,
+             out.to(Out.dtype.element_ty), mask=mask_d)
+
+
+def prefix_partial_rows(item_cap: int, num_kv_heads: int, tiling: PrefixTiling) -> int:
+    """Rows of the pass-1 partial buffers (times head_dim for PreO)."""
+    return item_cap * num_kv_heads * tiling.block_m
+
+
+def cascade_decode(
+    q: torch.Tensor,  # [B, Hq, D]
+    k_flat: torch.Tensor,  # [S, Hkv, D] pool layer, already holding this step's K
+    v_flat: torch.Tensor,  # [S, Hkv, D]
+    seq_lens: torch.Tensor,  # [B] int32
+    page_table: torch.Tensor,  # [R, max_pages] int32
+    req_rows: torch.Tensor,  # [B] int32
+    page_size: int,
+    scale: float,
+    meta: CascadeMeta,
+    tiling: PrefixTiling,
+    *,
+    num_splits: int,  # suffix splits per request
+    prefix_programs: int,  # pass-1 programs per KV head (they loop over the items)
+    suf_out: torch.Tensor,  # >= B * Hq * num_splits * D fp32
+    suf_lse: torch.Tensor,  # >= B * Hq * num_splits fp32
+    pre_out: torch.Tensor,  # >= prefix_partial_rows(...) * D fp32
+    pre_lse: torch.Tensor,  # >= prefix_partial_rows(...) fp32
+    out: torch.Tensor | None = None,
+    min_split_len: int = 256,
+    block_n: int | None = None,
+    num_warps: int | None = None,
+    num_stages: int | None = None,
+) -> torch.Tensor:  # [B, Hq, D]
+    """Decode attention with shared prefixes read once per tile (no host syncs)."""
+    batch, num_heads, head_dim = q.shape
+    num_kv_heads = k_flat.shape[1]
+    group = num_heads // num_kv_heads
+    assert tiling.tile_reqs * group <= tiling.block_m, "a tile's rows exceed block_m"
+    assert meta.kv_starts.shape[0] == batch, "cascade metadata is for another batch size"
+    item_cap = meta.items.shape[0]
+    rows = prefix_partial_rows(item_cap, num_kv_heads, tiling)
+    assert pre_out.dtype == pre_lse.dtype == torch.float32, "partials are fp32"
+    assert pre_out.numel() >= rows * head_dim and pre_lse.numel() >= rows, "prefix partials small"
+    assert prefix_programs >= 1, "pass 1 needs at least one program per KV head"
+    if out is None:
+        out = torch.empty_like(q)
+    assert out.shape == q.shape and out.stride(2) == 1, "out must be [B, Hq, D], D contiguous"
+    if batch == 0:
+        return out
+    on_gpu = q.device.type == "cuda"
+    bn_suffix, min_split_len = decode_partials(
+        q, k_flat, v_flat, seq_lens, page_table, req_rows, page_size, scale, num_splits,
+        suf_out, suf_lse, min_split_len=min_split_len, kv_starts=meta.kv_starts,
+    )  # fmt: skip
+    block_d = max(16, triton.next_power_of_2(head_dim))
+    if block_n is None:
+        block_n = decode_block_n(q.device)
+    if num_warps is None:
+        num_warps = (4 if tiling.block_m <= 64 else 8) if on_gpu else 1
+    _shared_prefix_kernel[(prefix_programs, num_kv_heads)](
+        q, k_flat, v_flat, pre_out, pre_lse, meta.items, meta.num_items, meta.members,
+        page_table, scale * LOG2E, q.stride(0), q.stride(1), k_flat.stride(0), k_flat.stride(1),
+        v_flat.stride(0), v_flat.stride(1), page_table.stride(0),
+        GROUP=group, BLOCK_M=tiling.block_m, HEAD_DIM=head_dim, BLOCK_D=block_d,
+        PAGE_SIZE=page_size, BLOCK_N=block_n, PRECISION=dot_precision(q.dtype),
+        INTERPRET=interpreting(), num_warps=num_warps,
+        num_stages=(num_stages or 3) if on_gpu else 1,
+    )  # fmt: skip
+    _cascade_merge_kernel[(batch, num_heads)](
+        suf_out, suf_lse, pre_out, pre_lse, out, seq_lens, meta.kv_starts, meta.first_item,
+        meta.item_count, meta.slot, out.stride(0), out.stride(1),
+        GROUP=group, BLOCK_M=tiling.block_m, HEAD_DIM=head_dim, BLOCK_D=block_d,
+        BLOCK_N=bn_suffix, NUM_SPLITS=num_splits, BLOCK_S=triton.next_power_of_2(num_splits),
+        MIN_SPLIT_LEN=min_split_len, MAX_ITEMS=tiling.max_items, num_warps=4 if on_gpu else 1,
+    )  # fmt: skip
+    return out

@@ -1,0 +1,312 @@
+// Python bindings of the native radix tree (module radixrt.cache._radix_native).
+//
+// Tokens and pages cross as int32 numpy arrays (a Python list of ints is read in one C loop,
+// never through numpy's generic converter); results come back as fresh int32 arrays. Handles are
+// (slot, id) pairs: the Python wrapper (radixrt/cache/native.py) turns them into node objects.
+// Tree errors raise AssertionError, as the Python tree's asserts do.
+#include <pybind11/numpy.h>
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <cstring>
+#include <stdexcept>
+
+#include "radix_tree.h"
+
+namespace py = pybind11;
+using radixrt::Page;
+using radixrt::RadixTree;
+using radixrt::Tok;
+
+namespace {
+
+using I32Array = py::array_t<int32_t, py::array::c_style | py::array::forcecast>;
+
+// A read-only int32 view of a 1-D array, list or tuple of ints.
+struct I32View {
+  const int32_t* data = nullptr;
+  int64_t n = 0;
+  std::vector<int32_t> own;
+  I32Array arr;
+
+  explicit I32View(py::handle h, const char* what) {
+    PyObject* o = h.ptr();
+    if (PyList_Check(o) || PyTuple_Check(o)) {
+      Py_ssize_t len = PySequence_Fast_GET_SIZE(o);
+      PyObject** items = PySequence_Fast_ITEMS(o);
+      own.resize(len);
+      for (Py_ssize_t i = 0; i < len; ++i) {
+        long v = PyLong_AsLong(items[i]);
+        if (v == -1 && PyErr_Occurred()) throw py::error_already_set();
+        if (v < INT32_MIN || v > INT32_MAX)
+          throw std::logic_error(std::string(what) + " value " + std::to_string(v) +
+                                 " does not fit int32");
+        own[i] = (int32_t)v;
+      }
+      data = own.data();
+      n = len;
+      return;
+    }
+    arr = I32Array::ensure(h);
+    if (!arr) throw py::type_error(std::string(what) + " must be an int array or a list of ints");
+    if (arr.ndim() != 1)
+      throw std::logic_error(std::string(what) + " must be 1-D, got " +
+                             std::to_string(arr.ndim()) + " dimensions");
+    data = arr.data();
+    n = arr.shape(0);
+  }
+};
+
+py::array_t<int32_t> to_array(const int32_t* p, size_t n) {
+  py::array_t<int32_t> out((py::ssize_t)n);
+  if (n) std::memcpy(out.mutable_data(), p, n * sizeof(int32_t));
+  return out;
+}
+
+// Pages of a path, concatenated into one array.
+py::array_t<int32_t> path_pages(const RadixTree& t, const std::vector<int32_t>& path) {
+  size_t total = 0;
+  for (int32_t s : path) total += t.node(s).pages.size();
+  py::array_t<int32_t> out((py::ssize_t)total);
+  int32_t* dst = out.mutable_data();
+  for (int32_t s : path) {
+    const auto& pg = t.node(s).pages;
+    if (!pg.empty()) std::memcpy(dst, pg.data(), pg.size() * sizeof(int32_t));
+    dst += pg.size();
+  }
+  return out;
+}
+
+class PyTree {
+ public:
+  explicit PyTree(int page_size) : t_(page_size) {}
+
+  // Namespace index: None -> 0; an unknown name -> -1 unless create.
+  int32_t ns(py::handle name, bool create) {
+    if (name.is_none()) return 0;
+    std::string s = py::cast<std::string>(name);
+    if (create) return t_.intern(s);
+    auto it = known_.find(s);
+    if (it != known_.end()) return it->second;
+    return -1;
+  }
+
+  py::tuple match(py::handle tokens, py::handle name, bool record_stats, bool keep_last) {
+    I32View toks(tokens, "tokens");
+    int32_t handle;
+    int64_t len = t_.match(toks.data, toks.n, ns(name, false), record_stats, keep_last, path_,
+                           handle);
+    return py::make_tuple(path_pages(t_, path_), len, handle, t_.node(handle).id);
+  }
+
+  int64_t match_length(py::handle tokens, py::handle name, bool keep_last) {
+    I32View toks(tokens, "tokens");
+    int32_t handle;
+    return t_.match(toks.data, toks.n, ns(name, false), false, keep_last, path_, handle);
+  }
+
+  py::tuple insert(py::handle tokens, py::handle pages, py::handle name, bool want_pages) {
+    I32View toks(tokens, "tokens");
+    I32View pg(pages, "pages");
+    int32_t nsi = ns(name, toks.n > 0);
+    if (nsi > 0) known_.emplace(t_.ns_name(nsi), nsi);
+    int32_t handle;
+    int64_t existing = t_.insert(toks.data, toks.n, pg.data, pg.n, nsi < 0 ? 0 : nsi, path_,
+                                 handle);
+    int64_t ps = t_.page_size();
+    py::object all = want_pages ? py::object(path_pages(t_, path_)) : py::object(py::none());
+    py::object fresh = existing < toks.n ? py::object(to_array(pg.data + existing / ps,
+                                                               (toks.n - existing) / ps))
+                                         : py::object(py::none());
+    return py::make_tuple(handle, t_.node(handle).id, existing, all, fresh);
+  }
+
+  void check_handle(int32_t slot, int64_t id, const char* op) const {
+    if (!t_.valid(slot, id))
+      throw std::logic_error(std::string(op) + " of node " + std::to_string(id) +
+                             ", which was evicted");
+  }
+  void lock(int32_t slot, int64_t id) {
+    check_handle(slot, id, "lock");
+    t_.lock(slot);
+  }
+  void unlock(int32_t slot, int64_t id) {
+    check_handle(slot, id, "unlock");
+    t_.unlock(slot);
+  }
+
+  py::array_t<int32_t> evict(int64_t num_pages) {
+    out_.clear();
+    t_.evict(num_pages, out_);
+    return to_array(out_.data(), out_.size());
+  }
+
+  // Handle access (an evicted handle reads as detached and empty).
+  py::object parent(int32_t slot, int64_t id) const {
+    if (!t_.valid(slot, id) || t_.node(slot).parent < 0) return py::none();
+    int32_t p = t_.node(slot).parent;
+    return py::make_tuple(p, t_.node(p).id);
+  }
+  py::list children(int32_t slot, int64_t id) const {
+    py::list out;
+    if (!t_.valid(slot, id)) return out;
+    int64_t bytes = t_.page_size() * (int64_t)sizeof(Tok);
+    for (int32_t c : t_.children_of(slot)) {
+      const auto& n = t_.node(c);
+      out.append(py::make_tuple(py::bytes((const char*)n.key.data(), bytes), c, n.id));
+    }
+    return out;
+  }
+  int64_t num_children(int32_t slot, int64_t id) const {
+    return t_.valid(slot, id) ? (int64_t)t_.node(slot).children.size() : 0;
+  }
+  py::array_t<int32_t> pages(int32_t slot, int64_t id) const {
+    if (!t_.valid(slot, id)) return to_array(nullptr, 0);
+    const auto& p = t_.node(slot).pages;
+    return to_array(p.data(), p.size());
+  }
+  py::array_t<int32_t> key(int32_t slot, int64_t id) const {
+    if (!t_.valid(slot, id)) return to_array(nullptr, 0);
+    const auto& k = t_.node(slot).key;
+    return to_array(k.data(), k.size());
+  }
+  int64_t lock_ref(int32_t slot, int64_t id) const {
+    return t_.valid(slot, id) ? t_.node(slot).lock_ref : 0;
+  }
+  int64_t last_access(int32_t slot, int64_t id) const {
+    return t_.valid(slot, id) ? t_.node(slot).last_access : 0;
+  }
+  py::tuple describe(int32_t slot) const {  // (is_root, namespace) of a live handle
+    const auto& n = t_.node(slot);
+    return py::make_tuple(n.is_root, name_of(n.ns));
+  }
+  py::tuple root(py::handle name) {
+    int32_t nsi = ns(name, false);
+    int32_t r = nsi >= 0 ? t_.root_of(nsi) : -1;
+    if (r < 0) r = t_.default_root();
+    return py::make_tuple(r, t_.node(r).id);
+  }
+
+  py::dict counters() const {
+    const auto& c = t_.counters();
+    py::dict d;
+    d["cached_tokens"] = c.cached_tokens;
+    d["locked_pages"] = c.locked_pages;
+    d["num_nodes"] = c.num_nodes;
+    d["hit_tokens"] = c.hit_tokens;
+    d["query_tokens"] = c.query_tokens;
+    d["evicted_pages"] = c.evicted_pages;
+    d["clock"] = t_.clock();
+    return d;
+  }
+  int64_t cached_tokens() const { return t_.counters().cached_tokens; }
+  int64_t locked_pages() const { return t_.counters().locked_pages; }
+  int64_t evictable_pages() const { return t_.evictable_pages(); }
+  int64_t num_nodes() const { return t_.counters().num_nodes; }
+
+  // Every node (roots too) as (id, parent id or -1, is_root, namespace, key, pages, lock_ref,
+  // last_access), sorted by id, and the LRU as ids in eviction order: the differential test
+  // compares this with the Python tree's.
+  py::tuple snapshot() const {
+    std::vector<int32_t> all = t_.live_roots();
+    for (int32_t s : t_.live_nodes()) all.push_back(s);
+    std::sort(all.begin(), all.end(),
+              [&](int32_t a, int32_t b) { return t_.node(a).id < t_.node(b).id; });
+    py::list nodes;
+    for (int32_t s : all) {
+      const auto& n = t_.node(s);
+      int64_t pid = n.parent >= 0 ? t_.node(n.parent).id : -1;
+      nodes.append(py::make_tuple(n.id, pid, n.is_root, name_of(n.ns),
+                                  py::cast(n.key), py::cast(n.pages), n.lock_ref,
+                                  n.last_access));
+    }
+    py::list lru;
+    for (const auto& e : t_.lru_keys()) lru.append(std::get<1>(e));
+    return py::make_tuple(nodes, lru);
+  }
+
+  py::array_t<int32_t> all_pages() const {
+    std::vector<int32_t> out;
+    for (int32_t s : t_.live_nodes()) {
+      const auto& p = t_.node(s).pages;
+      out.insert(out.end(), p.begin(), p.end());
+    }
+    return to_array(out.data(), out.size());
+  }
+
+  std::string check() const { return t_.check(); }
+
+  py::array_t<int64_t> lpm_order(py::array_t<int32_t, py::array::c_style | py::array::forcecast> slots,
+                                 py::array_t<int64_t, py::array::c_style | py::array::forcecast> ids,
+                                 py::array_t<int64_t, py::array::c_style | py::array::forcecast> counts) const {
+    size_t n = (size_t)slots.size();
+    if ((size_t)ids.size() != n || (size_t)counts.size() != n)
+      throw std::logic_error("lpm_order needs one slot, id and count per group");
+    std::vector<int32_t> s(slots.data(), slots.data() + n);
+    std::vector<int64_t> i(ids.data(), ids.data() + n), c(counts.data(), counts.data() + n);
+    std::vector<int64_t> order = t_.lpm_order(s, i, c);
+    py::array_t<int64_t> out((py::ssize_t)order.size());
+    if (!order.empty()) std::memcpy(out.mutable_data(), order.data(), order.size() * 8);
+    return out;
+  }
+
+  int page_size() const { return t_.page_size(); }
+
+ private:
+  py::object name_of(int32_t ns) const {
+    return ns == 0 ? py::object(py::none()) : py::object(py::str(t_.ns_name(ns)));
+  }
+
+  RadixTree t_;
+  std::unordered_map<std::string, int32_t> known_;  // names with an index (ns 0 excluded)
+  std::vector<int32_t> path_;  // scratch, reused across calls
+  std::vector<Page> out_;
+};
+
+}  // namespace
+
+PYBIND11_MODULE(_radix_native, m) {
+  m.doc() = "Native radix-tree core of radixrt's prefix cache (csrc/radix_tree.cpp)";
+  py::register_exception_translator([](std::exception_ptr p) {
+    try {
+      if (p) std::rethrow_exception(p);
+    } catch (const std::logic_error& e) {
+      PyErr_SetString(PyExc_AssertionError, e.what());
+    }
+  });
+  m.def("as_int32", [](py::handle obj) {
+    I32View v(obj, "tokens");
+    if (v.arr && v.arr.ptr() == obj.ptr()) return py::reinterpret_borrow<py::array_t<int32_t>>(obj);
+    return to_array(v.data, (size_t)v.n);
+  }, py::arg("obj"), "A 1-D int32 array of an array, list or tuple of ints (no copy if it is one)");
+  py::class_<PyTree>(m, "Tree")
+      .def(py::init<int>(), py::arg("page_size"))
+      .def_property_readonly("page_size", &PyTree::page_size)
+      .def("match", &PyTree::match, py::arg("tokens"), py::arg("namespace"),
+           py::arg("record_stats") = true, py::arg("keep_last") = true)
+      .def("match_length", &PyTree::match_length, py::arg("tokens"), py::arg("namespace"),
+           py::arg("keep_last") = true)
+      .def("insert", &PyTree::insert, py::arg("tokens"), py::arg("pages"), py::arg("namespace"),
+           py::arg("want_pages") = true)
+      .def("lock", &PyTree::lock)
+      .def("unlock", &PyTree::unlock)
+      .def("evict", &PyTree::evict)
+      .def("parent", &PyTree::parent)
+      .def("children", &PyTree::children)
+      .def("num_children", &PyTree::num_children)
+      .def("pages", &PyTree::pages)
+      .def("key", &PyTree::key)
+      .def("lock_ref", &PyTree::lock_ref)
+      .def("last_access", &PyTree::last_access)
+      .def("describe", &PyTree::describe)
+      .def("root", &PyTree::root)
+      .def("counters", &PyTree::counters)
+      .def_property_readonly("cached_tokens", &PyTree::cached_tokens)
+      .def_property_readonly("locked_pages", &PyTree::locked_pages)
+      .def_property_readonly("evictable_pages", &PyTree::evictable_pages)
+      .def_property_readonly("num_nodes", &PyTree::num_nodes)
+      .def("snapshot", &PyTree::snapshot)
+      .def("all_pages", &PyTree::all_pages)
+      .def("check", &PyTree::check)
+      .def("lpm_order", &PyTree::lpm_order);
+}

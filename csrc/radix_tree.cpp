@@ -1,0 +1,474 @@
+// See radix_tree.h. Comments here say why; the what mirrors radixrt/cache/radix.py.
+#include "radix_tree.h"
+
+#include <algorithm>
+#include <cstring>
+#include <stdexcept>
+#include <unordered_set>
+
+namespace radixrt {
+
+namespace {
+[[noreturn]] void fail(const std::string& msg) { throw std::logic_error(msg); }
+}  // namespace
+
+RadixTree::RadixTree(int page_size) : ps_(page_size) {
+  if (page_size < 1) fail("page_size must be >= 1, got " + std::to_string(page_size));
+  ns_names_.push_back("");  // index 0: the default namespace (None)
+  roots_.push_back(-1);
+  roots_[0] = new_root(0);
+}
+
+int32_t RadixTree::intern(const std::string& name) {
+  auto it = ns_index_.find(name);
+  if (it != ns_index_.end()) return it->second;
+  int32_t idx = (int32_t)ns_names_.size();
+  ns_names_.push_back(name);
+  roots_.push_back(-1);
+  ns_index_.emplace(name, idx);
+  return idx;
+}
+
+uint64_t RadixTree::page_hash(const Tok* t) const {
+  // Exact for pages of 1 or 2 tokens; longer pages are mixed and told apart by find_child.
+  if (ps_ == 1) return (uint32_t)t[0];
+  if (ps_ == 2) return ((uint64_t)(uint32_t)t[0] << 32) | (uint32_t)t[1];
+  uint64_t h = 0x9E3779B97F4A7C15ull;
+  for (int i = 0; i < ps_; ++i) {
+    h ^= (uint32_t)t[i];
+    h *= 0xff51afd7ed558ccdull;
+    h ^= h >> 31;
+  }
+  return h;
+}
+
+int32_t RadixTree::find_child(int32_t node, const Tok* first_page) const {
+  auto range = nodes_[node].children.equal_range(page_hash(first_page));
+  for (auto it = range.first; it != range.second; ++it) {
+    if (std::memcmp(nodes_[it->second].key.data(), first_page, ps_ * sizeof(Tok)) == 0)
+      return it->second;
+  }
+  return -1;
+}
+
+void RadixTree::replace_child(int32_t parent, const Tok* first_page, int32_t from, int32_t to) {
+  auto range = nodes_[parent].children.equal_range(page_hash(first_page));
+  for (auto it = range.first; it != range.second; ++it) {
+    if (it->second == from) {
+      if (to < 0)
+        nodes_[parent].children.erase(it);
+      else
+        it->second = to;
+      return;
+    }
+  }
+  fail("node " + std::to_string(nodes_[from].id) + " not filed under its first page");
+}
+
+int32_t RadixTree::alloc_slot() {
+  if (!free_slots_.empty()) {
+    int32_t s = free_slots_.back();
+    free_slots_.pop_back();
+    return s;
+  }
+  nodes_.emplace_back();
+  return (int32_t)nodes_.size() - 1;
+}
+
+void RadixTree::free_slot(int32_t slot) {
+  Node& n = nodes_[slot];
+  n.alive = false;
+  n.parent = -1;
+  n.children.clear();
+  // Keep small buffers for reuse; give long edges' memory back.
+  n.key.clear();
+  n.pages.clear();
+  if (n.key.capacity() > 4096) std::vector<Tok>().swap(n.key);
+  if (n.pages.capacity() > 4096) std::vector<Page>().swap(n.pages);
+  free_slots_.push_back(slot);
+}
+
+int32_t RadixTree::new_root(int32_t ns) {
+  int32_t s = alloc_slot();
+  Node& r = nodes_[s];
+  r.id = next_id_++;
+  r.parent = -1;
+  r.ns = ns;
+  r.is_root = true;
+  r.alive = true;
+  r.in_lru = false;
+  r.lock_ref = 0;
+  r.last_access = 0;
+  return s;
+}
+
+int64_t RadixTree::descend(int32_t root, const Tok* t, int64_t n, std::vector<int32_t>& path) {
+  int32_t node = root;
+  int64_t pos = 0;
+  while (pos < n) {
+    int32_t c = find_child(node, t + pos);
+    if (c < 0) break;
+    const Node& ch = nodes_[c];
+    int64_t klen = (int64_t)ch.key.size();
+    int64_t span = std::min(klen, n - pos);
+    int64_t m;
+    if (std::memcmp(ch.key.data(), t + pos, span * sizeof(Tok)) == 0) {
+      m = span;
+    } else {
+      m = std::mismatch(ch.key.data(), ch.key.data() + span, t + pos).first - ch.key.data();
+    }
+    m -= m % ps_;  // >= ps: the first page matched through the child map
+    if (m < klen) c = split(c, m);
+    path.push_back(c);
+    pos += m;
+    node = c;
+  }
+  return pos;
+}
+
+int32_t RadixTree::split(int32_t child, int64_t m) {
+  int32_t up = alloc_slot();  // may move nodes_: take references after it
+  Node& ch = nodes_[child];
+  Node& u = nodes_[up];
+  int64_t cut = m / ps_;
+  u.id = next_id_++;
+  u.parent = ch.parent;
+  u.ns = ch.ns;
+  u.is_root = false;
+  u.alive = true;
+  u.in_lru = false;
+  u.lock_ref = ch.lock_ref;
+  u.last_access = ch.last_access;
+  u.key.assign(ch.key.begin(), ch.key.begin() + m);
+  u.pages.assign(ch.pages.begin(), ch.pages.begin() + cut);
+  u.children.clear();
+  u.children.emplace(page_hash(ch.key.data() + m), child);
+  replace_child(ch.parent, ch.key.data(), child, up);  // same first page, same map entry
+  ch.key.erase(ch.key.begin(), ch.key.begin() + m);
+  ch.pages.erase(ch.pages.begin(), ch.pages.begin() + cut);
+  ch.parent = up;
+  ++c_.num_nodes;
+  return up;
+}
+
+void RadixTree::touch(const std::vector<int32_t>& path) {
+  ++clock_;
+  for (int32_t s : path) {
+    Node& n = nodes_[s];
+    if (n.in_lru) {
+      lru_.erase({n.last_access, n.id, s});
+      n.last_access = clock_;
+      lru_.insert({n.last_access, n.id, s});
+    } else {
+      n.last_access = clock_;
+    }
+  }
+}
+
+void RadixTree::lru_add(int32_t slot) {
+  Node& n = nodes_[slot];
+  if (n.is_root || n.in_lru) return;
+  n.in_lru = true;
+  lru_.insert({n.last_access, n.id, slot});
+}
+
+void RadixTree::lru_discard(int32_t slot) {
+  Node& n = nodes_[slot];
+  if (!n.in_lru) return;
+  n.in_lru = false;
+  lru_.erase({n.last_access, n.id, slot});
+}
+
+int64_t RadixTree::match(const Tok* t, int64_t n, int32_t ns, bool record_stats, bool keep_last,
+                         std::vector<int32_t>& path, int32_t& handle) {
+  path.clear();
+  if (record_stats) c_.query_tokens += n;
+  int32_t root = ns >= 0 ? root_of(ns) : -1;
+  if (root < 0 || n == 0) {
+    handle = root >= 0 ? root : roots_[0];
+    return 0;
+  }
+  int64_t limit = keep_last ? ((n - 1) / ps_) * ps_ : (n / ps_) * ps_;
+  int64_t length = descend(root, t, limit, path);
+  touch(path);
+  if (record_stats) c_.hit_tokens += length;
+  handle = path.empty() ? root : path.back();
+  return length;
+}
+
+int64_t RadixTree::insert(const Tok* t, int64_t n, const Page* pages, int64_t num_pages,
+                          int32_t ns, std::vector<int32_t>& path, int32_t& handle) {
+  path.clear();
+  if (n % ps_ != 0)
+    fail("insert of " + std::to_string(n) + " tokens: not a multiple of page " +
+         std::to_string(ps_));
+  if (num_pages != n / ps_)
+    fail("insert of " + std::to_string(n) + " tokens needs " + std::to_string(n / ps_) +
+         " pages, got " + std::to_string(num_pages));
+  if (n == 0) {
+    int32_t r = root_of(ns);
+    handle = r >= 0 ? r : roots_[0];
+    return 0;
+  }
+  if (roots_[ns] < 0) roots_[ns] = new_root(ns);
+  int32_t root = roots_[ns];
+  int64_t pos = descend(root, t, n, path);
+  int32_t node = path.empty() ? root : path.back();
+  if (pos < n) {
+    int32_t leaf = alloc_slot();
+    Node& l = nodes_[leaf];
+    l.id = next_id_++;
+    l.parent = node;
+    l.ns = ns;
+    l.is_root = false;
+    l.alive = true;
+    l.in_lru = false;
+    l.lock_ref = 0;
+    l.last_access = 0;
+    l.key.assign(t + pos, t + n);
+    l.pages.assign(pages + pos / ps_, pages + n / ps_);
+    l.children.clear();
+    lru_discard(node);  // gains a child: no longer a leaf
+    nodes_[node].children.emplace(page_hash(l.key.data()), leaf);
+    lru_add(leaf);
+    ++c_.num_nodes;
+    c_.cached_tokens += n - pos;
+    path.push_back(leaf);
+    node = leaf;
+  }
+  touch(path);
+  handle = node;
+  return pos;
+}
+
+void RadixTree::lock(int32_t slot) {
+  if (nodes_[slot].is_root) return;
+  if (!nodes_[slot].alive || nodes_[slot].parent < 0)
+    fail("lock of node " + std::to_string(nodes_[slot].id) + ", which was evicted");
+  int32_t s = slot;
+  while (!nodes_[s].is_root) {
+    Node& n = nodes_[s];
+    if (n.lock_ref == 0) {
+      lru_discard(s);
+      c_.locked_pages += (int64_t)n.pages.size();
+    }
+    ++n.lock_ref;
+    s = n.parent;
+  }
+}
+
+void RadixTree::unlock(int32_t slot) {
+  if (nodes_[slot].is_root) return;
+  if (nodes_[slot].lock_ref <= 0)
+    fail("unlock of node " + std::to_string(nodes_[slot].id) + " below zero (not locked)");
+  int32_t s = slot;
+  while (!nodes_[s].is_root) {
+    Node& n = nodes_[s];
+    --n.lock_ref;
+    if (n.lock_ref == 0) {
+      c_.locked_pages -= (int64_t)n.pages.size();
+      if (n.children.empty()) lru_add(s);
+    }
+    s = n.parent;
+  }
+}
+
+int32_t RadixTree::detach(int32_t slot) {
+  Node& n = nodes_[slot];
+  int32_t parent = n.parent;
+  if (parent < 0 || !n.children.empty()) fail("detach of node " + std::to_string(n.id));
+  replace_child(parent, n.key.data(), slot, -1);
+  --c_.num_nodes;
+  free_slot(slot);
+  Node& p = nodes_[parent];
+  if (p.is_root && p.children.empty() && parent != roots_[0]) {
+    roots_[p.ns] = -1;  // an emptied namespace goes
+    free_slot(parent);
+  }
+  return parent;
+}
+
+int64_t RadixTree::evict(int64_t num_pages, std::vector<Page>& out) {
+  int64_t count = 0;
+  while (count < num_pages && !lru_.empty()) {
+    int32_t s = std::get<2>(*lru_.begin());
+    lru_.erase(lru_.begin());
+    nodes_[s].in_lru = false;
+    int64_t keep = (int64_t)nodes_[s].pages.size() - (num_pages - count);
+    if (keep > 0) split(s, keep * ps_);  // only the tail this call needs; the head stays
+    Node& n = nodes_[s];
+    if (n.lock_ref != 0) fail("evicting locked node " + std::to_string(n.id));
+    out.insert(out.end(), n.pages.begin(), n.pages.end());
+    count += (int64_t)n.pages.size();
+    c_.cached_tokens -= (int64_t)n.key.size();
+    int32_t parent = detach(s);
+    Node& p = nodes_[parent];
+    if (p.alive && !p.is_root && p.lock_ref == 0 && p.children.empty()) lru_add(parent);
+  }
+  c_.evicted_pages += count;
+  return count;
+}
+
+std::vector<int32_t> RadixTree::children_of(int32_t slot) const {
+  std::vector<int32_t> out;
+  for (const auto& kv : nodes_[slot].children) out.push_back(kv.second);
+  return out;
+}
+
+std::vector<int32_t> RadixTree::live_roots() const {
+  std::vector<int32_t> out;
+  for (int32_t r : roots_)
+    if (r >= 0) out.push_back(r);
+  return out;
+}
+
+std::vector<int32_t> RadixTree::live_nodes() const {
+  std::vector<int32_t> out, stack = live_roots();
+  while (!stack.empty()) {
+    int32_t s = stack.back();
+    stack.pop_back();
+    for (const auto& kv : nodes_[s].children) stack.push_back(kv.second);
+    if (!nodes_[s].is_root) out.push_back(s);
+  }
+  return out;
+}
+
+std::vector<std::tuple<int64_t, int64_t>> RadixTree::lru_keys() const {
+  std::vector<std::tuple<int64_t, int64_t>> out;
+  for (const auto& e : lru_) out.emplace_back(std::get<0>(e), std::get<1>(e));
+  return out;
+}
+
+std::string RadixTree::check() const {
+  auto id = [&](int32_t s) { return std::to_string(nodes_[s].id); };
+  for (size_t ns = 0; ns < roots_.size(); ++ns) {
+    int32_t r = roots_[ns];
+    if (r < 0) continue;
+    const Node& root = nodes_[r];
+    if (!root.alive || !root.is_root || root.ns != (int32_t)ns || root.lock_ref != 0)
+      return "root of namespace " + std::to_string(ns) + " is malformed";
+    if (ns != 0 && root.children.empty()) return "empty namespace root " + id(r) + " not removed";
+  }
+  std::unordered_set<Page> owner;
+  std::set<int64_t> unlocked_leaves;
+  int64_t locked = 0, tokens = 0;
+  std::vector<int32_t> nodes = live_nodes();
+  for (int32_t s : nodes) {
+    const Node& n = nodes_[s];
+    if (!n.alive || n.is_root || n.parent < 0) return "node " + id(s) + " reachable but detached";
+    const Node& p = nodes_[n.parent];
+    int64_t klen = (int64_t)n.key.size();
+    if (klen == 0 || klen % ps_ != 0)
+      return "node " + id(s) + ": key of " + std::to_string(klen) + " tokens with page " +
+             std::to_string(ps_);
+    if (find_child(n.parent, n.key.data()) != s)
+      return "node " + id(s) + " not filed under its first page in parent " + id(n.parent);
+    if (n.ns != p.ns) return "node " + id(s) + " crosses namespaces";
+    if ((int64_t)n.pages.size() != klen / ps_)
+      return "node " + id(s) + ": " + std::to_string(n.pages.size()) + " pages for " +
+             std::to_string(klen) + " tokens";
+    int64_t child_locks = 0;
+    for (const auto& kv : n.children) child_locks += nodes_[kv.second].lock_ref;
+    if (n.lock_ref < child_locks)
+      return "node " + id(s) + ": lock_ref " + std::to_string(n.lock_ref) +
+             " < children's total " + std::to_string(child_locks);
+    if (!p.is_root && p.last_access < n.last_access)
+      return "node " + id(s) + " accessed after its parent " + id(n.parent) +
+             ": LRU cascade order broken";
+    tokens += klen;
+    for (Page pg : n.pages)
+      if (!owner.insert(pg).second)
+        return "page " + std::to_string(pg) + " held twice (second: node " + id(s) + ")";
+    if (n.lock_ref)
+      locked += (int64_t)n.pages.size();
+    else if (n.children.empty())
+      unlocked_leaves.insert(n.id);
+    if (n.in_lru != (n.lock_ref == 0 && n.children.empty()))
+      return "node " + id(s) + ": LRU membership out of date";
+  }
+  if ((int64_t)nodes.size() != c_.num_nodes)
+    return "num_nodes " + std::to_string(c_.num_nodes) + " != " + std::to_string(nodes.size());
+  if (tokens != c_.cached_tokens)
+    return "cached_tokens " + std::to_string(c_.cached_tokens) + " != " + std::to_string(tokens);
+  if (locked != c_.locked_pages)
+    return "locked_pages " + std::to_string(c_.locked_pages) + " != " + std::to_string(locked);
+  std::set<int64_t> in_lru;
+  for (const auto& e : lru_) {
+    int32_t s = std::get<2>(e);
+    const Node& n = nodes_[s];
+    if (!n.alive || n.id != std::get<1>(e) || n.last_access != std::get<0>(e))
+      return "LRU keys out of date with nodes' last_access";
+    in_lru.insert(n.id);
+  }
+  if (in_lru != unlocked_leaves) return "evictable set != unlocked leaves";
+  return "";
+}
+
+std::vector<int64_t> RadixTree::lpm_order(const std::vector<int32_t>& slots,
+                                          const std::vector<int64_t>& ids,
+                                          const std::vector<int64_t>& counts) const {
+  struct Info {
+    int64_t weight = 0;
+    bool linked = false;  // filed under its parent (or among the tops)
+    std::vector<int64_t> kids;
+    std::vector<int64_t> groups;
+  };
+  std::unordered_map<int64_t, Info> info;
+  info.reserve(slots.size() * 4 + 8);
+  std::vector<int64_t> tops;
+  for (size_t g = 0; g < slots.size(); ++g) {
+    info[ids[g]].groups.push_back((int64_t)g);
+    int32_t s = slots[g];
+    int64_t cur = ids[g];
+    bool ok = valid(s, cur);
+    while (true) {
+      info[cur].weight += counts[g];
+      int32_t parent = ok ? nodes_[s].parent : -1;
+      if (parent < 0) {
+        Info& me = info[cur];
+        if (!me.linked) {
+          me.linked = true;
+          tops.push_back(cur);
+        }
+        break;
+      }
+      int64_t pid = nodes_[parent].id;
+      if (!info[cur].linked) {
+        info[cur].linked = true;
+        info[pid].kids.push_back(cur);
+      }
+      s = parent;
+      cur = pid;
+    }
+  }
+  auto heaviest_first = [&](std::vector<int64_t>& v) {
+    std::sort(v.begin(), v.end(), [&](int64_t a, int64_t b) {
+      int64_t wa = info[a].weight, wb = info[b].weight;
+      return wa != wb ? wa > wb : a < b;
+    });
+  };
+  std::vector<int64_t> out;
+  out.reserve(slots.size());
+  heaviest_first(tops);
+  // Iterative DFS: (node id, next kid index); a node's own groups follow its subtree.
+  std::vector<std::pair<int64_t, size_t>> stack;
+  for (int64_t top : tops) {
+    stack.emplace_back(top, 0);
+    heaviest_first(info[top].kids);
+    while (!stack.empty()) {
+      auto& [nid, next] = stack.back();
+      Info& in = info[nid];
+      if (next < in.kids.size()) {
+        int64_t kid = in.kids[next++];
+        heaviest_first(info[kid].kids);
+        stack.emplace_back(kid, 0);
+        continue;
+      }
+      out.insert(out.end(), in.groups.begin(), in.groups.end());
+      stack.pop_back();
+    }
+  }
+  return out;
+}
+
+}  // namespace radixrt

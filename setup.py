@@ -1,0 +1,21 @@
+"""Build of the native radix-tree core (csrc/) as radixrt.cache._radix_native.
+
+Everything else about the package is in pyproject.toml. The extension is optional: where it
+cannot be compiled (no C++ compiler), the install still succeeds and radixrt uses the
+pure-Python tree, logging one line that says so (radixrt/cache/native.py).
+"""
+
+from pybind11.setup_helpers import Pybind11Extension, build_ext
+from setuptools import setup
+
+native = Pybind11Extension(
+    "radixrt.cache._radix_native",
+    sources=["csrc/radix_tree.cpp", "csrc/bindings.cpp"],
+    include_dirs=["csrc"],
+    depends=["csrc/radix_tree.h"],
+    cxx_std=17,
+    extra_compile_args=["-O2"],
+    optional=True,  # a failed compile is a warning: the Python tree is the fallback
+)
+
+setup(ext_modules=[native], cmdclass={"build_ext": build_ext})

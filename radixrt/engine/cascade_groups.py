@@ -99,6 +99,8 @@ class PrefixGrouper:
         self.page_size = page_size
         self.min_tokens = policy.min_shared_pages * page_size
         self._paths: dict[int, tuple[Node, _Path]] = {}  # id(handle) -> (handle, path)
+        self.grouped_steps = 0  # decode steps that formed at least one group (benches, tests)
+        self.grouped_requests = 0  # summed over those steps: requests in a group
 
     def _path(self, handle: Node) -> _Path:
         ids: list[int] = []
@@ -150,4 +152,6 @@ class PrefixGrouper:
         picked = [(d, m) for d, m in by_anchor.values() if len(m) >= need]
         if not picked:
             return None
+        self.grouped_steps += 1
+        self.grouped_requests += sum(len(m) for _, m in picked)
         return CascadeGroups.of(picked, rows)

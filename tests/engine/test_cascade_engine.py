@@ -1,0 +1,131 @@
+"""Shared-prefix (cascade) decode in the engine: the radix tree's locks group the running
+requests, and greedy outputs with cascade on equal cascade off (gsp-like batches, prefix cache
+on), on the torch path and on the Triton kernels (interpreter on CPU)."""
+
+from __future__ import annotations
+
+import os
+import random
+
+import numpy as np
+import pytest
+import torch
+
+if "TRITON_INTERPRET" not in os.environ and not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"  # before radixrt imports its kernels
+
+from radixrt import Engine, SamplingParams  # noqa: E402
+from radixrt.cache.allocator import PageAllocator  # noqa: E402
+from radixrt.cache.page_table import SequencePages  # noqa: E402
+from radixrt.cache.radix import RadixCache  # noqa: E402
+from radixrt.config import EngineConfig  # noqa: E402
+from radixrt.engine.cascade_groups import CascadePolicy, PrefixGrouper  # noqa: E402
+from radixrt.engine.request import Sequence  # noqa: E402
+
+PS = 4
+
+
+def _gsp(seed: int, groups: int, per_group: int, system: int, vocab: int = 500) -> list[list[int]]:
+    rng = random.Random(seed)
+    prompts = []
+    for _ in range(groups):
+        stem = [rng.randrange(3, vocab) for _ in range(system)]
+        prompts += [stem + [rng.randrange(3, vocab) for _ in range(rng.randrange(1, 14))]
+                    for _ in range(per_group)]
+    prompts.append([rng.randrange(3, vocab) for _ in range(23)])  # shares nothing
+    rng.shuffle(prompts)
+    return prompts
+
+
+def _kernels_interpreted() -> bool:
+    from triton.runtime.interpreter import InterpretedFunction
+
+    from radixrt.kernels import cascade_decode
+
+    return isinstance(cascade_decode._shared_prefix_kernel, InterpretedFunction)
+
+
+@pytest.mark.parametrize(("backend", "overlap"), [("torch", False), ("torch", True),
+                                                  ("triton", False)])
+def test_cascade_on_equals_off(backend, overlap):
+    if backend == "triton":
+        pytest.importorskip("triton")
+        if not torch.cuda.is_available() and not _kernels_interpreted():
+            pytest.skip("Triton kernels were imported without the interpreter (no CUDA)")
+    prompts = _gsp(0, groups=2, per_group=4, system=37)
+    params = [SamplingParams(temperature=0.0, max_new_tokens=10, ignore_eos=True)] * len(prompts)
+    # One request forks after its prefill: its samples share its whole prompt.
+    params[0] = SamplingParams(temperature=0.0, max_new_tokens=10, ignore_eos=True, n=2)
+    outs = {}
+    for mode in ("off", "on"):
+        eng = Engine("llama-tiny", load_format="dummy", page_size=PS, kv_cache_tokens=4096,
+                     attention_backend=backend, cascade_decode=mode, debug_invariants=True,
+                     overlap_schedule=overlap, seed=1)
+        got = eng.generate(prompts, params)
+        outs[mode] = [[s.token_ids for s in o.outputs] for o in got]
+        grouper = eng.core.runner.cascade
+        if mode == "off":
+            assert grouper is None
+        else:
+            assert grouper is not None and grouper.grouped_steps > 0, "no decode step grouped"
+            # 2 system-prompt groups of 4 (+1 fork) and nothing else: at most 9 per step.
+            assert grouper.grouped_requests <= 9 * grouper.grouped_steps
+        eng.core.check_invariants()
+    assert outs["on"] == outs["off"]
+
+
+def test_config_rejects_cascade_it_cannot_run():
+    with pytest.raises(ValueError, match="cascade_decode"):
+        EngineConfig(cascade_decode="sometimes")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="cascade_decode"):
+        EngineConfig(cascade_decode="on", attention_backend="flashinfer")
+    with pytest.raises(ValueError, match="cascade_min_group"):
+        EngineConfig(cascade_min_group=1)
+
+
+def _running(cache: RadixCache, alloc: PageAllocator, tokens: list[int], handle_tokens: int,
+             idx: int) -> Sequence:
+    """A running sequence whose first ``handle_tokens`` are cached and locked, as after
+    admission + commit_progress."""
+    seq = Sequence(rid=f"r{idx}", index=0, prompt_ids=tokens, params=SamplingParams(),
+                   namespace=None, arrival=idx, pages=SequencePages(PS))
+    fresh = alloc.alloc(-(-len(tokens) // PS))
+    assert fresh is not None
+    res = cache.insert(np.array(tokens[:handle_tokens]), fresh[: handle_tokens // PS])
+    seq.pages.pages = list(res.pages) + fresh[handle_tokens // PS :]
+    cache.lock(res.handle)
+    seq.cache_handle = res.handle
+    seq.kv_len = len(tokens)
+    return seq
+
+
+def test_grouper_picks_the_deepest_shared_node():
+    """a/b share 24 tokens and a/b/c share 8: a and b group at 24, c (alone at 8, below
+    min_group) and d (no cached prefix) stay ungrouped; too-short shares never group."""
+    alloc = PageAllocator(200)
+    cache = RadixCache(alloc, PS)
+    base = list(range(100, 108))
+    ab = base + list(range(200, 216))
+    a = _running(cache, alloc, ab + [1, 2, 3, 4, 5], 24, 0)
+    b = _running(cache, alloc, ab + [9, 9, 9, 9, 9, 9, 9], 28, 1)
+    c = _running(cache, alloc, base + list(range(300, 310)), 16, 2)
+    d = Sequence(rid="d", index=0, prompt_ids=[5] * 9, params=SamplingParams(), namespace=None,
+                 arrival=3, pages=SequencePages(PS))
+    seqs = [c, a, d, b]
+    rows, kv = [4, 5, 6, 7], [s.kv_len for s in seqs]
+    grouper = PrefixGrouper(CascadePolicy(min_shared_pages=2, min_group=2), PS)
+    groups = grouper.group(seqs, rows, kv)
+    assert groups is not None and groups.num_groups == 1
+    assert sorted(groups.members.tolist()) == [1, 3] and groups.shared_lens.tolist() == [24]
+    assert groups.rows.tolist() == [5]
+    assert a.pages.pages[:6] == b.pages.pages[:6], "members read the same physical pages"
+    # Cached paths give the same answer; a bigger page minimum drops the group.
+    again = grouper.group(seqs, rows, kv)
+    assert again is not None and again.members.tolist() == groups.members.tolist()
+    strict = PrefixGrouper(CascadePolicy(min_shared_pages=7, min_group=2), PS)
+    assert strict.group(seqs, rows, kv) is None
+    # With three required, a, b and c group at their common 8 tokens.
+    three = PrefixGrouper(CascadePolicy(min_shared_pages=2, min_group=3), PS)
+    g3 = three.group(seqs, rows, kv)
+    assert g3 is not None and sorted(g3.members.tolist()) == [0, 1, 3]
+    assert g3.shared_lens.tolist() == [8]

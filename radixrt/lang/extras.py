@@ -71,9 +71,7 @@ class SeparateReasoning(Expr):
         if model_type is None:
             raise ValueError("separate_reasoning needs model_type= (the server names no "
                              "reasoning parser)")
-        if model_type not in REASONING_MARKERS:
-            raise ValueError(f"separate_reasoning: model_type {model_type!r} is not supported "
-                             f"(supported: {sorted(REASONING_MARKERS)})")
+        _check_model_type(model_type)
         if s.streaming:
             raise ValueError("separate_reasoning is not supported on streamed programs")
         names = _names(self.expr)
@@ -97,7 +95,15 @@ def separate_reasoning(expr: Expr | None = None, model_type: str | None = None) 
     if expr is None:
         raise ValueError("separate_reasoning needs an expression (a named gen)")
     _names(expr)  # fail at the call site on an unnamed gen
+    if model_type is not None:
+        _check_model_type(model_type)
     return SeparateReasoning(expr, model_type)
+
+
+def _check_model_type(model_type: str) -> None:
+    if model_type not in REASONING_MARKERS:
+        raise ValueError(f"separate_reasoning: model_type {model_type!r} is not supported "
+                         f"(supported: {sorted(REASONING_MARKERS)})")
 
 
 def image(path: Any) -> Expr:

@@ -28,6 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from radixrt.kernels.activation import silu_and_mul  # noqa: E402
 from radixrt.kernels.decode_attention import choose_num_splits, decode_attention  # noqa: E402
 from radixrt.kernels.extend_attention import extend_attention, extend_flops  # noqa: E402
+from radixrt.kernels.extend_configs import ExtendConfig  # noqa: E402
 from radixrt.kernels.rmsnorm import fused_add_rms_norm, rms_norm  # noqa: E402
 from radixrt.kernels.rope import apply_rope  # noqa: E402
 from radixrt.kernels.store_kv import store_kv  # noqa: E402
@@ -125,7 +126,8 @@ def bench_extend(batch: int, new: int, prefix: int, page_size: int) -> dict:
 
 
 def sweep_extend(batch: int, new: int, page_size: int) -> list[dict]:
-    """Tile configs for extend attention, each checked against the torch reference first."""
+    """Tile configs for extend attention, each checked against the torch reference first
+    (bench/bench_prefill.py sweeps more, at more shapes)."""
     from radixrt.attention.torch_ref import paged_attention_reference
     from radixrt.engine.batch import build_forward_batch
 
@@ -140,12 +142,13 @@ def sweep_extend(batch: int, new: int, page_size: int) -> list[dict]:
     ref = paged_attention_reference(q, k_flat, v_flat, fb, HD**-0.5).float()
     flops = extend_flops([new] * batch, [0] * batch, HQ, HD)
     rows = []
-    for cfg in [(128, 64, 8, 3), (128, 64, 8, 2), (128, 128, 8, 2), (128, 32, 4, 3),
-                (64, 64, 4, 3), (64, 128, 4, 2), (128, 64, 4, 3), (64, 64, 4, 4), (128, 128, 8, 3)]:  # fmt: skip
+    for cfg in [ExtendConfig(*c) for c in [
+            (128, 64, 4, 4, 3), (128, 128, 4, 8, 3), (64, 64, 4, 4, 4), (64, 64, 1, 4, 4),
+            (128, 64, 1, 8, 3), (128, 128, 1, 8, 2)]]:  # fmt: skip
         try:
             out = torch.full_like(q, float("nan"))
 
-            def run(cfg: tuple[int, int, int, int] = cfg, out: torch.Tensor = out) -> torch.Tensor:
+            def run(cfg: ExtendConfig = cfg, out: torch.Tensor = out) -> torch.Tensor:
                 return extend_attention(
                     q, k_flat, v_flat, fb.qo_indptr, fb.prefix_lens, fb.page_table, fb.req_rows, page_size,
                     new, HD**-0.5, out=out, config=cfg,
@@ -154,9 +157,9 @@ def sweep_extend(batch: int, new: int, page_size: int) -> list[dict]:
             run()
             err = float((out.float() - ref).norm() / ref.norm())
             ms = median_ms(run)
-            rows.append({"config": cfg, "ms": ms, "tflops": flops / ms / 1e9, "rel_err": err})
+            rows.append({"config": cfg.as_tuple(), "ms": ms, "tflops": flops / ms / 1e9, "rel_err": err})
         except Exception as exc:  # noqa: BLE001 - a config may exceed shared memory
-            rows.append({"config": cfg, "error": repr(exc)[:200]})
+            rows.append({"config": cfg.as_tuple(), "error": repr(exc)[:200]})
         print(rows[-1], flush=True)
     return rows
 

@@ -3,7 +3,7 @@
 Roofline sum, as the benchmark issue defines it::
 
     floor = prefill FLOPs / matmul rate          (prefill is compute-bound)
-          + decode bytes / copy bandwidth        (decode is memory-bound)
+          + decode time
 
     prefill FLOPs, per request with c cached and n new prompt tokens:
         2 * P_linear * n                         weights x tokens
@@ -12,9 +12,16 @@ Roofline sum, as the benchmark issue defines it::
     decode bytes = steps * weight bytes  +  sum over generated tokens of (context KV bytes)
         steps = ceil(decode tokens / batch), batch = how many requests decode together
 
+Two decode times are reported. The bandwidth floor (``bandwidth_decode_s``, the original one)
+is max(all bytes / bandwidth, all FLOPs / rate). The compute-aware floor (``decode_s``, the one
+``total_s`` uses) takes the max of compute and memory time per operation: the projections of a
+step read the weights once and multiply every token of the step (compute-bound at large
+batches: batch 256 of an 8B model is ~4.9 ms at the matmul rate vs ~3.8 ms to read the weights),
+and attention reads each token's context KV (memory-bound). Its step count is also at least the
+longest request's output, whose tokens come one step after another.
+
 Decode is the same with or without the cache (each request reads its whole context every step),
 so the cache only shrinks the prefill term: ideal speedup = floor(cache off) / floor(optimal hits).
-Decode time takes max(bytes / bandwidth, FLOPs / rate) so a huge batch cannot beat compute.
 """
 
 from __future__ import annotations
@@ -92,6 +99,11 @@ class ModelShape:
         return (2.0 * (self.linear_params + self.hidden_size * self.vocab_size)
                 + 4.0 * self.num_heads * self.head_dim * self.num_layers * context)
 
+    def attention_flops(self, cached: int, new: int) -> float:
+        """QK^T and PV FLOPs of ``new`` causal queries after ``cached`` keys, all layers."""
+        pairs = new * cached + new * (new + 1) / 2
+        return 4.0 * self.num_heads * self.head_dim * self.num_layers * pairs
+
 
 @dataclass(frozen=True)
 class Hardware:
@@ -118,17 +130,23 @@ class RequestShape:
 class Floor:
     prefill_flops: float
     prefill_s: float
-    decode_steps: int
+    decode_steps: int  # max(ceil(decode tokens / batch), longest request's decode tokens)
     decode_bytes: float
     decode_flops: float
-    decode_s: float
+    decode_s: float  # compute-aware: max(compute, memory) per operation
+    bandwidth_decode_s: float  # the original floor: max(bytes / bandwidth, FLOPs / rate)
 
     @property
     def total_s(self) -> float:
         return self.prefill_s + self.decode_s
 
+    @property
+    def bandwidth_total_s(self) -> float:
+        return self.prefill_s + self.bandwidth_decode_s
+
     def to_dict(self) -> dict[str, float]:
-        return {**asdict(self), "total_s": self.total_s}
+        return {**asdict(self), "total_s": self.total_s,
+                "bandwidth_total_s": self.bandwidth_total_s}
 
 
 def floor_time(
@@ -141,17 +159,48 @@ def floor_time(
     decode_tokens = sum(r.output_len - 1 for r in requests)
     steps = math.ceil(decode_tokens / batch) if decode_tokens else 0
     kv_bytes = 0.0
-    flops = 0.0
+    attn_flops = 0.0
     for r in requests:
         # Token k (1..out-1) attends to prompt + k tokens: sum_k (p + k) in closed form.
         m = r.output_len - 1
         ctx = m * r.prompt_len + m * (m + 1) / 2
         kv_bytes += ctx * shape.kv_bytes_per_token
-        flops += m * shape.decode_token_flops(0) + 4.0 * shape.num_heads * shape.head_dim \
-            * shape.num_layers * ctx
+        attn_flops += 4.0 * shape.num_heads * shape.head_dim * shape.num_layers * ctx
+    token_flops = shape.decode_token_flops(0)  # projections + lm_head, per decoded token
+    flops = decode_tokens * token_flops + attn_flops
     dbytes = steps * shape.weight_bytes + kv_bytes
-    decode_s = max(dbytes / hw.copy_bandwidth, flops / hw.matmul_flops)
-    return Floor(prefill, prefill / hw.matmul_flops, steps, dbytes, flops, decode_s)
+    bandwidth_s = max(dbytes / hw.copy_bandwidth, flops / hw.matmul_flops)
+    # Compute-aware: a request's tokens are sequential, so at least its decode length in steps;
+    # spreading the tokens evenly over them minimizes the per-step max (it is convex).
+    seq_steps = max([steps] + [r.output_len - 1 for r in requests])
+    linear_s = seq_steps * max(decode_tokens / seq_steps * token_flops / hw.matmul_flops,
+                               shape.weight_bytes / hw.copy_bandwidth) if seq_steps else 0.0
+    attention_s = max(kv_bytes / hw.copy_bandwidth, attn_flops / hw.matmul_flops)
+    return Floor(prefill, prefill / hw.matmul_flops, seq_steps, dbytes, flops,
+                 linear_s + attention_s, bandwidth_s)
+
+
+def chunked_prefill_floor(shape: ModelShape, hw: Hardware, prompt_len: int,
+                          chunk: int) -> dict[str, float]:
+    """Floor of one cold prompt prefilled ``chunk`` tokens per step, both ways: ``flops_s`` is
+    all FLOPs at the matmul rate (the original prefill floor); ``floor_s`` takes per step the
+    max of compute and memory time of the projections (weights read once a step) and of
+    attention (each chunk reads its whole prefix's KV), plus the lm_head once."""
+    assert prompt_len >= 1 and chunk >= 1, f"bad prompt {prompt_len} / chunk {chunk}"
+    rate, bw = hw.matmul_flops, hw.copy_bandwidth
+    linear_bytes = shape.linear_params * shape.dtype_bytes
+    total = 0.0
+    for start in range(0, prompt_len, chunk):
+        n = min(chunk, prompt_len - start)
+        total += max(2.0 * shape.linear_params * n / rate, linear_bytes / bw)
+        kv_read = (start + n) * shape.kv_bytes_per_token
+        total += max(shape.attention_flops(start, n) / rate, kv_read / bw)
+    lm_head = shape.hidden_size * shape.vocab_size
+    total += max(2.0 * lm_head / rate, lm_head * shape.dtype_bytes / bw)
+    flops = shape.prefill_flops(0, prompt_len)
+    return {"prompt_len": prompt_len, "chunk": chunk, "prefill_flops": flops,
+            "attention_flops": shape.attention_flops(0, prompt_len),
+            "flops_s": flops / rate, "floor_s": total}
 
 
 def decode_batch(

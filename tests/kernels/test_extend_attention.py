@@ -9,6 +9,15 @@ pytest.importorskip("triton")
 
 from radixrt.attention.torch_ref import paged_attention_reference  # noqa: E402
 from radixrt.kernels.extend_attention import extend_attention  # noqa: E402
+from radixrt.kernels.extend_configs import (  # noqa: E402
+    MAX_SPLITS,
+    MIN_SPLIT_KEYS,
+    ExtendConfig,
+    choose_kv_splits,
+    default_config,
+    packable_heads,
+    sm_count,
+)
 
 # (prefix_lens, extend_lens): prefixes of 0 and > 0, a single-token extend (a decode inside a
 # mixed batch), extends spanning several query blocks, prefixes not aligned to any block.
@@ -87,3 +96,106 @@ def test_extend_reads_through_page_table(paged_case, device):
     case.v_flat[~owned] = float("nan")
     after = extend_attention(case.q, case.k_flat, case.v_flat, *args)
     assert torch.equal(before, after), "attention read KV outside the requests' pages"
+
+
+# GQA packing, page-table reads and split-KV: each case names (heads, kv_heads, head_dim),
+# page size, the tile config (None = the default) and the forced split count.
+CONFIG_CASES = [
+    ((4, 4, 64), 16, ExtendConfig(16, 16, 1, 4, 1), 1),  # GQA 1
+    ((8, 2, 128), 16, ExtendConfig(16, 16, 4, 4, 1), 1),  # GQA 4 packed, one table read a page
+    ((8, 2, 128), 1, ExtendConfig(32, 16, 2, 4, 1), 3),  # half the group a tile, split
+    ((8, 1, 64), 16, ExtendConfig(16, 32, 8, 4, 1, False), 1),  # GQA 8, per-key table reads
+    ((8, 1, 64), 1, ExtendConfig(16, 16, 8, 4, 1), 4),  # GQA 8 packed, split
+    ((8, 2, 64), 16, ExtendConfig(16, 16, 4, 4, 1), 2),  # a page per tile, split
+    ((4, 4, 16), 32, ExtendConfig(32, 16, 1, 4, 1), 5),  # a tile inside one page, split
+]
+
+
+@pytest.mark.parametrize(("heads", "page_size", "config", "splits"), CONFIG_CASES)
+def test_extend_configs_and_splits(paged_case, assert_close, device, heads, page_size, config,
+                                   splits):
+    """Every packing / table-read / split path against the reference on ragged requests with
+    and without a prefix (prefixes long enough that splits get several tiles, or none)."""
+    if device == "cuda":
+        pytest.skip("tiny interpreter shapes; the gpu tests below cover real ones")
+    num_heads, kv_heads, head_dim = heads
+    case = paged_case(
+        prefix_lens=[0, 70, 5, 33], extend_lens=[9, 20, 1, 3], num_heads=num_heads,
+        num_kv_heads=kv_heads, head_dim=head_dim, page_size=page_size, dtype=torch.float32,
+        device=device,
+    )  # fmt: skip
+    b, scale = case.batch, head_dim**-0.5
+    out = torch.full_like(case.q, float("nan"))
+    extend_attention(
+        case.q, case.k_flat, case.v_flat, b.qo_indptr, b.prefix_lens, b.page_table, b.req_rows,
+        b.page_size, b.max_extend_len, scale, out=out, config=config, num_kv_splits=splits,
+    )  # fmt: skip
+    assert_close(out, paged_attention_reference(case.q, case.k_flat, case.v_flat, b, scale))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(
+    ("heads", "head_dim", "config", "splits"),
+    [
+        ((32, 8), 128, None, 4),  # the default tiles, split
+        ((32, 8), 128, ExtendConfig(128, 128, 4, 8, 3), 1),
+        ((32, 8), 128, ExtendConfig(64, 64, 1, 4, 4), 1),
+        ((32, 4), 64, None, 1),  # GQA 8
+        ((32, 4), 64, ExtendConfig(128, 64, 8, 4, 3, False), 3),
+    ],
+)
+def test_extend_configs_real_shapes(paged_case, assert_close, device, heads, head_dim, config,
+                                    splits):
+    case = paged_case(
+        prefix_lens=REAL_RAGGED[0], extend_lens=REAL_RAGGED[1], num_heads=heads[0],
+        num_kv_heads=heads[1], head_dim=head_dim, page_size=16, dtype=torch.bfloat16,
+        device=device,
+    )  # fmt: skip
+    b, scale = case.batch, head_dim**-0.5
+    out = torch.full_like(case.q, float("nan"))
+    extend_attention(
+        case.q, case.k_flat, case.v_flat, b.qo_indptr, b.prefix_lens, b.page_table, b.req_rows,
+        b.page_size, b.max_extend_len, scale, out=out, config=config, num_kv_splits=splits,
+    )  # fmt: skip
+    assert_close(out, paged_attention_reference(case.q, case.k_flat, case.v_flat, b, scale))
+
+
+@pytest.mark.gpu
+def test_extend_auto_split_one_long_request(paged_case, assert_close, device):
+    """One request of 512 new tokens after a 16k prefix: too few tiles to fill the GPU, so the
+    kernel splits the prefix (max_seq_len known) and still matches the reference."""
+    case = paged_case(
+        prefix_lens=[16384], extend_lens=[512], num_heads=32, num_kv_heads=8, head_dim=128,
+        page_size=16, dtype=torch.bfloat16, device=device,
+    )  # fmt: skip
+    b, scale = case.batch, 128**-0.5
+    kw = dict(max_seq_len=16384 + 512)
+    assert choose_kv_splits(16 * 8, 16384 + 512, 512, 32, 128, sm_count(torch.device(device))) > 1
+    out = torch.full_like(case.q, float("nan"))
+    extend_attention(case.q, case.k_flat, case.v_flat, b.qo_indptr, b.prefix_lens, b.page_table,
+                     b.req_rows, b.page_size, b.max_extend_len, scale, out=out, **kw)
+    assert_close(out, paged_attention_reference(case.q, case.k_flat, case.v_flat, b, scale))
+
+
+def test_choose_kv_splits_policy():
+    # Enough tiles to fill 132 SMs twice over: no split, whatever the length.
+    assert choose_kv_splits(264, 120_000, 8192, 32, 128, 132) == 1
+    # Unknown length (the caller passed no max_seq_len): no split.
+    assert choose_kv_splits(8, None, 512, 32, 128, 132) == 1
+    # 128 tiles over a 32k prefix: split enough to reach 2 programs per SM.
+    assert choose_kv_splits(128, 32768, 512, 32, 128, 132) == 3
+    # Short KV: each split must keep MIN_SPLIT_KEYS keys.
+    assert choose_kv_splits(8, 3 * MIN_SPLIT_KEYS, 64, 32, 128, 132) == 3
+    assert choose_kv_splits(1, 10**6, 16, 32, 128, 132) == MAX_SPLITS
+    # Scratch cap: 2^20 tokens x 32 heads of fp32 partials would not fit twice.
+    assert choose_kv_splits(1, 10**6, 1 << 20, 32, 128, 132) == 1
+
+
+def test_extend_config_validation():
+    with pytest.raises(AssertionError):
+        ExtendConfig(96, 64, 1, 4, 3)  # rows not a power of 2
+    with pytest.raises(AssertionError):
+        ExtendConfig(16, 16, 32, 4, 1)  # more packed heads than rows
+    assert packable_heads(4, 8) == 4 and packable_heads(8, 4) == 4 and packable_heads(3, 8) == 1
+    cfg = default_config(128, 4, torch.device("cpu"))
+    assert cfg.heads_per_tile == 4 and cfg.block_m % cfg.heads_per_tile == 0

@@ -1,0 +1,385 @@
+"""Prefill attention at flash-attention speed (issue 18, item 1): a tile sweep of the extend kernel
+against the previous kernel and torch SDPA, then cold prefill of long prompts through the engine.
+
+    python bench/bench_prefill.py sweep  --out DIR     # writes DIR/prefill_sweep.json
+    python bench/bench_prefill.py engine --out DIR [--sweep-json DIR/prefill_sweep.json]
+
+sweep: Llama-3-8B attention (32 query heads over 8 KV heads, head_dim 128, bf16, page 16, pages
+randomly permuted) at 8 x 1024 new tokens, 8 x 1024 after a 1024-token prefix, and one 32k
+prompt; every config is checked against an fp32 reference on sampled query rows first. Rates are
+useful causal FLOPs over time, as % of a bf16 torch.matmul measured in the same run. Then split-KV
+on one request of 512 new tokens after a 32k prefix. The best config overall (highest geometric
+mean rate, correct everywhere) is printed as the line to commit into ``extend_configs.TABLE``.
+
+engine: the llama3.1-8b preset (random weights) prefills one 32k and one 120k prompt cold, in
+``--chunk``-token steps, with the sweep's best config installed; time to first token against
+``floor.chunked_prefill_floor`` (compute-aware, and all FLOPs at the matmul rate).
+
+``--device cpu --tiny`` runs both at toy sizes under TRITON_INTERPRET=1 (a smoke test).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+import triton
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench import floor as fl  # noqa: E402
+from radixrt.kernels import extend_configs  # noqa: E402
+from radixrt.kernels.extend_attention import extend_attention, extend_flops  # noqa: E402
+from radixrt.kernels.extend_baseline import extend_attention_baseline  # noqa: E402
+from radixrt.kernels.extend_configs import ExtendConfig  # noqa: E402
+
+HQ, HKV, HD, PAGE = 32, 8, 128, 16
+TOL = 2e-2  # bf16 relative error bound, as the kernel tests use
+SHAPES = {"8x1024": (8, 1024, 0), "8x1024 +1k prefix": (8, 1024, 1024), "1x32k": (1, 32768, 0)}
+SPLIT_SHAPE = ("1x512 +32k prefix", (1, 512, 32768))
+TINY_SHAPES = {"2x40": (2, 40, 0), "2x24 +33 prefix": (2, 24, 33)}
+TINY_SPLIT = ("1x8 +70 prefix", (1, 8, 70))
+# (block_m, block_n, heads_per_tile, warps, stages[, page_vec]): the Triton tutorial's Hopper
+# space (64/128 rows, 32-128 keys, 2-4 stages, 4/8 warps) with and without GQA packing.
+# Likeliest first: a spent time budget cuts the tail.
+_TILES: list[tuple[Any, ...]] = [
+    (128, 64, 4, 4, 3), (128, 128, 4, 8, 3), (128, 64, 4, 8, 3), (64, 64, 4, 4, 4),
+    (128, 128, 4, 8, 2), (128, 64, 4, 4, 4), (128, 64, 4, 4, 3, False), (128, 128, 1, 8, 3),
+    (64, 64, 1, 4, 4), (128, 64, 1, 8, 3), (64, 128, 4, 4, 2), (128, 32, 4, 4, 4),
+    (128, 64, 2, 4, 3), (256, 64, 4, 8, 3), (64, 64, 4, 4, 3), (128, 128, 4, 8, 3, False),
+]  # fmt: skip
+CANDIDATES = [ExtendConfig(*c) for c in _TILES]
+TINY_CANDIDATES = [ExtendConfig(16, 16, 4, 4, 1), ExtendConfig(32, 16, 1, 4, 1, False)]
+
+
+def timer(device: torch.device) -> Callable[[Callable[[], object]], float]:
+    if device.type == "cuda":
+        from triton.testing import do_bench
+
+        return lambda fn: float(do_bench(fn, warmup=25, rep=100, return_mode="median"))
+
+    def once(fn: Callable[[], object]) -> float:
+        t = time.perf_counter()
+        fn()
+        return (time.perf_counter() - t) * 1e3
+
+    return once
+
+
+def matmul_tflops(device: torch.device, ms: Callable[[Callable[[], object]], float]) -> float:
+    n = 8192 if device.type == "cuda" else 256
+    a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    return 2 * n**3 / ms(lambda: torch.matmul(a, b)) / 1e9
+
+
+def softmax_scale(head_dim: int) -> float:
+    return float(head_dim) ** -0.5
+
+
+class Case:
+    """Random paged K/V (fragmented pages, shuffled table rows) and queries for one shape, with
+    an fp32 reference on sampled query rows of every request."""
+
+    def __init__(self, batch: int, new: int, prefix: int, device: torch.device,
+                 dtype: torch.dtype, heads: tuple[int, int, int]) -> None:
+        self.batch, self.new, self.prefix = batch, new, prefix
+        hq, hkv, hd = heads
+        seq = prefix + new
+        per_req = triton.cdiv(seq, PAGE)
+        num_pages = batch * per_req + 2
+        shape = ((num_pages + 1) * PAGE, hkv, hd)
+        self.k = torch.randn(shape, device=device, dtype=dtype)
+        self.v = torch.randn(shape, device=device, dtype=dtype)
+        perm = torch.randperm(num_pages, device=device)[: batch * per_req] + 1
+        self.table = torch.zeros(batch + 1, per_req, dtype=torch.int32, device=device)
+        self.table[1:] = perm.view(batch, per_req).to(torch.int32)
+        self.rows = (torch.randperm(batch, device=device) + 1).to(torch.int32)
+        self.indptr = torch.arange(0, (batch + 1) * new, new, device=device, dtype=torch.int32)
+        self.prefix_lens = torch.full((batch,), prefix, device=device, dtype=torch.int32)
+        self.q = torch.randn(batch * new, hq, hd, device=device, dtype=dtype)
+        self.flops = extend_flops([new] * batch, [prefix] * batch, hq, hd)
+        self.sel, self.ref = self._reference(hq // hkv)
+
+    def _reference(self, group: int) -> tuple[torch.Tensor, torch.Tensor]:
+        gen = torch.Generator().manual_seed(0)
+        sel_all, refs = [], []
+        pos = torch.arange(self.prefix + self.new, device=self.q.device)
+        for b in range(self.batch):
+            j = torch.unique(torch.cat([torch.tensor([0, self.new - 1]),
+                                        torch.randint(0, self.new, (30,), generator=gen)]))
+            j = j.to(self.q.device)
+            page_row = self.table[int(self.rows[b])].long()
+            slots = page_row[pos // PAGE] * PAGE + pos % PAGE
+            k = self.k[slots].float().repeat_interleave(group, dim=1)  # [L, Hq, D]
+            v = self.v[slots].float().repeat_interleave(group, dim=1)
+            qi = self.q[b * self.new + j].float()  # [R, Hq, D]
+            scores = torch.einsum("rhd,lhd->hrl", qi, k) * softmax_scale(qi.shape[-1])
+            scores = scores.masked_fill(pos[None, None, :] > (self.prefix + j)[None, :, None],
+                                        float("-inf"))
+            refs.append(torch.einsum("hrl,lhd->rhd", torch.softmax(scores, -1), v))
+            sel_all.append(b * self.new + j)
+        return torch.cat(sel_all), torch.cat(refs)
+
+    def err(self, out: torch.Tensor) -> float:
+        got = out[self.sel].double()
+        return float((got - self.ref.double()).norm() / self.ref.double().norm())
+
+    def run_new(self, out: torch.Tensor, cfg: ExtendConfig | None, splits: int | None,
+                auto: bool = False) -> torch.Tensor:
+        return extend_attention(
+            self.q, self.k, self.v, self.indptr, self.prefix_lens, self.table, self.rows, PAGE,
+            self.new, softmax_scale(self.q.shape[-1]), out=out, config=cfg, num_kv_splits=splits,
+            max_seq_len=self.prefix + self.new if auto else None,
+        )  # fmt: skip
+
+    def run_old(self, out: torch.Tensor) -> torch.Tensor:
+        return extend_attention_baseline(
+            self.q, self.k, self.v, self.indptr, self.prefix_lens, self.table, self.rows, PAGE,
+            self.new, softmax_scale(self.q.shape[-1]), out=out,
+        )  # fmt: skip
+
+
+def measure(case: Case, fn: Callable[[torch.Tensor], object], mm: float,
+            ms: Callable[[Callable[[], object]], float]) -> dict[str, Any]:
+    """Correctness first (into a NaN-filled output), then the median time."""
+    out = torch.full_like(case.q, float("nan"))
+    try:
+        fn(out)
+        err = case.err(out)
+        t = ms(lambda: fn(out))
+    except Exception as exc:  # noqa: BLE001 - a config may not compile (shared memory, ...)
+        return {"error": repr(exc)[:300]}
+    tflops = case.flops / t / 1e9
+    return {"ms": t, "tflops": tflops, "pct_of_matmul": 100 * tflops / mm, "rel_err": err,
+            "correct": bool(err < TOL)}
+
+
+def sdpa(case: Case, mm: float, ms: Callable[[Callable[[], object]], float]) -> dict[str, Any]:
+    """torch SDPA on dense (non-paged) tensors of the same shape: the reference point."""
+    b, n, p = case.batch, case.new, case.prefix
+    dev, dt = case.q.device, case.q.dtype
+    q = torch.randn(b, HQ, n, HD, device=dev, dtype=dt)
+    k = torch.randn(b, HKV, p + n, HD, device=dev, dtype=dt)
+    v = torch.randn_like(k)
+    f = torch.nn.functional.scaled_dot_product_attention
+    try:
+        if p == 0:
+            t = ms(lambda: f(q, k, v, is_causal=True, enable_gqa=True))
+        else:  # bottom-right causal mask (query j sees keys < p + j + 1); GQA expanded
+            from torch.nn.attention.bias import causal_lower_right
+
+            mask = causal_lower_right(n, p + n)
+            ke, ve = k.repeat_interleave(HQ // HKV, 1), v.repeat_interleave(HQ // HKV, 1)
+            t = ms(lambda: f(q, ke, ve, attn_mask=mask))
+    except Exception as exc:  # noqa: BLE001 - a torch build without that backend
+        return {"error": repr(exc)[:300]}
+    tflops = case.flops / t / 1e9
+    return {"ms": t, "tflops": tflops, "pct_of_matmul": 100 * tflops / mm}
+
+
+def best_overall(shapes: dict[str, Any]) -> dict[str, Any] | None:
+    """The config correct at every shape with the highest geometric-mean rate."""
+    scores: dict[tuple[Any, ...], list[float]] = {}
+    for res in shapes.values():
+        for row in res["configs"]:
+            key = tuple(row["config"])
+            ok = row.get("correct", False)
+            scores.setdefault(key, []).append(row["pct_of_matmul"] if ok else 0.0)
+    full = {k: v for k, v in scores.items() if len(v) == len(shapes) and min(v) > 0}
+    if not full:
+        return None
+    key = max(full, key=lambda k: math.prod(full[k]) ** (1 / len(full[k])))
+    return {"config": list(key), "geomean_pct": math.prod(full[key]) ** (1 / len(full[key])),
+            "pct_by_shape": dict(zip(shapes, full[key]))}
+
+
+def run_sweep(args: argparse.Namespace) -> dict[str, Any]:
+    dev = torch.device(args.device)
+    ms = timer(dev)
+    dtype = torch.bfloat16
+    heads = (HQ, HKV, HD) if not args.tiny else (8, 2, 32)
+    result: dict[str, Any] = {"device": torch.cuda.get_device_name(dev) if dev.type == "cuda"
+                              else "cpu (interpreter)", "torch": torch.__version__,
+                              "triton": triton.__version__}  # fmt: skip
+    if dev.type == "cuda":
+        result["capability"] = list(torch.cuda.get_device_capability(dev))
+    mm = matmul_tflops(dev, ms)
+    result["matmul_tflops"] = mm
+    print(f"{result['device']}: bf16 matmul {mm:.0f} TFLOP/s", flush=True)
+    started = time.perf_counter()
+    shapes, candidates = (TINY_SHAPES, TINY_CANDIDATES) if args.tiny else (SHAPES, CANDIDATES)
+    result["shapes"] = {}
+    cases = {name: Case(b, n, p, dev, dtype, heads) for name, (b, n, p) in shapes.items()}
+    for name, case in cases.items():
+        res: dict[str, Any] = {"batch": case.batch, "new": case.new, "prefix": case.prefix,
+                               "flops": case.flops, "configs": []}
+        res["old"] = measure(case, case.run_old, mm, ms)
+        res["sdpa"] = sdpa(case, mm, ms) if not args.tiny else {}
+        res["new_default"] = measure(case, lambda o, c=case: c.run_new(o, None, None, True), mm, ms)  # type: ignore[misc]
+        result["shapes"][name] = res
+        print(f"{name}: old {fmt(res['old'])} | sdpa {fmt(res['sdpa'])} | default "
+              f"{fmt(res['new_default'])}", flush=True)
+    # Config-major, so a spent budget drops whole configs, never one config's later shapes.
+    for cfg in candidates:
+        if time.perf_counter() - started > args.budget_s:
+            print(f"sweep budget {args.budget_s}s spent: skipping the rest", flush=True)
+            break
+        for name, case in cases.items():
+            row = measure(case, lambda o, c=cfg, k=case: k.run_new(o, c, 1), mm, ms)  # type: ignore[misc]
+            result["shapes"][name]["configs"].append({"config": list(cfg.as_tuple()), **row})
+            print(f"  {name} {cfg.as_tuple()}: {fmt(row)}", flush=True)
+        write(args.out, "prefill_sweep.json", result)
+    for name, res in result["shapes"].items():
+        ok = [r for r in res["configs"] if r.get("correct")]
+        res["best"] = max(ok, key=lambda r: r["tflops"]) if ok else None
+        print(f"{name}: best {res['best'] and res['best']['config']} {fmt(res['best'] or {})}",
+              flush=True)
+    del cases
+    if dev.type == "cuda":
+        torch.cuda.empty_cache()
+    best = best_overall(result["shapes"])
+    result["best_overall"] = best
+    group = heads[0] // heads[1]
+    if best is not None and dev.type == "cuda":
+        major = result["capability"][0]
+        result["table_line"] = (f"({max(16, triton.next_power_of_2(heads[2]))}, {group}, {major}):"
+                                f" ExtendConfig{tuple(best['config'])},")
+        print("commit into extend_configs.TABLE:", result["table_line"], flush=True)
+    split_cfg = ExtendConfig(*best["config"]) if best else None
+    sname, (b, n, p) = TINY_SPLIT if args.tiny else SPLIT_SHAPE
+    case = Case(b, n, p, dev, dtype, heads)
+    split_rows = [{"splits": "old", **measure(case, case.run_old, mm, ms)},
+                  {"splits": "auto", **measure(case, lambda o: case.run_new(o, split_cfg, None, True), mm, ms)}]
+    for s in (1, 2, 4, 8, 16):
+        split_rows.append({"splits": s, **measure(case, lambda o, s=s: case.run_new(o, split_cfg, s), mm, ms)})  # type: ignore[misc]
+    result["split"] = {"shape": sname, "config": best and best["config"], "rows": split_rows}
+    for r in split_rows:
+        print(f"{sname} splits={r['splits']}: {fmt(r)}", flush=True)
+    result["sweep_s"] = time.perf_counter() - started
+    write(args.out, "prefill_sweep.json", result)
+    return result
+
+
+def fmt(r: dict[str, Any]) -> str:
+    if not r:
+        return "-"
+    if "error" in r:
+        return "ERROR " + r["error"][:120]
+    ok = "" if r.get("correct", True) else f" WRONG (err {r['rel_err']:.2e})"
+    return f"{r['ms'] * 1e3:.0f} us {r['tflops']:.0f} TFLOP/s {r['pct_of_matmul']:.0f}%{ok}"
+
+
+def write(out: str, name: str, obj: dict[str, Any]) -> None:
+    Path(out).mkdir(parents=True, exist_ok=True)
+    (Path(out) / name).write_text(json.dumps(obj, indent=1))
+
+
+def ttft(core: Any, rid: str, prompt: list[int]) -> float:
+    from radixrt.sampling_params import SamplingParams
+
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    core.add_request(rid, prompt, SamplingParams(max_new_tokens=1, temperature=0.0,
+                                                 ignore_eos=True))
+    first = None
+    while core.has_work():
+        for d in core.step():
+            if d.rid == rid and d.new_token_ids and first is None:
+                first = time.perf_counter() - t0
+    assert first is not None, f"{rid} produced no token"
+    return first
+
+
+def run_engine(args: argparse.Namespace) -> dict[str, Any]:
+    from radixrt.attention import triton_backend
+    from radixrt.config import EngineConfig
+    from radixrt.engine.core import EngineCore
+    from radixrt.models.presets import preset_config
+
+    dev = torch.device(args.device)
+    lens = [int(x) for x in args.lens.split(",")]
+    old_lens = [int(x) for x in args.old_lens.split(",") if x]
+    res: dict[str, Any] = {"model": args.model, "chunk": args.chunk, "lens": lens}
+    if args.sweep_json and Path(args.sweep_json).exists():
+        best = json.loads(Path(args.sweep_json).read_text()).get("best_overall")
+        if best and dev.type == "cuda":
+            key = (HD, HQ // HKV, torch.cuda.get_device_capability(dev)[0])
+            extend_configs.TABLE[key] = ExtendConfig(*best["config"])
+            res["config"] = best["config"]
+    res["config_used"] = list(extend_configs.default_config(HD, HQ // HKV, dev).as_tuple())
+    dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
+    hw = fl.measure_hardware(args.device, dtype)
+    cfg = preset_config(args.model)
+    shape = fl.ModelShape.from_hf_config(cfg, dtype_bytes=torch.finfo(dtype).bits // 8)
+    res["matmul_tflops"], res["copy_gbs"] = hw.matmul_flops / 1e12, hw.copy_bandwidth / 1e9
+    longest = max(lens + old_lens)
+    core = EngineCore(EngineConfig(
+        model=args.model, load_format="dummy", device=args.device, dtype=str(dtype).split(".")[-1],
+        kv_cache_tokens=longest + 4 * args.chunk, max_context_len=longest + 256,
+        chunked_prefill_size=args.chunk, max_prefill_tokens=args.chunk, disable_cuda_graph=True,
+        seed=0,
+    ))  # fmt: skip
+    vocab = int(cfg["vocab_size"])
+    gen = torch.Generator().manual_seed(0)
+
+    def prompt(n: int) -> list[int]:
+        return torch.randint(3, vocab - 1, (n,), generator=gen).tolist()  # type: ignore[no-any-return]
+
+    def timed(tag: str, n: int) -> dict[str, Any]:
+        core.flush_cache()
+        t = ttft(core, f"{tag}{n}", prompt(n))
+        f = fl.chunked_prefill_floor(shape, hw, n, args.chunk)
+        row = {"kernel": tag, "prompt_len": n, "ttft_s": t, "floor_s": f["floor_s"],
+               "flops_floor_s": f["flops_s"], "vs_floor": t / f["floor_s"],
+               "vs_flops_floor": t / f["flops_s"],
+               "model_tflops": f["prefill_flops"] / t / 1e12}
+        print(f"cold prefill {n} ({tag} kernel): {t:.3f} s, floor {f['floor_s']:.3f} s "
+              f"({row['vs_floor']:.2f}x), all-FLOPs floor {f['flops_s']:.3f} s", flush=True)
+        return row
+
+    ttft(core, "warmup", prompt(min(2 * args.chunk + 100, longest)))  # compiles every chunk shape
+    res["runs"] = [timed("new", n) for n in lens]
+    write(args.out, "prefill_engine.json", res)
+    if old_lens:
+        new_fn = triton_backend.extend_attention
+        triton_backend.extend_attention = extend_attention_baseline  # type: ignore[assignment]
+        try:
+            ttft(core, "warmup-old", prompt(min(2 * args.chunk + 100, longest)))
+            res["runs"] += [timed("old", n) for n in old_lens]
+        finally:
+            triton_backend.extend_attention = new_fn  # type: ignore[assignment]
+    write(args.out, "prefill_engine.json", res)
+    return res
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("mode", choices=["sweep", "engine"])
+    ap.add_argument("--out", default=os.environ.get("OUT") or "bench/results")
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--tiny", action="store_true", help="toy sizes (CPU interpreter smoke test)")
+    ap.add_argument("--budget-s", type=float, default=200.0, help="sweep: stop trying configs")
+    ap.add_argument("--sweep-json", default=None, help="engine: install this sweep's best config")
+    ap.add_argument("--model", default="llama3.1-8b")
+    ap.add_argument("--chunk", type=int, default=8192, help="engine: prefill tokens per step")
+    ap.add_argument("--lens", default="32768,120000", help="engine: cold prompt lengths")
+    ap.add_argument("--old-lens", default="32768", help="engine: the same with the old kernel")
+    args = ap.parse_args()
+    if args.mode == "sweep":
+        run_sweep(args)
+    else:
+        run_engine(args)
+
+
+if __name__ == "__main__":
+    main()

@@ -11,7 +11,9 @@ def add_backend_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--model", default=None, help="HF directory (default: SmolLM2-135M-Instruct)")
     ap.add_argument("--url", default=None, help="a running radixrt server instead of in-process")
     ap.add_argument("--api-key", default=None)
-    ap.add_argument("--tokenizer", default=None, help="for --url: where the chat template is")
+    ap.add_argument("--tokenizer", default=None,
+                    help="for --url: a local tokenizer for the chat template (default: the "
+                         "template the server reports in /get_model_info)")
 
 
 def make_backend(args: argparse.Namespace) -> Backend:

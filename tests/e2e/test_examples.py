@@ -46,6 +46,19 @@ def test_tree_of_thought_branches_reuse_the_stem() -> None:
     assert "answer:" in out
 
 
+def test_tree_of_thought_over_http_needs_no_local_tokenizer(server_factory: Any) -> None:
+    server = server_factory(None)  # the default model, as `make run` serves it
+    out = run_example("dsl_tree_of_thought.py", "--url", server.url, "--max-tokens", "8",
+                      "--branches", "2")
+    stem = int(fields(re.search(r"^stem_tokens=.*$", out, re.M).group(0))["stem_tokens"])  # type: ignore[union-attr]
+    branches = [fields(m) for m in re.findall(r"^branch=.*$", out, re.M)]
+    assert len(branches) == 2 and stem >= PAGE
+    for b in branches:
+        assert int(b["cached_tokens"]) >= stem // PAGE * PAGE, out
+        assert b["verdict"] in ("yes", "no")
+    assert "answer:" in out
+
+
 def test_rag_hits_with_cache_and_not_without() -> None:
     out = run_example("rag.py", "--num-questions", "4", "--max-tokens", "4")
     on = fields(re.search(r"^cache=on .*$", out, re.M).group(0))  # type: ignore[union-attr]

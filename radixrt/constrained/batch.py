@@ -1,53 +1,115 @@
 """The step's token bitmask: filled on the CPU from each constrained row's matcher, copied to
 the device without a sync, applied there in one pass (``kernels/token_bitmask``).
 
-Rows without a grammar keep all-ones words. Many constrained rows are filled in parallel by
-xgrammar's batch matcher (its own threads, outside the GIL). Host buffers are pinned, allocated
-once and used round-robin; an event after each buffer's non-blocking copy guards its reuse.
+Two ways to run the grammar work of a step (``RADIXRT_GRAMMAR_FUSED``, default on):
+- fused: as soon as step N's tokens are on the host, a few persistent fill threads each take
+  their shard of rows and, in one pass, advance those matchers by N's tokens and fill their
+  rows of step N+1's mask (two calls into xgrammar per thread, each outside the GIL), while
+  the scheduler thread runs the stop rules. A matcher stays on one thread for its whole life
+  (``Matcher.shard``), so its state stays in that core's cache, and the scheduler thread does
+  not call into xgrammar on the hot path at all.
+- unfused (the earlier path, kept to measure against): the scheduler thread advances every
+  matcher, then xgrammar's batch matcher fills the mask with its own threads (it starts and
+  joins a thread pool per call) on one helper thread.
+``RADIXRT_GRAMMAR_THREADS`` sets the thread count of either (default ``default_threads``).
+
+Rows without a grammar keep all-ones words. Host buffers are pinned, allocated once and used
+round-robin; an event after each buffer's non-blocking copy guards its reuse.
 """
 
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import xgrammar as xgr
 
 from radixrt.constrained.matcher import Matcher
 
-# Below this many constrained rows a plain loop beats the batch matcher's thread hand-off.
+# Below this many rows of work a plain loop on the caller's thread beats the hand-off.
 BATCH_FILL_MIN_ROWS = 8
 _RING = 2
+THREADS_ENV = "RADIXRT_GRAMMAR_THREADS"
+FUSED_ENV = "RADIXRT_GRAMMAR_FUSED"
 
 
 def bitmask_words(vocab_size: int) -> int:
     return (vocab_size + 31) // 32
 
 
-def default_threads() -> int:
-    """Threads for filling a batch's masks: half the cores (the scheduler's own thread and the
-    tokenizer pools need the rest), at most 8 (xgrammar's fill stops scaling past that)."""
-    return max(1, min(8, (os.cpu_count() or 2) // 2))
+def default_threads(fused: bool = True) -> int:
+    """Threads for a batch's grammar work. Fused: a quarter of the cores, at most 4 (each
+    thread makes two xgrammar calls a step; more threads mostly add hand-offs). Unfused: half
+    the cores, at most 8 (xgrammar's fill stops scaling past that)."""
+    cores = os.cpu_count() or 2
+    return max(1, min(4, cores // 4)) if fused else max(1, min(8, cores // 2))
+
+
+def _env_threads() -> int | None:
+    raw = os.environ.get(THREADS_ENV, "").strip()
+    if not raw:
+        return None
+    if not raw.isdigit() or int(raw) < 1:
+        raise ValueError(f"{THREADS_ENV} must be a positive integer, got {raw!r}")
+    return int(raw)
+
+
+def _env_fused() -> bool:
+    raw = os.environ.get(FUSED_ENV, "1").strip().lower()
+    if raw not in ("0", "1", "true", "false", "yes", "no", "on", "off"):
+        raise ValueError(f"{FUSED_ENV} must be 0 or 1, got {raw!r}")
+    return raw in ("1", "true", "yes", "on")
+
+
+def allowed_in_mask(host: torch.Tensor, rows: Sequence[int], tokens: Sequence[int]) -> list[bool]:
+    """Whether ``tokens[j]`` is allowed by row ``rows[j]`` of a filled host bitmask: the draw
+    sampled under that mask, so this is what the grammar will accept, known without xgrammar."""
+    r = torch.tensor(rows, dtype=torch.int64)
+    t = torch.tensor(tokens, dtype=torch.int64)
+    bits = (host[r, t >> 5].to(torch.int64) >> (t & 31)) & 1
+    return [bool(b) for b in bits.tolist()]
+
+
+@dataclass
+class FillStats:
+    """Time spent on the fill threads (seconds, summed over threads and steps)."""
+
+    accept_s: float = 0.0
+    fill_s: float = 0.0
+    tasks: int = 0
 
 
 class MaskBuilder:
     def __init__(self, vocab_size: int, device: torch.device | str,
-                 threads: int | None = None) -> None:
+                 threads: int | None = None, fused: bool | None = None) -> None:
         self.vocab_size = vocab_size
         self.words = bitmask_words(vocab_size)
         self.device = torch.device(device)
+        self.fused = _env_fused() if fused is None else fused
+        self.threads = threads or _env_threads() or default_threads(self.fused)
         self._cuda = self.device.type == "cuda"
         self._ring: list[torch.Tensor] = []
         # Per ring buffer, the event after its host-to-device copy: a buffer is refilled only
         # once the copy that read it has run (it almost always has: a step lies between).
         self._copied: list[torch.cuda.Event | None] = []
         self._next = 0
-        self._batch = xgr.BatchGrammarMatcher(max_threads=threads or default_threads())
-        # Started once; it only waits on xgrammar's fill (which runs outside the GIL).
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="radixrt-mask")
+        # Per thread (each written by its own thread only); ``stats`` sums them.
+        self._stats = [FillStats() for _ in range(self.threads)]
+        self._outstanding: list[Future[None]] = []
+        if self.fused:
+            # One single-thread executor per shard: a shard's tasks always run on one thread,
+            # in order (a matcher's advance precedes its fill without any lock).
+            self._shards = [ThreadPoolExecutor(1, thread_name_prefix=f"radixrt-grammar{k}")
+                            for k in range(self.threads)]
+            self._serial = [xgr.BatchGrammarMatcher(max_threads=1) for _ in range(self.threads)]
+        else:
+            self._batch = xgr.BatchGrammarMatcher(max_threads=self.threads)
+            # It only waits on xgrammar's fill (which runs outside the GIL).
+            self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="radixrt-mask")
 
     def _host(self, rows: int) -> tuple[int, torch.Tensor]:
         """A host buffer of at least ``rows`` rows, free to overwrite."""
@@ -71,38 +133,104 @@ class MaskBuilder:
         """[B, W] int32 bitmask on the device, or None when no row is constrained."""
         return self.finish(self.start(matchers))
 
-    def start(self, matchers: Sequence[Matcher | None]) -> PendingMask | None:
-        """Begin filling the mask on the fill thread (xgrammar releases the GIL there), so the
-        caller's Python work runs meanwhile; ``finish`` waits for it. None: no constrained row.
-        The matchers must not advance until then."""
-        idx = [i for i, m in enumerate(matchers) if m is not None]
-        if not idx:
-            return None
+    def _host_for(self, matchers: Sequence[Matcher | None]) -> tuple[int, torch.Tensor]:
         k, host = self._host(len(matchers))
-        if len(idx) < len(matchers):
+        free = [i for i, m in enumerate(matchers) if m is None or m.done]
+        if free:
             # Only rows without a grammar need all-ones words: the fill writes every other
             # row whole (a full memset was the biggest host cost at 256 x 128k).
-            free = [i for i, m in enumerate(matchers) if m is None]
             host[torch.tensor(free)] = -1
+        return k, host
+
+    def start(self, matchers: Sequence[Matcher | None]) -> PendingMask | None:
+        """Begin filling the mask off the caller's thread (xgrammar releases the GIL there),
+        so the caller's Python work runs meanwhile; ``finish`` waits for it. None: no
+        constrained row. The matchers must not advance until then."""
+        if self.fused:
+            return self.advance_and_start((), matchers)
+        idx = [i for i, m in enumerate(matchers) if m is not None and not m.done]
+        if not idx:
+            return None
+        k, host = self._host_for(matchers)
         if len(idx) < BATCH_FILL_MIN_ROWS:
             for i in idx:
                 m = matchers[i]
                 assert m is not None
                 m.fill(host, i)
-            return PendingMask(k, host, None)
-        raw = [m.raw for m in matchers if m is not None]
+            return PendingMask(k, host)
+        raw = [matchers[i].raw for i in idx]  # type: ignore[union-attr]
         # One worker, so fills run in order: a ring buffer is never written by two at once.
         fut = self._pool.submit(self._batch.batch_fill_next_token_bitmask, raw, host,
                                 idx if len(idx) < len(matchers) else None)
-        return PendingMask(k, host, fut)
+        return PendingMask(k, host, [fut])
+
+    def advance_and_start(self, accepts: Sequence[tuple[Matcher, int]],
+                          matchers: Sequence[Matcher | None]) -> PendingMask | None:
+        """Fused path: advance each ``(matcher, token)`` of ``accepts``, then fill the mask of
+        ``matchers`` (a row whose matcher that advance ends allows everything), on the fill
+        threads. None: no row to fill (the advances still run: ``drain`` waits for them)."""
+        assert self.fused, "advance_and_start is the fused path"
+        assert not self._outstanding, "drain() before starting more grammar work"
+        idx = [i for i, m in enumerate(matchers) if m is not None and not m.done]
+        if not idx and not accepts:
+            return None
+        k, host = self._host_for(matchers) if idx else (-1, torch.empty(0))
+        n = self.threads
+        acc: list[list[tuple[Matcher, int]]] = [[] for _ in range(n)]
+        rows: list[list[tuple[int, Matcher]]] = [[] for _ in range(n)]
+        for m, t in accepts:
+            acc[m.shard % n].append((m, t))
+        for i in idx:
+            row = matchers[i]
+            assert row is not None
+            rows[row.shard % n].append((i, row))
+        if len(idx) + len(accepts) < BATCH_FILL_MIN_ROWS:
+            self._run(0, [a for s in acc for a in s], [r for s in rows for r in s], host)
+            futs: list[Future[None]] = []
+        else:
+            futs = [self._shards[s].submit(self._run, s, acc[s], rows[s], host)
+                    for s in range(n) if acc[s] or rows[s]]
+        self._outstanding = futs
+        return PendingMask(k, host, futs) if idx else None
+
+    def _run(self, shard: int, accepts: list[tuple[Matcher, int]],
+             rows: list[tuple[int, Matcher]], host: torch.Tensor) -> None:
+        t0 = time.perf_counter()
+        if accepts:
+            Matcher.advance_batch([m for m, _ in accepts], [t for _, t in accepts])
+        t1 = time.perf_counter()
+        live = [(i, m) for i, m in rows if not m.done]
+        for i, m in rows:
+            if m.done:  # ended by the token just accepted (a stop token or a refusal)
+                host[i] = -1
+        if live:
+            self._serial[shard].batch_fill_next_token_bitmask(
+                [m.raw for _, m in live], host, [i for i, _ in live])
+        st = self._stats[shard]
+        st.accept_s += t1 - t0
+        st.fill_s += time.perf_counter() - t1
+        st.tasks += 1
+
+    @property
+    def stats(self) -> FillStats:
+        return FillStats(sum(s.accept_s for s in self._stats), sum(s.fill_s for s in self._stats),
+                         sum(s.tasks for s in self._stats))
+
+    def drain(self) -> None:
+        """Wait for the grammar work started last (a matcher is read or synced next)."""
+        futs, self._outstanding = self._outstanding, []
+        for f in futs:
+            f.result()
 
     def finish(self, pending: PendingMask | None) -> torch.Tensor | None:
         """The started mask on the device. On the CPU the host buffer itself: the draw reads
         it before that buffer comes round again (CPU work is eager)."""
         if pending is None:
             return None
-        if pending.future is not None:
-            pending.future.result()
+        if pending.futures is self._outstanding:
+            self._outstanding = []
+        for f in pending.futures:
+            f.result()
         if not self._cuda:
             return pending.host
         dev = pending.host.to(self.device, non_blocking=True)
@@ -111,6 +239,10 @@ class MaskBuilder:
         self._copied[pending.slot] = ev
         return dev
 
+    def close(self) -> None:
+        for pool in (self._shards if self.fused else [self._pool]):
+            pool.shutdown(wait=False)
+
 
 @dataclass
 class PendingMask:
@@ -118,4 +250,4 @@ class PendingMask:
 
     slot: int
     host: torch.Tensor
-    future: Future[None] | None
+    futures: list[Future[None]] = field(default_factory=list)

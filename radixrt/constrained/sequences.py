@@ -60,7 +60,8 @@ class Parked:
 class SequenceGrammars:
     def __init__(self, tokenizer: Any, vocab_size: int, device: torch.device | str,
                  stop_token_ids: Iterable[int], *,
-                 compile_timeout_s: float = DEFAULT_COMPILE_TIMEOUT_S) -> None:
+                 compile_timeout_s: float = DEFAULT_COMPILE_TIMEOUT_S,
+                 fill_threads: int | None = None, fused: bool | None = None) -> None:
         self.tokenizer = tokenizer
         self.vocab_size = vocab_size
         self.device = torch.device(device)
@@ -70,7 +71,11 @@ class SequenceGrammars:
         self._masks: MaskBuilder | None = None
         self._matchers: weakref.WeakKeyDictionary[Seq, Matcher] = weakref.WeakKeyDictionary()
         self._parked: dict[str, Parked] = {}
+        self._next_shard = 0
         self.rejected_tokens = 0
+        # Fill threads and path (batch.py); None: RADIXRT_GRAMMAR_THREADS / _FUSED or defaults.
+        self.fill_threads: int | None = fill_threads
+        self.fused: bool | None = fused
 
     @property
     def compiler(self) -> GrammarCompiler:
@@ -178,7 +183,8 @@ class SequenceGrammars:
 
     def matcher(self, seq: Seq, ahead: bool = False) -> Matcher | None:
         """The sequence's matcher, in step with its output; None if it is unconstrained.
-        ``ahead``: it has accepted a token that is not appended to the output yet."""
+        ``ahead``: it has accepted a token that is not appended to the output yet. The fill
+        threads must be idle (``_drain``)."""
         key = seq.params.constraint
         if key is None:
             return None
@@ -186,7 +192,8 @@ class SequenceGrammars:
         if m is None:
             from radixrt.constrained.matcher import Matcher
 
-            m = Matcher(self.compiler.compile(key))
+            m = Matcher(self.compiler.compile(key), shard=self._next_shard)
+            self._next_shard += 1  # round-robin: each fill thread gets a fair share of rows
             self._matchers[seq] = m
         out = seq.output_ids
         n = len(out) + ahead
@@ -196,6 +203,19 @@ class SequenceGrammars:
             for t in out[m.num_accepted:]:  # tokens appended without us (none, in the engine)
                 m.advance(t)
         return m
+
+    @property
+    def masks(self) -> MaskBuilder:
+        if self._masks is None:
+            from radixrt.constrained.batch import MaskBuilder
+
+            self._masks = MaskBuilder(self.vocab_size, self.device, self.fill_threads,
+                                      self.fused)
+        return self._masks
+
+    def _drain(self) -> None:
+        if self._masks is not None:
+            self._masks.drain()
 
     def bitmask(self, seqs: Sequence[Seq], live: Sequence[bool]) -> torch.Tensor | None:
         """[B, W] int32 on the device for a draw over ``seqs``; rows not ``live`` (ended while
@@ -208,15 +228,12 @@ class SequenceGrammars:
         while the caller goes on; ``finish_bitmask`` waits. No sequence may be sampled
         (``accept_batch``) in between. ``ahead``: ids of sequences whose accepted token is
         not appended yet (``accept_batch`` returned them)."""
+        self._drain()
         rows: list[Matcher | None] = []
         for seq, ok in zip(seqs, live):
             m = self.matcher(seq, id(seq) in ahead) if ok else None
-            rows.append(None if m is None or m.failed or m.raw.is_terminated() else m)
-        if self._masks is None:
-            from radixrt.constrained.batch import MaskBuilder
-
-            self._masks = MaskBuilder(self.vocab_size, self.device)
-        return self._masks.start(rows)
+            rows.append(None if m is None or m.done else m)
+        return self.masks.start(rows)
 
     def finish_bitmask(self, pending: PendingMask | None) -> torch.Tensor | None:
         assert self._masks is not None or pending is None, "finish without a start"
@@ -233,34 +250,62 @@ class SequenceGrammars:
         rows instead of a Python round trip each (unconstrained rows are True). Also the ids
         of the sequences now one token ahead of their output (accepted, not a stop token:
         the caller appends it; ``start_bitmask`` before that needs to know)."""
-        from radixrt.constrained.matcher import Matcher
-
+        self._drain()
         oks = [True] * len(seqs)
-        live: list[Matcher] = []
-        where: list[int] = []
+        ahead: list[int] = []
         for i, seq in enumerate(seqs):
             m = self.matcher(seq)
             if m is None:
                 continue
-            if m.failed or m.raw.is_terminated():
-                m.failed, oks[i] = True, False  # nothing may follow: as advance() decides
-                self.rejected_tokens += 1
-                continue
-            live.append(m)
-            where.append(i)
-        if not live:
-            return oks, frozenset()
-        accepted = Matcher.advance_batch(live, [int(tokens[i]) for i in where])
-        stops = self.stop_token_ids
-        ahead: list[int] = []
-        for i, m, ok in zip(where, live, accepted):
-            if not ok:
-                oks[i] = False
-                self.rejected_tokens += 1
-            elif tokens[i] in stops:
-                # A stop token is accepted but never appended to the output: keep the count
-                # in step with output_ids so the next sync does not roll it back.
-                m.num_accepted -= 1
-            else:
-                ahead.append(id(seqs[i]))
+            # One accept_token per row on this thread (the unfused path; see batch.py).
+            oks[i] = m.advance(int(tokens[i]))
+            if not oks[i]:
+                self.rejected_tokens += 1  # nothing may follow, or outside the grammar
+            elif not m.terminated:  # a stop token is accepted but never appended
+                ahead.append(id(seq))
         return oks, frozenset(ahead)
+
+    def advance_and_start(self, seqs: Sequence[Seq], tokens: Sequence[int],
+                          mask_rows: Sequence[int], drawn: PendingMask | None,
+                          nxt: Sequence[Seq] | None, nxt_live: Sequence[bool] | None,
+                          ) -> tuple[list[bool], PendingMask | None]:
+        """A step's tokens are on the host: advance the grammars by them and start the next
+        step's mask (``nxt`` with ``nxt_live``, if given). The result is known here, before
+        any grammar runs: ``tokens[j]`` was sampled under row ``mask_rows[j]`` of the
+        ``drawn`` mask, so the grammar accepts it iff that row allows it; the advances and
+        the fill then run on the fill threads (fused path) while the caller goes on. The
+        unfused path advances here (``accept_batch``), then starts the fill."""
+        masks = self.masks
+        if not masks.fused:
+            oks, ahead = self.accept_batch(seqs, tokens)
+            pending = self.start_bitmask(nxt, nxt_live, ahead) if nxt is not None and \
+                nxt_live is not None else None
+            return oks, pending
+        from radixrt.constrained.batch import allowed_in_mask
+
+        self._drain()
+        oks = [True] * len(seqs)
+        check: list[tuple[int, Matcher]] = []
+        for j, seq in enumerate(seqs):
+            m = self.matcher(seq)
+            if m is None:
+                continue
+            if m.done:  # nothing may follow (its mask row allowed everything)
+                m.failed, oks[j] = True, False
+                self.rejected_tokens += 1
+            else:
+                check.append((j, m))
+        if check and drawn is not None:
+            bits = allowed_in_mask(drawn.host, [mask_rows[j] for j, _ in check],
+                                   [int(tokens[j]) for j, _ in check])
+            for (j, m), ok in zip(check, bits):
+                if not ok:
+                    m.failed, oks[j] = True, False
+                    self.rejected_tokens += 1
+        accepts = [(m, int(tokens[j])) for j, m in check if oks[j]]
+        rows: list[Matcher | None] = []
+        if nxt is not None and nxt_live is not None:
+            for seq, ok in zip(nxt, nxt_live):
+                m = self.matcher(seq) if ok else None  # in step: its token is not appended yet
+                rows.append(None if m is None or m.done else m)
+        return oks, masks.advance_and_start(accepts, rows)

@@ -45,6 +45,7 @@ class InFlight:
     constrained: bool = False  # some row has a grammar: its tokens advance the matchers
     mask: PendingMask | None = None  # the deferred draw's masks, being filled
     mask_started: bool = False
+    drawn_mask: PendingMask | None = None  # the masks the draw used (to check its tokens)
 
 
 def will_hit_length(seq: Sequence, extra: int, max_context_len: int) -> bool:
@@ -110,15 +111,16 @@ class StepResults:
         if not flight.mask_started:
             self._start_masks(flight)
         bitmask = self.grammars.finish_bitmask(flight.mask)
+        flight.drawn_mask = flight.mask
         flight.pending, flight.deferred, flight.mask = self.sampler.draw(picked, rows, bitmask), \
             None, None
         if self._next_draw is flight:
             self._next_draw = None
 
-    def _start_masks(self, flight: InFlight, ahead: frozenset[int] = frozenset()) -> None:
+    def _start_masks(self, flight: InFlight) -> None:
         assert self.grammars is not None and not flight.mask_started, "masks start once"
         live = [s.status is SeqStatus.RUNNING for s in flight.sampled]
-        flight.mask = self.grammars.start_bitmask(flight.sampled, live, ahead)
+        flight.mask = self.grammars.start_bitmask(flight.sampled, live)
         flight.mask_started = True
 
     def complete(self, flight: InFlight) -> list[SequenceDelta]:
@@ -130,17 +132,22 @@ class StepResults:
         # Finished or aborted while this step ran: its extra token is dropped.
         rows = [i for i, seq in enumerate(flight.sampled) if seq.status is SeqStatus.RUNNING]
         oks: list[bool] | None = None
-        ahead: frozenset[int] = frozenset()
-        if self.grammars is not None and flight.constrained:
-            # Every grammar advanced in one batch call, before the stop rules read the tokens.
-            oks, ahead = self.grammars.accept_batch([flight.sampled[i] for i in rows],
-                                                    [out.token_ids[i] for i in rows])
         nxt = self._next_draw
-        if nxt is not None and nxt is not flight and not nxt.mask_started:
-            # The step launched behind this one draws next: its grammars are now up to date,
-            # so its masks fill (off the GIL) while the stop rules below append the tokens.
-            # A row those rules end is filled for nothing; its token is dropped anyway.
-            self._start_masks(nxt, ahead)
+        # The step launched behind this one draws next: once this step's tokens advance the
+        # grammars, its masks can fill (off the GIL) while the stop rules below append the
+        # tokens. A row those rules end is filled for nothing; its token is dropped anyway.
+        fill_next = nxt is not None and nxt is not flight and not nxt.mask_started
+        if self.grammars is not None and (flight.constrained or fill_next):
+            seqs = [flight.sampled[i] for i in rows] if flight.constrained else []
+            nxt_seqs = nxt.sampled if fill_next and nxt is not None else None
+            oks, mask = self.grammars.advance_and_start(
+                seqs, [out.token_ids[i] for i in rows] if seqs else [], rows, flight.drawn_mask,
+                nxt_seqs, None if nxt_seqs is None else
+                [s.status is SeqStatus.RUNNING for s in nxt_seqs])
+            flight.drawn_mask = None
+            oks = oks if flight.constrained else None
+            if nxt_seqs is not None and nxt is not None:
+                nxt.mask, nxt.mask_started = mask, True
         for j, i in enumerate(rows):
             lp = out.logprobs[i] if out.logprobs is not None else None
             top = out.top_logprobs[i] if out.top_logprobs is not None else None

@@ -143,3 +143,45 @@ def test_slow_grammar_waits_outside_the_queue(llama_dir, monkeypatch):
     gate.set()
     (d,) = [d for d in deltas if d.rid == "late"]
     assert d.finish_reason == "abort" and d.error.startswith(sequences.GRAMMAR_ERROR_PREFIX)
+
+
+@pytest.mark.parametrize("overlap", [False, True])
+def test_fused_and_unfused_grammar_paths_agree(llama_dir, overlap):
+    """The fused path (fill threads advance and fill each shard) and the unfused one (the
+    scheduler thread advances, xgrammar's pool fills) give the same tokens, for any thread
+    count; enough rows that the shards run on their threads."""
+    schema_p = SamplingParams(temperature=1.0, seed=11, max_new_tokens=60, n=2,
+                              json_schema=json.dumps(SCHEMA))
+    regex_p = SamplingParams(temperature=0.0, max_new_tokens=20, regex=REGEX)
+    params = [schema_p, regex_p, SamplingParams(temperature=0.0, max_new_tokens=8)] * 4
+    got = {}
+    for fused, threads in ((False, 2), (True, 1), (True, 3)):
+        eng = Engine(str(llama_dir), page_size=4, kv_cache_tokens=4096, overlap_schedule=overlap)
+        grammars = eng.core.scheduler.results.grammars
+        assert grammars is not None
+        grammars.fused, grammars.fill_threads = fused, threads
+        outs = eng.generate(_prompts(12), params)
+        assert grammars.masks.fused is fused and grammars.masks.threads == threads
+        got[(fused, threads)] = [(c.token_ids, c.finish_reason) for o in outs for c in o.outputs]
+        if fused:
+            assert grammars.masks.stats.tasks > 0, "no grammar work ran on the fill threads"
+    first = got[(False, 2)]
+    assert all(v == first for v in got.values())
+    assert sum(r == "stop" for _, r in first) >= 4
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_token_outside_the_grammar_aborts(llama_dir, fused, monkeypatch):
+    """A draw that ignored the mask (never happens in the engine: forced here) ends the
+    request with an error naming the grammar, in both paths, the stream included."""
+    eng = Engine(str(llama_dir), page_size=16, kv_cache_tokens=4096, overlap_schedule=True)
+    results = eng.core.scheduler.results
+    assert results.grammars is not None
+    results.grammars.fused = fused
+    real = results.sampler.draw
+    monkeypatch.setattr(results.sampler, "draw", lambda logits, rows, bitmask=None:
+                        real(logits, rows, None))
+    out = eng.generate(_prompts(1), SamplingParams(temperature=0, max_new_tokens=10,
+                                                   regex="q{3}"))[0].outputs[0]
+    assert out.finish_reason == "abort" and "outside the request's regex" in (out.error or "")
+    assert results.grammars.rejected_tokens == 1

@@ -8,6 +8,7 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <algorithm>
 #include <cstring>
 #include <stdexcept>
 
@@ -118,7 +119,21 @@ class PyTree {
     py::object fresh = existing < toks.n ? py::object(to_array(pg.data + existing / ps,
                                                                (toks.n - existing) / ps))
                                          : py::object(py::none());
-    return py::make_tuple(handle, t_.node(handle).id, existing, all, fresh);
+    // Whether the tree's pages for the part it already had differ from the caller's (then the
+    // caller swaps its duplicates for the tree's).
+    bool differs = false;
+    int64_t off = 0, have = existing / ps;
+    for (int32_t s : path_) {
+      const auto& p = t_.node(s).pages;
+      int64_t k = std::min<int64_t>((int64_t)p.size(), have - off);
+      if (k <= 0) break;
+      if (std::memcmp(p.data(), pg.data + off, k * sizeof(Page)) != 0) {
+        differs = true;
+        break;
+      }
+      off += k;
+    }
+    return py::make_tuple(handle, t_.node(handle).id, existing, all, fresh, differs);
   }
 
   void check_handle(int32_t slot, int64_t id, const char* op) const {
@@ -127,10 +142,12 @@ class PyTree {
                              ", which was evicted");
   }
   void lock(int32_t slot, int64_t id) {
+    if (t_.dropped_root(id)) return;  // roots are never locked
     check_handle(slot, id, "lock");
     t_.lock(slot);
   }
   void unlock(int32_t slot, int64_t id) {
+    if (t_.dropped_root(id)) return;
     check_handle(slot, id, "unlock");
     t_.unlock(slot);
   }
@@ -176,9 +193,14 @@ class PyTree {
   int64_t last_access(int32_t slot, int64_t id) const {
     return t_.valid(slot, id) ? t_.node(slot).last_access : 0;
   }
-  py::tuple describe(int32_t slot) const {  // (is_root, namespace) of a live handle
-    const auto& n = t_.node(slot);
-    return py::make_tuple(n.is_root, name_of(n.ns));
+  // (is_root, namespace) of a handle; an evicted node reads as a non-root without one.
+  py::tuple describe(int32_t slot, int64_t id) const {
+    if (t_.valid(slot, id)) {
+      const auto& n = t_.node(slot);
+      return py::make_tuple(n.is_root, name_of(n.ns));
+    }
+    if (t_.dropped_root(id)) return py::make_tuple(true, name_of(t_.dropped_root_ns(id)));
+    return py::make_tuple(false, py::none());
   }
   py::tuple root(py::handle name) {
     int32_t nsi = ns(name, false);

@@ -283,6 +283,7 @@ int32_t RadixTree::detach(int32_t slot) {
   Node& p = nodes_[parent];
   if (p.is_root && p.children.empty() && parent != roots_[0]) {
     roots_[p.ns] = -1;  // an emptied namespace goes
+    dropped_roots_.emplace(p.id, p.ns);
     free_slot(parent);
   }
   return parent;

@@ -17,6 +17,7 @@
 #include <string>
 #include <tuple>
 #include <unordered_map>
+#include <unordered_set>
 #include <vector>
 
 namespace radixrt {
@@ -81,6 +82,9 @@ class RadixTree {
   int64_t evict(int64_t num_pages, std::vector<Page>& out);
 
   // Handle access.
+  // A root dropped with its emptied namespace: its handles still lock / unlock as no-ops.
+  bool dropped_root(int64_t id) const { return dropped_roots_.count(id) > 0; }
+  int32_t dropped_root_ns(int64_t id) const { return dropped_roots_.at(id); }
   bool valid(int32_t slot, int64_t id) const {
     return slot >= 0 && slot < (int32_t)nodes_.size() && nodes_[slot].alive &&
            nodes_[slot].id == id;
@@ -123,6 +127,7 @@ class RadixTree {
   std::vector<int32_t> free_slots_;
   std::vector<int32_t> roots_;  // by namespace index; -1 = no root now
   std::vector<std::string> ns_names_;
+  std::unordered_map<int64_t, int32_t> dropped_roots_;  // root id -> namespace
   std::unordered_map<std::string, int32_t> ns_index_;
   std::set<std::tuple<int64_t, int64_t, int32_t>> lru_;  // (last_access, id, slot)
 };

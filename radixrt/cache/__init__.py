@@ -1,6 +1,8 @@
-"""KV-cache memory management: page allocator, per-sequence page tables, radix prefix cache."""
+"""KV-cache memory management: page allocator, per-sequence page tables, radix prefix cache
+(the Python tree in radix.py, the native one in native.py over csrc/)."""
 
 from radixrt.cache.allocator import PageAllocator
+from radixrt.cache.native import NativeRadixCache, native_available
 from radixrt.cache.page_table import SequencePages
 from radixrt.cache.prefix_cache import NoPrefixCache, PrefixCache, make_prefix_cache
 from radixrt.cache.radix import CacheStats, InsertResult, MatchResult, Node, RadixCache
@@ -9,6 +11,7 @@ __all__ = [
     "CacheStats",
     "InsertResult",
     "MatchResult",
+    "NativeRadixCache",
     "NoPrefixCache",
     "Node",
     "PageAllocator",
@@ -16,4 +19,5 @@ __all__ = [
     "RadixCache",
     "SequencePages",
     "make_prefix_cache",
+    "native_available",
 ]

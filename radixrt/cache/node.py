@@ -70,9 +70,13 @@ class Node:
         )
 
 
+# Page ids as the Python tree returns them (a list) or the native tree does (an int32 array).
+PageList = list[int] | IntArray
+
+
 @dataclass(frozen=True)
 class MatchResult:
-    pages: list[int]  # GPU pages of the GPU-resident part of the match
+    pages: PageList  # GPU pages of the GPU-resident part of the match
     length: int  # matched GPU-resident tokens, a multiple of page_size
     handle: Node  # deepest matched GPU node (a root when nothing matched on the GPU)
     # The host tier: tokens matched after ``length`` whose KV is on the host only, and their
@@ -85,8 +89,11 @@ class MatchResult:
 @dataclass(frozen=True)
 class InsertResult:
     handle: Node  # node ending exactly at the inserted span (a root for an empty span)
-    pages: list[int]  # the tree's pages for the whole span
+    pages: PageList  # the tree's pages for the whole span
     num_existing: int  # tokens of the span that were already cached (in either tier)
+    # The tree's pages for the already cached part differ from the caller's: the caller must
+    # swap its duplicates for the tree's pages (SequencePages.replace_prefix_pages).
+    differs: bool
 
 
 @dataclass(frozen=True)

@@ -65,14 +65,15 @@ class SequencePages:
         """Allocated slots beyond ``num_tokens`` (< page_size: only the last page is partial)."""
         return self.capacity - self.num_tokens
 
-    def adopt_prefix(self, pages: Sequence[int], allocator: PageAllocator) -> None:
+    def adopt_prefix(self, pages: Sequence[int] | npt.NDArray[np.int32],
+                     allocator: PageAllocator) -> None:
         """Start the sequence with a cached prefix (e.g. ``MatchResult.pages``): one new
         reference per page, ``num_tokens`` = the prefix's tokens."""
         assert not self.pages, (
             f"adopt_prefix on a sequence that already holds {self.num_pages} pages"
         )
         allocator.incref(pages)
-        self.pages = list(pages)
+        self.pages = pages.tolist() if isinstance(pages, np.ndarray) else list(pages)
         self.num_tokens = len(self.pages) * self.page_size
         self.synced, self.stale = 0, []
 
@@ -107,7 +108,8 @@ class SequencePages:
     def slots(self, start: int, end: int) -> list[int]:
         return self.slot_array(start, end).tolist()  # type: ignore[no-any-return]
 
-    def replace_prefix_pages(self, new_pages: Sequence[int], allocator: PageAllocator) -> int:
+    def replace_prefix_pages(self, new_pages: Sequence[int] | npt.NDArray[np.int32],
+                             allocator: PageAllocator) -> int:
         """Swap the first ``len(new_pages)`` pages for ``new_pages`` (the tree's copies of the
         same tokens, after an insert). Returns how many of the old pages became free.
 

@@ -12,8 +12,9 @@ ever shared.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Mapping, Sequence
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Protocol, cast
 
 import numpy as np
 
@@ -101,7 +102,7 @@ class NoPrefixCache:
     def insert(
         self, tokens: TokenIds, pages: Sequence[int] | IntArray, namespace: str | None = None
     ) -> InsertResult:
-        return InsertResult(self._root, [int(p) for p in pages], 0)
+        return InsertResult(self._root, [int(p) for p in pages], 0, False)
 
     def lock(self, handle: Node) -> None:
         assert handle is self._root, "NoPrefixCache hands out only its root"
@@ -157,14 +158,26 @@ class NoPrefixCache:
 
 
 def make_prefix_cache(
-    allocator: PageAllocator, page_size: int, enabled: bool, transfer: PageTransfer | None = None
+    allocator: PageAllocator, page_size: int, enabled: bool, transfer: PageTransfer | None = None,
+    backend: str | None = None,
 ) -> PrefixCache:
-    """The cache for a config: none, the GPU tree, or the GPU tree over a host tier."""
+    """The cache for a config: none, the GPU tree, or the GPU tree over a host tier.
+
+    ``backend`` (``native`` / ``python``; default $RADIXRT_RADIX_BACKEND, else native when
+    built) picks the GPU tree's implementation. The host tier runs on the Python tree only, so
+    it refuses an explicit ``native``."""
+    from radixrt.cache.native import BACKEND_ENV, NativeRadixCache, resolve_backend
+
     if not enabled:
         assert transfer is None, "a host tier needs the prefix cache"
         return NoPrefixCache(allocator, page_size)
     if transfer is not None:
         from radixrt.cache.tiered import TieredRadixCache
 
+        if (backend or os.environ.get(BACKEND_ENV)) == "native":
+            raise ValueError("the host tier (TieredRadixCache) runs on the Python radix tree "
+                             f"only: unset {BACKEND_ENV} or set it to python")
         return TieredRadixCache(allocator, page_size, transfer)
+    if resolve_backend(backend) == "native":
+        return cast(PrefixCache, NativeRadixCache(allocator, page_size))
     return RadixCache(allocator, page_size)

@@ -132,7 +132,7 @@ class RadixCache:
             f"insert of {len(toks)} tokens needs {len(toks) // ps} pages, got {len(pages)}"
         )
         if len(toks) == 0:
-            return InsertResult(self._roots.get(namespace, self.root), [], 0)
+            return InsertResult(self._roots.get(namespace, self.root), [], 0, False)
         root = self._roots.get(namespace)
         if root is None:
             root = self._roots[namespace] = self._new_root(namespace)
@@ -150,7 +150,9 @@ class RadixCache:
             path.append(leaf)
             node = leaf
         self._touch_path(path)
-        return InsertResult(node, self._path_pages(path), pos)
+        tree_pages = self._path_pages(path)
+        k = pos // ps
+        return InsertResult(node, tree_pages, pos, k > 0 and tree_pages[:k] != list(pages[:k]))
 
     def lock(self, handle: Node) -> None:
         """Pin ``handle`` and its ancestors against eviction (no-op on a root)."""

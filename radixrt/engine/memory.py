@@ -206,7 +206,7 @@ class SequenceMemory:
             return
         tokens = seq.token_array()[: full_pages * self.page_size]
         result = self.cache.insert(tokens, seq.pages.pages[:full_pages], seq.namespace)
-        if result.pages != seq.pages.pages[:full_pages]:
+        if result.differs:
             seq.pages.replace_prefix_pages(result.pages, self.allocator)
         self.cache.lock(result.handle)
         if seq.cache_handle is not None:

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import bisect
 from collections import defaultdict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -143,7 +143,8 @@ class WaitingQueue:
                 # empties it: a request matched at a root re-checks which root is current.
                 ns = group.seqs[0].namespace
                 now = root_of(ns)
-                if now.namespace == ns if group.rootless else now is not node:
+                # != (not "is not"): a native tree's handles are fresh objects per lookup
+                if now.namespace == ns if group.rootless else now != node:
                     stale.extend(group.seqs)
                     continue
                 if group.rootless:
@@ -160,6 +161,10 @@ class WaitingQueue:
         self.rematches += len(stale)
 
     def _dfs(self) -> Iterator[Sequence]:
+        native_order = getattr(self.cache, "lpm_order", None)
+        if native_order is not None:  # the native tree walks its own nodes (same order)
+            yield from self._dfs_native(native_order)
+            return
         # Few allocations per step (ints and one set per internal node, no per-node tuples or
         # lists): with thousands of groups, garbage created here paces Python's full GC passes.
         weight: dict[Node, int] = defaultdict(int)  # waiting requests at or below a node
@@ -202,6 +207,26 @@ class WaitingQueue:
                 yield from sorted((s for g in shared[node] for s in g.seqs), key=_arrival)
             else:
                 yield from list(at[node].seqs)
+
+
+    def _dfs_native(self, lpm_order: Callable[[list[Node], list[int]], list[int]]
+                    ) -> Iterator[Sequence]:
+        """``_dfs`` with the tree walk in C++ (``NativeRadixCache.lpm_order``): groups at one
+        node come out next to each other and are merged in arrival order, as in ``_dfs``."""
+        groups = list(self._groups.values())
+        order = lpm_order([g.node for g in groups], [len(g.seqs) for g in groups])
+        i = 0
+        while i < len(order):
+            first = groups[order[i]]
+            j = i + 1
+            while j < len(order) and groups[order[j]].node == first.node:
+                j += 1
+            if j - i == 1:
+                yield from list(first.seqs)
+            else:
+                same = [groups[k] for k in order[i:j]]
+                yield from sorted((s for g in same for s in g.seqs), key=_arrival)
+            i = j
 
 
 def _arrival(seq: Sequence) -> int:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Iterator
 
 import numpy as np
 import pytest
@@ -10,6 +11,7 @@ import pytest
 from radixrt.cache import PageAllocator, RadixCache, SequencePages
 from radixrt.cache.prefix_cache import NoPrefixCache
 from radixrt.cache.radix import Node
+from tests.fixtures.radix_backends import BACKENDS, make_cache, pl
 
 
 class Req:
@@ -45,8 +47,20 @@ class Req:
         self.cache.unlock(self.handle)
 
 
+@pytest.fixture(autouse=True, params=BACKENDS)
+def _backend(request: pytest.FixtureRequest) -> Iterator[None]:
+    """Every test here runs on each radix backend (the Python reference and the native tree)."""
+    global _BACKEND
+    _BACKEND = request.param
+    yield
+    _BACKEND = "python"
+
+
+_BACKEND = "python"
+
+
 def cache_with(num_pages: int, page_size: int) -> RadixCache:
-    return RadixCache(PageAllocator(num_pages), page_size)
+    return make_cache(_BACKEND, PageAllocator(num_pages), page_size)
 
 
 def evict(cache: RadixCache, num_pages: int) -> int:
@@ -69,7 +83,7 @@ def put(cache: RadixCache, tokens: list[int], ns: str | None = None) -> list[int
     """Cache ``tokens`` (whole pages) as one finished request would; returns the tree pages."""
     req = Req(cache, tokens + [0], ns)  # + a last token the model still has to compute
     req.finish(upto=len(tokens))
-    return cache.match_prefix(tokens + [0], ns, record_stats=False).pages
+    return pl(cache.match_prefix(tokens + [0], ns, record_stats=False).pages)
 
 
 @pytest.mark.parametrize("page_size", [1, 2, 16])
@@ -80,11 +94,11 @@ def test_match_ending_mid_node_splits_it(page_size: int) -> None:
     pages = put(cache, toks)
     assert len(pages) == 4 and cache.num_nodes == 1
     m = cache.match_prefix(toks[: 2 * ps] + [7] * ps)
-    assert m.length == 2 * ps and m.pages == pages[:2]
+    assert m.length == 2 * ps and pl(m.pages) == pages[:2]
     assert cache.num_nodes == 2, "the 4-page edge was split after page 2"
     assert m.handle.pages.tolist() == pages[:2], "the handle covers exactly the returned pages"
     # The lower half kept its pages: the full prefix still matches.
-    assert cache.match_prefix(toks + [1]).pages == pages
+    assert pl(cache.match_prefix(toks + [1]).pages) == pages
     cache.check_invariants({})
 
 
@@ -98,8 +112,8 @@ def test_insert_diverging_mid_node(page_size: int) -> None:
     pb = put(cache, b)
     assert pb[0] == pa[0] and pb[1:] != pa[1:], "shared first page, diverging rest"
     assert cache.num_nodes == 3 and cache.cached_tokens == 5 * ps
-    assert cache.match_prefix(a + [0]).pages == pa
-    assert cache.match_prefix(b + [0]).pages == pb
+    assert pl(cache.match_prefix(a + [0]).pages) == pa
+    assert pl(cache.match_prefix(b + [0]).pages) == pb
     cache.check_invariants({})
 
 
@@ -110,7 +124,7 @@ def test_divergence_inside_a_page_matches_only_whole_pages() -> None:
     # Differs at token 6 (inside page 1): only page 0 is reusable.
     probe = toks[:6] + [99] + toks[7:] + [0]
     m = cache.match_prefix(probe)
-    assert m.length == 4 and m.pages == pages[:1]
+    assert m.length == 4 and pl(m.pages) == pages[:1]
     cache.check_invariants({})
 
 
@@ -119,7 +133,7 @@ def test_full_hit_leaves_last_token_uncached() -> None:
     toks = list(range(12))  # exactly 3 pages
     pages = put(cache, toks)
     m = cache.match_prefix(toks)
-    assert m.length == 8 and m.pages == pages[:2], "prompt fully cached -> (k-1) pages"
+    assert m.length == 8 and pl(m.pages) == pages[:2], "prompt fully cached -> (k-1) pages"
     assert cache.match_prefix(toks + [5]).length == 12, "one extra token -> all k pages"
     assert cache.match_prefix(toks[:1]).length == 0
     assert cache.match_prefix([]).length == 0
@@ -128,8 +142,8 @@ def test_full_hit_leaves_last_token_uncached() -> None:
 def test_page_size_1_matches_every_token_but_the_last() -> None:
     cache = cache_with(32, 1)
     pages = put(cache, [5, 6, 7, 8])
-    assert cache.match_prefix([5, 6, 7, 8]).pages == pages[:3]
-    assert cache.match_prefix([5, 6, 9]).pages == pages[:2]
+    assert pl(cache.match_prefix([5, 6, 7, 8]).pages) == pages[:3]
+    assert pl(cache.match_prefix([5, 6, 9]).pages) == pages[:2]
     assert cache.match_prefix(np.array([5, 6, 7, 8, 9], dtype=np.int64)).length == 4
 
 
@@ -151,7 +165,7 @@ def test_duplicate_pages_live_while_held_and_free_on_replace() -> None:
     dups = b.seq.pages[:2]
     # Insert without the dedupe step: the tree keeps a's pages, b's copies stay alive.
     res = cache.insert(toks[:4], dups, None)
-    assert res.num_existing == 4 and res.pages == a.seq.pages[:2] != dups
+    assert res.num_existing == 4 and pl(res.pages) == a.seq.pages[:2] != dups
     assert all(alloc.refcount(p) == 1 for p in dups), "the tree never adopts or frees them"
     cache.check_invariants(held(a, b))
     # Dedupe: b switches to the tree's pages, its duplicates go back to the free list.
@@ -189,9 +203,9 @@ def test_namespaces_never_share_entries() -> None:
     assert cache.match_prefix(toks + [0], "tenant-a").length == 0
     p_a = put(cache, toks, "tenant-a")
     assert set(p_a).isdisjoint(p_default)
-    assert cache.match_prefix(toks + [0], "tenant-a").pages == p_a
+    assert pl(cache.match_prefix(toks + [0], "tenant-a").pages) == p_a
     assert cache.match_prefix(toks + [0], "tenant-b").length == 0
-    assert cache.match_prefix(toks + [0]).pages == p_default
+    assert pl(cache.match_prefix(toks + [0]).pages) == p_default
     cache.check_invariants({})
     assert flush(cache)
     assert cache.match_prefix(toks + [0], "tenant-a").length == 0

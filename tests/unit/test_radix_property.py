@@ -15,6 +15,7 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass
 
+import pytest
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import (
@@ -25,8 +26,9 @@ from hypothesis.stateful import (
     rule,
 )
 
-from radixrt.cache import PageAllocator, RadixCache, SequencePages
+from radixrt.cache import PageAllocator, SequencePages, native_available
 from radixrt.cache.radix import Node
+from tests.fixtures.radix_backends import make_cache, pl
 
 NAMESPACES = [None, "tenant-a", "tenant-b"]
 Prefix = tuple[int, ...]
@@ -42,11 +44,13 @@ class SimReq:
 
 
 class RadixMachine(RuleBasedStateMachine):
+    backend = "python"
+
     @initialize(page_size=st.sampled_from([1, 2, 4, 16]), num_pages=st.integers(3, 24))
     def setup(self, page_size: int, num_pages: int) -> None:
         self.ps = page_size
         self.alloc = PageAllocator(num_pages)
-        self.cache = RadixCache(self.alloc, page_size)
+        self.cache = make_cache(self.backend, self.alloc, page_size)
         self.model: dict[str | None, dict[Prefix, int]] = {ns: {} for ns in NAMESPACES}
         self.atime: dict[str | None, dict[Prefix, int]] = {ns: {} for ns in NAMESPACES}
         self.tick = 0
@@ -127,7 +131,7 @@ class RadixMachine(RuleBasedStateMachine):
         want = self._longest(ns, tokens, limit)
         m = self.cache.match_prefix(tokens, ns)
         assert m.length == want, f"match {m.length} tokens, true cached prefix {want}"
-        assert m.pages == self._model_pages(ns, tokens, want), "matched wrong pages"
+        assert pl(m.pages) == self._model_pages(ns, tokens, want), "matched wrong pages"
         if want:
             self._model_touch(ns, tokens, want)
         return m.handle
@@ -177,7 +181,7 @@ class RadixMachine(RuleBasedStateMachine):
         want = self._model_pages(req.ns, span, existing) + req.seq.pages[existing // self.ps : k]
         res = self.cache.insert(span, req.seq.pages[:k], req.ns)
         assert res.num_existing == existing, f"{res.num_existing} existing, model {existing}"
-        assert res.pages == want, "insert returned pages other than tree's + adopted"
+        assert pl(res.pages) == want, "insert returned pages other than tree's + adopted"
         for i in range(existing + self.ps, len(span) + 1, self.ps):
             self.model[req.ns][tuple(span[:i])] = req.seq.pages[i // self.ps - 1]
         self._model_touch(req.ns, span, len(span))
@@ -235,3 +239,12 @@ RadixMachine.TestCase.settings = settings(
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
 )
 test_radix_cache_against_model = RadixMachine.TestCase
+
+
+class NativeRadixMachine(RadixMachine):
+    backend = "native"
+
+
+NativeRadixMachine.TestCase.settings = RadixMachine.TestCase.settings
+test_native_radix_cache_against_model = pytest.mark.skipif(
+    not native_available(), reason="native radix core not built")(NativeRadixMachine.TestCase)

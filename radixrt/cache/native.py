@@ -1,0 +1,301 @@
+"""The prefix cache on the native radix tree (``csrc/``), behind the same ``PrefixCache`` API.
+
+``RadixCache`` (radix.py) is the reference: ``NativeRadixCache`` gives the same matches, pages,
+node ids, LRU order and counters for the same calls (``tests/unit/test_native_radix.py`` drives
+both with hypothesis and compares their whole state after every operation). What differs is
+the cost: the tree lives in C++ and pages cross as int32 arrays, with no Python object per node
+or page. Handles are ``NativeNode`` objects, a (slot, id) reference into the tree that reads
+like a ``Node``; two handles of the same node compare equal (they are not the same object).
+
+Backend choice (``make_prefix_cache``): ``RADIXRT_RADIX_BACKEND=native|python`` or the
+``backend`` argument; by default the native tree when the extension was built, else the Python
+tree with one log line saying so. The host tier (``TieredRadixCache``) runs on the Python tree.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections import Counter
+from collections.abc import Callable, Mapping, Sequence
+from types import ModuleType
+
+import numpy as np
+
+from radixrt.cache.allocator import PageAllocator
+from radixrt.cache.node import (
+    EMPTY,
+    CacheStats,
+    InsertResult,
+    IntArray,
+    MatchResult,
+    Node,
+    TokenIds,
+)
+
+log = logging.getLogger("radixrt.cache")
+
+BACKEND_ENV = "RADIXRT_RADIX_BACKEND"
+BACKENDS = ("native", "python")
+
+_native: ModuleType | None
+try:
+    from radixrt.cache import _radix_native as _native  # type: ignore[attr-defined, no-redef]
+
+    _import_error = ""
+except ImportError as e:  # not built here (no compiler), or built for another Python
+    _native = None
+    _import_error = str(e)
+_fallback_logged = False
+
+
+def native_available() -> bool:
+    return _native is not None
+
+
+def native_module() -> ModuleType:
+    if _native is None:
+        raise RuntimeError(f"the native radix core is not built here ({_import_error})")
+    return _native
+
+
+def resolve_backend(backend: str | None = None) -> str:
+    """``native`` or ``python``: the argument, else $RADIXRT_RADIX_BACKEND, else native when it
+    was built. Asking for native where it is not built is an error; falling back to Python by
+    default logs one line."""
+    global _fallback_logged
+    choice = backend or os.environ.get(BACKEND_ENV) or ""
+    if choice and choice not in BACKENDS:
+        raise ValueError(f"radix backend {choice!r}: expected one of {', '.join(BACKENDS)}")
+    if choice == "native":
+        native_module()  # raises, naming why
+        return "native"
+    if choice == "python":
+        return "python"
+    if _native is not None:
+        return "native"
+    if not _fallback_logged:
+        _fallback_logged = True
+        log.warning("radixrt: native radix core not built (%s); using the pure-Python tree",
+                    _import_error)
+    return "python"
+
+
+class NativeNode(Node):
+    """A handle on one node of a native tree: reads like ``Node`` (the fields the scheduler and
+    the cache's users read); after the node was evicted it reads as detached and empty."""
+
+    __slots__ = ("_tree", "_slot", "_nid")
+
+    def __init__(self, tree: object, slot: int, nid: int) -> None:  # no Node.__init__: no state
+        self._tree = tree
+        self._slot = slot
+        self._nid = nid
+
+    def __eq__(self, other: object) -> bool:
+        return (isinstance(other, NativeNode) and other._nid == self._nid
+                and other._tree is self._tree)
+
+    def __hash__(self) -> int:
+        return self._nid
+
+    @property  # type: ignore[override]
+    def id(self) -> int:
+        return self._nid
+
+    @property  # type: ignore[override]
+    def is_root(self) -> bool:
+        return bool(self._tree.describe(self._slot, self._nid)[0])  # type: ignore[attr-defined]
+
+    @property  # type: ignore[override]
+    def namespace(self) -> str | None:
+        return self._tree.describe(self._slot, self._nid)[1]  # type: ignore[attr-defined, no-any-return]
+
+    @property  # type: ignore[override]
+    def parent(self) -> NativeNode | None:
+        p = self._tree.parent(self._slot, self._nid)  # type: ignore[attr-defined]
+        return None if p is None else NativeNode(self._tree, p[0], p[1])
+
+    @property  # type: ignore[override]
+    def children(self) -> dict[bytes, NativeNode]:
+        kids = self._tree.children(self._slot, self._nid)  # type: ignore[attr-defined]
+        return {k: NativeNode(self._tree, s, i) for k, s, i in kids}
+
+    @property  # type: ignore[override]
+    def key(self) -> IntArray:
+        return self._tree.key(self._slot, self._nid)  # type: ignore[attr-defined, no-any-return]
+
+    @property  # type: ignore[override]
+    def pages(self) -> IntArray:
+        return self._tree.pages(self._slot, self._nid)  # type: ignore[attr-defined, no-any-return]
+
+    @property  # type: ignore[override]
+    def host_pages(self) -> IntArray:
+        return EMPTY
+
+    @property  # type: ignore[override]
+    def lock_ref(self) -> int:
+        return self._tree.lock_ref(self._slot, self._nid)  # type: ignore[attr-defined, no-any-return]
+
+    @property  # type: ignore[override]
+    def last_access(self) -> int:
+        return self._tree.last_access(self._slot, self._nid)  # type: ignore[attr-defined, no-any-return]
+
+    @property  # type: ignore[override]
+    def load_seq(self) -> int:
+        return 0  # no host tier: nothing ever loads
+
+    @property  # type: ignore[override]
+    def write_seq(self) -> int:
+        return 0
+
+    @property  # type: ignore[override]
+    def load_unused(self) -> bool:
+        return False
+
+    @property
+    def on_gpu(self) -> bool:
+        return len(self.pages) > 0
+
+    @property
+    def on_host(self) -> bool:
+        return False
+
+    def __repr__(self) -> str:
+        return (f"NativeNode(id={self._nid}, slot={self._slot}, pages={self.pages.tolist()}, "
+                f"lock_ref={self.lock_ref}, last_access={self.last_access})")
+
+
+class NativeRadixCache:
+    """``RadixCache`` on the native tree (GPU tier only); implements ``PrefixCache``."""
+
+    tiered = False
+
+    def __init__(self, allocator: PageAllocator, page_size: int) -> None:
+        assert page_size >= 1, f"page_size must be >= 1, got {page_size}"
+        self.allocator = allocator
+        self.page_size = page_size
+        self._tree = native_module().Tree(page_size)
+        self.root = self._handle(self._tree.root(None))
+
+    def _handle(self, slot_id: tuple[int, int]) -> NativeNode:
+        return NativeNode(self._tree, slot_id[0], slot_id[1])
+
+    # ------------------------------------------------------------------ PrefixCache
+    def match_prefix(
+        self, tokens: TokenIds, namespace: str | None = None, *, record_stats: bool = True
+    ) -> MatchResult:
+        pages, length, slot, nid = self._tree.match(tokens, namespace, record_stats)
+        return MatchResult(pages, length, NativeNode(self._tree, slot, nid))
+
+    def insert(
+        self, tokens: TokenIds, pages: Sequence[int] | IntArray, namespace: str | None = None
+    ) -> InsertResult:
+        slot, nid, existing, span_pages, fresh, differs = self._tree.insert(
+            tokens, pages, namespace)
+        if fresh is not None:
+            self.allocator.incref(fresh)  # the tree adopts only the part it did not have
+        return InsertResult(NativeNode(self._tree, slot, nid), span_pages, existing, differs)
+
+    def lock(self, handle: Node) -> None:
+        assert isinstance(handle, NativeNode) and handle._tree is self._tree, (
+            f"lock of {handle!r}, not a node of this tree")
+        self._tree.lock(handle._slot, handle._nid)
+
+    def unlock(self, handle: Node) -> None:
+        assert isinstance(handle, NativeNode) and handle._tree is self._tree, (
+            f"unlock of {handle!r}, not a node of this tree")
+        self._tree.unlock(handle._slot, handle._nid)
+
+    def evict(self, num_pages: int) -> IntArray:
+        """Pages from the tails of unlocked leaves, LRU first; each still carries the tree's
+        reference, which the caller now owns and must decref."""
+        return self._tree.evict(num_pages)  # type: ignore[no-any-return]
+
+    def flush(self) -> IntArray:
+        return self.evict(self.evictable_pages)
+
+    def start_load(self, match: MatchResult, alloc: Callable[[int], list[int] | None]) -> int:
+        assert not match.host_nodes, "a cache without a host tier matched host nodes"
+        return 0
+
+    def poll(self) -> None:
+        """Retire finished transfers (there are none without a lower tier)."""
+
+    def backup_ahead(self, num_pages: int) -> int:
+        return 0
+
+    def claim_loaded(self, handle: Node) -> int:
+        return 0
+
+    # ------------------------------------------------------------------ accounting
+    @property
+    def cached_tokens(self) -> int:
+        return self._tree.cached_tokens  # type: ignore[no-any-return]
+
+    @property
+    def locked_pages(self) -> int:
+        return self._tree.locked_pages  # type: ignore[no-any-return]
+
+    @property
+    def evictable_pages(self) -> int:
+        return self._tree.evictable_pages  # type: ignore[no-any-return]
+
+    @property
+    def num_nodes(self) -> int:
+        return self._tree.num_nodes  # type: ignore[no-any-return]
+
+    def stats(self) -> CacheStats:
+        c = self._tree.counters()
+        q = c["query_tokens"]
+        return CacheStats(
+            total_pages=self.allocator.num_total, free_pages=self.allocator.num_free,
+            evictable_pages=self.evictable_pages, locked_pages=c["locked_pages"],
+            cached_tokens=c["cached_tokens"], num_nodes=c["num_nodes"],
+            hit_tokens=c["hit_tokens"], query_tokens=q,
+            hit_rate=c["hit_tokens"] / q if q else 0.0, evictions=c["evicted_pages"],
+        )
+
+    def tree_pages(self) -> set[int]:
+        """All pages the tree holds (debug/test helper; walks the whole tree)."""
+        return set(self._tree.all_pages().tolist())
+
+    def snapshot(self) -> tuple[list[tuple[object, ...]], list[int]]:
+        """Every node as (id, parent id or -1, is_root, namespace, key, pages, lock_ref,
+        last_access) by id, and the LRU as ids in eviction order (for differential tests)."""
+        return self._tree.snapshot()  # type: ignore[no-any-return]
+
+    def lpm_order(self, handles: Sequence[Node], counts: Sequence[int]) -> list[int]:
+        """Indices of ``handles`` in the lpm DFS order (see engine/policy.py), computed in C++."""
+        slots = np.fromiter((h._slot for h in handles), np.int32, len(handles))  # type: ignore[attr-defined]
+        ids = np.fromiter((h._nid for h in handles), np.int64, len(handles))  # type: ignore[attr-defined]
+        order = self._tree.lpm_order(slots, ids, np.asarray(counts, dtype=np.int64))
+        return order.tolist()  # type: ignore[no-any-return]
+
+    def check_invariants(self, external_refs: Mapping[int, int] | None = None) -> None:
+        """The tree's structural self-check (in C++), then the same page audit as the Python
+        tree's (``invariants.check_tree``): exact refcounts when ``external_refs`` is given."""
+        problem = self._tree.check()
+        assert not problem, problem
+        nodes, _ = self.snapshot()
+        owner: dict[int, int] = {}
+        for nid, _parent, is_root, _ns, _key, pages, lock_ref, _t in nodes:
+            if is_root:
+                continue
+            for p in pages:  # type: ignore[attr-defined]
+                owner[p] = nid  # type: ignore[assignment]
+                if external_refs is not None and lock_ref == 0:
+                    assert external_refs.get(p, 0) == 0, (
+                        f"page {p} of unlocked node {nid} is held by a running request")
+        if external_refs is not None:
+            holders = Counter(external_refs)
+            holders.update(owner.keys())
+            self.allocator.check_refcounts(holders, "tree + requests")
+        else:
+            refs = self.allocator.refcounts()
+            dead = [p for p in owner if refs[p] < 1]
+            assert not dead, f"tree pages with refcount 0 (freed under the tree): {dead[:10]}"
+        private = self.allocator.num_used - len(owner)
+        total = self.allocator.num_free + self.evictable_pages + self.locked_pages + private
+        assert total == self.allocator.num_total, (
+            f"free + evictable + locked + private = {total} != {self.allocator.num_total} pages")

@@ -142,6 +142,20 @@ class TritonAttentionBackend(AttentionBackend):
     ) -> torch.Tensor:  # [T, Hq, D]
         k_flat, v_flat = pool.k_flat(layer_id), pool.v_flat(layer_id)
         store_kv(k_flat, v_flat, batch.out_slots, k, v)
+        return self.attend(q, k_flat, v_flat, batch)
+
+    @property
+    def cascade_buffers(self) -> CascadeBuffers | None:
+        return self._cascade
+
+    def attend(
+        self,
+        q: torch.Tensor,  # [T, Hq, D]
+        k_flat: torch.Tensor,  # [S, Hkv, D] a pool layer, already holding the step's K/V
+        v_flat: torch.Tensor,
+        batch: ForwardBatch,
+    ) -> torch.Tensor:  # [T, Hq, D]
+        """The attention of ``forward`` without the K/V store (benchmarks call it directly)."""
         if self.deterministic:
             return invariant_attention(
                 q, k_flat, v_flat, batch.qo_indptr, batch.prefix_lens, batch.page_table,

@@ -14,8 +14,11 @@ A sequence joins the group of the deepest node on its path that at least ``min_g
 step's sequences share and that ends at least ``min_shared_pages`` pages in; groups left with
 fewer than ``min_group`` members dissolve (their sequences take the per-request path).
 
-Host cost per step is O(batch x path depth): each handle's path (node ids and end depths) is
-cached while the handle stays the same. A node's end depth never changes while it is locked
+Nodes are known by ``Node.id``, which the tree never reuses (a native tree hands out a fresh
+Python handle per access, so object identity means nothing). Host cost per step is
+O(batch x path depth), counted in one C-level pass: each handle's path (node ids and end
+depths) is cached by the handle's id, and a step whose handles and rows equal the previous
+step's reuses its groups. A node's end depth never changes while it is locked
 (a split keeps the original node as the lower part), so a cached path stays true; a split above
 it only hides the new upper node from the grouping, which can cost sharing, never correctness.
 """
@@ -64,7 +67,7 @@ class CascadeGroups:
         assert self.indptr[0] == 0 and self.indptr[-1] == self.members.shape[0], "bad indptr"
         assert bool((np.diff(self.indptr) >= 1).all()), "every group needs a member"
         assert bool((self.shared_lens >= 1).all()), "a group shares at least one token"
-        assert np.unique(self.members).shape == self.members.shape, "a request in two groups"
+        assert len(set(self.members.tolist())) == len(self.members), "a request in two groups"
 
     @property
     def num_groups(self) -> int:
@@ -98,9 +101,12 @@ class PrefixGrouper:
         self.policy = policy
         self.page_size = page_size
         self.min_tokens = policy.min_shared_pages * page_size
-        self._paths: dict[int, tuple[Node, _Path]] = {}  # id(handle) -> (handle, path)
+        self._paths: dict[int, _Path] = {}  # handle.id -> its path
         self.grouped_steps = 0  # decode steps that formed at least one group (benches, tests)
         self.grouped_requests = 0  # summed over those steps: requests in a group
+        self._last_key: list[int] = []
+        self._last_rows: list[int] = []
+        self._last: CascadeGroups | None = None
 
     def _path(self, handle: Node) -> _Path:
         ids: list[int] = []
@@ -114,7 +120,7 @@ class PrefixGrouper:
         for n in nodes:
             if depth < self.min_tokens:
                 break
-            ids.append(id(n))
+            ids.append(n.id)
             depths.append(depth)
             depth -= len(n.key)
         return ids, depths
@@ -122,32 +128,47 @@ class PrefixGrouper:
     def group(self, seqs: Seq[Sequence], rows: Seq[int], kv_lens: Seq[int]) -> CascadeGroups | None:
         """The step's groups, or None when no group forms. ``rows``/``kv_lens``: each
         sequence's page-table row and KV already in the pool (its shared prefix is within)."""
-        if len(seqs) < self.policy.min_group:
+        need = self.policy.min_group
+        if len(seqs) < need:
             return None
-        old, fresh = self._paths, {}
+        # Same handles in the same rows as the previous step (most steps): same groups.
+        key = [-1 if seq.cache_handle is None else seq.cache_handle.id for seq in seqs]
+        if key == self._last_key and rows == self._last_rows:
+            if self._last is not None:
+                self.grouped_steps += 1
+                self.grouped_requests += len(self._last.members)
+            return self._last
+        self._last_key, self._last_rows = key, list(rows)
+        self._last = self._group(seqs, rows, kv_lens)
+        return self._last
+
+    def _group(self, seqs: Seq[Sequence], rows: Seq[int], kv_lens: Seq[int]) -> CascadeGroups | None:
+        need = self.policy.min_group
+        cache = self._paths
+        if len(cache) > 2 * len(seqs) + 64:  # drop handles no longer decoding
+            cache = self._paths = {}
         paths: list[_Path | None] = []
-        counts: Counter[int] = Counter()
+        every: list[int] = []
         for seq in seqs:
             handle = seq.cache_handle
-            if handle is None or handle.is_root:
+            if handle is None:
                 paths.append(None)
                 continue
-            key = id(handle)
-            hit = old.get(key)
-            path = hit[1] if hit is not None and hit[0] is handle else self._path(handle)
-            fresh[key] = (handle, path)
+            path = cache.get(handle.id)
+            if path is None:
+                path = cache[handle.id] = self._path(handle)
             paths.append(path)
-            counts.update(path[0])
-        self._paths = fresh  # handles no longer decoding drop out
-        need = self.policy.min_group
+            every += path[0]
+        counts = Counter(every)  # one C-level pass over every path node
         by_anchor: dict[int, tuple[int, list[int]]] = {}  # node id -> (depth, batch indices)
         for i, path in enumerate(paths):
-            if path is None:
+            if not path:
                 continue
-            for node_id, depth in zip(*path):
+            ids, depths = path
+            for j, node_id in enumerate(ids):
                 if counts[node_id] >= need:
-                    assert depth <= kv_lens[i], f"shared prefix {depth} past KV {kv_lens[i]}"
-                    by_anchor.setdefault(node_id, (depth, []))[1].append(i)
+                    assert depths[j] <= kv_lens[i], f"shared {depths[j]} past KV {kv_lens[i]}"
+                    by_anchor.setdefault(node_id, (depths[j], []))[1].append(i)
                     break
         picked = [(d, m) for d, m in by_anchor.values() if len(m) >= need]
         if not picked:

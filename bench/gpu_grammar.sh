@@ -1,11 +1,16 @@
 #!/usr/bin/env bash
 # Structured generation on a GPU (issue 14), one device call: the token-bitmask kernel tests
 # compiled on CUDA, then bench_grammar.py: 256 JSON-schema-constrained vs unconstrained decode
-# steps on the llama3-8b shape (dummy weights; target <= 1.1x), the CPU mask fill per step on
-# that box, and compile times; the host ms per step by part (plan, build, launch, complete, grammar
-# advance, mask rows/start/wait, draw) for both modes on the GPU, with the syncs of the timed
-# constrained steps counted (torch.cuda.set_sync_debug_mode("warn")), and the same breakdown on
-# the CPU with a stub forward (host section). Results under $OUT (grammar.json, *.log).
+# steps on the llama3-8b shape (dummy weights; target <= 1.1x), swept over the grammar path and
+# fill threads (CONFIGS: fused = advance + fill together on persistent fill threads, unfused = the
+# old path: advance on the scheduler thread, xgrammar's pool fills); per config the scheduler
+# thread's ms per step by part as wall/cpu (wall >> cpu: it waited) and the fill threads' advance
+# + fill ms, with the syncs of the timed constrained steps counted; the same sweep on the CPU
+# with a stub forward (host section) and for the bare advance + fill of 256 matchers (masks);
+# compile times. Results under $OUT (grammar.json, bench_grammar.log).
+# GIL_PROBE=1 adds a run of the unfused path with tvm-ffi's GIL release off
+# (TVM_FFI_RELEASE_GIL_BY_DEFAULT=0, $OUT/gil_probe/): if its "grammar advance" drops to the bare
+# advance time, the old path's wait was GIL hand-offs on xgrammar's per-call GIL release.
 #
 # Dry run on a CPU box: DEVICE=cpu PRESET=llama-tiny BATCH=8 STEPS=5 PATH=.venv/bin:$PATH bash bench/gpu_grammar.sh
 # Before the call, on the CPU side (once):  bash bench/gpu_grammar.sh --prepare
@@ -35,5 +40,15 @@ python3 -c "import xgrammar, msgspec" || { echo "xgrammar/msgspec missing: run b
 nvidia-smi --query-gpu=name,memory.total --format=csv 2>&1 | tee "$OUT/gpu.txt"
 timeout 120 python3 -m pytest -q -m gpu -p no:cacheprovider tests/kernels/test_token_bitmask.py 2>&1 \
   | tee "$OUT/kernel_tests.log" | tail -3
-timeout 420 python3 bench/bench_grammar.py --sections gpu,host,masks,compile --tokenizer "${TOKENIZER:-.whl/tok}" \
-  --batch "${BATCH:-256}" --steps "${STEPS:-50}" --device "${DEVICE:-cuda}" --preset "${PRESET:-llama3-8b}" --out "$OUT" 2>&1 | grep -v Warning | tee "$OUT/bench_grammar.log" | tail -45
+CONFIGS="${CONFIGS:-unfused:default,unfused:1,fused:1,fused:2,fused:4,fused:default}"
+nproc | sed 's/^/cores: /' | tee -a "$OUT/gpu.txt"
+timeout 450 python3 bench/bench_grammar.py --sections gpu,host,masks,compile --tokenizer "${TOKENIZER:-.whl/tok}" \
+  --batch "${BATCH:-256}" --steps "${STEPS:-50}" --device "${DEVICE:-cuda}" --preset "${PRESET:-llama3-8b}" \
+  --grammar-configs "$CONFIGS" --out "$OUT" 2>&1 | grep -v Warning | tee "$OUT/bench_grammar.log" | tail -80
+if [ "${GIL_PROBE:-0}" = 1 ]; then
+  mkdir -p "$OUT/gil_probe"
+  TVM_FFI_RELEASE_GIL_BY_DEFAULT=0 timeout 240 python3 bench/bench_grammar.py --sections gpu \
+    --tokenizer "${TOKENIZER:-.whl/tok}" --batch "${BATCH:-256}" --steps 30 --device "${DEVICE:-cuda}" \
+    --preset "${PRESET:-llama3-8b}" --grammar-configs unfused:default,fused:1 --out "$OUT/gil_probe" 2>&1 \
+    | grep -v Warning | tee "$OUT/gil_probe/bench_grammar.log" | tail -30
+fi

@@ -1,0 +1,315 @@
+"""The engine-level halves of bench_grammar.py: decode steps of B requests all constrained vs
+none, on a GPU (``gpu``) or on the CPU with a stub forward (``host``), with the scheduler
+thread's time per step by part (wall and CPU), the fill threads' time, and a sweep over the
+grammar path (fused / unfused) and fill thread counts (``--grammar-configs``).
+"""
+
+from __future__ import annotations
+
+import cProfile
+import io
+import json
+import pstats
+import time
+import warnings
+from typing import Any
+
+import torch
+
+# Forces a long output (for the decode-step comparison: every sequence keeps decoding).
+LONG = {"type": "object", "properties": {"text": {"type": "string", "minLength": 2000}},
+        "required": ["text"], "additionalProperties": False}
+
+def _sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+class Sections:
+    """Exclusive host time per named section of the scheduler thread: wrapped callables nest,
+    and a section's time excludes the sections called inside it (launch excludes its draw,
+    draw its mask fill). Wall time and the thread's CPU time (``time.thread_time``): wall far
+    above CPU means the thread waited (the GIL, a lock, the device, or off its core)."""
+
+    def __init__(self) -> None:
+        self.total: dict[str, float] = {}
+        self.cpu: dict[str, float] = {}
+        self._stack: list[list[float]] = []  # per open call: [child wall, child cpu]
+        self._undo: list[tuple[Any, str, Any]] = []
+
+    def wrap(self, owner: Any, attr: str, name: str) -> None:
+        inner = getattr(owner, attr)
+
+        def timed(*a: Any, **kw: Any) -> Any:
+            self._stack.append([0.0, 0.0])
+            t, c = time.perf_counter(), time.thread_time()
+            try:
+                return inner(*a, **kw)
+            finally:
+                dt, dc = time.perf_counter() - t, time.thread_time() - c
+                child, child_cpu = self._stack.pop()
+                self.total[name] = self.total.get(name, 0.0) + dt - child
+                self.cpu[name] = self.cpu.get(name, 0.0) + dc - child_cpu
+                if self._stack:
+                    self._stack[-1][0] += dt
+                    self._stack[-1][1] += dc
+
+        self._undo.append((owner, attr, inner if attr in vars(owner) else None))
+        setattr(owner, attr, timed)
+
+    def unwrap(self) -> None:
+        for owner, attr, orig in reversed(self._undo):
+            if orig is not None:
+                setattr(owner, attr, orig)
+            else:
+                delattr(owner, attr)  # the instance attribute hid the class's method
+        self._undo.clear()
+
+    def per_step(self, steps: int) -> dict[str, float]:
+        return {k: v * 1e3 / steps for k, v in sorted(self.total.items())}
+
+    def cpu_per_step(self, steps: int) -> dict[str, float]:
+        return {k: v * 1e3 / steps for k, v in sorted(self.cpu.items())}
+
+
+def instrument(core: Any) -> Sections:
+    """Time the host side of every step's parts (see ``host_profile``)."""
+    from radixrt.constrained.batch import MaskBuilder
+    from radixrt.engine import step_builder
+    from radixrt.engine.sampler import PendingSample
+
+    sched = core.scheduler
+    res = sched.results
+    s = Sections()
+    s.wrap(core, "step", "other (step loop, aborts, polls)")
+    s.wrap(sched, "_plan_continuation", "plan")
+    s.wrap(sched, "_schedule", "plan")
+    s.wrap(step_builder, "build", "build")
+    s.wrap(sched.runner, "forward", "forward (launch)")
+    if getattr(sched.runner, "graphs", None) is not None:
+        # Nonzero in a mode only if its decode steps replay CUDA graphs.
+        s.wrap(sched.runner.graphs, "run", "forward (graph replay)")
+    s.wrap(res, "launch", "launch (kv, forks, rows)")
+    s.wrap(res, "complete", "complete (stop rules, deltas)")
+    s.wrap(res, "draw", "deferred draw (live rows)")
+    s.wrap(res.sampler, "draw", "draw (sampler)")
+    s.wrap(PendingSample, "resolve", "resolve (token read)")
+    if res.grammars is not None:
+        # Fused: "grammar check + sync" is the scheduler thread's share (mask-bit check of the
+        # tokens, matcher sync); the advance itself runs on the fill threads (fill_thread_ms).
+        s.wrap(res.grammars, "advance_and_start", "grammar check + sync")
+        s.wrap(res.grammars, "accept_batch", "grammar advance")  # unfused: on this thread
+        s.wrap(res.grammars, "start_bitmask", "mask rows (matcher sync)")
+        s.wrap(MaskBuilder, "start", "mask start")
+        s.wrap(MaskBuilder, "advance_and_start", "mask start")
+        # Waiting for the fill thread (what of the fill did not hide) + the H2D copy.
+        s.wrap(res.grammars, "finish_bitmask", "mask wait + H2D")
+    return s
+
+
+def run_decode(core: Any, mode: str, batch: int, steps: int, device: str,
+               temperature: float, sections: Sections | None = None,
+               profile: bool = False) -> dict[str, Any]:
+    """Admit ``batch`` tiny-prompt requests (all JSON-schema-constrained or none), decode a few
+    warm-up steps, then time ``steps`` steps; every request must keep decoding throughout."""
+    from radixrt import SamplingParams
+
+    kw: dict[str, Any] = {"json_schema": json.dumps(LONG)} if mode == "json_schema" else \
+        {"ignore_eos": True}
+    p = SamplingParams(temperature=temperature, max_new_tokens=steps + 40, **kw)
+    for i in range(batch):
+        core.add_request(f"{mode}{i}", [100 + i % 50, 200 + i % 100, 300], p)
+    while any(s.in_prefill for s in core.scheduler.running) or core.scheduler.waiting:
+        core.step()
+    for _ in range(5):  # warm-up (graphs, first masks)
+        core.step()
+    assert len(core.scheduler.running) == batch, "every request must still be decoding"
+    before = core.scheduler.overlapped_steps
+    syncs: list[warnings.WarningMessage] = []
+    prof = cProfile.Profile() if profile else None
+    if sections is not None:
+        sections.total.clear()
+        sections.cpu.clear()
+    g = core.scheduler.results.grammars
+    st0 = g._masks.stats if g is not None and g._masks is not None else None
+    stats0 = (st0.accept_s, st0.fill_s) if st0 is not None else (0.0, 0.0)
+    _sync(device)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        if device == "cuda" and mode == "json_schema":
+            torch.cuda.set_sync_debug_mode("warn")  # every host<->device sync warns
+        t = time.perf_counter()
+        if prof is not None:
+            prof.enable()
+        for _ in range(steps):
+            core.step()
+        if prof is not None:
+            prof.disable()
+        _sync(device)
+        step_ms = (time.perf_counter() - t) * 1e3 / steps
+        if device == "cuda":
+            torch.cuda.set_sync_debug_mode("default")
+        syncs = [w for w in caught if "synchroniz" in str(w.message)]
+    assert len(core.scheduler.running) == batch, "a request ended inside the timed steps"
+    out: dict[str, Any] = {"step_ms": step_ms,
+                           "overlapped": core.scheduler.overlapped_steps - before}
+    if sections is not None:
+        out["host_ms"] = sections.per_step(steps)
+        out["host_cpu_ms"] = sections.cpu_per_step(steps)
+    grammars = core.scheduler.results.grammars
+    if mode == "json_schema" and grammars is not None and grammars._masks is not None:
+        st, masks = grammars._masks.stats, grammars._masks
+        out["fill_path"] = "fused" if masks.fused else "unfused"
+        out["fill_threads"] = masks.threads
+        if masks.fused:  # summed over the fill threads; they run beside the scheduler thread
+            out["fill_thread_ms"] = {"advance": (st.accept_s - stats0[0]) * 1e3 / steps,
+                                     "fill": (st.fill_s - stats0[1]) * 1e3 / steps}
+    if device == "cuda" and mode == "json_schema":
+        # One expected per step: reading the step's tokens (the event wait is not counted).
+        out["syncs"] = len(syncs)
+        out["sync_sites"] = sorted({f"{w.filename}:{w.lineno}" for w in syncs})[:10]
+    if prof is not None:
+        buf = io.StringIO()
+        pstats.Stats(prof, stream=buf).sort_stats("tottime").print_stats(25)
+        out["profile"] = buf.getvalue()
+    for i in range(batch):
+        core.abort_request(f"{mode}{i}")
+    while core.has_work():
+        core.step()
+    return out
+
+
+Config = tuple[bool, int | None]  # (fused, fill threads; None: the default)
+DEFAULT_CONFIGS = "fused:default"
+
+
+def parse_configs(text: str) -> list[Config]:
+    """``fused:2,unfused:default,...`` -> [(True, 2), (False, None), ...]."""
+    out: list[Config] = []
+    for part in text.split(","):
+        path, _, threads = part.strip().partition(":")
+        if path not in ("fused", "unfused") or not (threads == "default" or threads.isdigit()):
+            raise SystemExit(f"bad grammar config {part!r}: want fused|unfused:N|default")
+        out.append((path == "fused", None if threads == "default" else int(threads)))
+    return out
+
+
+def config_label(c: Config) -> str:
+    return f"{'fused' if c[0] else 'unfused'}:{c[1] or 'default'}"
+
+
+def use_config(grammars: Any, config: Config) -> None:
+    """Switch the engine's grammar path / fill threads (a new MaskBuilder at the next mask)."""
+    if grammars._masks is not None:
+        grammars._masks.drain()
+        grammars._masks.close()
+        grammars._masks = None
+    grammars.fused, grammars.fill_threads = config
+
+
+def run_configs(core: Any, configs: list[Config], batch: int, steps: int, device: str,
+                temperature: float, sections: Sections, profile: bool = False
+                ) -> dict[str, Any]:
+    """Unconstrained once, then JSON-schema-constrained once per config."""
+    grammars = core.scheduler.results.grammars
+    out: dict[str, Any] = {"unconstrained": run_decode(core, "unconstrained", batch, steps, device,
+                                                       temperature, sections)}
+    runs: dict[str, Any] = {}
+    for c in configs:
+        use_config(grammars, c)
+        r = runs[config_label(c)] = run_decode(core, "json_schema", batch, steps, device,
+                                               temperature, sections, profile)
+        r["ratio"] = r["step_ms"] / out["unconstrained"]["step_ms"]
+        profile = False  # the first config only
+    out["configs"] = runs
+    out["json_schema"] = next(iter(runs.values()))  # the first config (older reports read it)
+    return out
+
+
+def bench_host(tok: Any, batch: int, steps: int, temperature: float, profile: bool,
+               configs: list[Config]) -> dict[str, Any]:
+    """The host's cost of a decode step, on the CPU: an engine whose forward returns fixed
+    random logits over the tokenizer's vocabulary at once (llama-tiny's KV and page tables,
+    the real scheduler, sampler and grammars), B requests all constrained vs none. The
+    sampler's tensor work runs on the CPU here (it is device work on a GPU): "draw" includes
+    it, the other sections are host work a GPU step pays too."""
+    from radixrt import Engine
+    from radixrt.constrained.sequences import SequenceGrammars
+
+    vocab = len(tok)
+    eng = Engine("llama-tiny", load_format="dummy", device="cpu", page_size=16,
+                 max_running_requests=batch, kv_cache_tokens=batch * (steps + 80),
+                 overlap_schedule=True)
+    core = eng.core
+    core.scheduler.results.grammars = SequenceGrammars(
+        tok, vocab, "cpu", core.model_info.eos_token_ids)
+    logits = torch.randn(batch, vocab, generator=torch.Generator().manual_seed(0))
+
+    def forward(fb: Any) -> torch.Tensor:
+        n = int(fb.logits_indices.shape[0])
+        return logits[:n] if n <= batch else torch.randn(n, vocab)
+
+    core.scheduler.runner.forward = forward  # type: ignore[method-assign,assignment]
+    sections = instrument(core)
+    out: dict[str, Any] = {"batch": batch, "steps": steps, "vocab": vocab,
+                           "temperature": temperature}
+    out.update(run_configs(core, configs, batch, steps, "cpu", temperature, sections, profile))
+    sections.unwrap()
+    return out
+
+
+def bench_gpu(tok: Any, preset: str, batch: int, steps: int, device: str,
+              configs: list[Config]) -> dict[str, Any]:
+    from radixrt import Engine, SamplingParams
+    from radixrt.constrained.sequences import SequenceGrammars
+
+    out: dict[str, Any] = {"preset": preset, "batch": batch, "steps": steps, "device": device}
+    extra: dict[str, Any] = {"mem_fraction": 0.80} if device == "cuda" else {
+        "kv_cache_tokens": batch * (steps + 64)}
+    eng = Engine(preset, load_format="dummy", device=device,
+                 dtype="bfloat16" if device == "cuda" else "float32", page_size=16,
+                 max_running_requests=batch, **extra)
+    core = eng.core
+    vocab = core.args.vocab_size
+    grammars = SequenceGrammars(tok, vocab, device, core.model_info.eos_token_ids)
+    core.scheduler.results.grammars = grammars  # dummy weights carry no tokenizer
+    t = time.perf_counter()
+    grammars.check(SamplingParams(json_schema=json.dumps(LONG)))
+    out["compile_ms"] = (time.perf_counter() - t) * 1e3
+    sections = instrument(core)
+    out.update(run_configs(core, configs, batch, steps, device, 0.7, sections))
+    sections.unwrap()
+    for r in out["configs"].values():
+        r["mask_fill_ms"] = sum(v for k, v in r["host_ms"].items() if k.startswith("mask"))
+    out["ratio"] = out["json_schema"]["ratio"]
+    out["overlapped_steps"] = core.stats().extra.get("overlapped_steps")
+    out["cuda_graphs"] = core.scheduler.runner.graphs is not None
+    return out
+
+
+def print_host(title: str, r: dict[str, Any]) -> None:
+    """Per config: step time and ratio, then the scheduler thread's ms per step by part as
+    wall/cpu, and the fill threads' advance + fill ms (summed over threads)."""
+    u, runs = r["unconstrained"], r["configs"]
+    print(f"{title}: unconstrained {u['step_ms']:.2f} ms/step (overlapped {u['overlapped']})")
+    for label, c in runs.items():
+        fill = c.get("fill_thread_ms")
+        extra = f", fill threads: advance {fill['advance']:.2f} + fill {fill['fill']:.2f} ms" \
+            if fill else ""
+        print(f"  json_schema {label:16s} {c['step_ms']:7.2f} ms/step  ratio {c['ratio']:.3f} "
+              f"(overlapped {c['overlapped']}){extra}")
+    cols = ["none", *runs]
+    print(f"  {'host ms/step wall/cpu':30s} " + " ".join(f"{k:>15s}" for k in cols))
+    keys = sorted(set(u["host_ms"]).union(*(set(c["host_ms"]) for c in runs.values())))
+    for k in keys + ["sum"]:
+        cells = []
+        for c in [u, *runs.values()]:
+            w, cpu = c["host_ms"], c["host_cpu_ms"]
+            pair = (sum(w.values()), sum(cpu.values())) if k == "sum" else \
+                (w.get(k, 0.0), cpu.get(k, 0.0))
+            cells.append(f"{pair[0]:7.2f}/{pair[1]:<7.2f}")
+        print(f"  {k:30s} " + " ".join(f"{x:>15s}" for x in cells))
+    for label, c in runs.items():
+        if "syncs" in c:
+            print(f"  syncs in the timed constrained steps ({label}): {c['syncs']} "
+                  f"{c['sync_sites']}")

@@ -32,8 +32,9 @@ require_modules sortedcontainers
   "$PY" -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
 } 2>&1 | tee "$OUT/gpu_info.txt"
 
-timeout -k 10 "${T_TESTS:-120}" "$PY" -m pytest -q -x -m gpu -p no:cacheprovider \
-  tests/kernels/test_cascade_decode.py tests/kernels/test_decode_attention.py 2>&1 | tee "$OUT/tests.log"
+timeout -k 10 "${T_TESTS:-150}" "$PY" -m pytest -q -x -m gpu -p no:cacheprovider \
+  tests/kernels/test_cascade_decode.py tests/kernels/test_decode_attention.py \
+  tests/engine/test_cascade_engine.py 2>&1 | tee "$OUT/tests.log"
 tests_rc=${PIPESTATUS[0]}
 
 run() { echo "+ $*" | tee -a "$OUT/run.log"; "$@" 2>&1 | tee -a "$OUT/run.log"; return "${PIPESTATUS[0]}"; }

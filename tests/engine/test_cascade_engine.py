@@ -129,3 +129,26 @@ def test_grouper_picks_the_deepest_shared_node():
     g3 = three.group(seqs, rows, kv)
     assert g3 is not None and sorted(g3.members.tolist()) == [0, 1, 3]
     assert g3.shared_lens.tolist() == [8]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("graphs", [True, False])
+def test_cuda_cascade_on_equals_off(graphs):
+    """On CUDA (Triton kernels, overlap, CUDA graphs captured with and without groups), fp32:
+    cascade on gives cascade off's greedy tokens, and grouped steps replay the grouped graphs."""
+    prompts = _gsp(3, groups=3, per_group=6, system=150)
+    params = SamplingParams(temperature=0.0, max_new_tokens=16, ignore_eos=True)
+    outs = {}
+    for mode in ("off", "on"):
+        eng = Engine("llama-tiny", load_format="dummy", device="cuda", dtype="float32",
+                     page_size=16, kv_cache_tokens=8192, max_running_requests=32,
+                     cascade_decode=mode, disable_cuda_graph=not graphs, debug_invariants=True,
+                     seed=1)
+        outs[mode] = [o.token_ids for o in eng.generate(prompts, params)]
+        runner = eng.core.runner
+        if mode == "on":
+            assert runner.cascade is not None and runner.cascade.grouped_steps > 0
+            if graphs:
+                assert runner.graphs is not None and (32, True) in runner.graphs.graphs
+        eng.core.check_invariants()
+    assert outs["on"] == outs["off"]

@@ -187,6 +187,71 @@ def test_floor_arithmetic_by_hand() -> None:
     assert fl.floor_time(s, hw, req, batch=1).decode_steps == 4
 
 
+def test_compute_aware_floor_by_hand() -> None:
+    """Per operation max(compute, memory): projections per step, attention over the KV."""
+    s = fl.ModelShape(num_layers=2, hidden_size=8, intermediate_size=16, num_heads=2,
+                      num_kv_heads=1, head_dim=4, vocab_size=10, tie_word_embeddings=False,
+                      dtype_bytes=2)
+    # A slow matmul makes the projections compute-bound: 4 tokens a step x token FLOPs.
+    hw = fl.Hardware("test", matmul_flops=1e3, copy_bandwidth=1e6)
+    req = [fl.RequestShape(5, 0, 3)] * 4  # 2 decode tokens each, one step of 4 tokens
+    f = fl.floor_time(s, hw, req, batch=4)
+    tok = s.decode_token_flops(0)
+    ctx = 2 * 5 + 3  # token k of 1..2 reads prompt + k keys
+    kv = 4 * ctx * s.kv_bytes_per_token
+    attn = 4 * 4.0 * s.num_heads * s.head_dim * s.num_layers * ctx
+    assert f.decode_steps == 2
+    linear = 2 * max(4 * tok / 1e3, s.weight_bytes / 1e6)
+    assert f.decode_s == pytest.approx(linear + max(kv / 1e6, attn / 1e3))
+    # The bandwidth floor is the original max over totals, never above the compute-aware one.
+    flops = 8 * tok + attn
+    assert f.bandwidth_decode_s == pytest.approx(max((2 * s.weight_bytes + kv) / 1e6, flops / 1e3))
+    assert f.bandwidth_decode_s <= f.decode_s
+    assert f.to_dict()["bandwidth_total_s"] == pytest.approx(f.prefill_s + f.bandwidth_decode_s)
+
+
+def test_compute_aware_floor_counts_sequential_steps() -> None:
+    """One long request cannot decode faster than one token a step, however large the batch."""
+    s = fl.ModelShape.from_hf_config(preset_config("llama3-8b"))
+    hw = fl.Hardware("h200ish", matmul_flops=7.9e14, copy_bandwidth=4.3e12)
+    reqs = [fl.RequestShape(100, 0, 2)] * 63 + [fl.RequestShape(100, 0, 101)]
+    f = fl.floor_time(s, hw, reqs, batch=256)
+    assert f.decode_steps == 100  # ceil(163 / 256) = 1 step by tokens alone
+    assert f.decode_s > 100 * s.weight_bytes / hw.copy_bandwidth
+    assert f.bandwidth_decode_s < 2 * s.weight_bytes / hw.copy_bandwidth + 1e-3
+
+
+def test_compute_aware_floor_batch_256_projections_compute_bound() -> None:
+    """The issue's case: batch 256 x 1k decode of an 8B model; its projections take ~4.9 ms at
+    790 TFLOP/s, more than the ~3.7 ms to read the weights, so the floor rises above bandwidth."""
+    s = fl.ModelShape.from_hf_config(preset_config("llama3-8b"))
+    hw = fl.Hardware("h200ish", matmul_flops=7.9e14, copy_bandwidth=4.3e12)
+    f = fl.floor_time(s, hw, [fl.RequestShape(1024, 0, 2)] * 256, batch=256)
+    proj = 256 * s.decode_token_flops(0) / hw.matmul_flops
+    assert proj == pytest.approx(4.9e-3, rel=0.03)
+    assert proj > s.weight_bytes / hw.copy_bandwidth
+    kv = 256 * 1025 * s.kv_bytes_per_token / hw.copy_bandwidth
+    assert f.decode_s == pytest.approx(proj + kv)
+    assert f.decode_s > f.bandwidth_decode_s
+
+
+def test_chunked_prefill_floor_by_hand() -> None:
+    s = fl.ModelShape(num_layers=2, hidden_size=8, intermediate_size=16, num_heads=2,
+                      num_kv_heads=1, head_dim=4, vocab_size=10, tie_word_embeddings=False,
+                      dtype_bytes=2)
+    hw = fl.Hardware("test", matmul_flops=1e4, copy_bandwidth=1e5)
+    got = fl.chunked_prefill_floor(s, hw, prompt_len=5, chunk=3)  # chunks of 3 and 2 tokens
+    lin_b = s.linear_params * 2 / 1e5
+    want = (max(2 * s.linear_params * 3 / 1e4, lin_b) + max(s.attention_flops(0, 3) / 1e4,
+                                                           3 * s.kv_bytes_per_token / 1e5)
+            + max(2 * s.linear_params * 2 / 1e4, lin_b) + max(s.attention_flops(3, 2) / 1e4,
+                                                             5 * s.kv_bytes_per_token / 1e5)
+            + max(2 * 8 * 10 / 1e4, 8 * 10 * 2 / 1e5))
+    assert got["floor_s"] == pytest.approx(want)
+    assert got["flops_s"] == pytest.approx(s.prefill_flops(0, 5) / 1e4)
+    assert s.attention_flops(0, 5) == s.attention_flops(0, 3) + s.attention_flops(3, 2)
+
+
 def test_ideal_speedup_only_shrinks_prefill() -> None:
     s = fl.ModelShape.from_hf_config(preset_config("llama3-8b"))
     hw = fl.Hardware("h100ish", matmul_flops=7e14, copy_bandwidth=3e12)

@@ -1,0 +1,248 @@
+"""The native radix tree against the Python one (the reference), operation by operation.
+
+Hypothesis drives random sequences of match / insert / lock / unlock / evict / flush over
+namespaces, at page sizes 1 and 16, through ``RadixCache`` and ``NativeRadixCache`` (each with
+its own allocator); after every operation both must have returned the same thing and hold the
+same state: every node (id, parent, namespace, key, pages, lock_ref, last_access), the LRU
+order, the clock, the counters and the allocators' refcounts. Plus the lpm order of a waiting
+queue on each tree, and the backend switch.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
+
+from radixrt.cache import (
+    NativeRadixCache,
+    PageAllocator,
+    RadixCache,
+    SequencePages,
+    native_available,
+)
+from radixrt.cache.node import Node
+from radixrt.cache.prefix_cache import make_prefix_cache
+from radixrt.engine.policy import WaitingQueue
+from radixrt.engine.request import Sequence
+from radixrt.sampling_params import SamplingParams
+from tests.fixtures.radix_backends import pl
+
+pytestmark = pytest.mark.skipif(not native_available(), reason="native radix core not built")
+
+NAMESPACES = [None, "tenant-a", "tenant-b"]
+
+
+def python_snapshot(cache: RadixCache) -> tuple[list[tuple[object, ...]], list[int]]:
+    """The Python tree's state in the layout of ``NativeRadixCache.snapshot``."""
+    nodes = [*cache._roots.values(), *cache._iter_nodes()]
+    rows = [
+        (n.id, n.parent.id if n.parent is not None else -1, n.is_root, n.namespace,
+         n.key.tolist(), n.pages.tolist(), n.lock_ref, n.last_access)
+        for n in sorted(nodes, key=lambda n: n.id)
+    ]
+    return rows, [node_id for _, node_id in cache._lru]
+
+
+class DiffMachine(RuleBasedStateMachine):
+    @initialize(page_size=st.sampled_from([1, 16]), num_pages=st.integers(4, 40))
+    def setup(self, page_size: int, num_pages: int) -> None:
+        self.ps = page_size
+        self.py = RadixCache(PageAllocator(num_pages), page_size)
+        self.nat = NativeRadixCache(PageAllocator(num_pages), page_size)
+        self.history: list[list[int]] = [[0] * page_size * 3]
+        self.locks: list[tuple[Node, Node]] = []  # (python handle, native handle), locked once
+
+    @st.composite
+    @staticmethod
+    def _tokens(draw: st.DrawFn, history: list[list[int]], ps: int) -> list[int]:
+        """Whole pages of one symbol each (so prefixes are shared), sometimes one token changed
+        inside a page (divergence mid-page), sometimes a partial last page."""
+        base = draw(st.sampled_from(history))
+        cut = draw(st.integers(0, len(base) // ps)) * ps
+        syms = draw(st.lists(st.integers(0, 2), max_size=4))
+        toks = base[:cut] + [t for s in syms for t in [s] * ps]
+        if toks and draw(st.booleans()):
+            toks[draw(st.integers(0, len(toks) - 1))] = 3
+        toks += [1] * draw(st.integers(0, ps))
+        return toks[: 6 * ps]
+
+    def _same_handles(self, a: Node, b: Node) -> None:
+        assert a.id == b.id, f"handles differ: python node {a.id}, native node {b.id}"
+
+    # ------------------------------------------------------------------ operations
+    @rule(data=st.data(), ns=st.sampled_from(NAMESPACES), record=st.booleans(),
+          as_array=st.booleans())
+    def match(self, data: st.DataObject, ns: str | None, record: bool, as_array: bool) -> None:
+        toks = data.draw(self._tokens(self.history, self.ps))
+        arg = np.array(toks, dtype=np.int64) if as_array else toks
+        a = self.py.match_prefix(arg, ns, record_stats=record)
+        b = self.nat.match_prefix(arg, ns, record_stats=record)
+        assert (a.length, pl(a.pages)) == (b.length, pl(b.pages)), "match results differ"
+        assert b.pages.dtype == np.int32  # type: ignore[union-attr]
+        self._same_handles(a.handle, b.handle)
+        if data.draw(st.booleans()):
+            self.py.lock(a.handle)
+            self.nat.lock(b.handle)
+            self.locks.append((a.handle, b.handle))
+
+    @rule(data=st.data(), ns=st.sampled_from(NAMESPACES), lock=st.booleans())
+    def insert(self, data: st.DataObject, ns: str | None, lock: bool) -> None:
+        toks = data.draw(self._tokens(self.history, self.ps))
+        toks = toks[: len(toks) // self.ps * self.ps]
+        k = len(toks) // self.ps
+        pa, pb = self.py.allocator.alloc(k), self.nat.allocator.alloc(k)
+        assert pa == pb, "allocators diverged"
+        if pa is None:
+            return
+        a = self.py.insert(toks, pa, ns)
+        b = self.nat.insert(np.array(toks, dtype=np.int32), np.array(pb, np.int32), ns)
+        assert (a.num_existing, pl(a.pages), a.differs) == (b.num_existing, pl(b.pages),
+                                                            b.differs), "insert results differ"
+        self._same_handles(a.handle, b.handle)
+        if lock:
+            self.py.lock(a.handle)
+            self.nat.lock(b.handle)
+            self.locks.append((a.handle, b.handle))
+        # The "request" ends: its own references go (its duplicates of cached pages free up).
+        self.py.allocator.decref(pa)
+        self.nat.allocator.decref(pb)
+        self.history.append(toks)
+
+    @precondition(lambda self: self.locks)
+    @rule(data=st.data())
+    def unlock(self, data: st.DataObject) -> None:
+        a, b = self.locks.pop(data.draw(st.integers(0, len(self.locks) - 1)))
+        self.py.unlock(a)
+        self.nat.unlock(b)
+
+    @rule(n=st.integers(0, 12))
+    def evict(self, n: int) -> None:
+        a, b = self.py.evict(n), self.nat.evict(n)
+        assert pl(a) == pl(b), "evicted pages differ"
+        self.py.allocator.decref(a)
+        self.nat.allocator.decref(b)
+
+    @rule()
+    def flush(self) -> None:
+        a, b = self.py.flush(), self.nat.flush()
+        assert pl(a) == pl(b), "flushed pages differ"
+        self.py.allocator.decref(a)
+        self.nat.allocator.decref(b)
+
+    @rule(data=st.data())
+    def stale_handle(self, data: st.DataObject) -> None:
+        """Locking a handle whose node was evicted fails on both; a root's is a no-op."""
+        if not self.locks:
+            return
+        a, b = self.locks[data.draw(st.integers(0, len(self.locks) - 1))]
+        assert (a.parent is None) == (b.parent is None) and a.is_root == b.is_root
+        assert a.namespace == b.namespace
+        assert set(a.children) == set(b.children)
+
+    # ------------------------------------------------------------------ the comparison
+    @invariant()
+    def same_state(self) -> None:
+        if not hasattr(self, "py"):
+            return
+        assert python_snapshot(self.py) == self.nat.snapshot(), "tree states differ"
+        assert self.py._clock == self.nat._tree.counters()["clock"]
+        assert self.py.stats() == self.nat.stats()
+        assert np.array_equal(self.py.allocator.refcounts(), self.nat.allocator.refcounts())
+        assert self.py.tree_pages() == self.nat.tree_pages()
+        self.py.check_invariants()
+        self.nat.check_invariants()
+
+    def teardown(self) -> None:
+        if not hasattr(self, "py"):
+            return
+        for a, b in self.locks:
+            self.py.unlock(a)
+            self.nat.unlock(b)
+        self.locks = []
+        self.flush()
+        self.same_state()
+        assert self.nat.num_nodes == 0 and self.nat.allocator.num_free == self.nat.allocator.num_total
+
+
+DiffMachine.TestCase.settings = settings(
+    max_examples=120, stateful_step_count=40, deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
+)
+test_native_tree_matches_python_tree = DiffMachine.TestCase
+
+
+def test_lock_of_evicted_node_and_dropped_namespace_root() -> None:
+    cache = NativeRadixCache(PageAllocator(8), 1)
+    pages = cache.allocator.alloc(2)
+    assert pages is not None
+    res = cache.insert([1, 2], pages, "t")
+    cache.allocator.decref(pages)  # the inserting request ended
+    miss = cache.match_prefix([5, 6, 7], "t")  # matched nothing: the namespace's root
+    assert miss.handle.is_root and miss.handle.namespace == "t"
+    cache.lock(miss.handle)
+    cache.allocator.decref(cache.evict(2))
+    assert res.handle.parent is None, "an evicted handle reads as detached"
+    with pytest.raises(AssertionError, match="evicted"):
+        cache.lock(res.handle)
+    cache.unlock(miss.handle)  # the namespace root is gone: still a no-op, as in Python
+    assert miss.handle.is_root and miss.handle.namespace == "t"
+    cache.check_invariants({})
+
+
+def _seq(tokens: list[int], arrival: int, ns: str | None) -> Sequence:
+    return Sequence(rid=f"r{arrival}", index=0, prompt_ids=tokens,
+                    params=SamplingParams(), namespace=ns, arrival=arrival,
+                    pages=SequencePages(2))
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_lpm_order_is_the_same_on_both_trees(seed: int) -> None:
+    """The native lpm walk (C++) orders a waiting queue exactly as the Python walk does."""
+    rng = np.random.default_rng(seed)
+    ps = 2
+    queues = []
+    caches: list[RadixCache] = [RadixCache(PageAllocator(400), ps),
+                                NativeRadixCache(PageAllocator(400), ps)]  # type: ignore[list-item]
+    stems = [rng.integers(0, 4, size=12).tolist() for _ in range(4)]
+    prompts = [(stems[rng.integers(4)][: rng.integers(0, 13)]
+                + rng.integers(0, 4, size=rng.integers(1, 6)).tolist(),
+                [None, "a"][rng.integers(2)]) for _ in range(60)]
+    for cache in caches:
+        q = WaitingQueue(cache, "lpm")
+        for toks, ns in prompts[:20]:  # cached: what earlier requests computed
+            n = len(toks) // ps * ps
+            pages = cache.allocator.alloc(n // ps)
+            assert pages is not None
+            cache.insert(toks[:n], pages, ns)
+            cache.allocator.decref(pages)
+        for i, (toks, ns) in enumerate(prompts[20:]):
+            q.push(_seq(toks, i, ns))
+        queues.append(q)
+    orders = [[s.arrival for s in q.ordered()] for q in queues]
+    assert orders[0] == orders[1]
+    for cache, q in zip(caches, queues):  # the tree changes under the queue: still the same
+        cache.allocator.decref(cache.evict(7))
+        toks, ns = prompts[25]
+        n = len(toks) // ps * ps
+        pages = cache.allocator.alloc(n // ps)
+        assert pages is not None
+        cache.insert(toks[:n], pages, ns)
+        cache.allocator.decref(pages)
+    orders = [[s.arrival for s in q.ordered()] for q in queues]
+    assert orders[0] == orders[1]
+
+
+def test_backend_switch(monkeypatch: pytest.MonkeyPatch) -> None:
+    alloc = PageAllocator(8)
+    monkeypatch.delenv("RADIXRT_RADIX_BACKEND", raising=False)
+    assert isinstance(make_prefix_cache(alloc, 1, True), NativeRadixCache), "native by default"
+    assert type(make_prefix_cache(alloc, 1, True, backend="python")) is RadixCache
+    monkeypatch.setenv("RADIXRT_RADIX_BACKEND", "python")
+    assert type(make_prefix_cache(alloc, 1, True)) is RadixCache
+    assert isinstance(make_prefix_cache(alloc, 1, True, backend="native"), NativeRadixCache)
+    monkeypatch.setenv("RADIXRT_RADIX_BACKEND", "rust")
+    with pytest.raises(ValueError, match="radix backend 'rust'"):
+        make_prefix_cache(alloc, 1, True)

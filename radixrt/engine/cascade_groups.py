@@ -12,7 +12,8 @@ node hold the same physical pages for everything up to that node's end::
 
 A sequence joins the group of the deepest node on its path that at least ``min_group`` of the
 step's sequences share and that ends at least ``min_shared_pages`` pages in; groups left with
-fewer than ``min_group`` members dissolve (their sequences take the per-request path).
+fewer than ``min_group`` members dissolve (their sequences take the per-request path), and a
+step whose groups would spare under ``min_saved_share`` of its KV reads forms none.
 
 Nodes are known by ``Node.id``, which the tree never reuses (a native tree hands out a fresh
 Python handle per access, so object identity means nothing). Host cost per step is
@@ -44,8 +45,13 @@ I64 = npt.NDArray[np.int64]
 class CascadePolicy:
     min_shared_pages: int = 2  # a shorter shared prefix is not worth a second pass
     min_group: int = 2  # requests that must share it
+    # No groups at all when they would spare less than this share of the step's KV reads (the
+    # extra pass and merge would cost about what they save).
+    min_saved_share: float = 0.05
 
     def __post_init__(self) -> None:
+        if not 0.0 <= self.min_saved_share < 1.0:
+            raise ValueError(f"cascade min_saved_share must be in [0, 1), got {self.min_saved_share}")
         if self.min_shared_pages < 1:
             raise ValueError(f"cascade min_shared_pages must be >= 1, got {self.min_shared_pages}")
         if self.min_group < 2:
@@ -171,7 +177,8 @@ class PrefixGrouper:
                     by_anchor.setdefault(node_id, (depths[j], []))[1].append(i)
                     break
         picked = [(d, m) for d, m in by_anchor.values() if len(m) >= need]
-        if not picked:
+        saved = sum(d * (len(m) - 1) for d, m in picked)
+        if not picked or saved < self.policy.min_saved_share * (sum(kv_lens) + len(seqs)):
             return None
         self.grouped_steps += 1
         self.grouped_requests += sum(len(m) for _, m in picked)

@@ -101,7 +101,8 @@ def _running(cache: RadixCache, alloc: PageAllocator, tokens: list[int], handle_
 
 def test_grouper_picks_the_deepest_shared_node():
     """a/b share 24 tokens and a/b/c share 8: a and b group at 24, c (alone at 8, below
-    min_group) and d (no cached prefix) stay ungrouped; too-short shares never group."""
+    min_group) and d (no cached prefix) stay ungrouped; too-short shares, or groups sparing
+    too little of the step's reads, never group."""
     alloc = PageAllocator(200)
     cache = RadixCache(alloc, PS)
     base = list(range(100, 108))
@@ -124,6 +125,8 @@ def test_grouper_picks_the_deepest_shared_node():
     assert again is not None and again.members.tolist() == groups.members.tolist()
     strict = PrefixGrouper(CascadePolicy(min_shared_pages=7, min_group=2), PS)
     assert strict.group(seqs, rows, kv) is None
+    # a/b spare 24 of the step's 82 KV reads: worth it at a 5% bar, not at 50%.
+    assert PrefixGrouper(CascadePolicy(min_saved_share=0.5), PS).group(seqs, rows, kv) is None
     # With three required, a, b and c group at their common 8 tokens.
     three = PrefixGrouper(CascadePolicy(min_shared_pages=2, min_group=3), PS)
     g3 = three.group(seqs, rows, kv)

@@ -214,7 +214,8 @@ def _extend_kernel(
     stride_pt, num_tokens, num_splits,
     GROUP: tl.constexpr, HEADS_PER_TILE: tl.constexpr, HEAD_DIM: tl.constexpr,
     BLOCK_D: tl.constexpr, PAGE_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    PAGE_VEC: tl.constexpr, SPLIT: tl.constexpr, PRECISION: tl.constexpr, INTERPRET: tl.constexpr,
+    DIAG_N: tl.constexpr, PAGE_VEC: tl.constexpr, SPLIT: tl.constexpr, PRECISION: tl.constexpr,
+    INTERPRET: tl.constexpr,
 ):  # fmt: skip
     # Launch the longest-running (last, most keys) query blocks first for better load balance.
     m_block = tl.num_programs(0) - 1 - tl.program_id(0)
@@ -276,10 +277,12 @@ def _extend_kernel(
             INTERPRET,
         )  # fmt: skip
     # Key n_full <= full_end <= every row's position, so no valid row is fully masked (no NaN).
-    for start_n in range(masked_lo, kv_end, BLOCK_N):
+    # The masked keys span < BLOCK_N + POSITIONS: tiles of ~POSITIONS keys there waste less of
+    # the MMA on keys past the diagonal than BLOCK_N-wide ones.
+    for start_n in range(masked_lo, kv_end, DIAG_N):
         acc, m_i, l_i = _attend_tile(
             q, acc, m_i, l_i, K, V, page_row, start_n, kv_end, q_pos, stride_kt, stride_vt,
-            qk_scale, offs_d, mask_d, PAGE_SIZE, BLOCK_N, PAGE_VEC, EVEN_D, True, PRECISION,
+            qk_scale, offs_d, mask_d, PAGE_SIZE, DIAG_N, PAGE_VEC, EVEN_D, True, PRECISION,
             INTERPRET,
         )  # fmt: skip
 
@@ -402,7 +405,8 @@ def extend_attention(
         v_flat.stride(0), v_flat.stride(1), out.stride(0), out.stride(1), page_table.stride(0),
         num_tokens, splits,
         GROUP=group, HEADS_PER_TILE=cfg.heads_per_tile, HEAD_DIM=head_dim, BLOCK_D=block_d,
-        PAGE_SIZE=page_size, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, PAGE_VEC=cfg.page_vec,
+        PAGE_SIZE=page_size, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, DIAG_N=cfg.diag_n,
+        PAGE_VEC=cfg.page_vec,
         SPLIT=splits > 1, PRECISION=dot_precision(q.dtype), INTERPRET=interpreting(),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )  # fmt: skip

@@ -38,6 +38,11 @@ class ExtendConfig:
         assert self.block_m % self.heads_per_tile == 0, f"heads_per_tile must divide block_m: {self}"
         assert self.block_m // self.heads_per_tile >= 1 and self.num_stages >= 1, f"bad {self}"
 
+    @property
+    def diag_n(self) -> int:
+        """Key tile of the causal (diagonal) part: about one block's positions, at least 16."""
+        return min(self.block_n, max(16, self.block_m // self.heads_per_tile))
+
     def as_tuple(self) -> tuple[int, int, int, int, int, bool]:
         return (self.block_m, self.block_n, self.heads_per_tile, self.num_warps, self.num_stages,
                 self.page_vec)

@@ -1,12 +1,18 @@
-"""Radix cache micro-benchmark: match / insert / evict cost per token and per node.
+"""Prefix-cache cost per request, Python tree vs native tree, and the router's cost per decision.
 
-Two workloads, each for page_size 1 and 16:
-  * wide tree: ~100k nodes (1000 shared "system prompts" x ~100 distinct continuations);
-    timed: insert (build), match (full hit / prefix hit), evict (one leaf per call).
-  * 32k-token prompts: one 32k-token edge, and a 32k-token path of 512 nodes;
-    timed: insert, match (full hit), with tokens given as a numpy array and as a Python list.
+Lifecycle traces (seeded), each request driven through what the scheduler does with the cache:
+match, lock, evict if short, allocate the rest, insert the computed pages (swapping duplicates
+for the tree's), relock, release. Pages stay int32 arrays between the cache and the allocator
+(a Python-tree result is converted, which is that tree's cost). Traces, at page 1 and 16:
+  * gsp:     64 groups x 16 requests, a 2048-token system prompt + a 128-token question,
+             32 output tokens
+  * chat:    256 conversations x 8 turns (round-robin), +300 tokens a turn
+  * 32k:     one 32k-token prompt cold, then warm (mean of the two requests)
+  * evict25: the chat trace in a pool of 25% of its tokens (LRU eviction on most requests)
+Router: one routing decision for an 8k-token prompt (64 shared 6k stems) with 8 replicas, and
+at --dp 1 (one replica: no tree).
 
-Usage:  .venv/bin/python bench/bench_radix.py [--nodes 100000] [--out bench/results/radix.json]
+Usage:  .venv/bin/python bench/bench_radix.py [--out bench/results/radix.json] [--quick]
 """
 
 from __future__ import annotations
@@ -17,131 +23,127 @@ import os
 import platform
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from radixrt.cache import PageAllocator, RadixCache
+from radixrt.cache import NativeRadixCache, PageAllocator, RadixCache, native_available
+from radixrt.server.routing import PrefixRouter
 
 VOCAB = 32000
 # CPU time of this process, not wall time: the 2-core dev box is shared with other jobs, and
 # wall time there mostly measures their load. Single-threaded code, so CPU time == work done.
 CLOCK = time.process_time
+TARGET_US = {("gsp", 1): 60, ("chat", 1): 60, ("32k", 1): 200, ("gsp", 16): 50,
+             ("chat", 16): 50, ("32k", 16): 50, ("evict25", 16): 50}
 
 
-
-def _evict_and_free(cache: RadixCache, num_pages: int) -> np.ndarray:
-    """Evict as SequenceMemory does: the caller frees the pages the tree hands back."""
-    pages = cache.evict(num_pages)
-    cache.allocator.decref(pages)
-    return pages
-
-def timed(fn: Callable[[], object], repeat: int) -> float:
-    """Best-of-3 mean CPU seconds per call over ``repeat`` calls."""
-    best = float("inf")
-    for _ in range(3):
-        t0 = CLOCK()
-        for _ in range(repeat):
-            fn()
-        best = min(best, (CLOCK() - t0) / repeat)
-    return best
+@dataclass(frozen=True)
+class Req:
+    tokens: np.ndarray  # prompt + output, int32
+    prompt_len: int
 
 
-def wide_tree(page_size: int, nodes: int, rng: np.random.Generator) -> list[dict[str, object]]:
-    ps = page_size
-    sys_len, tail_len, n_sys = 64, 32, 1000
-    n_req = nodes - n_sys  # each request adds one leaf; each system prompt one split-off node
-    sys_prompts = rng.integers(0, VOCAB, size=(n_sys, sys_len), dtype=np.int32)
-    tails = rng.integers(0, VOCAB, size=(n_req, tail_len), dtype=np.int32)
-    seqs = [np.concatenate([sys_prompts[i % n_sys], tails[i]]) for i in range(n_req)]
-    pages_per_seq = (sys_len + tail_len) // ps
-    alloc = PageAllocator(n_sys * sys_len // ps + n_req * tail_len // ps + 4 * pages_per_seq)
-    cache = RadixCache(alloc, ps)
+def gsp_trace(rng: np.random.Generator, quick: bool) -> list[Req]:
+    groups, per = (16, 8) if quick else (64, 16)
+    out: list[Req] = []
+    stems = [rng.integers(0, VOCAB, 2048, dtype=np.int32) for _ in range(groups)]
+    for g in range(groups):
+        for _ in range(per):
+            q = rng.integers(0, VOCAB, 128 + 32, dtype=np.int32)
+            out.append(Req(np.concatenate([stems[g], q]), 2048 + 128))
+    return out
 
-    t_insert = 0.0
-    for s in seqs:
-        pages = alloc.alloc(pages_per_seq)
-        assert pages is not None
-        t0 = CLOCK()
-        cache.insert(s, pages)
-        t_insert += CLOCK() - t0
-        alloc.decref(pages)  # the "request" finishes; duplicates of the shared prefix free up
-    n_nodes = cache.num_nodes
-    rows: list[dict[str, object]] = []
-    seq_tokens = sys_len + tail_len
-    rows.append(_row("wide", ps, "insert (build)", t_insert / n_req, seq_tokens, 2, n_nodes))
 
-    full = [np.append(s, 1).astype(np.int32) for s in seqs[:2000]]
-    it = iter(range(10**9))
-    t = timed(lambda: cache.match_prefix(full[next(it) % 2000]), 2000)
-    rows.append(_row("wide", ps, "match full hit", t, seq_tokens + 1, 2, n_nodes))
-    miss_tail = [np.concatenate([sys_prompts[i], tails[i][::-1]]) for i in range(1000)]
-    it2 = iter(range(10**9))
-    t = timed(lambda: cache.match_prefix(miss_tail[next(it2) % 1000]), 2000)
-    rows.append(_row("wide", ps, "match prefix hit", t, seq_tokens, 1, n_nodes))
+def chat_trace(rng: np.random.Generator, quick: bool) -> list[Req]:
+    convs, turns = (32, 8) if quick else (256, 8)
+    talks = [rng.integers(0, VOCAB, 300 * turns, dtype=np.int32) for _ in range(convs)]
+    return [Req(talks[c][: 300 * (t + 1)], 300 * (t + 1) - 100)  # last 100: the reply
+            for t in range(turns) for c in range(convs)]
+
+
+def long_trace(rng: np.random.Generator, quick: bool) -> list[Req]:
+    prompt = rng.integers(0, VOCAB, 32768, dtype=np.int32)
+    return [Req(np.append(prompt, 7).astype(np.int32), 32769)] * 2
+
+
+def _arr(pages: object) -> np.ndarray:
+    return pages if isinstance(pages, np.ndarray) else np.asarray(pages, dtype=np.int32)
+
+
+def serve(cache: RadixCache, alloc: PageAllocator, req: Req) -> int:
+    """One request's lifecycle; returns the prompt tokens served from the cache."""
+    ps = cache.page_size
+    m = cache.match_prefix(req.tokens[: req.prompt_len])
+    cache.lock(m.handle)
+    held = _arr(m.pages)
+    alloc.incref(held)
+    need = -(-len(req.tokens) // ps) - len(held)
+    short = need - alloc.num_free
+    if short > 0:
+        alloc.decref(cache.evict(short))
+    fresh = alloc.alloc_array(need)
+    assert fresh is not None, "pool too small for one request"
+    pages = np.concatenate([held, fresh])
+    full = len(req.tokens) // ps
+    res = cache.insert(req.tokens[: full * ps], pages[:full])
+    if res.differs:  # computed pages the tree already had: take the tree's, free ours
+        k = res.num_existing // ps
+        tree = _arr(res.pages)[:k]
+        alloc.incref(tree)
+        alloc.decref(pages[:k])
+        pages[:k] = tree
+    cache.lock(res.handle)
+    cache.unlock(m.handle)
+    cache.unlock(res.handle)  # release: the computed prefix stays cached
+    alloc.decref(pages)
+    return m.length
+
+
+def make(backend: str, num_pages: int, ps: int) -> RadixCache:
+    alloc = PageAllocator(num_pages)
+    if backend == "native":
+        return NativeRadixCache(alloc, ps)  # type: ignore[return-value]
+    return RadixCache(alloc, ps)
+
+
+def run_trace(name: str, reqs: list[Req], backend: str, ps: int,
+              pool_fraction: float | None) -> dict[str, object]:
+    distinct = sum(len(r.tokens) for r in reqs) if name != "32k" else len(reqs[0].tokens)
+    biggest = max(-(-len(r.tokens) // ps) for r in reqs)
+    pages = (max(biggest + 1, int(distinct // ps * pool_fraction)) if pool_fraction
+             else distinct // ps + biggest + 1)
+    cache = make(backend, pages, ps)
+    t0 = CLOCK()
+    hit = sum(serve(cache, cache.allocator, r) for r in reqs)
+    sec = CLOCK() - t0
     cache.check_invariants({})
-
-    n_evict = 20000
-    t0 = CLOCK()
-    freed = sum(len(_evict_and_free(cache, 1)) for _ in range(n_evict))
-    t = (CLOCK() - t0) / n_evict
-    rows.append(_row("wide", ps, "evict 1 leaf", t, freed * ps // n_evict, 1, n_nodes))
-    t0 = CLOCK()
-    before = cache.num_nodes
-    _evict_and_free(cache, cache.evictable_pages)
-    t = (CLOCK() - t0) / max(1, before)
-    rows.append(_row("wide", ps, "flush (per node)", t, 0, 1, before))
-    return rows
+    return {"trace": name, "backend": backend, "page_size": ps, "requests": len(reqs),
+            "pool_pages": pages, "us_per_request": sec * 1e6 / len(reqs), "hit_tokens": hit,
+            "evicted_pages": cache.stats().evictions,
+            "target_us": TARGET_US.get((name, ps))}
 
 
-def long_prompts(page_size: int, rng: np.random.Generator) -> list[dict[str, object]]:
-    ps, n = page_size, 32768
+def router_rows(rng: np.random.Generator, backend: str, quick: bool) -> list[dict[str, object]]:
+    stems = [rng.integers(0, VOCAB, 6144).tolist() for _ in range(64)]
+    prompts = [stems[i % 64] + rng.integers(0, VOCAB, 2048).tolist()
+               for i in range(128 if quick else 512)]
     rows: list[dict[str, object]] = []
-    prompt = rng.integers(0, VOCAB, size=n, dtype=np.int32)
-    query = np.append(prompt, 7).astype(np.int32)
-    query_list = query.tolist()
-
-    # One 32k-token edge.
-    alloc = PageAllocator(2 * n // ps + 8)
-    cache = RadixCache(alloc, ps)
-    pages = alloc.alloc(n // ps)
-    assert pages is not None
-    t0 = CLOCK()
-    cache.insert(prompt, pages)
-    rows.append(_row("32k", ps, "insert 1 node", CLOCK() - t0, n, 1, 1))
-    t = timed(lambda: cache.match_prefix(query), 50)
-    rows.append(_row("32k", ps, "match 1 node (ndarray)", t, n + 1, 1, 1))
-    t = timed(lambda: cache.match_prefix(query_list), 20)
-    rows.append(_row("32k", ps, "match 1 node (list)", t, n + 1, 1, 1))
-
-    # The same tokens as a 512-node path: prefixes inserted one chunk at a time.
-    depth, chunk = 512, n // 512
-    cache2 = RadixCache(PageAllocator(n // ps + 8), ps)
-    all_pages = cache2.allocator.alloc(n // ps)
-    assert all_pages is not None
-    for d in range(1, depth + 1):
-        cache2.insert(prompt[: d * chunk], all_pages[: d * chunk // ps])
-    assert cache2.num_nodes == depth
-    t = timed(lambda: cache2.match_prefix(query), 50)
-    rows.append(_row("32k", ps, "match 512-node path", t, n + 1, depth, depth))
-    t = timed(lambda: cache2.insert(prompt, all_pages), 50)
-    rows.append(_row("32k", ps, "insert existing 512-node", t, n, depth, depth))
+    for replicas in (8, 1):
+        router = PrefixRouter(replicas, 1 << 20, backend=backend)
+        loads = [0] * replicas
+        alive = [True] * replicas
+        t0 = CLOCK()
+        for p in prompts:
+            w = router.choose(p, None, loads, alive)
+            assert w is not None
+            loads[w] += 1
+        sec = CLOCK() - t0
+        rows.append({"trace": f"router dp{replicas}", "backend": backend, "page_size": 1,
+                     "requests": len(prompts), "us_per_request": sec * 1e6 / len(prompts),
+                     "target_us": 50 if replicas == 8 else None})
     return rows
-
-
-def _row(
-    workload: str, ps: int, op: str, sec: float, tokens: int, path_nodes: int, tree_nodes: int
-) -> dict[str, object]:
-    return {
-        "workload": workload,
-        "page_size": ps,
-        "op": op,
-        "us_per_call": sec * 1e6,
-        "tokens_per_call": tokens,
-        "ns_per_token": sec * 1e9 / tokens if tokens else None,
-        "us_per_node": sec * 1e6 / path_nodes,
-        "tree_nodes": tree_nodes,
-    }
 
 
 def machine() -> str:
@@ -158,28 +160,34 @@ def machine() -> str:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--nodes", type=int, default=100_000, help="wide-tree size")
+    ap = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     ap.add_argument("--out", default="bench/results/radix.json")
+    ap.add_argument("--quick", action="store_true", help="smaller traces (a smoke run)")
+    ap.add_argument("--backends", default="python,native")
     args = ap.parse_args()
-    rng = np.random.default_rng(0)
+    backends = [b for b in args.backends.split(",") if b != "native" or native_available()]
+    traces: list[tuple[str, Callable[[np.random.Generator, bool], list[Req]], float | None]] = [
+        ("gsp", gsp_trace, None), ("chat", chat_trace, None), ("32k", long_trace, None),
+        ("evict25", chat_trace, 0.25)]
     rows: list[dict[str, object]] = []
-    t0 = time.perf_counter()
+    t_wall = time.perf_counter()
     for ps in (1, 16):
-        rows += wide_tree(ps, args.nodes, rng)
-        rows += long_prompts(ps, rng)
-    wall = time.perf_counter() - t0
+        for name, build, frac in traces:
+            reqs = build(np.random.default_rng(0), args.quick)
+            for backend in backends:
+                rows.append(run_trace(name, reqs, backend, ps, frac))
+    for backend in backends:
+        rows += router_rows(np.random.default_rng(1), backend, args.quick)
+    wall = time.perf_counter() - t_wall
 
-    hdr = f"{'workload':8} {'ps':>3} {'op':26} {'us/call':>10} {'ns/token':>9} {'us/node':>9} {'nodes':>7}"
+    hdr = f"{'trace':12} {'ps':>3} {'backend':8} {'reqs':>5} {'us/req':>9} {'target':>7} {'hit tok':>10}"
     print(hdr)
     print("-" * len(hdr))
     for r in rows:
-        nspt = f"{r['ns_per_token']:.2f}" if r["ns_per_token"] is not None else "-"
-        print(
-            f"{r['workload']:8} {r['page_size']:>3} {r['op']:26} {r['us_per_call']:>10.1f} "
-            f"{nspt:>9} {r['us_per_node']:>9.2f} {r['tree_nodes']:>7}"
-        )
-    print(f"machine: {machine()}; times are CPU time per call; total wall {wall:.1f} s")
+        tgt = "-" if r["target_us"] is None else f"{r['target_us']}"
+        print(f"{r['trace']:12} {r['page_size']:>3} {r['backend']:8} {r['requests']:>5} "
+              f"{r['us_per_request']:>9.1f} {tgt:>7} {r.get('hit_tokens', '-'):>10}")
+    print(f"machine: {machine()}; CPU time per request; total wall {wall:.1f} s")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"machine": machine(), "wall_s": wall, "rows": rows}, indent=1))

@@ -87,6 +87,16 @@ class PageAllocator:
         self._ref[out] = 1
         return out.tolist()  # type: ignore[no-any-return]
 
+    def alloc_array(self, n: int) -> npt.NDArray[np.int32] | None:
+        """``alloc`` as an int32 array (no Python int per page), or None if fewer are free."""
+        assert n >= 0, f"alloc of a negative page count {n}"
+        if n > self._top:
+            return None
+        out = self._stack[self._top - n : self._top][::-1].copy()
+        self._top -= n
+        self._ref[out] = 1
+        return out
+
     def incref(self, pages: PageIds) -> None:
         arr = self._as_array(pages)
         if arr.size == 0:

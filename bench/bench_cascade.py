@@ -184,7 +184,8 @@ def sweep_pass1(args: argparse.Namespace, backend: Any, q: torch.Tensor, k: torc
     assert buffers is not None and groups is not None
     t0 = buffers.budget.item_target
     configs = [(t0, bn, w, st) for bn in (64, 32, 128) for w in (4, 8) for st in (3, 2, 4)]
-    configs += [(t, 64, 4, 3) for t in (t0 // 2, 2 * t0, 4 * t0)]
+    cap = buffers.budget.item_cap
+    configs += [(t, 64, 4, 3) for t in sorted({t0 // 2, min(2 * t0, cap), cap} - {t0})]
     deadline = time.perf_counter() + args.sweep_s
     rows = []
     for target, bn, w, st in configs:

@@ -19,6 +19,7 @@ with an error delta (``GRAMMAR_ERROR_PREFIX``, a 400 in the router) after a fail
 
 from __future__ import annotations
 
+import os
 import time
 import weakref
 from collections.abc import Iterable, Sequence
@@ -40,6 +41,10 @@ if TYPE_CHECKING:
     from radixrt.engine.request import Sequence as Seq
 
 DEFAULT_COMPILE_TIMEOUT_S = 10.0
+JUMP_FORWARD_ENV = "RADIXRT_GRAMMAR_JUMP_FORWARD"
+# A forced run shorter than this saves no step (its one token decodes as fast), so it is left
+# to the normal draw.
+MIN_JUMP_TOKENS = 2
 SYNC_COMPILE_WAIT_S = 0.05
 # Errors that are the client's grammar, not the engine's fault: the router answers 400.
 GRAMMAR_ERROR_PREFIX = "invalid grammar: "
@@ -76,6 +81,10 @@ class SequenceGrammars:
         # Fill threads and path (batch.py); None: RADIXRT_GRAMMAR_THREADS / _FUSED or defaults.
         self.fill_threads: int | None = fill_threads
         self.fused: bool | None = fused
+        # Jump-forward (off by default: see ``jump_forward``); counts for benchmarks / tests.
+        self.jump_forward_enabled = os.environ.get(JUMP_FORWARD_ENV, "0") == "1"
+        self.jumps = 0
+        self.jump_tokens = 0
 
     @property
     def compiler(self) -> GrammarCompiler:
@@ -309,3 +318,51 @@ class SequenceGrammars:
                 m = self.matcher(seq) if ok else None  # in step: its token is not appended yet
                 rows.append(None if m is None or m.done else m)
         return oks, masks.advance_and_start(accepts, rows)
+
+    def jump_forward(self, seqs: Sequence[Seq], live: Sequence[bool],
+                     max_context_len: int) -> dict[int, list[int]]:
+        """Forced runs to append now, by sequence id: for each live constrained sequence whose
+        grammar forces at least ``MIN_JUMP_TOKENS`` tokens next (xgrammar's greedy longest
+        match of the forced text, the last token held back when a longer one could extend
+        it), the matcher accepts them here and the caller appends them to the output; the
+        next step computes them as one chunk instead of one decode step each.
+
+        Only when ``jump_forward_enabled`` (RADIXRT_GRAMMAR_JUMP_FORWARD=1), and never for a
+        request that asks for logprobs (forced tokens have none). Runs are cut to leave room
+        for one sampled token under max_new_tokens and the context. The caller's draw in
+        flight for such a sequence sampled the position the run now fills: it is dropped.
+
+        Why off by default: it costs one xgrammar call per constrained row per step on the
+        scheduler thread, and each jump makes the next step synchronous (the step launched
+        behind it would feed the dropped token); the tokens may also differ from what the
+        model would have picked for the same forced text (a different tokenization), so the
+        output after a jump can differ from a run without it (the text stays valid)."""
+        if not self.jump_forward_enabled:
+            return {}
+        self._drain()
+        out: dict[int, list[int]] = {}
+        for seq, ok in zip(seqs, live):
+            p = seq.params
+            if not ok or p.constraint is None or p.logprobs or p.top_logprobs:
+                continue
+            m = self.matcher(seq)
+            if m is None or m.done:
+                continue
+            room = min(p.max_new_tokens - len(seq.output_ids),
+                       max_context_len - seq.num_tokens) - 1
+            if room < MIN_JUMP_TOKENS:
+                continue
+            toks = [int(t) for t in m.raw.find_jump_forward_tokens()][:room]
+            if len(toks) < MIN_JUMP_TOKENS:
+                continue
+            taken = 0
+            for t in toks:
+                if not m.advance(t):  # never: xgrammar derived them from this state
+                    m.failed = False
+                    break
+                taken += 1
+            if taken:
+                out[id(seq)] = toks[:taken]
+                self.jumps += 1
+                self.jump_tokens += taken
+        return out

@@ -31,8 +31,8 @@ PlanPrefill = Callable[[Work, frozenset[int]], None]
 def plan_continuation(prev: InFlight, table: RequestTable, memory: SequenceMemory,
                       plan_prefill: PlanPrefill, max_context_len: int) -> Plan | None:
     """The next step's plan, or None when it needs ``prev``'s tokens on the host first."""
-    if prev.pending is None or table.has_pending_aborts:
-        return None
+    if prev.pending is None or table.has_pending_aborts or prev.dropped:
+        return None  # (dropped: a jump-forward run must be computed from the host's tokens)
     row_of = {id(s): i for i, s in enumerate(prev.sampled)}
     carried: list[Sequence] = []
     for seq in table.running:

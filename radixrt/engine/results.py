@@ -46,6 +46,9 @@ class InFlight:
     mask: PendingMask | None = None  # the deferred draw's masks, being filled
     mask_started: bool = False
     drawn_mask: PendingMask | None = None  # the masks the draw used (to check its tokens)
+    # Ids of sequences that jumped forward after this draw was queued: their sampled token
+    # belongs to the position the forced run now fills, so it is dropped.
+    dropped: frozenset[int] = frozenset()
 
 
 def will_hit_length(seq: Sequence, extra: int, max_context_len: int) -> bool:
@@ -116,6 +119,15 @@ class StepResults:
             None, None
         if self._next_draw is flight:
             self._next_draw = None
+        if self.grammars.jump_forward_enabled:
+            live = [s.status is SeqStatus.RUNNING for s in flight.sampled]
+            jumps = self.grammars.jump_forward(flight.sampled, live, self.max_context_len)
+            for seq in flight.sampled:
+                forced = jumps.get(id(seq))
+                if forced:
+                    seq.output_ids.extend(forced)
+                    self.generated_tokens += len(forced)
+            flight.dropped = frozenset(jumps)
 
     def _start_masks(self, flight: InFlight) -> None:
         assert self.grammars is not None and not flight.mask_started, "masks start once"
@@ -131,6 +143,10 @@ class StepResults:
         out = flight.pending.resolve()
         # Finished or aborted while this step ran: its extra token is dropped.
         rows = [i for i, seq in enumerate(flight.sampled) if seq.status is SeqStatus.RUNNING]
+        jumped = [i for i in rows if id(flight.sampled[i]) in flight.dropped]
+        if jumped:  # their forced run is appended already: report it, drop the draw
+            rows = [i for i in rows if id(flight.sampled[i]) not in flight.dropped]
+            deltas.extend(flight.sampled[i].take_delta() for i in jumped)
         oks: list[bool] | None = None
         nxt = self._next_draw
         # The step launched behind this one draws next: once this step's tokens advance the

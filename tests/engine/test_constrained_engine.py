@@ -185,3 +185,50 @@ def test_token_outside_the_grammar_aborts(llama_dir, fused, monkeypatch):
                                                    regex="q{3}"))[0].outputs[0]
     assert out.finish_reason == "abort" and "outside the request's regex" in (out.error or "")
     assert results.grammars.rejected_tokens == 1
+
+
+def _run_steps(eng, prompts, params):
+    """Generate through core.step() directly: (outputs by rid, steps taken)."""
+    core = eng.core
+    for i, (pr, p) in enumerate(zip(prompts, params)):
+        core.add_request(f"r{i}", pr, p)
+    toks: dict[tuple[str, int], list[int]] = {}
+    reasons: dict[tuple[str, int], str | None] = {}
+    steps = 0
+    while core.has_work():
+        steps += 1
+        for d in core.step():
+            toks.setdefault((d.rid, d.index), []).extend(d.new_token_ids)
+            if d.finished:
+                reasons[(d.rid, d.index)] = d.finish_reason
+    return toks, reasons, steps
+
+
+@pytest.mark.parametrize("overlap,kv_tokens", [(False, 4096), (True, 4096), (True, 96)])
+def test_jump_forward_appends_forced_runs(llama_dir, overlap, kv_tokens, monkeypatch):
+    """RADIXRT_GRAMMAR_JUMP_FORWARD=1: forced runs (the schema's keys and punctuation) are
+    appended without a decode step each: every output still validates, in fewer steps, with
+    n > 1, the prefix cache, streaming deltas and (tiny pool) retraction. The tokens after a
+    jump may differ from a run without it: the forced text is tokenized by xgrammar's greedy
+    longest match, the model might have spelled it with other tokens, and what follows is
+    conditioned on those tokens, so only validity is compared, not equality."""
+    schema_p = SamplingParams(temperature=0.0, max_new_tokens=80, n=2,
+                              json_schema=json.dumps(SCHEMA))
+    params = [schema_p, SamplingParams(temperature=0.0, max_new_tokens=8)] * 3
+    results = {}
+    for jump in ("0", "1"):
+        monkeypatch.setenv("RADIXRT_GRAMMAR_JUMP_FORWARD", jump)
+        eng = Engine(str(llama_dir), page_size=4, kv_cache_tokens=kv_tokens,
+                     overlap_schedule=overlap)
+        toks, reasons, steps = _run_steps(eng, _prompts(6), params)
+        grammars = eng.core.scheduler.results.grammars
+        for key, ids in toks.items():
+            if int(key[0][1:]) % 2 == 0 and reasons[key] == "stop":  # the schema requests
+                jsonschema.validate(json.loads(eng.tokenizer.decode(ids)), SCHEMA)
+        results[jump] = (steps, grammars.jumps, grammars.jump_tokens, reasons)
+        eng.core.check_invariants()
+    (steps_off, jumps_off, _, _), (steps_on, jumps_on, jtoks, reasons_on) = \
+        results["0"], results["1"]
+    assert jumps_off == 0 and jumps_on > 0 and jtoks >= 2 * jumps_on
+    assert steps_on < steps_off, (steps_on, steps_off)
+    assert sum(r == "stop" for r in reasons_on.values()) >= 3

@@ -32,7 +32,7 @@ from radixrt.lang.exprs import (
     user_begin,
     user_end,
 )
-from radixrt.lang.extras import image, separate_reasoning, video
+from radixrt.lang.extras import Engine, Runtime, image, separate_reasoning, video
 from radixrt.lang.http_backend import RuntimeEndpoint
 from radixrt.lang.ops import gen, gen_int, gen_string, select
 from radixrt.lang.program import (
@@ -46,7 +46,8 @@ from radixrt.lang.program import (
 from radixrt.lang.state import ForkedStates, ProgramError, ProgramState
 
 __all__ = [
-    "Backend", "BackendError", "ChatTemplate", "ChoicesMethod", "EngineBackend", "ForkedStates",
+    "Backend", "BackendError", "ChatTemplate", "ChoicesMethod", "Engine", "EngineBackend",
+    "ForkedStates", "Runtime",
     "GenParams", "Program", "ProgramError", "ProgramState", "RuntimeEndpoint", "assistant",
     "assistant_begin", "assistant_end", "flush_cache", "function", "gen", "gen_int",
     "gen_string", "get_server_info", "global_config", "greedy_token_selection", "image",

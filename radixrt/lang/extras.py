@@ -114,3 +114,14 @@ def image(path: Any) -> Expr:
 def video(path: Any, num_frames: int = 0) -> Expr:
     raise NotImplementedError("video() is not supported: radixrt serves text-only models "
                               "(no vision)")
+
+
+def Runtime(*args: Any, **kwargs: Any) -> Any:  # noqa: N802  (SGLang's name)
+    raise NotImplementedError("sgl.Runtime (launching a server from the program) is not "
+                              "supported: start `radixrt serve` and use RuntimeEndpoint(url), "
+                              "or run in process with EngineBackend(model=...)")
+
+
+def Engine(*args: Any, **kwargs: Any) -> Any:  # noqa: N802  (SGLang's name)
+    raise NotImplementedError("sgl.Engine is not part of radixrt.lang: use "
+                              "radixrt.lang.EngineBackend(model=...) (or radixrt.Engine)")

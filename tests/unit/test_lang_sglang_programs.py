@@ -57,6 +57,10 @@ def test_unsupported_calls_fail_by_name() -> None:
         sgl.image("cat.png")
     with pytest.raises(NotImplementedError, match="video"):
         sgl.video("cat.mp4", 4)
+    with pytest.raises(NotImplementedError, match="RuntimeEndpoint"):
+        sgl.Runtime(model_path="x")
+    with pytest.raises(NotImplementedError, match="EngineBackend"):
+        sgl.Engine(model_path="x")
     with pytest.raises(ValueError, match="min_tokens"):
         sgl.gen("x", min_tokens=8)
     with pytest.raises(ValueError, match="stop_regex"):

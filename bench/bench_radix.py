@@ -68,6 +68,17 @@ def long_trace(rng: np.random.Generator, quick: bool) -> list[Req]:
     return [Req(np.append(prompt, 7).astype(np.int32), 32769)] * 2
 
 
+def unique_tokens(reqs: list[Req]) -> int:
+    """Tokens of the trace's distinct prefixes (what a pool holding all of it needs)."""
+    tree = RadixCache(PageAllocator(sum(len(r.tokens) for r in reqs)), 1)
+    for r in reqs:
+        pages = tree.allocator.alloc_array(len(r.tokens))
+        assert pages is not None
+        tree.insert(r.tokens, pages)
+        tree.allocator.decref(pages)
+    return tree.cached_tokens
+
+
 def _arr(pages: object) -> np.ndarray:
     return pages if isinstance(pages, np.ndarray) else np.asarray(pages, dtype=np.int32)
 
@@ -110,7 +121,7 @@ def make(backend: str, num_pages: int, ps: int) -> RadixCache:
 
 def run_trace(name: str, reqs: list[Req], backend: str, ps: int,
               pool_fraction: float | None) -> dict[str, object]:
-    distinct = sum(len(r.tokens) for r in reqs) if name != "32k" else len(reqs[0].tokens)
+    distinct = unique_tokens(reqs)
     biggest = max(-(-len(r.tokens) // ps) for r in reqs)
     pages = (max(biggest + 1, int(distinct // ps * pool_fraction)) if pool_fraction
              else distinct // ps + biggest + 1)

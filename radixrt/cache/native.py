@@ -19,6 +19,7 @@ import os
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from types import ModuleType
+from typing import Any, cast
 
 import numpy as np
 
@@ -87,7 +88,7 @@ class NativeNode(Node):
 
     __slots__ = ("_tree", "_slot", "_nid")
 
-    def __init__(self, tree: object, slot: int, nid: int) -> None:  # no Node.__init__: no state
+    def __init__(self, tree: Any, slot: int, nid: int) -> None:  # no Node.__init__: no state
         self._tree = tree
         self._slot = slot
         self._nid = nid
@@ -99,58 +100,58 @@ class NativeNode(Node):
     def __hash__(self) -> int:
         return self._nid
 
-    @property  # type: ignore[override]
-    def id(self) -> int:
+    @property
+    def id(self) -> int:  # type: ignore[override]
         return self._nid
 
-    @property  # type: ignore[override]
-    def is_root(self) -> bool:
-        return bool(self._tree.describe(self._slot, self._nid)[0])  # type: ignore[attr-defined]
+    @property
+    def is_root(self) -> bool:  # type: ignore[override]
+        return bool(self._tree.describe(self._slot, self._nid)[0])
 
-    @property  # type: ignore[override]
-    def namespace(self) -> str | None:
-        return self._tree.describe(self._slot, self._nid)[1]  # type: ignore[attr-defined, no-any-return]
+    @property
+    def namespace(self) -> str | None:  # type: ignore[override]
+        return self._tree.describe(self._slot, self._nid)[1]
 
-    @property  # type: ignore[override]
-    def parent(self) -> NativeNode | None:
-        p = self._tree.parent(self._slot, self._nid)  # type: ignore[attr-defined]
+    @property
+    def parent(self) -> NativeNode | None:  # type: ignore[override]
+        p = self._tree.parent(self._slot, self._nid)
         return None if p is None else NativeNode(self._tree, p[0], p[1])
 
-    @property  # type: ignore[override]
-    def children(self) -> dict[bytes, NativeNode]:
-        kids = self._tree.children(self._slot, self._nid)  # type: ignore[attr-defined]
+    @property
+    def children(self) -> dict[bytes, NativeNode]:  # type: ignore[override]
+        kids = self._tree.children(self._slot, self._nid)
         return {k: NativeNode(self._tree, s, i) for k, s, i in kids}
 
-    @property  # type: ignore[override]
-    def key(self) -> IntArray:
-        return self._tree.key(self._slot, self._nid)  # type: ignore[attr-defined, no-any-return]
+    @property
+    def key(self) -> IntArray:  # type: ignore[override]
+        return self._tree.key(self._slot, self._nid)
 
-    @property  # type: ignore[override]
-    def pages(self) -> IntArray:
-        return self._tree.pages(self._slot, self._nid)  # type: ignore[attr-defined, no-any-return]
+    @property
+    def pages(self) -> IntArray:  # type: ignore[override]
+        return self._tree.pages(self._slot, self._nid)
 
-    @property  # type: ignore[override]
-    def host_pages(self) -> IntArray:
+    @property
+    def host_pages(self) -> IntArray:  # type: ignore[override]
         return EMPTY
 
-    @property  # type: ignore[override]
-    def lock_ref(self) -> int:
-        return self._tree.lock_ref(self._slot, self._nid)  # type: ignore[attr-defined, no-any-return]
+    @property
+    def lock_ref(self) -> int:  # type: ignore[override]
+        return self._tree.lock_ref(self._slot, self._nid)
 
-    @property  # type: ignore[override]
-    def last_access(self) -> int:
-        return self._tree.last_access(self._slot, self._nid)  # type: ignore[attr-defined, no-any-return]
+    @property
+    def last_access(self) -> int:  # type: ignore[override]
+        return self._tree.last_access(self._slot, self._nid)
 
-    @property  # type: ignore[override]
-    def load_seq(self) -> int:
+    @property
+    def load_seq(self) -> int:  # type: ignore[override]
         return 0  # no host tier: nothing ever loads
 
-    @property  # type: ignore[override]
-    def write_seq(self) -> int:
+    @property
+    def write_seq(self) -> int:  # type: ignore[override]
         return 0
 
-    @property  # type: ignore[override]
-    def load_unused(self) -> bool:
+    @property
+    def load_unused(self) -> bool:  # type: ignore[override]
         return False
 
     @property
@@ -260,15 +261,16 @@ class NativeRadixCache:
         """All pages the tree holds (debug/test helper; walks the whole tree)."""
         return set(self._tree.all_pages().tolist())
 
-    def snapshot(self) -> tuple[list[tuple[object, ...]], list[int]]:
+    def snapshot(self) -> tuple[list[tuple[Any, ...]], list[int]]:
         """Every node as (id, parent id or -1, is_root, namespace, key, pages, lock_ref,
         last_access) by id, and the LRU as ids in eviction order (for differential tests)."""
         return self._tree.snapshot()  # type: ignore[no-any-return]
 
     def lpm_order(self, handles: Sequence[Node], counts: Sequence[int]) -> list[int]:
         """Indices of ``handles`` in the lpm DFS order (see engine/policy.py), computed in C++."""
-        slots = np.fromiter((h._slot for h in handles), np.int32, len(handles))  # type: ignore[attr-defined]
-        ids = np.fromiter((h._nid for h in handles), np.int64, len(handles))  # type: ignore[attr-defined]
+        nodes = cast("Sequence[NativeNode]", handles)
+        slots = np.fromiter((h._slot for h in nodes), np.int32, len(nodes))
+        ids = np.fromiter((h._nid for h in nodes), np.int64, len(nodes))
         order = self._tree.lpm_order(slots, ids, np.asarray(counts, dtype=np.int64))
         return order.tolist()  # type: ignore[no-any-return]
 
@@ -282,8 +284,8 @@ class NativeRadixCache:
         for nid, _parent, is_root, _ns, _key, pages, lock_ref, _t in nodes:
             if is_root:
                 continue
-            for p in pages:  # type: ignore[attr-defined]
-                owner[p] = nid  # type: ignore[assignment]
+            for p in pages:
+                owner[p] = nid
                 if external_refs is not None and lock_ref == 0:
                     assert external_refs.get(p, 0) == 0, (
                         f"page {p} of unlocked node {nid} is held by a running request")

@@ -104,7 +104,7 @@ class ApproxRadixTree:
         """Length of the longest stored prefix of ``tokens`` (touches the matched path)."""
         if namespace is not None:
             return max(0, self._match([namespace_token(namespace), *tokens]) - 1)
-        return self._match(tokens)
+        return self._match(tokens.tolist() if isinstance(tokens, np.ndarray) else tokens)
 
     def insert(self, tokens: Tokens, namespace: str | None = None) -> None:
         self._insert([namespace_token(namespace), *tokens] if namespace is not None

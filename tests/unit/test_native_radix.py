@@ -223,7 +223,7 @@ def test_lpm_order_is_the_same_on_both_trees(seed: int) -> None:
         queues.append(q)
     orders = [[s.arrival for s in q.ordered()] for q in queues]
     assert orders[0] == orders[1]
-    for cache, q in zip(caches, queues):  # the tree changes under the queue: still the same
+    for cache in caches:  # the tree changes under the queues: still the same order
         cache.allocator.decref(cache.evict(7))
         toks, ns = prompts[25]
         n = len(toks) // ps * ps

@@ -45,9 +45,39 @@ def _kernels_interpreted() -> bool:
     return isinstance(cascade_decode._shared_prefix_kernel, InterpretedFunction)
 
 
+def _check_groups_share_pages(monkeypatch: pytest.MonkeyPatch) -> list[list[str]]:
+    """Wrap the step builder: every group it emits must name members whose page tables hold
+    the same pages over the shared range, read through a member's row. Returns each group's
+    request ids."""
+    from radixrt.engine import step_builder
+
+    build = step_builder.build
+    seen: list[list[str]] = []
+
+    def checked(work, table, **kw):  # type: ignore[no-untyped-def]
+        out = build(work, table, **kw)
+        groups = out.forward.cascade
+        if groups is not None:
+            assert out.forward.is_decode
+            for g in range(groups.num_groups):
+                members = groups.members[groups.indptr[g] : groups.indptr[g + 1]].tolist()
+                n = int(groups.shared_lens[g]) // PS
+                first = work[members[0]][0].pages
+                assert groups.rows[g] == first.row
+                for b in members:
+                    seq = work[b][0]
+                    assert seq.pages.pages[:n] == first.pages[:n], "a member reads other pages"
+                    assert seq.kv_len >= n * PS
+                seen.append([work[b][0].rid for b in members])
+        return out
+
+    monkeypatch.setattr(step_builder, "build", checked)
+    return seen
+
+
 @pytest.mark.parametrize(("backend", "overlap"), [("torch", False), ("torch", True),
                                                   ("triton", False)])
-def test_cascade_on_equals_off(backend, overlap):
+def test_cascade_on_equals_off(backend, overlap, monkeypatch):
     if backend == "triton":
         pytest.importorskip("triton")
         if not torch.cuda.is_available() and not _kernels_interpreted():
@@ -57,6 +87,7 @@ def test_cascade_on_equals_off(backend, overlap):
     # One request forks after its prefill: its samples share its whole prompt.
     params[0] = SamplingParams(temperature=0.0, max_new_tokens=10, ignore_eos=True, n=2)
     outs = {}
+    seen = _check_groups_share_pages(monkeypatch)
     for mode in ("off", "on"):
         eng = Engine("llama-tiny", load_format="dummy", page_size=PS, kv_cache_tokens=4096,
                      attention_backend=backend, cascade_decode=mode, debug_invariants=True,
@@ -72,6 +103,8 @@ def test_cascade_on_equals_off(backend, overlap):
             assert grouper.grouped_requests <= 9 * grouper.grouped_steps
         eng.core.check_invariants()
     assert outs["on"] == outs["off"]
+    # The two samples of the forked request share their whole prompt: they group together.
+    assert any(len(set(rids)) < len(rids) for rids in seen), "the forked samples never grouped"
 
 
 def test_config_rejects_cascade_it_cannot_run():

@@ -133,29 +133,24 @@ def mma_acc(a, b, acc, PRECISION: tl.constexpr, INTERPRET: tl.constexpr):
 
 @triton.jit
 def _tile_slots(
-    page_row, start_n, kv_end, PAGE_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
-    PAGE_VEC: tl.constexpr, MASKED: tl.constexpr,
+    page_row, start_n, bound, PAGE_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
+    PAGE_VEC: tl.constexpr,
 ):  # fmt: skip
-    """Flat pool slots of keys start_n .. start_n + BLOCK_N - 1 (start_n a multiple of BLOCK_N)."""
+    """Flat pool slots of keys start_n .. start_n + BLOCK_N - 1 (start_n a multiple of BLOCK_N);
+    table reads for keys >= bound are masked off (slot 0..: never loaded by the caller)."""
     offs_n = start_n + tl.arange(0, BLOCK_N)
     if PAGE_SIZE >= BLOCK_N:
         # The tile lies inside one page: one table read, contiguous slots.
-        page = tl.load(page_row + start_n // PAGE_SIZE).to(tl.int64)
-        slots = page * PAGE_SIZE + (offs_n % PAGE_SIZE)
+        page = tl.load(page_row + start_n // PAGE_SIZE, mask=start_n < bound, other=0)
+        slots = page.to(tl.int64) * PAGE_SIZE + (offs_n % PAGE_SIZE)
     elif PAGE_VEC and PAGE_SIZE >= 16:
         # One table read per page of the tile instead of one per key.
         idx = start_n // PAGE_SIZE + tl.arange(0, BLOCK_N // PAGE_SIZE)
-        if MASKED:
-            pages = tl.load(page_row + idx, mask=idx * PAGE_SIZE < kv_end, other=0)
-        else:
-            pages = tl.load(page_row + idx)
+        pages = tl.load(page_row + idx, mask=idx * PAGE_SIZE < bound, other=0)
         in_page = tl.arange(0, PAGE_SIZE)
         slots = tl.reshape(pages.to(tl.int64)[:, None] * PAGE_SIZE + in_page[None, :], [BLOCK_N])
     else:
-        if MASKED:
-            page = tl.load(page_row + offs_n // PAGE_SIZE, mask=offs_n < kv_end, other=0)
-        else:
-            page = tl.load(page_row + offs_n // PAGE_SIZE)
+        page = tl.load(page_row + offs_n // PAGE_SIZE, mask=offs_n < bound, other=0)
         slots = page.to(tl.int64) * PAGE_SIZE + (offs_n % PAGE_SIZE)
     return slots
 
@@ -175,14 +170,14 @@ def _load_kv(base, slots, stride_t, offs_n, kv_end, offs_d, mask_d, EVEN_D: tl.c
 
 @triton.jit
 def _attend_tile(
-    q, acc, m_i, l_i, K, V, page_row, start_n, kv_end, q_pos, stride_kt, stride_vt, qk_scale,
-    offs_d, mask_d, PAGE_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, PAGE_VEC: tl.constexpr,
-    EVEN_D: tl.constexpr, MASKED: tl.constexpr, PRECISION: tl.constexpr, INTERPRET: tl.constexpr,
+    q, acc, m_i, l_i, K, V, slots, start_n, kv_end, q_pos, stride_kt, stride_vt, qk_scale,
+    offs_d, mask_d, BLOCK_N: tl.constexpr, EVEN_D: tl.constexpr, MASKED: tl.constexpr,
+    PRECISION: tl.constexpr, INTERPRET: tl.constexpr,
 ):  # fmt: skip
-    """One K/V tile into the online softmax; K and V already point at the tile's KV head.
-    MASKED tiles apply the causal mask (callers guarantee every valid row sees >= 1 key)."""
+    """One K/V tile (at ``slots``) into the online softmax; K and V already point at the tile's
+    KV head. MASKED tiles apply the causal mask (callers guarantee every valid row sees >= 1
+    key)."""
     offs_n = start_n + tl.arange(0, BLOCK_N)
-    slots = _tile_slots(page_row, start_n, kv_end, PAGE_SIZE, BLOCK_N, PAGE_VEC, MASKED)
     k = _load_kv(K, slots, stride_kt, offs_n, kv_end, offs_d, mask_d, EVEN_D, MASKED)
     qk = mma(q, tl.trans(k.to(q.dtype)), PRECISION, INTERPRET)
     if MASKED:
@@ -270,21 +265,28 @@ def _extend_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     EVEN_D: tl.constexpr = BLOCK_D == HEAD_DIM
+    # Each tile's slots are read from the page table one iteration ahead: K/V addresses that
+    # come from a load in the same iteration pipeline only one tile deep (num_stages ignored),
+    # a loop-carried one num_stages - 1 deep.
+    slots = _tile_slots(page_row, lo, hi, PAGE_SIZE, BLOCK_N, PAGE_VEC)
     for start_n in range(lo, hi, BLOCK_N):
+        next_slots = _tile_slots(page_row, start_n + BLOCK_N, hi, PAGE_SIZE, BLOCK_N, PAGE_VEC)
         acc, m_i, l_i = _attend_tile(
-            q, acc, m_i, l_i, K, V, page_row, start_n, kv_end, q_pos, stride_kt, stride_vt,
-            qk_scale, offs_d, mask_d, PAGE_SIZE, BLOCK_N, PAGE_VEC, EVEN_D, False, PRECISION,
-            INTERPRET,
+            q, acc, m_i, l_i, K, V, slots, start_n, kv_end, q_pos, stride_kt, stride_vt,
+            qk_scale, offs_d, mask_d, BLOCK_N, EVEN_D, False, PRECISION, INTERPRET,
         )  # fmt: skip
+        slots = next_slots
     # Key n_full <= full_end <= every row's position, so no valid row is fully masked (no NaN).
     # The masked keys span < BLOCK_N + POSITIONS: tiles of ~POSITIONS keys there waste less of
     # the MMA on keys past the diagonal than BLOCK_N-wide ones.
+    slots_d = _tile_slots(page_row, masked_lo, kv_end, PAGE_SIZE, DIAG_N, PAGE_VEC)
     for start_n in range(masked_lo, kv_end, DIAG_N):
+        next_d = _tile_slots(page_row, start_n + DIAG_N, kv_end, PAGE_SIZE, DIAG_N, PAGE_VEC)
         acc, m_i, l_i = _attend_tile(
-            q, acc, m_i, l_i, K, V, page_row, start_n, kv_end, q_pos, stride_kt, stride_vt,
-            qk_scale, offs_d, mask_d, PAGE_SIZE, DIAG_N, PAGE_VEC, EVEN_D, True, PRECISION,
-            INTERPRET,
+            q, acc, m_i, l_i, K, V, slots_d, start_n, kv_end, q_pos, stride_kt, stride_vt,
+            qk_scale, offs_d, mask_d, DIAG_N, EVEN_D, True, PRECISION, INTERPRET,
         )  # fmt: skip
+        slots_d = next_d
 
     io_mask = mask_m[:, None] & mask_d[None, :]
     if SPLIT:  # an empty split (no tiles) leaves l = 0: it writes lse -inf and weighs nothing

@@ -10,8 +10,11 @@ node hold the same physical pages for everything up to that node's end::
     group {1, 2, 3}: shared KV [0, 2048) read through seq 1's page-table row; each sequence's
     own suffix [2048, seq_len) through its own row
 
-A sequence joins the group of the deepest node on its path that at least ``min_group`` of the
-step's sequences share and that ends at least ``min_shared_pages`` pages in; groups left with
+A sequence joins the group of the node on its path that spares the most reads, (sequences of the
+step sharing it - 1) x its depth, among nodes at least ``min_group`` of them share that end at
+least ``min_shared_pages`` pages in. Every sequence below a node compares it with its ancestors
+the same way, so a subtree never splits between them (the two samples of a forked request join
+their system prompt's group rather than pairing off over their whole prompt); groups left with
 fewer than ``min_group`` members dissolve (their sequences take the per-request path), and a
 step whose groups would spare under ``min_saved_share`` of its KV reads forms none.
 
@@ -170,12 +173,15 @@ class PrefixGrouper:
         for i, path in enumerate(paths):
             if not path:
                 continue
-            ids, depths = path
-            for j, node_id in enumerate(ids):
-                if counts[node_id] >= need:
-                    assert depths[j] <= kv_lens[i], f"shared {depths[j]} past KV {kv_lens[i]}"
-                    by_anchor.setdefault(node_id, (depths[j], []))[1].append(i)
-                    break
+            best, best_saved = -1, 0
+            for j, node_id in enumerate(path[0]):  # deepest first: ties keep the deeper node
+                c = counts[node_id]
+                if c >= need and (c - 1) * path[1][j] > best_saved:
+                    best, best_saved = j, (c - 1) * path[1][j]
+            if best >= 0:
+                depth = path[1][best]
+                assert depth <= kv_lens[i], f"shared {depth} past KV {kv_lens[i]}"
+                by_anchor.setdefault(path[0][best], (depth, []))[1].append(i)
         picked = [(d, m) for d, m in by_anchor.values() if len(m) >= need]
         saved = sum(d * (len(m) - 1) for d, m in picked)
         if not picked or saved < self.policy.min_saved_share * (sum(kv_lens) + len(seqs)):

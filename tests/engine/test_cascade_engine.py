@@ -103,7 +103,8 @@ def test_cascade_on_equals_off(backend, overlap, monkeypatch):
             assert grouper.grouped_requests <= 9 * grouper.grouped_steps
         eng.core.check_invariants()
     assert outs["on"] == outs["off"]
-    # The two samples of the forked request share their whole prompt: they group together.
+    # The forked request's two samples join their system prompt's group (or pair off if their
+    # prompt shares nothing): some group holds both.
     assert any(len(set(rids)) < len(rids) for rids in seen), "the forked samples never grouped"
 
 
@@ -132,10 +133,10 @@ def _running(cache: RadixCache, alloc: PageAllocator, tokens: list[int], handle_
     return seq
 
 
-def test_grouper_picks_the_deepest_shared_node():
-    """a/b share 24 tokens and a/b/c share 8: a and b group at 24, c (alone at 8, below
-    min_group) and d (no cached prefix) stay ungrouped; too-short shares, or groups sparing
-    too little of the step's reads, never group."""
+def test_grouper_picks_the_node_sparing_most():
+    """a/b share 24 tokens and a/b/c share 8: a and b group at 24 (sparing 24 > 2 x 8), c
+    (alone at 8, below min_group) and d (no cached prefix) stay ungrouped; too-short shares, or
+    groups sparing too little of the step's reads, never group."""
     alloc = PageAllocator(200)
     cache = RadixCache(alloc, PS)
     base = list(range(100, 108))
@@ -188,3 +189,22 @@ def test_cuda_cascade_on_equals_off(graphs):
                 assert runner.graphs is not None and (32, True) in runner.graphs.graphs
         eng.core.check_invariants()
     assert outs["on"] == outs["off"]
+
+
+def test_grouper_keeps_a_subtree_with_its_wider_group():
+    """Two samples of one request (same handle, 20 tokens) and two others under the same
+    12-token system prompt: all four group at 12 (3 x 12 spared) rather than the pair at 20
+    (1 x 20) plus a pair at 12 (1 x 12)."""
+    alloc = PageAllocator(200)
+    cache = RadixCache(alloc, PS)
+    system = list(range(100, 112))
+    forked = system + list(range(400, 408))
+    s1 = _running(cache, alloc, forked + [7], 20, 0)
+    s2 = _running(cache, alloc, forked + [8], 20, 1)
+    o1 = _running(cache, alloc, system + list(range(500, 510)), 20, 2)
+    o2 = _running(cache, alloc, system + list(range(600, 607)), 16, 3)
+    seqs = [s1, o1, s2, o2]
+    groups = PrefixGrouper(CascadePolicy(min_saved_share=0.0), PS).group(
+        seqs, [1, 2, 3, 4], [s.kv_len for s in seqs])
+    assert groups is not None and groups.num_groups == 1
+    assert sorted(groups.members.tolist()) == [0, 1, 2, 3] and groups.shared_lens.tolist() == [12]

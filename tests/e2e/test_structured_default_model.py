@@ -11,8 +11,7 @@ import openai
 import pytest
 
 from tests.e2e.conftest import Server
-
-jsonschema = pytest.importorskip("jsonschema")
+from tests.fixtures import json_schema_check as jsonschema
 
 CITY = {"type": "object", "properties": {
     "city": {"type": "string", "maxLength": 20}, "country": {"type": "string", "maxLength": 20},

@@ -15,8 +15,7 @@ import openai
 import pytest
 
 from tests.e2e.conftest import Server
-
-jsonschema = pytest.importorskip("jsonschema")
+from tests.fixtures import json_schema_check as jsonschema
 
 PERSON = {"type": "object",
           "properties": {"name": {"type": "string", "maxLength": 8},

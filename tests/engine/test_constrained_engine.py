@@ -11,9 +11,8 @@ from pathlib import Path
 import pytest
 
 from radixrt import Engine, SamplingParams
+from tests.fixtures import json_schema_check as jsonschema
 from tests.fixtures.tiny_models import EOS_ID
-
-jsonschema = pytest.importorskip("jsonschema")
 
 SCHEMA = {"type": "object",
           "properties": {"name": {"type": "string", "maxLength": 6},

@@ -17,9 +17,8 @@ from radixrt.constrained.bias import apply_logit_bias
 from radixrt.constrained.grammar import GrammarCompiler, GrammarError, check_syntax, tokenizer_info
 from radixrt.constrained.matcher import Matcher
 from radixrt.kernels.token_bitmask import apply_token_bitmask
+from tests.fixtures import json_schema_check as jsonschema
 from tests.fixtures.tiny_models import EOS_ID, TINY_VOCAB, build_tokenizer
-
-jsonschema = pytest.importorskip("jsonschema")
 
 
 @pytest.fixture(scope="module")
@@ -206,3 +205,52 @@ def test_cpu_bitmask_apply_equals_the_torch_reference() -> None:
     apply_token_bitmask(a, m)  # xgrammar's C++ loop on the CPU
     apply_token_bitmask_torch(b, m)
     assert torch.equal(a, b)
+
+
+SCHEMA_CHECK_CASES = [
+    ({"type": "integer", "minimum": 0, "maximum": 9}, 5, True),
+    ({"type": "integer"}, True, False),
+    ({"type": "integer"}, 2.5, False),
+    ({"type": "number", "exclusiveMaximum": 1}, 1, False),
+    ({"type": "string", "maxLength": 3}, "abcd", False),
+    ({"type": "string", "minLength": 2, "pattern": "^[0-9]+$"}, "12", True),
+    ({"type": "string", "pattern": "[0-9]{5}"}, "12a45", False),
+    ({"enum": ["a", 3]}, 3.0, True),
+    ({"enum": [1]}, True, False),
+    ({"const": "x"}, "y", False),
+    ({"type": "null"}, None, True),
+    ({"type": "array", "items": {"type": "boolean"}, "maxItems": 2}, [True, False, True], False),
+    ({"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"],
+      "additionalProperties": False}, {"a": 1, "b": 2}, False),
+    ({"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]}, {}, False),
+    ({"type": "object", "properties": {"a": {"type": "integer"}}}, {"a": 1, "b": 2}, True),
+    ({"anyOf": [{"type": "string"}, {"type": "integer"}]}, [], False),
+    ({"anyOf": [{"type": "object", "properties": {"name": {"const": "f"}},
+                 "required": ["name"]}]}, {"name": "f"}, True),
+]
+
+
+@pytest.mark.parametrize("schema,value,ok", SCHEMA_CHECK_CASES)
+def test_test_validator_verdicts(schema: dict[str, Any], value: Any, ok: bool) -> None:
+    """tests/fixtures/json_schema_check (what the structured tests validate with, so they run
+    without the jsonschema package) accepts and rejects as the JSON-schema spec says, and as
+    the jsonschema package does where it is installed."""
+    def passes(validate: Any) -> bool:
+        try:
+            validate(value, schema)
+        except AssertionError:
+            return False
+        except Exception as e:  # jsonschema's ValidationError is not an AssertionError
+            if type(e).__name__ != "ValidationError":
+                raise
+            return False
+        return True
+
+    assert passes(jsonschema.validate) is ok
+    try:
+        import jsonschema as reference
+    except ImportError:
+        return
+    assert passes(reference.validate) is ok
+    with pytest.raises(NotImplementedError):
+        jsonschema.validate(1, {"multipleOf": 2})

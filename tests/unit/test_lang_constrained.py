@@ -12,8 +12,8 @@ import pytest
 from radixrt import Engine
 from radixrt.lang import EngineBackend, GenParams, function, gen, gen_int, gen_string
 from radixrt.lang.ops import INT_REGEX, STRING_REGEX
+from tests.fixtures import json_schema_check as jsonschema
 
-jsonschema = pytest.importorskip("jsonschema")
 SCHEMA = {"type": "object", "properties": {"ok": {"type": "boolean"},
                                            "k": {"enum": ["x", "y"]}},
           "required": ["ok", "k"], "additionalProperties": False}

@@ -14,9 +14,8 @@ from radixrt.constrained.matcher import Matcher
 from radixrt.kernels.token_bitmask import apply_token_bitmask
 from radixrt.server.errors import APIError
 from radixrt.server.tool_calls import StreamParser, detect_format, forced_grammar, make_plan, parse
+from tests.fixtures import json_schema_check as jsonschema
 from tests.fixtures.tiny_models import EOS_ID, TINY_VOCAB, build_tokenizer
-
-jsonschema = pytest.importorskip("jsonschema")
 
 WEATHER = {"type": "function", "function": {
     "name": "get_weather", "description": "Weather in a city",

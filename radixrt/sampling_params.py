@@ -182,6 +182,13 @@ class SamplingParams:
     ebnf: str | None = None
     # Added to the logits (before penalties and temperature) on the device.
     logit_bias: tuple[tuple[int, float], ...] = field(default=())
+    # EOS and stop_token_ids are masked out of the draw until this many tokens are generated.
+    min_new_tokens: int = 0
+    # Keep a matched stop string / stop token in the output text (stop strings are matched
+    # where the text is made: the router, or Engine).
+    no_stop_trim: bool = False
+    # With prompt_logprobs: also the top-k alternatives at each scored prompt position.
+    prompt_top_logprobs: int = 0
 
     def __post_init__(self) -> None:
         # frozen: normalization goes through object.__setattr__.
@@ -213,20 +220,29 @@ class SamplingParams:
             if not finite:
                 raise ValueError(f"{name} must be a finite number, got {v!r}")
             object.__setattr__(self, name, float(v))
-        for name in ("max_new_tokens", "top_k", "top_logprobs", "logprob_start_len", "n"):
+        for name in ("max_new_tokens", "top_k", "top_logprobs", "logprob_start_len", "n",
+                     "min_new_tokens", "prompt_top_logprobs"):
             if not _is_int(getattr(self, name)):
                 raise ValueError(f"{name} must be an int, got {getattr(self, name)!r}")
-        for name in ("ignore_eos", "logprobs", "prompt_logprobs", "skip_special_tokens"):
+        for name in ("ignore_eos", "logprobs", "prompt_logprobs", "skip_special_tokens",
+                     "no_stop_trim"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
         if self.seed is not None and not _is_int(self.seed):
             raise ValueError(f"seed must be an int or None, got {self.seed!r}")
-        for name in ("max_new_tokens", "top_k", "logprob_start_len"):
+        for name in ("max_new_tokens", "top_k", "logprob_start_len", "min_new_tokens"):
             if getattr(self, name) > MAX_INT32:
                 raise ValueError(f"{name} must be at most {MAX_INT32}, got {getattr(self, name)}")
 
-        if self.max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        # 0 = prefill only: the prompt is computed and cached, nothing is generated.
+        if self.max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens must be >= 0, got {self.max_new_tokens}")
+        if not 0 <= self.min_new_tokens <= self.max_new_tokens:
+            raise ValueError(f"min_new_tokens must be in [0, max_new_tokens={self.max_new_tokens}]"
+                             f", got {self.min_new_tokens}")
+        if self.min_new_tokens and given:
+            # Masking the stop token could leave a grammar's accepting state nothing to draw.
+            raise ValueError(f"min_new_tokens cannot be combined with {given[0]}")
         if self.temperature < 0.0:
             raise ValueError(f"temperature must be >= 0, got {self.temperature}")
         if 0.0 < self.temperature < MIN_TEMPERATURE:
@@ -250,6 +266,11 @@ class SamplingParams:
             raise ValueError(
                 f"top_logprobs must be in [0, {MAX_TOP_LOGPROBS}], got {self.top_logprobs}"
             )
+        if not 0 <= self.prompt_top_logprobs <= MAX_TOP_LOGPROBS:
+            raise ValueError(f"prompt_top_logprobs must be in [0, {MAX_TOP_LOGPROBS}], got "
+                             f"{self.prompt_top_logprobs}")
+        if self.prompt_top_logprobs and not self.prompt_logprobs:
+            raise ValueError("prompt_top_logprobs requires prompt_logprobs")
         if self.logprob_start_len < 0:
             raise ValueError(f"logprob_start_len must be >= 0, got {self.logprob_start_len}")
         if not 1 <= self.n <= MAX_N:

@@ -43,6 +43,7 @@ class RequestOutput:
     cached_tokens: int  # prompt tokens served from the prefix cache
     outputs: list[CompletionOutput]
     prompt_logprobs: list[float | None] | None = None
+    prompt_top_logprobs: list[list[tuple[int, float]] | None] | None = None
 
     # The first (often only) sample, for convenience.
     @property
@@ -96,6 +97,7 @@ class _Tracker:
         self.out.cached_tokens = d.cached_tokens
         if d.prompt_logprobs is not None:
             self.out.prompt_logprobs = d.prompt_logprobs
+            self.out.prompt_top_logprobs = d.prompt_top_logprobs
         o.token_ids.extend(d.new_token_ids)
         if d.new_logprobs is not None:
             o.logprobs = (o.logprobs or []) + d.new_logprobs
@@ -108,8 +110,12 @@ class _Tracker:
             text = step.text
             if step.stopped:
                 o.finish_reason, o.matched_stop = "stop", step.matched_stop
+                if self.params.no_stop_trim and step.matched_stop is not None:
+                    text += step.matched_stop
                 self.engine.core.abort_request(self.rid, d.index)
             elif d.finished:
+                if self.params.no_stop_trim and d.matched_stop_token is not None:
+                    text += detok.add([d.matched_stop_token]).text
                 text += detok.flush()
             o.text += text
         if o.finish_reason is None and d.finished:

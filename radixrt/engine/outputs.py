@@ -29,6 +29,8 @@ class SequenceDelta:
     new_logprobs: list[float] | None = None
     new_top_logprobs: list[list[tuple[int, float]]] | None = None
     prompt_logprobs: list[float | None] | None = None  # sent once, with the first delta
+    # With params.prompt_top_logprobs: per prompt position its top-k (None where not scored).
+    prompt_top_logprobs: list[list[tuple[int, float]] | None] | None = None
     matched_stop_token: int | None = None
 
 

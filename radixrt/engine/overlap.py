@@ -56,4 +56,6 @@ def plan_continuation(prev: InFlight, table: RequestTable, memory: SequenceMemor
 
 def _uses_penalties(seq: Sequence) -> bool:
     p = seq.params
-    return p.repetition_penalty != 1.0 or p.frequency_penalty != 0.0 or p.presence_penalty != 0.0
+    # min_new_tokens bans stop tokens by the output length, which lacks N's token too.
+    return (p.repetition_penalty != 1.0 or p.frequency_penalty != 0.0
+            or p.presence_penalty != 0.0 or p.min_new_tokens > len(seq.output_ids))

@@ -52,6 +52,7 @@ class Sequence:
     logprobs: list[float] = field(default_factory=list)
     top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)
     prompt_logprobs: list[float | None] | None = None
+    prompt_top_logprobs: list[list[tuple[int, float]] | None] | None = None  # same positions
     prompt_logprobs_sent: bool = False
     matched_stop_token: int | None = None
     _array: np.ndarray | None = field(default=None, repr=False)  # token_array() cache
@@ -115,6 +116,7 @@ class Sequence:
         # Sent once, complete (a request aborted mid-prefill has only part of them: none sent).
         if pl is not None and not self.prompt_logprobs_sent and len(pl) >= len(self.prompt_ids):
             delta.prompt_logprobs = pl
+            delta.prompt_top_logprobs = self.prompt_top_logprobs
             self.prompt_logprobs_sent = True
         self.sent_tokens = len(self.output_ids)
         return delta

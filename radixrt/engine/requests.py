@@ -143,6 +143,8 @@ class RequestTable:
             child.cached_tokens = parent.cached_tokens
             if parent.prompt_logprobs is not None:
                 child.prompt_logprobs = list(parent.prompt_logprobs)
+            if parent.prompt_top_logprobs is not None:
+                child.prompt_top_logprobs = list(parent.prompt_top_logprobs)
             self._by_rid[parent.rid].append(child)
             if self.memory.fork(parent, child):
                 child.status = SeqStatus.RUNNING

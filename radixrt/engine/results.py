@@ -15,7 +15,7 @@ transition (fork, finish).
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import torch
@@ -46,6 +46,7 @@ class InFlight:
     mask: PendingMask | None = None  # the deferred draw's masks, being filled
     mask_started: bool = False
     drawn_mask: PendingMask | None = None  # the masks the draw used (to check its tokens)
+    done: list[SequenceDelta] = field(default_factory=list)  # prefill-only ends, drawn nothing
     # Ids of sequences that jumped forward after this draw was queued: their sampled token
     # belongs to the position the forced run now fills, so it is dropped.
     dropped: frozenset[int] = frozenset()
@@ -74,6 +75,7 @@ class StepResults:
         """``logits``: [rows, vocab] float32 of the step just queued."""
         to_sample: list[Sequence] = []
         rows: list[int] = []
+        done: list[SequenceDelta] = []
         for (seq, n), item in zip(work, batch.items):
             was_prefill = seq.in_prefill
             seq.kv_len += n
@@ -84,9 +86,15 @@ class StepResults:
                     torch.tensor(item.prompt_lp_targets, device=logits.device),
                 )
                 seq.prompt_logprobs.extend(lps)
+                if seq.prompt_top_logprobs is not None:
+                    seq.prompt_top_logprobs.extend(self.sampler.prompt_top_logprobs(
+                        logits[item.prompt_lp_rows], seq.params.prompt_top_logprobs))
             if was_prefill:
                 self.memory.commit_progress(seq)  # share the chunk with concurrent requests
             if item.sample_row is None:
+                continue
+            if seq.params.max_new_tokens == 0:  # prefill only: the prompt is cached, no draw
+                done.extend(self.table.finish(s, "length") for s in [*self.table.fork(seq), seq])
                 continue
             for child in self.table.fork(seq):
                 to_sample.append(child)
@@ -94,15 +102,23 @@ class StepResults:
             to_sample.append(seq)
             rows.append(item.sample_row)
         if not to_sample:
-            return InFlight([], None)
+            return InFlight([], None, done=done)
         picked = logits if rows == list(range(logits.shape[0])) else logits[rows]
-        sampler_rows = [SamplerRow(s.params, s.generator, s.prompt_ids, s.output_ids)
-                        for s in to_sample]
+        sampler_rows = [SamplerRow(s.params, s.generator, s.prompt_ids, s.output_ids,
+                                   self._banned(s)) for s in to_sample]
         if self.grammars is not None and self.grammars.needs_masks(to_sample):
-            flight = InFlight(to_sample, None, deferred=(picked, sampler_rows), constrained=True)
+            flight = InFlight(to_sample, None, deferred=(picked, sampler_rows), constrained=True,
+                              done=done)
             self._next_draw = flight
             return flight
-        return InFlight(to_sample, self.sampler.draw(picked, sampler_rows))
+        return InFlight(to_sample, self.sampler.draw(picked, sampler_rows), done=done)
+
+    def _banned(self, seq: Sequence) -> tuple[int, ...]:
+        """What the next draw may not pick: the stop tokens, until min_new_tokens are out."""
+        p = seq.params
+        if len(seq.output_ids) >= p.min_new_tokens:
+            return ()
+        return (*p.stop_token_ids, *(() if p.ignore_eos else self.eos_token_ids))
 
     def draw(self, flight: InFlight) -> None:
         """Queue a deferred draw: grammar masks from every row's newest state (the previous
@@ -136,7 +152,7 @@ class StepResults:
         flight.mask_started = True
 
     def complete(self, flight: InFlight) -> list[SequenceDelta]:
-        deltas: list[SequenceDelta] = []
+        deltas: list[SequenceDelta] = list(flight.done)
         self.draw(flight)
         if flight.pending is None:
             return deltas

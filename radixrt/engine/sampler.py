@@ -51,6 +51,8 @@ class SamplerRow:
     generator: torch.Generator | None
     prompt_token_ids: Sequence[int]
     output_token_ids: Sequence[int]
+    # Tokens this step may not draw (EOS / stop tokens before min_new_tokens is reached).
+    banned: Sequence[int] = ()
 
 
 @dataclass(frozen=True)
@@ -186,6 +188,13 @@ class Sampler:
         idx = next_tokens.to(device=lp.device, dtype=torch.long).unsqueeze(1)  # [T, 1]
         return lp.gather(1, idx).squeeze(1).tolist()
 
+    def prompt_top_logprobs(self, logits: torch.Tensor, k: int) -> list[list[tuple[int, float]]]:
+        """logits [T, V] at prompt positions: the k most likely next tokens per position (id,
+        logprob), most likely first. Only requests that ask for them pay the second softmax."""
+        lp = torch.log_softmax(logits.float(), dim=-1)  # [T, V]
+        vals, ids = lp.topk(min(k, lp.shape[1]), dim=-1)  # [T, k] each
+        return [list(zip(i, v)) for i, v in zip(ids.tolist(), vals.tolist())]
+
     # ---- pipeline stages -------------------------------------------------------------------
 
     @staticmethod
@@ -194,7 +203,8 @@ class Sampler:
         """logit_bias (one sparse add) then the grammar bitmask (one fused pass), in place on a
         copy: the caller's logits are the runner's and stay as computed."""
         biases = [r.params.logit_bias for r in rows]
-        if bitmask is None and not any(biases):
+        banned = any(r.banned for r in rows)
+        if bitmask is None and not any(biases) and not banned:
             return x
         if not copied:
             x = x.clone()
@@ -206,6 +216,9 @@ class Sampler:
             from radixrt.kernels.token_bitmask import apply_token_bitmask
 
             apply_token_bitmask(x, bitmask)
+        if banned:  # one sparse write; a row never bans its whole vocabulary (EOS + stops)
+            row, tok = _token_index([r.banned for r in rows], x.device)
+            x[row, tok] = -math.inf
         return x
 
     @staticmethod

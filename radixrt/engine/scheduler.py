@@ -267,6 +267,8 @@ class Scheduler:
                 # Entry k scores prompt token k; tokens up to the cached prefix are not scored
                 # (the first token never is: nothing precedes it).
                 seq.prompt_logprobs = [None] * (seq.kv_len + 1)
+                if seq.params.prompt_top_logprobs:
+                    seq.prompt_top_logprobs = [None] * (seq.kv_len + 1)
             self.requests.admit(seq, matched)
             owed_pages += self._prompt_pages_left(seq)
             owed_tokens += share

@@ -69,6 +69,7 @@ class DeltaMsg(msgspec.Struct, frozen=True, array_like=True):
     new_top_logprobs: list[list[tuple[int, float]]] | None = None
     prompt_logprobs: list[float | None] | None = None
     matched_stop_token: int | None = None
+    prompt_top_logprobs: list[list[tuple[int, float]] | None] | None = None
 
 
 class ReadyMsg(msgspec.Struct, tag=True, frozen=True):
@@ -169,4 +170,7 @@ def delta_to_msg(d: SequenceDelta) -> DeltaMsg:
         if d.prompt_logprobs is None
         else [None if x is None else float(x) for x in d.prompt_logprobs],
         matched_stop_token=d.matched_stop_token,
+        prompt_top_logprobs=None if d.prompt_top_logprobs is None else [
+            None if pos is None else [(int(t), float(lp)) for t, lp in pos]
+            for pos in d.prompt_top_logprobs],
     )

@@ -218,7 +218,7 @@ def test_streaming_increments_concatenate(llama_dir):
 @pytest.mark.parametrize(
     "kwargs,field",
     [
-        (dict(max_new_tokens=0), "max_new_tokens"),
+        (dict(max_new_tokens=-1), "max_new_tokens"),  # 0 is prefill only
         (dict(temperature=-1.0), "temperature"),
         (dict(top_p=0.0), "top_p"),
         (dict(top_p=1.5), "top_p"),

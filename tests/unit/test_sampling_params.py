@@ -38,8 +38,12 @@ def test_ints_coerced_to_float() -> None:
 @pytest.mark.parametrize(
     ("field", "value"),
     [
-        ("max_new_tokens", 0),
+        ("max_new_tokens", -1),  # 0 is valid: prefill only
         ("max_new_tokens", 1.5),
+        ("min_new_tokens", -1),
+        ("min_new_tokens", 129),  # over max_new_tokens (128)
+        ("no_stop_trim", 1),
+        ("prompt_top_logprobs", 2),  # without prompt_logprobs
         ("temperature", -0.1),
         ("temperature", float("nan")),
         ("temperature", float("inf")),

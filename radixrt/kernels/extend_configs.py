@@ -62,21 +62,25 @@ def packable_heads(group: int, cap: int) -> int:
     return h
 
 
-def default_config(block_d: int, group: int, device: torch.device) -> ExtendConfig:
-    """The table's entry for this shape and GPU, else a rule of thumb."""
+def default_config(block_d: int, group: int, device: torch.device,
+                   elem_bytes: int = 2) -> ExtendConfig:
+    """The table's entry for this shape and GPU (16-bit inputs), else a rule of thumb."""
     if device.type != "cuda":
         bm, bn, warps, stages = INTERPRETER_CONFIG
         return ExtendConfig(bm, bn, packable_heads(group, min(bm, 4)), warps, stages)
+    if elem_bytes > 2:  # fp32 (tests): twice the shared memory per tile, so fewer stages
+        return ExtendConfig(64, 64 if block_d <= 128 else 32, packable_heads(group, 4), 4, 2)
     major = torch.cuda.get_device_capability(device)[0]
     hit = TABLE.get((block_d, group, major))
     if hit is not None:
         return hit
-    # Rules of thumb from register counts of sm_90 builds: 128-row tiles want 8 warps at
-    # head_dim 128 (4 warps spill); at head_dim 64, 4 warps hold them in 236 registers.
+    # Rules of thumb from sm_90 builds: 128-row tiles want 8 warps at head_dim 128 (4 warps
+    # spill), where 4 stages of 64-key K/V tiles take 160 KB of shared memory; at head_dim 64,
+    # 4 warps hold them in 236 registers.
     if block_d <= 64:
         return ExtendConfig(128, 64, packable_heads(group, 8), 4, 3)
     if block_d <= 128:
-        return ExtendConfig(128, 64, packable_heads(group, 4), 8, 3)
+        return ExtendConfig(128, 64, packable_heads(group, 4), 8, 4)
     return ExtendConfig(64, 32, packable_heads(group, 4), 4, 2)  # wide heads: keep registers low
 
 

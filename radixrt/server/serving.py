@@ -22,11 +22,13 @@ from radixrt.server.config import ServerConfig
 from radixrt.server.engine_client import EngineClient
 from radixrt.server.generation import ChoiceUpdate, Generation
 from radixrt.server.metrics import ServerMetrics
+from radixrt.server.native_protocol import LogprobOptions
 from radixrt.server.protocol import APIError, ModelLimits
 from radixrt.server.text_pool import TextPool
 from radixrt.server.tokenization import TextCodec
-from radixrt.server.tool_calls import StreamParser, ToolPlan
+from radixrt.server.tool_calls import ToolPlan
 from radixrt.server.tool_calls import parse as parse_tool_calls
+from radixrt.server.tool_stream import StreamParser
 from radixrt.text.template_sandbox import TemplateSandbox
 
 log = logging.getLogger("radixrt.router")
@@ -44,6 +46,8 @@ class ServingContext:
     text_pool: TextPool = field(default_factory=TextPool)
     # Renders client-supplied chat templates (None unless --allow-request-chat-template).
     templates: TemplateSandbox | None = None
+    # Native requests in flight by their client-facing rid (for /abort_request).
+    active: dict[str, ActiveRequest] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.templates is None and self.cfg.allow_request_chat_template:
@@ -54,6 +58,13 @@ class ServingContext:
     @property
     def model_name(self) -> str:
         return self.served_names[0]
+
+
+@dataclass(frozen=True)
+class ActiveRequest:
+    gen: Generation
+    engine_rid: str
+    owner: str | None  # the API key's tenant that sent it (None: no keys)
 
 
 @dataclass
@@ -69,6 +80,13 @@ class Job:
     # Chat with tools (tool_choice not "none"): the output is parsed into tool_calls.
     tools: ToolPlan | None = None
     timeout_s: float | None = None  # the request's own deadline (``timeout``)
+    # Native /generate: a batch is answered with a list; each prompt has its own params, rid
+    # and SGLang logprob options.
+    batched: bool = False
+    params_list: list[SamplingParams] | None = None
+    rids: list[str] | None = None
+    logprob_options: list[LogprobOptions | None] | None = None
+    owner: str | None = None
 
 
 def sse(obj: Any) -> bytes:
@@ -201,21 +219,21 @@ class Responder:
         if self.job.kind == "chat":
             text, finish = u.text, u.finish_reason
             calls: list[dict[str, Any]] = []
-            if self.tool_streams is not None:
+            if self.tool_streams is not None:  # calls stream as they are generated
                 parser = self.tool_streams[u.choice]
-                text = parser.feed(u.text)
+                text, calls = parser.feed(u.text)
                 if finish is not None:
-                    rest, calls = parser.finish()
-                    text += rest
-                    if calls and finish == "stop":
+                    rest, more = parser.finish()
+                    text, calls = text + rest, calls + more
+                    if parser.called and finish == "stop":
                         finish = "tool_calls"
             delta: dict[str, Any] = {"content": text}
             if calls:
                 delta["content"] = text or None
-                delta["tool_calls"] = [{"index": k, **c} for k, c in enumerate(calls)]
+                delta["tool_calls"] = calls
             if first:
                 delta["role"] = "assistant"
-            if not text and finish is None and not first:
+            if not text and not calls and finish is None and not first:
                 return None
             choice: dict[str, Any] = {"index": u.choice, "delta": delta,
                                       "logprobs": {"content": entries} if self.want_lp else None,

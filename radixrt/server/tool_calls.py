@@ -1,5 +1,5 @@
 """OpenAI tool calls: which syntax a model writes them in, the grammar that forces one, and the
-parsers that turn generated text back into ``tool_calls``.
+parsers that turn generated text back into ``tool_calls`` (streamed: ``tool_stream``).
 
 Formats, chosen from the model's chat template:
 
@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from radixrt.server.errors import APIError, bad_request
+from radixrt.server.json_scan import ARG_KEYS, scan_call, skip, whole_call
 
 FORMATS = ("hermes", "llama3", "mistral")
 MAX_TOOLS = 128
@@ -192,36 +193,25 @@ def forced_grammar(plan: ToolPlan) -> str:
 # ---------------------------------------------------------------------------- output side
 
 
-def _new_id() -> str:
+def new_call_id() -> str:
     return "call_" + uuid.uuid4().hex[:24]
 
 
-def _call(name: Any, args: Any) -> dict[str, Any] | None:
-    if not isinstance(name, str) or not isinstance(args, dict):
-        return None
-    return {"id": _new_id(), "type": "function",
-            "function": {"name": name, "arguments": json.dumps(args, ensure_ascii=False)}}
+def arg_keys(fmt: str) -> tuple[str, ...]:
+    """The arguments' key, in the order a format's parser looks for it."""
+    return ARG_KEYS if fmt == "hermes" else ARG_KEYS[::-1]
 
 
-def _json_values(text: str) -> list[Any] | None:
-    """Consecutive JSON values separated by whitespace, ';' or ','; None if anything else."""
-    dec = json.JSONDecoder()
-    out: list[Any] = []
-    i = 0
-    while True:
-        while i < len(text) and text[i] in " \t\r\n;,":
-            i += 1
-        if i >= len(text):
-            return out
-        try:
-            v, i = dec.raw_decode(text, i)
-        except ValueError:
-            return None
-        out.append(v)
+def _call(name: str, args: str) -> dict[str, Any]:
+    # ``arguments`` is the JSON text the model wrote (checked to be an object), as OpenAI
+    # returns it; the streamed pieces are cut from the same characters, so they reassemble
+    # to exactly this.
+    return {"id": new_call_id(), "type": "function",
+            "function": {"name": name, "arguments": args}}
 
 
 _HERMES_RE = re.compile(r"<tool_call>\s*(.*?)\s*</tool_call>", re.S)
-_START = {"hermes": "<tool_call>", "mistral": "[TOOL_CALLS]", "llama3": "<|python_tag|>"}
+START_MARKERS = {"hermes": "<tool_call>", "mistral": "[TOOL_CALLS]", "llama3": "<|python_tag|>"}
 
 
 def parse(plan: ToolPlan, text: str) -> tuple[str, list[dict[str, Any]]]:
@@ -231,87 +221,56 @@ def parse(plan: ToolPlan, text: str) -> tuple[str, list[dict[str, Any]]]:
     return content, calls if plan.parallel else calls[:1]
 
 
+def _objects(body: str, pos: int, seps: str, prefer: tuple[str, ...]
+             ) -> tuple[list[dict[str, Any]], int] | None:
+    """Whole call objects from ``pos`` on, separated by ``seps``: (calls, where they end), or
+    None if one is not a valid call."""
+    calls: list[dict[str, Any]] = []
+    while True:
+        pos = skip(body, pos, seps)
+        if pos >= len(body) or body[pos] != "{":
+            return calls, pos
+        s = scan_call(body, pos)
+        call = whole_call(body, s, prefer)
+        if call is None or s.end is None:
+            return None
+        calls.append(_call(*call))
+        pos = s.end
+
+
 def _parse(plan: ToolPlan, text: str) -> tuple[str, list[dict[str, Any]]]:
     calls: list[dict[str, Any]] = []
+    prefer = arg_keys(plan.fmt)
     if plan.fmt == "hermes":
         start = text.find("<tool_call>")
         if start < 0:
             return text, []
         for m in _HERMES_RE.finditer(text, start):
-            vals = _json_values(m.group(1))
-            if vals is None or len(vals) != 1 or not isinstance(vals[0], dict):
+            body = m.group(1)
+            got = _objects(body, 0, "", prefer)
+            if got is None or len(got[0]) != 1 or got[1] != len(body):
                 return text, []
-            c = _call(vals[0].get("name"), vals[0].get("arguments", vals[0].get("parameters")))
-            if c is None:
-                return text, []
-            calls.append(c)
+            calls.extend(got[0])
         return (text[:start].strip(), calls) if calls else (text, [])
     body = text.strip()
     if plan.fmt == "mistral":
         if not body.startswith("[TOOL_CALLS]"):
             return text, []
-        vals = _json_values(body[len("[TOOL_CALLS]"):])
-        if vals is None or len(vals) != 1 or not isinstance(vals[0], list):
+        pos = skip(body, len("[TOOL_CALLS]"))
+        if pos >= len(body) or body[pos] != "[":
             return text, []
-        items = vals[0]
+        got = _objects(body, pos + 1, " \t\r\n,", prefer)
+        if got is None or not body.startswith("]", got[1]) or body[got[1] + 1:].strip():
+            return text, []
     else:  # llama3: the message is the call(s), optionally after <|python_tag|>
         body = body.removeprefix("<|python_tag|>")
         if not body.startswith("{"):
             return text, []
-        items = _json_values(body) or []
-    for v in items:
-        if not isinstance(v, dict):
+        got = _objects(body, 0, " \t\r\n;,", prefer)
+        if got is None or got[1] != len(body):
             return text, []
-        c = _call(v.get("name"), v.get("parameters", v.get("arguments")))
-        if c is None:
-            return text, []
-        calls.append(c)
+    calls = got[0]
     return ("", calls) if calls else (text, [])
-
-
-class StreamParser:
-    """Streaming: content passes through until a call may have begun; from there text is held
-    and parsed at the end, where the calls go out as ``delta.tool_calls`` (or, if they do not
-    parse, the held text goes out as content)."""
-
-    def __init__(self, plan: ToolPlan) -> None:
-        self.plan = plan
-        self.text = ""
-        self.sent = 0  # characters of text already sent as content
-        self.holding = False
-
-    def feed(self, piece: str) -> str:
-        """Content that can go out now."""
-        self.text += piece
-        if self.holding:
-            return ""
-        marker = _START[self.plan.fmt]
-        rest = self.text[self.sent:]
-        at = rest.find(marker)
-        if self.plan.fmt == "llama3" and not self.text[:self.sent].strip():
-            stripped = rest.lstrip()
-            if stripped.startswith("{") or marker.startswith(stripped[:len(marker)]) and stripped:
-                at = len(rest) - len(stripped)
-        if at >= 0:
-            self.holding = True
-            out, self.sent = rest[:at], self.sent + at
-            return out
-        # Hold back a tail that could be the start of the marker.
-        keep = next((k for k in range(min(len(marker) - 1, len(rest)), 0, -1)
-                     if marker.startswith(rest[-k:])), 0)
-        if self.plan.fmt == "llama3" and not self.text.strip():
-            keep = len(rest)  # nothing but whitespace yet: a call may still start
-        out = rest[:len(rest) - keep]
-        self.sent += len(out)
-        return out
-
-    def finish(self) -> tuple[str, list[dict[str, Any]]]:
-        """(content still to send, tool calls)."""
-        rest = self.text[self.sent:]
-        if not self.holding:
-            return rest, []
-        content, calls = parse(self.plan, rest)
-        return (content, calls) if calls else (rest, [])
 
 
 def with_system_prompt(messages: list[dict[str, Any]], plan: ToolPlan) -> list[dict[str, Any]]:

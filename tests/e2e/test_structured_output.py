@@ -98,20 +98,30 @@ def test_forced_tool_calls_parse_and_stream_the_same(client: openai.OpenAI, choi
     calls = _check_calls(c.message.tool_calls, allowed)
     if parallel is False or isinstance(choice, dict):
         assert len(calls) == 1
-    # The same request streamed: the deltas reassemble to the same calls.
+    # The same request streamed: each call's header (id, type, name) comes as soon as the
+    # name is generated, its arguments in pieces; they reassemble to the same text.
     got: dict[int, dict[str, Any]] = {}
     finish = None
-    for chunk in client.chat.completions.create(**kw, stream=True):
+    chunks = list(client.chat.completions.create(**kw, stream=True))
+    header_at: dict[int, int] = {}
+    pieces = 0
+    for n, chunk in enumerate(chunks):
         for ch in chunk.choices:
             finish = ch.finish_reason or finish
             for d in ch.delta.tool_calls or []:
                 slot = got.setdefault(d.index, {"name": "", "arguments": ""})
+                if d.id:
+                    assert d.type == "function" and d.id.startswith("call_")
+                    header_at[d.index] = n
                 if d.function and d.function.name:
                     slot["name"] += d.function.name
                 if d.function and d.function.arguments:
                     slot["arguments"] += d.function.arguments
+                    pieces += 1
     assert finish == "tool_calls"
-    assert [(g["name"], json.loads(g["arguments"])) for _, g in sorted(got.items())] == calls
+    assert [(g["name"], g["arguments"]) for _, g in sorted(got.items())] == \
+        [(t.function.name, t.function.arguments) for t in c.message.tool_calls]
+    assert header_at[0] < len(chunks) - 2 and pieces > len(got), (header_at, pieces)
 
 
 def test_tool_history_round_trip_and_auto(client: openai.OpenAI) -> None:
@@ -232,6 +242,15 @@ def test_langchain_structured_output_and_bind_tools(server: Server) -> None:
         call = msg.tool_calls[0]
         assert call["name"] == "GetWeather"
         GetWeather(**call["args"])
+    # Streaming: LangChain merges the tool-call chunks into the same call.
+    bound = llm.bind_tools([GetWeather], tool_choice="GetWeather")
+    whole = bound.invoke("What is the weather in Oslo?")
+    merged = None
+    for part in bound.stream("What is the weather in Oslo?"):
+        merged = part if merged is None else merged + part
+    assert merged is not None and merged.tool_calls
+    assert [(t["name"], t["args"]) for t in merged.tool_calls] == \
+        [(t["name"], t["args"]) for t in whole.tool_calls]
 
 
 def test_dsl_grammars_over_http(server: Server, tiny_model_dir: Any) -> None:

@@ -13,7 +13,8 @@ from radixrt.constrained.grammar import GrammarCompiler, tokenizer_info
 from radixrt.constrained.matcher import Matcher
 from radixrt.kernels.token_bitmask import apply_token_bitmask
 from radixrt.server.errors import APIError
-from radixrt.server.tool_calls import StreamParser, detect_format, forced_grammar, make_plan, parse
+from radixrt.server.tool_calls import detect_format, forced_grammar, make_plan, parse
+from radixrt.server.tool_stream import StreamParser
 from tests.fixtures import json_schema_check as jsonschema
 from tests.fixtures.tiny_models import EOS_ID, TINY_VOCAB, build_tokenizer
 
@@ -53,24 +54,73 @@ def test_parse_each_format_whole_and_streamed(fmt: str, text: str) -> None:
     assert [c["function"]["name"] for c in calls] == ["get_weather", "now"]
     assert json.loads(calls[0]["function"]["arguments"]) == {"city": "Oslo", "days": 2}
     assert content == ("Sure." if fmt == "<tool_call>" else "")
-    # Streamed in 3-character pieces: the content before the calls, then the same calls.
+    # Streamed in 3-character pieces: the content before the calls, then each call's header
+    # as soon as its name is complete and its arguments in pieces, reassembling to the same.
+    sent, got, early = stream(p, [text[i:i + 3] for i in range(0, len(text), 3)])
+    assert sent.strip() == content
+    assert got == [(c["function"]["name"], c["function"]["arguments"]) for c in calls]
+    assert early["headers"] == 2 and early["arg_pieces"] > 4, early
+
+
+def stream(p: Any, pieces: list[str]) -> tuple[str, list[tuple[str, str]], dict[str, int]]:
+    """Feed ``pieces``: (content sent, reassembled (name, arguments) per index, how many
+    headers and argument pieces came before the end)."""
     sp = StreamParser(p)
-    sent = "".join(sp.feed(text[i:i + 3]) for i in range(0, len(text), 3))
-    rest, scalls = sp.finish()
-    assert (sent + rest).strip() == content
-    assert [(c["function"]["name"], c["function"]["arguments"]) for c in scalls] == \
-        [(c["function"]["name"], c["function"]["arguments"]) for c in calls]
+    content = ""
+    slots: dict[int, dict[str, str]] = {}
+    early = {"headers": 0, "arg_pieces": 0}
+
+    def take(deltas: list[dict[str, Any]], before_end: bool) -> None:
+        for d in deltas:
+            slot = slots.setdefault(d["index"], {"name": "", "arguments": ""})
+            if "id" in d:
+                assert d["type"] == "function" and d["id"].startswith("call_") and not slot["name"]
+                early["headers"] += before_end
+            slot["name"] += d["function"].get("name", "")
+            slot["arguments"] += d["function"].get("arguments", "")
+            early["arg_pieces"] += before_end and bool(d["function"].get("arguments"))
+
+    for piece in pieces:
+        out, deltas = sp.feed(piece)
+        content += out
+        take(deltas, True)
+    out, deltas = sp.finish()
+    take(deltas, False)
+    assert sp.called is bool(slots)
+    return content + out, [(v["name"], v["arguments"]) for _, v in sorted(slots.items())], early
+
+
+def test_streamed_calls_equal_whole_parse_piece_by_piece() -> None:
+    """Every split of a call's text (one character at a time, whole, name before or after
+    the arguments, nested and escaped argument values, a single call when not parallel)
+    streams to the same calls as the whole parse."""
+    args = '{"city": "O\\"s}lo", "deep": {"a": [1, {"b": "]"}]}, "days": 2}'
+    texts = {
+        "<tool_call>": f'Hi <tool_call>\n{{"name": "get_weather", "arguments": {args}}}\n'
+                       '</tool_call>\n<tool_call>\n{"arguments": {}, "name": "now"}\n</tool_call>',
+        "<|python_tag|>": f'{{"name": "get_weather", "parameters": {args}}};{{"name": "now", '
+                          '"parameters": {}}',
+        "[TOOL_CALLS]": f'[TOOL_CALLS] [{{"name": "get_weather", "arguments": {args}}},'
+                        '{"name": "now", "arguments": {}}]',
+    }
+    for fmt, text in texts.items():
+        for parallel in (True, False):
+            p = plan(fmt, parallel=parallel)
+            content, calls = parse(p, text)
+            want = [(c["function"]["name"], c["function"]["arguments"]) for c in calls]
+            assert len(want) == (2 if parallel else 1) and json.loads(want[0][1])["days"] == 2
+            for pieces in ([text], list(text)):
+                sent, got, _ = stream(p, pieces)
+                assert got == want and sent.strip() == content, (fmt, parallel, got)
 
 
 def test_plain_text_stays_content() -> None:
     for fmt in ("<tool_call>", "<|python_tag|>", "[TOOL_CALLS]"):
         p = plan(fmt)
         assert parse(p, "No tools needed: it is 3 pm.") == ("No tools needed: it is 3 pm.", [])
-        sp = StreamParser(p)
         text = "Hello {there} <tool_call unfinished"
-        out = "".join(sp.feed(c) for c in text)
-        rest, calls = sp.finish()
-        assert out + rest == text and calls == []
+        sent, calls, _ = stream(p, list(text))
+        assert sent == text and calls == []
 
 
 def test_bad_tool_requests_are_400() -> None:

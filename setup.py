@@ -10,9 +10,9 @@ from setuptools import setup
 
 native = Pybind11Extension(
     "radixrt.cache._radix_native",
-    sources=["csrc/radix_tree.cpp", "csrc/bindings.cpp"],
+    sources=["csrc/radix_tree.cpp", "csrc/page_allocator.cpp", "csrc/bindings.cpp"],
     include_dirs=["csrc"],
-    depends=["csrc/radix_tree.h"],
+    depends=["csrc/radix_tree.h", "csrc/page_allocator.h"],
     cxx_std=17,
     extra_compile_args=["-O2"],
     optional=True,  # a failed compile is a warning: the Python tree is the fallback

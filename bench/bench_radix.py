@@ -3,7 +3,8 @@
 Lifecycle traces (seeded), each request driven through what the scheduler does with the cache:
 match, lock, evict if short, allocate the rest, insert the computed pages (swapping duplicates
 for the tree's), relock, release. Pages stay int32 arrays between the cache and the allocator
-(a Python-tree result is converted, which is that tree's cost). Traces, at page 1 and 16:
+(a Python-tree result is converted, which is that tree's cost); each backend runs with its own
+page allocator (native: refcounts in C++), as the engine pairs them. Traces, at page 1 and 16:
   * gsp:     64 groups x 16 requests, a 2048-token system prompt + a 128-token question,
              32 output tokens
   * chat:    256 conversations x 8 turns (round-robin), +300 tokens a turn
@@ -29,6 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from radixrt.cache import NativeRadixCache, PageAllocator, RadixCache, native_available
+from radixrt.cache.native import make_page_allocator
 from radixrt.server.routing import PrefixRouter
 
 VOCAB = 32000
@@ -113,7 +115,8 @@ def serve(cache: RadixCache, alloc: PageAllocator, req: Req) -> int:
 
 
 def make(backend: str, num_pages: int, ps: int) -> RadixCache:
-    alloc = PageAllocator(num_pages)
+    """The cache and allocator of a backend, as the engine builds them."""
+    alloc = make_page_allocator(num_pages, backend)
     if backend == "native":
         return NativeRadixCache(alloc, ps)  # type: ignore[return-value]
     return RadixCache(alloc, ps)

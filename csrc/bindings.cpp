@@ -12,6 +12,7 @@
 #include <cstring>
 #include <stdexcept>
 
+#include "page_allocator.h"
 #include "radix_tree.h"
 
 namespace py = pybind11;
@@ -20,6 +21,21 @@ using radixrt::RadixTree;
 using radixrt::Tok;
 
 namespace {
+
+// A small exact int without PyLong_AsLong's generic path (~8x faster on token lists).
+inline bool compact_long(PyObject* o, long* v) {
+  if (!PyLong_CheckExact(o)) return false;
+#if PY_VERSION_HEX >= 0x030C0000
+  if (!PyUnstable_Long_IsCompact((PyLongObject*)o)) return false;
+  *v = (long)PyUnstable_Long_CompactValue((PyLongObject*)o);
+  return true;
+#else
+  Py_ssize_t size = Py_SIZE(o);
+  if (size < -1 || size > 1) return false;
+  *v = size == 0 ? 0 : (long)((PyLongObject*)o)->ob_digit[0] * (long)size;
+  return true;
+#endif
+}
 
 using I32Array = py::array_t<int32_t, py::array::c_style | py::array::forcecast>;
 
@@ -37,8 +53,11 @@ struct I32View {
       PyObject** items = PySequence_Fast_ITEMS(o);
       own.resize(len);
       for (Py_ssize_t i = 0; i < len; ++i) {
-        long v = PyLong_AsLong(items[i]);
-        if (v == -1 && PyErr_Occurred()) throw py::error_already_set();
+        long v;
+        if (!compact_long(items[i], &v)) {
+          v = PyLong_AsLong(items[i]);
+          if (v == -1 && PyErr_Occurred()) throw py::error_already_set();
+        }
         if (v < INT32_MIN || v > INT32_MAX)
           throw std::logic_error(std::string(what) + " value " + std::to_string(v) +
                                  " does not fit int32");
@@ -106,6 +125,8 @@ class PyTree {
     return t_.match(toks.data, toks.n, ns(name, false), false, keep_last, path_, handle);
   }
 
+  // pages must be an int32 array (the wrapper converts): when the tree's pages for the span
+  // equal the caller's, the caller's array is returned as the span's pages (no copy).
   py::tuple insert(py::handle tokens, py::handle pages, py::handle name, bool want_pages) {
     I32View toks(tokens, "tokens");
     I32View pg(pages, "pages");
@@ -115,10 +136,6 @@ class PyTree {
     int64_t existing = t_.insert(toks.data, toks.n, pg.data, pg.n, nsi < 0 ? 0 : nsi, path_,
                                  handle);
     int64_t ps = t_.page_size();
-    py::object all = want_pages ? py::object(path_pages(t_, path_)) : py::object(py::none());
-    py::object fresh = existing < toks.n ? py::object(to_array(pg.data + existing / ps,
-                                                               (toks.n - existing) / ps))
-                                         : py::object(py::none());
     // Whether the tree's pages for the part it already had differ from the caller's (then the
     // caller swaps its duplicates for the tree's).
     bool differs = false;
@@ -133,7 +150,14 @@ class PyTree {
       }
       off += k;
     }
-    return py::make_tuple(handle, t_.node(handle).id, existing, all, fresh, differs);
+    py::object all = py::none();
+    if (want_pages) {
+      if (!differs && pg.arr && pg.arr.ptr() == pages.ptr())
+        all = py::reinterpret_borrow<py::object>(pages);
+      else
+        all = path_pages(t_, path_);
+    }
+    return py::make_tuple(handle, t_.node(handle).id, existing, all, differs);
   }
 
   void check_handle(int32_t slot, int64_t id, const char* op) const {
@@ -285,6 +309,45 @@ class PyTree {
   std::vector<Page> out_;
 };
 
+class PyAllocator {
+ public:
+  explicit PyAllocator(int64_t num_pages) : a_(num_pages) {}
+  int64_t num_total() const { return a_.num_total(); }
+  int64_t num_free() const { return a_.num_free(); }
+  int32_t refcount(int64_t page) const { return a_.refcount(page); }
+  py::array_t<int32_t> refcounts() const { return to_array(a_.refs().data(), a_.refs().size()); }
+  py::array_t<int32_t> free_stack() const {
+    std::vector<int32_t> f = a_.free_stack();
+    return to_array(f.data(), f.size());
+  }
+  py::object alloc(int64_t n) {  // a list, as PageAllocator.alloc returns
+    scratch_.resize(std::max<int64_t>(n, 0));
+    if (!a_.alloc(n, scratch_.data())) return py::none();
+    py::list out(n);
+    for (int64_t i = 0; i < n; ++i) PyList_SET_ITEM(out.ptr(), i, PyLong_FromLong(scratch_[i]));
+    return out;
+  }
+  py::object alloc_array(int64_t n) {
+    if (n < 0) throw std::logic_error("alloc of a negative page count " + std::to_string(n));
+    if (n > a_.num_free()) return py::none();
+    py::array_t<int32_t> out((py::ssize_t)n);
+    a_.alloc(n, out.mutable_data());
+    return out;
+  }
+  void incref(py::handle pages) {
+    I32View v(pages, "pages");
+    a_.incref(v.data, v.n);
+  }
+  int64_t decref(py::handle pages) {
+    I32View v(pages, "pages");
+    return a_.decref(v.data, v.n);
+  }
+
+ private:
+  radixrt::PageAllocator a_;
+  std::vector<int32_t> scratch_;
+};
+
 }  // namespace
 
 PYBIND11_MODULE(_radix_native, m) {
@@ -301,6 +364,17 @@ PYBIND11_MODULE(_radix_native, m) {
     if (v.arr && v.arr.ptr() == obj.ptr()) return py::reinterpret_borrow<py::array_t<int32_t>>(obj);
     return to_array(v.data, (size_t)v.n);
   }, py::arg("obj"), "A 1-D int32 array of an array, list or tuple of ints (no copy if it is one)");
+  py::class_<PyAllocator>(m, "Allocator")
+      .def(py::init<int64_t>(), py::arg("num_pages"))
+      .def_property_readonly("num_total", &PyAllocator::num_total)
+      .def_property_readonly("num_free", &PyAllocator::num_free)
+      .def("refcount", &PyAllocator::refcount)
+      .def("refcounts", &PyAllocator::refcounts)
+      .def("free_stack", &PyAllocator::free_stack)
+      .def("alloc", &PyAllocator::alloc)
+      .def("alloc_array", &PyAllocator::alloc_array)
+      .def("incref", &PyAllocator::incref)
+      .def("decref", &PyAllocator::decref);
   py::class_<PyTree>(m, "Tree")
       .def(py::init<int>(), py::arg("page_size"))
       .def_property_readonly("page_size", &PyTree::page_size)

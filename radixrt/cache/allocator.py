@@ -22,6 +22,24 @@ import numpy.typing as npt
 PageIds = Sequence[int] | npt.NDArray[np.integer]
 
 
+def check_refcounts(ref: npt.NDArray[np.int32], free_stack: npt.NDArray[np.int32],
+                    holders: Mapping[int, int], who: str) -> None:
+    """``PageAllocator.check_refcounts`` over an allocator's refcounts and free stack."""
+    want = np.zeros_like(ref)
+    if holders:
+        want[np.fromiter(holders.keys(), np.int64)] = np.fromiter(holders.values(), np.int64)
+    bad = np.flatnonzero(want != ref)
+    if bad.size:
+        detail = ", ".join(f"page {p}: {ref[p]} vs {want[p]}" for p in bad[:5].tolist())
+        leaks = int(((want == 0) & (ref > 0)).sum())
+        raise AssertionError(
+            f"refcount != {who} for {bad.size} pages ({leaks} held by no one): {detail}"
+        )
+    assert np.array_equal(np.sort(free_stack), np.flatnonzero(ref[1:] == 0) + 1), (
+        "free list and zero-refcount pages disagree"
+    )
+
+
 class PageAllocator:
     """Hands out page ids ``1..num_pages`` and tracks their reference counts."""
 
@@ -59,20 +77,7 @@ class PageAllocator:
     def check_refcounts(self, holders: Mapping[int, int], who: str = "holders") -> None:
         """Assert each page's refcount == ``holders.get(page, 0)`` and the free list holds
         exactly the pages at 0 (a leak or a double count names the first bad pages)."""
-        want = np.zeros_like(self._ref)
-        if holders:
-            want[np.fromiter(holders.keys(), np.int64)] = np.fromiter(holders.values(), np.int64)
-        bad = np.flatnonzero(want != self._ref)
-        if bad.size:
-            detail = ", ".join(f"page {p}: {self._ref[p]} vs {want[p]}" for p in bad[:5].tolist())
-            leaks = int(((want == 0) & (self._ref > 0)).sum())
-            raise AssertionError(
-                f"refcount != {who} for {bad.size} pages ({leaks} held by no one): {detail}"
-            )
-        free = np.sort(self._stack[: self._top])
-        assert np.array_equal(free, np.flatnonzero(self._ref[1:] == 0) + 1), (
-            "free list and zero-refcount pages disagree"
-        )
+        check_refcounts(self._ref, self._stack[: self._top], holders, who)
 
     # ------------------------------------------------------------------ updates
     def alloc(self, n: int) -> list[int] | None:

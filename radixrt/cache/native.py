@@ -14,6 +14,7 @@ tree with one log line saying so. The host tier (``TieredRadixCache``) runs on t
 
 from __future__ import annotations
 
+import importlib
 import logging
 import os
 from collections import Counter
@@ -22,8 +23,9 @@ from types import ModuleType
 from typing import Any, cast
 
 import numpy as np
+import numpy.typing as npt
 
-from radixrt.cache.allocator import PageAllocator
+from radixrt.cache.allocator import PageAllocator, PageIds, check_refcounts
 from radixrt.cache.node import (
     EMPTY,
     CacheStats,
@@ -41,12 +43,11 @@ BACKENDS = ("native", "python")
 
 _native: ModuleType | None
 try:
-    from radixrt.cache import _radix_native as _native  # type: ignore[attr-defined, no-redef]
-
+    _native = importlib.import_module("radixrt.cache._radix_native")
     _import_error = ""
 except ImportError as e:  # not built here (no compiler), or built for another Python
     _native = None
-    _import_error = str(e)
+    _import_error = f"{e}; `pip install -e .` with a C++ compiler builds it"
 _fallback_logged = False
 
 
@@ -80,6 +81,54 @@ def resolve_backend(backend: str | None = None) -> str:
         log.warning("radixrt: native radix core not built (%s); using the pure-Python tree",
                     _import_error)
     return "python"
+
+
+class NativePageAllocator(PageAllocator):
+    """``PageAllocator`` with its refcounts and free stack in C++ (``csrc/page_allocator.cpp``):
+    the same pages in the same order for the same calls, without a numpy pass per call."""
+
+    def __init__(self, num_pages: int) -> None:  # no PageAllocator.__init__: no numpy state
+        self._core = native_module().Allocator(num_pages)
+
+    @property
+    def num_total(self) -> int:
+        return self._core.num_total  # type: ignore[no-any-return]
+
+    @property
+    def num_free(self) -> int:
+        return self._core.num_free  # type: ignore[no-any-return]
+
+    @property
+    def num_used(self) -> int:
+        return self._core.num_total - self._core.num_free  # type: ignore[no-any-return]
+
+    def refcount(self, page: int) -> int:
+        return self._core.refcount(page)  # type: ignore[no-any-return]
+
+    def refcounts(self) -> npt.NDArray[np.int32]:
+        return self._core.refcounts()  # type: ignore[no-any-return]
+
+    def check_refcounts(self, holders: Mapping[int, int], who: str = "holders") -> None:
+        check_refcounts(self._core.refcounts(), self._core.free_stack(), holders, who)
+
+    def alloc(self, n: int) -> list[int] | None:
+        return self._core.alloc(n)  # type: ignore[no-any-return]
+
+    def alloc_array(self, n: int) -> npt.NDArray[np.int32] | None:
+        return self._core.alloc_array(n)  # type: ignore[no-any-return]
+
+    def incref(self, pages: PageIds) -> None:
+        self._core.incref(pages)
+
+    def decref(self, pages: PageIds) -> int:
+        return self._core.decref(pages)  # type: ignore[no-any-return]
+
+
+def make_page_allocator(num_pages: int, backend: str | None = None) -> PageAllocator:
+    """The page allocator for the radix backend (see ``resolve_backend``)."""
+    if resolve_backend(backend) == "native":
+        return NativePageAllocator(num_pages)
+    return PageAllocator(num_pages)
 
 
 class NativeNode(Node):
@@ -177,6 +226,7 @@ class NativeRadixCache:
         self.allocator = allocator
         self.page_size = page_size
         self._tree = native_module().Tree(page_size)
+        self._as_int32 = native_module().as_int32
         self.root = self._handle(self._tree.root(None))
 
     def _handle(self, slot_id: tuple[int, int]) -> NativeNode:
@@ -192,10 +242,10 @@ class NativeRadixCache:
     def insert(
         self, tokens: TokenIds, pages: Sequence[int] | IntArray, namespace: str | None = None
     ) -> InsertResult:
-        slot, nid, existing, span_pages, fresh, differs = self._tree.insert(
-            tokens, pages, namespace)
-        if fresh is not None:
-            self.allocator.incref(fresh)  # the tree adopts only the part it did not have
+        arr = self._as_int32(pages)
+        slot, nid, existing, span_pages, differs = self._tree.insert(tokens, arr, namespace)
+        if existing < len(arr) * self.page_size:  # the tree adopts only the part it lacked
+            self.allocator.incref(arr[existing // self.page_size :])
         return InsertResult(NativeNode(self._tree, slot, nid), span_pages, existing, differs)
 
     def lock(self, handle: Node) -> None:

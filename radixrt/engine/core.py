@@ -13,8 +13,8 @@ from typing import Any
 
 import torch
 
-from radixrt.cache.allocator import PageAllocator
 from radixrt.cache.kv_pool import KVPool
+from radixrt.cache.native import make_page_allocator
 from radixrt.cache.prefix_cache import make_prefix_cache
 from radixrt.cache.transfer import make_host_tier
 from radixrt.config import EngineConfig
@@ -97,7 +97,7 @@ class EngineCore:
         args = loaded.args
         self.args = args
         self.runner = built.runner
-        allocator = PageAllocator(num_pages)
+        allocator = make_page_allocator(num_pages)  # native refcounts when the core is built
         tier = make_host_tier(pool, config.host_kv_cache_tokens)
         cache = make_prefix_cache(allocator, config.page_size, config.enable_prefix_cache, tier)
         # A full prefill step's worth of the oldest GPU cache stays written down ahead of need.

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
@@ -23,6 +23,7 @@ from radixrt.cache import (
     SequencePages,
     native_available,
 )
+from radixrt.cache.native import NativePageAllocator, make_page_allocator
 from radixrt.cache.node import Node
 from radixrt.cache.prefix_cache import make_prefix_cache
 from radixrt.engine.policy import WaitingQueue
@@ -51,7 +52,7 @@ class DiffMachine(RuleBasedStateMachine):
     def setup(self, page_size: int, num_pages: int) -> None:
         self.ps = page_size
         self.py = RadixCache(PageAllocator(num_pages), page_size)
-        self.nat = NativeRadixCache(PageAllocator(num_pages), page_size)
+        self.nat = NativeRadixCache(NativePageAllocator(num_pages), page_size)
         self.history: list[list[int]] = [[0] * page_size * 3]
         self.locks: list[tuple[Node, Node]] = []  # (python handle, native handle), locked once
 
@@ -172,6 +173,40 @@ DiffMachine.TestCase.settings = settings(
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
 )
 test_native_tree_matches_python_tree = DiffMachine.TestCase
+
+
+def _outcome(fn: object, *args: object) -> object:
+    try:
+        out = fn(*args)  # type: ignore[operator]
+    except AssertionError as e:
+        return ("error", str(e))
+    return pl(out) if isinstance(out, (list, np.ndarray)) else out
+
+
+@settings(max_examples=150, deadline=None)
+@given(num_pages=st.integers(1, 12), ops=st.lists(st.tuples(
+    st.sampled_from(["alloc", "alloc_array", "incref", "decref", "refcount"]),
+    st.lists(st.integers(-1, 13), max_size=6), st.booleans()), max_size=30))
+def test_native_allocator_matches_python_allocator(
+        num_pages: int, ops: list[tuple[str, list[int], bool]]) -> None:
+    """Same pages, refcounts, free order and errors for the same calls (duplicates included)."""
+    py, nat = PageAllocator(num_pages), NativePageAllocator(num_pages)
+    for op, pages, as_array in ops:
+        if op in ("alloc", "alloc_array"):
+            args: tuple[object, ...] = (len(pages),)
+        elif op == "refcount":
+            args = (pages[0] if pages else 1,)
+        else:
+            args = (np.array(pages, dtype=np.int32) if as_array else pages,)
+        assert _outcome(getattr(py, op), *args) == _outcome(getattr(nat, op), *args), op
+        assert np.array_equal(py.refcounts(), nat.refcounts())
+        assert (py.num_free, py.num_used) == (nat.num_free, nat.num_used)
+        assert pl(py._stack[: py._top]) == pl(nat._core.free_stack()), "free stacks differ"
+    held = {p: int(c) for p, c in enumerate(py.refcounts().tolist()) if c}
+    py.check_refcounts(held)
+    nat.check_refcounts(held)
+    assert type(make_page_allocator(4, "native")) is NativePageAllocator
+    assert type(make_page_allocator(4, "python")) is PageAllocator
 
 
 def test_lock_of_evicted_node_and_dropped_namespace_root() -> None:

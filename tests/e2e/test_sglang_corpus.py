@@ -15,6 +15,10 @@ Each request is tagged with the server features it needs (the test id names them
                 return_text_in_logprobs with SGLang's meta_info rows
   grammar       regex / json_schema
   stream        SSE with cumulative text, meta_info in every event
+  bench_keys    bench_serving's top-level keys (lora_path null, return_routed_experts false,
+                logprob_start_len -1)
+  reset_cache   POST /reset_prefix_cache (vLLM's; bench_serving --backend vllm --flush-cache)
+  openai        /v1/models, /v1/completions, /v1/chat/completions as bench_serving sends them
 """
 
 from __future__ import annotations
@@ -33,15 +37,21 @@ PROGRAMS = sorted(p.stem for p in CORPUS.glob("*.json"))
 
 
 def features(req: dict[str, Any]) -> list[str]:
-    path, body = req["path"], req["body"] or {}
+    path, body = req["path"].split("?")[0], req["body"] or {}
     if path == "/get_model_info":
         return ["model_info"]
     if path in ("/server_info", "/get_server_info"):
         return ["server_info"]
     if path == "/flush_cache":
         return ["flush"]
+    if path == "/reset_prefix_cache":
+        return ["reset_cache"]
+    if path.startswith("/v1/"):
+        return ["openai"] + (["stream"] if body.get("stream") else [])
     sp = body.get("sampling_params") or {}
     out = []
+    if "lora_path" in body or "return_routed_experts" in body:
+        out.append("bench_keys")
     if "min_new_tokens" in sp or "stop_regex" in sp:
         out.append("sglang_keys")
     if sp.get("max_new_tokens") == 0:
@@ -70,7 +80,8 @@ def test_corpus_covers_the_frontend() -> None:
     """The recording exercises every feature above (a re-recording that lost one fails)."""
     seen = {f for p in PROGRAMS for r in load(p) for f in features(r)}
     assert seen >= {"model_info", "server_info", "flush", "sglang_keys", "prefill_only",
-                    "batch_text", "batch_ids", "logprobs", "grammar", "stream"}, seen
+                    "batch_text", "batch_ids", "logprobs", "grammar", "stream", "bench_keys",
+                    "reset_cache", "openai"}, seen
 
 
 @pytest.fixture(scope="module")
@@ -114,7 +125,7 @@ def check_output(body: dict[str, Any], obj: Any, final: bool = True) -> None:
     with_text = bool(body.get("return_text_in_logprobs"))
     start = body.get("logprob_start_len")
     rows = meta["input_token_logprobs"]
-    if start is None:  # SGLang then returns no input rows (output logprobs only)
+    if start is None or start == -1:  # SGLang then returns no input rows
         assert len(rows) in (0, prompt), rows
         _check_rows(rows, None, with_text, "input_token_logprobs")
     else:
@@ -136,6 +147,8 @@ def adapt(req: dict[str, Any], prev: list[Any]) -> dict[str, Any]:
     this server's (the recording's capture server tokenized differently): select's
     logprob_start_len (stem tokens - 2) and the unconditional pass's token ids."""
     body = json.loads(json.dumps(req["body"]))
+    if "model" in body:  # bench_serving names the model it was given: this server's
+        body["model"] = MODEL_NAME[0]
     if isinstance(body.get("text"), list) and "logprob_start_len" in body and prev:
         stem = prev[-1]
         body["logprob_start_len"] = max(stem["meta_info"]["prompt_tokens"] - 2, 0)
@@ -145,9 +158,16 @@ def adapt(req: dict[str, Any], prev: list[Any]) -> dict[str, Any]:
     return body
 
 
+MODEL_NAME: list[str] = []  # the server's model id, read once
+
+
 def replay(server: Server, req: dict[str, Any], prev: list[Any]) -> Any:
+    if not MODEL_NAME:
+        MODEL_NAME.append(httpx.get(server.url + "/v1/models").json()["data"][0]["id"])
     body = adapt(req, prev) if req["body"] is not None else None
     url = server.url + req["path"]
+    if body and body.get("stream") and req["path"].startswith("/v1/"):
+        return replay_openai_stream(url, body)
     if body and body.get("stream"):
         return replay_stream(url, body)
     r = httpx.request(req["method"], url, json=body, timeout=120)
@@ -158,6 +178,8 @@ def replay(server: Server, req: dict[str, Any], prev: list[Any]) -> Any:
         assert isinstance(out["chat_template"], str) and "messages" in out["chat_template"]
     elif req["path"] in ("/server_info", "/get_server_info"):
         assert isinstance(out, dict) and out
+    elif req["path"] == "/v1/models":
+        assert out["data"] and isinstance(out["data"][0]["id"], str)
     elif req["path"] == "/generate":
         assert body is not None
         prompts = body.get("text", body.get("input_ids"))
@@ -169,6 +191,23 @@ def replay(server: Server, req: dict[str, Any], prev: list[Any]) -> Any:
         else:
             check_output(body, out)
     return out
+
+
+def replay_openai_stream(url: str, body: dict[str, Any]) -> Any:
+    """bench_serving's vllm / sglang-oai-chat modes: SSE chunks with choices, then [DONE]."""
+    chunks, done = [], False
+    with httpx.stream("POST", url, json=body, timeout=120) as r:
+        assert r.status_code == 200, r.read()
+        for line in r.iter_lines():
+            if line.startswith("data:"):
+                if line.strip() == "data: [DONE]":
+                    done = True
+                    break
+                chunks.append(json.loads(line[5:].strip()))
+    assert done and chunks, "a stream ends with data: [DONE]"
+    key = "delta" if "messages" in body else "text"
+    assert any(c["choices"] and key in c["choices"][0] for c in chunks), chunks
+    return chunks[-1]
 
 
 def replay_stream(url: str, body: dict[str, Any]) -> Any:

@@ -22,7 +22,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from radixrt.server.errors import APIError
 
-ADMIN_PATHS = frozenset({"/flush_cache"})
+ADMIN_PATHS = frozenset({"/flush_cache", "/reset_prefix_cache"})
 
 
 def _match(token: str, keys: tuple[str, ...]) -> str | None:

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -63,9 +63,18 @@ class Usage:
                 "prompt_tokens_details": {"cached_tokens": self.cached_tokens}}
 
 
+class ClientAbort(RequestRejected):
+    """/abort_request ended this engine request (posted to its own queue, by engine rid)."""
+
+    def __init__(self, rid: str) -> None:
+        super().__init__(f"request {rid} was aborted by /abort_request")
+        self.rid = rid
+
+
 @dataclass
 class _Seq:
     choice: int
+    index: int  # sample index within its prompt (the engine's DeltaMsg.index)
     detok: IncrementalDetokenizer | None  # None: no tokenizer, token ids only
     token_ids: list[int] = field(default_factory=list)
     open: bool = True
@@ -76,8 +85,10 @@ class _Sub:
     state: RequestState
     seqs: list[_Seq]
     prompt_ids: list[int]
+    params: SamplingParams
     # Entry k scores prompt_ids[k] (None where not computed); every sample carries a copy.
     prompt_logprobs: list[float | None] | None = None
+    prompt_top_logprobs: list[list[tuple[int, float]] | None] | None = None
     prompt_tokens: int = 0
     cached_tokens: int = 0
     last_time: float | None = None
@@ -85,25 +96,32 @@ class _Sub:
 
 class Generation:
     def __init__(self, client: EngineClient, codec: TextCodec | None, prompts: list[list[int]],
-                 params: SamplingParams, namespace: str | None, metrics: ServerMetrics,
-                 t_arrival: float, timeout_s: float | None = None) -> None:
+                 params: SamplingParams | Sequence[SamplingParams], namespace: str | None,
+                 metrics: ServerMetrics, t_arrival: float,
+                 timeout_s: float | None = None) -> None:
+        """``params``: one for every prompt, or one per prompt (native /generate batches)."""
         self.client = client
         self.metrics = metrics
-        self.params = params
+        per_prompt = [params] * len(prompts) if isinstance(params, SamplingParams) else params
+        assert len(per_prompt) == len(prompts), "one SamplingParams per prompt"
+        self.params = per_prompt[0]
         self.t_arrival = t_arrival
         self.queue: asyncio.Queue[Event] = asyncio.Queue()
         self.usage = Usage()
         self.subs: dict[str, _Sub] = {}
         self._choice_subs: list[_Sub] = []  # choice i -> the engine request serving it
+        self._choice_prompt: list[int] = []  # choice i -> its prompt's index
         try:
-            for p_idx, ids in enumerate(prompts):
-                st = client.submit(ids, params, namespace, self.queue, t_arrival, timeout_s)
-                seqs = [_Seq(p_idx * params.n + i, None if codec is None else
-                             IncrementalDetokenizer(codec.tokenizer, params.skip_special_tokens,
-                                                    params.stop, context_token_ids=ids[-5:]))
-                        for i in range(params.n)]
-                self.subs[st.rid] = _Sub(st, seqs, list(ids))
-                self._choice_subs.extend([self.subs[st.rid]] * params.n)
+            for p_idx, (ids, sp) in enumerate(zip(prompts, per_prompt)):
+                st = client.submit(ids, sp, namespace, self.queue, t_arrival, timeout_s)
+                first = len(self._choice_subs)
+                seqs = [_Seq(first + i, i, None if codec is None else
+                             IncrementalDetokenizer(codec.tokenizer, sp.skip_special_tokens,
+                                                    sp.stop, context_token_ids=ids[-5:]))
+                        for i in range(sp.n)]
+                self.subs[st.rid] = _Sub(st, seqs, list(ids), sp)
+                self._choice_subs.extend([self.subs[st.rid]] * sp.n)
+                self._choice_prompt.extend([p_idx] * sp.n)
         except BaseException:  # whatever failed, the requests already submitted are aborted
             self.close()
             raise
@@ -111,6 +129,23 @@ class Generation:
     @property
     def num_choices(self) -> int:
         return sum(len(s.seqs) for s in self.subs.values())
+
+    def sub_of(self, choice: int) -> _Sub:
+        """The engine request serving ``choice`` (its prompt, params, token counts)."""
+        return self._choice_subs[choice]
+
+    def prompt_of(self, choice: int) -> int:
+        return self._choice_prompt[choice]
+
+    def engine_rids(self) -> list[str]:
+        return list(self.subs)
+
+    def abort_by_client(self, rid: str) -> None:
+        """End engine request ``rid`` now (/abort_request): its open samples finish "abort"."""
+        sub = self.subs.get(rid)
+        if sub is not None and any(s.open for s in sub.seqs):
+            self.client.abort(rid)
+            self.queue.put_nowait(ClientAbort(rid))
 
     def input_token_logprobs(self, choice: int) -> list[list[Any]] | None:
         """``[[logprob_or_None, token_id], ...]``, one row per prompt token of ``choice``
@@ -137,6 +172,10 @@ class Generation:
                                    param="timeout")
                 if isinstance(ev, WorkerFailure):
                     raise APIError(503, f"Generation failed: {ev}", err_type="server_error")
+                if isinstance(ev, ClientAbort):
+                    for ended in self._client_aborted(ev.rid):
+                        yield ended
+                    continue
                 if isinstance(ev, RequestRejected):
                     raise APIError(400, str(ev))
                 upd = self._on_delta(ev)
@@ -146,6 +185,16 @@ class Generation:
         finally:
             self.close()
 
+    def _client_aborted(self, rid: str) -> list[ChoiceUpdate]:
+        sub = self.subs[rid]
+        out = []
+        for seq in sub.seqs:
+            if seq.open:
+                text = seq.detok.flush() if seq.detok is not None else ""
+                out.append(ChoiceUpdate(seq.choice, text, [], finish_reason="abort"))
+                self._close_seq(sub, seq, worker_done=True, released=True)
+        return out
+
     def _on_delta(self, d: DeltaMsg) -> ChoiceUpdate | None:
         sub = self.subs.get(d.rid)
         if sub is not None and d.prompt_logprobs is not None:
@@ -153,6 +202,7 @@ class Generation:
                 f"{d.rid}: {len(d.prompt_logprobs)} prompt logprobs for "
                 f"{len(sub.prompt_ids)} prompt tokens")
             sub.prompt_logprobs = d.prompt_logprobs
+            sub.prompt_top_logprobs = d.prompt_top_logprobs
         if sub is None or not 0 <= d.index < len(sub.seqs) or not sub.seqs[d.index].open:
             return None  # tokens after a stop string, or the abort that followed it
         now = time.monotonic()
@@ -168,17 +218,22 @@ class Generation:
         seq.token_ids.extend(d.new_token_ids)
         upd = ChoiceUpdate(seq.choice, step.text if step is not None else "",
                            list(d.new_token_ids), d.new_logprobs, d.new_top_logprobs)
+        keep_stop = sub.params.no_stop_trim
         if step is not None and step.stopped:
             upd.finish_reason, upd.matched_stop = "stop", step.matched_stop
+            if keep_stop and step.matched_stop is not None:
+                upd.text += step.matched_stop
         elif d.finished:
             if d.finish_reason == "abort":
                 if d.error is not None and d.error.startswith(GRAMMAR_ERROR_PREFIX):
                     # The request's grammar failed to compile in the worker: the client's.
-                    kind = self.params.constraint[0] if self.params.constraint else None
-                    raise APIError(400, d.error, kind)
+                    constraint = sub.params.constraint
+                    raise APIError(400, d.error, constraint[0] if constraint else None)
                 raise APIError(500, f"The engine aborted the request: {d.error or 'unknown'}",
                                err_type="server_error")
             if seq.detok is not None:
+                if keep_stop and d.matched_stop_token is not None:
+                    upd.text += seq.detok.add([d.matched_stop_token]).text
                 upd.text += seq.detok.flush()
             upd.finish_reason = d.finish_reason or "stop"
             upd.matched_stop = d.matched_stop_token
@@ -186,19 +241,22 @@ class Generation:
             self._close_seq(sub, seq, worker_done=d.finished and not stopped)
         return upd
 
-    def _close_seq(self, sub: _Sub, seq: _Seq, worker_done: bool) -> None:
+    def _close_seq(self, sub: _Sub, seq: _Seq, worker_done: bool,
+                   released: bool = False) -> None:
         seq.open = False
         self.usage.completion_tokens += len(seq.token_ids)
         self.metrics.generation_tokens.inc(len(seq.token_ids))
         rid = sub.state.rid
         if any(s.open for s in sub.seqs):
             if not worker_done:  # a stop string ended this sample; the others go on
-                self.client.abort(rid, seq.choice % self.params.n)
+                self.client.abort(rid, seq.index)
             return
         self.usage.prompt_tokens += sub.prompt_tokens
         self.usage.cached_tokens += sub.cached_tokens
         self.metrics.prompt_tokens.inc(sub.prompt_tokens)
         self.metrics.cached_tokens.inc(sub.cached_tokens)
+        if released:
+            return
         if worker_done:
             self.client.release(rid, sub.seqs[0].token_ids)
         else:

@@ -7,22 +7,24 @@ Every rejection is an ``APIError`` that renders as OpenAI's ``{"error": {...}}``
 
 from __future__ import annotations
 
-import json
 import math
 import re
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, fields
 from typing import Any
 
 import msgspec
 
 from radixrt.sampling_params import SamplingParams
 from radixrt.server import body
+from radixrt.server import native_protocol as native
 
 # Re-exported: handlers and tests use protocol.APIError / bad_request / error_body.
 from radixrt.server.errors import APIError as APIError
 from radixrt.server.errors import bad_request as bad_request
 from radixrt.server.errors import error_body as error_body
 
+# SGLang's /generate body lives with its parsing in native_protocol.
+GenerateRequest = native.GenerateRequest
 MAX_CACHE_SALT_LEN = 256
 _FIELD_RE = re.compile(r"^([a-z_]+) ")
 # SamplingParams field -> the name clients used.
@@ -109,15 +111,6 @@ class CompletionRequest(_Common, kw_only=True):
     suffix: str | None = None
     best_of: int | None = None
     response_format: dict[str, Any] | None = None  # vLLM / SGLang accept it here too
-
-
-class GenerateRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
-    text: str | None = None
-    input_ids: list[int] | None = None
-    sampling_params: dict[str, Any] | None = None
-    stream: bool = False
-    cache_salt: str | None = None
-    timeout: float | None = None
 
 
 DEFAULT_MAX_JSON_DEPTH = 64
@@ -253,8 +246,9 @@ class ModelLimits:
 
 
 def check_lengths(prompt_len: int, max_tokens: int | None, limits: ModelLimits,
-                  default_max_tokens: int | None) -> int:
-    """Checks the prompt and max_tokens against the context window; returns max_new_tokens."""
+                  default_max_tokens: int | None, allow_zero: bool = False) -> int:
+    """Checks the prompt and max_tokens against the context window; returns max_new_tokens.
+    ``allow_zero``: 0 new tokens (native /generate: prefill only) is valid."""
     ctx = limits.max_context_len
     if prompt_len < 1:
         raise bad_request("The prompt is empty (0 tokens)", "prompt")
@@ -267,8 +261,9 @@ def check_lengths(prompt_len: int, max_tokens: int | None, limits: ModelLimits,
         max_tokens = room if default_max_tokens is None else min(room, default_max_tokens)
         if limits.max_request_tokens is not None:
             max_tokens = min(max_tokens, limits.max_request_tokens)
-    if isinstance(max_tokens, bool) or max_tokens < 1:
-        raise bad_request(f"max_tokens must be at least 1, got {max_tokens}", "max_tokens")
+    if isinstance(max_tokens, bool) or max_tokens < (0 if allow_zero else 1):
+        raise bad_request(f"max_tokens must be at least {0 if allow_zero else 1}, got "
+                          f"{max_tokens}", "max_tokens")
     if limits.max_request_tokens is not None and max_tokens > limits.max_request_tokens:
         raise bad_request(f"max_tokens ({max_tokens}) is over this server's limit of "
                           f"{limits.max_request_tokens}", "max_tokens")
@@ -280,7 +275,7 @@ def check_lengths(prompt_len: int, max_tokens: int | None, limits: ModelLimits,
     return max_tokens
 
 
-def _make_params(**kw: Any) -> SamplingParams:
+def make_params(**kw: Any) -> SamplingParams:
     try:
         return SamplingParams(**kw)
     except (ValueError, TypeError) as e:
@@ -302,7 +297,7 @@ def openai_params(req: ChatCompletionRequest | CompletionRequest) -> SamplingPar
     else:
         want_lp = req.logprobs is not None
         top = req.logprobs or 0
-    return _make_params(
+    return make_params(
         logit_bias=_bias(req.logit_bias),
         max_new_tokens=1, temperature=req.temperature, top_p=req.top_p, top_k=req.top_k,
         min_p=req.min_p, n=req.n, stop=req.stop, stop_token_ids=tuple(req.stop_token_ids or ()),
@@ -316,30 +311,21 @@ def _bias(bias: dict[str, float] | None) -> tuple[tuple[Any, float], ...]:
     return tuple(bias.items()) if bias else ()
 
 
-_NATIVE_FIELDS = {f.name for f in fields(SamplingParams)}
-
-
 def native_params(sp: dict[str, Any] | None) -> SamplingParams:
-    sp = dict(sp or {})
-    if "max_tokens" in sp and "max_new_tokens" not in sp:
-        sp["max_new_tokens"] = sp.pop("max_tokens")
-    if isinstance(sp.get("json_schema"), (dict, bool)):
-        sp["json_schema"] = json.dumps(sp["json_schema"])
-    if isinstance(sp.get("logit_bias"), dict):
-        sp["logit_bias"] = tuple(sp["logit_bias"].items())
-    unknown = sorted(set(sp) - _NATIVE_FIELDS)
-    if unknown:
-        raise bad_request(f"Unknown sampling parameter(s): {', '.join(unknown)}",
-                          "sampling_params")
-    for k in ("stop", "stop_token_ids"):
-        if isinstance(sp.get(k), list):
-            sp[k] = tuple(sp[k])
-    return _make_params(**sp)
+    """/generate's sampling_params (SGLang's keys and ours), max_new_tokens as given."""
+    params, asked = native.sampling_params(dict(sp or {}))
+    return params if asked is None else with_params(params, max_new_tokens=asked)
+
+
+def with_params(params: SamplingParams, **kw: Any) -> SamplingParams:
+    """``replace`` whose validation errors are 400s naming the field."""
+    return make_params(**{**{f.name: getattr(params, f.name) for f in fields(params)}, **kw})
 
 
 def finalize_params(params: SamplingParams, prompt_len: int, max_tokens: int | None,
-                    limits: ModelLimits, default_max_tokens: int | None) -> SamplingParams:
-    n_new = check_lengths(prompt_len, max_tokens, limits, default_max_tokens)
+                    limits: ModelLimits, default_max_tokens: int | None,
+                    allow_zero: bool = False) -> SamplingParams:
+    n_new = check_lengths(prompt_len, max_tokens, limits, default_max_tokens, allow_zero)
     for t in params.stop_token_ids:
         if t >= limits.vocab_size:
             raise bad_request(f"stop_token_ids contains {t}, outside the vocabulary (size "
@@ -348,4 +334,4 @@ def finalize_params(params: SamplingParams, prompt_len: int, max_tokens: int | N
         if t >= limits.vocab_size:
             raise bad_request(f"logit_bias has token id {t}, outside the vocabulary (size "
                               f"{limits.vocab_size})", "logit_bias")
-    return replace(params, max_new_tokens=n_new)
+    return with_params(params, max_new_tokens=n_new)

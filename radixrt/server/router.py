@@ -24,8 +24,11 @@ from starlette.requests import ClientDisconnect
 
 from radixrt.server import protocol as p
 from radixrt.server import structured, tool_calls
-from radixrt.server.auth import ApiKeyAuth, key_tenant
+from radixrt.server.auth import ApiKeyAuth
 from radixrt.server.body import read_body
+from radixrt.server.job_inputs import namespace_of as _namespace
+from radixrt.server.job_inputs import prompt_ids as _prompt_ids
+from radixrt.server.native_api import add_native_routes, generate_job
 from radixrt.server.serving import Job, ServingContext, run_full, run_stream, start
 
 log = logging.getLogger("radixrt.router")
@@ -33,33 +36,6 @@ log = logging.getLogger("radixrt.router")
 
 def _error(e: p.APIError, headers: Mapping[str, str] | None = None) -> JSONResponse:
     return JSONResponse(e.body(), status_code=e.status, headers=headers)
-
-
-def _namespace(ctx: ServingContext, request: Request, salt: Any) -> str | None:
-    """Cache namespace: the API key's tenant (when keys are set) and the request's cache_salt."""
-    parts = []
-    key = getattr(request.state, "api_key", None)
-    # Several tenant keys always split the cache by key; --salt-from-key does it for one key
-    # (and the admin key) too, so a body's cache_salt only partitions within its own key.
-    if key is not None and (len(ctx.cfg.api_keys) > 1 or ctx.cfg.salt_from_key):
-        parts.append(key_tenant(key))
-    s = p.validate_cache_salt(salt)
-    if s is not None:
-        parts.append("salt:" + s)
-    return "|".join(parts) or None
-
-
-def _prompt_ids(ctx: ServingContext, prompt: str | list[int], param: str) -> list[int]:
-    if isinstance(prompt, str):
-        if ctx.codec is None:
-            raise p.no_tokenizer(f"{param} is text; send a list of token ids", param)
-        ids = ctx.codec.encode(prompt)
-    else:
-        p.check_token_ids(prompt, ctx.limits.vocab_size, param)
-        ids = prompt
-    if not ids:
-        raise p.bad_request(f"{param} is empty", param)
-    return ids
 
 
 def _finish_params(ctx: ServingContext, params: Any, prompts: list[list[int]],
@@ -157,27 +133,6 @@ def completion_job(ctx: ServingContext, request: Request, raw: bytes) -> Job:
                timeout_s=p.request_timeout(req.timeout))
 
 
-def generate_job(ctx: ServingContext, request: Request, raw: bytes) -> Job:
-    req = p.parse_body(raw, p.GenerateRequest, ctx.cfg.max_json_depth)
-    if (req.text is None) == (req.input_ids is None):
-        raise p.bad_request("exactly one of text or input_ids is required", "text")
-    namespace = _namespace(ctx, request, req.cache_salt)
-    params = p.native_params(req.sampling_params)
-    p.check_sequences(1, params.n, ctx.cfg.max_sequences_per_request)
-    if ctx.codec is None:
-        p.check_token_only(params)
-    structured.check_grammar(params)
-    prompt: str | list[int] = req.text if req.text is not None else (req.input_ids or [])
-    if isinstance(prompt, str) and not prompt:
-        raise p.bad_request("text is empty", "text")
-    ids = _prompt_ids(ctx, prompt, "text" if req.text is not None else "input_ids")
-    given = (req.sampling_params or {})
-    max_tokens = given.get("max_new_tokens", given.get("max_tokens", params.max_new_tokens))
-    params = _finish_params(ctx, params, [ids], max_tokens, None)
-    return Job("generate", [ids], params, namespace, req.stream,
-               timeout_s=p.request_timeout(req.timeout))
-
-
 def build_app(ctx: ServingContext) -> FastAPI:
     app = FastAPI(title="radixrt", docs_url=None, redoc_url=None)
     cfg = ctx.cfg
@@ -250,6 +205,8 @@ def build_app(ctx: ServingContext) -> FastAPI:
             return JSONResponse({"flushed": True})
         return _error(p.APIError(400, "Cache not flushed: requests are running (retry when "
                                  "idle)", None, "invalid_request_error"))
+
+    add_native_routes(app, ctx, flush_cache)
 
     @app.get("/metrics")
     async def metrics() -> Response:

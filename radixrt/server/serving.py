@@ -13,6 +13,7 @@ import json
 import logging
 import time
 import uuid
+import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -22,6 +23,7 @@ from radixrt.server.config import ServerConfig
 from radixrt.server.engine_client import EngineClient
 from radixrt.server.generation import ChoiceUpdate, Generation
 from radixrt.server.metrics import ServerMetrics
+from radixrt.server.native_output import NativeLogprobs, finish_reason
 from radixrt.server.native_protocol import LogprobOptions
 from radixrt.server.protocol import APIError, ModelLimits
 from radixrt.server.text_pool import TextPool
@@ -62,9 +64,13 @@ class ServingContext:
 
 @dataclass(frozen=True)
 class ActiveRequest:
-    gen: Generation
+    gen_ref: weakref.ref[Generation]  # weak: a stream never started must not be kept alive
     engine_rid: str
     owner: str | None  # the API key's tenant that sent it (None: no keys)
+
+    @property
+    def gen(self) -> Generation | None:
+        return self.gen_ref()
 
 
 @dataclass
@@ -124,6 +130,10 @@ class Responder:
         self.matched: list[str | int | None] = [None] * n
         self.lps: list[list[dict[str, Any]]] = [[] for _ in range(n)]
         self.want_lp = job.params.logprobs
+        self.native: NativeLogprobs | None = None
+        if job.kind == "generate" and any(job.logprob_options or ()):
+            opts = job.logprob_options
+            self.native = NativeLogprobs(ctx.codec, gen, [opts[gen.prompt_of(i)] for i in range(n)])
         self.token_only = ctx.codec is None
         self.tool_streams = ([StreamParser(job.tools) for _ in range(n)]
                              if job.tools is not None else None)
@@ -139,8 +149,13 @@ class Responder:
         i = u.choice
         self.texts[i] += u.text
         self.ids[i].extend(u.token_ids)
-        entries = self._lp_entries(u)
-        self.lps[i].extend(entries)
+        entries: list[dict[str, Any]] = []
+        if self.job.kind == "generate":  # SGLang's rows, rendered when a body is built
+            if self.native is not None:
+                self.native.add(i, u.token_ids, u.logprobs, u.top_logprobs)
+        else:
+            entries = self._lp_entries(u)
+            self.lps[i].extend(entries)
         if u.finish_reason is not None:
             self.finish[i], self.matched[i] = u.finish_reason, u.matched_stop
         return entries
@@ -177,8 +192,8 @@ class Responder:
                        for i in range(n)]
             return {"id": self.id, "object": "text_completion", "created": self.created,
                     "model": self.ctx.model_name, "choices": choices, "usage": usage}
-        outs = [self._native(i, usage, final=True) for i in range(n)]
-        return outs[0] if n == 1 else outs
+        outs = [self._native(i, final=True) for i in range(n)]
+        return outs if self.job.batched or n > 1 else outs[0]
 
     def _message(self, i: int) -> dict[str, Any]:
         """A chat choice's message and finish_reason (tool calls parsed out of the text)."""
@@ -193,16 +208,28 @@ class Responder:
                     finish = "tool_calls"
         return {"message": msg, "finish_reason": finish}
 
-    def _native(self, i: int, usage: dict[str, Any], final: bool) -> dict[str, Any]:
+    def _native(self, i: int, final: bool) -> dict[str, Any]:
+        """SGLang's result object; in a stream every event has the text so far and its
+        prompt's token counts."""
+        sub = self.gen.sub_of(i)
+        rids = self.job.rids
         meta: dict[str, Any] = {
-            "id": self.id, "finish_reason": {"type": self.finish[i], "matched": self.matched[i]},
-            "prompt_tokens": usage["prompt_tokens"], "completion_tokens": len(self.ids[i]),
-            "cached_tokens": usage["prompt_tokens_details"]["cached_tokens"],
+            "id": rids[self.gen.prompt_of(i)] if rids else self.id,
+            "finish_reason": finish_reason(self.finish[i], self.matched[i],
+                                           sub.params.max_new_tokens),
+            "prompt_tokens": len(sub.prompt_ids), "completion_tokens": len(self.ids[i]),
+            "cached_tokens": sub.cached_tokens,
             "e2e_latency": time.monotonic() - self.gen.t_arrival}
-        if final and self.job.params.prompt_logprobs:
+        if self.native is not None and self.native.wants(i):
+            meta.update(self.native.fields(i))
+        elif final and sub.params.prompt_logprobs:
             # Sent once, on the last event: the rows are as long as the prompt.
             meta["input_token_logprobs"] = self.gen.input_token_logprobs(i)
-        return {"text": self.texts[i], "output_ids": self.ids[i], "meta_info": meta}
+        out: dict[str, Any] = {"text": self.texts[i], "output_ids": self.ids[i],
+                               "meta_info": meta}
+        if self.job.batched:
+            out["index"] = i  # SGLang tags a batch's events with their place in it
+        return out
 
     # ---------------------------------------------------------------- streaming
     def chunk(self, u: ChoiceUpdate, first: bool) -> dict[str, Any] | None:
@@ -214,8 +241,7 @@ class Responder:
             if not news and u.finish_reason is None and not first:
                 return None
             # Cumulative, like SGLang.
-            return self._native(u.choice, self.gen.usage.as_dict(),
-                                final=u.finish_reason is not None)
+            return self._native(u.choice, final=u.finish_reason is not None)
         if self.job.kind == "chat":
             text, finish = u.text, u.finish_reason
             calls: list[dict[str, Any]] = []
@@ -261,8 +287,24 @@ class Responder:
 
 
 def start(ctx: ServingContext, job: Job) -> Generation:
-    return Generation(ctx.client, ctx.codec, job.prompts, job.params, job.namespace,
-                      ctx.metrics, time.monotonic(), job.timeout_s)
+    for rid in job.rids or []:
+        entry = ctx.active.get(rid)
+        if entry is not None and entry.gen is not None:
+            raise APIError(400, f"rid {rid!r} is already in use by a running request", "rid")
+    gen = Generation(ctx.client, ctx.codec, job.prompts, job.params_list or job.params,
+                     job.namespace, ctx.metrics, time.monotonic(), job.timeout_s)
+    for rid, engine_rid in zip(job.rids or [], gen.engine_rids()):
+        ctx.active[rid] = ActiveRequest(weakref.ref(gen), engine_rid, job.owner)
+    return gen
+
+
+def finish(ctx: ServingContext, job: Job, gen: Generation) -> None:
+    """The job is over: abort what is left of it, forget its rids."""
+    gen.close()
+    for rid in job.rids or []:
+        entry = ctx.active.get(rid)
+        if entry is not None and entry.gen in (gen, None):
+            del ctx.active[rid]
 
 
 async def run_stream(ctx: ServingContext, job: Job, gen: Generation) -> AsyncIterator[bytes]:
@@ -289,7 +331,7 @@ async def run_stream(ctx: ServingContext, job: Job, gen: Generation) -> AsyncIte
         status = "cancelled"
         raise
     finally:
-        gen.close()
+        finish(ctx, job, gen)
         ctx.metrics.requests.inc(endpoint=job.kind, status=status)
     yield SSE_DONE
 
@@ -316,6 +358,6 @@ async def run_full(ctx: ServingContext, job: Job, gen: Generation,
         ctx.metrics.requests.inc(endpoint=job.kind, status="error")
         raise
     finally:
-        gen.close()
+        finish(ctx, job, gen)
     ctx.metrics.requests.inc(endpoint=job.kind, status="ok")
     return r.final_body()

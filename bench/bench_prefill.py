@@ -48,18 +48,29 @@ SPLIT_SHAPE = ("1x512 +32k prefix", (1, 512, 32768))
 TINY_SHAPES = {"2x40": (2, 40, 0), "2x24 +33 prefix": (2, 24, 33)}
 TINY_SPLIT = ("1x8 +70 prefix", (1, 8, 70))
 # (block_m, block_n, heads_per_tile, warps, stages[, page_vec]): the Triton tutorial's Hopper
-# space (64/128 rows, 32-128 keys, 2-5 stages, 4/8 warps) with and without GQA packing, likeliest
-# first (a spent time budget cuts the tail). From offline sm_90 builds (triton 3.9, head_dim
-# 128): 128-row tiles need 8 warps (4 warps spill); shared memory is Q + stages x (K + V tile),
-# so 128x128 fits 3 stages (224 KB) and 128x64 5 (192 KB); 64x64 / 4 warps at 2 stages and
-# 64x32 at 4 leave room (registers and shared memory) for two programs per SM.
+# space (64/128 rows, 16-128 keys, 2-5 stages, 4/8 warps) with and without GQA packing, likeliest
+# first (a spent time budget cuts the tail). Shared memory is Q + stages x (K + V tile) (offline
+# sm_90 builds, triton 3.9, head_dim 128): 128x128 fits 3 stages (224 KB), 128x64 5 (192 KB).
+# Run 1 on an H200 (bench/recorded/h200_s4_prefill1) was won by 128x64 on 4 warps, spilling,
+# at two programs per SM, over every 8-warp tile.
 _TILES: list[tuple[Any, ...]] = [
-    (128, 64, 4, 8, 4), (128, 128, 4, 8, 3), (128, 64, 4, 8, 3), (128, 64, 4, 8, 5),
-    (64, 64, 4, 4, 3), (64, 64, 4, 4, 2), (128, 128, 4, 8, 2), (64, 32, 4, 4, 4),
-    (128, 64, 4, 8, 2), (64, 64, 4, 4, 4), (128, 64, 4, 8, 4, False), (128, 64, 2, 8, 4),
-    (128, 64, 1, 8, 4), (128, 128, 1, 8, 3), (64, 64, 1, 4, 3), (64, 64, 1, 4, 4),
+    # two programs per SM (registers <= 255 on 4 warps, shared memory <= 113 KB): one's softmax
+    # overlaps the other's MMAs, as 8 warps of one program in lockstep do not
+    (128, 32, 4, 4, 3), (128, 64, 4, 4, 2), (128, 32, 4, 4, 4), (64, 64, 4, 4, 3),
+    (64, 32, 4, 4, 3), (64, 64, 4, 4, 2), (64, 32, 4, 4, 4), (128, 16, 4, 4, 4),
+    (128, 32, 1, 4, 3), (64, 64, 1, 4, 3), (128, 32, 2, 4, 3), (64, 64, 2, 4, 3),
+    (128, 32, 4, 4, 3, False),
+    # one program per SM
+    (128, 32, 4, 8, 4), (128, 64, 4, 4, 3), (128, 64, 4, 4, 4), (128, 128, 4, 8, 3), (128, 64, 4, 8, 4),
+    (128, 64, 4, 8, 3), (128, 128, 4, 8, 2), (128, 64, 4, 8, 5), (128, 128, 1, 8, 3),
+    (64, 64, 1, 4, 4), (128, 64, 1, 4, 2),
 ]  # fmt: skip
 CANDIDATES = [ExtendConfig(*c) for c in _TILES]
+# head_dim 64: registers allow 128-row tiles on 4 warps (220 registers at 3 stages, no spill).
+CANDIDATES_64 = [ExtendConfig(*c) for c in [
+    (128, 64, 4, 4, 3), (128, 64, 4, 4, 2), (128, 32, 4, 4, 4), (64, 64, 4, 4, 3),
+    (64, 64, 4, 4, 4), (128, 64, 4, 8, 4), (128, 128, 4, 8, 3), (64, 32, 4, 4, 4),
+]]  # fmt: skip
 TINY_CANDIDATES = [ExtendConfig(16, 16, 4, 4, 1), ExtendConfig(32, 16, 1, 4, 1, False)]
 
 
@@ -170,8 +181,9 @@ def sdpa(case: Case, mm: float, ms: Callable[[Callable[[], object]], float]) -> 
     """torch SDPA on dense (non-paged) tensors of the same shape: the reference point."""
     b, n, p = case.batch, case.new, case.prefix
     dev, dt = case.q.device, case.q.dtype
-    q = torch.randn(b, HQ, n, HD, device=dev, dtype=dt)
-    k = torch.randn(b, HKV, p + n, HD, device=dev, dtype=dt)
+    hq, hkv, hd = case.q.shape[1], case.k.shape[1], case.q.shape[2]
+    q = torch.randn(b, hq, n, hd, device=dev, dtype=dt)
+    k = torch.randn(b, hkv, p + n, hd, device=dev, dtype=dt)
     v = torch.randn_like(k)
     f = torch.nn.functional.scaled_dot_product_attention
     try:
@@ -181,7 +193,7 @@ def sdpa(case: Case, mm: float, ms: Callable[[Callable[[], object]], float]) -> 
             from torch.nn.attention.bias import causal_lower_right
 
             mask = causal_lower_right(n, p + n)
-            ke, ve = k.repeat_interleave(HQ // HKV, 1), v.repeat_interleave(HQ // HKV, 1)
+            ke, ve = k.repeat_interleave(hq // hkv, 1), v.repeat_interleave(hq // hkv, 1)
             t = ms(lambda: f(q, ke, ve, attn_mask=mask))
     except Exception as exc:  # noqa: BLE001 - a torch build without that backend
         return {"error": repr(exc)[:300]}
@@ -205,10 +217,52 @@ def best_overall(shapes: dict[str, Any]) -> dict[str, Any] | None:
             "pct_by_shape": dict(zip(shapes, full[key]))}
 
 
+def sweep_heads(result: dict[str, Any], heads: tuple[int, int, int], shapes: dict[str, Any],
+                candidates: list[ExtendConfig], mm: float, args: argparse.Namespace,
+                deadline: float) -> dict[str, Any]:
+    """Old kernel, SDPA, the default and every candidate at each shape of one head layout."""
+    dev, ms = torch.device(args.device), timer(torch.device(args.device))
+    out: dict[str, Any] = {"heads": list(heads), "shapes": {}}
+    cases = {name: Case(b, n, p, dev, torch.bfloat16, heads) for name, (b, n, p) in shapes.items()}
+    for name, case in cases.items():
+        res: dict[str, Any] = {"batch": case.batch, "new": case.new, "prefix": case.prefix,
+                               "flops": case.flops, "configs": []}
+        res["old"] = measure(case, case.run_old, mm, ms)
+        res["sdpa"] = sdpa(case, mm, ms) if not args.tiny else {}
+        res["new_default"] = measure(case, lambda o, c=case: c.run_new(o, None, None, True), mm, ms)  # type: ignore[misc]
+        out["shapes"][name] = res
+        print(f"{name} {heads}: old {fmt(res['old'])} | sdpa {fmt(res['sdpa'])} | default "
+              f"{fmt(res['new_default'])}", flush=True)
+    # Config-major, so a spent budget drops whole configs, never one config's later shapes.
+    for cfg in candidates:
+        if time.perf_counter() > deadline:
+            print(f"sweep budget spent: {heads} skips the rest", flush=True)
+            break
+        for name, case in cases.items():
+            row = measure(case, lambda o, c=cfg, k=case: k.run_new(o, c, 1), mm, ms)  # type: ignore[misc]
+            out["shapes"][name]["configs"].append({"config": list(cfg.as_tuple()), **row})
+            print(f"  {name} {cfg.as_tuple()}: {fmt(row)}", flush=True)
+        write(args.out, "prefill_sweep.json", result)
+    for name, res in out["shapes"].items():
+        ok = [r for r in res["configs"] if r.get("correct")]
+        res["best"] = max(ok, key=lambda r: r["tflops"]) if ok else None
+        print(f"{name} {heads}: best {res['best'] and res['best']['config']} "
+              f"{fmt(res['best'] or {})}", flush=True)
+    del cases
+    if dev.type == "cuda":
+        torch.cuda.empty_cache()
+    best = out["best_overall"] = best_overall(out["shapes"])
+    if best is not None and dev.type == "cuda":
+        key = (max(16, triton.next_power_of_2(heads[2])), heads[0] // heads[1],
+               result["capability"][0])
+        out["table_line"] = f"{key}: ExtendConfig{tuple(best['config'])},"
+        print("commit into extend_configs.TABLE:", out["table_line"], flush=True)
+    return out
+
+
 def run_sweep(args: argparse.Namespace) -> dict[str, Any]:
     dev = torch.device(args.device)
     ms = timer(dev)
-    dtype = torch.bfloat16
     heads = (HQ, HKV, HD) if not args.tiny else (8, 2, 32)
     result: dict[str, Any] = {"device": torch.cuda.get_device_name(dev) if dev.type == "cuda"
                               else "cpu (interpreter)", "torch": torch.__version__,
@@ -220,53 +274,25 @@ def run_sweep(args: argparse.Namespace) -> dict[str, Any]:
     print(f"{result['device']}: bf16 matmul {mm:.0f} TFLOP/s", flush=True)
     started = time.perf_counter()
     shapes, candidates = (TINY_SHAPES, TINY_CANDIDATES) if args.tiny else (SHAPES, CANDIDATES)
-    result["shapes"] = {}
-    cases = {name: Case(b, n, p, dev, dtype, heads) for name, (b, n, p) in shapes.items()}
-    for name, case in cases.items():
-        res: dict[str, Any] = {"batch": case.batch, "new": case.new, "prefix": case.prefix,
-                               "flops": case.flops, "configs": []}
-        res["old"] = measure(case, case.run_old, mm, ms)
-        res["sdpa"] = sdpa(case, mm, ms) if not args.tiny else {}
-        res["new_default"] = measure(case, lambda o, c=case: c.run_new(o, None, None, True), mm, ms)  # type: ignore[misc]
-        result["shapes"][name] = res
-        print(f"{name}: old {fmt(res['old'])} | sdpa {fmt(res['sdpa'])} | default "
-              f"{fmt(res['new_default'])}", flush=True)
-    # Config-major, so a spent budget drops whole configs, never one config's later shapes.
-    for cfg in candidates:
-        if time.perf_counter() - started > args.budget_s:
-            print(f"sweep budget {args.budget_s}s spent: skipping the rest", flush=True)
-            break
-        for name, case in cases.items():
-            row = measure(case, lambda o, c=cfg, k=case: k.run_new(o, c, 1), mm, ms)  # type: ignore[misc]
-            result["shapes"][name]["configs"].append({"config": list(cfg.as_tuple()), **row})
-            print(f"  {name} {cfg.as_tuple()}: {fmt(row)}", flush=True)
-        write(args.out, "prefill_sweep.json", result)
-    for name, res in result["shapes"].items():
-        ok = [r for r in res["configs"] if r.get("correct")]
-        res["best"] = max(ok, key=lambda r: r["tflops"]) if ok else None
-        print(f"{name}: best {res['best'] and res['best']['config']} {fmt(res['best'] or {})}",
-              flush=True)
-    del cases
-    if dev.type == "cuda":
-        torch.cuda.empty_cache()
-    best = best_overall(result["shapes"])
-    result["best_overall"] = best
-    group = heads[0] // heads[1]
-    if best is not None and dev.type == "cuda":
-        major = result["capability"][0]
-        result["table_line"] = (f"({max(16, triton.next_power_of_2(heads[2]))}, {group}, {major}):"
-                                f" ExtendConfig{tuple(best['config'])},")
-        print("commit into extend_configs.TABLE:", result["table_line"], flush=True)
+    main = sweep_heads(result, heads, shapes, candidates, mm, args, started + args.budget_s)
+    result.update(main)  # the head_dim 128 results stay at the top level
+    best = main["best_overall"]
     split_cfg = ExtendConfig(*best["config"]) if best else None
     sname, (b, n, p) = TINY_SPLIT if args.tiny else SPLIT_SHAPE
-    case = Case(b, n, p, dev, dtype, heads)
+    case = Case(b, n, p, dev, torch.bfloat16, heads)
     split_rows = [{"splits": "old", **measure(case, case.run_old, mm, ms)},
-                  {"splits": "auto", **measure(case, lambda o: case.run_new(o, split_cfg, None, True), mm, ms)}]
+                  {"splits": "auto", **measure(case, lambda o, k=case: k.run_new(o, split_cfg, None, True), mm, ms)}]  # type: ignore[misc]
     for s in (1, 2, 4, 8, 16):
-        split_rows.append({"splits": s, **measure(case, lambda o, s=s: case.run_new(o, split_cfg, s), mm, ms)})  # type: ignore[misc]
+        split_rows.append({"splits": s, **measure(case, lambda o, s=s, k=case: k.run_new(o, split_cfg, s), mm, ms)})  # type: ignore[misc]
     result["split"] = {"shape": sname, "config": best and best["config"], "rows": split_rows}
     for r in split_rows:
         print(f"{sname} splits={r['splits']}: {fmt(r)}", flush=True)
+    del case
+    if not args.tiny:  # head_dim 64 (GQA 4): fewer configs, two shapes
+        result["head_dim_64"] = sweep_heads(
+            result, (HQ, HKV, 64), {k: SHAPES[k] for k in ("8x1024", "1x32k")}, CANDIDATES_64,
+            mm, args, started + args.budget_s + args.budget_64_s,
+        )  # fmt: skip
     result["sweep_s"] = time.perf_counter() - started
     write(args.out, "prefill_sweep.json", result)
     return result
@@ -372,6 +398,7 @@ def main() -> None:
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--tiny", action="store_true", help="toy sizes (CPU interpreter smoke test)")
     ap.add_argument("--budget-s", type=float, default=200.0, help="sweep: stop trying configs")
+    ap.add_argument("--budget-64-s", type=float, default=40.0, help="sweep: head_dim 64 part")
     ap.add_argument("--sweep-json", default=None, help="engine: install this sweep's best config")
     ap.add_argument("--model", default="llama3.1-8b")
     ap.add_argument("--chunk", type=int, default=8192, help="engine: prefill tokens per step")

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Issue 18 item 1 in one device call (~5 min on one H200): the extend-attention tile sweep
+# Issue 18 item 1 in one device call (~4 min on one H200, 6 at most): the extend-attention tile sweep
 # (bench_prefill.py sweep: old kernel, each config, torch SDPA, % of a matmul measured in the
 # same run, correctness at every shape; split-KV on one long-prefix request), then cold prefill
 # of a 32k and a 120k prompt through the engine (llama3.1-8b preset, random weights, 8192-token
@@ -11,8 +11,9 @@
 #
 #   bash bench/gpu_prefill.sh            # from the repo root, on the GPU machine
 #
-# Per-step limits (seconds) fit 6 minutes: T_SWEEP=170 (its config loop stops starting configs
-# 60 s before), T_ENGINE=110, T_TESTS=70. OLD_LENS=32768,120000 also runs the old kernel at 120k.
+# Per-step limits (seconds) fit 6 minutes: T_SWEEP=160 (head_dim 128 configs stop 70 s in, the
+# head_dim 64 ones 40 s later), T_ENGINE=110, T_TESTS=90. OLD_LENS (default 32768,120000): the
+# prompt lengths also timed with the previous kernel.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-bench/results/prefill}"
@@ -28,13 +29,13 @@ export PYTHONUNBUFFERED=1
   "$PY" -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
 } 2>&1 | tee "$OUT/gpu_info.txt"
 
-T_SWEEP="${T_SWEEP:-170}"; T_ENGINE="${T_ENGINE:-110}"; T_TESTS="${T_TESTS:-70}"
+T_SWEEP="${T_SWEEP:-160}"; T_ENGINE="${T_ENGINE:-110}"; T_TESTS="${T_TESTS:-90}"
 timeout -k 10 "$T_SWEEP" "$PY" bench/bench_prefill.py sweep --out "$OUT" \
-  --budget-s $((T_SWEEP - 60)) 2>&1 | tee "$OUT/prefill_sweep.log"
+  --budget-s $((T_SWEEP - 90)) --budget-64-s 40 2>&1 | tee "$OUT/prefill_sweep.log"
 sweep_rc=${PIPESTATUS[0]}
 
 timeout -k 10 "$T_ENGINE" "$PY" bench/bench_prefill.py engine --out "$OUT" \
-  --sweep-json "$OUT/prefill_sweep.json" --old-lens "${OLD_LENS:-32768}" 2>&1 | tee "$OUT/prefill_engine.log"
+  --sweep-json "$OUT/prefill_sweep.json" --old-lens "${OLD_LENS:-32768,120000}" 2>&1 | tee "$OUT/prefill_engine.log"
 engine_rc=${PIPESTATUS[0]}
 
 timeout -k 10 "$T_TESTS" "$PY" -m pytest -q -m gpu tests/kernels/test_extend_attention.py \

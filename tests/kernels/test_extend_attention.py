@@ -182,10 +182,11 @@ def test_choose_kv_splits_policy():
     assert choose_kv_splits(264, 120_000, 8192, 32, 128, 132) == 1
     # Unknown length (the caller passed no max_seq_len): no split.
     assert choose_kv_splits(8, None, 512, 32, 128, 132) == 1
-    # 128 tiles over a 32k prefix: split enough to reach 2 programs per SM.
-    assert choose_kv_splits(128, 32768, 512, 32, 128, 132) == 3
+    # 128 tiles over a 32k prefix: split towards 2 programs per SM (3, rounded to a power of 2).
+    assert choose_kv_splits(128, 32768, 512, 32, 128, 132) == 2
+    assert choose_kv_splits(64, 32768, 512, 32, 128, 132) == 4
     # Short KV: each split must keep MIN_SPLIT_KEYS keys.
-    assert choose_kv_splits(8, 3 * MIN_SPLIT_KEYS, 64, 32, 128, 132) == 3
+    assert choose_kv_splits(8, 3 * MIN_SPLIT_KEYS, 64, 32, 128, 132) == 2
     assert choose_kv_splits(1, 10**6, 16, 32, 128, 132) == MAX_SPLITS
     # Scratch cap: 2^20 tokens x 32 heads of fp32 partials would not fit twice.
     assert choose_kv_splits(1, 10**6, 1 << 20, 32, 128, 132) == 1

@@ -34,6 +34,7 @@ from radixrt.kernels.extend_configs import (
     default_config,
     sm_count,
 )
+from radixrt.kernels.extend_split import merge_splits
 
 LOG2E = 1.4426950408889634
 
@@ -305,36 +306,6 @@ def _extend_kernel(
         )
 
 
-@triton.jit(do_not_specialize=["num_tokens", "num_splits"])
-def _merge_splits_kernel(
-    PartO, PartLse, Out, stride_ot, stride_oh, num_tokens, num_splits,
-    NUM_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
-):  # fmt: skip
-    """Out[t, h] = the splits' partial outputs weighted by their share of the softmax mass."""
-    tok = tl.program_id(0).to(tl.int64)
-    offs_h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
-    offs_d = tl.arange(0, BLOCK_D)
-    mask_h = offs_h < NUM_HEADS
-    mask = mask_h[:, None] & (offs_d < HEAD_DIM)[None, :]
-    m = tl.full([BLOCK_H], float("-inf"), dtype=tl.float32)
-    l_sum = tl.zeros([BLOCK_H], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_H, BLOCK_D], dtype=tl.float32)
-    for s in range(num_splits):
-        row = (s * num_tokens + tok) * NUM_HEADS + offs_h
-        lse = tl.load(PartLse + row, mask=mask_h, other=float("-inf"))
-        o = tl.load(PartO + row[:, None] * HEAD_DIM + offs_d[None, :], mask=mask, other=0.0)
-        m_new = tl.maximum(m, lse)
-        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)  # no split seen yet: no NaN
-        alpha = tl.exp2(m - m_ref)
-        w = tl.exp2(lse - m_ref)
-        acc = acc * alpha[:, None] + o * w[:, None]
-        l_sum = l_sum * alpha + w
-        m = m_new
-    out = acc / l_sum[:, None]
-    tl.store(Out + tok * stride_ot + offs_h[:, None] * stride_oh + offs_d[None, :],
-             out.to(Out.dtype.element_ty), mask=mask)
-
-
 def _check_paged_inputs(
     q: torch.Tensor, k_flat: torch.Tensor, v_flat: torch.Tensor, page_size: int
 ) -> None:
@@ -413,11 +384,7 @@ def extend_attention(
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )  # fmt: skip
     if splits > 1:
-        block_h = min(triton.next_power_of_2(num_heads), 8)
-        _merge_splits_kernel[(num_tokens, triton.cdiv(num_heads, block_h))](
-            part_o, part_lse, out, out.stride(0), out.stride(1), num_tokens, splits,
-            NUM_HEADS=num_heads, HEAD_DIM=head_dim, BLOCK_H=block_h, BLOCK_D=block_d,
-        )  # fmt: skip
+        merge_splits(part_o, part_lse, out)
     return out
 
 

@@ -23,9 +23,9 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-# What cascade_decode="auto" means on CUDA with the Triton backend: flip to True once the GPU
-# benchmark (bench/gpu_cascade.sh) shows the cascade path faster end to end.
-CASCADE_AUTO_ON_CUDA = False
+# What cascade_decode="auto" means on CUDA with the Triton backend. On: the H200 run of
+# bench/gpu_cascade.sh (bench/RESULTS.md, session 4) had gsp at 0.743x the time, 0.707x the ITL.
+CASCADE_AUTO_ON_CUDA = True
 
 
 def cascade_policy(config: EngineConfig) -> CascadePolicy | None:

@@ -127,6 +127,19 @@ def test_config_rejects_cascade_it_cannot_run():
         EngineConfig(cascade_min_group=1)
 
 
+def test_auto_resolves_by_device_backend_and_determinism():
+    from radixrt.engine.runner import CASCADE_AUTO_ON_CUDA, cascade_policy
+
+    assert cascade_policy(EngineConfig(device="cpu")) is None  # auto: never on CPU
+    on_cuda = cascade_policy(EngineConfig(device="cuda"))
+    assert (on_cuda is not None) == CASCADE_AUTO_ON_CUDA
+    assert cascade_policy(EngineConfig(device="cuda", attention_backend="flashinfer")) is None
+    assert cascade_policy(EngineConfig(device="cuda", deterministic_inference=True)) is None
+    assert cascade_policy(EngineConfig(device="cuda", cascade_decode="off")) is None
+    forced = cascade_policy(EngineConfig(device="cpu", cascade_decode="on", cascade_min_group=3))
+    assert forced is not None and forced.min_group == 3
+
+
 def _running(cache: RadixCache, alloc: PageAllocator, tokens: list[int], handle_tokens: int,
              idx: int) -> Sequence:
     """A running sequence whose first ``handle_tokens`` are cached and locked, as after

@@ -40,7 +40,7 @@ python3 -c "import xgrammar, msgspec" || { echo "xgrammar/msgspec missing: run b
 nvidia-smi --query-gpu=name,memory.total --format=csv 2>&1 | tee "$OUT/gpu.txt"
 timeout 120 python3 -m pytest -q -m gpu -p no:cacheprovider tests/kernels/test_token_bitmask.py 2>&1 \
   | tee "$OUT/kernel_tests.log" | tail -3
-CONFIGS="${CONFIGS:-unfused:default,unfused:1,fused:1,fused:2,fused:4,fused:default}"
+CONFIGS="${CONFIGS:-unfused:default,fused:1,fused:2,fused:4,fused:8,fused:default}"
 nproc | sed 's/^/cores: /' | tee -a "$OUT/gpu.txt"
 timeout 450 python3 bench/bench_grammar.py --sections gpu,host,masks,compile --tokenizer "${TOKENIZER:-.whl/tok}" \
   --batch "${BATCH:-256}" --steps "${STEPS:-50}" --device "${DEVICE:-cuda}" --preset "${PRESET:-llama3-8b}" \

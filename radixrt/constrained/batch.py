@@ -165,16 +165,26 @@ class MaskBuilder:
         return PendingMask(k, host, [fut])
 
     def advance_and_start(self, accepts: Sequence[tuple[Matcher, int]],
-                          matchers: Sequence[Matcher | None]) -> PendingMask | None:
+                          matchers: Sequence[Matcher | None], *,
+                          queued: bool = False) -> PendingMask | None:
         """Fused path: advance each ``(matcher, token)`` of ``accepts``, then fill the mask of
         ``matchers`` (a row whose matcher that advance ends allows everything), on the fill
-        threads. None: no row to fill (the advances still run: ``drain`` waits for them)."""
+        threads. None: no row to fill (the advances still run: ``drain`` waits for them).
+        ``queued``: earlier advances may still be running on the fill threads; the fill goes
+        behind them (a matcher's work always runs on its own thread, in order), and whether a
+        row is done is decided there, after them."""
         assert self.fused, "advance_and_start is the fused path"
-        assert not self._outstanding, "drain() before starting more grammar work"
-        idx = [i for i, m in enumerate(matchers) if m is not None and not m.done]
+        assert queued or not self._outstanding, "drain() before starting more grammar work"
+        idx = [i for i, m in enumerate(matchers) if m is not None and (queued or not m.done)]
         if not idx and not accepts:
             return None
-        k, host = self._host_for(matchers) if idx else (-1, torch.empty(0))
+        if idx:
+            k, host = self._host(len(matchers))
+            free = [i for i, m in enumerate(matchers) if m is None or (not queued and m.done)]
+            if free:  # see _host_for
+                host[torch.tensor(free)] = -1
+        else:
+            k, host = -1, torch.empty(0)
         n = self.threads
         acc: list[list[tuple[Matcher, int]]] = [[] for _ in range(n)]
         rows: list[list[tuple[int, Matcher]]] = [[] for _ in range(n)]
@@ -184,13 +194,13 @@ class MaskBuilder:
             row = matchers[i]
             assert row is not None
             rows[row.shard % n].append((i, row))
-        if len(idx) + len(accepts) < BATCH_FILL_MIN_ROWS:
+        if len(idx) + len(accepts) < BATCH_FILL_MIN_ROWS and not self._outstanding:
             self._run(0, [a for s in acc for a in s], [r for s in rows for r in s], host)
             futs: list[Future[None]] = []
         else:
             futs = [self._shards[s].submit(self._run, s, acc[s], rows[s], host)
                     for s in range(n) if acc[s] or rows[s]]
-        self._outstanding = futs
+        self._outstanding = self._outstanding + futs
         return PendingMask(k, host, futs) if idx else None
 
     def _run(self, shard: int, accepts: list[tuple[Matcher, int]],
@@ -227,9 +237,9 @@ class MaskBuilder:
         it before that buffer comes round again (CPU work is eager)."""
         if pending is None:
             return None
-        if pending.futures is self._outstanding:
-            self._outstanding = []
-        for f in pending.futures:
+        futs = pending.futures
+        self._outstanding = [f for f in self._outstanding if f not in futs]
+        for f in futs:
             f.result()
         if not self._cuda:
             return pending.host

@@ -319,6 +319,19 @@ class SequenceGrammars:
                 rows.append(None if m is None or m.done else m)
         return oks, masks.advance_and_start(accepts, rows)
 
+    def start_queued(self, seqs: Sequence[Seq], live: Sequence[bool],
+                     advancing: frozenset[int]) -> PendingMask | None:
+        """``start_bitmask`` (fused path) while the advances begun by ``advance_and_start``
+        for the sequences in ``advancing`` (ids) may still run: those matchers are not read
+        here (they are in step once their advance is done); the fill runs behind it."""
+        rows: list[Matcher | None] = []
+        for seq, ok in zip(seqs, live):
+            m = None
+            if ok and seq.params.constraint is not None:
+                m = self._matchers.get(seq) if id(seq) in advancing else self.matcher(seq)
+            rows.append(m)
+        return self.masks.advance_and_start((), rows, queued=True)
+
     def jump_forward(self, seqs: Sequence[Seq], live: Sequence[bool],
                      max_context_len: int) -> dict[int, list[int]]:
         """Forced runs to append now, by sequence id: for each live constrained sequence whose

@@ -28,7 +28,7 @@ from radixrt.engine.memory import SequenceMemory
 from radixrt.engine.outputs import SequenceDelta
 from radixrt.engine.request import SeqStatus, Sequence
 from radixrt.engine.requests import RequestTable
-from radixrt.engine.sampler import PendingSample, Sampler, SamplerRow
+from radixrt.engine.sampler import PendingSample, SampleOutput, Sampler, SamplerRow
 from radixrt.engine.step_builder import StepBatch
 
 Work = list[tuple[Sequence, int]]  # (sequence, tokens it computes this step)
@@ -50,6 +50,9 @@ class InFlight:
     # Ids of sequences that jumped forward after this draw was queued: their sampled token
     # belongs to the position the forced run now fills, so it is dropped.
     dropped: frozenset[int] = frozenset()
+    # Read early (``advance_early``): the tokens, and the grammar verdict per running row.
+    resolved: SampleOutput | None = None
+    early: tuple[list[int], list[bool]] | None = None
 
 
 def will_hit_length(seq: Sequence, extra: int, max_context_len: int) -> bool:
@@ -151,25 +154,55 @@ class StepResults:
         flight.mask = self.grammars.start_bitmask(flight.sampled, live)
         flight.mask_started = True
 
+    def _live_rows(self, flight: InFlight) -> tuple[list[int], list[int]]:
+        """(rows whose token is appended, rows that jumped forward): finished or aborted
+        while the step ran, a row's extra token is dropped."""
+        rows = [i for i, seq in enumerate(flight.sampled) if seq.status is SeqStatus.RUNNING]
+        if not flight.dropped:
+            return rows, []
+        return ([i for i in rows if id(flight.sampled[i]) not in flight.dropped],
+                [i for i in rows if id(flight.sampled[i]) in flight.dropped])
+
+    def advance_early(self, flight: InFlight) -> None:
+        """At the start of a step, before the next one is planned: if a constrained step's
+        tokens are already on the host (the host is the slower side), read them and start the
+        grammar advance on the fill threads now, so it runs while this step is planned and
+        launched; ``complete`` then only fills the next masks behind it."""
+        g = self.grammars
+        if g is None or not flight.constrained or flight.pending is None or \
+                flight.resolved is not None or not g.masks.fused or not flight.pending.ready():
+            return
+        out = flight.resolved = flight.pending.resolve()
+        rows, _ = self._live_rows(flight)
+        oks, _ = g.advance_and_start([flight.sampled[i] for i in rows],
+                                     [out.token_ids[i] for i in rows], rows, flight.drawn_mask,
+                                     None, None)
+        flight.early, flight.drawn_mask = (rows, oks), None
+
     def complete(self, flight: InFlight) -> list[SequenceDelta]:
         deltas: list[SequenceDelta] = list(flight.done)
         self.draw(flight)
         if flight.pending is None:
             return deltas
-        out = flight.pending.resolve()
-        # Finished or aborted while this step ran: its extra token is dropped.
-        rows = [i for i, seq in enumerate(flight.sampled) if seq.status is SeqStatus.RUNNING]
-        jumped = [i for i in rows if id(flight.sampled[i]) in flight.dropped]
-        if jumped:  # their forced run is appended already: report it, drop the draw
-            rows = [i for i in rows if id(flight.sampled[i]) not in flight.dropped]
-            deltas.extend(flight.sampled[i].take_delta() for i in jumped)
+        out = flight.resolved if flight.resolved is not None else flight.pending.resolve()
+        rows, jumped = self._live_rows(flight)
+        # Jumped rows: their forced run is appended already; report it, drop the draw.
+        deltas.extend(flight.sampled[i].take_delta() for i in jumped)
         oks: list[bool] | None = None
         nxt = self._next_draw
         # The step launched behind this one draws next: once this step's tokens advance the
         # grammars, its masks can fill (off the GIL) while the stop rules below append the
         # tokens. A row those rules end is filled for nothing; its token is dropped anyway.
         fill_next = nxt is not None and nxt is not flight and not nxt.mask_started
-        if self.grammars is not None and (flight.constrained or fill_next):
+        if self.grammars is not None and flight.early is not None:
+            assert flight.early[0] == rows, "rows changed since advance_early"
+            oks = flight.early[1]
+            if fill_next and nxt is not None:
+                nxt.mask = self.grammars.start_queued(
+                    nxt.sampled, [s.status is SeqStatus.RUNNING for s in nxt.sampled],
+                    frozenset(id(flight.sampled[i]) for i in rows))
+                nxt.mask_started = True
+        elif self.grammars is not None and (flight.constrained or fill_next):
             seqs = [flight.sampled[i] for i in rows] if flight.constrained else []
             nxt_seqs = nxt.sampled if fill_next and nxt is not None else None
             oks, mask = self.grammars.advance_and_start(

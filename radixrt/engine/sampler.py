@@ -97,6 +97,10 @@ class PendingSample:
     def _get(self, name: str) -> torch.Tensor | None:
         return self._host.get(name, getattr(self, name))
 
+    def ready(self) -> bool:
+        """Whether ``resolve`` would return at once (the draw and its copies have run)."""
+        return self._ready is None or bool(self._ready.query())
+
     def resolve(self) -> SampleOutput:
         """The host values (the one wait of a step)."""
         if self._ready is not None:

@@ -142,6 +142,8 @@ class Scheduler:
                 self.requests.add(p.rid, p.input_ids, p.params, p.namespace)
         self.memory.poll()  # host-tier copies that finished make their prefixes usable
         prev, self._inflight = self._inflight, None
+        if prev is not None:
+            self.results.advance_early(prev)  # grammars advance while this step is planned
         plan = self._plan_continuation(prev) if prev is not None else None
         if prev is not None and plan is None:  # this plan needs prev's tokens on the host
             deltas += self.results.complete(prev)

@@ -67,7 +67,7 @@ class StreamParser:
     def _objects(self, r: str) -> list[CallScan]:
         """The call objects begun so far in the held text ``r``, in order; the last may be
         open. Stops at anything the format does not allow between calls."""
-        fmt, out = self.plan.fmt, []
+        fmt, out = self.plan.fmt, list[CallScan]()
         pos = skip(r, 0)
         if fmt == "mistral":
             if not r.startswith("[TOOL_CALLS]", pos):

@@ -6,6 +6,7 @@ import json
 
 import pytest
 
+from radixrt.server import native_protocol as native
 from radixrt.server import protocol as p
 
 LIMITS = p.ModelLimits(vocab_size=100, max_context_len=64, max_request_tokens=None)
@@ -143,3 +144,89 @@ def test_request_timeout_range() -> None:
         with pytest.raises(p.APIError) as e:
             p.request_timeout(bad)  # type: ignore[arg-type]
         assert e.value.status == 400 and e.value.param == "timeout"
+
+
+# ---------------------------------------------------------------- SGLang's /generate body
+
+
+def generate(**body: object) -> p.GenerateRequest:
+    return p.parse_body(json.dumps(body).encode(), p.GenerateRequest)  # type: ignore[no-any-return]
+
+
+def test_native_prompts_single_and_batched() -> None:
+    items, batched = native.prompts(generate(text="hi", rid="r1", return_logprob=True,
+                                             logprob_start_len=-1, top_logprobs_num=2))
+    assert not batched and items[0].prompt == "hi" and items[0].rid == "r1"
+    assert items[0].logprobs == native.LogprobOptions(None, 2, False)  # -1: output rows only
+    items, batched = native.prompts(generate(
+        input_ids=[[1, 2], [3]], sampling_params=[{"n": 2}, {"n": 1}], rid=["a", "b"],
+        return_logprob=[True, False], logprob_start_len=[0, 0], return_text_in_logprobs=True))
+    assert batched and [i.prompt for i in items] == [[1, 2], [3]]
+    assert [i.sampling for i in items] == [{"n": 2}, {"n": 1}]
+    assert items[0].logprobs == native.LogprobOptions(0, 0, True) and items[1].logprobs is None
+    # One value for every prompt of a batch.
+    items, _ = native.prompts(generate(text=["a", "b"], sampling_params={"temperature": 0}))
+    assert [i.sampling for i in items] == [{"temperature": 0}] * 2 and items[1].rid is None
+
+
+@pytest.mark.parametrize("body,param", [
+    ({}, "text"),
+    ({"text": "a", "input_ids": [1]}, "text"),
+    ({"text": []}, "text"),
+    ({"text": [""]}, "text"),
+    ({"input_ids": [[1], "x"]}, "input_ids"),
+    ({"input_ids": [[]]}, "input_ids"),
+    ({"text": ["a", "b"], "sampling_params": [{}, {}, {}]}, "sampling_params"),
+    ({"text": "a", "rid": ["x"]}, "rid"),  # a list for one prompt
+    ({"text": ["a", "b"], "rid": ["x", "x"]}, "rid"),
+    ({"text": "a", "rid": ""}, "rid"),
+    ({"text": "a", "return_logprob": True, "logprob_start_len": -2}, "logprob_start_len"),
+    ({"text": "a", "return_logprob": True, "top_logprobs_num": -1}, "top_logprobs_num"),
+    ({"text": "a", "image_data": "x.png"}, "image_data"),
+    ({"text": "a", "lora_path": "adapter"}, "lora_path"),
+    ({"text": "a", "return_hidden_states": True}, "return_hidden_states"),
+])
+def test_native_prompts_errors(body: dict[str, object], param: str) -> None:
+    with pytest.raises(p.APIError) as e:
+        native.prompts(generate(**body))
+    assert e.value.status == 400 and e.value.param == param, e.value.message
+
+
+def test_native_sampling_keys() -> None:
+    params, asked = native.sampling_params({
+        "max_new_tokens": 0, "min_new_tokens": None, "stop": [], "stop_regex": [],
+        "regex": None, "json_schema": None, "spaces_between_special_tokens": True,
+        "sampling_seed": 7, "temperature": 1e-9, "top_k": 1 << 30, "no_stop_trim": True,
+        "stream_interval": 1, "custom_params": None, "ignore_eos": None})
+    assert asked == 0 and params.seed == 7 and params.temperature == 0.0
+    assert params.no_stop_trim and params.stop == () and not params.ignore_eos
+    params, asked = native.sampling_params({"max_tokens": 5, "json_schema": {"type": "object"},
+                                            "min_new_tokens": 0})
+    assert asked == 5 and params.json_schema == '{"type": "object"}'
+    assert native.sampling_params({})[1] is None  # the server's default applies
+
+
+@pytest.mark.parametrize("sp,param", [
+    ({"stop_regex": ["a+"]}, "stop_regex"),
+    ({"stop_regex": "a+"}, "stop_regex"),
+    ({"structural_tag": "{}"}, "structural_tag"),
+    ({"custom_params": {"k": 1}}, "custom_params"),
+    ({"stream_interval": 8}, "stream_interval"),
+    ({"spaces_between_special_tokens": 1}, "spaces_between_special_tokens"),
+    ({"skip_special_tokens": False, "spaces_between_special_tokens": True},
+     "spaces_between_special_tokens"),
+    ({"max_new_tokens": "3"}, "max_new_tokens"),
+    ({"min_new_tokens": -1}, "min_new_tokens"),
+    ({"min_new_tokens": 2, "regex": "a+"}, "min_new_tokens"),
+    ({"frobnicate": 1}, "sampling_params"),
+])
+def test_native_sampling_key_errors(sp: dict[str, object], param: str) -> None:
+    with pytest.raises(p.APIError) as e:
+        native.sampling_params(sp)
+    assert e.value.status == 400 and e.value.param == param, e.value.message
+
+
+def test_prefill_only_lengths() -> None:
+    assert p.check_lengths(10, 0, LIMITS, 128, allow_zero=True) == 0
+    with pytest.raises(p.APIError, match="at least 1"):
+        p.check_lengths(10, 0, LIMITS, 128)  # the OpenAI endpoints keep their minimum

@@ -176,6 +176,10 @@ def add_engine_args(ap: argparse.ArgumentParser) -> None:
       default=None, dest="deterministic_inference",
       help="batch-invariant GEMM and attention kernels (CUDA): outputs never depend on the "
       "prefix cache, batch composition or chunking; slower (default: off)")
+    a("--cascade-decode", default=None, choices=("auto", "on", "off"),
+      help="shared-prefix decode attention: requests sharing a cached prefix read it once per "
+      "group per step; auto = on with the Triton backend on CUDA unless deterministic "
+      + _engine_default("cascade_decode"))
 
 
 def config_from_args(args: argparse.Namespace) -> ServerConfig:

@@ -40,6 +40,7 @@ _ENGINE_FIELDS = (
     "cuda_graph_max_batch",
     "overlap_schedule",
     "deterministic_inference",
+    "cascade_decode",
     "tp_size",
     "nnodes",
     "dist_init_addr",
@@ -102,6 +103,7 @@ class ServerConfig:
     cuda_graph_max_batch: int | None = None
     overlap_schedule: bool | None = None
     deterministic_inference: bool | None = None
+    cascade_decode: str | None = None  # --cascade-decode auto|on|off (shared-prefix decode)
     tp_size: int | None = None  # --tp: ranks (GPUs) per replica
     nnodes: int | None = None  # --nnodes: hosts one TP replica spans (this one is node 0)
     dist_init_addr: str | None = None  # --dist-init-addr HOST:PORT: node 0's rendezvous

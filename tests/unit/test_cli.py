@@ -59,6 +59,22 @@ def test_multi_node_flags_reach_the_engine_config() -> None:
             ["--tp", "2", "--nnodes", "2", "--dist-init-addr", "h:1", "--dp", "2"]))
 
 
+def test_cascade_decode_flag_reaches_the_engine_config(capsys) -> None:
+    assert config_from_args(serve_parser().parse_args([])).engine_config().cascade_decode == "auto"
+    for mode in ("auto", "on", "off"):
+        cfg = config_from_args(serve_parser().parse_args(["--cascade-decode", mode]))
+        assert cfg.cascade_decode == mode and cfg.engine_config().cascade_decode == mode
+    with pytest.raises(SystemExit):
+        serve_parser().parse_args(["--cascade-decode", "sometimes"])
+    err = capsys.readouterr().err
+    assert "--cascade-decode" in err and "invalid choice" in err
+    # A mode the engine cannot run fails naming the field, not deep in a worker.
+    cfg = config_from_args(serve_parser().parse_args(
+        ["--cascade-decode", "on", "--attention-backend", "flashinfer"]))
+    with pytest.raises(ValueError, match="cascade_decode"):
+        cfg.engine_config()
+
+
 def test_keys_command_writes_private_key_files(tmp_path, capsys) -> None:
     import stat
 

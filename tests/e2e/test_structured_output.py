@@ -139,6 +139,12 @@ def test_tool_history_round_trip_and_auto(client: openai.OpenAI) -> None:
     none = client.chat.completions.create(model="tiny", messages=MSGS, tools=[WEATHER],
                                           tool_choice="none", max_tokens=10, temperature=0)  # type: ignore[arg-type]
     assert not none.choices[0].message.tool_calls
+    plain = client.chat.completions.create(model="tiny", messages=MSGS, max_tokens=10,
+                                           temperature=0)  # type: ignore[arg-type]
+    # The tools never reached the prompt: same prompt, same greedy answer.
+    assert none.usage is not None and plain.usage is not None
+    assert none.usage.prompt_tokens == plain.usage.prompt_tokens
+    assert none.choices[0].message.content == plain.choices[0].message.content
 
 
 def test_logit_bias_removes_and_forces(client: openai.OpenAI, server: Server) -> None:

@@ -63,6 +63,24 @@ def test_tools_reach_the_prompt_through_the_template_or_the_system_message() -> 
         assert "lookup" in text and len(tooled.prompts[0]) > len(plain.prompts[0])
 
 
+def test_tool_choice_none_leaves_the_tools_out_of_the_prompt() -> None:
+    """tool_choice "none": the prompt is token for token the prompt without tools (so
+    prompt_tokens match too), through the template's tools argument or our system message,
+    with or without earlier calls in the history; nothing is parsed or constrained."""
+    history = [*MSGS, {"role": "assistant", "content": "",
+                       "tool_calls": [{"id": "call_1", "type": "function",
+                                       "function": {"name": "lookup", "arguments": '{"q": "x"}'}}]},
+               {"role": "tool", "tool_call_id": "call_1", "content": "found"}]
+    for template in (None, TOOL_TEMPLATE):
+        ctx = make_ctx(template)
+        for msgs in (MSGS, history):
+            plain = job(ctx, chat_job, {"messages": msgs})
+            none = job(ctx, chat_job, {"messages": msgs, "tools": [TOOL], "tool_choice": "none"})
+            auto = job(ctx, chat_job, {"messages": msgs, "tools": [TOOL]})
+            assert none.prompts == plain.prompts and auto.prompts != plain.prompts
+            assert none.tools is None and none.params.constraint is None
+
+
 def test_completions_response_format_and_single_call_when_not_parallel() -> None:
     from radixrt.server.tool_calls import make_plan, parse
 

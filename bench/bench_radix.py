@@ -11,7 +11,8 @@ page allocator (native: refcounts in C++), as the engine pairs them. Traces, at 
   * 32k:     one 32k-token prompt cold, then warm (mean of the two requests)
   * evict25: the chat trace in a pool of 25% of its tokens (LRU eviction on most requests)
 Router: one routing decision for an 8k-token prompt (64 shared 6k stems) with 8 replicas, and
-at --dp 1 (one replica: no tree).
+at --dp 1 (one replica: no tree). lpm: one scheduling step's queue order over 4096 waiting
+8k-token prompts (us per step).
 
 Usage:  .venv/bin/python bench/bench_radix.py [--out bench/results/radix.json] [--quick]
 """
@@ -31,6 +32,10 @@ import numpy as np
 
 from radixrt.cache import NativeRadixCache, PageAllocator, RadixCache, native_available
 from radixrt.cache.native import make_page_allocator
+from radixrt.cache.page_table import SequencePages
+from radixrt.engine.policy import WaitingQueue
+from radixrt.engine.request import Sequence
+from radixrt.sampling_params import SamplingParams
 from radixrt.server.routing import PrefixRouter
 
 VOCAB = 32000
@@ -140,24 +145,70 @@ def run_trace(name: str, reqs: list[Req], backend: str, ps: int,
 
 
 def router_rows(rng: np.random.Generator, backend: str, quick: bool) -> list[dict[str, object]]:
-    stems = [rng.integers(0, VOCAB, 6144).tolist() for _ in range(64)]
-    prompts = [stems[i % 64] + rng.integers(0, VOCAB, 2048).tolist()
+    stems = [rng.integers(0, VOCAB, 6144, dtype=np.int32) for _ in range(64)]
+    prompts = [np.concatenate([stems[i % 64], rng.integers(0, VOCAB, 2048, dtype=np.int32)])
                for i in range(128 if quick else 512)]
     rows: list[dict[str, object]] = []
     for replicas in (8, 1):
         router = PrefixRouter(replicas, 1 << 20, backend=backend)
         loads = [0] * replicas
         alive = [True] * replicas
-        t0 = CLOCK()
-        for p in prompts:
+        sec = 0.0
+        for arr in prompts:
+            # A fresh list of ints, as the tokenizer hands the router one (untimed).
+            p = arr.tolist()
+            t0 = CLOCK()
             w = router.choose(p, None, loads, alive)
+            sec += CLOCK() - t0
             assert w is not None
             loads[w] += 1
-        sec = CLOCK() - t0
         rows.append({"trace": f"router dp{replicas}", "backend": backend, "page_size": 1,
                      "requests": len(prompts), "us_per_request": sec * 1e6 / len(prompts),
                      "target_us": 50 if replicas == 8 else None})
     return rows
+
+
+def lpm_rows(rng: np.random.Generator, backend: str, quick: bool) -> list[dict[str, object]]:
+    """lpm ordering per step: 4096 waiting 8k-token prompts over 4 cached stems (+192-token
+    tails); each step orders the queue, admits the first 8 (their prompts get cached, which
+    changes the tree under the rest) and one more request joins."""
+    ps, n, steps = 16, 1024 if quick else 4096, 20
+    stems = [rng.integers(0, VOCAB, 8000, dtype=np.int32) for _ in range(4)]
+    cache = make(backend, 4 * 8000 // ps + 2 * steps * 8 * 192 // ps + 64, ps)
+
+    def cache_it(toks: np.ndarray) -> None:
+        k = len(toks) // ps
+        pages = cache.allocator.alloc_array(k)
+        assert pages is not None
+        cache.insert(toks[: k * ps], pages)
+        cache.allocator.decref(pages)
+
+    for s in stems:
+        cache_it(s)
+    queue = WaitingQueue(cache, "lpm")
+    arrivals = iter(range(1 << 30))
+
+    def push() -> None:
+        toks = np.concatenate([stems[next(arrivals) % 4], rng.integers(0, VOCAB, 192,
+                                                                       dtype=np.int32)])
+        queue.push(Sequence(rid="r", index=0, prompt_ids=toks.tolist(), params=SamplingParams(),
+                            namespace=None, arrival=next(arrivals), pages=SequencePages(ps)))
+
+    for _ in range(n):
+        push()
+    sec = 0.0
+    for _ in range(steps):
+        t0 = CLOCK()
+        order = queue.ordered()
+        admitted = [next(order) for _ in range(8)]
+        sec += CLOCK() - t0
+        for seq in admitted:
+            queue.remove(seq)
+            cache_it(seq.token_array())
+            push()
+    return [{"trace": "lpm 4096x8k" if not quick else "lpm 1024x8k", "backend": backend,
+             "page_size": ps, "requests": steps, "us_per_request": sec * 1e6 / steps,
+             "target_us": 2000, "rematches": queue.rematches}]
 
 
 def machine() -> str:
@@ -192,6 +243,7 @@ def main() -> None:
                 rows.append(run_trace(name, reqs, backend, ps, frac))
     for backend in backends:
         rows += router_rows(np.random.default_rng(1), backend, args.quick)
+        rows += lpm_rows(np.random.default_rng(2), backend, args.quick)
     wall = time.perf_counter() - t_wall
 
     hdr = f"{'trace':12} {'ps':>3} {'backend':8} {'reqs':>5} {'us/req':>9} {'target':>7} {'hit tok':>10}"

@@ -198,6 +198,22 @@ class PyTree {
     }
     return out;
   }
+  py::set child_keys(int32_t slot, int64_t id) const {  // first pages of the children
+    py::set out;
+    if (!t_.valid(slot, id)) return out;
+    int64_t bytes = t_.page_size() * (int64_t)sizeof(Tok);
+    for (int32_t c : t_.children_of(slot))
+      out.add(py::bytes((const char*)t_.node(c).key.data(), bytes));
+    return out;
+  }
+  py::object child(int32_t slot, int64_t id, py::bytes first_page) const {
+    std::string_view k = first_page;
+    if (!t_.valid(slot, id) || (int64_t)k.size() != t_.page_size() * (int64_t)sizeof(Tok))
+      return py::none();
+    int32_t c = t_.find_child(slot, (const Tok*)k.data());
+    if (c < 0) return py::none();
+    return py::make_tuple(c, t_.node(c).id);
+  }
   int64_t num_children(int32_t slot, int64_t id) const {
     return t_.valid(slot, id) ? (int64_t)t_.node(slot).children.size() : 0;
   }
@@ -390,6 +406,8 @@ PYBIND11_MODULE(_radix_native, m) {
       .def("parent", &PyTree::parent)
       .def("children", &PyTree::children)
       .def("num_children", &PyTree::num_children)
+      .def("child_keys", &PyTree::child_keys)
+      .def("child", &PyTree::child)
       .def("pages", &PyTree::pages)
       .def("key", &PyTree::key)
       .def("lock_ref", &PyTree::lock_ref)

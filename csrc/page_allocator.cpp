@@ -28,20 +28,6 @@ int32_t PageAllocator::refcount(int64_t page) const {
   return ref_[p];
 }
 
-bool PageAllocator::has_duplicates(const int32_t* pages, int64_t n) {
-  if (n < 2) return false;
-  if (++stamp_ == 0) {  // wrapped: old stamps could collide
-    std::fill(seen_.begin(), seen_.end(), 0);
-    stamp_ = 1;
-  }
-  bool dup = false;
-  for (int64_t i = 0; i < n; ++i) {
-    if (seen_[pages[i]] == stamp_) dup = true;
-    seen_[pages[i]] = stamp_;
-  }
-  return dup;
-}
-
 bool PageAllocator::alloc(int64_t n, int32_t* out) {
   if (n < 0) throw std::logic_error("alloc of a negative page count " + std::to_string(n));
   if (n > top_) return false;
@@ -56,9 +42,15 @@ bool PageAllocator::alloc(int64_t n, int32_t* out) {
 
 void PageAllocator::incref(const int32_t* pages, int64_t n) {
   bool bad = false;  // one pass in the common case; the exact error comes from the slow path
+  const int32_t* ref = ref_.data();
+  const int64_t limit = n_;
   for (int64_t i = 0; i < n; ++i) {
     int32_t p = pages[i];
-    bad |= p < 1 || p > n_ || ref_[p] == 0;
+    if (p < 1 || p > limit) {
+      bad = true;
+      break;
+    }
+    bad |= ref[p] == 0;
   }
   if (bad) {
     check_range(pages, n);
@@ -72,10 +64,25 @@ void PageAllocator::incref(const int32_t* pages, int64_t n) {
 }
 
 int64_t PageAllocator::decref(const int32_t* pages, int64_t n) {
-  bool bad = false;
+  // One pass checks every page and stamps it (a page stamped twice is listed twice).
+  if (++stamp_ == 0) {  // wrapped: old stamps could collide
+    std::fill(seen_.begin(), seen_.end(), 0);
+    stamp_ = 1;
+  }
+  bool bad = false, dup = false;
+  const int32_t* ref = ref_.data();
+  uint32_t* seen = seen_.data();
+  const uint32_t stamp = stamp_;
+  const int64_t limit = n_;
   for (int64_t i = 0; i < n; ++i) {
     int32_t p = pages[i];
-    bad |= p < 1 || p > n_ || ref_[p] == 0;
+    if (p < 1 || p > limit) {
+      bad = true;
+      break;
+    }
+    bad |= ref[p] == 0;
+    dup |= seen[p] == stamp;
+    seen[p] = stamp;
   }
   if (bad) {
     check_range(pages, n);
@@ -86,7 +93,7 @@ int64_t PageAllocator::decref(const int32_t* pages, int64_t n) {
     }
   }
   int64_t freed = 0;
-  if (!has_duplicates(pages, n)) {
+  if (!dup) {
     for (int64_t i = 0; i < n; ++i) {
       if (--ref_[pages[i]] == 0) {
         stack_[top_++] = pages[i];

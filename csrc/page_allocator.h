@@ -29,7 +29,6 @@ class PageAllocator {
 
  private:
   void check_range(const int32_t* pages, int64_t n) const;
-  bool has_duplicates(const int32_t* pages, int64_t n);
 
   int64_t n_;
   int64_t top_;

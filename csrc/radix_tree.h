@@ -91,6 +91,7 @@ class RadixTree {
   }
   const Node& node(int32_t slot) const { return nodes_[slot]; }
   std::vector<int32_t> children_of(int32_t slot) const;
+  int32_t find_child(int32_t node, const Tok* first_page) const;  // -1: none
   std::vector<int32_t> live_nodes() const;  // non-root nodes, any order
   std::vector<int32_t> live_roots() const;  // roots of namespaces that exist
   std::vector<std::tuple<int64_t, int64_t>> lru_keys() const;
@@ -107,7 +108,6 @@ class RadixTree {
 
  private:
   uint64_t page_hash(const Tok* t) const;
-  int32_t find_child(int32_t node, const Tok* first_page) const;
   void replace_child(int32_t parent, const Tok* first_page, int32_t from, int32_t to);
   int32_t alloc_slot();
   void free_slot(int32_t slot);

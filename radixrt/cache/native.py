@@ -18,7 +18,7 @@ import importlib
 import logging
 import os
 from collections import Counter
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from types import ModuleType
 from typing import Any, cast
 
@@ -167,9 +167,8 @@ class NativeNode(Node):
         return None if p is None else NativeNode(self._tree, p[0], p[1])
 
     @property
-    def children(self) -> dict[bytes, NativeNode]:  # type: ignore[override]
-        kids = self._tree.children(self._slot, self._nid)
-        return {k: NativeNode(self._tree, s, i) for k, s, i in kids}
+    def children(self) -> NativeChildren:  # type: ignore[override]
+        return NativeChildren(self)
 
     @property
     def key(self) -> IntArray:  # type: ignore[override]
@@ -214,6 +213,33 @@ class NativeNode(Node):
     def __repr__(self) -> str:
         return (f"NativeNode(id={self._nid}, slot={self._slot}, pages={self.pages.tolist()}, "
                 f"lock_ref={self.lock_ref}, last_access={self.last_access})")
+
+
+class NativeChildren(Mapping[bytes, NativeNode]):
+    """A node's children by first page of tokens, read from the tree on demand (``keys()`` is
+    one call that returns a set, so the lpm queue's set intersection costs no handle per
+    child)."""
+
+    __slots__ = ("_node",)
+
+    def __init__(self, node: NativeNode) -> None:
+        self._node = node
+
+    def __getitem__(self, first_page: bytes) -> NativeNode:
+        n = self._node
+        got = n._tree.child(n._slot, n._nid, first_page)
+        if got is None:
+            raise KeyError(first_page)
+        return NativeNode(n._tree, got[0], got[1])
+
+    def __iter__(self) -> Iterator[bytes]:
+        return iter(self.keys())
+
+    def __len__(self) -> int:
+        return self._node._tree.num_children(self._node._slot, self._node._nid)  # type: ignore[no-any-return]
+
+    def keys(self) -> set[bytes]:  # type: ignore[override]
+        return self._node._tree.child_keys(self._node._slot, self._node._nid)  # type: ignore[no-any-return]
 
 
 class NativeRadixCache:

@@ -12,10 +12,13 @@ import radixrt.lang as sgl
 from tests.e2e.conftest import API_KEY, Server
 from tests.fixtures import sglang_programs as programs
 
+ADMIN_KEY = "sk-admin-key"  # /flush_cache acts on every tenant's cache: admin only
+
 
 @pytest.fixture(scope="module")
 def server(server_factory: Any, tiny_model_dir: Any) -> Server:
-    return server_factory(tiny_model_dir("llama"), "--page-size", "16", api_key=API_KEY)
+    return server_factory(tiny_model_dir("llama"), "--page-size", "16", "--admin-api-key",
+                          ADMIN_KEY, api_key=API_KEY)
 
 
 @pytest.fixture(scope="module")
@@ -28,8 +31,8 @@ def test_sglang_program_over_http(http: sgl.RuntimeEndpoint, check: Any) -> None
     check(http)
 
 
-def test_default_backend_flush_and_server_info_over_http(http: sgl.RuntimeEndpoint) -> None:
-    sgl.set_default_backend(http)
+def test_default_backend_flush_and_server_info_over_http(server: Server) -> None:
+    sgl.set_default_backend(sgl.RuntimeEndpoint(server.url, api_key=ADMIN_KEY))
     try:
         q = "What is the capital of Peru?"
         programs.few_shot_qa.run(question=q, temperature=0)

@@ -25,6 +25,7 @@ from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 import xgrammar as xgr
 
@@ -68,10 +69,9 @@ def _env_fused() -> bool:
 def allowed_in_mask(host: torch.Tensor, rows: Sequence[int], tokens: Sequence[int]) -> list[bool]:
     """Whether ``tokens[j]`` is allowed by row ``rows[j]`` of a filled host bitmask: the draw
     sampled under that mask, so this is what the grammar will accept, known without xgrammar."""
-    r = torch.tensor(rows, dtype=torch.int64)
-    t = torch.tensor(tokens, dtype=torch.int64)
-    bits = (host[r, t >> 5].to(torch.int64) >> (t & 31)) & 1
-    return [bool(b) for b in bits.tolist()]
+    t = np.fromiter(tokens, dtype=np.int64, count=len(tokens))
+    words = host.numpy()[np.fromiter(rows, dtype=np.int64, count=len(rows)), t >> 5]
+    return ((words.astype(np.int64) >> (t & 31)) & 1).astype(bool).tolist()
 
 
 @dataclass
@@ -157,12 +157,12 @@ class MaskBuilder:
                 m = matchers[i]
                 assert m is not None
                 m.fill(host, i)
-            return PendingMask(k, host)
+            return PendingMask(k, host, matchers=matchers)
         raw = [matchers[i].raw for i in idx]  # type: ignore[union-attr]
         # One worker, so fills run in order: a ring buffer is never written by two at once.
         fut = self._pool.submit(self._batch.batch_fill_next_token_bitmask, raw, host,
                                 idx if len(idx) < len(matchers) else None)
-        return PendingMask(k, host, [fut])
+        return PendingMask(k, host, [fut], matchers)
 
     def advance_and_start(self, accepts: Sequence[tuple[Matcher, int]],
                           matchers: Sequence[Matcher | None], *,
@@ -201,7 +201,7 @@ class MaskBuilder:
             futs = [self._shards[s].submit(self._run, s, acc[s], rows[s], host)
                     for s in range(n) if acc[s] or rows[s]]
         self._outstanding = self._outstanding + futs
-        return PendingMask(k, host, futs) if idx else None
+        return PendingMask(k, host, futs, matchers) if idx else None
 
     def _run(self, shard: int, accepts: list[tuple[Matcher, int]],
              rows: list[tuple[int, Matcher]], host: torch.Tensor) -> None:
@@ -256,8 +256,9 @@ class MaskBuilder:
 
 @dataclass
 class PendingMask:
-    """A mask being filled into ring buffer ``slot``."""
+    """A mask being filled into ring buffer ``slot`` from ``matchers`` (row by row)."""
 
     slot: int
     host: torch.Tensor
     futures: list[Future[None]] = field(default_factory=list)
+    matchers: Sequence[Matcher | None] = ()

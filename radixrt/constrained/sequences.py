@@ -77,6 +77,8 @@ class SequenceGrammars:
         self._matchers: weakref.WeakKeyDictionary[Seq, Matcher] = weakref.WeakKeyDictionary()
         self._parked: dict[str, Parked] = {}
         self._next_shard = 0
+        # Matchers the last advance_and_start is advancing on the fill threads, by seq id.
+        self._advancing: dict[int, Matcher] = {}
         self.rejected_tokens = 0
         # Fill threads and path (batch.py); None: RADIXRT_GRAMMAR_THREADS / _FUSED or defaults.
         self.fill_threads: int | None = fill_threads
@@ -225,6 +227,7 @@ class SequenceGrammars:
     def _drain(self) -> None:
         if self._masks is not None:
             self._masks.drain()
+        self._advancing = {}
 
     def bitmask(self, seqs: Sequence[Seq], live: Sequence[bool]) -> torch.Tensor | None:
         """[B, W] int32 on the device for a draw over ``seqs``; rows not ``live`` (ended while
@@ -295,8 +298,15 @@ class SequenceGrammars:
         self._drain()
         oks = [True] * len(seqs)
         check: list[tuple[int, Matcher]] = []
+        drawn_rows = drawn.matchers if drawn is not None else None
         for j, seq in enumerate(seqs):
-            m = self.matcher(seq)
+            if seq.params.constraint is None:
+                continue
+            # The matcher that filled this row (no lookup); synced again only if its count
+            # moved (it never does between a draw and its tokens).
+            m = drawn_rows[mask_rows[j]] if drawn_rows is not None else None
+            if m is None or m.num_accepted != len(seq.output_ids):
+                m = self.matcher(seq)
             if m is None:
                 continue
             if m.done:  # nothing may follow (its mask row allowed everything)
@@ -312,6 +322,7 @@ class SequenceGrammars:
                     m.failed, oks[j] = True, False
                     self.rejected_tokens += 1
         accepts = [(m, int(tokens[j])) for j, m in check if oks[j]]
+        self._advancing = {id(seqs[j]): m for j, m in check}
         rows: list[Matcher | None] = []
         if nxt is not None and nxt_live is not None:
             for seq, ok in zip(nxt, nxt_live):
@@ -319,16 +330,16 @@ class SequenceGrammars:
                 rows.append(None if m is None or m.done else m)
         return oks, masks.advance_and_start(accepts, rows)
 
-    def start_queued(self, seqs: Sequence[Seq], live: Sequence[bool],
-                     advancing: frozenset[int]) -> PendingMask | None:
-        """``start_bitmask`` (fused path) while the advances begun by ``advance_and_start``
-        for the sequences in ``advancing`` (ids) may still run: those matchers are not read
-        here (they are in step once their advance is done); the fill runs behind it."""
+    def start_queued(self, seqs: Sequence[Seq], live: Sequence[bool]) -> PendingMask | None:
+        """``start_bitmask`` (fused path) while the advances begun by the last
+        ``advance_and_start`` may still run: their matchers are not read here (they are in
+        step once their advance is done) and the fill runs behind it on the same threads."""
         rows: list[Matcher | None] = []
+        advancing = self._advancing
         for seq, ok in zip(seqs, live):
             m = None
             if ok and seq.params.constraint is not None:
-                m = self._matchers.get(seq) if id(seq) in advancing else self.matcher(seq)
+                m = advancing.get(id(seq)) or self.matcher(seq)
             rows.append(m)
         return self.masks.advance_and_start((), rows, queued=True)
 

@@ -199,8 +199,7 @@ class StepResults:
             oks = flight.early[1]
             if fill_next and nxt is not None:
                 nxt.mask = self.grammars.start_queued(
-                    nxt.sampled, [s.status is SeqStatus.RUNNING for s in nxt.sampled],
-                    frozenset(id(flight.sampled[i]) for i in rows))
+                    nxt.sampled, [s.status is SeqStatus.RUNNING for s in nxt.sampled])
                 nxt.mask_started = True
         elif self.grammars is not None and (flight.constrained or fill_next):
             seqs = [flight.sampled[i] for i in rows] if flight.constrained else []

@@ -133,8 +133,6 @@ class EngineBackend:
                                      logprob_start_len=params.logprob_start_len)
         (out,) = self._run([(prompt, sp)])
         _check(out)
-        if params.max_tokens == 0:  # prefill only: the one token the engine made is dropped
-            return GenResult("", out.prompt_tokens, out.cached_tokens, 0, "length")
         meta = self._logprob_meta(out, params) if params.return_logprob else {}
         return GenResult(out.text, out.prompt_tokens, out.cached_tokens, out.completion_tokens,
                          out.finish_reason, [o.text for o in out.outputs], meta)
@@ -164,7 +162,7 @@ class EngineBackend:
                         logprob_start_len: int = 0) -> list[PromptScores]:
         from radixrt.sampling_params import SamplingParams
 
-        sp = SamplingParams(max_new_tokens=1, temperature=0.0, prompt_logprobs=True,
+        sp = SamplingParams(max_new_tokens=0, temperature=0.0, prompt_logprobs=True,
                             logprob_start_len=logprob_start_len)
         outs = self._run([(p, sp) for p in prompts])
         scores = []
@@ -228,7 +226,8 @@ def _sampling(params: GenParams) -> SamplingParams:
     from radixrt.sampling_params import SamplingParams
 
     return SamplingParams(
-        max_new_tokens=max(1, params.max_tokens), temperature=params.temperature,
+        max_new_tokens=params.max_tokens, min_new_tokens=params.min_tokens,
+        temperature=params.temperature,
         top_p=params.top_p, top_k=params.top_k, min_p=params.min_p,
         frequency_penalty=params.frequency_penalty, presence_penalty=params.presence_penalty,
         stop=params.stop, stop_token_ids=params.stop_token_ids, ignore_eos=params.ignore_eos,

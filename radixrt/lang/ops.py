@@ -97,7 +97,7 @@ class Select(Expr):
 
 
 # SGLang gen keywords that radixrt cannot honour: rejected when set, never ignored.
-_UNSUPPORTED = {"min_tokens": 0, "stop_regex": None}
+_UNSUPPORTED = {"stop_regex": None}
 _ALIASES = {"max_new_tokens": "max_tokens"}
 
 

@@ -28,6 +28,7 @@ class GenParams:
     """
 
     max_tokens: int = 128
+    min_tokens: int = 0  # EOS / stop tokens are not drawn before this many tokens
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = -1
@@ -57,6 +58,9 @@ class GenParams:
             raise ValueError(f"max_tokens must be >= 0, got {self.max_tokens}")
         if self.temperature < 0:
             raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if not 0 <= self.min_tokens <= self.max_tokens:
+            raise ValueError(f"min_tokens must be in [0, max_tokens={self.max_tokens}], got "
+                             f"{self.min_tokens}")
         if self.n < 1:
             raise ValueError(f"n must be >= 1, got {self.n}")
         if self.max_tokens == 0 and self.n > 1:
@@ -84,6 +88,8 @@ class GenParams:
                   *GRAMMARS):
             if getattr(self, k) != getattr(defaults, k):
                 d[k] = getattr(self, k)
+        if self.min_tokens:
+            d["min_new_tokens"] = self.min_tokens
         if self.stop_token_ids:
             d["stop_token_ids"] = list(self.stop_token_ids)
         return d

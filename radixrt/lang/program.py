@@ -19,11 +19,11 @@ from radixrt.lang.state import ProgramError, ProgramState
 
 MAX_AUTO_THREADS = 64
 # Program-wide sampling defaults a run may set: SGLang's names, plus radixrt's seed.
-RUN_SAMPLING = ("max_new_tokens", "n", "stop", "stop_token_ids", "temperature", "top_p",
+RUN_SAMPLING = ("max_new_tokens", "min_new_tokens", "n", "stop", "stop_token_ids", "temperature", "top_p",
                 "top_k", "min_p", "frequency_penalty", "presence_penalty", "ignore_eos",
                 "return_logprob", "logprob_start_len", "top_logprobs_num",
                 "return_text_in_logprobs", "seed")
-_UNSUPPORTED_RUN = ("stop_regex", "min_new_tokens")
+_UNSUPPORTED_RUN = ("stop_regex",)
 
 
 class GlobalConfig:
@@ -187,6 +187,8 @@ def _defaults(kwargs: dict[str, Any]) -> GenParams:
     given = {k: v for k, v in popped.items() if v is not None}
     if "max_new_tokens" in given:
         given["max_tokens"] = given.pop("max_new_tokens")
+    if "min_new_tokens" in given:
+        given["min_tokens"] = given.pop("min_new_tokens")
     if "stop" in given:
         stop = given["stop"]
         given["stop"] = (stop,) if isinstance(stop, str) else tuple(stop)

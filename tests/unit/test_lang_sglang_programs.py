@@ -61,8 +61,8 @@ def test_unsupported_calls_fail_by_name() -> None:
         sgl.Runtime(model_path="x")
     with pytest.raises(NotImplementedError, match="EngineBackend"):
         sgl.Engine(model_path="x")
-    with pytest.raises(ValueError, match="min_tokens"):
-        sgl.gen("x", min_tokens=8)
+    with pytest.raises(ValueError, match="min_tokens must be in"):
+        programs.qa.run(question="x", backend=_NoCalls(), max_new_tokens=4, min_new_tokens=8)
     with pytest.raises(ValueError, match="stop_regex"):
         sgl.gen("x", stop_regex=r"\d")
     with pytest.raises(ValueError, match="temperature"):

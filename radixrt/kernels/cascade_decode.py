@@ -30,10 +30,14 @@ import torch
 import triton
 import triton.language as tl
 
-from radixrt.kernels.decode_attention import decode_block_n, decode_partials, split_range_from
+from radixrt.kernels.decode_attention import (
+    decode_block_n,
+    decode_partials,
+    split_range_from,
+    tile_slots,
+)
 from radixrt.kernels.extend_attention import (
     LOG2E,
-    _paged_slots,
     dot_precision,
     interpreting,
     mma,
@@ -142,10 +146,12 @@ def _shared_prefix_kernel(
         acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
         m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
         l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+        # Slots one tile ahead (loop-carried: the K/V loads pipeline num_stages - 1 deep).
+        slots = tile_slots(page_row, kv_start, kv_end, PAGE_SIZE, BLOCK_N)
         for start_n in range(kv_start, kv_end, BLOCK_N):
+            next_slots = tile_slots(page_row, start_n + BLOCK_N, kv_end, PAGE_SIZE, BLOCK_N)
             offs_n = start_n + tl.arange(0, BLOCK_N)
             mask_n = offs_n < kv_end
-            slots = _paged_slots(page_row, offs_n, mask_n, PAGE_SIZE)
             kv_mask = mask_n[:, None] & mask_d[None, :]
             k = tl.load(K + slots[:, None] * stride_kt + kv_head * stride_kh + offs_d[None, :],
                         mask=kv_mask, other=0.0)
@@ -160,6 +166,7 @@ def _shared_prefix_kernel(
             l_i = l_i * alpha + tl.sum(p, 1)
             acc = acc * alpha[:, None] + mma(p.to(q.dtype), v.to(q.dtype), PRECISION, INTERPRET)
             m_i = m_new
+            slots = next_slots
         row = ((item * num_kv_heads + kv_head) * BLOCK_M + offs_m).to(tl.int64)
         tl.store(PreO + row[:, None] * HEAD_DIM + offs_d[None, :], acc / l_i[:, None],
                  mask=valid_m[:, None] & mask_d[None, :])

@@ -27,7 +27,6 @@ import triton.language as tl
 from radixrt.kernels.extend_attention import (
     LOG2E,
     _check_rows,
-    _paged_slots,
     dot_precision,
     interpreting,
     mma,
@@ -53,6 +52,26 @@ def split_range_from(
     """``_split_range`` of the KV range [kv_start, seq_len) (a cascade request's own suffix)."""
     start, end = _split_range(seq_len - kv_start, split, NUM_SPLITS, BLOCK_N, MIN_SPLIT_LEN)
     return kv_start + start, kv_start + end
+
+
+@triton.jit
+def tile_slots(page_row, start_n, bound, PAGE_SIZE: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Flat pool slots of KV positions start_n .. start_n + BLOCK_N - 1 (start_n a multiple of
+    min(PAGE_SIZE, BLOCK_N)); table reads at positions >= bound are masked off (slot of page 0,
+    never loaded by the callers, whose K/V loads mask the same positions)."""
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    if PAGE_SIZE >= BLOCK_N:  # the tile lies inside one page: one table read
+        page = tl.load(page_row + start_n // PAGE_SIZE, mask=start_n < bound, other=0)
+        slots = page.to(tl.int64) * PAGE_SIZE + (offs_n % PAGE_SIZE)
+    elif PAGE_SIZE >= 16:  # one table read per page of the tile, not one per position
+        idx = start_n // PAGE_SIZE + tl.arange(0, BLOCK_N // PAGE_SIZE)
+        pages = tl.load(page_row + idx, mask=idx * PAGE_SIZE < bound, other=0)
+        in_page = tl.arange(0, PAGE_SIZE)
+        slots = tl.reshape(pages.to(tl.int64)[:, None] * PAGE_SIZE + in_page[None, :], [BLOCK_N])
+    else:
+        page = tl.load(page_row + offs_n // PAGE_SIZE, mask=offs_n < bound, other=0)
+        slots = page.to(tl.int64) * PAGE_SIZE + (offs_n % PAGE_SIZE)
+    return slots
 
 
 # One compiled variant for every page-table width (the engine's table, tests' one-off ones).
@@ -114,10 +133,13 @@ def _decode_stage1_kernel(
     acc = tl.zeros([BLOCK_H, BLOCK_D], dtype=tl.float32)
     m_i = tl.full([BLOCK_H], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_H], dtype=tl.float32)
+    # Each tile's slots are read one iteration ahead: K/V addresses loaded in the same iteration
+    # pipeline one tile deep whatever num_stages, loop-carried ones num_stages - 1 deep.
+    slots = tile_slots(page_row, start, end, PAGE_SIZE, BLOCK_N)
     for start_n in range(start, end, BLOCK_N):
+        next_slots = tile_slots(page_row, start_n + BLOCK_N, end, PAGE_SIZE, BLOCK_N)
         offs_n = start_n + tl.arange(0, BLOCK_N)
         mask_n = offs_n < end
-        slots = _paged_slots(page_row, offs_n, mask_n, PAGE_SIZE)
         kv_mask = mask_n[:, None] & mask_d[None, :]
         k = tl.load(
             K + slots[:, None] * stride_kt + kv_head * stride_kh + offs_d[None, :],
@@ -138,6 +160,7 @@ def _decode_stage1_kernel(
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None] + mma(p.to(q.dtype), v.to(q.dtype), PRECISION, INTERPRET)
         m_i = m_new
+        slots = next_slots
 
     # PartO/PartLse are contiguous: [B, Hq, NUM_SPLITS, (D)].
     row = (req.to(tl.int64) * (GROUP * tl.num_programs(1)) + heads) * NUM_SPLITS + split

@@ -66,14 +66,16 @@ def make_shared_case(
 
 def run_cascade(batch: ForwardBatch, q, k, v, *, tile_reqs: int | None = None,
                 item_target: int = 8, programs: int | None = None, num_splits: int = 3,
-                min_split_len: int | None = None) -> torch.Tensor:
+                min_split_len: int | None = None, prefix_block_n: int | None = None,
+                ) -> torch.Tensor:
     device = q.device
     bsz, heads, head_dim = q.shape
     kv_heads = k.shape[1]
     tiling = PrefixTiling.make(heads // kv_heads, device, tile_reqs)
     block_n = decode_block_n(device)
-    budget = ItemBudget(item_target=item_target, item_cap=max(item_target, bsz), min_chunk=block_n,
-                        block_n=block_n)
+    chunk = prefix_block_n or block_n
+    budget = ItemBudget(item_target=item_target, item_cap=max(item_target, bsz), min_chunk=chunk,
+                        block_n=chunk)
     buffers = CascadeBuffers(tiling, budget, max_batch=bsz + 3, num_kv_heads=kv_heads,
                              head_dim=head_dim, device=device)
     buffers.pre_out.fill_(float("nan"))  # only rows pass 1 wrote may be read
@@ -87,7 +89,7 @@ def run_cascade(batch: ForwardBatch, q, k, v, *, tile_reqs: int | None = None,
         head_dim**-0.5, meta, tiling, num_splits=num_splits,
         prefix_programs=programs or item_target, suf_out=suf_out, suf_lse=suf_lse,
         pre_out=buffers.pre_out, pre_lse=buffers.pre_lse,
-        min_split_len=min_split_len or block_n,
+        min_split_len=min_split_len or block_n, block_n=prefix_block_n,
     )  # fmt: skip
 
 
@@ -137,6 +139,18 @@ def test_tiles_items_and_program_loop(device, assert_close, tile_reqs, item_targ
                                       dtype=torch.float32, device=device)
     out = run_cascade(batch, q, k, v, tile_reqs=tile_reqs, item_target=item_target,
                       programs=programs)
+    assert_close(out, paged_attention_reference(q, k, v, batch, 64**-0.5))
+
+
+@pytest.mark.parametrize("page_size", [4, 16, 64])
+def test_prefix_tiles_of_several_pages(device, assert_close, page_size):
+    """Pass-1 KV tiles of 64 positions over pages of 4 (one table read per position), 16 (one
+    per page, the GPU default) and 64 (one per tile), with slots read a tile ahead; shared
+    lengths that end inside a tile."""
+    batch, q, k, v = make_shared_case([(336 // page_size, [3, 70, 1]), (208 // page_size, [9, 2])],
+                                      [33], heads=8, kv_heads=2, head_dim=64, page_size=page_size,
+                                      dtype=torch.float32, device=device)
+    out = run_cascade(batch, q, k, v, item_target=3, prefix_block_n=64)
     assert_close(out, paged_attention_reference(q, k, v, batch, 64**-0.5))
 
 

@@ -36,7 +36,7 @@ import triton
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench import floor as fl  # noqa: E402
-from radixrt.kernels import extend_configs  # noqa: E402
+from radixrt.kernels import extend_configs, extend_dense  # noqa: E402
 from radixrt.kernels.extend_attention import extend_attention, extend_flops  # noqa: E402
 from radixrt.kernels.extend_baseline import extend_attention_baseline  # noqa: E402
 from radixrt.kernels.extend_configs import ExtendConfig  # noqa: E402
@@ -148,11 +148,11 @@ class Case:
         return float((got - self.ref.double()).norm() / self.ref.double().norm())
 
     def run_new(self, out: torch.Tensor, cfg: ExtendConfig | None, splits: int | None,
-                auto: bool = False) -> torch.Tensor:
+                auto: bool = False, dense: bool = False) -> torch.Tensor:
         return extend_attention(
             self.q, self.k, self.v, self.indptr, self.prefix_lens, self.table, self.rows, PAGE,
             self.new, softmax_scale(self.q.shape[-1]), out=out, config=cfg, num_kv_splits=splits,
-            max_seq_len=self.prefix + self.new if auto else None,
+            max_seq_len=self.prefix + self.new if auto else None, dense_new=dense,
         )  # fmt: skip
 
     def run_old(self, out: torch.Tensor) -> torch.Tensor:
@@ -248,6 +248,15 @@ def sweep_heads(result: dict[str, Any], heads: tuple[int, int, int], shapes: dic
         res["best"] = max(ok, key=lambda r: r["tflops"]) if ok else None
         print(f"{name} {heads}: best {res['best'] and res['best']['config']} "
               f"{fmt(res['best'] or {})}", flush=True)
+        if res["best"] and not args.tiny:  # new x new on torch's SDPA, the prefix paged
+            cfg = ExtendConfig(*res["best"]["config"])
+            case = cases[name]
+            res["hybrid"] = measure(
+                case, lambda o, c=cfg, k=case: k.run_new(o, c, 1, dense=True), mm, ms,  # type: ignore[misc]
+            )  # fmt: skip
+            res["hybrid"]["sdpa_ops"] = dict(extend_dense._WORKS)
+            print(f"{name} {heads}: hybrid (SDPA new x new + paged prefix) "
+                  f"{fmt(res['hybrid'])} {res['hybrid']['sdpa_ops']}", flush=True)
     del cases
     if dev.type == "cuda":
         torch.cuda.empty_cache()
@@ -339,8 +348,12 @@ def run_engine(args: argparse.Namespace) -> dict[str, Any]:
     lens = [int(x) for x in args.lens.split(",")]
     old_lens = [int(x) for x in args.old_lens.split(",") if x]
     res: dict[str, Any] = {"model": args.model, "chunk": args.chunk, "lens": lens}
+    hybrid_ok = False
     if args.sweep_json and Path(args.sweep_json).exists():
-        best = json.loads(Path(args.sweep_json).read_text()).get("best_overall")
+        sweep = json.loads(Path(args.sweep_json).read_text())
+        best = sweep.get("best_overall")
+        hybrid_ok = all(r.get("hybrid", {}).get("correct", False)
+                        for r in sweep.get("shapes", {}).values()) and bool(sweep.get("shapes"))
         if best and dev.type == "cuda":
             key = (HD, HQ // HKV, torch.cuda.get_device_capability(dev)[0])
             extend_configs.TABLE[key] = ExtendConfig(*best["config"])
@@ -379,6 +392,17 @@ def run_engine(args: argparse.Namespace) -> dict[str, Any]:
     ttft(core, "warmup", prompt(min(2 * args.chunk + 100, longest)))  # compiles every chunk shape
     res["runs"] = [timed("new", n) for n in lens]
     write(args.out, "prefill_engine.json", res)
+    if hybrid_ok:  # the same with every chunk's new x new on torch's SDPA
+        extend_configs.DENSE_NEW_MIN_TOKENS = args.dense_new_min
+        try:
+            ttft(core, "warmup-hybrid", prompt(min(2 * args.chunk + 100, longest)))
+            res["runs"] += [timed("hybrid", n) for n in lens]
+        except Exception as exc:  # noqa: BLE001 - report, keep the other runs
+            res["hybrid_error"] = repr(exc)[:300]
+            print("hybrid engine run failed:", res["hybrid_error"], flush=True)
+        finally:
+            extend_configs.DENSE_NEW_MIN_TOKENS = None
+        write(args.out, "prefill_engine.json", res)
     if old_lens:
         new_fn = triton_backend.extend_attention
         triton_backend.extend_attention = extend_attention_baseline  # type: ignore[assignment]
@@ -404,6 +428,8 @@ def main() -> None:
     ap.add_argument("--chunk", type=int, default=8192, help="engine: prefill tokens per step")
     ap.add_argument("--lens", default="32768,120000", help="engine: cold prompt lengths")
     ap.add_argument("--old-lens", default="32768", help="engine: the same with the old kernel")
+    ap.add_argument("--dense-new-min", type=int, default=1024,
+                    help="engine: hybrid runs use SDPA for extends of at least this many tokens")
     args = ap.parse_args()
     if args.mode == "sweep":
         run_sweep(args)

@@ -34,6 +34,7 @@ from radixrt.kernels.extend_configs import (
     default_config,
     sm_count,
 )
+from radixrt.kernels.extend_dense import dense_new_part, use_dense_new
 from radixrt.kernels.extend_split import merge_splits
 
 LOG2E = 1.4426950408889634
@@ -210,8 +211,8 @@ def _extend_kernel(
     stride_pt, num_tokens, num_splits,
     GROUP: tl.constexpr, HEADS_PER_TILE: tl.constexpr, HEAD_DIM: tl.constexpr,
     BLOCK_D: tl.constexpr, PAGE_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    DIAG_N: tl.constexpr, PAGE_VEC: tl.constexpr, SPLIT: tl.constexpr, PRECISION: tl.constexpr,
-    INTERPRET: tl.constexpr,
+    DIAG_N: tl.constexpr, PAGE_VEC: tl.constexpr, SPLIT: tl.constexpr, PREFIX_ONLY: tl.constexpr,
+    PRECISION: tl.constexpr, INTERPRET: tl.constexpr,
 ):  # fmt: skip
     # Launch the longest-running (last, most keys) query blocks first for better load balance.
     m_block = tl.num_programs(0) - 1 - tl.program_id(0)
@@ -250,8 +251,12 @@ def _extend_kernel(
     # Every row sees keys < full_end: whole tiles below it run unmasked; only the last few tiles
     # (the block's own POSITIONS keys, the diagonal) need the causal mask.
     full_end = prefix + m_start
-    n_full = (full_end // BLOCK_N) * BLOCK_N
     kv_end = tl.minimum(prefix + extend, full_end + POSITIONS)
+    if PREFIX_ONLY:  # the cached prefix alone (new x new runs elsewhere): no causal keys
+        full_end = prefix
+        kv_end = prefix
+        q_pos = tl.zeros_like(q_pos) + prefix - 1  # the tail tile's mask then stops at kv_end
+    n_full = (full_end // BLOCK_N) * BLOCK_N
     lo = 0
     hi = n_full
     masked_lo = n_full
@@ -345,6 +350,7 @@ def extend_attention(
     *,
     max_seq_len: int | None = None,  # longest prefix + extend; enables split-KV when known
     num_kv_splits: int | None = None,  # force a split count (default: choose_kv_splits)
+    dense_new: bool | None = None,  # new x new on torch's SDPA (default: use_dense_new)
 ) -> torch.Tensor:  # [T, Hq, D]
     """Causal attention of each request's new queries over its cached prefix plus itself."""
     _check_paged_inputs(q, k_flat, v_flat, page_size)
@@ -367,23 +373,30 @@ def extend_attention(
         sm_count(q.device),
     )  # fmt: skip
     assert splits >= 1 and head_groups * splits < 65536, f"bad split count {splits}"
+    dense = use_dense_new(q, max_extend_len) if dense_new is None else dense_new
+    # Dense: partial 0 is new x new from SDPA, partials 1.. the prefix splits; else only splits.
+    parts = splits + 1 if dense else splits
     part_o = part_lse = out  # unused unless split
-    if splits > 1:
-        part_o = torch.empty(splits, num_tokens, num_heads, head_dim, dtype=torch.float32,
+    if parts > 1:
+        part_o = torch.empty(parts, num_tokens, num_heads, head_dim, dtype=torch.float32,
                              device=q.device)
-        part_lse = torch.empty(splits, num_tokens, num_heads, dtype=torch.float32, device=q.device)
+        part_lse = torch.empty(parts, num_tokens, num_heads, dtype=torch.float32, device=q.device)
+    if dense:
+        dense_new_part(q, k_flat, v_flat, qo_indptr, prefix_lens, page_table, req_rows, page_size,
+                       scale, part_o[0], part_lse[0])
+    prefix_o, prefix_lse = (part_o[1:], part_lse[1:]) if dense else (part_o, part_lse)
     _extend_kernel[(m_blocks, batch, head_groups * splits)](
-        q, k_flat, v_flat, out, part_o, part_lse, qo_indptr, prefix_lens, page_table, req_rows,
-        scale * LOG2E, q.stride(0), q.stride(1), k_flat.stride(0), k_flat.stride(1),
+        q, k_flat, v_flat, out, prefix_o, prefix_lse, qo_indptr, prefix_lens, page_table,
+        req_rows, scale * LOG2E, q.stride(0), q.stride(1), k_flat.stride(0), k_flat.stride(1),
         v_flat.stride(0), v_flat.stride(1), out.stride(0), out.stride(1), page_table.stride(0),
         num_tokens, splits,
         GROUP=group, HEADS_PER_TILE=cfg.heads_per_tile, HEAD_DIM=head_dim, BLOCK_D=block_d,
         PAGE_SIZE=page_size, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, DIAG_N=cfg.diag_n,
-        PAGE_VEC=cfg.page_vec,
-        SPLIT=splits > 1, PRECISION=dot_precision(q.dtype), INTERPRET=interpreting(),
+        PAGE_VEC=cfg.page_vec, SPLIT=parts > 1, PREFIX_ONLY=dense,
+        PRECISION=dot_precision(q.dtype), INTERPRET=interpreting(),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )  # fmt: skip
-    if splits > 1:
+    if parts > 1:
         merge_splits(part_o, part_lse, out)
     return out
 

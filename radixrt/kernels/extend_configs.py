@@ -51,6 +51,10 @@ class ExtendConfig:
 # (padded head_dim, group, major capability) -> winner of the H200 sweep (bench/gpu_prefill.sh).
 TABLE: dict[tuple[int, int, int], ExtendConfig] = {}
 
+# Extends of at least this many tokens run new x new on torch's SDPA (extend_dense.py); None:
+# never (the paged kernel does everything).
+DENSE_NEW_MIN_TOKENS: int | None = None
+
 INTERPRETER_CONFIG = (16, 16, 4, 1)  # (block_m, block_n, warps, stages): small numpy tiles
 
 

@@ -7,7 +7,8 @@ import torch
 
 pytest.importorskip("triton")
 
-from radixrt.attention.torch_ref import paged_attention_reference  # noqa: E402
+from radixrt.attention.torch_ref import gather_slots, paged_attention_reference  # noqa: E402
+from radixrt.kernels import extend_dense  # noqa: E402
 from radixrt.kernels.extend_attention import extend_attention  # noqa: E402
 from radixrt.kernels.extend_configs import (  # noqa: E402
     MAX_SPLITS,
@@ -200,3 +201,47 @@ def test_extend_config_validation():
     assert packable_heads(4, 8) == 4 and packable_heads(8, 4) == 4 and packable_heads(3, 8) == 1
     cfg = default_config(128, 4, torch.device("cpu"))
     assert cfg.heads_per_tile == 4 and cfg.block_m % cfg.heads_per_tile == 0
+
+
+def _math_sdpa(q, k, v, scale):
+    """A stand-in for the fused SDPA op on the CPU: causal attention and its natural-log LSE."""
+    scores = (q.float() @ k.float().transpose(-1, -2)) * scale
+    n = scores.shape[-1]
+    scores = scores.masked_fill(torch.ones(n, n, dtype=torch.bool).triu(1), float("-inf"))
+    return torch.softmax(scores, -1) @ v.float(), torch.logsumexp(scores, -1)
+
+
+@pytest.mark.parametrize("splits", [1, 2])
+def test_dense_new_path_matches_reference(paged_case, assert_close, device, monkeypatch, splits):
+    """Long extends: new x new on a fused SDPA (on the CPU a math stand-in), the cached prefix
+    alone in the paged kernel (no causal masks, split or not), merged by log-sum-exp."""
+    ragged = ([0, 70, 5, 33], [9, 20, 1, 3]) if device == "cpu" else REAL_RAGGED
+    dtype, heads = (torch.float32, (8, 2, 64)) if device == "cpu" else (torch.bfloat16, (32, 8, 128))
+    if device == "cpu":
+        monkeypatch.setattr(extend_dense, "sdpa_with_lse", _math_sdpa)
+    case = paged_case(
+        prefix_lens=ragged[0], extend_lens=ragged[1], num_heads=heads[0], num_kv_heads=heads[1],
+        head_dim=heads[2], page_size=16, dtype=dtype, device=device,
+    )  # fmt: skip
+    b, scale = case.batch, heads[2] ** -0.5
+    out = torch.full_like(case.q, float("nan"))
+    extend_attention(
+        case.q, case.k_flat, case.v_flat, b.qo_indptr, b.prefix_lens, b.page_table, b.req_rows,
+        b.page_size, b.max_extend_len, scale, out=out, num_kv_splits=splits, dense_new=True,
+    )  # fmt: skip
+    assert_close(out, paged_attention_reference(case.q, case.k_flat, case.v_flat, b, scale))
+
+
+def test_new_token_slots_match_reference_gather(paged_case, device):
+    case = paged_case(
+        prefix_lens=[0, 70, 5], extend_lens=[9, 20, 1], num_heads=2, num_kv_heads=1,
+        head_dim=16, page_size=4, dtype=torch.float32, device=device,
+    )  # fmt: skip
+    b = case.batch
+    got = extend_dense.new_token_slots(b.qo_indptr, b.prefix_lens, b.page_table, b.req_rows, 4,
+                                       b.num_tokens)
+    want = torch.cat([
+        gather_slots(b.page_table[b.req_rows_cpu[i]], p + e, 4)[p:]
+        for i, (p, e) in enumerate(zip(b.prefix_lens_cpu, b.extend_lens_cpu))
+    ])  # fmt: skip
+    assert torch.equal(got, want)

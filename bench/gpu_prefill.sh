@@ -1,18 +1,19 @@
 #!/usr/bin/env bash
 # Issue 18 item 1 in one device call (~4 min on one H200, 6 at most): the extend-attention tile sweep
 # (bench_prefill.py sweep: old kernel, each config, torch SDPA, % of a matmul measured in the
-# same run, correctness at every shape; split-KV on one long-prefix request), then cold prefill
-# of a 32k and a 120k prompt through the engine (llama3.1-8b preset, random weights, 8192-token
-# chunks) with the sweep's best config, against the compute-aware floor, then the gpu-marked
-# extend-attention tests. Everything lands in $OUT (else bench/results/prefill):
-#   prefill_sweep.json / .log    per shape: old, sdpa, every config; best_overall; table_line
+# same run, correctness at every shape; the hybrid path (new x new on torch's SDPA); split-KV on
+# one long-prefix request; a head_dim 64 mini-sweep), then cold prefill of a 32k and a 120k
+# prompt through the engine (llama3.1-8b preset, random weights, 8192-token chunks) with the
+# sweep's best config (paged only, hybrid, previous kernel), against the compute-aware floor,
+# then the gpu-marked extend-attention tests. Everything lands in $OUT (else bench/results/prefill):
+#   prefill_sweep.json / .log    per shape: old, sdpa, every config, hybrid; best_overall; table_line
 #   prefill_engine.json / .log   cold prefill time, floor_s (compute-aware), flops_floor_s
 #   prefill_tests.log, gpu_info.txt
 #
 #   bash bench/gpu_prefill.sh            # from the repo root, on the GPU machine
 #
-# Per-step limits (seconds) fit 6 minutes: T_SWEEP=160 (head_dim 128 configs stop 70 s in, the
-# head_dim 64 ones 40 s later), T_ENGINE=110, T_TESTS=90. OLD_LENS (default 32768,120000): the
+# Per-step limits (seconds) fit 6 minutes: T_SWEEP=150 (head_dim 128 configs stop 60 s in, the
+# head_dim 64 ones 40 s later), T_ENGINE=130, T_TESTS=80. OLD_LENS (default 32768,120000): the
 # prompt lengths also timed with the previous kernel.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -29,7 +30,7 @@ export PYTHONUNBUFFERED=1
   "$PY" -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
 } 2>&1 | tee "$OUT/gpu_info.txt"
 
-T_SWEEP="${T_SWEEP:-160}"; T_ENGINE="${T_ENGINE:-110}"; T_TESTS="${T_TESTS:-90}"
+T_SWEEP="${T_SWEEP:-150}"; T_ENGINE="${T_ENGINE:-130}"; T_TESTS="${T_TESTS:-80}"
 timeout -k 10 "$T_SWEEP" "$PY" bench/bench_prefill.py sweep --out "$OUT" \
   --budget-s $((T_SWEEP - 90)) --budget-64-s 40 2>&1 | tee "$OUT/prefill_sweep.log"
 sweep_rc=${PIPESTATUS[0]}

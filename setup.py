@@ -16,9 +16,10 @@ except ImportError:  # only without build isolation (pyproject.toml requires pyb
 else:
     native = Pybind11Extension(
         "radixrt.cache._radix_native",
-        sources=["csrc/radix_tree.cpp", "csrc/page_allocator.cpp", "csrc/bindings.cpp"],
+        sources=["csrc/radix_tree.cpp", "csrc/radix_walk.cpp", "csrc/page_allocator.cpp",
+                 "csrc/bindings.cpp", "csrc/bind_allocator.cpp"],
         include_dirs=["csrc"],
-        depends=["csrc/radix_tree.h", "csrc/page_allocator.h"],
+        depends=["csrc/radix_tree.h", "csrc/page_allocator.h", "csrc/py_arrays.h"],
         cxx_std=17,
         extra_compile_args=["-O2"],
         optional=True,  # a failed compile is a warning: the Python tree is the fallback

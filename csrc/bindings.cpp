@@ -12,76 +12,17 @@
 #include <cstring>
 #include <stdexcept>
 
-#include "page_allocator.h"
+#include "py_arrays.h"
 #include "radix_tree.h"
 
-namespace py = pybind11;
 using radixrt::Page;
 using radixrt::RadixTree;
 using radixrt::Tok;
 
 namespace {
 
-// A small exact int without PyLong_AsLong's generic path (~8x faster on token lists).
-inline bool compact_long(PyObject* o, long* v) {
-  if (!PyLong_CheckExact(o)) return false;
-#if PY_VERSION_HEX >= 0x030C0000
-  if (!PyUnstable_Long_IsCompact((PyLongObject*)o)) return false;
-  *v = (long)PyUnstable_Long_CompactValue((PyLongObject*)o);
-  return true;
-#else
-  Py_ssize_t size = Py_SIZE(o);
-  if (size < -1 || size > 1) return false;
-  *v = size == 0 ? 0 : (long)((PyLongObject*)o)->ob_digit[0] * (long)size;
-  return true;
-#endif
-}
-
-using I32Array = py::array_t<int32_t, py::array::c_style | py::array::forcecast>;
-
-// A read-only int32 view of a 1-D array, list or tuple of ints.
-struct I32View {
-  const int32_t* data = nullptr;
-  int64_t n = 0;
-  std::vector<int32_t> own;
-  I32Array arr;
-
-  explicit I32View(py::handle h, const char* what) {
-    PyObject* o = h.ptr();
-    if (PyList_Check(o) || PyTuple_Check(o)) {
-      Py_ssize_t len = PySequence_Fast_GET_SIZE(o);
-      PyObject** items = PySequence_Fast_ITEMS(o);
-      own.resize(len);
-      for (Py_ssize_t i = 0; i < len; ++i) {
-        long v;
-        if (!compact_long(items[i], &v)) {
-          v = PyLong_AsLong(items[i]);
-          if (v == -1 && PyErr_Occurred()) throw py::error_already_set();
-        }
-        if (v < INT32_MIN || v > INT32_MAX)
-          throw std::logic_error(std::string(what) + " value " + std::to_string(v) +
-                                 " does not fit int32");
-        own[i] = (int32_t)v;
-      }
-      data = own.data();
-      n = len;
-      return;
-    }
-    arr = I32Array::ensure(h);
-    if (!arr) throw py::type_error(std::string(what) + " must be an int array or a list of ints");
-    if (arr.ndim() != 1)
-      throw std::logic_error(std::string(what) + " must be 1-D, got " +
-                             std::to_string(arr.ndim()) + " dimensions");
-    data = arr.data();
-    n = arr.shape(0);
-  }
-};
-
-py::array_t<int32_t> to_array(const int32_t* p, size_t n) {
-  py::array_t<int32_t> out((py::ssize_t)n);
-  if (n) std::memcpy(out.mutable_data(), p, n * sizeof(int32_t));
-  return out;
-}
+using radixrt::I32View;
+using radixrt::to_array;
 
 // Pages of a path, concatenated into one array.
 py::array_t<int32_t> path_pages(const RadixTree& t, const std::vector<int32_t>& path) {
@@ -325,45 +266,6 @@ class PyTree {
   std::vector<Page> out_;
 };
 
-class PyAllocator {
- public:
-  explicit PyAllocator(int64_t num_pages) : a_(num_pages) {}
-  int64_t num_total() const { return a_.num_total(); }
-  int64_t num_free() const { return a_.num_free(); }
-  int32_t refcount(int64_t page) const { return a_.refcount(page); }
-  py::array_t<int32_t> refcounts() const { return to_array(a_.refs().data(), a_.refs().size()); }
-  py::array_t<int32_t> free_stack() const {
-    std::vector<int32_t> f = a_.free_stack();
-    return to_array(f.data(), f.size());
-  }
-  py::object alloc(int64_t n) {  // a list, as PageAllocator.alloc returns
-    scratch_.resize(std::max<int64_t>(n, 0));
-    if (!a_.alloc(n, scratch_.data())) return py::none();
-    py::list out(n);
-    for (int64_t i = 0; i < n; ++i) PyList_SET_ITEM(out.ptr(), i, PyLong_FromLong(scratch_[i]));
-    return out;
-  }
-  py::object alloc_array(int64_t n) {
-    if (n < 0) throw std::logic_error("alloc of a negative page count " + std::to_string(n));
-    if (n > a_.num_free()) return py::none();
-    py::array_t<int32_t> out((py::ssize_t)n);
-    a_.alloc(n, out.mutable_data());
-    return out;
-  }
-  void incref(py::handle pages) {
-    I32View v(pages, "pages");
-    a_.incref(v.data, v.n);
-  }
-  int64_t decref(py::handle pages) {
-    I32View v(pages, "pages");
-    return a_.decref(v.data, v.n);
-  }
-
- private:
-  radixrt::PageAllocator a_;
-  std::vector<int32_t> scratch_;
-};
-
 }  // namespace
 
 PYBIND11_MODULE(_radix_native, m) {
@@ -380,17 +282,7 @@ PYBIND11_MODULE(_radix_native, m) {
     if (v.arr && v.arr.ptr() == obj.ptr()) return py::reinterpret_borrow<py::array_t<int32_t>>(obj);
     return to_array(v.data, (size_t)v.n);
   }, py::arg("obj"), "A 1-D int32 array of an array, list or tuple of ints (no copy if it is one)");
-  py::class_<PyAllocator>(m, "Allocator")
-      .def(py::init<int64_t>(), py::arg("num_pages"))
-      .def_property_readonly("num_total", &PyAllocator::num_total)
-      .def_property_readonly("num_free", &PyAllocator::num_free)
-      .def("refcount", &PyAllocator::refcount)
-      .def("refcounts", &PyAllocator::refcounts)
-      .def("free_stack", &PyAllocator::free_stack)
-      .def("alloc", &PyAllocator::alloc)
-      .def("alloc_array", &PyAllocator::alloc_array)
-      .def("incref", &PyAllocator::incref)
-      .def("decref", &PyAllocator::decref);
+  radixrt::bind_allocator(m);
   py::class_<PyTree>(m, "Tree")
       .def(py::init<int>(), py::arg("page_size"))
       .def_property_readonly("page_size", &PyTree::page_size)

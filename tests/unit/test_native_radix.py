@@ -21,7 +21,6 @@ from radixrt.cache import (
     PageAllocator,
     RadixCache,
     SequencePages,
-    native_available,
 )
 from radixrt.cache.native import NativePageAllocator, make_page_allocator
 from radixrt.cache.node import Node
@@ -29,9 +28,9 @@ from radixrt.cache.prefix_cache import make_prefix_cache
 from radixrt.engine.policy import WaitingQueue
 from radixrt.engine.request import Sequence
 from radixrt.sampling_params import SamplingParams
-from tests.fixtures.radix_backends import pl
+from tests.fixtures.radix_backends import NATIVE_SKIP, pl
 
-pytestmark = pytest.mark.skipif(not native_available(), reason="native radix core not built")
+pytestmark = NATIVE_SKIP
 
 NAMESPACES = [None, "tenant-a", "tenant-b"]
 

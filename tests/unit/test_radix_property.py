@@ -15,7 +15,6 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass
 
-import pytest
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import (
@@ -26,9 +25,9 @@ from hypothesis.stateful import (
     rule,
 )
 
-from radixrt.cache import PageAllocator, SequencePages, native_available
+from radixrt.cache import PageAllocator, SequencePages
 from radixrt.cache.radix import Node
-from tests.fixtures.radix_backends import make_cache, pl
+from tests.fixtures.radix_backends import NATIVE_SKIP, make_cache, pl
 
 NAMESPACES = [None, "tenant-a", "tenant-b"]
 Prefix = tuple[int, ...]
@@ -246,5 +245,4 @@ class NativeRadixMachine(RadixMachine):
 
 
 NativeRadixMachine.TestCase.settings = RadixMachine.TestCase.settings
-test_native_radix_cache_against_model = pytest.mark.skipif(
-    not native_available(), reason="native radix core not built")(NativeRadixMachine.TestCase)
+test_native_radix_cache_against_model = NATIVE_SKIP(NativeRadixMachine.TestCase)

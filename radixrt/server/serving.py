@@ -131,8 +131,8 @@ class Responder:
         self.lps: list[list[dict[str, Any]]] = [[] for _ in range(n)]
         self.want_lp = job.params.logprobs
         self.native: NativeLogprobs | None = None
-        if job.kind == "generate" and any(job.logprob_options or ()):
-            opts = job.logprob_options
+        opts = job.logprob_options or []
+        if job.kind == "generate" and any(opts):
             self.native = NativeLogprobs(ctx.codec, gen, [opts[gen.prompt_of(i)] for i in range(n)])
         self.token_only = ctx.codec is None
         self.tool_streams = ([StreamParser(job.tools) for _ in range(n)]
@@ -227,8 +227,8 @@ class Responder:
             meta["input_token_logprobs"] = self.gen.input_token_logprobs(i)
         out: dict[str, Any] = {"text": self.texts[i], "output_ids": self.ids[i],
                                "meta_info": meta}
-        if self.job.batched:
-            out["index"] = i  # SGLang tags a batch's events with their place in it
+        if self.job.batched or len(self.texts) > 1:
+            out["index"] = i  # SGLang tags a batch's (or n > 1) results with their place
         return out
 
     # ---------------------------------------------------------------- streaming

@@ -102,6 +102,28 @@ def test_batches_come_back_in_order(server: Server) -> None:
     many = gen(server, {"text": "Hi", "sampling_params": {"max_new_tokens": 3, "n": 3,
                                                          "ignore_eos": True}})
     assert isinstance(many, list) and len(many) == 3
+    assert [o["index"] for o in many] == [0, 1, 2]
+    # A streamed batch: each event names its prompt; each prompt's events end finished.
+    events = stream(server, {"text": prompts[:2], "sampling_params": {"max_new_tokens": 4,
+                                                                      **GREEDY}})
+    for k in (0, 1):
+        mine = [e for e in events if e["index"] == k]
+        assert mine[-1]["text"] == singles[k]["text"][: len(mine[-1]["text"])]
+        assert mine[-1]["meta_info"]["completion_tokens"] == 4
+
+
+def test_no_stop_trim_keeps_the_stop_string(server: Server) -> None:
+    text = gen(server, {"text": STEM, "sampling_params": {"max_new_tokens": 12,
+                                                           **GREEDY}})["text"]
+    if len(text) < 6:
+        pytest.skip("greedy text too short to cut")
+    stop = text[3:5]
+    sp = {"max_new_tokens": 12, "stop": stop, **GREEDY}
+    cut = gen(server, {"text": STEM, "sampling_params": sp})
+    kept = gen(server, {"text": STEM, "sampling_params": {**sp, "no_stop_trim": True}})
+    assert cut["text"] == text[: text.index(stop)]
+    assert kept["text"] == cut["text"] + stop
+    assert kept["meta_info"]["finish_reason"] == {"type": "stop", "matched": stop}
 
 
 def test_output_logprobs_match_the_openai_endpoint(server: Server) -> None:

@@ -11,6 +11,8 @@ page allocator (native: refcounts in C++), as the engine pairs them. Traces, at 
   * 32k:     one 32k-token prompt cold, then warm (mean of the two requests, over 10 fresh
              caches)
   * evict25: the chat trace in a pool of 25% of its tokens (LRU eviction on most requests)
+gsp and chat also run through SequenceMemory, the worker's own code ("(memory)" rows; the
+sequence objects are built untimed, as the worker has them).
 Router: one routing decision for an 8k-token prompt (64 shared 6k stems) with 8 replicas, and
 at --dp 1 (one replica: no tree). lpm: one scheduling step's queue order over 4096 waiting
 8k-token prompts (us per step).
@@ -34,6 +36,7 @@ import numpy as np
 from radixrt.cache import NativeRadixCache, PageAllocator, RadixCache, native_available
 from radixrt.cache.native import make_page_allocator
 from radixrt.cache.page_table import SequencePages
+from radixrt.engine.memory import SequenceMemory
 from radixrt.engine.policy import WaitingQueue
 from radixrt.engine.request import Sequence
 from radixrt.sampling_params import SamplingParams
@@ -118,6 +121,42 @@ def serve(cache: RadixCache, alloc: PageAllocator, req: Req) -> int:
     cache.unlock(res.handle)  # release: the computed prefix stays cached
     alloc.decref(pages)
     return m.length
+
+
+def memory_seq(req: Req, ps: int, arrival: int) -> Sequence:
+    seq = Sequence(rid="r", index=0, prompt_ids=req.tokens[: req.prompt_len].tolist(),
+                   params=SamplingParams(), namespace=None, arrival=arrival,
+                   pages=SequencePages(ps))
+    seq.output_ids = req.tokens[req.prompt_len :].tolist()
+    return seq
+
+
+def serve_memory(memory: SequenceMemory, seq: Sequence) -> int:
+    """The same request through the worker's own code (``SequenceMemory``, whose sequences
+    keep their pages as a Python list: lists are converted at each boundary)."""
+    hit = memory.attach_prefix(seq, max_tokens=len(seq.prompt_ids) - 1)
+    total = seq.num_tokens
+    ok = memory.grow(seq, total)
+    assert ok, "pool too small for one request"
+    seq.kv_len = total
+    memory.release(seq)
+    return hit
+
+
+def run_memory_trace(name: str, reqs: list[Req], backend: str, ps: int) -> dict[str, object]:
+    pages = unique_tokens(reqs) // ps + max(-(-len(r.tokens) // ps) for r in reqs) + 1
+    cache = make(backend, pages, ps)
+    memory = SequenceMemory(cache.allocator, cache, ps, lambda src, dst: None)
+    seqs = [memory_seq(r, ps, i) for i, r in enumerate(reqs)]  # the worker has them already
+    for seq in seqs:
+        seq.token_array()  # cached on the sequence, as after its first scheduling step
+    t0 = CLOCK()
+    hit = sum(serve_memory(memory, seq) for seq in seqs)
+    sec = CLOCK() - t0
+    cache.check_invariants({})
+    return {"trace": f"{name} (memory)", "backend": backend, "page_size": ps,
+            "requests": len(reqs), "us_per_request": sec * 1e6 / len(reqs), "hit_tokens": hit,
+            "target_us": None}
 
 
 def make(backend: str, num_pages: int, ps: int) -> RadixCache:
@@ -246,6 +285,8 @@ def main() -> None:
             reqs = build(np.random.default_rng(0), args.quick)
             for backend in backends:
                 rows.append(run_trace(name, reqs, backend, ps, frac))
+                if name in ("gsp", "chat"):
+                    rows.append(run_memory_trace(name, reqs, backend, ps))
     for backend in backends:
         rows += router_rows(np.random.default_rng(1), backend, args.quick)
         rows += lpm_rows(np.random.default_rng(2), backend, args.quick)

@@ -154,14 +154,12 @@ def add_native_routes(app: FastAPI, ctx: ServingContext,
         owner = key_owner(request)
         admin = request.state.api_key is not None and \
             request.state.api_key in ctx.cfg.admin_api_keys
-        wanted = [req.rid] if isinstance(req.rid, str) else list(req.rid or [])
-        chosen = list(ctx.active) if req.abort_all else wanted
+        wanted = {req.rid} if isinstance(req.rid, str) else set(req.rid or [])
         done = []
-        for rid in chosen:
-            entry = ctx.active.get(rid)
-            gen = entry.gen if entry is not None else None
-            # A tenant only reaches its own requests; an admin (or a keyless server) all.
-            if entry is not None and gen is not None and (admin or entry.owner == owner):
+        # A tenant only reaches its own requests; an admin (or a keyless server) all.
+        for (who, rid), entry in list(ctx.active.items()):
+            gen = entry.gen
+            if gen is not None and (admin or who == owner) and (req.abort_all or rid in wanted):
                 gen.abort_by_client(entry.engine_rid)
                 done.append(rid)
         return JSONResponse({"aborted": done})

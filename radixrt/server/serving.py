@@ -48,8 +48,9 @@ class ServingContext:
     text_pool: TextPool = field(default_factory=TextPool)
     # Renders client-supplied chat templates (None unless --allow-request-chat-template).
     templates: TemplateSandbox | None = None
-    # Native requests in flight by their client-facing rid (for /abort_request).
-    active: dict[str, ActiveRequest] = field(default_factory=dict)
+    # Native requests in flight by (owner, client-facing rid), for /abort_request: one
+    # tenant's rids neither collide with nor reveal another's.
+    active: dict[tuple[str | None, str], ActiveRequest] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.templates is None and self.cfg.allow_request_chat_template:
@@ -288,13 +289,13 @@ class Responder:
 
 def start(ctx: ServingContext, job: Job) -> Generation:
     for rid in job.rids or []:
-        entry = ctx.active.get(rid)
+        entry = ctx.active.get((job.owner, rid))
         if entry is not None and entry.gen is not None:
             raise APIError(400, f"rid {rid!r} is already in use by a running request", "rid")
     gen = Generation(ctx.client, ctx.codec, job.prompts, job.params_list or job.params,
                      job.namespace, ctx.metrics, time.monotonic(), job.timeout_s)
     for rid, engine_rid in zip(job.rids or [], gen.engine_rids()):
-        ctx.active[rid] = ActiveRequest(weakref.ref(gen), engine_rid, job.owner)
+        ctx.active[(job.owner, rid)] = ActiveRequest(weakref.ref(gen), engine_rid, job.owner)
     return gen
 
 
@@ -302,9 +303,9 @@ def finish(ctx: ServingContext, job: Job, gen: Generation) -> None:
     """The job is over: abort what is left of it, forget its rids."""
     gen.close()
     for rid in job.rids or []:
-        entry = ctx.active.get(rid)
+        entry = ctx.active.get((job.owner, rid))
         if entry is not None and entry.gen in (gen, None):
-            del ctx.active[rid]
+            del ctx.active[(job.owner, rid)]
 
 
 async def run_stream(ctx: ServingContext, job: Job, gen: Generation) -> AsyncIterator[bytes]:

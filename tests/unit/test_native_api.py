@@ -31,8 +31,9 @@ def test_reset_prefix_cache_needs_an_admin_key() -> None:
 def test_abort_reaches_only_the_callers_requests() -> None:
     ctx = make_ctx(build_tokenizer())
     mine, theirs = FakeGeneration(), FakeGeneration()
-    ctx.active["mine"] = ActiveRequest(weakref.ref(mine), "e1", key_tenant(TENANT))  # type: ignore[arg-type]
-    ctx.active["theirs"] = ActiveRequest(weakref.ref(theirs), "e2", key_tenant(OTHER))  # type: ignore[arg-type]
+    for rid, gen, key, engine_rid in (("mine", mine, TENANT, "e1"), ("theirs", theirs, OTHER, "e2")):
+        ctx.active[(key_tenant(key), rid)] = ActiveRequest(
+            weakref.ref(gen), engine_rid, key_tenant(key))  # type: ignore[arg-type]
     r = run(ctx, post("/abort_request", {"rid": ["mine", "theirs", "nobody"]}),
             post("/abort_request", {"abort_all": True}),
             post("/abort_request", {"rid": "theirs"}, key=ADMIN),

@@ -48,11 +48,18 @@ def packed_len(item_cap: int, max_batch: int) -> int:
 
 
 def pack_cascade(groups: CascadeGroups, batch_size: int, tiling: PrefixTiling,
-                 budget: ItemBudget, max_batch: int) -> np.ndarray:
-    """The packed buffer for one step (see the module docstring)."""
+                 budget: ItemBudget, max_batch: int, out: np.ndarray | None = None) -> np.ndarray:
+    """The packed buffer for one step (see the module docstring); written into ``out`` (int32,
+    at least ``packed_len`` long) when given."""
     assert batch_size <= max_batch, f"batch {batch_size} > cascade buffers' {max_batch}"
     cap = budget.item_cap
-    buf = np.zeros(packed_len(cap, max_batch), dtype=np.int32)
+    size = packed_len(cap, max_batch)
+    if out is None:
+        buf = np.zeros(size, dtype=np.int32)
+    else:
+        assert out.dtype == np.int32 and out.shape[0] >= size, "pack buffer too small"
+        buf = out[:size]
+        buf.fill(0)
     sizes = np.diff(groups.indptr)
     if sizes.shape[0] == 0:
         return buf
@@ -122,6 +129,16 @@ class CascadeBuffers:
         self.pre_out = torch.empty(rows * head_dim, dtype=torch.float32, device=device)
         self.pre_lse = torch.empty(rows, dtype=torch.float32, device=device)
         self._last: tuple[CascadeGroups, int, ItemBudget, CascadeMeta] | None = None
+        self._views: dict[tuple[int, int], CascadeMeta] = {}  # (item_cap, batch) -> views
+        # Pinned staging buffers, used in turn: a copy may still be queued behind the running
+        # step when the next one is planned (overlap), so a buffer is refilled only once the
+        # event recorded after its copy has passed (steps ago, so this never waits in practice).
+        on_cuda = device.type == "cuda"
+        n = packed_len(budget.item_cap, max_batch)
+        self._staging = [torch.zeros(n, dtype=torch.int32, pin_memory=on_cuda)
+                         for _ in range(4 if on_cuda else 1)]
+        self._copied: list[torch.cuda.Event | None] = [None] * len(self._staging)
+        self._turn = 0
 
     def upload(self, groups: CascadeGroups, batch_size: int,
                budget: ItemBudget | None = None) -> CascadeMeta:
@@ -131,15 +148,24 @@ class CascadeBuffers:
         last = self._last
         if last is not None and last[0] is groups and last[1] == batch_size and last[2] == budget:
             return last[3]  # the grouper handed back last step's groups: already on the device
-        host = torch.from_numpy(pack_cascade(groups, batch_size, self.tiling, budget,
-                                             self.max_batch))
-        dev = self.packed[: host.shape[0]]
+        turn = self._turn
+        self._turn = (turn + 1) % len(self._staging)
+        event = self._copied[turn]
+        if event is not None:
+            event.synchronize()
+        host = self._staging[turn]
+        n = packed_len(budget.item_cap, self.max_batch)
+        pack_cascade(groups, batch_size, self.tiling, budget, self.max_batch, out=host.numpy())
+        dev = self.packed[:n]
         if self.device.type == "cuda":
-            # A fresh pinned buffer per step: the copy may still be queued behind the running
-            # step when the next one is planned (overlap), so never reuse the host side.
-            dev.copy_(host.pin_memory(), non_blocking=True)
+            dev.copy_(host[:n], non_blocking=True)
+            done = self._copied[turn] = event or torch.cuda.Event()
+            done.record()
         else:
-            dev.copy_(host)
-        meta = meta_views(dev, budget.item_cap, self.max_batch, batch_size)
+            dev.copy_(host[:n])
+        meta = self._views.get((budget.item_cap, batch_size))
+        if meta is None:  # the same views of the same buffer every step of this shape
+            meta = self._views[budget.item_cap, batch_size] = meta_views(
+                dev, budget.item_cap, self.max_batch, batch_size)
         self._last = (groups, batch_size, budget, meta)
         return meta

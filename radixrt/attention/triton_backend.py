@@ -99,8 +99,9 @@ class TritonAttentionBackend(AttentionBackend):
     def _cascade_buffers(self, tile_reqs: int | None, item_target: int | None) -> CascadeBuffers:
         tiling = PrefixTiling.make(self.num_heads // self.num_kv_heads, self.device, tile_reqs)
         on_gpu = self.device.type == "cuda"
-        # Pass 1 fills ~4 programs per SM; each loops over items (KV chunks of a tile).
-        target = item_target or max(1, -(-4 * self.num_sms // self.num_kv_heads))
+        # Pass 1: ~2 programs per SM, each looping over items (KV chunks of a tile); the H200
+        # sweep (bench/RESULTS.md, session 4) had 2 per SM 4% faster than 4 and 8% than 8.
+        target = item_target or max(1, -(-2 * self.num_sms // self.num_kv_heads))
         block_n = decode_block_n(self.device)
         budget = ItemBudget(item_target=target,
                             item_cap=max(target, -(-self.max_batch_size // 2)),

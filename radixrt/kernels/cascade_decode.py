@@ -15,7 +15,8 @@ once per group per step instead of once per request.
             PreO[item, kv_head, row, D].
     pass 2  each request's own suffix [kv_starts[b], seq_len_b) by the split-KV decode stage 1
             (``decode_partials``); ungrouped requests have kv_start 0 and no items.
-    merge   grid (B, Hq): the suffix splits and the request's prefix items combined by LSE.
+    merge   grid (B, Hkv): the suffix splits and the request's prefix items combined by LSE, for
+            the GROUP query heads of a KV head at once.
 
 Every launch shape depends on host ints fixed per batch size (splits, programs), and pass 1
 loops over ``num_items`` read on the device, so a captured CUDA graph replays any grouping whose
@@ -174,6 +175,14 @@ def _shared_prefix_kernel(
 
 
 @triton.jit
+def _split_nonempty(kv_start, seq_len, split, NUM_SPLITS: tl.constexpr, BLOCK_N: tl.constexpr,
+                    MIN_SPLIT_LEN: tl.constexpr):
+    """Whether decode_partials wrote suffix split ``split`` (a vector: one per row)."""
+    start, end = split_range_from(kv_start, seq_len, split, NUM_SPLITS, BLOCK_N, MIN_SPLIT_LEN)
+    return start < end
+
+
+@triton.jit
 def _cascade_merge_kernel(
     SufO,  # [B, Hq, NUM_SPLITS, D] fp32 (decode_partials)
     SufLse,  # [B, Hq, NUM_SPLITS]
@@ -188,47 +197,62 @@ def _cascade_merge_kernel(
     stride_ob,
     stride_oh,
     GROUP: tl.constexpr,
+    BLOCK_H: tl.constexpr,
     BLOCK_M: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     BLOCK_D: tl.constexpr,
     BLOCK_N: tl.constexpr,
     NUM_SPLITS: tl.constexpr,
-    BLOCK_S: tl.constexpr,
     MIN_SPLIT_LEN: tl.constexpr,
-    MAX_ITEMS: tl.constexpr,
 ):
+    # Grid (B, Hkv): one program merges the GROUP query heads of a KV head (a quarter of the
+    # programs of one per query head at GQA 4: the merge is latency-bound, not bandwidth-bound).
     req = tl.program_id(0)
-    head = tl.program_id(1)
-    num_heads = tl.num_programs(1)
+    kv_head = tl.program_id(1)
+    num_kv_heads = tl.num_programs(1)
+    offs_h = tl.arange(0, BLOCK_H)
     offs_d = tl.arange(0, BLOCK_D)
+    mask_h = offs_h < GROUP
     mask_d = offs_d < HEAD_DIM
+    heads = kv_head * GROUP + offs_h
     seq_len = tl.load(seq_lens + req)
-    # The suffix splits decode_partials wrote (empty ones left stale rows: never read them).
-    offs_s = tl.arange(0, BLOCK_S)
-    start, end = split_range_from(tl.load(kv_starts + req), seq_len, offs_s, NUM_SPLITS,
-                                  BLOCK_N, MIN_SPLIT_LEN)
-    valid_s = (offs_s < NUM_SPLITS) & (start < end)
-    row_s = (req.to(tl.int64) * num_heads + head) * NUM_SPLITS + offs_s
-    lse_s = tl.load(SufLse + row_s, mask=valid_s, other=float("-inf"))
-    # The shared-prefix items of the request's tile.
-    offs_i = tl.arange(0, MAX_ITEMS)
-    valid_i = offs_i < tl.load(item_count + req)
-    kv_head = head // GROUP
-    row_p = ((tl.load(first_item + req) + offs_i).to(tl.int64) * (num_heads // GROUP)
-             + kv_head) * BLOCK_M + tl.load(slot + req) * GROUP + head % GROUP
-    lse_p = tl.load(PreLse + row_p, mask=valid_i, other=float("-inf"))
-    m = tl.maximum(tl.max(lse_s, 0), tl.max(lse_p, 0))
+    kv_start = tl.load(kv_starts + req)
+    first = tl.load(first_item + req)
+    count = tl.load(item_count + req)
+    row_h = tl.load(slot + req) * GROUP + offs_h  # the request's rows in its tile
+    suf_row = (req.to(tl.int64) * (GROUP * num_kv_heads) + heads) * NUM_SPLITS
+    # Pass A: the largest LSE of every part (suffix splits decode_partials wrote, the tile's
+    # prefix items); empty splits left stale rows: never read them.
+    m = tl.full([BLOCK_H], float("-inf"), dtype=tl.float32)
+    for s in tl.static_range(NUM_SPLITS):
+        valid = mask_h & _split_nonempty(kv_start, seq_len, offs_h * 0 + s, NUM_SPLITS, BLOCK_N,
+                                         MIN_SPLIT_LEN)
+        m = tl.maximum(m, tl.load(SufLse + suf_row + s, mask=valid, other=float("-inf")))
+    for i in range(0, count):
+        pre_row = ((first + i).to(tl.int64) * num_kv_heads + kv_head) * BLOCK_M + row_h
+        m = tl.maximum(m, tl.load(PreLse + pre_row, mask=mask_h, other=float("-inf")))
     m = tl.where(m == float("-inf"), 0.0, m)  # nothing at all: a padded row of a graph
-    w_s = tl.where(valid_s, tl.exp2(lse_s - m), 0.0)
-    w_p = tl.where(valid_i, tl.exp2(lse_p - m), 0.0)
-    part_s = tl.load(SufO + row_s[:, None] * HEAD_DIM + offs_d[None, :],
-                     mask=valid_s[:, None] & mask_d[None, :], other=0.0)
-    part_p = tl.load(PreO + row_p[:, None] * HEAD_DIM + offs_d[None, :],
-                     mask=valid_i[:, None] & mask_d[None, :], other=0.0)
-    acc = tl.sum(part_s * w_s[:, None], 0) + tl.sum(part_p * w_p[:, None], 0)
-    out = acc / tl.maximum(tl.sum(w_s, 0) + tl.sum(w_p, 0), 1e-30)
-    tl.store(Out + req.to(tl.int64) * stride_ob + head * stride_oh + offs_d,
-             out.to(Out.dtype.element_ty), mask=mask_d)
+    # Pass B: LSE-weighted sum of the normalised parts.
+    acc = tl.zeros([BLOCK_H, BLOCK_D], dtype=tl.float32)
+    wsum = tl.zeros([BLOCK_H], dtype=tl.float32)
+    io = mask_h[:, None] & mask_d[None, :]
+    for s in tl.static_range(NUM_SPLITS):
+        valid = mask_h & _split_nonempty(kv_start, seq_len, offs_h * 0 + s, NUM_SPLITS, BLOCK_N,
+                                         MIN_SPLIT_LEN)
+        w = tl.where(valid, tl.exp2(tl.load(SufLse + suf_row + s, mask=valid, other=0.0) - m), 0.0)
+        part = tl.load(SufO + (suf_row + s)[:, None] * HEAD_DIM + offs_d[None, :],
+                       mask=valid[:, None] & mask_d[None, :], other=0.0)
+        acc += part * w[:, None]
+        wsum += w
+    for i in range(0, count):
+        pre_row = ((first + i).to(tl.int64) * num_kv_heads + kv_head) * BLOCK_M + row_h
+        w = tl.where(mask_h, tl.exp2(tl.load(PreLse + pre_row, mask=mask_h, other=0.0) - m), 0.0)
+        part = tl.load(PreO + pre_row[:, None] * HEAD_DIM + offs_d[None, :], mask=io, other=0.0)
+        acc += part * w[:, None]
+        wsum += w
+    out = acc / tl.maximum(wsum, 1e-30)[:, None]
+    tl.store(Out + req.to(tl.int64) * stride_ob + heads[:, None] * stride_oh + offs_d[None, :],
+             out.to(Out.dtype.element_ty), mask=io)
 
 
 def prefix_partial_rows(item_cap: int, num_kv_heads: int, tiling: PrefixTiling) -> int:
@@ -295,11 +319,11 @@ def cascade_decode(
         INTERPRET=interpreting(), num_warps=num_warps,
         num_stages=(num_stages or 3) if on_gpu else 1,
     )  # fmt: skip
-    _cascade_merge_kernel[(batch, num_heads)](
+    _cascade_merge_kernel[(batch, num_kv_heads)](
         suf_out, suf_lse, pre_out, pre_lse, out, seq_lens, meta.kv_starts, meta.first_item,
         meta.item_count, meta.slot, out.stride(0), out.stride(1),
-        GROUP=group, BLOCK_M=tiling.block_m, HEAD_DIM=head_dim, BLOCK_D=block_d,
-        BLOCK_N=bn_suffix, NUM_SPLITS=num_splits, BLOCK_S=triton.next_power_of_2(num_splits),
-        MIN_SPLIT_LEN=min_split_len, MAX_ITEMS=tiling.max_items, num_warps=4 if on_gpu else 1,
+        GROUP=group, BLOCK_H=max(2, triton.next_power_of_2(group)), BLOCK_M=tiling.block_m,
+        HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_N=bn_suffix, NUM_SPLITS=num_splits,
+        MIN_SPLIT_LEN=min_split_len, num_warps=4 if on_gpu else 1,
     )  # fmt: skip
     return out

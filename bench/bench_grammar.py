@@ -10,6 +10,8 @@ Sections (``--sections``, comma-separated):
   host     the host's ms per decode step, by part (plan, build, launch, complete, grammar
            advance, mask fill, draw, ...), B requests all constrained vs none, on the CPU
            with a forward that returns random logits at once (``--profile``: cProfile)
+  jump     jump-forward off vs on (RADIXRT_GRAMMAR_JUMP_FORWARD) on the default model: engine
+           steps, forced tokens, wall time, outputs that parse, outputs equal to "off"
   gpu      decode step time on a dummy-weight model shape (default llama3-8b) with B requests
            all JSON-schema-constrained vs unconstrained, same engine (``--device cpu
            --preset llama-tiny`` is a dry run)
@@ -202,6 +204,56 @@ def bench_libs(tok: Any, vocab: int) -> dict[str, Any]:
     return out
 
 
+def bench_jump(tok: Any, requests: int, max_tokens: int) -> dict[str, Any]:
+    """Jump-forward on the default model (CPU is fine): the same JSON-schema requests (greedy)
+    with RADIXRT_GRAMMAR_JUMP_FORWARD off and on; engine steps, forced tokens appended,
+    wall time, and how many outputs parse (the outputs may differ: see
+    SequenceGrammars.jump_forward)."""
+    import os
+
+    from radixrt import Engine, SamplingParams
+    from radixrt.constrained.sequences import JUMP_FORWARD_ENV
+    from radixrt.models.default import default_model_path
+
+    msgs = [[{"role": "user", "content": f"Describe person number {i} as JSON."}]
+            for i in range(requests)]
+    prompts = [tok.encode(tok.apply_chat_template(m, add_generation_prompt=True, tokenize=False),
+                          add_special_tokens=False) for m in msgs]
+    p = SamplingParams(temperature=0.0, max_new_tokens=max_tokens, json_schema=json.dumps(PERSON))
+    out: dict[str, Any] = {"requests": requests, "max_tokens": max_tokens}
+    for jump in ("0", "1"):
+        os.environ[JUMP_FORWARD_ENV] = jump
+        eng = Engine(str(default_model_path()), kv_cache_tokens=requests * (max_tokens + 200))
+        core, steps, texts = eng.core, 0, {}
+        t = time.perf_counter()
+        for i, ids in enumerate(prompts):
+            core.add_request(f"j{i}", list(ids), p)
+        got: dict[str, list[int]] = {}
+        while core.has_work():
+            steps += 1
+            for d in core.step():
+                got.setdefault(d.rid, []).extend(d.new_token_ids)
+        wall = time.perf_counter() - t
+        texts = {rid: tok.decode(ids) for rid, ids in got.items()}
+        ok = 0
+        for text in texts.values():
+            try:
+                json.loads(text)
+                ok += 1
+            except ValueError:
+                pass
+        g = core.scheduler.results.grammars
+        out["on" if jump == "1" else "off"] = {
+            "steps": steps, "wall_s": wall, "tokens": sum(len(v) for v in got.values()),
+            "jumps": g.jumps, "jump_tokens": g.jump_tokens, "parsed": ok,
+            "same_text_as_off": None}
+        out.setdefault("texts", {})[jump] = texts
+    os.environ.pop(JUMP_FORWARD_ENV, None)
+    t0, t1 = out.pop("texts").values()
+    out["on"]["same_text_as_off"] = sum(t0[k] == t1.get(k) for k in t0)
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sections", default="compile,masks,libs")
@@ -240,6 +292,14 @@ def main() -> None:
     if "libs" in sections:
         r = res["libs"] = bench_libs(tok, vocab)
         print("libs", json.dumps(r))
+    if "jump" in sections:
+        r = res["jump"] = bench_jump(tok, 8, 96)
+        for k in ("off", "on"):
+            v = r[k]
+            print(f"jump-forward {k:3s}: {v['steps']} steps, {v['tokens']} tokens "
+                  f"({v['jump_tokens']} forced in {v['jumps']} jumps), {v['wall_s']:.2f} s, "
+                  f"{v['parsed']}/{r['requests']} parse"
+                  + (f", {v['same_text_as_off']} same text as off" if k == "on" else ""))
     if "gpu" in sections:
         r = res["gpu"] = bench_gpu(tok, a.preset, a.batch, a.steps, a.device, configs)
         print(f"gpu {r['preset']} B={r['batch']}: unconstrained {r['unconstrained']['step_ms']:.2f}"

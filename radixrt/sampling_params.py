@@ -73,6 +73,21 @@ def _normalize_stop(stop: Any) -> tuple[str, ...]:
     return tuple(out)
 
 
+def _normalize_stop_regex(patterns: Any) -> tuple[str, ...]:
+    if patterns is None or patterns == "":
+        return ()
+    items = (patterns,) if isinstance(patterns, str) else patterns
+    if not isinstance(items, (list, tuple)):
+        raise ValueError(f"stop_regex must be a str or a list of str, got "
+                         f"{type(patterns).__name__}")
+    out = tuple(dict.fromkeys(items))
+    if out:
+        from radixrt.server.stop_regex import check_patterns
+
+        check_patterns(out)
+    return out
+
+
 def _normalize_ids(ids: Any) -> tuple[int, ...]:
     if ids is None:
         return ()
@@ -187,6 +202,8 @@ class SamplingParams:
     # Keep a matched stop string / stop token in the output text (stop strings are matched
     # where the text is made: the router, or Engine).
     no_stop_trim: bool = False
+    # End a sample once its text matches one of these (kept whole; radixrt/server/stop_regex).
+    stop_regex: tuple[str, ...] = field(default=())
     # With prompt_logprobs: also the top-k alternatives at each scored prompt position.
     prompt_top_logprobs: int = 0
 
@@ -194,6 +211,7 @@ class SamplingParams:
         # frozen: normalization goes through object.__setattr__.
         object.__setattr__(self, "stop", _normalize_stop(self.stop))
         object.__setattr__(self, "logit_bias", _normalize_bias(self.logit_bias))
+        object.__setattr__(self, "stop_regex", _normalize_stop_regex(self.stop_regex))
         for name in CONSTRAINT_FIELDS:
             _check_grammar(name, getattr(self, name))
         given = [name for name in CONSTRAINT_FIELDS if getattr(self, name) is not None]

@@ -17,6 +17,7 @@ from radixrt.config import EngineConfig
 from radixrt.engine.core import EngineCore
 from radixrt.engine.outputs import EngineStats, SequenceDelta
 from radixrt.sampling_params import SamplingParams
+from radixrt.server.stop_regex import StopRegexMatcher
 from radixrt.text.detokenizer import IncrementalDetokenizer
 
 Prompt = str | list[int]
@@ -88,6 +89,8 @@ class _Tracker:
         self.out = RequestOutput(rid, prompt_ids, len(prompt_ids), 0,
                                  [CompletionOutput(i) for i in range(params.n)])
         self.detoks = [engine._detokenizer(params) for _ in range(params.n)]
+        self.stop_res = [StopRegexMatcher(params.stop_regex) for _ in range(params.n)] \
+            if params.stop_regex and engine.tokenizer is not None else []
         self.engine = engine
 
     def feed(self, d: SequenceDelta) -> StreamChunk | None:
@@ -108,7 +111,13 @@ class _Tracker:
         if detok is not None:
             step = detok.add(d.new_token_ids)
             text = step.text
-            if step.stopped:
+            hit = self.stop_res[d.index].feed(text) if self.stop_res and not step.stopped \
+                else None
+            if hit is not None:  # kept whole; the request's other samples go on
+                text += detok.flush()
+                o.finish_reason, o.matched_stop = "stop", hit
+                self.engine.core.abort_request(self.rid, d.index)
+            elif step.stopped:
                 o.finish_reason, o.matched_stop = "stop", step.matched_stop
                 if self.params.no_stop_trim and step.matched_stop is not None:
                     text += step.matched_stop

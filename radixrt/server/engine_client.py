@@ -187,7 +187,8 @@ class EngineClient:
         assert self.router is not None, "submit() before wait_ready()"
         rid = uuid.uuid4().hex
         # Stop strings are matched on text, in the router; the worker only sees token ids.
-        wire_params = params if not params.stop else dataclasses.replace(params, stop=())
+        wire_params = params if not (params.stop or params.stop_regex) else \
+            dataclasses.replace(params, stop=(), stop_regex=())
         try:  # encode before counting anything: a value msgpack cannot hold takes no slot
             wire = m.encode(m.GenerateReq(rid, input_ids, wire_params, namespace))
         except (OverflowError, TypeError, ValueError, msgspec.EncodeError) as e:

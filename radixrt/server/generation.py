@@ -35,6 +35,7 @@ from radixrt.server.engine_client import (
 from radixrt.server.messages import DeltaMsg
 from radixrt.server.metrics import ServerMetrics
 from radixrt.server.protocol import APIError
+from radixrt.server.stop_regex import StopRegexMatcher, StopRegexTimeout
 from radixrt.server.tokenization import TextCodec
 from radixrt.text.detokenizer import IncrementalDetokenizer
 
@@ -76,6 +77,7 @@ class _Seq:
     choice: int
     index: int  # sample index within its prompt (the engine's DeltaMsg.index)
     detok: IncrementalDetokenizer | None  # None: no tokenizer, token ids only
+    stop_re: StopRegexMatcher | None = None
     token_ids: list[int] = field(default_factory=list)
     open: bool = True
 
@@ -117,7 +119,8 @@ class Generation:
                 first = len(self._choice_subs)
                 seqs = [_Seq(first + i, i, None if codec is None else
                              IncrementalDetokenizer(codec.tokenizer, sp.skip_special_tokens,
-                                                    sp.stop, context_token_ids=ids[-5:]))
+                                                    sp.stop, context_token_ids=ids[-5:]),
+                             StopRegexMatcher(sp.stop_regex) if sp.stop_regex else None)
                         for i in range(sp.n)]
                 self.subs[st.rid] = _Sub(st, seqs, list(ids), sp)
                 self._choice_subs.extend([self.subs[st.rid]] * sp.n)
@@ -219,7 +222,18 @@ class Generation:
         upd = ChoiceUpdate(seq.choice, step.text if step is not None else "",
                            list(d.new_token_ids), d.new_logprobs, d.new_top_logprobs)
         keep_stop = sub.params.no_stop_trim
-        if step is not None and step.stopped:
+        hit = None
+        if seq.stop_re is not None and step is not None and not step.stopped:
+            try:
+                hit = seq.stop_re.feed(step.text)
+            except StopRegexTimeout as e:
+                raise APIError(400, str(e), "stop_regex") from None
+        if hit is not None:  # kept whole, as SGLang does; the held-back text goes out too
+            assert seq.detok is not None, "a regex match needs text"
+            upd.text += seq.detok.flush()
+            upd.finish_reason, upd.matched_stop = "stop", hit
+            stopped = not d.finished
+        elif step is not None and step.stopped:
             upd.finish_reason, upd.matched_stop = "stop", step.matched_stop
             if keep_stop and step.matched_stop is not None:
                 upd.text += step.matched_stop

@@ -59,7 +59,6 @@ UNSUPPORTED_AT_DEFAULT = (
 )
 # Sampling keys SGLang sends that we take only at their default value.
 _SAMPLING_DEFAULT_ONLY: dict[str, tuple[Any, ...]] = {
-    "stop_regex": ([], ""),  # stop strings by regex: not implemented
     "structural_tag": (),
     "custom_params": ({},),
     "stream_interval": (1,),  # we stream every step, i.e. interval 1
@@ -188,7 +187,7 @@ def sampling_params(sp: dict[str, Any]) -> tuple[SamplingParams, int | None]:
     if unknown:
         raise bad_request(f"Unknown sampling parameter(s): {', '.join(unknown)}",
                           "sampling_params")
-    for k in ("stop", "stop_token_ids"):
+    for k in ("stop", "stop_token_ids", "stop_regex"):
         if isinstance(sp.get(k), list):
             sp[k] = tuple(sp[k])
     asked = sp.get("max_new_tokens")

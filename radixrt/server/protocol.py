@@ -44,6 +44,8 @@ def check_token_only(params: SamplingParams) -> None:
     if params.stop:
         raise no_tokenizer("stop strings are matched on text; use stop_token_ids instead",
                            "stop")
+    if params.stop_regex:
+        raise no_tokenizer("stop_regex is matched on text", "stop_regex")
     if params.constraint is not None:
         raise no_tokenizer("grammars are compiled against the tokenizer", params.constraint[0])
 

@@ -215,6 +215,23 @@ def test_abort_request_by_rid(server: Server) -> None:
         "abort-me"
 
 
+def test_stop_regex_ends_the_text_at_its_match(server: Server) -> None:
+    text = gen(server, {"text": STEM, "sampling_params": {"max_new_tokens": 16,
+                                                           **GREEDY}})["text"]
+    words = [w for w in text.split() if w.isalnum()]
+    if not words:
+        pytest.skip("no word to match in the greedy text")
+    pattern = f"{words[0]}\\b"  # ends with the token that completes the word
+    out = gen(server, {"text": STEM, "sampling_params": {"max_new_tokens": 16,
+                                                          "stop_regex": [pattern], **GREEDY}})
+    assert out["meta_info"]["finish_reason"] == {"type": "stop", "matched": pattern}
+    assert text.startswith(out["text"]) and words[0] in out["text"], "kept whole (SGLang)"
+    assert out["meta_info"]["completion_tokens"] < 16 or out["text"] == text
+    streamed = stream(server, {"text": STEM, "sampling_params": {
+        "max_new_tokens": 16, "stop_regex": pattern, **GREEDY}})
+    assert streamed[-1]["text"] == out["text"]
+
+
 def test_sglang_defaults_accepted(server: Server) -> None:
     sp = {"max_new_tokens": 3, "min_new_tokens": 0, "stop_regex": [], "regex": None,
           "json_schema": None, "spaces_between_special_tokens": True, "no_stop_trim": False,
@@ -226,7 +243,7 @@ def test_sglang_defaults_accepted(server: Server) -> None:
 
 
 @pytest.mark.parametrize("body,param", [
-    ({"sampling_params": {"stop_regex": ["\\d+"]}}, "stop_regex"),
+    ({"sampling_params": {"stop_regex": ["(unclosed"]}}, "stop_regex"),
     ({"sampling_params": {"structural_tag": "{}"}}, "structural_tag"),
     ({"sampling_params": {"custom_params": {"a": 1}}}, "custom_params"),
     ({"sampling_params": {"stream_interval": 4}}, "stream_interval"),

@@ -97,6 +97,20 @@ def test_prompt_top_logprobs_rank_the_vocabulary(engine: Engine) -> None:
             assert lp <= values[-1] + 1e-5
 
 
+def test_stop_regex_keeps_the_text_up_to_its_match(engine: Engine) -> None:
+    greedy = SamplingParams(max_new_tokens=16, temperature=0, ignore_eos=True)
+    text = engine.generate(PROMPT, greedy)[0].text
+    if len(text) < 4:
+        pytest.skip("greedy text too short")
+    pattern = "".join(f"[{c}]" if c.isalnum() else f"\\{c}" if not c.isspace() else "\\s"
+                      for c in text[1:3])
+    out = engine.generate(PROMPT, SamplingParams(max_new_tokens=16, temperature=0,
+                                                 ignore_eos=True, stop_regex=(pattern,)))[0]
+    assert out.finish_reason == "stop" and out.outputs[0].matched_stop == pattern
+    assert text.startswith(out.text) and len(out.text) >= 3
+    assert len(out.token_ids) < 16 or out.text == text
+
+
 def test_no_stop_trim_keeps_the_stop_string(engine: Engine) -> None:
     greedy = SamplingParams(max_new_tokens=16, temperature=0, ignore_eos=True)
     text = engine.generate(PROMPT, greedy)[0].text

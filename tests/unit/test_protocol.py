@@ -204,11 +204,14 @@ def test_native_sampling_keys() -> None:
                                             "min_new_tokens": 0})
     assert asked == 5 and params.json_schema == '{"type": "object"}'
     assert native.sampling_params({})[1] is None  # the server's default applies
+    assert native.sampling_params({"stop_regex": "a+"})[0].stop_regex == ("a+",)
+    assert native.sampling_params({"stop_regex": ["a+", "b"]})[0].stop_regex == ("a+", "b")
 
 
 @pytest.mark.parametrize("sp,param", [
-    ({"stop_regex": ["a+"]}, "stop_regex"),
-    ({"stop_regex": "a+"}, "stop_regex"),
+    ({"stop_regex": ["(unclosed"]}, "stop_regex"),
+    ({"stop_regex": ["x" * 2000]}, "stop_regex"),
+    ({"stop_regex": 3}, "stop_regex"),
     ({"structural_tag": "{}"}, "structural_tag"),
     ({"custom_params": {"k": 1}}, "custom_params"),
     ({"stream_interval": 8}, "stream_interval"),

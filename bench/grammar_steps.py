@@ -10,6 +10,7 @@ import cProfile
 import io
 import json
 import pstats
+import sys
 import time
 import warnings
 from typing import Any
@@ -179,32 +180,42 @@ def run_decode(core: Any, mode: str, batch: int, steps: int, device: str,
     return out
 
 
-Config = tuple[bool, int | None]  # (fused, fill threads; None: the default)
+# (fused, fill threads (None: the default), Python's GIL switch interval in ms (None: as is))
+Config = tuple[bool, int | None, float | None]
 DEFAULT_CONFIGS = "fused:default"
+_SWITCH_INTERVAL_S = sys.getswitchinterval()
 
 
 def parse_configs(text: str) -> list[Config]:
-    """``fused:2,unfused:default,...`` -> [(True, 2), (False, None), ...]."""
+    """``fused:2,unfused:default,fused:4@0.5,...`` -> [(True, 2, None), (False, None, None),
+    (True, 4, 0.5), ...]; ``@ms`` sets sys.setswitchinterval for that run (how long a fill
+    thread may wait for the GIL while the scheduler thread runs Python; CPython's is 5 ms)."""
     out: list[Config] = []
     for part in text.split(","):
-        path, _, threads = part.strip().partition(":")
-        if path not in ("fused", "unfused") or not (threads == "default" or threads.isdigit()):
-            raise SystemExit(f"bad grammar config {part!r}: want fused|unfused:N|default")
-        out.append((path == "fused", None if threads == "default" else int(threads)))
+        spec, _, switch = part.strip().partition("@")
+        path, _, threads = spec.partition(":")
+        if path not in ("fused", "unfused") or not (threads == "default" or threads.isdigit()) \
+                or (switch and not switch.replace(".", "", 1).isdigit()):
+            raise SystemExit(f"bad grammar config {part!r}: want fused|unfused:N|default[@ms]")
+        out.append((path == "fused", None if threads == "default" else int(threads),
+                    float(switch) if switch else None))
     return out
 
 
 def config_label(c: Config) -> str:
-    return f"{'fused' if c[0] else 'unfused'}:{c[1] or 'default'}"
+    return f"{'fused' if c[0] else 'unfused'}:{c[1] or 'default'}" + \
+        (f"@{c[2]:g}" if c[2] is not None else "")
 
 
 def use_config(grammars: Any, config: Config) -> None:
-    """Switch the engine's grammar path / fill threads (a new MaskBuilder at the next mask)."""
+    """Switch the engine's grammar path / fill threads (a new MaskBuilder at the next mask)
+    and the GIL switch interval."""
     if grammars._masks is not None:
         grammars._masks.drain()
         grammars._masks.close()
         grammars._masks = None
-    grammars.fused, grammars.fill_threads = config
+    grammars.fused, grammars.fill_threads = config[0], config[1]
+    sys.setswitchinterval(config[2] / 1e3 if config[2] is not None else _SWITCH_INTERVAL_S)
 
 
 def run_configs(core: Any, configs: list[Config], batch: int, steps: int, device: str,

@@ -56,6 +56,7 @@ class TritonAttentionBackend(AttentionBackend):
         cascade: CascadePolicy | None = None,
         cascade_tile_reqs: int | None = None,
         cascade_item_target: int | None = None,
+        cascade_side_stream: bool = True,
     ) -> None:
         super().__init__(num_heads, num_kv_heads, head_dim, scale)
         assert max_batch_size >= 1 and max_kv_splits >= 1, "need a positive batch and split cap"
@@ -93,8 +94,12 @@ class TritonAttentionBackend(AttentionBackend):
         self.cascade_policy = cascade
         self._cascade: CascadeBuffers | None = None
         self._meta: CascadeMeta | None = None  # the prepared step's, when it has groups
+        # Pass 1 of a cascade step runs on this stream beside pass 2 (kernels/cascade_decode.py).
+        self._side_stream: torch.cuda.Stream | None = None
         if cascade is not None:
             self._cascade = self._cascade_buffers(cascade_tile_reqs, cascade_item_target)
+            if self.device.type == "cuda" and cascade_side_stream:
+                self._side_stream = torch.cuda.Stream(device=self.device)
 
     def _cascade_buffers(self, tile_reqs: int | None, item_target: int | None) -> CascadeBuffers:
         tiling = PrefixTiling.make(self.num_heads // self.num_kv_heads, self.device, tile_reqs)
@@ -172,6 +177,7 @@ class TritonAttentionBackend(AttentionBackend):
                 num_splits=self._num_splits, prefix_programs=buffers.budget.item_target,
                 suf_out=self._part_out, suf_lse=self._part_lse, pre_out=buffers.pre_out,
                 pre_lse=buffers.pre_lse, min_split_len=self.min_split_len,
+                side_stream=self._side_stream,
             )
         if batch.is_decode:
             return decode_attention(

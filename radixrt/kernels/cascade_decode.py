@@ -25,6 +25,7 @@ metadata fits the buffers (``attention/cascade_plan.py`` builds it).
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -283,8 +284,13 @@ def cascade_decode(
     block_n: int | None = None,
     num_warps: int | None = None,
     num_stages: int | None = None,
+    side_stream: torch.cuda.Stream | None = None,
 ) -> torch.Tensor:  # [B, Hq, D]
-    """Decode attention with shared prefixes read once per tile (no host syncs)."""
+    """Decode attention with shared prefixes read once per tile (no host syncs).
+
+    ``side_stream`` (CUDA): pass 1 runs there, beside pass 2 on the current stream (fork and
+    join, so a CUDA graph captures two parallel branches): pass 1's few long programs and pass
+    2's many short ones fill each other's tails instead of leaving SMs idle."""
     batch, num_heads, head_dim = q.shape
     num_kv_heads = k_flat.shape[1]
     group = num_heads // num_kv_heads
@@ -301,24 +307,32 @@ def cascade_decode(
     if batch == 0:
         return out
     on_gpu = q.device.type == "cuda"
-    bn_suffix, min_split_len = decode_partials(
-        q, k_flat, v_flat, seq_lens, page_table, req_rows, page_size, scale, num_splits,
-        suf_out, suf_lse, min_split_len=min_split_len, kv_starts=meta.kv_starts,
-    )  # fmt: skip
     block_d = max(16, triton.next_power_of_2(head_dim))
     if block_n is None:
         block_n = decode_block_n(q.device)
     if num_warps is None:
         num_warps = (4 if tiling.block_m <= 64 else 8) if on_gpu else 1
-    _shared_prefix_kernel[(prefix_programs, num_kv_heads)](
-        q, k_flat, v_flat, pre_out, pre_lse, meta.items, meta.num_items, meta.members,
-        page_table, scale * LOG2E, q.stride(0), q.stride(1), k_flat.stride(0), k_flat.stride(1),
-        v_flat.stride(0), v_flat.stride(1), page_table.stride(0),
-        GROUP=group, BLOCK_M=tiling.block_m, HEAD_DIM=head_dim, BLOCK_D=block_d,
-        PAGE_SIZE=page_size, BLOCK_N=block_n, PRECISION=dot_precision(q.dtype),
-        INTERPRET=interpreting(), num_warps=num_warps,
-        num_stages=(num_stages or 3) if on_gpu else 1,
+    main = torch.cuda.current_stream(q.device) if on_gpu and side_stream is not None else None
+    if main is not None:
+        assert side_stream is not None
+        side_stream.wait_stream(main)  # fork: q and this step's K/V are written
+    with torch.cuda.stream(side_stream) if main is not None else contextlib.nullcontext():
+        _shared_prefix_kernel[(prefix_programs, num_kv_heads)](
+            q, k_flat, v_flat, pre_out, pre_lse, meta.items, meta.num_items, meta.members,
+            page_table, scale * LOG2E, q.stride(0), q.stride(1), k_flat.stride(0),
+            k_flat.stride(1), v_flat.stride(0), v_flat.stride(1), page_table.stride(0),
+            GROUP=group, BLOCK_M=tiling.block_m, HEAD_DIM=head_dim, BLOCK_D=block_d,
+            PAGE_SIZE=page_size, BLOCK_N=block_n, PRECISION=dot_precision(q.dtype),
+            INTERPRET=interpreting(), num_warps=num_warps,
+            num_stages=(num_stages or 3) if on_gpu else 1,
+        )  # fmt: skip
+    bn_suffix, min_split_len = decode_partials(
+        q, k_flat, v_flat, seq_lens, page_table, req_rows, page_size, scale, num_splits,
+        suf_out, suf_lse, min_split_len=min_split_len, kv_starts=meta.kv_starts,
     )  # fmt: skip
+    if main is not None:
+        assert side_stream is not None
+        main.wait_stream(side_stream)  # join: the merge reads pass 1's partials
     _cascade_merge_kernel[(batch, num_kv_heads)](
         suf_out, suf_lse, pre_out, pre_lse, out, seq_lens, meta.kv_starts, meta.first_item,
         meta.item_count, meta.slot, out.stride(0), out.stride(1),

@@ -2,7 +2,8 @@
 (the Python tree in radix.py, the native one in native.py over csrc/)."""
 
 from radixrt.cache.allocator import PageAllocator
-from radixrt.cache.native import NativeRadixCache, native_available
+from radixrt.cache.backend import native_available
+from radixrt.cache.native import NativeRadixCache
 from radixrt.cache.page_table import SequencePages
 from radixrt.cache.prefix_cache import NoPrefixCache, PrefixCache, make_prefix_cache
 from radixrt.cache.radix import CacheStats, InsertResult, MatchResult, Node, RadixCache

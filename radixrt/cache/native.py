@@ -9,23 +9,20 @@ like a ``Node``; two handles of the same node compare equal (they are not the sa
 
 Backend choice (``make_prefix_cache``): ``RADIXRT_RADIX_BACKEND=native|python`` or the
 ``backend`` argument; by default the native tree when the extension was built, else the Python
-tree with one log line saying so. The host tier (``TieredRadixCache``) runs on the Python tree.
+tree with one log line giving the reason (backend.py). The host tier (``TieredRadixCache``) runs on the Python tree.
 """
 
 from __future__ import annotations
 
-import importlib
-import logging
-import os
 from collections import Counter
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from types import ModuleType
 from typing import Any, cast
 
 import numpy as np
 import numpy.typing as npt
 
 from radixrt.cache.allocator import PageAllocator, PageIds, check_refcounts
+from radixrt.cache.backend import native_module, resolve_backend
 from radixrt.cache.node import (
     EMPTY,
     CacheStats,
@@ -35,52 +32,6 @@ from radixrt.cache.node import (
     Node,
     TokenIds,
 )
-
-log = logging.getLogger("radixrt.cache")
-
-BACKEND_ENV = "RADIXRT_RADIX_BACKEND"
-BACKENDS = ("native", "python")
-
-_native: ModuleType | None
-try:
-    _native = importlib.import_module("radixrt.cache._radix_native")
-    _import_error = ""
-except ImportError as e:  # not built here (no compiler), or built for another Python
-    _native = None
-    _import_error = f"{e}; `pip install -e .` with a C++ compiler builds it"
-_fallback_logged = False
-
-
-def native_available() -> bool:
-    return _native is not None
-
-
-def native_module() -> ModuleType:
-    if _native is None:
-        raise RuntimeError(f"the native radix core is not built here ({_import_error})")
-    return _native
-
-
-def resolve_backend(backend: str | None = None) -> str:
-    """``native`` or ``python``: the argument, else $RADIXRT_RADIX_BACKEND, else native when it
-    was built. Asking for native where it is not built is an error; falling back to Python by
-    default logs one line."""
-    global _fallback_logged
-    choice = backend or os.environ.get(BACKEND_ENV) or ""
-    if choice and choice not in BACKENDS:
-        raise ValueError(f"radix backend {choice!r}: expected one of {', '.join(BACKENDS)}")
-    if choice == "native":
-        native_module()  # raises, naming why
-        return "native"
-    if choice == "python":
-        return "python"
-    if _native is not None:
-        return "native"
-    if not _fallback_logged:
-        _fallback_logged = True
-        log.warning("radixrt: native radix core not built (%s); using the pure-Python tree",
-                    _import_error)
-    return "python"
 
 
 class NativePageAllocator(PageAllocator):

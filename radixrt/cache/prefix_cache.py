@@ -166,7 +166,8 @@ def make_prefix_cache(
     ``backend`` (``native`` / ``python``; default $RADIXRT_RADIX_BACKEND, else native when
     built) picks the GPU tree's implementation. The host tier runs on the Python tree only, so
     it refuses an explicit ``native``."""
-    from radixrt.cache.native import BACKEND_ENV, NativeRadixCache, resolve_backend
+    from radixrt.cache.backend import BACKEND_ENV, resolve_backend
+    from radixrt.cache.native import NativeRadixCache
 
     if not enabled:
         assert transfer is None, "a host tier needs the prefix cache"

@@ -10,6 +10,7 @@ whole text, so both cut the same argument text out of the same characters.
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
 
 _WS = " \t\r\n"
@@ -35,18 +36,22 @@ def skip(text: str, i: int, chars: str = _WS) -> int:
     return i
 
 
+# The characters a scan stops at; ordinary text in between is skipped at regex speed (the
+# streaming parser rescans the open call on every piece, so this keeps long arguments cheap).
+_STRING_STOPS = re.compile(r'["\\]')
+_VALUE_STOPS = re.compile(r'["{}\[\]]')
+
+
 def string_end(text: str, i: int) -> int | None:
     """One past the closing quote of the JSON string starting at ``text[i] == '"'``."""
     j = i + 1
-    while j < len(text):
-        c = text[j]
-        if c == "\\":
-            j += 2
-        elif c == '"':
-            return j + 1
-        else:
-            j += 1
-    return None
+    while True:
+        m = _STRING_STOPS.search(text, j)
+        if m is None:
+            return None
+        if m.group() == '"':
+            return m.end()
+        j = m.end() + 1  # the escaped character
 
 
 def value_end(text: str, i: int) -> int | None:
@@ -57,22 +62,21 @@ def value_end(text: str, i: int) -> int | None:
         return string_end(text, i)
     if c in "{[":
         depth, j = 0, i
-        while j < len(text):
-            c = text[j]
+        while True:
+            m = _VALUE_STOPS.search(text, j)
+            if m is None:
+                return None
+            c = m.group()
             if c == '"':
-                e = string_end(text, j)
+                e = string_end(text, m.start())
                 if e is None:
                     return None
                 j = e
                 continue
-            if c in "{[":
-                depth += 1
-            elif c in "}]":
-                depth -= 1
-                if depth == 0:
-                    return j + 1
-            j += 1
-        return None
+            depth += 1 if c in "{[" else -1
+            j = m.end()
+            if depth == 0:
+                return j
     j = i
     while j < len(text) and text[j] not in ",}] \t\r\n":
         j += 1

@@ -225,6 +225,8 @@ class Engine:
     ) -> list[_Tracker]:
         trackers = []
         for prompt_ids, p in zip(ids, params):
+            if p.stop_regex and self.tokenizer is None:
+                raise ValueError("stop_regex is matched on text: this model has no tokenizer")
             rid = f"req-{next(self._ids)}"
             self.core.add_request(rid, prompt_ids, p, cache_salt)
             trackers.append(_Tracker(self, rid, prompt_ids, p))

@@ -50,6 +50,13 @@ def test_prefill_only_next_to_decoding_requests(engine: Engine) -> None:
     engine.check_invariants()
 
 
+def test_prefill_only_with_n_samples(engine: Engine) -> None:
+    out = engine.generate(PROMPT[:33], SamplingParams(max_new_tokens=0, n=3))[0]
+    assert [o.token_ids for o in out.outputs] == [[], [], []]
+    assert all(o.finish_reason == "length" for o in out.outputs)
+    engine.check_invariants()
+
+
 def test_min_new_tokens_masks_eos_and_stop_tokens(engine: Engine) -> None:
     # Bias EOS and a stop token up so they win every draw, unless masked.
     stop_tok = 77

@@ -104,6 +104,12 @@ def pack_cascade(groups: CascadeGroups, batch_size: int, tiling: PrefixTiling,
     return buf
 
 
+def _same_groups(a: CascadeGroups, b: CascadeGroups) -> bool:
+    return a is b or all(np.array_equal(x, y) for x, y in (
+        (a.indptr, b.indptr), (a.members, b.members), (a.shared_lens, b.shared_lens),
+        (a.rows, b.rows)))
+
+
 def meta_views(dev: torch.Tensor, item_cap: int, max_batch: int, batch_size: int) -> CascadeMeta:
     """Views of a device copy of a packed buffer for a batch of ``batch_size``."""
     off = 1 + item_cap * ITEM_FIELDS
@@ -146,8 +152,9 @@ class CascadeBuffers:
         budget = budget or self.budget
         assert budget.item_cap <= self.budget.item_cap, "budget beyond the buffers' item cap"
         last = self._last
-        if last is not None and last[0] is groups and last[1] == batch_size and last[2] == budget:
-            return last[3]  # the grouper handed back last step's groups: already on the device
+        if (last is not None and last[1] == batch_size and last[2] == budget
+                and _same_groups(last[0], groups)):
+            return last[3]  # last step's groups (a follower rank gets a copy): on the device
         turn = self._turn
         self._turn = (turn + 1) % len(self._staging)
         event = self._copied[turn]

@@ -5,9 +5,14 @@ KV shard, page table and graphs stay identical in layout to rank 0's:
 
     control message (gloo, host int64)           device broadcasts (the step's own tensors)
     [op, T, B, N, is_decode, max_ext, max_seq,   long [T ids | T positions | T slots | N logits rows]
-     n_entries, n_copies,                        ints [B+1 qo_indptr | B prefix | B seq | B rows]
+     n_entries, n_copies, G, M,                  ints [B+1 qo_indptr | B prefix | B seq | B rows]
      extend_lens[B], prefix_lens[B], rows[B],
-     table idx/val[n_entries], copy src/dst[n_copies]]
+     table idx/val[n_entries], copy src/dst[n_copies],
+     cascade groups: indptr[G+1], members[M], shared_lens[G], rows[G]]   (G = -1: no groups)
+
+The cascade groups (shared-prefix decode) ride along so every rank reads its KV-head shard of a
+shared prefix once per group, as rank 0 does (a follower without them would take the per-request
+path and rank 0 would wait for it at every all-reduce).
 
 The page-table entries and page copies staged since the previous forward ride with the next one
 (a follower applies them before running it, which is where rank 0's stream ran them). The device
@@ -26,10 +31,11 @@ from radixrt.cache.device_pages import DevicePageTable
 from radixrt.cache.kv_pool import KVPool
 from radixrt.distributed.group import TPGroup
 from radixrt.engine.batch import ForwardBatch, host_to_device
+from radixrt.engine.cascade_groups import CascadeGroups
 
 OP_FORWARD = 1
 OP_STOP = 2
-_HEADER = 9
+_HEADER = 11
 
 
 class RecordingPageTable(DevicePageTable):
@@ -79,14 +85,19 @@ class PlanSender:
         src, dst = self._copy_src, self._copy_dst
         self._copy_src, self._copy_dst = [], []
         t, b, n = batch.num_tokens, batch.batch_size, int(batch.logits_indices.shape[0])
+        groups = batch.cascade
+        grouping = [] if groups is None else [groups.indptr, groups.members, groups.shared_lens,
+                                              groups.rows]
         header = [OP_FORWARD, t, b, n, int(batch.is_decode), batch.max_extend_len,
-                  batch.max_seq_len, len(idx), len(src)]
+                  batch.max_seq_len, len(idx), len(src),
+                  -1 if groups is None else groups.num_groups,
+                  0 if groups is None else int(groups.members.shape[0])]
         msg = np.concatenate([
             np.asarray(header, dtype=np.int64), np.asarray(batch.extend_lens_cpu, dtype=np.int64),
             np.asarray(batch.prefix_lens_cpu, dtype=np.int64),
             np.asarray(batch.req_rows_cpu, dtype=np.int64), np.asarray(idx, dtype=np.int64),
             np.asarray(val, dtype=np.int64), np.asarray(src, dtype=np.int64),
-            np.asarray(dst, dtype=np.int64),
+            np.asarray(dst, dtype=np.int64), *(np.asarray(x, dtype=np.int64) for x in grouping),
         ])
         self.tp.send_plan(torch.from_numpy(msg))
         self.tp.broadcast_device(torch.cat([batch.input_ids, batch.positions, batch.out_slots,
@@ -103,13 +114,18 @@ def receive_step(tp: TPGroup, table: DevicePageTable, pool: KVPool) -> ForwardBa
     """A follower's side of one plan: applies the page-table writes and page copies it carries
     and returns the step's batch (None: rank 0 said stop)."""
     msg = tp.recv_plan().numpy()
-    op, t, b, n, is_decode, max_ext, max_seq, n_entries, n_copies = (int(x) for x in msg[:_HEADER])
+    op, t, b, n, is_decode, max_ext, max_seq, n_entries, n_copies, n_groups, n_members = (
+        int(x) for x in msg[:_HEADER])
     if op == OP_STOP:
         return None
     assert op == OP_FORWARD, f"unknown plan op {op}"
-    parts = np.split(msg[_HEADER:], np.cumsum([b, b, b, n_entries, n_entries, n_copies])[:6])
-    extend, prefix, rows, idx, val, src = (p.tolist() for p in parts[:6])
-    dst = parts[6].tolist()
+    g = max(n_groups, 0)
+    sizes = [b, b, b, n_entries, n_entries, n_copies, n_copies, g + 1 if n_groups >= 0 else 0,
+             n_members, g, g]
+    parts = np.split(msg[_HEADER:], np.cumsum(sizes)[:-1])
+    assert parts[-1].shape[0] == g, "plan message length disagrees with its header"
+    extend, prefix, rows, idx, val, src, dst = (p.tolist() for p in parts[:7])
+    cascade = CascadeGroups(*parts[7:]) if n_groups >= 0 else None
     if n_entries:
         # Pinned + non_blocking (host_to_device): a pageable copy would wait for the step still
         # running on this rank, and every collective of the next step would wait for that.
@@ -128,5 +144,5 @@ def receive_step(tp: TPGroup, table: DevicePageTable, pool: KVPool) -> ForwardBa
         seq_lens=ints[2 * b + 1 : 3 * b + 1], req_rows=ints[3 * b + 1 :],
         page_table=table.table, page_size=table.page_size, is_decode=bool(is_decode),
         max_extend_len=max_ext, max_seq_len=max_seq, extend_lens_cpu=extend,
-        prefix_lens_cpu=prefix, req_rows_cpu=rows,
+        prefix_lens_cpu=prefix, req_rows_cpu=rows, cascade=cascade,
     )

@@ -140,6 +140,79 @@ def test_auto_resolves_by_device_backend_and_determinism():
     assert forced is not None and forced.min_group == 3
 
 
+class _Loopback:
+    """A TP group of two whose follower side reads back what rank 0 sent (one process)."""
+
+    rank, size = 0, 2
+
+    def __init__(self) -> None:
+        self.plans: list[torch.Tensor] = []
+        self.sent: list[torch.Tensor] = []
+        self.receiving = False
+
+    def send_plan(self, message: torch.Tensor) -> None:
+        self.plans.append(message.clone())
+
+    def recv_plan(self) -> torch.Tensor:
+        return self.plans.pop(0)
+
+    def broadcast_device(self, x: torch.Tensor) -> torch.Tensor:
+        if self.receiving:
+            return x.copy_(self.sent.pop(0))
+        self.sent.append(x.clone())
+        return x
+
+
+def test_tp_plan_carries_cascade_groups():
+    """Followers get rank 0's groups with each decode step (and None when it has none), so every
+    rank takes the cascade path for its KV-head shard."""
+    from radixrt.distributed.plan import PlanSender, RecordingPageTable, receive_step
+    from radixrt.engine.batch import build_forward_batch
+    from radixrt.engine.cascade_groups import CascadeGroups
+
+    tp = _Loopback()
+    table = RecordingPageTable(num_rows=8, max_pages=8, page_size=PS, device="cpu")
+    pool = KVPool(num_layers=1, num_pages=16, page_size=PS, num_kv_heads=1, head_dim=4,
+                  dtype=torch.float32, device="cpu")
+    sender = PlanSender(tp, table)  # type: ignore[arg-type]
+    batch = build_forward_batch(new_token_ids=[[1]] * 4, prefix_lens=[9, 10, 13, 5],
+                                page_tables=[[1, 2, 3], [1, 2, 4], [1, 5, 6, 7], [8, 9]],
+                                page_size=PS, device="cpu")
+    batch.cascade = CascadeGroups.of([(8, [0, 1, 2])], batch.req_rows_cpu)
+    sender.send_forward(batch)
+    sender.send_forward(build_forward_batch(new_token_ids=[[1], [2]], prefix_lens=[3, 4],
+                                            page_tables=[[1], [2, 3]], page_size=PS,
+                                            device="cpu"))
+    tp.receiving = True
+    got = receive_step(tp, table, pool)  # type: ignore[arg-type]
+    assert got is not None and got.cascade is not None
+    for name in ("indptr", "members", "shared_lens", "rows"):
+        assert np.array_equal(getattr(got.cascade, name), getattr(batch.cascade, name)), name
+    assert got.prefix_lens_cpu == batch.prefix_lens_cpu and got.req_rows_cpu == batch.req_rows_cpu
+    plain = receive_step(tp, table, pool)  # type: ignore[arg-type]
+    assert plain is not None and plain.cascade is None and plain.prefix_lens_cpu == [3, 4]
+
+
+@pytest.mark.slow
+def test_tp2_cascade_on_equals_tp1_off(tiny_model_dir):
+    """TP=2 with cascade on (followers get the groups with each plan) gives TP=1 cascade off's
+    greedy tokens (torch backend, fp32, CPU gloo)."""
+    prompts = _gsp(3, groups=2, per_group=3, system=37)
+    params = SamplingParams(temperature=0.0, max_new_tokens=8, ignore_eos=True)
+    outs = {}
+    for tp, mode in ((1, "off"), (2, "on")):
+        eng = Engine(str(tiny_model_dir("llama")), kv_cache_tokens=4096, page_size=PS, tp_size=tp,
+                     cascade_decode=mode, attention_backend="torch")
+        try:
+            outs[tp] = [o.outputs[0].token_ids for o in eng.generate(prompts, params)]
+            if tp == 2:
+                grouper = eng.core.runner.cascade
+                assert grouper is not None and grouper.grouped_steps > 0, "no decode step grouped"
+        finally:
+            eng.core.close()
+    assert outs[2] == outs[1]
+
+
 def _running(cache: RadixCache, alloc: PageAllocator, tokens: list[int], handle_tokens: int,
              idx: int) -> Sequence:
     """A running sequence whose first ``handle_tokens`` are cached and locked, as after

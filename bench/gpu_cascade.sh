@@ -3,17 +3,18 @@
 #   1. the gpu-marked cascade kernel tests (and the decode kernel's, which cascade extends)
 #   2. kernel: per-request decode vs cascade at batch 256 = 16 groups x 16 requests, 2048 shared
 #      + 128..384 own tokens, Llama-3-8B attention (32 q / 8 kv heads, head_dim 128), bf16,
-#      page 16; max abs diffs; a pass-1 launch sweep; host cost of grouping + packing
+#      page 16; max abs diffs; a pass-1 launch sweep; host cost of preparing a step's groups
 #   3. e2e: gsp (llama3-8b preset, dummy weights) with cascade off, then on, one process each;
 #      time, decode ITL, decode step at batch 256; then a 128-request gsp batch with top-2
 #      logprobs per variant: greedy agreement classified by margin -> summary.md, agreement.json
 # Everything lands in $OUT (else bench/results/cascade): gpu_info.txt, tests.log, run.log,
-# kernel.json, host.json, e2e_off.json, e2e_on.json, agreement.json, summary.md.
+# kernel.json, host.json (RUN_HOST=1), e2e_off.json, e2e_on.json, agreement.json, summary.md.
 #
 #   bash bench/gpu_cascade.sh          # from the repo root, on the GPU machine
 #
 # Knobs: GSP_SCALE (gsp request-count scale, default 1 = the issue's full size, 64 groups x 16;
-# 0.5 saves ~20 s), SWEEP_S (pass-1 sweep budget, s), T_TESTS / T_KERNEL / T_E2E (timeouts, s).
+# 0.5 saves ~20 s), SWEEP_S (pass-1 sweep budget, s), RUN_HOST=1 (also the host grouping bench,
+# ~10 s), T_TESTS / T_KERNEL / T_E2E (timeouts, s).
 # Needs sortedcontainers (carry .whl from ../shared/device/wheels.sh sortedcontainers).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -39,9 +40,11 @@ timeout -k 10 "${T_TESTS:-150}" "$PY" -m pytest -q -x -m gpu -p no:cacheprovider
 tests_rc=${PIPESTATUS[0]}
 
 run() { echo "+ $*" | tee -a "$OUT/run.log"; "$@" 2>&1 | tee -a "$OUT/run.log"; return "${PIPESTATUS[0]}"; }
-run timeout -k 10 "${T_KERNEL:-100}" "$PY" bench/bench_cascade.py kernel --sweep-s "${SWEEP_S:-20}" --out "$OUT"
+run timeout -k 10 "${T_KERNEL:-100}" "$PY" bench/bench_cascade.py kernel --sweep-s "${SWEEP_S:-15}" --out "$OUT"
 kernel_rc=$?
-run timeout -k 10 30 "$PY" bench/bench_cascade.py host --out "$OUT"
+if [ "${RUN_HOST:-0}" = 1 ]; then  # grouping + packing on the host CPU (no GPU needed)
+  run timeout -k 10 30 "$PY" bench/bench_cascade.py host --out "$OUT"
+fi
 GSP=(--scale "${GSP_SCALE:-1}" --out "$OUT")
 run timeout -k 10 "${T_E2E:-110}" "$PY" bench/bench_cascade.py e2e --cascade off "${GSP[@]}"
 off_rc=$?

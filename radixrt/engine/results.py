@@ -84,14 +84,14 @@ class StepResults:
             seq.kv_len += n
             if item.prompt_lp_rows:
                 assert seq.prompt_logprobs is not None, "prompt-logprob rows for a sequence not asking"
-                lps = self.sampler.prompt_logprobs(
+                lps, tops = self.sampler.prompt_logprobs(
                     logits[item.prompt_lp_rows],
                     torch.tensor(item.prompt_lp_targets, device=logits.device),
+                    seq.params.prompt_top_logprobs,
                 )
                 seq.prompt_logprobs.extend(lps)
                 if seq.prompt_top_logprobs is not None:
-                    seq.prompt_top_logprobs.extend(self.sampler.prompt_top_logprobs(
-                        logits[item.prompt_lp_rows], seq.params.prompt_top_logprobs))
+                    seq.prompt_top_logprobs.extend(tops)
             if was_prefill:
                 self.memory.commit_progress(seq)  # share the chunk with concurrent requests
             if item.sample_row is None:

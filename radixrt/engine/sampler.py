@@ -182,22 +182,22 @@ class Sampler:
         pending.start_copy()
         return pending
 
-    def prompt_logprobs(self, logits: torch.Tensor, next_tokens: torch.Tensor) -> list[float]:
-        """logits [T, V] at prompt positions, next_tokens [T]: logprob of each actual next token."""
+    def prompt_logprobs(self, logits: torch.Tensor, next_tokens: torch.Tensor, top_k: int = 0
+                        ) -> tuple[list[float], list[list[tuple[int, float]]]]:
+        """logits [T, V] at prompt positions, next_tokens [T]: logprob of each actual next
+        token, and with ``top_k`` the k most likely next tokens per position (id, logprob;
+        most likely first; [] without), from the same softmax."""
         assert logits.dim() == 2 and next_tokens.shape == logits.shape[:1], (
             f"need logits [T, V] and next_tokens [T], got {tuple(logits.shape)} "
             f"and {tuple(next_tokens.shape)}"
         )
         lp = torch.log_softmax(logits.float(), dim=-1)  # [T, V]
         idx = next_tokens.to(device=lp.device, dtype=torch.long).unsqueeze(1)  # [T, 1]
-        return lp.gather(1, idx).squeeze(1).tolist()
-
-    def prompt_top_logprobs(self, logits: torch.Tensor, k: int) -> list[list[tuple[int, float]]]:
-        """logits [T, V] at prompt positions: the k most likely next tokens per position (id,
-        logprob), most likely first. Only requests that ask for them pay the second softmax."""
-        lp = torch.log_softmax(logits.float(), dim=-1)  # [T, V]
-        vals, ids = lp.topk(min(k, lp.shape[1]), dim=-1)  # [T, k] each
-        return [list(zip(i, v)) for i, v in zip(ids.tolist(), vals.tolist())]
+        chosen = lp.gather(1, idx).squeeze(1).tolist()
+        if top_k <= 0:
+            return chosen, []
+        vals, ids = lp.topk(min(top_k, lp.shape[1]), dim=-1)  # [T, k] each
+        return chosen, [list(zip(i, v)) for i, v in zip(ids.tolist(), vals.tolist())]
 
     # ---- pipeline stages -------------------------------------------------------------------
 

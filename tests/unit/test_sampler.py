@@ -224,9 +224,16 @@ def test_caller_logits_untouched(sampler) -> None:
 def test_prompt_logprobs(sampler) -> None:
     logits = rand_logits(7, seed=8)
     nxt = torch.tensor([3, 1, 4, 1, 5, 9, 2])
-    got = sampler.prompt_logprobs(logits, nxt)
-    ref = torch.log_softmax(logits, -1)[torch.arange(7), nxt]
-    assert got == pytest.approx(ref.tolist(), abs=1e-6)
+    got, none = sampler.prompt_logprobs(logits, nxt)
+    full = torch.log_softmax(logits, -1)
+    ref = full[torch.arange(7), nxt]
+    assert got == pytest.approx(ref.tolist(), abs=1e-6) and none == []
+    same, tops = sampler.prompt_logprobs(logits, nxt, top_k=3)
+    assert same == got and len(tops) == 7
+    for pos, top in enumerate(tops):
+        vals, ids = full[pos].topk(3)
+        assert [t for t, _ in top] == ids.tolist()
+        assert [v for _, v in top] == pytest.approx(vals.tolist(), abs=1e-6)
 
 
 def test_top_k_fast_path_matches_full_sort_path(sampler) -> None:

@@ -145,26 +145,36 @@ def test_slow_grammar_waits_outside_the_queue(llama_dir, monkeypatch):
 
 
 @pytest.mark.parametrize("overlap", [False, True])
-def test_fused_and_unfused_grammar_paths_agree(llama_dir, overlap):
+def test_fused_and_unfused_grammar_paths_agree(llama_dir, overlap, monkeypatch):
     """The fused path (fill threads advance and fill each shard) and the unfused one (the
     scheduler thread advances, xgrammar's pool fills) give the same tokens, for any thread
-    count; enough rows that the shards run on their threads."""
+    count, whether a step's tokens are already on the host when the next step is planned
+    (the advance starts early) or not (on the CPU they always are: "late" pretends half the
+    time they are not); enough rows that the shards run on their threads."""
+    from radixrt.engine.sampler import PendingSample
+
+    real_ready = PendingSample.ready
+    flip = iter(range(10**6))
     schema_p = SamplingParams(temperature=1.0, seed=11, max_new_tokens=60, n=2,
                               json_schema=json.dumps(SCHEMA))
     regex_p = SamplingParams(temperature=0.0, max_new_tokens=20, regex=REGEX)
     params = [schema_p, regex_p, SamplingParams(temperature=0.0, max_new_tokens=8)] * 4
     got = {}
-    for fused, threads in ((False, 2), (True, 1), (True, 3)):
+    for fused, threads, late in ((False, 2, False), (True, 1, False), (True, 3, False),
+                                 (True, 3, True)):
+        monkeypatch.setattr(PendingSample, "ready", (lambda self: next(flip) % 2 == 0 and
+                                                     real_ready(self)) if late else real_ready)
         eng = Engine(str(llama_dir), page_size=4, kv_cache_tokens=4096, overlap_schedule=overlap)
         grammars = eng.core.scheduler.results.grammars
         assert grammars is not None
         grammars.fused, grammars.fill_threads = fused, threads
         outs = eng.generate(_prompts(12), params)
         assert grammars.masks.fused is fused and grammars.masks.threads == threads
-        got[(fused, threads)] = [(c.token_ids, c.finish_reason) for o in outs for c in o.outputs]
+        got[(fused, threads, late)] = [(c.token_ids, c.finish_reason) for o in outs
+                                       for c in o.outputs]
         if fused:
             assert grammars.masks.stats.tasks > 0, "no grammar work ran on the fill threads"
-    first = got[(False, 2)]
+    first = got[(False, 2, False)]
     assert all(v == first for v in got.values())
     assert sum(r == "stop" for _, r in first) >= 4
 

@@ -170,7 +170,8 @@ def kernel(args: argparse.Namespace) -> dict[str, Any]:
     res["sweep"] = sweep_pass1(args, backend, q, k, v, batch)
     if res["sweep"]:
         res["best"] = min(res["sweep"], key=lambda r: r["ms"])
-    (_out_dir(args) / "kernel.json").write_text(json.dumps(res, indent=1))
+    name = f"kernel_{args.tag}.json" if args.tag else "kernel.json"
+    (_out_dir(args) / name).write_text(json.dumps(res, indent=1))
     return res
 
 
@@ -339,8 +340,7 @@ def e2e(args: argparse.Namespace) -> dict[str, Any]:
 def compare(args: argparse.Namespace) -> int:
     out = _out_dir(args)
     lines = ["# Cascade decode (bench/bench_cascade.py)", ""]
-    kpath = out / "kernel.json"
-    if kpath.exists():
+    for kpath in sorted(out.glob("kernel*.json")):
         k = json.loads(kpath.read_text())
         lines += [f"Kernel, {k['device']}, {k['shape']}:", "",
                   f"- per-request decode {k['per_request_ms']:.3f} ms "
@@ -388,6 +388,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--shared", type=int, default=2048)
     ap.add_argument("--suffix", default="128,384", help="own suffix length range LO,HI")
     ap.add_argument("--sweep-s", type=float, default=60.0, help="pass-1 sweep time budget")
+    ap.add_argument("--tag", default="", help="kernel: results in kernel_TAG.json (another shape)")
     ap.add_argument("--cascade", choices=("on", "off"), default="on")
     ap.add_argument("--model", default="llama3-8b")
     ap.add_argument("--device", default="cuda")

@@ -160,7 +160,7 @@ def bench_masks(tok: Any, vocab: int, batch: int, steps: int,
             "threads": builder.threads, "advance_and_fill": ms(step_s), "apply_cpu": ms(apply_s)}
         if fused:
             r["fill_thread_ms"] = {"advance": st.accept_s * 1e3 / steps,
-                                   "fill": st.fill_s * 1e3 / steps}
+                                   "fill": st.fill_s * 1e3 / steps, "cpu": st.cpu_s * 1e3 / steps}
     return out
 
 
@@ -283,8 +283,8 @@ def main() -> None:
         r = res["masks"] = bench_masks(tok, vocab, a.batch, a.steps, configs)
         for label, c in r["configs"].items():
             f = c.get("fill_thread_ms")
-            split = f", fill threads: advance {f['advance']:.2f} + fill {f['fill']:.2f} ms" \
-                if f else ""
+            split = f", fill threads: advance {f['advance']:.2f} + fill {f['fill']:.2f} ms " \
+                f"(cpu {f['cpu']:.2f})" if f else ""
             print(f"masks B={r['batch']} V={r['vocab']} {label:16s} ({c['threads']} threads): "
                   f"advance + fill {c['advance_and_fill']['mean_ms']:.2f} ms "
                   f"(p99 {c['advance_and_fill']['p99_ms']:.2f}){split}, "

@@ -133,7 +133,7 @@ def run_decode(core: Any, mode: str, batch: int, steps: int, device: str,
         sections.cpu.clear()
     g = core.scheduler.results.grammars
     st0 = g._masks.stats if g is not None and g._masks is not None else None
-    stats0 = (st0.accept_s, st0.fill_s) if st0 is not None else (0.0, 0.0)
+    stats0 = (st0.accept_s, st0.fill_s, st0.cpu_s) if st0 is not None else (0.0, 0.0, 0.0)
     _sync(device)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -164,7 +164,8 @@ def run_decode(core: Any, mode: str, batch: int, steps: int, device: str,
         out["fill_threads"] = masks.threads
         if masks.fused:  # summed over the fill threads; they run beside the scheduler thread
             out["fill_thread_ms"] = {"advance": (st.accept_s - stats0[0]) * 1e3 / steps,
-                                     "fill": (st.fill_s - stats0[1]) * 1e3 / steps}
+                                     "fill": (st.fill_s - stats0[1]) * 1e3 / steps,
+                                     "cpu": (st.cpu_s - stats0[2]) * 1e3 / steps}
     if device == "cuda" and mode == "json_schema":
         # One expected per step: reading the step's tokens (the event wait is not counted).
         out["syncs"] = len(syncs)
@@ -305,8 +306,8 @@ def print_host(title: str, r: dict[str, Any]) -> None:
     print(f"{title}: unconstrained {u['step_ms']:.2f} ms/step (overlapped {u['overlapped']})")
     for label, c in runs.items():
         fill = c.get("fill_thread_ms")
-        extra = f", fill threads: advance {fill['advance']:.2f} + fill {fill['fill']:.2f} ms" \
-            if fill else ""
+        extra = f", fill threads: advance {fill['advance']:.2f} + fill {fill['fill']:.2f} ms " \
+            f"(cpu {fill['cpu']:.2f})" if fill else ""
         print(f"  json_schema {label:16s} {c['step_ms']:7.2f} ms/step  ratio {c['ratio']:.3f} "
               f"(overlapped {c['overlapped']}){extra}")
     cols = ["none", *runs]

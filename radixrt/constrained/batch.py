@@ -80,6 +80,7 @@ class FillStats:
 
     accept_s: float = 0.0
     fill_s: float = 0.0
+    cpu_s: float = 0.0  # the threads' CPU time in both (wall above it: waiting, e.g. the GIL)
     tasks: int = 0
 
 
@@ -205,7 +206,7 @@ class MaskBuilder:
 
     def _run(self, shard: int, accepts: list[tuple[Matcher, int]],
              rows: list[tuple[int, Matcher]], host: torch.Tensor) -> None:
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.thread_time()
         if accepts:
             Matcher.advance_batch([m for m, _ in accepts], [t for _, t in accepts])
         t1 = time.perf_counter()
@@ -219,12 +220,13 @@ class MaskBuilder:
         st = self._stats[shard]
         st.accept_s += t1 - t0
         st.fill_s += time.perf_counter() - t1
+        st.cpu_s += time.thread_time() - c0
         st.tasks += 1
 
     @property
     def stats(self) -> FillStats:
-        return FillStats(sum(s.accept_s for s in self._stats), sum(s.fill_s for s in self._stats),
-                         sum(s.tasks for s in self._stats))
+        return FillStats(*(sum(getattr(s, f) for s in self._stats)
+                           for f in ("accept_s", "fill_s", "cpu_s", "tasks")))
 
     def drain(self) -> None:
         """Wait for the grammar work started last (a matcher is read or synced next)."""

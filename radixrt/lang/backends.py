@@ -230,7 +230,8 @@ def _sampling(params: GenParams) -> SamplingParams:
         temperature=params.temperature,
         top_p=params.top_p, top_k=params.top_k, min_p=params.min_p,
         frequency_penalty=params.frequency_penalty, presence_penalty=params.presence_penalty,
-        stop=params.stop, stop_token_ids=params.stop_token_ids, ignore_eos=params.ignore_eos,
+        stop=params.stop, stop_token_ids=params.stop_token_ids, stop_regex=params.stop_regex,
+        ignore_eos=params.ignore_eos,
         n=params.n, seed=params.seed, regex=params.regex, json_schema=params.json_schema,
         ebnf=params.ebnf, logprobs=params.return_logprob, top_logprobs=params.top_logprobs_num)
 

@@ -96,9 +96,6 @@ class Select(Expr):
         s._record(self.name, choice, meta)
 
 
-# SGLang gen keywords that radixrt cannot honour: rejected when set, never ignored.
-_UNSUPPORTED = {"stop_regex": None}
-_ALIASES = {"max_new_tokens": "max_tokens"}
 
 
 def _schema_text(schema: Any) -> str | None:
@@ -144,10 +141,6 @@ def gen(name: str | None = None, max_tokens: int | None = None, min_tokens: int 
         if max_tokens is not None:
             raise ValueError("give max_tokens or max_new_tokens, not both")
         given["max_tokens"] = max_new_tokens
-    for key, default in _UNSUPPORTED.items():
-        if key in given and given[key] not in (default, [], ()):
-            raise ValueError(f"gen({key}=...) is not supported by radixrt")
-        given.pop(key, None)
     grammar = [k for k in ("regex", "ebnf") if k in given] + (
         ["json_schema"] if json_schema is not None else []) + (["dtype"] if dtype else [])
     if choices is not None:
@@ -165,8 +158,9 @@ def gen(name: str | None = None, max_tokens: int | None = None, min_tokens: int 
         given["json_schema"] = _schema_text(json_schema)
     if dtype is not None:
         given["regex"] = DTYPE_REGEX[_dtype_name(dtype)]
-    if "stop" in given:
-        given["stop"] = (stop,) if isinstance(stop, str) else tuple(given["stop"])
+    for k in ("stop", "stop_regex"):
+        if k in given:
+            given[k] = (given[k],) if isinstance(given[k], str) else tuple(given[k])
     if "stop_token_ids" in given:
         given["stop_token_ids"] = tuple(given["stop_token_ids"])
     for k in ("ignore_eos", "return_logprob", "return_text_in_logprobs"):

@@ -6,6 +6,7 @@ top_k -1 ...), so a program's sampling settings mean the same on either runtime.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field, fields
 from typing import Any
 
@@ -37,6 +38,7 @@ class GenParams:
     presence_penalty: float = 0.0
     stop: tuple[str, ...] = ()
     stop_token_ids: tuple[int, ...] = ()
+    stop_regex: tuple[str, ...] = ()  # end once the output text matches one of these
     ignore_eos: bool = False
     n: int = 1
     seed: int | None = None
@@ -63,6 +65,11 @@ class GenParams:
                              f"{self.min_tokens}")
         if self.n < 1:
             raise ValueError(f"n must be >= 1, got {self.n}")
+        for pattern in self.stop_regex:
+            try:
+                re.compile(pattern)
+            except re.error as e:
+                raise ValueError(f"stop_regex {pattern!r} is not a valid regex: {e}") from None
         if self.max_tokens == 0 and self.n > 1:
             raise ValueError("max_tokens=0 (prefill only) cannot be combined with n > 1")
         if self.logprob_start_len is not None and self.logprob_start_len < 0:
@@ -92,6 +99,8 @@ class GenParams:
             d["min_new_tokens"] = self.min_tokens
         if self.stop_token_ids:
             d["stop_token_ids"] = list(self.stop_token_ids)
+        if self.stop_regex:
+            d["stop_regex"] = list(self.stop_regex)
         return d
 
     def logprob_dict(self) -> dict[str, Any]:

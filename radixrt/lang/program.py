@@ -19,11 +19,11 @@ from radixrt.lang.state import ProgramError, ProgramState
 
 MAX_AUTO_THREADS = 64
 # Program-wide sampling defaults a run may set: SGLang's names, plus radixrt's seed.
-RUN_SAMPLING = ("max_new_tokens", "min_new_tokens", "n", "stop", "stop_token_ids", "temperature", "top_p",
+RUN_SAMPLING = ("max_new_tokens", "min_new_tokens", "n", "stop", "stop_token_ids",
+                "stop_regex", "temperature", "top_p",
                 "top_k", "min_p", "frequency_penalty", "presence_penalty", "ignore_eos",
                 "return_logprob", "logprob_start_len", "top_logprobs_num",
                 "return_text_in_logprobs", "seed")
-_UNSUPPORTED_RUN = ("stop_regex",)
 
 
 class GlobalConfig:
@@ -179,19 +179,15 @@ def function(func: Callable[..., Any] | None = None, num_api_spec_tokens: int | 
 
 def _defaults(kwargs: dict[str, Any]) -> GenParams:
     """Pop the sampling keywords out of ``kwargs`` into the run's gen defaults."""
-    for k in _UNSUPPORTED_RUN:
-        v = kwargs.pop(k, None)
-        if v not in (None, 0, [], ()):
-            raise ValueError(f"run({k}=...) is not supported by radixrt")
     popped = {k: kwargs.pop(k) for k in RUN_SAMPLING if k in kwargs}
     given = {k: v for k, v in popped.items() if v is not None}
     if "max_new_tokens" in given:
         given["max_tokens"] = given.pop("max_new_tokens")
     if "min_new_tokens" in given:
         given["min_tokens"] = given.pop("min_new_tokens")
-    if "stop" in given:
-        stop = given["stop"]
-        given["stop"] = (stop,) if isinstance(stop, str) else tuple(stop)
+    for k in ("stop", "stop_regex"):
+        if k in given:
+            given[k] = (given[k],) if isinstance(given[k], str) else tuple(given[k])
     if "stop_token_ids" in given:
         given["stop_token_ids"] = tuple(given["stop_token_ids"])
     return dataclasses.replace(GenParams(), **given)

@@ -63,8 +63,6 @@ def test_unsupported_calls_fail_by_name() -> None:
         sgl.Engine(model_path="x")
     with pytest.raises(ValueError, match="min_tokens must be in"):
         programs.qa.run(question="x", backend=_NoCalls(), max_new_tokens=4, min_new_tokens=8)
-    with pytest.raises(ValueError, match="stop_regex"):
-        sgl.gen("x", stop_regex=r"\d")
     with pytest.raises(ValueError, match="temperature"):
         sgl.select("x", ["a", "b"], temperature=0.5)
     with pytest.raises(ValueError, match="num_api_spec_tokens"):
@@ -81,8 +79,8 @@ def test_unsupported_calls_fail_by_name() -> None:
             s += "hi" + sgl.separate_reasoning(sgl.gen("a", max_tokens=1), model_type="nope")
 
         p.run(backend=_NoCalls())
-    with pytest.raises(ValueError, match="run\\(stop_regex"):
-        programs.qa.run(question="x", backend=_NoCalls(), stop_regex="x")
+    with pytest.raises(ValueError, match="stop_regex"):
+        programs.qa.run(question="x", backend=_NoCalls(), stop_regex="(")
 
 
 def test_gen_choices_is_a_select() -> None:

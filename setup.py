@@ -21,7 +21,7 @@ else:
         include_dirs=["csrc"],
         depends=["csrc/radix_tree.h", "csrc/page_allocator.h", "csrc/py_arrays.h"],
         cxx_std=17,
-        extra_compile_args=["-O2"],
+        extra_compile_args=["-O3"],
         optional=True,  # a failed compile is a warning: the Python tree is the fallback
     )
     setup(ext_modules=[native], cmdclass={"build_ext": build_ext})

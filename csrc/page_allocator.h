@@ -28,12 +28,15 @@ class PageAllocator {
   int64_t decref(const int32_t* pages, int64_t n);  // returns how many became free
 
  private:
-  void check_range(const int32_t* pages, int64_t n) const;
+  bool in_range(const int32_t* pages, int64_t n) const;
+  void check_range(const int32_t* pages, int64_t n) const;  // throws for the first bad page
+  bool has_duplicates(const int32_t* pages, int64_t n);
+  [[noreturn]] void decref_error(const int32_t* pages, int64_t n) const;
 
   int64_t n_;
   int64_t top_;
   std::vector<int32_t> ref_;    // [n + 1]
-  std::vector<int32_t> stack_;  // [n]
+  std::vector<int32_t> stack_;  // [n + 1]: one spare slot for decref's branch-free push
   std::vector<uint32_t> seen_;  // [n + 1] duplicate detection: the stamp of the last pass
   uint32_t stamp_ = 0;
 };

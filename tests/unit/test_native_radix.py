@@ -208,6 +208,52 @@ def test_native_allocator_matches_python_allocator(
     assert type(make_page_allocator(4, "python")) is PageAllocator
 
 
+@st.composite
+def _page_runs(draw: st.DrawFn, num_pages: int) -> list[int]:
+    """A page list as the engine makes them: runs of consecutive ids (up and down, some long
+    enough for the native allocator's contiguous path), loose pages, repeats, out-of-range."""
+    out: list[int] = []
+    for _ in range(draw(st.integers(0, 4))):
+        kind = draw(st.sampled_from(["up", "down", "loose", "repeat"]))
+        start = draw(st.integers(0, num_pages + 1))
+        length = draw(st.integers(1, 90))
+        if kind == "up":
+            out += range(start, min(start + length, num_pages + 2))
+        elif kind == "down":
+            out += range(start, max(start - length, -1), -1)
+        elif kind == "loose":
+            out += draw(st.lists(st.integers(1, num_pages), max_size=20))
+        elif out:
+            out += out[-draw(st.integers(1, len(out))):]
+    return out
+
+
+@settings(max_examples=300, deadline=None)
+@given(data=st.data(), num_pages=st.integers(20, 160))
+def test_native_allocator_matches_python_on_long_runs(data: st.DataObject, num_pages: int) -> None:
+    """Long lists (the native allocator's run path): same refcounts, free order and errors."""
+    py, nat = PageAllocator(num_pages), NativePageAllocator(num_pages)
+    held: list[np.ndarray] = []
+    for _ in range(data.draw(st.integers(1, 25))):
+        op = data.draw(st.sampled_from(["alloc", "incref", "decref", "release"]))
+        if op == "alloc":
+            n = data.draw(st.integers(0, num_pages))
+            a, b = _outcome(py.alloc_array, n), _outcome(nat.alloc_array, n)
+            assert a == b
+            if isinstance(a, list):
+                held.append(np.array(a, dtype=np.int32))
+        elif op == "release":  # a holder gives back what it got (often freeing it)
+            if not held:
+                continue
+            pages = held.pop(data.draw(st.integers(0, len(held) - 1)))
+            assert _outcome(py.decref, pages) == _outcome(nat.decref, pages)
+        else:
+            pages = np.array(data.draw(_page_runs(num_pages)), dtype=np.int32)
+            assert _outcome(getattr(py, op), pages) == _outcome(getattr(nat, op), pages), op
+        assert np.array_equal(py.refcounts(), nat.refcounts())
+        assert pl(py._stack[: py._top]) == pl(nat._core.free_stack()), "free stacks differ"
+
+
 def test_lock_of_evicted_node_and_dropped_namespace_root() -> None:
     cache = NativeRadixCache(PageAllocator(8), 1)
     pages = cache.allocator.alloc(2)

@@ -85,7 +85,7 @@ def build(
             f"{seq.rid}: {n} new tokens at {kv} but pages cover {len(page_ids) * ps} slots"
         )
         if n == 1:
-            add_slot(page_ids[kv // ps] * ps + kv % ps)
+            add_slot(int(page_ids[kv // ps]) * ps + kv % ps)  # an int32 array: as int
         else:
             slots.extend(pages.slots(kv, kv + n))
         if pending and id(seq) in pending:

@@ -136,8 +136,8 @@ def memory_seq(req: Req, ps: int, arrival: int) -> Sequence:
 
 
 def serve_memory(memory: SequenceMemory, seq: Sequence) -> int:
-    """The same request through the worker's own code (``SequenceMemory``, whose sequences
-    keep their pages as a Python list: lists are converted at each boundary)."""
+    """The same request through the worker's own code (``SequenceMemory``; a sequence holds
+    its pages as an int32 array, handed to the tree and the allocator without conversion)."""
     hit = memory.attach_prefix(seq, max_tokens=len(seq.prompt_ids) - 1)
     total = seq.num_tokens
     ok = memory.grow(seq, total)

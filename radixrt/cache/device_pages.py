@@ -76,7 +76,7 @@ class DevicePageTable:
         row = pages.row
         if row == 0:
             row = self._bind(pages)
-        if pages.synced < len(pages.pages) or pages.stale:
+        if pages.synced < pages.num_pages or pages.stale:
             self._stage_changes(pages, row)
         return row
 
@@ -91,7 +91,7 @@ class DevicePageTable:
         return row
 
     def _stage_changes(self, pages: SequencePages, row: int) -> None:
-        table, n = pages.pages, len(pages.pages)
+        table, n = pages.pages, pages.num_pages
         assert n <= self.max_pages, (
             f"a sequence holds {n} pages > the device page table's {self.max_pages} columns"
         )
@@ -99,11 +99,11 @@ class DevicePageTable:
         for j in pages.stale:
             if j < pages.synced:  # entries at or past the watermark are written below anyway
                 self._idx.append(base + j)
-                self._val.append(table[j])
+                self._val.append(int(table[j]))
         pages.stale = []
         start = min(pages.synced, n)
         self._idx.extend(range(base + start, base + n))
-        self._val.extend(table[start:n])
+        self._val.extend(table[start:n].tolist())
         pages.synced = n
 
     def release(self, row: int) -> None:

@@ -7,7 +7,7 @@ Token position ``p`` of the sequence lives in physical page ``pages[p // page_si
     pages         [  17   |   3     |   42  ]      -> slot(5) = 3*4 + 1 = 13
                                        ^^^ 2 wasted slots (reserved, not yet used)
 
-Holding a page id in ``pages`` == holding one allocator reference on it. Pages are allocated on
+Holding a page id in ``pages`` (an int32 array) == holding one allocator reference on it. Pages are allocated on
 demand as the sequence grows (never reserved up front for the maximum length), so at most the last
 page is partly filled.
 
@@ -32,19 +32,52 @@ if TYPE_CHECKING:
     from radixrt.cache.device_pages import DevicePageTable
 
 
+_NO_PAGES = np.zeros(0, dtype=np.int32)
+_NO_PAGES.setflags(write=False)
+
+
 class SequencePages:
-    """Page ids owned (one reference each) by one running sequence."""
+    """Page ids owned (one reference each) by one running sequence, as an int32 array.
+
+    ``pages`` is a view of the first ``num_pages`` entries of a buffer that grows
+    geometrically (appending a decode page copies nothing); pages cross to the allocator, the
+    tree and the device table as int32 arrays, never as Python ints."""
 
     def __init__(self, page_size: int) -> None:
         assert page_size >= 1, f"page_size must be >= 1, got {page_size}"
         self.page_size = page_size
-        self.pages: list[int] = []
+        self._buf: npt.NDArray[np.int32] = _NO_PAGES
+        self._n = 0
         self.num_tokens = 0  # tokens whose slots are reserved (prefix + computed + pending)
         # Device mirror (see the module docstring): the bound row, 0 = none.
         self.row = 0
         self.synced = 0
         self.stale: list[int] = []
         self._table: DevicePageTable | None = None
+
+    @property
+    def pages(self) -> npt.NDArray[np.int32]:
+        """The held page ids (a view: valid until the next append or release)."""
+        return self._buf[: self._n]
+
+    @pages.setter
+    def pages(self, value: Sequence[int] | npt.NDArray[np.integer]) -> None:
+        """Set the page list outright (pages given, not allocated: e.g. a one-off batch)."""
+        arr = np.array(value, dtype=np.int32).reshape(-1)
+        self._buf, self._n = arr, len(arr)
+
+    def _reserve(self, n: int) -> None:
+        if n > len(self._buf):
+            grown = np.empty(max(n, 2 * len(self._buf), 16), dtype=np.int32)
+            grown[: self._n] = self._buf[: self._n]
+            self._buf = grown
+
+    def append_pages(self, pages: Sequence[int] | npt.NDArray[np.integer]) -> None:
+        """Add pages whose references the caller hands over (e.g. a fork's private copy)."""
+        k = len(pages)
+        self._reserve(self._n + k)
+        self._buf[self._n : self._n + k] = pages
+        self._n += k
 
     def bind(self, table: DevicePageTable, row: int) -> None:
         """Called by ``DevicePageTable`` when it gives this sequence a row: nothing mirrored yet."""
@@ -53,12 +86,12 @@ class SequencePages:
 
     @property
     def num_pages(self) -> int:
-        return len(self.pages)
+        return self._n
 
     @property
     def capacity(self) -> int:
         """Token slots covered by the held pages."""
-        return len(self.pages) * self.page_size
+        return self._n * self.page_size
 
     @property
     def wasted_slots(self) -> int:
@@ -68,13 +101,15 @@ class SequencePages:
     def adopt_prefix(self, pages: Sequence[int] | npt.NDArray[np.int32],
                      allocator: PageAllocator) -> None:
         """Start the sequence with a cached prefix (e.g. ``MatchResult.pages``): one new
-        reference per page, ``num_tokens`` = the prefix's tokens."""
-        assert not self.pages, (
-            f"adopt_prefix on a sequence that already holds {self.num_pages} pages"
-        )
+        reference per page, ``num_tokens`` = the prefix's tokens. The pages are copied (the
+        caller's array may be another sequence's view)."""
+        assert self._n == 0, f"adopt_prefix on a sequence that already holds {self._n} pages"
         allocator.incref(pages)
-        self.pages = pages.tolist() if isinstance(pages, np.ndarray) else list(pages)
-        self.num_tokens = len(self.pages) * self.page_size
+        k = len(pages)
+        self._reserve(k + 1)  # + 1: the page the next token usually needs
+        self._buf[:k] = pages
+        self._n = k
+        self.num_tokens = k * self.page_size
         self.synced, self.stale = 0, []
 
     def ensure_capacity(self, total_tokens: int, allocator: PageAllocator) -> bool:
@@ -83,18 +118,18 @@ class SequencePages:
         Returns False (allocating nothing, state unchanged) if the allocator is short.
         """
         assert total_tokens >= 0, f"negative token count {total_tokens}"
-        needed = -(-total_tokens // self.page_size) - len(self.pages)
+        needed = -(-total_tokens // self.page_size) - self._n
         if needed > 0:
-            fresh = allocator.alloc(needed)
+            fresh = allocator.alloc_array(needed)
             if fresh is None:
                 return False
-            self.pages.extend(fresh)
+            self.append_pages(fresh)
         self.num_tokens = max(self.num_tokens, total_tokens)
         return True
 
     def slot(self, pos: int) -> int:
         assert 0 <= pos < self.capacity, f"position {pos} outside reserved {self.capacity} slots"
-        return self.pages[pos // self.page_size] * self.page_size + pos % self.page_size
+        return int(self._buf[pos // self.page_size]) * self.page_size + pos % self.page_size
 
     def slot_array(self, start: int, end: int) -> npt.NDArray[np.int64]:
         """Flat pool slots of positions ``start..end-1`` as an int64 array."""
@@ -102,8 +137,7 @@ class SequencePages:
             f"slots [{start}, {end}) outside reserved {self.capacity} slots"
         )
         pos = np.arange(start, end, dtype=np.int64)
-        table = np.asarray(self.pages, dtype=np.int64)
-        return table[pos // self.page_size] * self.page_size + pos % self.page_size  # type: ignore[no-any-return]
+        return self._buf[pos // self.page_size].astype(np.int64) * self.page_size + pos % self.page_size  # type: ignore[no-any-return]
 
     def slots(self, start: int, end: int) -> list[int]:
         return self.slot_array(start, end).tolist()  # type: ignore[no-any-return]
@@ -117,24 +151,22 @@ class SequencePages:
         never transiently drops to 0.
         """
         k = len(new_pages)
-        assert k <= len(self.pages), f"replacing {k} pages of a sequence holding {self.num_pages}"
-        old = np.asarray(self.pages[:k], dtype=np.int64)
-        new = np.asarray(new_pages, dtype=np.int64)
-        changed = old != new
-        if not changed.any():
+        assert k <= self._n, f"replacing {k} pages of a sequence holding {self._n}"
+        new = np.asarray(new_pages, dtype=np.int32)
+        idx = np.flatnonzero(self._buf[:k] != new)
+        if idx.size == 0:
             return 0
-        allocator.incref(new[changed])
-        freed = allocator.decref(old[changed])
-        self.pages[:k] = new.tolist()
+        allocator.incref(new[idx])
+        freed = allocator.decref(self._buf[idx])  # a fancy index: a copy, taken before the write
+        self._buf[idx] = new[idx]
         # Entries the device already has must be rewritten; those past the watermark will be.
-        idx = np.flatnonzero(changed)
         self.stale.extend(idx[idx < self.synced].tolist())
         return freed
 
     def release(self, allocator: PageAllocator) -> int:
         """Drop every page reference and the device row; returns how many pages became free."""
-        freed = allocator.decref(self.pages)
-        self.pages = []
+        freed = allocator.decref(self._buf[: self._n])
+        self._buf, self._n = _NO_PAGES, 0
         self.num_tokens = 0
         if self._table is not None:
             self._table.release(self.row)
@@ -142,4 +174,5 @@ class SequencePages:
         return freed
 
     def __repr__(self) -> str:
-        return f"SequencePages(num_tokens={self.num_tokens}, row={self.row}, pages={self.pages})"
+        return (f"SequencePages(num_tokens={self.num_tokens}, row={self.row}, "
+                f"pages={self.pages.tolist()})")

@@ -85,7 +85,8 @@ class SequenceMemory:
     def attach_prefix(self, seq: Sequence, max_tokens: int | None = None) -> int:
         """Start (or resume) a sequence on its longest cached prefix (at most ``max_tokens``
         tokens); returns matched tokens."""
-        assert not seq.pages.pages and seq.cache_handle is None, f"{seq.rid} already holds memory"
+        assert seq.pages.num_pages == 0 and seq.cache_handle is None, (
+            f"{seq.rid} already holds memory")
         tokens = seq.token_array()
         if max_tokens is not None:
             tokens = tokens[: max_tokens + 1]  # match_prefix leaves the last token uncached
@@ -236,11 +237,11 @@ class SequenceMemory:
             fresh = self.allocator.alloc(1)
             if fresh is None:
                 return False
-            self._copy_pages([parent.pages.pages[full]], fresh)
+            self._copy_pages([int(parent.pages.pages[full])], fresh)
         else:
             fresh = []
         child.pages.adopt_prefix(shared, self.allocator)
-        child.pages.pages.extend(fresh)
+        child.pages.append_pages(fresh)
         child.pages.num_tokens = parent.kv_len
         child.kv_len = parent.kv_len
         if parent.cache_handle is not None:
@@ -271,7 +272,7 @@ class SequenceMemory:
     def external_refs(seqs: Iterable[Sequence]) -> Counter[int]:
         refs: Counter[int] = Counter()
         for seq in seqs:
-            refs.update(seq.pages.pages)
+            refs.update(seq.pages.pages.tolist())
         return refs
 
     def check_invariants(self, seqs: Iterable[Sequence]) -> None:

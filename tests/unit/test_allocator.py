@@ -87,7 +87,7 @@ def test_slots_map_positions_to_page_offsets() -> None:
     alloc.alloc(3)  # make the sequence's pages non-contiguous with position
     seq = SequencePages(page_size=4)
     assert seq.ensure_capacity(10, alloc)
-    p = seq.pages
+    p = seq.pages.tolist()
     want = [p[i // 4] * 4 + i % 4 for i in range(10)]
     assert seq.slots(0, 10) == want
     assert [seq.slot(i) for i in range(10)] == want
@@ -102,9 +102,9 @@ def test_replace_prefix_pages_frees_duplicates() -> None:
     tree_pages = alloc.alloc(2) or []  # pages "the tree" holds for the same tokens
     seq = SequencePages(page_size=2)
     assert seq.ensure_capacity(5, alloc)  # 3 pages: first 2 duplicate the tree's
-    dups = seq.pages[:2]
+    dups = seq.pages[:2].tolist()  # a copy: pages is a live view
     assert seq.replace_prefix_pages(tree_pages, alloc) == 2
-    assert seq.pages[:2] == tree_pages
+    assert seq.pages[:2].tolist() == tree_pages
     assert all(alloc.refcount(p) == 0 for p in dups), "duplicates go back to the free list"
     assert all(alloc.refcount(p) == 2 for p in tree_pages), "tree + this sequence"
     assert seq.replace_prefix_pages(tree_pages, alloc) == 0, "same pages: nothing changes"
@@ -119,5 +119,5 @@ def test_adopt_prefix_and_release() -> None:
     assert seq.num_tokens == 32 and seq.wasted_slots == 0
     assert seq.ensure_capacity(33, alloc) and seq.num_pages == 3 and seq.wasted_slots == 15
     assert seq.release(alloc) == 1, "only the private page is freed; shared ones have a holder"
-    assert seq.pages == [] and seq.num_tokens == 0
+    assert seq.pages.tolist() == [] and seq.num_tokens == 0
     assert [alloc.refcount(p) for p in shared] == [1, 1]

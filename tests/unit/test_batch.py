@@ -90,7 +90,7 @@ def _advance(alloc: PageAllocator, seqs: list[Sequence]) -> None:
 def _assert_mirrored(table: DevicePageTable, seqs: list[Sequence]) -> None:
     for seq in seqs:
         n = seq.pages.num_pages
-        assert table.read_row(seq.pages.row)[:n] == seq.pages.pages, f"{seq.rid}: row out of date"
+        assert table.read_row(seq.pages.row)[:n] == seq.pages.pages.tolist(), f"{seq.rid}: row out of date"
 
 
 def test_decode_steps_write_only_the_pages_crossed_into():
@@ -168,7 +168,7 @@ def test_forked_and_retracted_sequences_get_rows_of_their_own():
     parent.kv_len += 1  # its prompt is in; now fork as memory.fork does
     child = _seq("c", parent.prompt_ids, ps)
     child.pages.adopt_prefix(parent.pages.pages[:2], alloc)
-    child.pages.pages.extend(alloc.alloc(1) or [])  # private copy of the partial last page
+    child.pages.append_pages(alloc.alloc(1) or [])  # private copy of the partial last page
     child.kv_len = parent.kv_len
     child.output_ids = list(parent.output_ids)
     for s in (parent, child):

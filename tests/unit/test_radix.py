@@ -162,10 +162,10 @@ def test_duplicate_pages_live_while_held_and_free_on_replace() -> None:
     a, b = Req(cache, toks), Req(cache, toks)  # both miss: they compute the same tokens
     assert a.matched == b.matched == 0
     assert a.insert() == 0
-    dups = b.seq.pages[:2]
+    dups = b.seq.pages[:2].tolist()  # a copy: pages is a live view
     # Insert without the dedupe step: the tree keeps a's pages, b's copies stay alive.
     res = cache.insert(toks[:4], dups, None)
-    assert res.num_existing == 4 and pl(res.pages) == a.seq.pages[:2] != dups
+    assert res.num_existing == 4 and pl(res.pages) == pl(a.seq.pages[:2]) != dups
     assert all(alloc.refcount(p) == 1 for p in dups), "the tree never adopts or frees them"
     cache.check_invariants(held(a, b))
     # Dedupe: b switches to the tree's pages, its duplicates go back to the free list.
@@ -188,7 +188,7 @@ def test_duplicates_freed_on_release_without_dedupe() -> None:
     cache = cache_with(16, 2)
     a, b = Req(cache, [1, 2, 3]), Req(cache, [1, 2, 3])
     a.insert()
-    dup = b.seq.pages[0]
+    dup = int(b.seq.pages[0])
     b.seq.release(cache.allocator)
     cache.unlock(b.handle)
     assert cache.allocator.refcount(dup) == 0

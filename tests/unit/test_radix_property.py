@@ -177,12 +177,12 @@ class RadixMachine(RuleBasedStateMachine):
         k = upto // self.ps
         span = req.tokens[: k * self.ps]
         existing = self._longest(req.ns, span, len(span))
-        want = self._model_pages(req.ns, span, existing) + req.seq.pages[existing // self.ps : k]
+        want = self._model_pages(req.ns, span, existing) + pl(req.seq.pages[existing // self.ps : k])
         res = self.cache.insert(span, req.seq.pages[:k], req.ns)
         assert res.num_existing == existing, f"{res.num_existing} existing, model {existing}"
         assert pl(res.pages) == want, "insert returned pages other than tree's + adopted"
         for i in range(existing + self.ps, len(span) + 1, self.ps):
-            self.model[req.ns][tuple(span[:i])] = req.seq.pages[i // self.ps - 1]
+            self.model[req.ns][tuple(span[:i])] = int(req.seq.pages[i // self.ps - 1])
         self._model_touch(req.ns, span, len(span))
         req.seq.replace_prefix_pages(res.pages, self.alloc)
         self.cache.lock(res.handle)

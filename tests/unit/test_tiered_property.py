@@ -17,6 +17,7 @@ prefix ever inserted fits the host tier, nothing may be lost: each one still mat
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -125,9 +126,10 @@ class TieredMachine(RuleBasedStateMachine):
         self._free_up(-(-total // self.ps) - seq.num_pages)
         return seq.ensure_capacity(total, self.alloc)
 
-    def _check_pages(self, pages: list[int], tokens: list[int], what: str, start: int = 0) -> None:
+    def _check_pages(self, pages: Sequence[int] | np.ndarray, tokens: list[int], what: str,
+                     start: int = 0) -> None:
         """``pages`` hold positions [start, start + len(pages) * ps) of ``tokens``."""
-        if not pages:
+        if len(pages) == 0:
             return
         vals = token_values(tokens[: start + len(pages) * self.ps])[start:]
         want = torch.tensor(vals, dtype=torch.float64)

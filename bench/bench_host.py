@@ -69,8 +69,8 @@ class Workload:
 
     def _grow(self, seq: Sequence, tokens: int) -> None:
         pages = seq.pages
-        while len(pages.pages) * PAGE < tokens:
-            pages.pages.append(self.next_page)
+        while pages.num_pages * PAGE < tokens:
+            pages.append_pages([self.next_page])
             self.next_page += 1
         pages.num_tokens = tokens
 

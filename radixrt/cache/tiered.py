@@ -186,7 +186,7 @@ class TieredRadixCache(RadixCache):
         for n in path:
             k = len(n.key) // self.page_size
             if not n.on_gpu:
-                gpu = np.asarray(pages[off : off + k], dtype=np.int32)
+                gpu = np.array(pages[off : off + k], dtype=np.int32)  # a copy, not a caller's view
                 self.allocator.incref(gpu)
                 self._to_gpu(n, gpu)
                 self._lru_add(n)  # a GPU leaf until the next node of the path joins the GPU

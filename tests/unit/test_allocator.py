@@ -6,6 +6,8 @@ import numpy as np
 import pytest
 
 from radixrt.cache import PageAllocator, SequencePages
+from radixrt.cache.native import make_page_allocator
+from tests.fixtures.radix_backends import BACKENDS
 
 
 def test_alloc_hands_out_pages_1_to_n_never_scratch_page() -> None:
@@ -121,3 +123,40 @@ def test_adopt_prefix_and_release() -> None:
     assert seq.release(alloc) == 1, "only the private page is freed; shared ones have a holder"
     assert seq.pages.tolist() == [] and seq.num_tokens == 0
     assert [alloc.refcount(p) for p in shared] == [1, 1]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_sequence_pages_are_an_int32_array_that_grows_in_place(backend: str) -> None:
+    alloc = make_page_allocator(64, backend)
+    seq = SequencePages(page_size=1)
+    got: list[int] = []
+    for total in range(1, 40):  # one page per token: many appends, a few buffer growths
+        assert seq.ensure_capacity(total, alloc)
+        got.append(int(seq.pages[-1]))
+        assert seq.pages.dtype == np.int32 and seq.pages.tolist() == got
+    assert got == list(range(1, 40)), "the allocator's order, page for page"
+    assert seq.release(alloc) == 39 and seq.num_pages == 0 and alloc.num_free == 64
+
+
+def test_adopted_prefix_is_a_copy_not_a_view_of_the_parent() -> None:
+    """A fork adopts a slice of the parent's pages; swapping the child's pages later (its
+    commit deduplicating against the tree) must not touch the parent's."""
+    alloc = PageAllocator(16)
+    parent = SequencePages(page_size=2)
+    assert parent.ensure_capacity(6, alloc)
+    before = parent.pages.tolist()
+    child = SequencePages(page_size=2)
+    child.adopt_prefix(parent.pages[:2], alloc)
+    child.append_pages(alloc.alloc(1) or [])
+    tree = alloc.alloc(2) or []
+    assert child.replace_prefix_pages(tree, alloc) == 0, "the parent still holds the old pages"
+    assert child.pages[:2].tolist() == tree
+    assert parent.pages.tolist() == before, "the parent's pages changed under it"
+    assert [alloc.refcount(p) for p in before[:2]] == [1, 1]
+
+
+def test_pages_setter_takes_a_list() -> None:
+    seq = SequencePages(page_size=4)
+    seq.pages = [7, 3, 9]  # given pages (a one-off batch), no allocator
+    assert seq.pages.dtype == np.int32 and seq.pages.tolist() == [7, 3, 9]
+    assert seq.num_pages == 3 and seq.slot(5) == 3 * 4 + 1

@@ -7,7 +7,8 @@
 # thread's ms per step by part as wall/cpu (wall >> cpu: it waited) and the fill threads' advance
 # + fill ms, with the syncs of the timed constrained steps counted; the same sweep on the CPU
 # with a stub forward (host section) and for the bare advance + fill of 256 matchers (masks);
-# compile times. A config "@ms" also sets Python's GIL switch interval for its run (fused:4@0.5).
+# compile times. A config "@ms" sets the GIL switch interval the fused path uses
+# (RADIXRT_GRAMMAR_SWITCH_INTERVAL_MS; default 0.5 ms; fused:default@5 = CPython's 5 ms).
 # Results under $OUT (grammar.json, bench_grammar.log).
 # GIL_PROBE=1 adds a run of the unfused path with tvm-ffi's GIL release off
 # (TVM_FFI_RELEASE_GIL_BY_DEFAULT=0, $OUT/gil_probe/): if its "grammar advance" drops to the bare
@@ -41,7 +42,7 @@ python3 -c "import xgrammar, msgspec" || { echo "xgrammar/msgspec missing: run b
 nvidia-smi --query-gpu=name,memory.total --format=csv 2>&1 | tee "$OUT/gpu.txt"
 timeout 120 python3 -m pytest -q -m gpu -p no:cacheprovider tests/kernels/test_token_bitmask.py 2>&1 \
   | tee "$OUT/kernel_tests.log" | tail -3
-CONFIGS="${CONFIGS:-unfused:default,fused:1,fused:2,fused:4,fused:8,fused:default,fused:4@0.5}"
+CONFIGS="${CONFIGS:-unfused:default,fused:1,fused:4,fused:8,fused:default,fused:default@5,fused:default@0.2,fused:8@0.2}"
 nproc | sed 's/^/cores: /' | tee -a "$OUT/gpu.txt"
 timeout 450 python3 bench/bench_grammar.py --sections gpu,host,masks,compile --tokenizer "${TOKENIZER:-.whl/tok}" \
   --batch "${BATCH:-256}" --steps "${STEPS:-50}" --device "${DEVICE:-cuda}" --preset "${PRESET:-llama3-8b}" \

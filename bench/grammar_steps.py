@@ -9,6 +9,7 @@ from __future__ import annotations
 import cProfile
 import io
 import json
+import os
 import pstats
 import sys
 import time
@@ -16,6 +17,8 @@ import warnings
 from typing import Any
 
 import torch
+
+from radixrt.constrained.batch import SWITCH_ENV
 
 # Forces a long output (for the decode-step comparison: every sequence keeps decoding).
 LONG = {"type": "object", "properties": {"text": {"type": "string", "minLength": 2000}},
@@ -189,8 +192,9 @@ _SWITCH_INTERVAL_S = sys.getswitchinterval()
 
 def parse_configs(text: str) -> list[Config]:
     """``fused:2,unfused:default,fused:4@0.5,...`` -> [(True, 2, None), (False, None, None),
-    (True, 4, 0.5), ...]; ``@ms`` sets sys.setswitchinterval for that run (how long a fill
-    thread may wait for the GIL while the scheduler thread runs Python; CPython's is 5 ms)."""
+    (True, 4, 0.5), ...]; ``@ms`` sets RADIXRT_GRAMMAR_SWITCH_INTERVAL_MS for that run (how
+    long a fill thread may wait for the GIL behind the scheduler thread's Python; CPython's
+    default is 5, the fused path's 0.5; unfused runs leave Python's as it is)."""
     out: list[Config] = []
     for part in text.split(","):
         spec, _, switch = part.strip().partition("@")
@@ -216,7 +220,12 @@ def use_config(grammars: Any, config: Config) -> None:
         grammars._masks.close()
         grammars._masks = None
     grammars.fused, grammars.fill_threads = config[0], config[1]
-    sys.setswitchinterval(config[2] / 1e3 if config[2] is not None else _SWITCH_INTERVAL_S)
+    # "@ms" through the engine's own knob (the fused MaskBuilder sets it); none: its default.
+    sys.setswitchinterval(_SWITCH_INTERVAL_S)
+    if config[2] is not None:
+        os.environ[SWITCH_ENV] = f"{config[2]:g}"
+    else:
+        os.environ.pop(SWITCH_ENV, None)
 
 
 def run_configs(core: Any, configs: list[Config], batch: int, steps: int, device: str,

@@ -11,7 +11,8 @@ Two ways to run the grammar work of a step (``RADIXRT_GRAMMAR_FUSED``, default o
 - unfused (the earlier path, kept to measure against): the scheduler thread advances every
   matcher, then xgrammar's batch matcher fills the mask with its own threads (it starts and
   joins a thread pool per call) on one helper thread.
-``RADIXRT_GRAMMAR_THREADS`` sets the thread count of either (default ``default_threads``).
+``RADIXRT_GRAMMAR_THREADS`` sets the thread count of either (default ``default_threads``);
+``RADIXRT_GRAMMAR_SWITCH_INTERVAL_MS`` the GIL switch interval the fused path sets (default 0.5).
 
 Rows without a grammar keep all-ones words. Host buffers are pinned, allocated once and used
 round-robin; an event after each buffer's non-blocking copy guards its reuse.
@@ -20,6 +21,7 @@ round-robin; an event after each buffer's non-blocking copy guards its reuse.
 from __future__ import annotations
 
 import os
+import sys
 import time
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -36,6 +38,11 @@ BATCH_FILL_MIN_ROWS = 8
 _RING = 2
 THREADS_ENV = "RADIXRT_GRAMMAR_THREADS"
 FUSED_ENV = "RADIXRT_GRAMMAR_FUSED"
+SWITCH_ENV = "RADIXRT_GRAMMAR_SWITCH_INTERVAL_MS"
+# A fill thread waits for the GIL until the scheduler thread's Python lets go of it, up to
+# Python's switch interval (5 ms by default) per wait, three waits a task: the fused path
+# lowers it for the process (idle fill threads compete for nothing, so it costs nothing then).
+DEFAULT_SWITCH_INTERVAL_MS = 0.5
 
 
 def bitmask_words(vocab_size: int) -> int:
@@ -64,6 +71,22 @@ def _env_fused() -> bool:
     if raw not in ("0", "1", "true", "false", "yes", "no", "on", "off"):
         raise ValueError(f"{FUSED_ENV} must be 0 or 1, got {raw!r}")
     return raw in ("1", "true", "yes", "on")
+
+
+def _env_switch_interval_ms() -> float | None:
+    """RADIXRT_GRAMMAR_SWITCH_INTERVAL_MS: ms, or "off" (leave Python's as it is)."""
+    raw = os.environ.get(SWITCH_ENV, "").strip().lower()
+    if raw == "off":
+        return None
+    if not raw:
+        return DEFAULT_SWITCH_INTERVAL_MS
+    try:
+        ms = float(raw)
+    except ValueError:
+        ms = -1.0
+    if not 0 < ms <= 1000:
+        raise ValueError(f"{SWITCH_ENV} must be milliseconds in (0, 1000] or off, got {raw!r}")
+    return ms
 
 
 def allowed_in_mask(host: torch.Tensor, rows: Sequence[int], tokens: Sequence[int]) -> list[bool]:
@@ -102,6 +125,9 @@ class MaskBuilder:
         self._stats = [FillStats() for _ in range(self.threads)]
         self._outstanding: list[Future[None]] = []
         if self.fused:
+            switch_ms = _env_switch_interval_ms()
+            if switch_ms is not None:
+                sys.setswitchinterval(switch_ms / 1e3)
             # One single-thread executor per shard: a shard's tasks always run on one thread,
             # in order (a matcher's advance precedes its fill without any lock).
             self._shards = [ThreadPoolExecutor(1, thread_name_prefix=f"radixrt-grammar{k}")
@@ -169,54 +195,52 @@ class MaskBuilder:
                           matchers: Sequence[Matcher | None], *,
                           queued: bool = False) -> PendingMask | None:
         """Fused path: advance each ``(matcher, token)`` of ``accepts``, then fill the mask of
-        ``matchers`` (a row whose matcher that advance ends allows everything), on the fill
-        threads. None: no row to fill (the advances still run: ``drain`` waits for them).
-        ``queued``: earlier advances may still be running on the fill threads; the fill goes
-        behind them (a matcher's work always runs on its own thread, in order), and whether a
-        row is done is decided there, after them."""
+        ``matchers``, on the fill threads. The tokens were drawn under the grammar's mask, so
+        the advance's outcome is known: the matchers' counts and flags are updated here, on
+        the caller's thread, and a fill thread only makes its two xgrammar calls (it needs
+        the GIL three times a task, and gets it only when the scheduler thread lets go of
+        it). A refusal after all (never: it would be a grammar/mask mismatch) marks the
+        matcher failed there. None: no row to fill (the advances still run: ``drain`` waits
+        for them). ``queued``: earlier grammar work may still be running; this goes behind
+        it (a matcher's work always runs on its own thread, in order)."""
         assert self.fused, "advance_and_start is the fused path"
         assert queued or not self._outstanding, "drain() before starting more grammar work"
-        idx = [i for i, m in enumerate(matchers) if m is not None and (queued or not m.done)]
+        for m, t in accepts:
+            m._record(t, True)
+        idx = [i for i, m in enumerate(matchers) if m is not None and not m.done]
         if not idx and not accepts:
             return None
-        if idx:
-            k, host = self._host(len(matchers))
-            free = [i for i, m in enumerate(matchers) if m is None or (not queued and m.done)]
-            if free:  # see _host_for
-                host[torch.tensor(free)] = -1
-        else:
-            k, host = -1, torch.empty(0)
+        k, host = self._host_for(matchers) if idx else (-1, torch.empty(0))
         n = self.threads
         acc: list[list[tuple[Matcher, int]]] = [[] for _ in range(n)]
-        rows: list[list[tuple[int, Matcher]]] = [[] for _ in range(n)]
+        rows: list[list[int]] = [[] for _ in range(n)]
         for m, t in accepts:
             acc[m.shard % n].append((m, t))
         for i in idx:
-            row = matchers[i]
-            assert row is not None
-            rows[row.shard % n].append((i, row))
+            rows[matchers[i].shard % n].append(i)  # type: ignore[union-attr]
+        tasks = [(s, [m for m, _ in acc[s]], [t for _, t in acc[s]],
+                  [matchers[i].raw for i in rows[s]], rows[s])  # type: ignore[union-attr]
+                 for s in range(n) if acc[s] or rows[s]]
         if len(idx) + len(accepts) < BATCH_FILL_MIN_ROWS and not self._outstanding:
-            self._run(0, [a for s in acc for a in s], [r for s in rows for r in s], host)
+            for task in tasks:
+                self._run(*task, host)
             futs: list[Future[None]] = []
         else:
-            futs = [self._shards[s].submit(self._run, s, acc[s], rows[s], host)
-                    for s in range(n) if acc[s] or rows[s]]
+            futs = [self._shards[t[0]].submit(self._run, *t, host) for t in tasks]
         self._outstanding = self._outstanding + futs
         return PendingMask(k, host, futs, matchers) if idx else None
 
-    def _run(self, shard: int, accepts: list[tuple[Matcher, int]],
-             rows: list[tuple[int, Matcher]], host: torch.Tensor) -> None:
+    def _run(self, shard: int, acc: list[Matcher], toks: list[int],
+             fill: list[xgr.GrammarMatcher], rows: list[int], host: torch.Tensor) -> None:
         t0, c0 = time.perf_counter(), time.thread_time()
-        if accepts:
-            Matcher.advance_batch([m for m, _ in accepts], [t for _, t in accepts])
+        if acc:
+            res = xgr.BatchGrammarMatcher.batch_accept_token([m.raw for m in acc], toks)
+            if not all(res):
+                for m, ok in zip(acc, res):
+                    m.failed = m.failed or not ok
         t1 = time.perf_counter()
-        live = [(i, m) for i, m in rows if not m.done]
-        for i, m in rows:
-            if m.done:  # ended by the token just accepted (a stop token or a refusal)
-                host[i] = -1
-        if live:
-            self._serial[shard].batch_fill_next_token_bitmask(
-                [m.raw for _, m in live], host, [i for i, _ in live])
+        if fill:
+            self._serial[shard].batch_fill_next_token_bitmask(fill, host, rows)
         st = self._stats[shard]
         st.accept_s += t1 - t0
         st.fill_s += time.perf_counter() - t1

@@ -22,7 +22,9 @@ def make(gpu_pages: int = 8, host_pages: int = 16, device: str = "cpu") -> Tiere
                   dtype=torch.float32, device=device)
     host = HostKVPool(num_pages=host_pages, num_layers=2, page_size=PS, num_kv_heads=1,
                       head_dim=4, dtype=torch.float32, pin=device != "cpu")
-    cache = make_prefix_cache(PageAllocator(gpu_pages), PS, True, PageTransfer(pool, host))
+    # The host tier runs on the Python tree only: say so, whatever $RADIXRT_RADIX_BACKEND is.
+    cache = make_prefix_cache(PageAllocator(gpu_pages), PS, True, PageTransfer(pool, host),
+                              backend="python")
     assert isinstance(cache, TieredRadixCache)
     return cache
 

@@ -13,6 +13,7 @@ from radixrt.cache.kv_pool import KVPool
 from radixrt.cache.prefix_cache import make_prefix_cache
 from radixrt.cache.tiered import TieredRadixCache
 from radixrt.cache.transfer import PageTransfer, page_runs
+from tests.fixtures.radix_backends import pl
 
 PS = 2
 
@@ -153,6 +154,25 @@ def test_insert_over_host_only_nodes_adopts_the_callers_pages() -> None:
     m = cache.match_prefix(a + [5, 6, 0])
     assert (m.length, m.host_length) == (6, 0) and m.pages == pages
     assert cache.stats().host_backup_pages == 2
+    cache.check_invariants({})
+
+
+def test_adopted_gpu_pages_are_a_copy_of_the_callers_array() -> None:
+    """A host-only node adopting a sequence's pages keeps its own copy: the sequence's buffer
+    is rewritten later (dedupe, release), the node's page ids must not follow it."""
+    cache = make()
+    a = [1, 2, 3, 4]
+    put(cache, a)
+    cache.allocator.decref(cache.evict(2))  # host-only now
+    seq = SequencePages(PS)
+    assert seq.ensure_capacity(len(a), cache.allocator)
+    mine = seq.pages.tolist()
+    res = cache.insert(a, seq.pages)  # adopts the sequence's pages as the node's GPU copy
+    assert pl(res.pages) == mine
+    seq.pages[:] = 0  # the sequence's buffer changes under the tree's feet
+    assert pl(cache.match_prefix(a + [0]).pages) == mine, "the node aliased the caller's buffer"
+    seq.pages = mine
+    seq.release(cache.allocator)
     cache.check_invariants({})
 
 

@@ -205,4 +205,6 @@ class TritonAttentionBackend(AttentionBackend):
             batch.page_size,
             batch.max_extend_len,
             self.scale,
+            # Known lengths let one short extend over a long prefix split its KV across programs.
+            max_seq_len=batch.max_seq_len,
         )

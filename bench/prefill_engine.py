@@ -103,7 +103,11 @@ def run_engine(args: argparse.Namespace) -> dict[str, Any]:
         write(args.out, "prefill_engine.json", res)
     if old_lens:
         new_fn = triton_backend.extend_attention
-        triton_backend.extend_attention = extend_attention_baseline  # type: ignore[assignment]
+        def old_kernel(*args: Any, max_seq_len: int | None = None, **kw: Any) -> Any:
+            # The previous kernel never splits KV, so the length the backend passes is unused.
+            return extend_attention_baseline(*args, **kw)
+
+        triton_backend.extend_attention = old_kernel  # type: ignore[assignment]
         try:
             ttft(core, "warmup-old", prompt(min(2 * args.chunk + 100, longest)))
             res["runs"] += [timed("old", n) for n in old_lens]

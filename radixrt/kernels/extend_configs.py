@@ -49,7 +49,13 @@ class ExtendConfig:
 
 
 # (padded head_dim, group, major capability) -> winner of the H200 sweep (bench/gpu_prefill.sh).
-TABLE: dict[tuple[int, int, int], ExtendConfig] = {}
+TABLE: dict[tuple[int, int, int], ExtendConfig] = {
+    # head_dim 128, GQA 4: run 1's winner (bench/recorded/h200_s4_prefill1: 36% / 47% / 55% of the
+    # matmul rate at 8x1024 / +1k prefix / 1x32k); run 3's default (4 stages) reached only 30-44%.
+    (128, 4, 9): ExtendConfig(128, 64, 4, 4, 3, True),
+    # head_dim 64, GQA 4: run 3's winner (bench/recorded/h200_s4_final: 52% at 1x32k).
+    (64, 4, 9): ExtendConfig(128, 64, 4, 8, 4, True),
+}
 
 # Extends of at least this many tokens run new x new on torch's SDPA (extend_dense.py); None:
 # never (the paged kernel does everything).

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 if TYPE_CHECKING:
+    from radixrt.cache.allocator import PageAllocator
     from radixrt.cache.radix import RadixCache
     from radixrt.cache.tiered import TieredRadixCache
 
@@ -83,18 +84,26 @@ def check_tree(cache: RadixCache, external_refs: Mapping[int, int] | None = None
     keys = sorted((n.last_access, n.id) for n in cache._lru_nodes.values())
     assert list(cache._lru) == keys, "LRU keys out of date with nodes' last_access"
 
+    audit_pages(cache.allocator, owner, external_refs, cache.evictable_pages, cache._locked_pages)
+
+
+def audit_pages(allocator: PageAllocator, owner: Mapping[int, int],
+                external_refs: Mapping[int, int] | None, evictable: int, locked: int) -> None:
+    """The page audit shared by the Python and the native tree: ``owner`` maps each page the
+    tree holds to its node; refcounts exact when ``external_refs`` is given, else only alive;
+    free + evictable + locked + private (held by sequences alone) == total."""
     if external_refs is not None:  # exact audit: every reference has a known holder
         holders = Counter(external_refs)
         holders.update(owner.keys())
-        cache.allocator.check_refcounts(holders, "tree + requests")
+        allocator.check_refcounts(holders, "tree + requests")
     else:
-        refs = cache.allocator.refcounts()
+        refs = allocator.refcounts()
         dead = [p for p in owner if refs[p] < 1]
         assert not dead, f"tree pages with refcount 0 (freed under the tree): {dead[:10]}"
-    private = cache.allocator.num_used - len(owner)
-    total = cache.allocator.num_free + cache.evictable_pages + cache._locked_pages + private
-    assert total == cache.allocator.num_total, (
-        f"free + evictable + locked + private = {total} != {cache.allocator.num_total} pages"
+    private = allocator.num_used - len(owner)
+    total = allocator.num_free + evictable + locked + private
+    assert total == allocator.num_total, (
+        f"free + evictable + locked + private = {total} != {allocator.num_total} pages"
     )
 
 

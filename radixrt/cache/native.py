@@ -14,7 +14,6 @@ tree with one log line giving the reason (backend.py). The host tier (``TieredRa
 
 from __future__ import annotations
 
-from collections import Counter
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, cast
 
@@ -23,6 +22,7 @@ import numpy.typing as npt
 
 from radixrt.cache.allocator import PageAllocator, PageIds, check_refcounts
 from radixrt.cache.backend import native_module, resolve_backend
+from radixrt.cache.invariants import audit_pages
 from radixrt.cache.node import (
     EMPTY,
     CacheStats,
@@ -316,15 +316,4 @@ class NativeRadixCache:
                 if external_refs is not None and lock_ref == 0:
                     assert external_refs.get(p, 0) == 0, (
                         f"page {p} of unlocked node {nid} is held by a running request")
-        if external_refs is not None:
-            holders = Counter(external_refs)
-            holders.update(owner.keys())
-            self.allocator.check_refcounts(holders, "tree + requests")
-        else:
-            refs = self.allocator.refcounts()
-            dead = [p for p in owner if refs[p] < 1]
-            assert not dead, f"tree pages with refcount 0 (freed under the tree): {dead[:10]}"
-        private = self.allocator.num_used - len(owner)
-        total = self.allocator.num_free + self.evictable_pages + self.locked_pages + private
-        assert total == self.allocator.num_total, (
-            f"free + evictable + locked + private = {total} != {self.allocator.num_total} pages")
+        audit_pages(self.allocator, owner, external_refs, self.evictable_pages, self.locked_pages)

@@ -14,7 +14,7 @@ tree with one log line giving the reason (backend.py). The host tier (``TieredRa
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any, cast
 
 import numpy as np
@@ -30,6 +30,7 @@ from radixrt.cache.node import (
     IntArray,
     MatchResult,
     Node,
+    NoLowerTier,
     TokenIds,
 )
 
@@ -193,7 +194,7 @@ class NativeChildren(Mapping[bytes, NativeNode]):
         return self._node._tree.child_keys(self._node._slot, self._node._nid)  # type: ignore[no-any-return]
 
 
-class NativeRadixCache:
+class NativeRadixCache(NoLowerTier):
     """``RadixCache`` on the native tree (GPU tier only); implements ``PrefixCache``."""
 
     tiered = False
@@ -243,18 +244,6 @@ class NativeRadixCache:
     def flush(self) -> IntArray:
         return self.evict(self.evictable_pages)
 
-    def start_load(self, match: MatchResult, alloc: Callable[[int], list[int] | None]) -> int:
-        assert not match.host_nodes, "a cache without a host tier matched host nodes"
-        return 0
-
-    def poll(self) -> None:
-        """Retire finished transfers (there are none without a lower tier)."""
-
-    def backup_ahead(self, num_pages: int) -> int:
-        return 0
-
-    def claim_loaded(self, handle: Node) -> int:
-        return 0
 
     # ------------------------------------------------------------------ accounting
     @property

@@ -12,7 +12,7 @@ followed by a host-only continuation.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -132,3 +132,21 @@ def as_tokens(tokens: TokenIds) -> IntArray:
         arr = np.fromiter(tokens, dtype=np.int32, count=len(tokens))
     assert arr.ndim == 1, f"tokens must be 1-D, got shape {arr.shape}"
     return arr
+
+
+class NoLowerTier:
+    """The lower-tier half of the PrefixCache interface for a cache with no tier below the GPU
+    (RadixCache, NativeRadixCache); TieredRadixCache overrides all four."""
+
+    def start_load(self, match: MatchResult, alloc: Callable[[int], list[int] | None]) -> int:
+        assert not match.host_nodes, "a cache without a host tier matched host nodes"
+        return 0
+
+    def poll(self) -> None:
+        """Retire finished transfers (there are none without a lower tier)."""
+
+    def backup_ahead(self, num_pages: int) -> int:
+        return 0
+
+    def claim_loaded(self, handle: Node) -> int:
+        return 0  # nothing is ever loaded

@@ -42,7 +42,7 @@ Reference semantics (the correctness core)
 from __future__ import annotations
 
 import itertools
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 from sortedcontainers import SortedList
@@ -55,6 +55,7 @@ from radixrt.cache.node import (
     IntArray,
     MatchResult,
     Node,
+    NoLowerTier,
     TokenIds,
 )
 from radixrt.cache.node import as_tokens as _as_tokens
@@ -65,7 +66,7 @@ __all__ = [
 ]  # fmt: skip
 
 
-class RadixCache:
+class RadixCache(NoLowerTier):
     """Prefix cache: radix tree of token prefixes -> KV pages, with LRU eviction.
 
     Implements ``radixrt.cache.prefix_cache.PrefixCache``."""
@@ -201,19 +202,6 @@ class RadixCache:
         self._evicted_pages += count
         return np.concatenate(released) if released else _EMPTY
 
-    # ------------------------------------------------------------------ lower tier (none here)
-    def start_load(self, match: MatchResult, alloc: Callable[[int], list[int] | None]) -> int:
-        assert not match.host_nodes, "a cache without a host tier matched host nodes"
-        return 0
-
-    def poll(self) -> None:
-        """Retire finished transfers (there are none without a lower tier)."""
-
-    def backup_ahead(self, num_pages: int) -> int:
-        return 0
-
-    def claim_loaded(self, handle: Node) -> int:
-        return 0  # nothing is ever loaded
 
     def flush(self) -> IntArray:
         """Drop every unlocked entry; returns the released GPU pages (the caller frees them)."""

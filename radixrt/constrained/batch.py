@@ -22,8 +22,9 @@ from __future__ import annotations
 
 import os
 import sys
+import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -105,6 +106,24 @@ class FillStats:
     fill_s: float = 0.0
     cpu_s: float = 0.0  # the threads' CPU time in both (wall above it: waiting, e.g. the GIL)
     tasks: int = 0
+    arrival_s: float = 0.0  # waiting for a step's tokens to land (advance_on_arrival)
+    arrivals: int = 0  # tasks that advanced on arrival
+
+
+class _Arrival:
+    """A step's drawn tokens on the host, waited for once, by the first fill thread to ask
+    (the others block on the lock, outside the GIL, rather than each spinning on the event)."""
+
+    def __init__(self, wait: Callable[[], np.ndarray]) -> None:
+        self._wait = wait
+        self._lock = threading.Lock()
+        self._tokens: np.ndarray | None = None
+
+    def tokens(self) -> np.ndarray:
+        with self._lock:
+            if self._tokens is None:
+                self._tokens = self._wait()
+            return self._tokens
 
 
 class MaskBuilder:
@@ -230,6 +249,40 @@ class MaskBuilder:
         self._outstanding = self._outstanding + futs
         return PendingMask(k, host, futs, matchers) if idx else None
 
+    def advance_on_arrival(self, pairs: Sequence[tuple[Matcher, int]],
+                           host_tokens: Callable[[], np.ndarray]) -> None:
+        """Fused path: advance each matcher of ``pairs`` by row ``r`` of the step's drawn
+        tokens as soon as they are on the host (``host_tokens`` blocks until then), on the
+        matcher's fill thread; the caller counts the accepts (``Matcher._record``) once it
+        has read the tokens itself. The next mask's fill queues behind it
+        (``advance_and_start(..., queued=True)``)."""
+        assert self.fused, "advance_on_arrival is the fused path"
+        assert not self._outstanding, "drain() before starting more grammar work"
+        n = self.threads
+        shards: list[list[tuple[Matcher, int]]] = [[] for _ in range(n)]
+        for m, r in pairs:
+            shards[m.shard % n].append((m, r))
+        arrival = _Arrival(host_tokens)
+        self._outstanding = [self._shards[k].submit(self._run_arrival, k, work, arrival)
+                             for k, work in enumerate(shards) if work]
+
+    def _run_arrival(self, shard: int, work: list[tuple[Matcher, int]],
+                     arrival: _Arrival) -> None:
+        t0 = time.perf_counter()
+        toks = arrival.tokens()[np.fromiter((r for _, r in work), np.int64, len(work))]
+        t1, c1 = time.perf_counter(), time.thread_time()
+        acc = [m for m, _ in work]
+        res = xgr.BatchGrammarMatcher.batch_accept_token([m.raw for m in acc], toks.tolist())
+        if not all(res):  # a token outside the mask: the caller's verdict fails it too
+            for m, ok in zip(acc, res):
+                m.failed = m.failed or not ok
+        st = self._stats[shard]
+        st.arrival_s += t1 - t0
+        st.accept_s += time.perf_counter() - t1
+        st.cpu_s += time.thread_time() - c1
+        st.tasks += 1
+        st.arrivals += 1
+
     def _run(self, shard: int, acc: list[Matcher], toks: list[int],
              fill: list[xgr.GrammarMatcher], rows: list[int], host: torch.Tensor) -> None:
         t0, c0 = time.perf_counter(), time.thread_time()
@@ -250,7 +303,7 @@ class MaskBuilder:
     @property
     def stats(self) -> FillStats:
         return FillStats(*(sum(getattr(s, f) for s in self._stats)
-                           for f in ("accept_s", "fill_s", "cpu_s", "tasks")))
+                           for f in ("accept_s", "fill_s", "cpu_s", "tasks", "arrival_s", "arrivals")))
 
     def drain(self) -> None:
         """Wait for the grammar work started last (a matcher is read or synced next)."""

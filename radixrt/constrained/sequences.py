@@ -22,11 +22,12 @@ from __future__ import annotations
 import os
 import time
 import weakref
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, wait
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import torch
 
 from radixrt.engine.outputs import SequenceDelta
@@ -42,12 +43,32 @@ if TYPE_CHECKING:
 
 DEFAULT_COMPILE_TIMEOUT_S = 10.0
 JUMP_FORWARD_ENV = "RADIXRT_GRAMMAR_JUMP_FORWARD"
-# A forced run shorter than this saves no step (its one token decodes as fast), so it is left
-# to the normal draw.
-MIN_JUMP_TOKENS = 2
+# 1 (default): a step's grammar advance starts before its tokens are on the host, the fill
+# threads waiting for them; 0: only once they are (``StepResults.advance_early``).
+WAIT_TOKENS_ENV = "RADIXRT_GRAMMAR_WAIT_TOKENS"
 SYNC_COMPILE_WAIT_S = 0.05
 # Errors that are the client's grammar, not the engine's fault: the router answers 400.
 GRAMMAR_ERROR_PREFIX = "invalid grammar: "
+
+
+@dataclass
+class ArrivingAdvance:
+    """An advance started before its tokens were on the host (``advance_on_arrival``)."""
+
+    grammars: SequenceGrammars
+    oks: list[bool]
+    check: list[tuple[int, Matcher]]
+    mask_rows: Sequence[int]
+    drawn: PendingMask | None
+
+    def settle(self, token_ids: Sequence[int]) -> list[bool]:
+        """Per row, whether the grammar accepts its token (``token_ids``: all the draw's);
+        accepts are counted here (the fill threads' advance touches only xgrammar)."""
+        toks = [int(token_ids[self.mask_rows[j]]) for j, _ in self.check]
+        for m, t in self.grammars._verdicts(self.oks, self.check, toks, self.mask_rows,
+                                            self.drawn):
+            m._record(t, True)
+        return self.oks
 
 
 @dataclass
@@ -85,6 +106,7 @@ class SequenceGrammars:
         self.fused: bool | None = fused
         # Jump-forward (off by default: see ``jump_forward``); counts for benchmarks / tests.
         self.jump_forward_enabled = os.environ.get(JUMP_FORWARD_ENV, "0") == "1"
+        self.wait_for_tokens = os.environ.get(WAIT_TOKENS_ENV, "1") != "0"
         self.jumps = 0
         self.jump_tokens = 0
 
@@ -293,17 +315,29 @@ class SequenceGrammars:
             pending = self.start_bitmask(nxt, nxt_live, ahead) if nxt is not None and \
                 nxt_live is not None else None
             return oks, pending
-        from radixrt.constrained.batch import allowed_in_mask
-
         self._drain()
+        oks, check = self._advancing_rows(seqs, mask_rows, drawn)
+        accepts = self._verdicts(oks, check, [int(tokens[j]) for j, _ in check], mask_rows,
+                                 drawn)
+        self._advancing = {id(seqs[j]): m for j, m in check}
+        rows: list[Matcher | None] = []
+        if nxt is not None and nxt_live is not None:
+            for seq, ok in zip(nxt, nxt_live):
+                m = self.matcher(seq) if ok else None  # in step: its token is not appended yet
+                rows.append(None if m is None or m.done else m)
+        return oks, masks.advance_and_start(accepts, rows)  # it counts the accepts
+
+    def _advancing_rows(self, seqs: Sequence[Seq], mask_rows: Sequence[int],
+                        drawn: PendingMask | None) -> tuple[list[bool], list[tuple[int, Matcher]]]:
+        """For a step's tokens (fused path): per row False if its grammar had ended (any
+        token is refused), and the (row, matcher) pairs whose token the mask decides."""
         oks = [True] * len(seqs)
         check: list[tuple[int, Matcher]] = []
         drawn_rows = drawn.matchers if drawn is not None else None
         for j, seq in enumerate(seqs):
             if seq.params.constraint is None:
                 continue
-            # The matcher that filled this row (no lookup); synced again only if its count
-            # moved (it never does between a draw and its tokens).
+            # The matcher that filled this row (no lookup); re-synced only if its count moved.
             m = drawn_rows[mask_rows[j]] if drawn_rows is not None else None
             if m is None or m.num_accepted != len(seq.output_ids):
                 m = self.matcher(seq)
@@ -314,21 +348,36 @@ class SequenceGrammars:
                 self.rejected_tokens += 1
             else:
                 check.append((j, m))
+        return oks, check
+
+    def _verdicts(self, oks: list[bool], check: Sequence[tuple[int, Matcher]],
+                  tokens: Sequence[int], mask_rows: Sequence[int],
+                  drawn: PendingMask | None) -> list[tuple[Matcher, int]]:
+        """The grammar's verdict on ``tokens`` (one per ``check`` pair) from the mask they
+        were drawn under, into ``oks`` and the refused matchers; returns the accepts."""
         if check and drawn is not None:
-            bits = allowed_in_mask(drawn.host, [mask_rows[j] for j, _ in check],
-                                   [int(tokens[j]) for j, _ in check])
+            from radixrt.constrained.batch import allowed_in_mask
+
+            bits = allowed_in_mask(drawn.host, [mask_rows[j] for j, _ in check], tokens)
             for (j, m), ok in zip(check, bits):
                 if not ok:
                     m.failed, oks[j] = True, False
                     self.rejected_tokens += 1
-        accepts = [(m, int(tokens[j])) for j, m in check if oks[j]]
+        return [(m, t) for (j, m), t in zip(check, tokens) if oks[j]]
+
+    def advance_on_arrival(self, seqs: Sequence[Seq], mask_rows: Sequence[int],
+                           drawn: PendingMask | None,
+                           host_tokens: Callable[[], np.ndarray]) -> ArrivingAdvance:
+        """Fused path, before a step's tokens are on the host: the fill threads wait for them
+        (``host_tokens``, all rows of the draw; ``seqs[j]``'s token is row ``mask_rows[j]``)
+        and advance the matchers the moment they land, while this thread plans and launches
+        the next step. ``ArrivingAdvance.settle`` then gives the verdicts, from the mask, once
+        the caller has read the tokens itself; ``start_queued`` fills behind the advance."""
+        self._drain()
+        oks, check = self._advancing_rows(seqs, mask_rows, drawn)
         self._advancing = {id(seqs[j]): m for j, m in check}
-        rows: list[Matcher | None] = []
-        if nxt is not None and nxt_live is not None:
-            for seq, ok in zip(nxt, nxt_live):
-                m = self.matcher(seq) if ok else None  # in step: its token is not appended yet
-                rows.append(None if m is None or m.done else m)
-        return oks, masks.advance_and_start(accepts, rows)
+        self.masks.advance_on_arrival([(m, mask_rows[j]) for j, m in check], host_tokens)
+        return ArrivingAdvance(self, oks, check, mask_rows, drawn)
 
     def start_queued(self, seqs: Sequence[Seq], live: Sequence[bool]) -> PendingMask | None:
         """``start_bitmask`` (fused path) while the advances begun by the last
@@ -345,48 +394,10 @@ class SequenceGrammars:
 
     def jump_forward(self, seqs: Sequence[Seq], live: Sequence[bool],
                      max_context_len: int) -> dict[int, list[int]]:
-        """Forced runs to append now, by sequence id: for each live constrained sequence whose
-        grammar forces at least ``MIN_JUMP_TOKENS`` tokens next (xgrammar's greedy longest
-        match of the forced text, the last token held back when a longer one could extend
-        it), the matcher accepts them here and the caller appends them to the output; the
-        next step computes them as one chunk instead of one decode step each.
-
-        Only when ``jump_forward_enabled`` (RADIXRT_GRAMMAR_JUMP_FORWARD=1), and never for a
-        request that asks for logprobs (forced tokens have none). Runs are cut to leave room
-        for one sampled token under max_new_tokens and the context. The caller's draw in
-        flight for such a sequence sampled the position the run now fills: it is dropped.
-
-        Why off by default: it costs one xgrammar call per constrained row per step on the
-        scheduler thread, and each jump makes the next step synchronous (the step launched
-        behind it would feed the dropped token); the tokens may also differ from what the
-        model would have picked for the same forced text (a different tokenization), so the
-        output after a jump can differ from a run without it (the text stays valid)."""
+        """Forced runs appended now, by sequence id (see ``jump.forced_runs``); {} when off."""
         if not self.jump_forward_enabled:
             return {}
+        from radixrt.constrained.jump import forced_runs
+
         self._drain()
-        out: dict[int, list[int]] = {}
-        for seq, ok in zip(seqs, live):
-            p = seq.params
-            if not ok or p.constraint is None or p.logprobs or p.top_logprobs:
-                continue
-            m = self.matcher(seq)
-            if m is None or m.done:
-                continue
-            room = min(p.max_new_tokens - len(seq.output_ids),
-                       max_context_len - seq.num_tokens) - 1
-            if room < MIN_JUMP_TOKENS:
-                continue
-            toks = [int(t) for t in m.raw.find_jump_forward_tokens()][:room]
-            if len(toks) < MIN_JUMP_TOKENS:
-                continue
-            taken = 0
-            for t in toks:
-                if not m.advance(t):  # never: xgrammar derived them from this state
-                    m.failed = False
-                    break
-                taken += 1
-            if taken:
-                out[id(seq)] = toks[:taken]
-                self.jumps += 1
-                self.jump_tokens += taken
-        return out
+        return forced_runs(self, seqs, live, max_context_len)

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from radixrt.constrained.sequences import SequenceGrammars
+from radixrt.constrained.sequences import ArrivingAdvance, SequenceGrammars
 
 if TYPE_CHECKING:
     from radixrt.constrained.batch import PendingMask
@@ -28,7 +28,7 @@ from radixrt.engine.memory import SequenceMemory
 from radixrt.engine.outputs import SequenceDelta
 from radixrt.engine.request import SeqStatus, Sequence
 from radixrt.engine.requests import RequestTable
-from radixrt.engine.sampler import PendingSample, SampleOutput, Sampler, SamplerRow
+from radixrt.engine.sampler import PendingSample, Sampler, SamplerRow
 from radixrt.engine.step_builder import StepBatch
 
 Work = list[tuple[Sequence, int]]  # (sequence, tokens it computes this step)
@@ -50,9 +50,8 @@ class InFlight:
     # Ids of sequences that jumped forward after this draw was queued: their sampled token
     # belongs to the position the forced run now fills, so it is dropped.
     dropped: frozenset[int] = frozenset()
-    # Read early (``advance_early``): the tokens, and the grammar verdict per running row.
-    resolved: SampleOutput | None = None
-    early: tuple[list[int], list[bool]] | None = None
+    # Advanced early (``advance_early``): the running rows, and their advance on the way.
+    early: tuple[list[int], ArrivingAdvance] | None = None
 
 
 def will_hit_length(seq: Sequence, extra: int, max_context_len: int) -> bool:
@@ -164,27 +163,27 @@ class StepResults:
                 [i for i in rows if id(flight.sampled[i]) in flight.dropped])
 
     def advance_early(self, flight: InFlight) -> None:
-        """At the start of a step, before the next one is planned: if a constrained step's
-        tokens are already on the host (the host is the slower side), read them and start the
-        grammar advance on the fill threads now, so it runs while this step is planned and
-        launched; ``complete`` then only fills the next masks behind it."""
+        """At the start of a step, before the next one is planned: start a constrained step's
+        grammar advance on the fill threads now (fused path), so it runs while this step is
+        planned and launched; they wait for the tokens to land if they are not on the host
+        yet (``grammars.wait_for_tokens``; else only if they are). ``complete`` then reads
+        the verdicts and fills the next masks behind the advance."""
         g = self.grammars
         if g is None or not flight.constrained or flight.pending is None or \
-                flight.resolved is not None or not g.masks.fused or not flight.pending.ready():
+                flight.early is not None or not g.masks.fused or \
+                not (g.wait_for_tokens or flight.pending.ready()):
             return
-        out = flight.resolved = flight.pending.resolve()
         rows, _ = self._live_rows(flight)
-        oks, _ = g.advance_and_start([flight.sampled[i] for i in rows],
-                                     [out.token_ids[i] for i in rows], rows, flight.drawn_mask,
-                                     None, None)
-        flight.early, flight.drawn_mask = (rows, oks), None
+        flight.early = (rows, g.advance_on_arrival([flight.sampled[i] for i in rows], rows,
+                                                   flight.drawn_mask, flight.pending.host_tokens))
+        flight.drawn_mask = None
 
     def complete(self, flight: InFlight) -> list[SequenceDelta]:
         deltas: list[SequenceDelta] = list(flight.done)
         self.draw(flight)
         if flight.pending is None:
             return deltas
-        out = flight.resolved if flight.resolved is not None else flight.pending.resolve()
+        out = flight.pending.resolve()
         rows, jumped = self._live_rows(flight)
         # Jumped rows: their forced run is appended already; report it, drop the draw.
         deltas.extend(flight.sampled[i].take_delta() for i in jumped)
@@ -196,7 +195,7 @@ class StepResults:
         fill_next = nxt is not None and nxt is not flight and not nxt.mask_started
         if self.grammars is not None and flight.early is not None:
             assert flight.early[0] == rows, "rows changed since advance_early"
-            oks = flight.early[1]
+            oks = flight.early[1].settle(out.token_ids)
             if fill_next and nxt is not None:
                 nxt.mask = self.grammars.start_queued(
                     nxt.sampled, [s.status is SeqStatus.RUNNING for s in nxt.sampled])

@@ -101,6 +101,16 @@ class PendingSample:
         """Whether ``resolve`` would return at once (the draw and its copies have run)."""
         return self._ready is None or bool(self._ready.query())
 
+    def host_tokens(self) -> np.ndarray:
+        """The drawn token ids on the host, waiting for this step's copy only; callable from
+        any thread (the wait releases the GIL): the grammar fill threads advance on them
+        while the scheduler thread still plans the next step."""
+        if self._ready is not None:
+            self._ready.synchronize()
+        tokens = self._get("tokens")
+        assert tokens is not None, "a pending sample always has tokens"
+        return tokens.numpy()
+
     def resolve(self) -> SampleOutput:
         """The host values (the one wait of a step)."""
         if self._ready is not None:

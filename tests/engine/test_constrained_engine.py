@@ -148,33 +148,47 @@ def test_slow_grammar_waits_outside_the_queue(llama_dir, monkeypatch):
 def test_fused_and_unfused_grammar_paths_agree(llama_dir, overlap, monkeypatch):
     """The fused path (fill threads advance and fill each shard) and the unfused one (the
     scheduler thread advances, xgrammar's pool fills) give the same tokens, for any thread
-    count, whether a step's tokens are already on the host when the next step is planned
-    (the advance starts early) or not (on the CPU they always are: "late" pretends half the
-    time they are not); enough rows that the shards run on their threads."""
+    count and however a step's tokens reach the host: at once (the CPU), late (``slow``: the
+    fill threads wait for them while the next step is planned, as on a GPU), or with the
+    early advance only for tokens already there (``ready``: half the time they are not);
+    enough rows that the shards run on their threads."""
+    import time
+
     from radixrt.engine.sampler import PendingSample
 
-    real_ready = PendingSample.ready
+    real_ready, real_tokens = PendingSample.ready, PendingSample.host_tokens
     flip = iter(range(10**6))
+
+    def slow_tokens(self):
+        time.sleep(0.002)  # the draw is still on the device
+        return real_tokens(self)
+
     schema_p = SamplingParams(temperature=1.0, seed=11, max_new_tokens=60, n=2,
                               json_schema=json.dumps(SCHEMA))
     regex_p = SamplingParams(temperature=0.0, max_new_tokens=20, regex=REGEX)
     params = [schema_p, regex_p, SamplingParams(temperature=0.0, max_new_tokens=8)] * 4
     got = {}
-    for fused, threads, late in ((False, 2, False), (True, 1, False), (True, 3, False),
-                                 (True, 3, True)):
+    for fused, threads, arrival in ((False, 2, "now"), (True, 1, "now"), (True, 3, "now"),
+                                    (True, 3, "slow"), (True, 3, "ready")):
         monkeypatch.setattr(PendingSample, "ready", (lambda self: next(flip) % 2 == 0 and
-                                                     real_ready(self)) if late else real_ready)
+                                                     real_ready(self)) if arrival == "ready"
+                            else real_ready)
+        monkeypatch.setattr(PendingSample, "host_tokens",
+                            slow_tokens if arrival == "slow" else real_tokens)
         eng = Engine(str(llama_dir), page_size=4, kv_cache_tokens=4096, overlap_schedule=overlap)
         grammars = eng.core.scheduler.results.grammars
         assert grammars is not None
         grammars.fused, grammars.fill_threads = fused, threads
+        grammars.wait_for_tokens = arrival != "ready"
         outs = eng.generate(_prompts(12), params)
         assert grammars.masks.fused is fused and grammars.masks.threads == threads
-        got[(fused, threads, late)] = [(c.token_ids, c.finish_reason) for o in outs
-                                       for c in o.outputs]
+        got[(fused, threads, arrival)] = [(c.token_ids, c.finish_reason) for o in outs
+                                          for c in o.outputs]
         if fused:
             assert grammars.masks.stats.tasks > 0, "no grammar work ran on the fill threads"
-    first = got[(False, 2, False)]
+        if fused and overlap:  # the early advance ran (in "ready", only when they were there)
+            assert grammars.masks.stats.arrivals > 0, "no advance started before the tokens"
+    first = got[(False, 2, "now")]
     assert all(v == first for v in got.values())
     assert sum(r == "stop" for _, r in first) >= 4
 

@@ -176,6 +176,43 @@ def test_mask_builder_ring_reuse_and_batch_fill(compiler: GrammarCompiler, tok: 
         assert torch.equal(got, ref), f"step {step}: rows differ from a fresh fill"
 
 
+def test_advance_on_arrival_waits_for_the_tokens(compiler: GrammarCompiler, tok: Any) -> None:
+    """The fused path's early advance: the fill threads wait for a step's tokens (here until
+    the test releases them), advance each matcher by its row of them, and the next mask,
+    queued behind, equals a fill after a plain advance; a token the grammar refuses fails
+    only its own matcher."""
+    import threading
+
+    import numpy as np
+
+    cg = compiler.compile(("regex", "[0-9]+x"))
+    digit, letter = (tok.encode(c, add_special_tokens=False)[0] for c in "7q")
+    ms, ref = [Matcher(cg, shard=i) for i in range(12)], [Matcher(cg) for _ in range(12)]
+    drawn = np.array([letter if i == 4 else digit for i in range(12)] + [0], dtype=np.int64)
+    builder = MaskBuilder(TINY_VOCAB, "cpu", threads=3, fused=True)
+    landed = threading.Event()
+
+    def host_tokens() -> np.ndarray:
+        assert landed.wait(10), "the test never released the tokens"
+        return drawn
+
+    order = list(range(12))[::-1]  # row i of the step draws row 11 - i of the tokens
+    builder.advance_on_arrival([(ms[i], 11 - i) for i in order], host_tokens)
+    assert builder.stats.arrivals == 0, "an advance ran before its tokens landed"
+    landed.set()
+    for i in order:
+        ms[i]._record(int(drawn[11 - i]), int(drawn[11 - i]) == digit)
+    got = builder.finish(builder.advance_and_start((), list(ms), queued=True))
+    builder.drain()  # the advances themselves
+    assert builder.stats.arrivals == 3
+    assert [m.failed for m in ms] == [i == 7 for i in range(12)]
+    for i, m in enumerate(ref):
+        assert m.advance(int(drawn[11 - i])) is (i != 7)
+    want = builder.finish(builder.start([None if m.done else m for m in ref]))
+    assert got is not None and want is not None and torch.equal(got, want)
+    builder.close()
+
+
 def test_advance_batch_matches_advance(compiler: GrammarCompiler, tok: Any) -> None:
     cg = compiler.compile(("regex", "[0-9]+"))
     one, batch = [Matcher(cg) for _ in range(3)], [Matcher(cg) for _ in range(3)]

@@ -1,18 +1,24 @@
 #!/usr/bin/env bash
 # On the GPU machine, from the repo root: install the FlashInfer wheels carried in .whl_fi/
 # (flashinfer-python 0.6.18.post1, JIT-only, + apache-tvm-ffi) into /tmp/fi_site, import
-# flashinfer, then run the gpu-marked FlashInfer backend tests. Usage (carry .whl_fi):
+# flashinfer, run the gpu-marked FlashInfer backend tests (prefill vs the torch reference; decode
+# eager and CUDA-graph replay, and cascade, vs our Triton decode), then the kernel bench
+# bench/bench_flashinfer_cascade.py (Triton per-request / Triton cascade / FlashInfer decode /
+# FlashInfer cascade at batch 256, 16x16 and 64x4 groups) -> $OUT/fi/fi_cascade.json.
+# Usage (carry .whl_fi and .whl):
 #   bash bench/gpu_flashinfer.sh        # log also goes to $OUT/flashinfer.log when OUT is set
 # The wheels hold no kernels: the first plan() JIT-compiles them with the machine's nvcc into
-# /tmp/fi_ws. Expect ~1-3 min on 16 cores for the two modules the tests need (FA3 sm90a prefill,
-# FA2 tensor-core decode); a rerun on the same warm machine reuses the cache (seconds).
+# /tmp/fi_ws. Expect ~1-3 min on 16 cores for the modules the tests need (FA3 sm90a prefill,
+# FA2 tensor-core decode, which the cascade's shared pass reuses, and the merge kernel); a
+# rerun on the same warm machine reuses the cache (seconds).
 # Make .whl_fi on the CPU side, from the repo root (21 MB; later releases exceed what a call
 # may carry):
 #   echo /.whl_fi/ >> .git/info/exclude
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 \
 #     --implementation cp --platform manylinux_2_28_x86_64 -d .whl_fi \
 #     flashinfer-python==0.6.18.post1 apache-tvm-ffi==0.1.13.post3
-# FI_BENCH=1: after the tests pass, also time the engine on FlashInfer (bench_engine.py).
+# FI_KERNEL_BENCH=0 skips the kernel bench; FI_BENCH=1 also times the engine on FlashInfer
+# (bench_engine.py; needs the engine's wheels). FI_TIMEOUT / FI_KBENCH_TIMEOUT: timeouts, s.
 # Each step reports its own failure; the script always exits 0.
 cd "$(dirname "$0")/.." || exit 0
 LOG=/dev/null
@@ -27,6 +33,8 @@ fi
 export PYTHONPATH="/tmp/fi_site:$PWD${PYTHONPATH:+:$PYTHONPATH}"
 # The engine itself needs msgspec / pyzmq (.whl, carried too).
 . bench/carried_wheels.sh && use_carried_wheels
+# .whl may carry a newer apache-tvm-ffi (xgrammar's): flashinfer gets the one pinned beside it.
+export PYTHONPATH="/tmp/fi_site:$PYTHONPATH"
 export FLASHINFER_CUDA_ARCH_LIST="9.0" MAX_JOBS="${MAX_JOBS:-$(nproc)}"   # 9.0 -> sm_90a
 export FLASHINFER_WORKSPACE_BASE=/tmp/fi_ws TVM_FFI_CACHE_DIR=/tmp/fi_ws/tvm-ffi
 unset TRITON_INTERPRET
@@ -63,11 +71,17 @@ if ! python3 -c 'import torch, flashinfer, tvm_ffi; print("flashinfer", flashinf
   say "FAILED: import flashinfer"; exit 0
 fi
 
-say "pytest (first run JIT-compiles; timeout ${FI_TIMEOUT:-400}s)"
+say "pytest (first run JIT-compiles; timeout ${FI_TIMEOUT:-240}s)"
 start=$SECONDS
-timeout "${FI_TIMEOUT:-400}" python3 -m pytest -q -rs -m gpu -p no:cacheprovider tests/unit/test_flashinfer_backend.py
+timeout "${FI_TIMEOUT:-240}" python3 -m pytest -q -rs -m gpu -p no:cacheprovider tests/unit/test_flashinfer_backend.py
 rc=$?
 say "pytest rc=$rc in $((SECONDS - start))s$([ $rc -eq 124 ] && echo ' (TIMED OUT: rerun on the warm machine resumes the JIT from /tmp/fi_ws)')"
+if [ "${FI_KERNEL_BENCH:-1}" = 1 ]; then
+  say "bench_flashinfer_cascade.py (timeout ${FI_KBENCH_TIMEOUT:-150}s)"
+  start=$SECONDS
+  timeout "${FI_KBENCH_TIMEOUT:-150}" python3 bench/bench_flashinfer_cascade.py --out "${OUT:-/tmp}/fi"
+  say "kernel bench rc=$? in $((SECONDS - start))s"
+fi
 if [ "${FI_BENCH:-0}" = 1 ] && [ $rc -eq 0 ]; then
   say "bench_engine.py with --attention-backend flashinfer (decode, e2e; eager: no CUDA graphs)"
   timeout "${FI_BENCH_TIMEOUT:-240}" python3 bench/bench_engine.py --attention-backend flashinfer \

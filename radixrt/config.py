@@ -112,8 +112,6 @@ class EngineConfig:
              f"must be 'auto', 'on' or 'off', got {self.cascade_decode!r}")
         need(self.cascade_decode != "on" or not self.deterministic_inference, "cascade_decode",
              "'on' is not batch-invariant: it cannot be combined with deterministic_inference")
-        need(self.cascade_decode != "on" or self.attention_backend in ("auto", "torch", "triton"),
-             "cascade_decode", f"'on' needs the triton or torch backend, not {self.attention_backend!r}")
         need(self.cascade_min_shared_pages >= 1, "cascade_min_shared_pages", "must be >= 1")
         need(self.cascade_min_group >= 2, "cascade_min_group", "must be >= 2")
         need(self.load_format in ("auto", "safetensors", "gguf", "dummy"), "load_format",

@@ -25,6 +25,9 @@ class AttentionBackend(ABC):
     # Set when decode steps may carry shared-prefix groups (``ForwardBatch.cascade``) for this
     # backend to read once per group; None: the step builder computes no grouping.
     cascade_policy: CascadePolicy | None = None
+    # Whether decode steps carrying groups can be captured too; False: they run eagerly while
+    # steps without groups keep their graphs.
+    cascade_in_cuda_graph = True
 
     def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float) -> None:
         assert num_heads % num_kv_heads == 0, "query heads must be a multiple of KV heads (GQA)"
@@ -32,6 +35,11 @@ class AttentionBackend(ABC):
         self.num_kv_heads = num_kv_heads
         self.head_dim = head_dim
         self.scale = scale
+
+    def prepare_graph_sizes(self, sizes: list[int]) -> None:
+        """Told once, before capture, which decode batch sizes get CUDA graphs (a backend with
+        fixed-size per-graph state sets it up for these)."""
+        return None  # most backends keep no per-size state
 
     @abstractmethod
     def prepare(self, batch: ForwardBatch) -> None:

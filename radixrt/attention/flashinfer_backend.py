@@ -2,8 +2,8 @@
 
 The pool's per-layer tensors ``[num_pages + 1, page_size, kv_heads, head_dim]`` are FlashInfer's
 "NHD" paged layout, so the kernels read the pool in place. Per step, the requests' rows of the
-device page table turn into FlashInfer's CSR page lists, gathered on the device (no host sync:
-the total page count comes from the host's sequence lengths):
+device page table turn into FlashInfer's CSR page lists (attention/flashinfer_plan.py): lengths
+from the host's sequence lengths, page ids gathered on the device, so planning never syncs::
 
     page_table  row 4 [7, 3, 9]   req_rows [4, 1]   seq_lens [20, 9]  (page_size 16)
                 row 1 [5, 2, 6]   (entries past a request's last page are stale)
@@ -12,47 +12,38 @@ the total page count comes from the host's sequence lengths):
     last_page   [4, 9]            tokens in each request's last page
 
 FlashInfer aligns the causal mask to the end of each request's KV (query j of an extend of length
-E over L keys sees keys 0 .. L - E + j), which is our prefix + j rule. CUDA graphs are not used
-with this backend (its plan() rebuilds device metadata each step).
+E over L keys sees keys 0 .. L - E + j), which is our prefix + j rule.
+
+CUDA graphs (decode): ``prepare_graph_sizes`` names the batch sizes the runner captures; each gets
+its own ``BatchDecodeWithPagedKVCacheWrapper(use_cuda_graph=True)`` over fixed indptr /
+last_page_len buffers and one shared page-id buffer (FlashInfer fixes a graph wrapper's batch
+size). ``prepare`` runs the wrapper's plan outside the graph, before each replay: it copies the
+step's lists into those buffers and rewrites the plan (work split) in the wrapper's fixed int
+workspace, which the captured kernels read; graph mode keeps the grid fixed whatever the lengths.
+
+Cascade decode (``cascade`` set, steps carrying groups): attention/flashinfer_cascade.py, eager.
 """
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import torch
 
 from radixrt.attention.base import AttentionBackend
+from radixrt.attention.flashinfer_cascade import FlashInferCascade
+from radixrt.attention.flashinfer_plan import PinnedRing, cascade_layout, decode_level, stage_level
 
 if TYPE_CHECKING:
     from radixrt.cache.kv_pool import KVPool
     from radixrt.engine.batch import ForwardBatch
+    from radixrt.engine.cascade_groups import CascadePolicy
 
 WORKSPACE_BYTES = 128 << 20
 
 
-def paged_kv_csr(
-    page_table: torch.Tensor,  # [R, max_pages] int32
-    req_rows: torch.Tensor,  # [B] int32
-    seq_lens: torch.Tensor,  # [B] int32
-    page_size: int,
-    total_pages: int,  # sum of ceil(seq_len / page_size), from the host's lengths
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(kv_indptr [B+1], kv_indices [total_pages], kv_last_page_len [B]), all int32."""
-    dev = page_table.device
-    num_pages = (seq_lens.long() + page_size - 1) // page_size  # [B]
-    indptr = torch.zeros(num_pages.numel() + 1, dtype=torch.long, device=dev)
-    indptr[1:] = torch.cumsum(num_pages, 0)
-    # output_size keeps repeat_interleave from reading the counts back to the host.
-    owner = torch.repeat_interleave(torch.arange(num_pages.numel(), device=dev), num_pages,
-                                    output_size=total_pages)  # [total_pages]
-    col = torch.arange(total_pages, device=dev) - indptr[owner]
-    indices = page_table[req_rows.long()[owner], col]  # request 0's pages, then 1's, ...
-    last = (seq_lens.long() - (num_pages - 1) * page_size).to(torch.int32)
-    return indptr.to(torch.int32), indices, last
-
-
-def _import_flashinfer() -> Any:
+def import_flashinfer() -> Any:
     try:
         import flashinfer  # type: ignore[import-not-found]
     except ImportError as exc:
@@ -64,7 +55,8 @@ def _import_flashinfer() -> Any:
 
 
 class FlashInferBackend(AttentionBackend):
-    supports_cuda_graph = False
+    supports_cuda_graph = True
+    cascade_in_cuda_graph = False  # see flashinfer_cascade.py
 
     def __init__(
         self,
@@ -75,32 +67,107 @@ class FlashInferBackend(AttentionBackend):
         *,
         device: torch.device | str = "cuda",
         dtype: torch.dtype = torch.bfloat16,
+        max_batch_size: int = 256,
+        max_context_len: int = 8192,
+        cascade: CascadePolicy | None = None,
     ) -> None:
         super().__init__(num_heads, num_kv_heads, head_dim, scale)
-        flashinfer = _import_flashinfer()
+        self._fi = import_flashinfer()
+        self.device = torch.device(device)
         self.dtype = dtype
-        self.workspace = torch.empty(WORKSPACE_BYTES, dtype=torch.uint8, device=device)
-        self.prefill = flashinfer.BatchPrefillWithPagedKVCacheWrapper(self.workspace, "NHD")
-        self.decode = flashinfer.BatchDecodeWithPagedKVCacheWrapper(
-            self.workspace, "NHD", use_tensor_cores=num_heads // num_kv_heads >= 4
-        )
-        self._active: Any = None
+        self.max_batch_size = max_batch_size
+        self.max_context_len = max_context_len
+        # FlashInfer's split-KV partials; zeroed as its docs ask for the first use.
+        self.workspace = torch.zeros(WORKSPACE_BYTES, dtype=torch.uint8, device=self.device)
+        # Tensor-core decode (the prefill kernel with one query per request) wins once a KV
+        # head serves >= 4 query heads.
+        self.use_tensor_cores = num_heads // num_kv_heads >= 4
+        self.prefill = self._fi.BatchPrefillWithPagedKVCacheWrapper(self.workspace, "NHD")
+        self.decode = self._fi.BatchDecodeWithPagedKVCacheWrapper(
+            self.workspace, "NHD", use_tensor_cores=self.use_tensor_cores)
+        self._graph_sizes: set[int] = set()
+        self._graph_decode: dict[int, Any] = {}  # batch size -> its cuda-graph wrapper
+        self._graph_indices: torch.Tensor | None = None  # page ids, shared by those wrappers
+        # Cascade steps stage the most: (own + shared level) entries, the permutation, qo_indptr.
+        self._ring = PinnedRing(12 * max_batch_size + 64, self.device)
+        self._planned: dict[int, torch.cuda.Event] = {}  # id(wrapper) -> after its last plan
+        self.cascade_policy = cascade
+        self._cascade = None if cascade is None else FlashInferCascade(
+            self._fi, self.workspace, num_heads=num_heads, num_kv_heads=num_kv_heads,
+            head_dim=head_dim, scale=scale, dtype=dtype, use_tensor_cores=self.use_tensor_cores)
+        self._active: Any = None  # the wrapper (or cascade) forward() runs
+
+    def prepare_graph_sizes(self, sizes: list[int]) -> None:
+        self._graph_sizes = set(sizes)
+
+    def _graph_wrapper(self, batch: ForwardBatch, total_pages: int) -> Any:
+        """The batch size's cuda-graph wrapper (made on first use), or None when the size is not
+        captured. A captured size must not fall back to another wrapper (its graph would replay
+        a stale plan), so a step too large for the shared page-id buffer is an error."""
+        size = batch.batch_size
+        if size not in self._graph_sizes:
+            return None
+        if self._graph_indices is None:  # sized on first use, when the page size is known
+            per_seq = max(batch.page_table.shape[1], -(-self.max_context_len // batch.page_size))
+            self._graph_indices = torch.zeros(max(self._graph_sizes) * per_seq,
+                                              dtype=torch.int32, device=self.device)
+        if total_pages > self._graph_indices.numel():
+            raise ValueError(f"decode step of {size} requests reads {total_pages} pages; the "
+                             f"CUDA-graph page list holds {self._graph_indices.numel()} "
+                             f"(max_context_len {self.max_context_len})")
+        wrapper = self._graph_decode.get(size)
+        if wrapper is None:
+            wrapper = self._graph_decode[size] = self._fi.BatchDecodeWithPagedKVCacheWrapper(
+                self.workspace, "NHD", use_cuda_graph=True,
+                use_tensor_cores=self.use_tensor_cores,
+                paged_kv_indptr_buffer=torch.zeros(size + 1, dtype=torch.int32,
+                                                   device=self.device),
+                paged_kv_indices_buffer=self._graph_indices,
+                paged_kv_last_page_len_buffer=torch.zeros(size, dtype=torch.int32,
+                                                          device=self.device))
+        return wrapper
+
+    def _plan(self, wrapper: Any, *args: Any, **kwargs: Any) -> None:
+        """``wrapper.plan``, after the copies of its previous plan have run: FlashInfer stages
+        the plan in a pinned buffer of the wrapper's and copies it asynchronously."""
+        done = self._planned.get(id(wrapper))
+        if done is not None:
+            done.synchronize()
+        wrapper.plan(*args, **kwargs)
+        if self.device.type == "cuda":
+            done = done or torch.cuda.Event()
+            done.record()
+            self._planned[id(wrapper)] = done
 
     def prepare(self, batch: ForwardBatch) -> None:
         ps = batch.page_size
-        total = sum(-(-n // ps) for n in batch.seq_lens_cpu)
-        indptr, indices, last = paged_kv_csr(batch.page_table, batch.req_rows, batch.seq_lens, ps,
-                                             total)
-        shape = (self.num_heads, self.num_kv_heads, self.head_dim, batch.page_size)
-        if batch.is_decode:
-            self.decode.plan(indptr, indices, last, *shape, sm_scale=self.scale,
-                             q_data_type=self.dtype, kv_data_type=self.dtype)
-            self._active = self.decode
+        seq_lens = np.asarray(batch.seq_lens_cpu, dtype=np.int64)
+        rows = np.asarray(batch.req_rows_cpu, dtype=np.int64)
+        ring = self._ring
+        ring.begin()
+        dims = (self.num_heads, self.num_kv_heads, self.head_dim, ps)
+        types = dict(sm_scale=self.scale, q_data_type=self.dtype, kv_data_type=self.dtype)
+        layout = None
+        if batch.is_decode and self._cascade is not None and batch.cascade is not None:
+            layout = cascade_layout(batch.cascade, seq_lens, rows, ps)
+        if layout is not None:
+            assert self._cascade is not None
+            self._cascade.plan(layout, batch.page_table, ps, ring, self._plan)
+            self._active = self._cascade
         else:
-            self.prefill.plan(batch.qo_indptr, indptr, indices, last, *shape, causal=True,
-                              sm_scale=self.scale, q_data_type=self.dtype,
-                              kv_data_type=self.dtype)
-            self._active = self.prefill
+            level = decode_level(seq_lens, rows, ps)
+            staged = stage_level(level, ring, batch.page_table)
+            csr = (staged.kv_indptr, staged.kv_indices, staged.last_page_len)
+            if batch.is_decode:
+                graph = self._graph_wrapper(batch, level.total_pages)
+                self._active = self.decode if graph is None else graph
+                self._plan(self._active, *csr, *dims, **types)
+            else:
+                qo_indptr = np.zeros(batch.batch_size + 1, dtype=np.int64)
+                np.cumsum(batch.extend_lens_cpu, out=qo_indptr[1:])
+                self._plan(self.prefill, ring.put(qo_indptr), *csr, *dims, causal=True, **types)
+                self._active = self.prefill
+        ring.end()
 
     def forward(
         self,
@@ -113,5 +180,10 @@ class FlashInferBackend(AttentionBackend):
     ) -> torch.Tensor:  # [T, Hq, D]
         assert self._active is not None, "prepare() must run before forward()"
         pool.store(layer_id, batch.out_slots, k, v)
-        out = self._active.run(q.contiguous(), (pool.k(layer_id), pool.v(layer_id)))
-        return out  # type: ignore[no-any-return]
+        return self.attend(q, (pool.k(layer_id), pool.v(layer_id)))
+
+    def attend(self, q: torch.Tensor,
+               kv: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:  # [T, Hq, D]
+        """The attention of ``forward`` over a paged layer already holding the step's K/V
+        (benchmarks call it directly)."""
+        return self._active.run(q.contiguous(), kv)  # type: ignore[no-any-return]

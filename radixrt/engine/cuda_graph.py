@@ -10,7 +10,8 @@ replay copies only the per-request vectors. Padding rows point at the table's sc
 
 With a cascade backend every size is captured twice: without groups, and with (the backend's
 fixed cascade buffers hold the step's grouping, written by ``prepare`` before the replay; padding
-rows are in no group). A step carrying groups replays the second.
+rows are in no group). A step carrying groups replays the second; with a backend that cannot
+capture grouped steps (``cascade_in_cuda_graph`` False) it runs eagerly instead.
 """
 
 from __future__ import annotations
@@ -67,11 +68,18 @@ class DecodeGraphs:
         self.graphs: dict[tuple[int, bool], torch.cuda.CUDAGraph] = {}
         self.outputs: dict[tuple[int, bool], torch.Tensor] = {}
         policy = backend.cascade_policy
-        self.modes = [False] if policy is None else [False, True]
+        self.modes = [False, True] if policy is not None and backend.cascade_in_cuda_graph else [False]
+        backend.prepare_graph_sizes(self.sizes)
         self._min_group = policy.min_group if policy is not None else 0
         self.mempool: Any = None
 
-    def _static_batch(self, size: int, cascade: CascadeGroups | None = None) -> ForwardBatch:
+    def _static_batch(self, size: int, cascade: CascadeGroups | None = None,
+                      real: ForwardBatch | None = None) -> ForwardBatch:
+        # Host lengths and rows of the ``real`` batch copied in (padding: length 1, row 0), for a
+        # backend whose prepare plans from them (FlashInfer).
+        pad = [0] * (size - (real.batch_size if real is not None else 0))
+        prefix = (real.prefix_lens_cpu if real is not None else []) + pad
+        rows = (real.req_rows_cpu if real is not None else []) + pad
         return ForwardBatch(
             input_ids=self.input_ids[:size], positions=self.positions[:size],
             qo_indptr=self.qo_indptr[: size + 1], prefix_lens=self.prefix_lens[:size],
@@ -80,7 +88,7 @@ class DecodeGraphs:
             out_slots=self.out_slots[:size], logits_indices=self.logits_indices[:size],
             page_size=self.page_size, is_decode=True, max_extend_len=1,
             max_seq_len=self.table.max_pages * self.page_size, extend_lens_cpu=[1] * size,
-            prefix_lens_cpu=[0] * size, req_rows_cpu=[0] * size, cascade=cascade,
+            prefix_lens_cpu=prefix, req_rows_cpu=rows, cascade=cascade,
         )
 
     def _run_model(self, batch: ForwardBatch) -> torch.Tensor:
@@ -125,6 +133,7 @@ class DecodeGraphs:
         return (
             batch.is_decode and batch.batch_size <= self.max_batch
             and batch.page_table is self.table.table and bool(self.graphs)
+            and (batch.cascade is None or self.backend.cascade_in_cuda_graph)
         )
 
     def run(self, batch: ForwardBatch) -> torch.Tensor:
@@ -140,7 +149,7 @@ class DecodeGraphs:
         if size > bsz:
             self._reset_rows(bsz, size)
         key = (size, batch.cascade is not None and (size, True) in self.graphs)
-        self.backend.prepare(self._static_batch(size, batch.cascade if key[1] else None))
+        self.backend.prepare(self._static_batch(size, batch.cascade if key[1] else None, batch))
         self.graphs[key].replay()
         return self.outputs[key][:bsz]
 

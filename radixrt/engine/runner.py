@@ -33,6 +33,8 @@ def cascade_policy(config: EngineConfig) -> CascadePolicy | None:
     mode = config.cascade_decode
     backend = config.attention_backend
     if mode == "auto":
+        # FlashInfer's cascade runs eagerly (attention/flashinfer_cascade.py): auto keeps its
+        # decode graphs instead.
         on_triton = backend == "triton" or (backend == "auto" and config.device != "cpu")
         mode = "on" if (CASCADE_AUTO_ON_CUDA and config.device != "cpu" and on_triton
                         and not config.deterministic_inference) else "off"
@@ -61,13 +63,12 @@ def make_attention_backend(
                                       max_batch_size=max(max_batch, 1),
                                       deterministic=deterministic,
                                       max_context_len=max_context_len, cascade=cascade)
-    if cascade is not None:
-        raise ValueError(f"cascade decode needs the triton or torch attention backend, not {name!r}")
     if name == "flashinfer":
         from radixrt.attention.flashinfer_backend import FlashInferBackend
 
         return FlashInferBackend(num_heads, num_kv_heads, head_dim, scale, device=device,
-                                 dtype=dtype)
+                                 dtype=dtype, max_batch_size=max(max_batch, 1),
+                                 max_context_len=max_context_len, cascade=cascade)
     raise ValueError(f"unknown attention backend {name!r}")
 
 

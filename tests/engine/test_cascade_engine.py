@@ -122,7 +122,7 @@ def test_config_rejects_cascade_it_cannot_run():
     with pytest.raises(ValueError, match="cascade_decode"):
         EngineConfig(cascade_decode="sometimes")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="cascade_decode"):
-        EngineConfig(cascade_decode="on", attention_backend="flashinfer")
+        EngineConfig(device="cuda", cascade_decode="on", deterministic_inference=True)
     with pytest.raises(ValueError, match="cascade_min_group"):
         EngineConfig(cascade_min_group=1)
 

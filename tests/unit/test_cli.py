@@ -70,7 +70,7 @@ def test_cascade_decode_flag_reaches_the_engine_config(capsys) -> None:
     assert "--cascade-decode" in err and "invalid choice" in err
     # A mode the engine cannot run fails naming the field, not deep in a worker.
     cfg = config_from_args(serve_parser().parse_args(
-        ["--cascade-decode", "on", "--attention-backend", "flashinfer"]))
+        ["--cascade-decode", "on", "--enable-deterministic-inference", "--device", "cuda"]))
     with pytest.raises(ValueError, match="cascade_decode"):
         cfg.engine_config()
 

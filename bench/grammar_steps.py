@@ -79,6 +79,7 @@ class Sections:
 def instrument(core: Any) -> Sections:
     """Time the host side of every step's parts (see ``host_profile``)."""
     from radixrt.constrained.batch import MaskBuilder
+    from radixrt.constrained.sequences import ArrivingAdvance
     from radixrt.engine import step_builder
     from radixrt.engine.sampler import PendingSample
 
@@ -102,6 +103,9 @@ def instrument(core: Any) -> Sections:
         # Fused: "grammar check + sync" is the scheduler thread's share (mask-bit check of the
         # tokens, matcher sync); the advance itself runs on the fill threads (fill_thread_ms).
         s.wrap(res.grammars, "advance_and_start", "grammar check + sync")
+        # Early advance: submit before the tokens land; the verdicts once they are read.
+        s.wrap(res.grammars, "advance_on_arrival", "grammar check + sync")
+        s.wrap(ArrivingAdvance, "settle", "grammar check + sync")
         s.wrap(res.grammars, "accept_batch", "grammar advance")  # unfused: on this thread
         s.wrap(res.grammars, "start_bitmask", "mask rows (matcher sync)")
         s.wrap(MaskBuilder, "start", "mask start")
@@ -136,7 +140,6 @@ def run_decode(core: Any, mode: str, batch: int, steps: int, device: str,
         sections.cpu.clear()
     g = core.scheduler.results.grammars
     st0 = g._masks.stats if g is not None and g._masks is not None else None
-    stats0 = (st0.accept_s, st0.fill_s, st0.cpu_s) if st0 is not None else (0.0, 0.0, 0.0)
     _sync(device)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -166,9 +169,15 @@ def run_decode(core: Any, mode: str, batch: int, steps: int, device: str,
         out["fill_path"] = "fused" if masks.fused else "unfused"
         out["fill_threads"] = masks.threads
         if masks.fused:  # summed over the fill threads; they run beside the scheduler thread
-            out["fill_thread_ms"] = {"advance": (st.accept_s - stats0[0]) * 1e3 / steps,
-                                     "fill": (st.fill_s - stats0[1]) * 1e3 / steps,
-                                     "cpu": (st.cpu_s - stats0[2]) * 1e3 / steps}
+            def per_step(f: str, scale: float = 1e3) -> float:
+                return (getattr(st, f) - (getattr(st0, f) if st0 is not None else 0)) \
+                    * scale / steps
+
+            out["fill_thread_ms"] = {"advance": per_step("accept_s"), "fill": per_step("fill_s"),
+                                     "cpu": per_step("cpu_s"),
+                                     # waiting for the tokens to land (early advances)
+                                     "arrival_wait": per_step("arrival_s"),
+                                     "early_per_step": per_step("arrivals", 1.0)}
     if device == "cuda" and mode == "json_schema":
         # One expected per step: reading the step's tokens (the event wait is not counted).
         out["syncs"] = len(syncs)
@@ -184,42 +193,49 @@ def run_decode(core: Any, mode: str, batch: int, steps: int, device: str,
     return out
 
 
-# (fused, fill threads (None: the default), Python's GIL switch interval in ms (None: as is))
-Config = tuple[bool, int | None, float | None]
+# (fused, fill threads (None: the default), Python's GIL switch interval in ms (None: as is),
+# whether the fused path's early advance waits for the tokens (False: "fused-ready", the
+# advance starts early only when they are on the host already))
+Config = tuple[bool, int | None, float | None, bool]
 DEFAULT_CONFIGS = "fused:default"
 _SWITCH_INTERVAL_S = sys.getswitchinterval()
+_PATHS = {"fused": (True, True), "fused-ready": (True, False), "unfused": (False, True)}
 
 
 def parse_configs(text: str) -> list[Config]:
-    """``fused:2,unfused:default,fused:4@0.5,...`` -> [(True, 2, None), (False, None, None),
-    (True, 4, 0.5), ...]; ``@ms`` sets RADIXRT_GRAMMAR_SWITCH_INTERVAL_MS for that run (how
-    long a fill thread may wait for the GIL behind the scheduler thread's Python; CPython's
-    default is 5, the fused path's 0.5; unfused runs leave Python's as it is)."""
+    """``fused:2,unfused:default,fused:4@0.5,fused-ready:default...`` -> [(True, 2, None,
+    True), (False, None, None, True), (True, 4, 0.5, True), (True, None, None, False), ...];
+    ``@ms`` sets RADIXRT_GRAMMAR_SWITCH_INTERVAL_MS for that run (how long a fill thread may
+    wait for the GIL behind the scheduler thread's Python; CPython's default is 5, the fused
+    path's 0.5; unfused runs leave Python's as it is)."""
     out: list[Config] = []
     for part in text.split(","):
         spec, _, switch = part.strip().partition("@")
         path, _, threads = spec.partition(":")
-        if path not in ("fused", "unfused") or not (threads == "default" or threads.isdigit()) \
+        if path not in _PATHS or not (threads == "default" or threads.isdigit()) \
                 or (switch and not switch.replace(".", "", 1).isdigit()):
-            raise SystemExit(f"bad grammar config {part!r}: want fused|unfused:N|default[@ms]")
-        out.append((path == "fused", None if threads == "default" else int(threads),
-                    float(switch) if switch else None))
+            raise SystemExit(f"bad grammar config {part!r}: want "
+                             f"{'|'.join(_PATHS)}:N|default[@ms]")
+        fused, wait = _PATHS[path]
+        out.append((fused, None if threads == "default" else int(threads),
+                    float(switch) if switch else None, wait))
     return out
 
 
 def config_label(c: Config) -> str:
-    return f"{'fused' if c[0] else 'unfused'}:{c[1] or 'default'}" + \
-        (f"@{c[2]:g}" if c[2] is not None else "")
+    path = next(k for k, v in _PATHS.items() if v == (c[0], c[3] or not c[0]))
+    return f"{path}:{c[1] or 'default'}" + (f"@{c[2]:g}" if c[2] is not None else "")
 
 
 def use_config(grammars: Any, config: Config) -> None:
-    """Switch the engine's grammar path / fill threads (a new MaskBuilder at the next mask)
-    and the GIL switch interval."""
+    """Switch the engine's grammar path / fill threads (a new MaskBuilder at the next mask),
+    the early advance's policy and the GIL switch interval."""
     if grammars._masks is not None:
         grammars._masks.drain()
         grammars._masks.close()
         grammars._masks = None
     grammars.fused, grammars.fill_threads = config[0], config[1]
+    grammars.wait_for_tokens = config[3]
     # "@ms" through the engine's own knob (the fused MaskBuilder sets it); none: its default.
     sys.setswitchinterval(_SWITCH_INTERVAL_S)
     if config[2] is not None:
@@ -325,7 +341,8 @@ def print_host(title: str, r: dict[str, Any]) -> None:
     for label, c in runs.items():
         fill = c.get("fill_thread_ms")
         extra = f", fill threads: advance {fill['advance']:.2f} + fill {fill['fill']:.2f} ms " \
-            f"(cpu {fill['cpu']:.2f})" if fill else ""
+            f"(cpu {fill['cpu']:.2f}), waited for tokens {fill.get('arrival_wait', 0):.2f} ms " \
+            f"({fill.get('early_per_step', 0):.1f} early tasks/step)" if fill else ""
         print(f"  json_schema {label:16s} {c['step_ms']:7.2f} ms/step  ratio {c['ratio']:.3f} "
               f"(overlapped {c['overlapped']}){extra}")
     # The baseline's breakdown (the warmer unconstrained run).

@@ -139,6 +139,7 @@ class MaskBuilder:
         # Per ring buffer, the event after its host-to-device copy: a buffer is refilled only
         # once the copy that read it has run (it almost always has: a step lies between).
         self._copied: list[torch.cuda.Event | None] = []
+        self._copy_stream: torch.cuda.Stream | None = None
         self._next = 0
         # Per thread (each written by its own thread only); ``stats`` sums them.
         self._stats = [FillStats() for _ in range(self.threads)]
@@ -322,9 +323,17 @@ class MaskBuilder:
             f.result()
         if not self._cuda:
             return pending.host
-        dev = pending.host.to(self.device, non_blocking=True)
-        ev = torch.cuda.Event()
-        ev.record()
+        # On a side stream: the compute stream is still running the step's forward, and a copy
+        # queued behind it would delay the draw by the copy's time (4 MB at B = 256 x 128k).
+        compute = torch.cuda.current_stream(self.device)
+        if self._copy_stream is None:
+            self._copy_stream = torch.cuda.Stream(self.device)
+        with torch.cuda.stream(self._copy_stream):
+            dev = pending.host.to(self.device, non_blocking=True)
+            ev = torch.cuda.Event()
+            ev.record()
+        compute.wait_event(ev)
+        dev.record_stream(compute)  # allocated on the side stream, read on the compute one
         self._copied[pending.slot] = ev
         return dev
 

@@ -8,7 +8,10 @@
 # + fill ms, with the syncs of the timed constrained steps counted; the same sweep on the CPU
 # with a stub forward (host section) and for the bare advance + fill of 256 matchers (masks);
 # compile times. A config "@ms" sets the GIL switch interval the fused path uses
-# (RADIXRT_GRAMMAR_SWITCH_INTERVAL_MS; default 0.5 ms; fused:default@5 = CPython's 5 ms).
+# (RADIXRT_GRAMMAR_SWITCH_INTERVAL_MS; default 0.5 ms; fused:default@5 = CPython's 5 ms);
+# "fused-ready" starts a step's early grammar advance only if its tokens are on the host at the
+# start of the next step (RADIXRT_GRAMMAR_WAIT_TOKENS=0), "fused" has the fill threads wait for
+# them. The unconstrained baseline runs first and last; ratios use the faster of the two.
 # Results under $OUT (grammar.json, bench_grammar.log). Short run: KERNEL_TESTS=0 SECTIONS=gpu
 # BENCH_TIMEOUT=150 STEPS=40 CONFIGS=... (see .coord/final_grammar_cmd).
 # GIL_PROBE=1 adds a run of the unfused path with tvm-ffi's GIL release off
@@ -41,15 +44,20 @@ unset TRITON_INTERPRET
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 python3 -c "import xgrammar, msgspec" || { echo "xgrammar/msgspec missing: run bash bench/gpu_grammar.sh --prepare and carry .whl"; exit 2; }
 nvidia-smi --query-gpu=name,memory.total --format=csv 2>&1 | tee "$OUT/gpu.txt"
+# The host's topology: fill threads on hyperthread siblings slow each other down.
+lscpu 2>/dev/null | grep -E '^(CPU\(s\)|Thread|Core|Socket|NUMA node\(s\)|Model name)' | tee -a "$OUT/gpu.txt"
 if [ "${KERNEL_TESTS:-1}" = 1 ]; then
-  timeout 120 python3 -m pytest -q -m gpu -p no:cacheprovider tests/kernels/test_token_bitmask.py 2>&1 \
-    | tee "$OUT/kernel_tests.log" | tail -3
+  # The bitmask kernel, and the masks' side-stream copy (device mask == host fill).
+  timeout 120 python3 -m pytest -q -m gpu -p no:cacheprovider tests/kernels/test_token_bitmask.py \
+    tests/unit/test_constrained_cuda.py 2>&1 | tee "$OUT/kernel_tests.log" | tail -3
 fi
-CONFIGS="${CONFIGS:-unfused:default,fused:1,fused:4,fused:8,fused:default,fused:default@5,fused:default@0.2,fused:8@0.2}"
+echo "tests done at ${SECONDS}s"
+CONFIGS="${CONFIGS:-fused-ready:default,fused:default,fused:2,fused:3,fused:6,unfused:default}"
 nproc | sed 's/^/cores: /' | tee -a "$OUT/gpu.txt"
 timeout "${BENCH_TIMEOUT:-450}" python3 bench/bench_grammar.py --sections "${SECTIONS:-gpu,host,masks,compile}" --tokenizer "${TOKENIZER:-.whl/tok}" \
   --batch "${BATCH:-256}" --steps "${STEPS:-50}" --device "${DEVICE:-cuda}" --preset "${PRESET:-llama3-8b}" \
   --grammar-configs "$CONFIGS" --out "$OUT" 2>&1 | grep -v Warning | tee "$OUT/bench_grammar.log" | tail -80
+echo "bench done at ${SECONDS}s"
 if [ "${GIL_PROBE:-0}" = 1 ]; then
   mkdir -p "$OUT/gil_probe"
   TVM_FFI_RELEASE_GIL_BY_DEFAULT=0 timeout 240 python3 bench/bench_grammar.py --sections gpu \

@@ -100,7 +100,6 @@ def one_config(groups: int, per_group: int, shared: int, suffix: tuple[int, int]
         if graph:
             res[f"{name}_graph_ms"] = _graph_ms(fn)
         res[f"{name}_plan_us"] = _plan_us(prepare)
-        prepare()  # leave this variant's plan in place for the diffs below
         res[f"{name}_max_abs_diff_vs_fp32"] = float((outs[name][idx].float() - ref).abs().max())
         print(f"  {name}: {res[f'{name}_ms']:.3f} ms eager"
               + (f", {res[f'{name}_graph_ms']:.3f} ms graph" if graph else ""), flush=True)

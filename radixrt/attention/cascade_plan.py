@@ -7,8 +7,11 @@ buffer copied to the device in one transfer (views of it are the kernels' ``Casc
     request                     -> its tile's items (first, count), its slot in the tile, and
                                    its own suffix start L (0 and no items when not grouped)
 
-    packed int32  [ num_items | items (item_cap x 5) | members (max_batch) |
+    packed int32  [ all items, small-tile items | items (item_cap x 5) | members (max_batch) |
                     kv_starts | first_item | item_count | slot  (max_batch each) ]
+
+Groups of at most ``tiling.small_reqs`` members get one small tile each (fewer rows, see
+``PrefixTiling``); small tiles' items come first in the item list.
 
 All numpy over groups/tiles/items; nothing loops over pages or tokens.
 """
@@ -43,8 +46,28 @@ def _cdiv(a: np.ndarray, b: np.ndarray | int) -> np.ndarray:
     return -(-a // b)  # type: ignore[no-any-return]
 
 
+HEADER = 2  # all items, items of small tiles (listed first)
+
+
 def packed_len(item_cap: int, max_batch: int) -> int:
-    return 1 + item_cap * ITEM_FIELDS + 5 * max_batch
+    return HEADER + item_cap * ITEM_FIELDS + 5 * max_batch
+
+
+def _tiles(groups: CascadeGroups, tiling: PrefixTiling, cap: int,
+           ) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+    """(group, first member position, member count) of each tile, small tiles first, at most
+    ``cap`` of them (the rest take the plain path), and how many are small."""
+    sizes = np.diff(groups.indptr)
+    small = sizes <= tiling.small_reqs  # always False without a small class (small_reqs 0)
+    ntile = np.where(small, 1, _cdiv(sizes, tiling.tile_reqs))
+    tile_group = np.repeat(np.arange(sizes.shape[0]), ntile)
+    tile_k = np.arange(tile_group.shape[0]) - np.repeat(np.cumsum(ntile) - ntile, ntile)
+    base, rem = (sizes // ntile)[tile_group], (sizes % ntile)[tile_group]
+    tile_count = base + (tile_k < rem)
+    tile_first = groups.indptr[tile_group] + tile_k * base + np.minimum(tile_k, rem)
+    order = np.argsort(~small[tile_group], kind="stable")[:cap]
+    num_small = int(small[tile_group[order]].sum())
+    return tile_group[order], tile_first[order], tile_count[order], num_small
 
 
 def pack_cascade(groups: CascadeGroups, batch_size: int, tiling: PrefixTiling,
@@ -60,17 +83,9 @@ def pack_cascade(groups: CascadeGroups, batch_size: int, tiling: PrefixTiling,
         assert out.dtype == np.int32 and out.shape[0] >= size, "pack buffer too small"
         buf = out[:size]
         buf.fill(0)
-    sizes = np.diff(groups.indptr)
-    if sizes.shape[0] == 0:
+    if groups.shared_lens.shape[0] == 0:
         return buf
-    ntile = _cdiv(sizes, tiling.tile_reqs)
-    tile_group = np.repeat(np.arange(sizes.shape[0]), ntile)
-    tile_k = np.arange(tile_group.shape[0]) - np.repeat(np.cumsum(ntile) - ntile, ntile)
-    base, rem = (sizes // ntile)[tile_group], (sizes % ntile)[tile_group]
-    tile_count = base + (tile_k < rem)
-    tile_first = groups.indptr[tile_group] + tile_k * base + np.minimum(tile_k, rem)
-    if tile_group.shape[0] > cap:  # more tiles than items: the rest take the plain path
-        tile_group, tile_count, tile_first = tile_group[:cap], tile_count[:cap], tile_first[:cap]
+    tile_group, tile_first, tile_count, num_small_tiles = _tiles(groups, tiling, cap)
     num_tiles = tile_group.shape[0]
     tile_len = groups.shared_lens[tile_group]
     # Items: one per tile, the rest of the target shared in proportion to prefix length.
@@ -90,17 +105,20 @@ def pack_cascade(groups: CascadeGroups, batch_size: int, tiling: PrefixTiling,
                       np.minimum(start + chunk[item_tile], tile_len[item_tile]),
                       tile_first[item_tile], tile_count[item_tile]], axis=1)
     buf[0] = num_items
-    buf[1 : 1 + num_items * ITEM_FIELDS] = items.reshape(-1)
-    off = 1 + cap * ITEM_FIELDS
+    buf[1] = int(n[:num_small_tiles].sum())
+    buf[HEADER : HEADER + num_items * ITEM_FIELDS] = items.reshape(-1)
+    off = HEADER + cap * ITEM_FIELDS
     buf[off : off + groups.members.shape[0]] = groups.members
-    kept = int(tile_first[-1] + tile_count[-1])  # tiles cover members[:kept] in order
+    # Each kept tile's members: positions tile_first .. tile_first + count - 1 of members.
     member_tile = np.repeat(np.arange(num_tiles), tile_count)
-    req = groups.members[:kept]
+    slot = np.arange(member_tile.shape[0]) - np.repeat(np.cumsum(tile_count) - tile_count,
+                                                       tile_count)
+    req = groups.members[tile_first[member_tile] + slot]
     per_req = buf[off + max_batch :].reshape(4, max_batch)
     per_req[0, req] = tile_len[member_tile]
     per_req[1, req] = tile_item0[member_tile]
     per_req[2, req] = n[member_tile]
-    per_req[3, req] = np.arange(kept) - tile_first[member_tile]
+    per_req[3, req] = slot
     return buf
 
 
@@ -112,10 +130,10 @@ def _same_groups(a: CascadeGroups, b: CascadeGroups) -> bool:
 
 def meta_views(dev: torch.Tensor, item_cap: int, max_batch: int, batch_size: int) -> CascadeMeta:
     """Views of a device copy of a packed buffer for a batch of ``batch_size``."""
-    off = 1 + item_cap * ITEM_FIELDS
+    off = HEADER + item_cap * ITEM_FIELDS
     per_req = dev[off + max_batch :].view(4, max_batch)[:, :batch_size]
     return CascadeMeta(
-        num_items=dev[:1], items=dev[1:off].view(item_cap, ITEM_FIELDS),
+        num_items=dev[:HEADER], items=dev[HEADER:off].view(item_cap, ITEM_FIELDS),
         members=dev[off : off + max_batch], kv_starts=per_req[0], first_item=per_req[1],
         item_count=per_req[2], slot=per_req[3],
     )

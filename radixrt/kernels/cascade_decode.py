@@ -26,6 +26,7 @@ metadata fits the buffers (``attention/cascade_plan.py`` builds it).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -52,7 +53,7 @@ ITEM_FIELDS = 5  # per pass-1 item: page-table row, kv start, kv end, first memb
 class CascadeMeta:
     """Device views of one step's cascade metadata (see ``cascade_plan.py``)."""
 
-    num_items: torch.Tensor  # [1] int32
+    num_items: torch.Tensor  # [2] int32: all items, items of small tiles (listed first)
     items: torch.Tensor  # [item_cap, ITEM_FIELDS] int32
     members: torch.Tensor  # [M] int32 batch index of each tile member, tile by tile
     kv_starts: torch.Tensor  # [B] int32 first position of the request's own suffix (0: no group)
@@ -73,24 +74,98 @@ class CascadeMeta:
 
 @dataclass(frozen=True)
 class PrefixTiling:
-    """Pass-1 tile geometry, fixed per backend (the plan builder sizes tiles with it)."""
+    """Pass-1 tile geometry, fixed per backend (the plan builder sizes tiles with it).
 
-    block_m: int  # rows of a tile (power of two >= 16)
-    tile_reqs: int  # requests per tile: block_m // GROUP (at least 1)
+    Two tile classes share one launch: big tiles (up to ``tile_reqs`` members, ``block_m``
+    rows) and small ones (up to ``small_reqs`` members, ``small_m`` rows) for groups too small
+    to fill a big tile, so a group of 4 at GQA 4 scores 16 rows, not 64 of which 48 are
+    padding (4x the tensor-core work per KV tile). ``small_m == block_m``: one class."""
+
+    block_m: int  # rows of a big tile (power of two >= 16)
+    tile_reqs: int  # requests per big tile: block_m // GROUP (at least 1)
     max_items: int  # most KV chunks one tile may be split into (power of two)
+    small_m: int = 0  # rows of a small tile (0: block_m, no small class)
+    small_reqs: int = 0  # requests per small tile (0: no small class)
 
     @staticmethod
     def make(group: int, device: torch.device, tile_reqs: int | None = None,
-             max_items: int = 16) -> PrefixTiling:
+             max_items: int = 16, small_tiles: bool = True) -> PrefixTiling:
         if tile_reqs is None:
             tile_reqs = 16 if device.type == "cuda" else 4
         block_m = max(16, triton.next_power_of_2(group * tile_reqs))
         block_m = min(block_m, max(128, triton.next_power_of_2(group)))
-        return PrefixTiling(block_m, max(1, min(tile_reqs, block_m // group)), max_items)
+        big_reqs = max(1, min(tile_reqs, block_m // group))
+        small_m = max(16, triton.next_power_of_2(group))
+        small_reqs = small_m // group if small_tiles and small_m < block_m else 0
+        if small_reqs == 0 or small_reqs >= big_reqs:
+            small_m, small_reqs = block_m, 0
+        return PrefixTiling(block_m, big_reqs, max_items, small_m, small_reqs)
 
     def __post_init__(self) -> None:
         assert self.block_m >= 16 and self.block_m & (self.block_m - 1) == 0, "block_m 2^k >= 16"
         assert self.tile_reqs >= 1 and self.max_items & (self.max_items - 1) == 0, "bad tiling"
+        if self.small_m == 0:
+            object.__setattr__(self, "small_m", self.block_m)
+        assert 16 <= self.small_m <= self.block_m and self.small_m & (self.small_m - 1) == 0
+        assert (self.small_reqs == 0) == (self.small_m == self.block_m), "small class half set"
+
+
+@triton.jit
+def _prefix_item(
+    item, Q, K, V, PreO, PreLse, items, members, page_table, qk_scale, kv_head, num_kv_heads,
+    stride_qb, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_pt,
+    GROUP: tl.constexpr, ROWS: tl.constexpr, ROW_STRIDE: tl.constexpr, HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr, PAGE_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
+    PRECISION: tl.constexpr, INTERPRET: tl.constexpr,
+):
+    """One item: KV [start, end) of a tile's shared prefix against the tile's ROWS rows."""
+    offs_m = tl.arange(0, ROWS)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_d = offs_d < HEAD_DIM
+    member = offs_m // GROUP
+    heads = kv_head * GROUP + offs_m % GROUP
+    meta = items + item * 5
+    page_row = page_table + tl.load(meta).to(tl.int64) * stride_pt
+    kv_start = tl.load(meta + 1)
+    kv_end = tl.load(meta + 2)
+    first = tl.load(meta + 3)
+    count = tl.load(meta + 4)
+    valid_m = member < count
+    req = tl.load(members + first + member, mask=valid_m, other=0).to(tl.int64)
+    q = tl.load(
+        Q + req[:, None] * stride_qb + heads[:, None] * stride_qh + offs_d[None, :],
+        mask=valid_m[:, None] & mask_d[None, :],
+        other=0.0,
+    )  # [ROWS, BLOCK_D]: every member's query heads of this KV head
+    acc = tl.zeros([ROWS, BLOCK_D], dtype=tl.float32)
+    m_i = tl.full([ROWS], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([ROWS], dtype=tl.float32)
+    # Slots one tile ahead (loop-carried: the K/V loads pipeline num_stages - 1 deep).
+    slots = tile_slots(page_row, kv_start, kv_end, PAGE_SIZE, BLOCK_N)
+    for start_n in range(kv_start, kv_end, BLOCK_N):
+        next_slots = tile_slots(page_row, start_n + BLOCK_N, kv_end, PAGE_SIZE, BLOCK_N)
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        mask_n = offs_n < kv_end
+        kv_mask = mask_n[:, None] & mask_d[None, :]
+        k = tl.load(K + slots[:, None] * stride_kt + kv_head * stride_kh + offs_d[None, :],
+                    mask=kv_mask, other=0.0)
+        v = tl.load(V + slots[:, None] * stride_vt + kv_head * stride_vh + offs_d[None, :],
+                    mask=kv_mask, other=0.0)
+        qk = mma(q, tl.trans(k.to(q.dtype)), PRECISION, INTERPRET) * qk_scale
+        # Each tile holds >= 1 valid key, so m_new is finite for every row (padding too).
+        qk = tl.where(mask_n[None, :], qk, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(qk, 1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(qk - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + mma(p.to(q.dtype), v.to(q.dtype), PRECISION, INTERPRET)
+        m_i = m_new
+        slots = next_slots
+    # Partial rows keep the big tile's stride whatever the item's class (the merge's layout).
+    row = ((item * num_kv_heads + kv_head) * ROW_STRIDE + offs_m).to(tl.int64)
+    tl.store(PreO + row[:, None] * HEAD_DIM + offs_d[None, :], acc / l_i[:, None],
+             mask=valid_m[:, None] & mask_d[None, :])
+    tl.store(PreLse + row, m_i + tl.log2(l_i), mask=valid_m)
 
 
 # One compiled variant for every page-table width.
@@ -101,8 +176,8 @@ def _shared_prefix_kernel(
     V,  # [S, Hkv, D]
     PreO,  # [item_cap, Hkv, BLOCK_M, D] fp32
     PreLse,  # [item_cap, Hkv, BLOCK_M] fp32, base 2
-    items,  # [item_cap, 5] int32
-    num_items_ptr,  # [1] int32
+    items,  # [item_cap, 5] int32: small-tile items first, then big-tile items
+    num_items_ptr,  # [2] int32: all items, small-tile items (listed first)
     members,  # [M] int32
     page_table,  # [R, max_pages] int32
     qk_scale,
@@ -115,6 +190,7 @@ def _shared_prefix_kernel(
     stride_pt,
     GROUP: tl.constexpr,
     BLOCK_M: tl.constexpr,
+    SMALL_M: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     BLOCK_D: tl.constexpr,
     PAGE_SIZE: tl.constexpr,
@@ -124,55 +200,24 @@ def _shared_prefix_kernel(
 ):
     kv_head = tl.program_id(1)
     num_kv_heads = tl.num_programs(1)
+    programs = tl.num_programs(0)
+    pid = tl.program_id(0)
     num_items = tl.load(num_items_ptr)
-    offs_m = tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
-    mask_d = offs_d < HEAD_DIM
-    member = offs_m // GROUP
-    heads = kv_head * GROUP + offs_m % GROUP
+    num_small = tl.load(num_items_ptr + 1)
     # Persistent over items: the grid is fixed (a graph replays it) while the item count varies.
-    for item in range(tl.program_id(0), num_items, tl.num_programs(0)):
-        meta = items + item * 5
-        page_row = page_table + tl.load(meta).to(tl.int64) * stride_pt
-        kv_start = tl.load(meta + 1)
-        kv_end = tl.load(meta + 2)
-        first = tl.load(meta + 3)
-        count = tl.load(meta + 4)
-        valid_m = member < count
-        req = tl.load(members + first + member, mask=valid_m, other=0).to(tl.int64)
-        q = tl.load(
-            Q + req[:, None] * stride_qb + heads[:, None] * stride_qh + offs_d[None, :],
-            mask=valid_m[:, None] & mask_d[None, :],
-            other=0.0,
-        )  # [BLOCK_M, BLOCK_D]: every member's query heads of this KV head
-        acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-        m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-        l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-        # Slots one tile ahead (loop-carried: the K/V loads pipeline num_stages - 1 deep).
-        slots = tile_slots(page_row, kv_start, kv_end, PAGE_SIZE, BLOCK_N)
-        for start_n in range(kv_start, kv_end, BLOCK_N):
-            next_slots = tile_slots(page_row, start_n + BLOCK_N, kv_end, PAGE_SIZE, BLOCK_N)
-            offs_n = start_n + tl.arange(0, BLOCK_N)
-            mask_n = offs_n < kv_end
-            kv_mask = mask_n[:, None] & mask_d[None, :]
-            k = tl.load(K + slots[:, None] * stride_kt + kv_head * stride_kh + offs_d[None, :],
-                        mask=kv_mask, other=0.0)
-            v = tl.load(V + slots[:, None] * stride_vt + kv_head * stride_vh + offs_d[None, :],
-                        mask=kv_mask, other=0.0)
-            qk = mma(q, tl.trans(k.to(q.dtype)), PRECISION, INTERPRET) * qk_scale
-            # Each tile holds >= 1 valid key, so m_new is finite for every row (padding too).
-            qk = tl.where(mask_n[None, :], qk, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(qk, 1))
-            alpha = tl.exp2(m_i - m_new)
-            p = tl.exp2(qk - m_new[:, None])
-            l_i = l_i * alpha + tl.sum(p, 1)
-            acc = acc * alpha[:, None] + mma(p.to(q.dtype), v.to(q.dtype), PRECISION, INTERPRET)
-            m_i = m_new
-            slots = next_slots
-        row = ((item * num_kv_heads + kv_head) * BLOCK_M + offs_m).to(tl.int64)
-        tl.store(PreO + row[:, None] * HEAD_DIM + offs_d[None, :], acc / l_i[:, None],
-                 mask=valid_m[:, None] & mask_d[None, :])
-        tl.store(PreLse + row, m_i + tl.log2(l_i), mask=valid_m)
+    # Item j goes to program j % programs across both classes, so the classes share the load.
+    if SMALL_M < BLOCK_M:  # tiles of few members: SMALL_M rows, not BLOCK_M mostly padding
+        for item in range(pid, num_small, programs):
+            _prefix_item(item, Q, K, V, PreO, PreLse, items, members, page_table, qk_scale,
+                         kv_head, num_kv_heads, stride_qb, stride_qh, stride_kt, stride_kh,
+                         stride_vt, stride_vh, stride_pt, GROUP, SMALL_M, BLOCK_M, HEAD_DIM,
+                         BLOCK_D, PAGE_SIZE, BLOCK_N, PRECISION, INTERPRET)
+    big0 = pid + tl.maximum(0, tl.cdiv(num_small - pid, programs)) * programs
+    for item in range(big0, num_items, programs):
+        _prefix_item(item, Q, K, V, PreO, PreLse, items, members, page_table, qk_scale,
+                     kv_head, num_kv_heads, stride_qb, stride_qh, stride_kt, stride_kh,
+                     stride_vt, stride_vh, stride_pt, GROUP, BLOCK_M, BLOCK_M, HEAD_DIM,
+                     BLOCK_D, PAGE_SIZE, BLOCK_N, PRECISION, INTERPRET)
 
 
 @triton.jit
@@ -261,6 +306,67 @@ def prefix_partial_rows(item_cap: int, num_kv_heads: int, tiling: PrefixTiling) 
     return item_cap * num_kv_heads * tiling.block_m
 
 
+@dataclass(frozen=True)
+class CascadeLaunch:
+    """Launch settings of the three kernels (None: the defaults below; benchmarks sweep them)."""
+
+    prefix_block_n: int | None = None
+    prefix_warps: int | None = None
+    prefix_stages: int | None = None
+    suffix_block_n: int | None = None  # None: the per-request decode kernel's settings
+    suffix_warps: int | None = None
+    suffix_stages: int | None = None
+
+
+def shared_prefix_pass(
+    q: torch.Tensor, k_flat: torch.Tensor, v_flat: torch.Tensor, page_table: torch.Tensor,
+    page_size: int, scale: float, meta: CascadeMeta, tiling: PrefixTiling, *,
+    prefix_programs: int, pre_out: torch.Tensor, pre_lse: torch.Tensor,
+    launch: CascadeLaunch = CascadeLaunch(),
+) -> None:
+    """Pass 1 alone: every item's normalised partial + LSE into ``pre_out`` / ``pre_lse``."""
+    _, num_heads, head_dim = q.shape
+    num_kv_heads = k_flat.shape[1]
+    group = num_heads // num_kv_heads
+    assert tiling.tile_reqs * group <= tiling.block_m, "a tile's rows exceed block_m"
+    assert tiling.small_reqs * group <= tiling.small_m, "a small tile's rows exceed small_m"
+    rows = prefix_partial_rows(meta.items.shape[0], num_kv_heads, tiling)
+    assert pre_out.dtype == pre_lse.dtype == torch.float32, "partials are fp32"
+    assert pre_out.numel() >= rows * head_dim and pre_lse.numel() >= rows, "prefix partials small"
+    assert prefix_programs >= 1, "pass 1 needs at least one program per KV head"
+    assert meta.num_items.shape[0] >= 2, "num_items holds (all items, small-tile items)"
+    on_gpu = q.device.type == "cuda"
+    warps = launch.prefix_warps or ((4 if tiling.block_m <= 64 else 8) if on_gpu else 1)
+    _shared_prefix_kernel[(prefix_programs, num_kv_heads)](
+        q, k_flat, v_flat, pre_out, pre_lse, meta.items, meta.num_items, meta.members,
+        page_table, scale * LOG2E, q.stride(0), q.stride(1), k_flat.stride(0),
+        k_flat.stride(1), v_flat.stride(0), v_flat.stride(1), page_table.stride(0),
+        GROUP=group, BLOCK_M=tiling.block_m, SMALL_M=tiling.small_m, HEAD_DIM=head_dim,
+        BLOCK_D=max(16, triton.next_power_of_2(head_dim)), PAGE_SIZE=page_size,
+        BLOCK_N=launch.prefix_block_n or decode_block_n(q.device),
+        PRECISION=dot_precision(q.dtype), INTERPRET=interpreting(), num_warps=warps if on_gpu else 1,
+        num_stages=(launch.prefix_stages or 3) if on_gpu else 1,
+    )  # fmt: skip
+
+
+def cascade_merge(
+    suf_out: torch.Tensor, suf_lse: torch.Tensor, pre_out: torch.Tensor, pre_lse: torch.Tensor,
+    out: torch.Tensor, seq_lens: torch.Tensor, meta: CascadeMeta, tiling: PrefixTiling, *,
+    num_kv_heads: int, num_splits: int, suffix_block_n: int, min_split_len: int,
+) -> None:
+    """The LSE merge of each request's suffix splits and its tile's prefix items into ``out``."""
+    batch, num_heads, head_dim = out.shape
+    group = num_heads // num_kv_heads
+    _cascade_merge_kernel[(batch, num_kv_heads)](
+        suf_out, suf_lse, pre_out, pre_lse, out, seq_lens, meta.kv_starts, meta.first_item,
+        meta.item_count, meta.slot, out.stride(0), out.stride(1),
+        GROUP=group, BLOCK_H=max(2, triton.next_power_of_2(group)), BLOCK_M=tiling.block_m,
+        HEAD_DIM=head_dim, BLOCK_D=max(16, triton.next_power_of_2(head_dim)),
+        BLOCK_N=suffix_block_n, NUM_SPLITS=num_splits, MIN_SPLIT_LEN=min_split_len,
+        num_warps=4 if out.device.type == "cuda" else 1,
+    )  # fmt: skip
+
+
 def cascade_decode(
     q: torch.Tensor,  # [B, Hq, D]
     k_flat: torch.Tensor,  # [S, Hkv, D] pool layer, already holding this step's K
@@ -281,9 +387,8 @@ def cascade_decode(
     pre_lse: torch.Tensor,  # >= prefix_partial_rows(...) fp32
     out: torch.Tensor | None = None,
     min_split_len: int = 256,
-    block_n: int | None = None,
-    num_warps: int | None = None,
-    num_stages: int | None = None,
+    block_n: int | None = None,  # pass 1's (tests); ``launch`` holds the rest
+    launch: CascadeLaunch = CascadeLaunch(),
     side_stream: torch.cuda.Stream | None = None,
 ) -> torch.Tensor:  # [B, Hq, D]
     """Decode attention with shared prefixes read once per tile (no host syncs).
@@ -291,53 +396,35 @@ def cascade_decode(
     ``side_stream`` (CUDA): pass 1 runs there, beside pass 2 on the current stream (fork and
     join, so a CUDA graph captures two parallel branches): pass 1's few long programs and pass
     2's many short ones fill each other's tails instead of leaving SMs idle."""
-    batch, num_heads, head_dim = q.shape
+    batch = q.shape[0]
     num_kv_heads = k_flat.shape[1]
-    group = num_heads // num_kv_heads
-    assert tiling.tile_reqs * group <= tiling.block_m, "a tile's rows exceed block_m"
     assert meta.kv_starts.shape[0] == batch, "cascade metadata is for another batch size"
-    item_cap = meta.items.shape[0]
-    rows = prefix_partial_rows(item_cap, num_kv_heads, tiling)
-    assert pre_out.dtype == pre_lse.dtype == torch.float32, "partials are fp32"
-    assert pre_out.numel() >= rows * head_dim and pre_lse.numel() >= rows, "prefix partials small"
-    assert prefix_programs >= 1, "pass 1 needs at least one program per KV head"
     if out is None:
         out = torch.empty_like(q)
     assert out.shape == q.shape and out.stride(2) == 1, "out must be [B, Hq, D], D contiguous"
     if batch == 0:
         return out
+    if block_n is not None:
+        launch = dataclasses.replace(launch, prefix_block_n=block_n)
     on_gpu = q.device.type == "cuda"
-    block_d = max(16, triton.next_power_of_2(head_dim))
-    if block_n is None:
-        block_n = decode_block_n(q.device)
-    if num_warps is None:
-        num_warps = (4 if tiling.block_m <= 64 else 8) if on_gpu else 1
     main = torch.cuda.current_stream(q.device) if on_gpu and side_stream is not None else None
     if main is not None:
         assert side_stream is not None
         side_stream.wait_stream(main)  # fork: q and this step's K/V are written
     with torch.cuda.stream(side_stream) if main is not None else contextlib.nullcontext():
-        _shared_prefix_kernel[(prefix_programs, num_kv_heads)](
-            q, k_flat, v_flat, pre_out, pre_lse, meta.items, meta.num_items, meta.members,
-            page_table, scale * LOG2E, q.stride(0), q.stride(1), k_flat.stride(0),
-            k_flat.stride(1), v_flat.stride(0), v_flat.stride(1), page_table.stride(0),
-            GROUP=group, BLOCK_M=tiling.block_m, HEAD_DIM=head_dim, BLOCK_D=block_d,
-            PAGE_SIZE=page_size, BLOCK_N=block_n, PRECISION=dot_precision(q.dtype),
-            INTERPRET=interpreting(), num_warps=num_warps,
-            num_stages=(num_stages or 3) if on_gpu else 1,
-        )  # fmt: skip
+        shared_prefix_pass(q, k_flat, v_flat, page_table, page_size, scale, meta, tiling,
+                           prefix_programs=prefix_programs, pre_out=pre_out, pre_lse=pre_lse,
+                           launch=launch)
     bn_suffix, min_split_len = decode_partials(
         q, k_flat, v_flat, seq_lens, page_table, req_rows, page_size, scale, num_splits,
         suf_out, suf_lse, min_split_len=min_split_len, kv_starts=meta.kv_starts,
+        block_n=launch.suffix_block_n, num_warps=launch.suffix_warps,
+        num_stages=launch.suffix_stages,
     )  # fmt: skip
     if main is not None:
         assert side_stream is not None
         main.wait_stream(side_stream)  # join: the merge reads pass 1's partials
-    _cascade_merge_kernel[(batch, num_kv_heads)](
-        suf_out, suf_lse, pre_out, pre_lse, out, seq_lens, meta.kv_starts, meta.first_item,
-        meta.item_count, meta.slot, out.stride(0), out.stride(1),
-        GROUP=group, BLOCK_H=max(2, triton.next_power_of_2(group)), BLOCK_M=tiling.block_m,
-        HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_N=bn_suffix, NUM_SPLITS=num_splits,
-        MIN_SPLIT_LEN=min_split_len, num_warps=4 if on_gpu else 1,
-    )  # fmt: skip
+    cascade_merge(suf_out, suf_lse, pre_out, pre_lse, out, seq_lens, meta, tiling,
+                  num_kv_heads=num_kv_heads, num_splits=num_splits, suffix_block_n=bn_suffix,
+                  min_split_len=min_split_len)
     return out

@@ -268,6 +268,9 @@ def decode_partials(
     *,
     min_split_len: int = 256,
     kv_starts: torch.Tensor | None = None,  # [B] int32: attend [kv_starts[b], seq_lens[b]) only
+    block_n: int | None = None,  # launch settings (None: the per-request decode's own)
+    num_warps: int | None = None,
+    num_stages: int | None = None,
 ) -> tuple[int, int]:
     """Stage 1 alone: each request's normalised split partials and their LSE. Returns the
     (BLOCK_N, rounded min split length) a reader of the partials needs to know which splits are
@@ -289,7 +292,7 @@ def decode_partials(
     assert part_lse.numel() >= batch * num_heads * num_splits, "part_lse too small"
     _check_rows(page_table, req_rows, seq_lens)
     assert kv_starts is None or kv_starts.shape == seq_lens.shape, "one KV start per request"
-    block_n = decode_block_n(q.device)
+    block_n = block_n or decode_block_n(q.device)
     min_split_len = triton.cdiv(max(min_split_len, block_n), block_n) * block_n
     if batch == 0:
         return block_n, min_split_len
@@ -303,7 +306,7 @@ def decode_partials(
         BLOCK_D=max(16, triton.next_power_of_2(head_dim)), PAGE_SIZE=page_size, BLOCK_N=block_n,
         NUM_SPLITS=num_splits, MIN_SPLIT_LEN=min_split_len, PRECISION=dot_precision(q.dtype),
         INTERPRET=interpreting(), HAS_KV_START=kv_starts is not None,
-        num_warps=4 if on_gpu else 1, num_stages=3 if on_gpu else 1,
+        num_warps=(num_warps or 4) if on_gpu else 1, num_stages=(num_stages or 3) if on_gpu else 1,
     )  # fmt: skip
     return block_n, min_split_len
 

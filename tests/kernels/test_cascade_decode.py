@@ -67,11 +67,11 @@ def make_shared_case(
 def run_cascade(batch: ForwardBatch, q, k, v, *, tile_reqs: int | None = None,
                 item_target: int = 8, programs: int | None = None, num_splits: int = 3,
                 min_split_len: int | None = None, prefix_block_n: int | None = None,
-                ) -> torch.Tensor:
+                small_tiles: bool = True) -> torch.Tensor:
     device = q.device
     bsz, heads, head_dim = q.shape
     kv_heads = k.shape[1]
-    tiling = PrefixTiling.make(heads // kv_heads, device, tile_reqs)
+    tiling = PrefixTiling.make(heads // kv_heads, device, tile_reqs, small_tiles=small_tiles)
     block_n = decode_block_n(device)
     chunk = prefix_block_n or block_n
     budget = ItemBudget(item_target=item_target, item_cap=max(item_target, bsz), min_chunk=chunk,
@@ -142,6 +142,49 @@ def test_tiles_items_and_program_loop(device, assert_close, tile_reqs, item_targ
     assert_close(out, paged_attention_reference(q, k, v, batch, 64**-0.5))
 
 
+@pytest.mark.parametrize(("small_tiles", "programs"), [(True, 3), (True, 64), (False, 3)])
+def test_small_and_big_tiles(device, assert_close, small_tiles, programs):
+    """Groups of <= 4 members in 16-row small tiles, larger ones in 32-row big tiles (GQA 4,
+    tile_reqs 8), one launch; programs fewer than items carry the item index across classes."""
+    batch, q, k, v = make_shared_case(CPU_GROUPS + [(3, [2, 6, 1, 4, 3])], [9, 40], heads=8,
+                                      kv_heads=2, head_dim=64, page_size=16,
+                                      dtype=torch.float32, device=device)
+    tiling = PrefixTiling.make(4, torch.device(device), 8, small_tiles=small_tiles)
+    assert (tiling.block_m, tiling.small_m) == ((32, 16) if small_tiles else (32, 32))
+    out = run_cascade(batch, q, k, v, tile_reqs=8, item_target=12, programs=programs,
+                      small_tiles=small_tiles)
+    assert_close(out, paged_attention_reference(q, k, v, batch, 64**-0.5))
+
+
+def test_pack_small_tiles_first():
+    """Small tiles (groups of <= small_reqs) come first and are counted in the header; a big
+    group splits into big tiles; every member's items and slot point at its own tile."""
+    sizes = [3, 9, 4, 6, 2]
+    spec, start = [], 0
+    for i, n in enumerate(sizes):
+        spec.append((32 * (i + 1), list(range(start, start + n))))
+        start += n
+    groups = CascadeGroups.of(spec, rows=list(range(100, 100 + start)))
+    tiling = PrefixTiling.make(4, torch.device("cpu"), 8)
+    assert (tiling.small_reqs, tiling.tile_reqs) == (4, 8)
+    budget = ItemBudget(item_target=12, item_cap=40, min_chunk=16, block_n=16)
+    buf = pack_cascade(groups, start, tiling, budget, max_batch=32)
+    n, n_small = int(buf[0]), int(buf[1])
+    items = buf[2 : 2 + 5 * n].reshape(n, 5)
+    per_req = buf[2 + 40 * 5 + 32 :].reshape(4, 32)
+    small_groups = {i for i, size in enumerate(sizes) if size <= 4}
+    group_of = {b: g for g, (_, m) in enumerate(spec) for b in m}
+    for j, (_, s0, e0, first, count) in enumerate(items.tolist()):
+        members = buf[2 + 200 + first : 2 + 200 + first + count].tolist()
+        gs = {group_of[b] for b in members}
+        assert len(gs) == 1 and s0 < e0 <= spec[gs.pop()][0]
+        assert (group_of[members[0]] in small_groups) == (j < n_small)
+        for slot, b in enumerate(members):
+            assert per_req[3, b] == slot and per_req[1, b] <= j < per_req[1, b] + per_req[2, b]
+    assert 0 < n_small < n
+    assert sorted(c for *_, c in {tuple(it[3:]) for it in items.tolist()}) == [2, 3, 4, 4, 5, 6]
+
+
 @pytest.mark.parametrize("page_size", [4, 16, 64])
 def test_prefix_tiles_of_several_pages(device, assert_close, page_size):
     """Pass-1 KV tiles of 64 positions over pages of 4 (one table read per position), 16 (one
@@ -178,9 +221,10 @@ def test_pack_cascade_layout():
     budget = ItemBudget(item_target=9, item_cap=12, min_chunk=16, block_n=16)
     buf = pack_cascade(groups, 10, tiling, budget, max_batch=16)
     n = int(buf[0])
-    items = buf[1 : 1 + 5 * n].reshape(n, 5)
-    per_req = buf[1 + 12 * 5 + 16 :].reshape(4, 16)
-    members = buf[1 + 60 : 1 + 60 + 7]
+    assert buf[1] == 0  # no small tiles in this tiling
+    items = buf[2 : 2 + 5 * n].reshape(n, 5)
+    per_req = buf[2 + 12 * 5 + 16 :].reshape(4, 16)
+    members = buf[2 + 60 : 2 + 60 + 7]
     assert members.tolist() == [5, 0, 7, 2, 9, 3, 4]
     tiles: dict[tuple[int, int], list[tuple[int, int]]] = {}
     for row, s, e, first, count in items.tolist():
@@ -202,7 +246,7 @@ def test_pack_cascade_layout():
         assert per_req[:, b].tolist() == [0, 0, 0, 0]
     small = pack_cascade(groups, 10, tiling, ItemBudget(2, 2, 16, 16), max_batch=16)
     assert small[0] == 2  # two tiles kept (one item each), the rest take the plain path
-    kept = small[1 + 2 * 5 + 16 :].reshape(4, 16)[2]
+    kept = small[2 + 2 * 5 + 16 :].reshape(4, 16)[2]
     assert sorted(np.flatnonzero(kept).tolist()) == [0, 2, 5, 7]
 
 

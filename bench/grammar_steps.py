@@ -78,8 +78,8 @@ class Sections:
 
 def instrument(core: Any) -> Sections:
     """Time the host side of every step's parts (see ``host_profile``)."""
+    from radixrt.constrained.advance import ArrivingAdvance
     from radixrt.constrained.batch import MaskBuilder
-    from radixrt.constrained.sequences import ArrivingAdvance
     from radixrt.engine import step_builder
     from radixrt.engine.sampler import PendingSample
 

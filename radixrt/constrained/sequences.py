@@ -19,6 +19,7 @@ with an error delta (``GRAMMAR_ERROR_PREFIX``, a 400 in the router) after a fail
 
 from __future__ import annotations
 
+import functools
 import os
 import time
 import weakref
@@ -36,6 +37,7 @@ from radixrt.sampling_params import SamplingParams
 if TYPE_CHECKING:
     # xgrammar is imported on the first grammar, not with the engine: a deployment without it
     # still serves everything else, and refuses grammars with a message.
+    from radixrt.constrained.advance import ArrivingAdvance
     from radixrt.constrained.batch import MaskBuilder, PendingMask
     from radixrt.constrained.grammar import GrammarCompiler
     from radixrt.constrained.matcher import Matcher
@@ -49,26 +51,6 @@ WAIT_TOKENS_ENV = "RADIXRT_GRAMMAR_WAIT_TOKENS"
 SYNC_COMPILE_WAIT_S = 0.05
 # Errors that are the client's grammar, not the engine's fault: the router answers 400.
 GRAMMAR_ERROR_PREFIX = "invalid grammar: "
-
-
-@dataclass
-class ArrivingAdvance:
-    """An advance started before its tokens were on the host (``advance_on_arrival``)."""
-
-    grammars: SequenceGrammars
-    oks: list[bool]
-    check: list[tuple[int, Matcher]]
-    mask_rows: Sequence[int]
-    drawn: PendingMask | None
-
-    def settle(self, token_ids: Sequence[int]) -> list[bool]:
-        """Per row, whether the grammar accepts its token (``token_ids``: all the draw's);
-        accepts are counted here (the fill threads' advance touches only xgrammar)."""
-        toks = [int(token_ids[self.mask_rows[j]]) for j, _ in self.check]
-        for m, t in self.grammars._verdicts(self.oks, self.check, toks, self.mask_rows,
-                                            self.drawn):
-            m._record(t, True)
-        return self.oks
 
 
 @dataclass
@@ -315,10 +297,11 @@ class SequenceGrammars:
             pending = self.start_bitmask(nxt, nxt_live, ahead) if nxt is not None and \
                 nxt_live is not None else None
             return oks, pending
+        from radixrt.constrained.advance import advancing_rows, verdicts
+
         self._drain()
-        oks, check = self._advancing_rows(seqs, mask_rows, drawn)
-        accepts = self._verdicts(oks, check, [int(tokens[j]) for j, _ in check], mask_rows,
-                                 drawn)
+        oks, check = advancing_rows(self, seqs, mask_rows, drawn)
+        accepts = verdicts(self, oks, check, [int(tokens[j]) for j, _ in check], mask_rows, drawn)
         self._advancing = {id(seqs[j]): m for j, m in check}
         rows: list[Matcher | None] = []
         if nxt is not None and nxt_live is not None:
@@ -326,44 +309,6 @@ class SequenceGrammars:
                 m = self.matcher(seq) if ok else None  # in step: its token is not appended yet
                 rows.append(None if m is None or m.done else m)
         return oks, masks.advance_and_start(accepts, rows)  # it counts the accepts
-
-    def _advancing_rows(self, seqs: Sequence[Seq], mask_rows: Sequence[int],
-                        drawn: PendingMask | None) -> tuple[list[bool], list[tuple[int, Matcher]]]:
-        """For a step's tokens (fused path): per row False if its grammar had ended (any
-        token is refused), and the (row, matcher) pairs whose token the mask decides."""
-        oks = [True] * len(seqs)
-        check: list[tuple[int, Matcher]] = []
-        drawn_rows = drawn.matchers if drawn is not None else None
-        for j, seq in enumerate(seqs):
-            if seq.params.constraint is None:
-                continue
-            # The matcher that filled this row (no lookup); re-synced only if its count moved.
-            m = drawn_rows[mask_rows[j]] if drawn_rows is not None else None
-            if m is None or m.num_accepted != len(seq.output_ids):
-                m = self.matcher(seq)
-            if m is None:
-                continue
-            if m.done:  # nothing may follow (its mask row allowed everything)
-                m.failed, oks[j] = True, False
-                self.rejected_tokens += 1
-            else:
-                check.append((j, m))
-        return oks, check
-
-    def _verdicts(self, oks: list[bool], check: Sequence[tuple[int, Matcher]],
-                  tokens: Sequence[int], mask_rows: Sequence[int],
-                  drawn: PendingMask | None) -> list[tuple[Matcher, int]]:
-        """The grammar's verdict on ``tokens`` (one per ``check`` pair) from the mask they
-        were drawn under, into ``oks`` and the refused matchers; returns the accepts."""
-        if check and drawn is not None:
-            from radixrt.constrained.batch import allowed_in_mask
-
-            bits = allowed_in_mask(drawn.host, [mask_rows[j] for j, _ in check], tokens)
-            for (j, m), ok in zip(check, bits):
-                if not ok:
-                    m.failed, oks[j] = True, False
-                    self.rejected_tokens += 1
-        return [(m, t) for (j, m), t in zip(check, tokens) if oks[j]]
 
     def advance_on_arrival(self, seqs: Sequence[Seq], mask_rows: Sequence[int],
                            drawn: PendingMask | None,
@@ -373,9 +318,18 @@ class SequenceGrammars:
         and advance the matchers the moment they land, while this thread plans and launches
         the next step. ``ArrivingAdvance.settle`` then gives the verdicts, from the mask, once
         the caller has read the tokens itself; ``start_queued`` fills behind the advance."""
+        from radixrt.constrained.advance import ArrivingAdvance, advancing_rows, after_event
+
         self._drain()
-        oks, check = self._advancing_rows(seqs, mask_rows, drawn)
+        oks, check = advancing_rows(self, seqs, mask_rows, drawn)
         self._advancing = {id(seqs[j]): m for j, m in check}
+        if self.device.type == "cuda":
+            # Recorded right behind the draw's copy (the next forward is not queued yet): the
+            # fill thread sleeps on it, where the copy's own event would have it spin on a
+            # core the scheduler thread may share.
+            landed = torch.cuda.Event(blocking=True)
+            landed.record()
+            host_tokens = functools.partial(after_event, landed, host_tokens)
         self.masks.advance_on_arrival([(m, mask_rows[j]) for j, m in check], host_tokens)
         return ArrivingAdvance(self, oks, check, mask_rows, drawn)
 

@@ -20,9 +20,10 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from radixrt.constrained.sequences import ArrivingAdvance, SequenceGrammars
+from radixrt.constrained.sequences import SequenceGrammars
 
 if TYPE_CHECKING:
+    from radixrt.constrained.advance import ArrivingAdvance
     from radixrt.constrained.batch import PendingMask
 from radixrt.engine.memory import SequenceMemory
 from radixrt.engine.outputs import SequenceDelta

@@ -50,3 +50,33 @@ def test_cuda_masks_equal_the_host_fill(compiler: GrammarCompiler, tok: Any) -> 
     torch.cuda.synchronize()
     for step, (mask, ref) in enumerate(got):
         assert torch.equal(mask.cpu(), ref), f"step {step}: the device mask differs"
+
+
+@pytest.mark.gpu
+def test_cuda_engine_early_advance_keeps_outputs_valid(tiny_model_dir: Any) -> None:
+    """On CUDA with overlap the fill threads advance each step's grammars as its tokens land
+    (waiting on the device while the next step is planned): every output matches its regex,
+    the same as with the advance started only for tokens already on the host, and some
+    advances did start early."""
+    import re
+
+    from radixrt import Engine, SamplingParams
+
+    regex = r"(red|green|blue)-[0-9]{2}"
+    prompts = [list(range(10, 40)) + [60 + i] for i in range(12)]
+    params = SamplingParams(temperature=1.0, seed=5, max_new_tokens=24, regex=regex)
+    got = {}
+    for wait in (True, False):
+        eng = Engine(str(tiny_model_dir("llama")), device="cuda", dtype="float32", page_size=16,
+                     kv_cache_tokens=4096, overlap_schedule=True)
+        grammars = eng.core.scheduler.results.grammars
+        assert grammars is not None
+        grammars.fill_threads, grammars.wait_for_tokens = 3, wait
+        outs = eng.generate(prompts, params)
+        got[wait] = [o.outputs[0].token_ids for o in outs]
+        assert all(o.outputs[0].finish_reason == "stop" for o in outs)
+        for o in outs:
+            assert re.fullmatch(regex, eng.tokenizer.decode(o.outputs[0].token_ids))
+        if wait:
+            assert grammars.masks.stats.arrivals > 0, "no advance started before its tokens"
+    assert got[True] == got[False]

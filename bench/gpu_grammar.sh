@@ -48,11 +48,11 @@ nvidia-smi --query-gpu=name,memory.total --format=csv 2>&1 | tee "$OUT/gpu.txt"
 lscpu 2>/dev/null | grep -E '^(CPU\(s\)|Thread|Core|Socket|NUMA node\(s\)|Model name)' | tee -a "$OUT/gpu.txt"
 if [ "${KERNEL_TESTS:-1}" = 1 ]; then
   # The bitmask kernel, and the masks' side-stream copy (device mask == host fill).
-  timeout 120 python3 -m pytest -q -m gpu -p no:cacheprovider tests/kernels/test_token_bitmask.py \
+  timeout "${TEST_TIMEOUT:-120}" python3 -m pytest -q -m gpu -p no:cacheprovider tests/kernels/test_token_bitmask.py \
     tests/unit/test_constrained_cuda.py 2>&1 | tee "$OUT/kernel_tests.log" | tail -3
 fi
 echo "tests done at ${SECONDS}s"
-CONFIGS="${CONFIGS:-fused-ready:default,fused:default,fused:2,fused:3,fused:6,unfused:default}"
+CONFIGS="${CONFIGS:-fused-ready:default,fused:default,fused:2,fused:3,fused:6,fused:default@0.2,fused:4}"
 nproc | sed 's/^/cores: /' | tee -a "$OUT/gpu.txt"
 timeout "${BENCH_TIMEOUT:-450}" python3 bench/bench_grammar.py --sections "${SECTIONS:-gpu,host,masks,compile}" --tokenizer "${TOKENIZER:-.whl/tok}" \
   --batch "${BATCH:-256}" --steps "${STEPS:-50}" --device "${DEVICE:-cuda}" --preset "${PRESET:-llama3-8b}" \

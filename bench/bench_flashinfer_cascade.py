@@ -5,12 +5,14 @@ shared + 128..384 own tokens per request (bench_cascade.py's batch):
     triton_per_request   split-KV decode, each request reads its whole KV
     triton_cascade       kernels/cascade_decode.py (prefix once per tile of members)
     fi_decode            FlashInfer tensor-core batch decode, per request
-    fi_cascade           attention/flashinfer_cascade.py (shared pass + own pass + merge)
+    fi_cascade           attention/flashinfer_cascade.py (shared pass + own pass + merge) in
+                         its CUDA-graph form (graph-mode wrappers, padded shared entries)
+    fi_cascade_eager_plan_fa2 / _fa3   the same with eager plans (shared pass's tile sized to
+                         the groups; fa3: FlashInfer's Hopper kernels for the shared pass)
 
 Each is timed eagerly (do_bench over the launch sequence) and replayed from a CUDA graph (what
-the engine runs: a step's launches without Python). FlashInfer's cascade runs eagerly in the
-engine; its graph row captures one fixed grouping, i.e. its kernel time. ``*_plan_us``: host
-cost of planning a step. Max abs diffs against Triton per-request decode and an fp32 reference
+the engine runs: a step's launches without Python). ``*_plan_us``: host cost of planning a
+step. Max abs diffs against Triton per-request decode and an fp32 reference
 on a sample of requests.
 
     python bench/bench_flashinfer_cascade.py [--configs 16x16,64x4] [--out DIR]
@@ -110,16 +112,21 @@ def one_config(groups: int, per_group: int, shared: int, suffix: tuple[int, int]
     record("triton_cascade", lambda: tri.attend(q, k, v, batch), lambda: tri.prepare(batch))
     fi = FlashInferBackend(HQ, HKV, HD, HD**-0.5, device="cuda", max_batch_size=bsz,
                            cascade=CascadePolicy())
-    fi.prepare_graph_sizes([bsz])  # per-request decode through its cuda-graph wrapper
+    fi.prepare_graph_sizes([bsz])  # the engine's graph path: graph-mode wrappers, padded plans
     record("fi_decode", lambda: fi.attend(q, kv), lambda: fi.prepare(plain))
+    record("fi_cascade", lambda: fi.attend(q, kv), lambda: fi.prepare(batch))
+    # Eager plans (no captured size): the shared pass's query tile sized to the groups; its
+    # graph row replays one fixed plan (the kernels' time, not a path the engine can replay).
+    eager = FlashInferBackend(HQ, HKV, HD, HD**-0.5, device="cuda", max_batch_size=bsz,
+                              cascade=CascadePolicy())
     for backend in shared_backends:
-        name = "fi_cascade" if backend == "fa2" else f"fi_cascade_{backend}"
-        fi._cascade = FlashInferCascade(fi._fi, fi.workspace, num_heads=HQ, num_kv_heads=HKV,
-                                        head_dim=HD, scale=HD**-0.5, dtype=torch.bfloat16,
-                                        use_tensor_cores=fi.use_tensor_cores,
-                                        shared_backend=backend)
+        name = f"fi_cascade_eager_plan_{backend}"
+        eager._cascade = FlashInferCascade(
+            eager._fi, eager.workspace, num_heads=HQ, num_kv_heads=HKV, head_dim=HD,
+            scale=HD**-0.5, dtype=torch.bfloat16, use_tensor_cores=eager.use_tensor_cores,
+            shared_backend=backend)
         try:
-            record(name, lambda: fi.attend(q, kv), lambda: fi.prepare(batch))
+            record(name, lambda: eager.attend(q, kv), lambda: eager.prepare(batch))
         except Exception as exc:  # an optional kernel family may not build here: keep the rest
             res[f"{name}_error"] = f"{type(exc).__name__}: {exc}"[:400]
             print(f"  {name}: FAILED {res[f'{name}_error']}", flush=True)

@@ -21,7 +21,8 @@ size). ``prepare`` runs the wrapper's plan outside the graph, before each replay
 step's lists into those buffers and rewrites the plan (work split) in the wrapper's fixed int
 workspace, which the captured kernels read; graph mode keeps the grid fixed whatever the lengths.
 
-Cascade decode (``cascade`` set, steps carrying groups): attention/flashinfer_cascade.py, eager.
+Cascade decode (``cascade`` set, steps carrying groups): attention/flashinfer_cascade.py, eagerly
+or, at a captured batch size, through graph-mode wrappers sharing the decode graph's buffers.
 """
 
 from __future__ import annotations
@@ -33,12 +34,18 @@ import torch
 
 from radixrt.attention.base import AttentionBackend
 from radixrt.attention.flashinfer_cascade import FlashInferCascade
-from radixrt.attention.flashinfer_plan import PinnedRing, cascade_layout, decode_level, stage_level
+from radixrt.attention.flashinfer_plan import (
+    PinnedRing,
+    cascade_layout,
+    decode_level,
+    padded_cascade_layout,
+    stage_level,
+)
 
 if TYPE_CHECKING:
     from radixrt.cache.kv_pool import KVPool
     from radixrt.engine.batch import ForwardBatch
-    from radixrt.engine.cascade_groups import CascadePolicy
+    from radixrt.engine.cascade_groups import CascadeGroups, CascadePolicy
 
 WORKSPACE_BYTES = 128 << 20
 
@@ -56,7 +63,6 @@ def import_flashinfer() -> Any:
 
 class FlashInferBackend(AttentionBackend):
     supports_cuda_graph = True
-    cascade_in_cuda_graph = False  # see flashinfer_cascade.py
 
     def __init__(
         self,
@@ -88,6 +94,7 @@ class FlashInferBackend(AttentionBackend):
         self._graph_sizes: set[int] = set()
         self._graph_decode: dict[int, Any] = {}  # batch size -> its cuda-graph wrapper
         self._graph_indices: torch.Tensor | None = None  # page ids, shared by those wrappers
+        self._graph_shared_indices: torch.Tensor | None = None  # the cascade's shared pass's
         # Cascade steps stage the most: (own + shared level) entries, the permutation, qo_indptr.
         self._ring = PinnedRing(12 * max_batch_size + 64, self.device)
         self._planned: dict[int, torch.cuda.Event] = {}  # id(wrapper) -> after its last plan
@@ -111,6 +118,7 @@ class FlashInferBackend(AttentionBackend):
             per_seq = max(batch.page_table.shape[1], -(-self.max_context_len // batch.page_size))
             self._graph_indices = torch.zeros(max(self._graph_sizes) * per_seq,
                                               dtype=torch.int32, device=self.device)
+            self._graph_shared_indices = torch.zeros_like(self._graph_indices)
         if total_pages > self._graph_indices.numel():
             raise ValueError(f"decode step of {size} requests reads {total_pages} pages; the "
                              f"CUDA-graph page list holds {self._graph_indices.numel()} "
@@ -145,29 +153,53 @@ class FlashInferBackend(AttentionBackend):
         rows = np.asarray(batch.req_rows_cpu, dtype=np.int64)
         ring = self._ring
         ring.begin()
+        groups = batch.cascade if batch.is_decode else None
+        cascade = self._cascade
+        if cascade is not None and groups is not None and batch.batch_size in self._graph_sizes:
+            self._plan_cascade_graph(cascade, groups, batch, seq_lens, rows)
+        elif cascade is not None and groups is not None and (
+                layout := cascade_layout(groups, seq_lens, rows, ps)) is not None:
+            cascade.plan(layout, batch.page_table, ps, ring, self._plan)
+            self._active = cascade
+        else:
+            self._plan_per_request(batch, seq_lens, rows)
+        ring.end()
+
+    def _plan_per_request(self, batch: ForwardBatch, seq_lens: np.ndarray,
+                          rows: np.ndarray) -> None:
+        ps, ring = batch.page_size, self._ring
         dims = (self.num_heads, self.num_kv_heads, self.head_dim, ps)
         types = dict(sm_scale=self.scale, q_data_type=self.dtype, kv_data_type=self.dtype)
-        layout = None
-        if batch.is_decode and self._cascade is not None and batch.cascade is not None:
-            layout = cascade_layout(batch.cascade, seq_lens, rows, ps)
-        if layout is not None:
-            assert self._cascade is not None
-            self._cascade.plan(layout, batch.page_table, ps, ring, self._plan)
-            self._active = self._cascade
+        level = decode_level(seq_lens, rows, ps)
+        staged = stage_level(level, ring, batch.page_table)
+        csr = (staged.kv_indptr, staged.kv_indices, staged.last_page_len)
+        if batch.is_decode:
+            graph = self._graph_wrapper(batch, level.total_pages)
+            self._active = self.decode if graph is None else graph
+            self._plan(self._active, *csr, *dims, **types)
         else:
-            level = decode_level(seq_lens, rows, ps)
-            staged = stage_level(level, ring, batch.page_table)
-            csr = (staged.kv_indptr, staged.kv_indices, staged.last_page_len)
-            if batch.is_decode:
-                graph = self._graph_wrapper(batch, level.total_pages)
-                self._active = self.decode if graph is None else graph
-                self._plan(self._active, *csr, *dims, **types)
-            else:
-                qo_indptr = np.zeros(batch.batch_size + 1, dtype=np.int64)
-                np.cumsum(batch.extend_lens_cpu, out=qo_indptr[1:])
-                self._plan(self.prefill, ring.put(qo_indptr), *csr, *dims, causal=True, **types)
-                self._active = self.prefill
-        ring.end()
+            qo_indptr = np.zeros(batch.batch_size + 1, dtype=np.int64)
+            np.cumsum(batch.extend_lens_cpu, out=qo_indptr[1:])
+            self._plan(self.prefill, ring.put(qo_indptr), *csr, *dims, causal=True, **types)
+            self._active = self.prefill
+
+    def _plan_cascade_graph(self, cascade: FlashInferCascade, groups: CascadeGroups,
+                            batch: ForwardBatch, seq_lens: np.ndarray, rows: np.ndarray) -> None:
+        """A captured size's fixed-shape cascade step (a graph captured with no groups replays
+        any grouping): room for every group of ``min_group`` members, plus one padding entry."""
+        assert self.cascade_policy is not None
+        size = batch.batch_size
+        entries = size // self.cascade_policy.min_group + 1
+        layout = padded_cascade_layout(groups, seq_lens, rows, batch.page_size, entries)
+        own = self._graph_wrapper(batch, layout.own.total_pages)
+        shared_ids = self._graph_shared_indices
+        assert shared_ids is not None, "made with the decode graph wrapper's page ids"
+        if layout.shared.total_pages > shared_ids.numel():
+            raise ValueError(f"cascade step reads {layout.shared.total_pages} shared pages; the "
+                             f"CUDA-graph page list holds {shared_ids.numel()}")
+        slot = cascade.graph_slot(size, entries, own, shared_ids)
+        cascade.plan(layout, batch.page_table, batch.page_size, self._ring, self._plan, slot)
+        self._active = cascade
 
     def forward(
         self,

@@ -23,6 +23,7 @@ are gathered on the device (``gather_pages``), from the page table the step alre
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -79,13 +80,10 @@ def decode_level(seq_lens: I64, rows: I64, page_size: int) -> PagedLevel:
 class CascadeLayout:
     order: I64  # [B] batch index at each permuted position: grouped members first
     num_grouped: int  # M: permuted positions [0, M) belong to groups
-    qo_indptr: I64  # [G + 1] group g's queries are permuted positions qo_indptr[g] : [g + 1]
-    shared: PagedLevel  # [G] each group's shared pages
+    num_groups: int  # G: shared entries [0, G) are groups (any after them: graph padding)
+    qo_indptr: I64  # [E + 1] entry e's queries are permuted positions qo_indptr[e] : [e + 1]
+    shared: PagedLevel  # [E] each group's shared pages
     own: PagedLevel  # [B] in permuted order: each request's own suffix (whole KV if ungrouped)
-
-    @property
-    def num_groups(self) -> int:
-        return self.shared.size
 
 
 def cascade_layout(groups: CascadeGroups, seq_lens: I64, rows: I64,
@@ -113,11 +111,41 @@ def cascade_layout(groups: CascadeGroups, seq_lens: I64, rows: I64,
     qo_indptr = np.zeros(sizes.shape[0] + 1, dtype=np.int64)
     np.cumsum(sizes, out=qo_indptr[1:])
     return CascadeLayout(
-        order=order, num_grouped=int(members.shape[0]), qo_indptr=qo_indptr,
+        order=order, num_grouped=int(members.shape[0]), num_groups=int(sizes.shape[0]),
+        qo_indptr=qo_indptr,
         shared=_level(group_rows.astype(np.int64), np.zeros_like(shared_pages),
                       shared_pages * page_size, page_size),
         own=_level(rows[order], first, own_tokens, page_size),
     )
+
+
+def padded_cascade_layout(groups: CascadeGroups | None, seq_lens: I64, rows: I64,
+                          page_size: int, num_entries: int) -> CascadeLayout:
+    """``cascade_layout`` with exactly ``num_entries`` shared entries whose queries cover the
+    whole batch, for a CUDA graph (FlashInfer's graph mode fixes the entry count and the row
+    total): after the groups, entries of no query over one token of the scratch page 0, and
+    the last of them takes the ungrouped rows, whose shared result the merge then masks out::
+
+        groups A (2 rows), B (2 rows), 2 ungrouped, 5 entries
+        qo_indptr  [0, 2, 4, 4, 4, 6]     entries C, D, E read page 0; E's rows 4, 5 masked
+    """
+    layout = None if groups is None else cascade_layout(groups, seq_lens, rows, page_size)
+    if layout is None:
+        n = seq_lens.shape[0]
+        layout = CascadeLayout(order=np.arange(n, dtype=np.int64), num_grouped=0, num_groups=0,
+                               qo_indptr=np.zeros(1, dtype=np.int64),
+                               shared=_level(*(np.zeros(0, dtype=np.int64),) * 3, page_size),
+                               own=decode_level(seq_lens, rows, page_size))
+    pad = num_entries - layout.num_groups
+    assert pad >= 1, f"{layout.num_groups} groups leave no padding entry of {num_entries}"
+    tokens = np.concatenate([np.diff(layout.shared.kv_indptr) * page_size,
+                             np.ones(pad, dtype=np.int64)])
+    zeros = np.zeros(num_entries, dtype=np.int64)
+    entry_rows = np.concatenate([layout.shared.rows, zeros[:pad]])
+    qo = np.concatenate([layout.qo_indptr, np.full(pad, layout.num_grouped, dtype=np.int64)])
+    qo[-1] = layout.order.shape[0]
+    return dataclasses.replace(layout, qo_indptr=qo,
+                               shared=_level(entry_rows, zeros, tokens, page_size))
 
 
 def gather_pages(page_table: torch.Tensor,  # [R, max_pages] int32 (device)

@@ -20,6 +20,7 @@ from radixrt.attention.flashinfer_plan import (
     cascade_layout,
     decode_level,
     gather_pages,
+    padded_cascade_layout,
     stage_level,
 )
 from radixrt.attention.torch_ref import TorchReferenceBackend, gather_slots, paged_decode_reference
@@ -132,7 +133,7 @@ def _check_layout_covers_each_request(layout: CascadeLayout, batch: ForwardBatch
     assert sorted(layout.order.tolist()) == list(range(batch.batch_size))
     shared = _level_slots(layout.shared, batch)
     own = _level_slots(layout.own, batch)
-    group_of = np.repeat(np.arange(layout.num_groups), np.diff(layout.qo_indptr))
+    group_of = np.repeat(np.arange(layout.shared.size), np.diff(layout.qo_indptr))
     for pos, b in enumerate(layout.order.tolist()):
         prefix = shared[group_of[pos]] if pos < layout.num_grouped else torch.zeros(0).long()
         row = batch.page_table[batch.req_rows_cpu[b]]
@@ -191,6 +192,26 @@ def test_shared_lengths_are_cut_to_whole_pages_and_pageless_groups_dissolve():
     assert cascade_layout(lone, *_host(batch), 16) is None
 
 
+def test_padded_layout_covers_the_batch_with_a_fixed_entry_count():
+    rng = random.Random(9)
+    batch = _grouped_batch(rng, 4, [(16, 3), (8, 2)], 3, (1, 9))
+    groups = batch.cascade
+    assert groups is not None
+    exact = cascade_layout(groups, *_host(batch), 4)
+    padded = padded_cascade_layout(groups, *_host(batch), 4, num_entries=5)
+    assert exact is not None and padded.num_groups == exact.num_groups == 2
+    assert padded.shared.size == 5 and padded.qo_indptr.tolist() == [0, 3, 5, 5, 5, 8]
+    assert padded.shared.token_ranges(4)[:2] == exact.shared.token_ranges(4)
+    assert padded.shared.token_ranges(4)[2:] == [(0, 0, 1)] * 3  # scratch row 0, one token
+    assert padded.order.tolist() == exact.order.tolist()
+    _check_layout_covers_each_request(padded, batch)
+    none = padded_cascade_layout(None, *_host(batch), 4, num_entries=2)
+    assert none.num_grouped == 0 and none.qo_indptr.tolist() == [0, 0, batch.batch_size]
+    assert none.own.token_ranges(4) == decode_level(*_host(batch), 4).token_ranges(4)
+    with pytest.raises(AssertionError, match="no padding entry"):
+        padded_cascade_layout(groups, *_host(batch), 4, num_entries=2)
+
+
 def _attend(q: torch.Tensor, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
             scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     """fp32 attention of queries [N, Hq, D] over pool slots: (out [N, Hq, D], ln-LSE [N, Hq])."""
@@ -201,12 +222,16 @@ def _attend(q: torch.Tensor, slots: torch.Tensor, k: torch.Tensor, v: torch.Tens
     return torch.einsum("nhl,lhd->nhd", torch.softmax(s, -1), vv), torch.logsumexp(s, -1)
 
 
-def test_two_level_layout_merged_by_lse_equals_per_request_decode():
+@pytest.mark.parametrize("padded", [False, True])
+def test_two_level_layout_merged_by_lse_equals_per_request_decode(padded):
+    """Every row through its own entry and (grouped rows) its group's shared entry, merged;
+    padded (graph) layouts put the ungrouped rows in a padding entry whose result is dropped."""
     rng = random.Random(11)
     heads, kv_heads, dim, ps = 8, 2, 16, 4
     batch = _grouped_batch(rng, ps, [(16, 4), (24, 3), (9, 2)], 2, (1, 13))
     assert batch.cascade is not None
-    layout = cascade_layout(batch.cascade, *_host(batch), ps)
+    layout = (padded_cascade_layout(batch.cascade, *_host(batch), ps, num_entries=8) if padded
+              else cascade_layout(batch.cascade, *_host(batch), ps))
     assert layout is not None
     slots = int(batch.page_table.max()) * ps + ps
     k, v = torch.randn(slots, kv_heads, dim), torch.randn(slots, kv_heads, dim)
@@ -372,6 +397,38 @@ def test_flashinfer_decode_matches_triton_decode(graph):
     ref = paged_decode_reference(q.float(), pool.k_flat(0), pool.v_flat(0), second, HD**-0.5)
     _assert_bf16_close(out, ref)
 
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_FLASHINFER, reason="flashinfer is not installed")
+def test_flashinfer_cascade_graph_captured_without_groups_replays_groupings():
+    """As DecodeGraphs captures a grouped graph (no groups yet), then replays other steps."""
+    from radixrt.attention.flashinfer_backend import FlashInferBackend
+
+    rng = random.Random(23)
+    steps = [_grouped_batch(rng, 16, [(1024, 8), (512, 16)], 8, (1, 400), device="cuda"),
+             _grouped_batch(rng, 16, [(2048, 2)] * 10 + [(256, 4)], 8, (1, 200), device="cuda"),
+             _grouped_batch(rng, 16, [(48, 3)], 29, (1, 900), device="cuda")]
+    assert all(b.batch_size == 32 for b in steps)
+    pool = _pool(max(int(b.page_table.max()) for b in steps) + 1)
+    kv = (pool.k(0), pool.v(0))
+    fi = FlashInferBackend(HQ, HKV, HD, HD**-0.5, device="cuda", max_batch_size=32,
+                           cascade=CascadePolicy())
+    fi.prepare_graph_sizes([32])
+    fi.prepare(dataclasses.replace(steps[0], cascade=CascadeGroups.empty()))
+    q_static = torch.zeros(32, HQ, HD, device="cuda", dtype=torch.bfloat16)
+    for _ in range(2):
+        fi.attend(q_static, kv)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        out = fi.attend(q_static, kv)
+    for batch in steps:
+        q = torch.randn(32, HQ, HD, device="cuda", dtype=torch.bfloat16)
+        fi.prepare(batch)
+        q_static.copy_(q)
+        g.replay()
+        torch.cuda.synchronize()
+        _assert_bf16_close(out, _triton_decode(pool, q, batch))
 
 
 @pytest.mark.gpu

@@ -179,7 +179,7 @@ def sweep_pass1(args: argparse.Namespace, backend: Any, q: torch.Tensor, k: torc
                 v: torch.Tensor, batch: ForwardBatch) -> list[dict[str, Any]]:
     """Whole cascade step time over pass-1 launch settings and item targets (the backend's
     defaults first), within ``args.sweep_s`` seconds."""
-    from radixrt.kernels.cascade_decode import cascade_decode
+    from radixrt.kernels.cascade_decode import CascadeLaunch, cascade_decode
 
     buffers = backend.cascade_buffers
     groups = batch.cascade
@@ -213,7 +213,7 @@ def sweep_pass1(args: argparse.Namespace, backend: Any, q: torch.Tensor, k: torc
                            num_splits=backend.num_splits_for(batch.batch_size),
                            prefix_programs=target, suf_out=backend._part_out,
                            suf_lse=backend._part_lse, pre_out=buffers.pre_out,
-                           pre_lse=buffers.pre_lse, block_n=bn, num_warps=w, num_stages=st,
+                           pre_lse=buffers.pre_lse, launch=CascadeLaunch(bn, w, st),
                            side_stream=side_stream if side else None)
 
         try:
@@ -242,18 +242,18 @@ def host(args: argparse.Namespace) -> dict[str, Any]:
     ps, rng = 16, np.random.default_rng(0)
     alloc = PageAllocator(args.groups * args.per_group * 200)
     cache = RadixCache(alloc, ps)
-    seqs = []
+    seqs: list[Sequence] = []
     for g in range(args.groups):
         system = rng.integers(3, 30000, args.shared).tolist()
         for i in range(args.per_group):
             toks = system + rng.integers(3, 30000, 128).tolist()
             fresh = alloc.alloc(len(toks) // ps)
             assert fresh is not None
-            res = cache.insert(np.asarray(toks), fresh)
-            cache.lock(res.handle)
+            ins = cache.insert(np.asarray(toks), fresh)
+            cache.lock(ins.handle)
             seq = Sequence(rid=f"{g}-{i}", index=0, prompt_ids=toks, params=SamplingParams(),
                            namespace=None, arrival=len(seqs), pages=SequencePages(ps))
-            seq.pages.pages, seq.cache_handle, seq.kv_len = list(res.pages), res.handle, len(toks)
+            seq.pages.pages, seq.cache_handle, seq.kv_len = list(ins.pages), ins.handle, len(toks)
             seqs.append(seq)
     grouper = PrefixGrouper(CascadePolicy(), ps)
     rows, kv = list(range(1, len(seqs) + 1)), [s.kv_len for s in seqs]

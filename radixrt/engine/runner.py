@@ -33,8 +33,8 @@ def cascade_policy(config: EngineConfig) -> CascadePolicy | None:
     mode = config.cascade_decode
     backend = config.attention_backend
     if mode == "auto":
-        # FlashInfer's cascade runs eagerly (attention/flashinfer_cascade.py): auto keeps its
-        # decode graphs instead.
+        # FlashInfer's cascade (attention/flashinfer_cascade.py) is not measured in the engine
+        # yet: auto leaves it off there.
         on_triton = backend == "triton" or (backend == "auto" and config.device != "cpu")
         mode = "on" if (CASCADE_AUTO_ON_CUDA and config.device != "cpu" and on_triton
                         and not config.deterministic_inference) else "off"

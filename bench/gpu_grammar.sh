@@ -12,7 +12,8 @@
 # "fused-ready" starts a step's early grammar advance only if its tokens are on the host at the
 # start of the next step (RADIXRT_GRAMMAR_WAIT_TOKENS=0), "fused" has the fill threads wait for
 # them. The unconstrained baseline runs first and last; ratios use the faster of the two.
-# Results under $OUT (grammar.json, bench_grammar.log). Short run: KERNEL_TESTS=0 SECTIONS=gpu
+# Results under $OUT (grammar.json, bench_grammar.log; probe_accept.log: bench/probe_accept_threads.py,
+# PROBE=0 skips it; kernel_tests.log, KERNEL_TESTS=0 skips them). Order: bench, probe, tests. Short run: KERNEL_TESTS=0 SECTIONS=gpu
 # BENCH_TIMEOUT=150 STEPS=40 CONFIGS=... (see .coord/final_grammar_cmd).
 # GIL_PROBE=1 adds a run of the unfused path with tvm-ffi's GIL release off
 # (TVM_FFI_RELEASE_GIL_BY_DEFAULT=0, $OUT/gil_probe/): if its "grammar advance" drops to the bare
@@ -46,18 +47,24 @@ python3 -c "import xgrammar, msgspec" || { echo "xgrammar/msgspec missing: run b
 nvidia-smi --query-gpu=name,memory.total --format=csv 2>&1 | tee "$OUT/gpu.txt"
 # The host's topology: fill threads on hyperthread siblings slow each other down.
 lscpu 2>/dev/null | grep -E '^(CPU\(s\)|Thread|Core|Socket|NUMA node\(s\)|Model name)' | tee -a "$OUT/gpu.txt"
-if [ "${KERNEL_TESTS:-1}" = 1 ]; then
-  # The bitmask kernel, and the masks' side-stream copy (device mask == host fill).
-  timeout "${TEST_TIMEOUT:-120}" python3 -m pytest -q -m gpu -p no:cacheprovider tests/kernels/test_token_bitmask.py \
-    tests/unit/test_constrained_cuda.py 2>&1 | tee "$OUT/kernel_tests.log" | tail -3
-fi
-echo "tests done at ${SECONDS}s"
 CONFIGS="${CONFIGS:-fused-ready:default,fused:default,fused:2,fused:3,fused:6,fused:default@0.2,fused:4}"
 nproc | sed 's/^/cores: /' | tee -a "$OUT/gpu.txt"
 timeout "${BENCH_TIMEOUT:-450}" python3 bench/bench_grammar.py --sections "${SECTIONS:-gpu,host,masks,compile}" --tokenizer "${TOKENIZER:-.whl/tok}" \
   --batch "${BATCH:-256}" --steps "${STEPS:-50}" --device "${DEVICE:-cuda}" --preset "${PRESET:-llama3-8b}" \
   --grammar-configs "$CONFIGS" --out "$OUT" 2>&1 | grep -v Warning | tee "$OUT/bench_grammar.log" | tail -80
 echo "bench done at ${SECONDS}s"
+if [ "${PROBE:-1}" = 1 ]; then
+  # Do batch accepts slow down on several threads here (summed CPU growing with threads)?
+  timeout "${PROBE_TIMEOUT:-60}" python3 bench/probe_accept_threads.py --tokenizer "${TOKENIZER:-.whl/tok}" \
+    --threads 1,2,4,8 2>&1 | grep -v Warning | tee "$OUT/probe_accept.log"
+  echo "probe done at ${SECONDS}s"
+fi
+if [ "${KERNEL_TESTS:-1}" = 1 ]; then
+  # The bitmask kernel, and the masks' side-stream copy (device mask == host fill).
+  timeout "${TEST_TIMEOUT:-120}" python3 -m pytest -q -m gpu -p no:cacheprovider tests/kernels/test_token_bitmask.py \
+    tests/unit/test_constrained_cuda.py 2>&1 | tee "$OUT/kernel_tests.log" | tail -3
+fi
+echo "tests done at ${SECONDS}s"
 if [ "${GIL_PROBE:-0}" = 1 ]; then
   mkdir -p "$OUT/gil_probe"
   TVM_FFI_RELEASE_GIL_BY_DEFAULT=0 timeout 240 python3 bench/bench_grammar.py --sections gpu \

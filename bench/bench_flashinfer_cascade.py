@@ -6,7 +6,8 @@ shared + 128..384 own tokens per request (bench_cascade.py's batch):
     triton_cascade       kernels/cascade_decode.py (prefix once per tile of members)
     fi_decode            FlashInfer tensor-core batch decode, per request
     fi_cascade           attention/flashinfer_cascade.py (shared pass + own pass + merge) in
-                         its CUDA-graph form (graph-mode wrappers, padded shared entries)
+                         its CUDA-graph form (graph-mode wrappers, padded shared entries,
+                         64-row query tile; fi_cascade_tile128 / _tile16: other tiles)
     fi_cascade_eager_plan_fa2 / _fa3   the same with eager plans (shared pass's tile sized to
                          the groups; fa3: FlashInfer's Hopper kernels for the shared pass)
 
@@ -29,6 +30,7 @@ import os
 import sys
 import time
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -74,7 +76,7 @@ def _plan_us(prepare: Callable[[], None], n: int = 50) -> float:
 
 
 def one_config(groups: int, per_group: int, shared: int, suffix: tuple[int, int],
-               shared_backends: list[str]) -> dict[str, Any]:
+               shared_backends: list[str], graph_tiles: list[int]) -> dict[str, Any]:
     from radixrt.attention.flashinfer_backend import FlashInferBackend
     from radixrt.attention.flashinfer_cascade import FlashInferCascade
     from radixrt.attention.triton_backend import TritonAttentionBackend
@@ -115,6 +117,12 @@ def one_config(groups: int, per_group: int, shared: int, suffix: tuple[int, int]
     fi.prepare_graph_sizes([bsz])  # the engine's graph path: graph-mode wrappers, padded plans
     record("fi_decode", lambda: fi.attend(q, kv), lambda: fi.prepare(plain))
     record("fi_cascade", lambda: fi.attend(q, kv), lambda: fi.prepare(batch))
+    for tile in graph_tiles:  # the graph-mode shared pass's query tile (default 64)
+        other = FlashInferBackend(HQ, HKV, HD, HD**-0.5, device="cuda", max_batch_size=bsz,
+                                  cascade=CascadePolicy(), cascade_graph_tile=tile)
+        other.prepare_graph_sizes([bsz])
+        record(f"fi_cascade_tile{tile}", partial(other.attend, q, kv),
+               partial(other.prepare, batch))
     # Eager plans (no captured size): the shared pass's query tile sized to the groups; its
     # graph row replays one fixed plan (the kernels' time, not a path the engine can replay).
     eager = FlashInferBackend(HQ, HKV, HD, HD**-0.5, device="cuda", max_batch_size=bsz,
@@ -146,6 +154,8 @@ def main() -> None:
     ap.add_argument("--suffix", default="128,384", help="own tokens per request: lo,hi")
     ap.add_argument("--shared-backends", default="fa2,fa3",
                     help="FlashInfer kernel families to try for the cascade's shared pass")
+    ap.add_argument("--graph-tiles", default="128,16",
+                    help="other query tiles to try for the graph-mode shared pass (default 64)")
     ap.add_argument("--out", default=None)
     a = ap.parse_args()
     assert torch.cuda.is_available(), "this benchmark needs a CUDA GPU"
@@ -156,8 +166,9 @@ def main() -> None:
     for cfg in a.configs.split(","):
         g, r = (int(x) for x in cfg.split("x"))
         print(f"== {cfg}: {g} groups x {r}, {a.shared} shared + {lo}..{hi} own", flush=True)
-        results["configs"][cfg] = one_config(g, r, a.shared, (lo, hi),
-                                             a.shared_backends.split(","))
+        results["configs"][cfg] = one_config(
+            g, r, a.shared, (lo, hi), a.shared_backends.split(","),
+            [int(t) for t in a.graph_tiles.split(",") if t])
         (out / "fi_cascade.json").write_text(json.dumps(results, indent=1))
     print(json.dumps(results, indent=1))
 

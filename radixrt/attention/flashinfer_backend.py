@@ -76,7 +76,11 @@ class FlashInferBackend(AttentionBackend):
         max_batch_size: int = 256,
         max_context_len: int = 8192,
         cascade: CascadePolicy | None = None,
+        cascade_graph_tile: int = 64,
     ) -> None:
+        """``cascade_graph_tile``: query rows (x GQA heads) of the graph-mode shared pass's tile
+        (16, 64 or 128): FlashInfer's graph mode sizes the tile for the longest entry its row
+        total allows, so the padded layout gets enough entries to bound that by the tile."""
         super().__init__(num_heads, num_kv_heads, head_dim, scale)
         self._fi = import_flashinfer()
         self.device = torch.device(device)
@@ -99,6 +103,7 @@ class FlashInferBackend(AttentionBackend):
         self._ring = PinnedRing(12 * max_batch_size + 64, self.device)
         self._planned: dict[int, torch.cuda.Event] = {}  # id(wrapper) -> after its last plan
         self.cascade_policy = cascade
+        self.cascade_graph_tile = cascade_graph_tile
         self._cascade = None if cascade is None else FlashInferCascade(
             self._fi, self.workspace, num_heads=num_heads, num_kv_heads=num_kv_heads,
             head_dim=head_dim, scale=scale, dtype=dtype, use_tensor_cores=self.use_tensor_cores)
@@ -186,10 +191,13 @@ class FlashInferBackend(AttentionBackend):
     def _plan_cascade_graph(self, cascade: FlashInferCascade, groups: CascadeGroups,
                             batch: ForwardBatch, seq_lens: np.ndarray, rows: np.ndarray) -> None:
         """A captured size's fixed-shape cascade step (a graph captured with no groups replays
-        any grouping): room for every group of ``min_group`` members, plus one padding entry."""
+        any grouping): room for every group of ``min_group`` members plus one padding entry, and
+        enough entries that the row total leaves no entry over the tile (graph mode plans for
+        rows - entries + 1 rows in one entry)."""
         assert self.cascade_policy is not None
         size = batch.batch_size
-        entries = size // self.cascade_policy.min_group + 1
+        per_tile = max(1, self.cascade_graph_tile // (self.num_heads // self.num_kv_heads))
+        entries = max(size // self.cascade_policy.min_group + 1, size + 1 - per_tile)
         layout = padded_cascade_layout(groups, seq_lens, rows, batch.page_size, entries)
         own = self._graph_wrapper(batch, layout.own.total_pages)
         shared_ids = self._graph_shared_indices

@@ -12,7 +12,8 @@ once per group per step instead of once per request.
                        page table (any member's row: the prefix pages are the same)
 
             writes a normalised partial output + base-2 LSE per row, item-major:
-            PreO[item, kv_head, row, D].
+            PreO[item, kv_head, row, D]. Groups of few members get small tiles (SMALL_M rows) in
+            the same launch, so their tensor-core work is not mostly padding.
     pass 2  each request's own suffix [kv_starts[b], seq_len_b) by the split-KV decode stage 1
             (``decode_partials``); ungrouped requests have kv_start 0 and no items.
     merge   grid (B, Hkv): the suffix splits and the request's prefix items combined by LSE, for
@@ -180,23 +181,10 @@ def _shared_prefix_kernel(
     num_items_ptr,  # [2] int32: all items, small-tile items (listed first)
     members,  # [M] int32
     page_table,  # [R, max_pages] int32
-    qk_scale,
-    stride_qb,
-    stride_qh,
-    stride_kt,
-    stride_kh,
-    stride_vt,
-    stride_vh,
-    stride_pt,
-    GROUP: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    SMALL_M: tl.constexpr,
-    HEAD_DIM: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-    PAGE_SIZE: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    PRECISION: tl.constexpr,
-    INTERPRET: tl.constexpr,
+    qk_scale, stride_qb, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_pt,
+    GROUP: tl.constexpr, BLOCK_M: tl.constexpr, SMALL_M: tl.constexpr, HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr, PAGE_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
+    PRECISION: tl.constexpr, INTERPRET: tl.constexpr,
 ):
     kv_head = tl.program_id(1)
     num_kv_heads = tl.num_programs(1)
@@ -235,20 +223,9 @@ def _cascade_merge_kernel(
     PreO,  # [item_cap, Hkv, BLOCK_M, D] fp32
     PreLse,  # [item_cap, Hkv, BLOCK_M]
     Out,  # [B, Hq, D]
-    seq_lens,
-    kv_starts,
-    first_item,
-    item_count,
-    slot,
-    stride_ob,
-    stride_oh,
-    GROUP: tl.constexpr,
-    BLOCK_H: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    HEAD_DIM: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    NUM_SPLITS: tl.constexpr,
+    seq_lens, kv_starts, first_item, item_count, slot, stride_ob, stride_oh,
+    GROUP: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr,
     MIN_SPLIT_LEN: tl.constexpr,
 ):
     # Grid (B, Hkv): one program merges the GROUP query heads of a KV head (a quarter of the

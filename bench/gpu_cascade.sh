@@ -15,7 +15,7 @@
 #   bash bench/gpu_cascade.sh          # from the repo root, on the GPU machine
 #
 # Knobs: GSP_SCALE (gsp request-count scale, default 1 = the full size, 64 groups x 16;
-# 0.5 saves ~20 s), E2E=both|on|none, SWEEP=0 (skip bench/cascade_sweep.py, the graph-timed
+# 0.5 saves ~20 s), E2E=both|on|none, AGREE_TOKENS (0: no agreement batch after gsp), SWEEP=0 (skip bench/cascade_sweep.py, the graph-timed
 # kernel sweep -> sweep.json), SWEEP_S (its budget, s), OLD_KERNEL=1 (also the eager kernel bench
 # of runs 1-2), ENGINE_TESTS=0, RUN_HOST=1 (also the host grouping bench, ~10 s),
 # T_TESTS / T_SWEEP / T_KERNEL / T_E2E (timeouts, s).
@@ -61,7 +61,7 @@ fi
 if [ "${RUN_HOST:-0}" = 1 ]; then  # grouping + packing on the host CPU (no GPU needed)
   run timeout -k 10 30 "$PY" bench/bench_cascade.py host --out "$OUT"
 fi
-GSP=(--scale "${GSP_SCALE:-1}" --out "$OUT")
+GSP=(--scale "${GSP_SCALE:-1}" --agree-tokens "${AGREE_TOKENS:-64}" --out "$OUT")
 off_rc=0
 on_rc=0
 case "${E2E:-both}" in  # both | on (the off baseline from an earlier run) | none

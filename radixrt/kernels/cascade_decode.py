@@ -217,6 +217,16 @@ def _split_nonempty(kv_start, seq_len, split, NUM_SPLITS: tl.constexpr, BLOCK_N:
 
 
 @triton.jit
+def _merge_part(acc, wsum, m, part, lse):
+    """Add a normalised part with base-2 LSE ``lse`` (-inf: absent) to the running merge."""
+    m_new = tl.maximum(m, lse)
+    m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)  # nothing yet: no inf - inf
+    alpha = tl.exp2(m - m_ref)
+    w = tl.exp2(lse - m_ref)
+    return acc * alpha[:, None] + part * w[:, None], wsum * alpha + w, m_new
+
+
+@triton.jit
 def _cascade_merge_kernel(
     SufO,  # [B, Hq, NUM_SPLITS, D] fp32 (decode_partials)
     SufLse,  # [B, Hq, NUM_SPLITS]
@@ -244,35 +254,26 @@ def _cascade_merge_kernel(
     count = tl.load(item_count + req)
     row_h = tl.load(slot + req) * GROUP + offs_h  # the request's rows in its tile
     suf_row = (req.to(tl.int64) * (GROUP * num_kv_heads) + heads) * NUM_SPLITS
-    # Pass A: the largest LSE of every part (suffix splits decode_partials wrote, the tile's
-    # prefix items); empty splits left stale rows: never read them.
+    # One pass, online: each part (the suffix splits decode_partials wrote, then the tile's
+    # prefix items) rescales the running sum to the new largest LSE, so each part's LSE and
+    # output are loaded together once. Empty splits left stale rows: never read them.
     m = tl.full([BLOCK_H], float("-inf"), dtype=tl.float32)
-    for s in tl.static_range(NUM_SPLITS):
-        valid = mask_h & _split_nonempty(kv_start, seq_len, offs_h * 0 + s, NUM_SPLITS, BLOCK_N,
-                                         MIN_SPLIT_LEN)
-        m = tl.maximum(m, tl.load(SufLse + suf_row + s, mask=valid, other=float("-inf")))
-    for i in range(0, count):
-        pre_row = ((first + i).to(tl.int64) * num_kv_heads + kv_head) * BLOCK_M + row_h
-        m = tl.maximum(m, tl.load(PreLse + pre_row, mask=mask_h, other=float("-inf")))
-    m = tl.where(m == float("-inf"), 0.0, m)  # nothing at all: a padded row of a graph
-    # Pass B: LSE-weighted sum of the normalised parts.
     acc = tl.zeros([BLOCK_H, BLOCK_D], dtype=tl.float32)
     wsum = tl.zeros([BLOCK_H], dtype=tl.float32)
     io = mask_h[:, None] & mask_d[None, :]
     for s in tl.static_range(NUM_SPLITS):
         valid = mask_h & _split_nonempty(kv_start, seq_len, offs_h * 0 + s, NUM_SPLITS, BLOCK_N,
                                          MIN_SPLIT_LEN)
-        w = tl.where(valid, tl.exp2(tl.load(SufLse + suf_row + s, mask=valid, other=0.0) - m), 0.0)
+        lse = tl.load(SufLse + suf_row + s, mask=valid, other=float("-inf"))
         part = tl.load(SufO + (suf_row + s)[:, None] * HEAD_DIM + offs_d[None, :],
                        mask=valid[:, None] & mask_d[None, :], other=0.0)
-        acc += part * w[:, None]
-        wsum += w
+        acc, wsum, m = _merge_part(acc, wsum, m, part, lse)
     for i in range(0, count):
         pre_row = ((first + i).to(tl.int64) * num_kv_heads + kv_head) * BLOCK_M + row_h
-        w = tl.where(mask_h, tl.exp2(tl.load(PreLse + pre_row, mask=mask_h, other=0.0) - m), 0.0)
+        lse = tl.load(PreLse + pre_row, mask=mask_h, other=float("-inf"))
         part = tl.load(PreO + pre_row[:, None] * HEAD_DIM + offs_d[None, :], mask=io, other=0.0)
-        acc += part * w[:, None]
-        wsum += w
+        acc, wsum, m = _merge_part(acc, wsum, m, part, lse)
+    # Rows with no part at all (padded rows of a graph) end with wsum 0: zeros, not NaN.
     out = acc / tl.maximum(wsum, 1e-30)[:, None]
     tl.store(Out + req.to(tl.int64) * stride_ob + heads[:, None] * stride_oh + offs_d[None, :],
              out.to(Out.dtype.element_ty), mask=io)

@@ -156,6 +156,21 @@ def test_small_and_big_tiles(device, assert_close, small_tiles, programs):
     assert_close(out, paged_attention_reference(q, k, v, batch, 64**-0.5))
 
 
+def test_request_with_no_kv_gets_zeros(device, assert_close):
+    """A padded request of a captured graph (seq_len 0, in no group) merges no part at all: its
+    output is zeros, not NaN, and the other requests are unaffected."""
+    batch, q, k, v = make_shared_case([(4, [3, 9])], [20, 7], heads=8, kv_heads=2, head_dim=64,
+                                      page_size=16, dtype=torch.float32, device=device)
+    assert batch.cascade is not None
+    loner = next(b for b in range(4) if b not in set(batch.cascade.members.tolist()))
+    expect = paged_attention_reference(q, k, v, batch, 64**-0.5)
+    batch.seq_lens[loner] = 0
+    out = run_cascade(batch, q, k, v)
+    assert torch.equal(out[loner], torch.zeros_like(out[loner]))
+    keep = [b for b in range(4) if b != loner]
+    assert_close(out[keep], expect[keep])
+
+
 def test_pack_small_tiles_first():
     """Small tiles (groups of <= small_reqs) come first and are counted in the header; a big
     group splits into big tiles; every member's items and slot point at its own tile."""

@@ -123,7 +123,7 @@ def bench_masks(tok: Any, vocab: int, batch: int, steps: int,
         return {"mean_ms": statistics.mean(xs) * 1e3, "p50_ms": xs[len(xs) // 2] * 1e3,
                 "p99_ms": xs[int(len(xs) * 0.99)] * 1e3}
 
-    for fused, threads, _, _ in configs:
+    for fused, threads, *_ in configs:
         matchers = [Matcher(cg, shard=i) for i in range(batch)]
         builder = MaskBuilder(vocab, "cpu", threads, fused)
         gen = torch.Generator().manual_seed(0)
@@ -156,7 +156,7 @@ def bench_masks(tok: Any, vocab: int, batch: int, steps: int,
                     accepts.append((m, picks[i]))
         st = builder.stats
         builder.close()
-        r = out["configs"][config_label((fused, threads, None, True))] = {
+        r = out["configs"][config_label((fused, threads, None, True, False))] = {
             "threads": builder.threads, "advance_and_fill": ms(step_s), "apply_cpu": ms(apply_s)}
         if fused:
             r["fill_thread_ms"] = {"advance": st.accept_s * 1e3 / steps,

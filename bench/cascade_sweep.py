@@ -49,11 +49,14 @@ class Variant:
     small_tiles: bool = True
     item_target: int = 33
     side: bool = True
+    splits: int = 0  # suffix splits (0: the per-request decode's count for the batch)
+    min_split_len: int = 256
     launch: CascadeLaunch = CascadeLaunch()
 
     def label(self) -> str:
         la = self.launch
         return (f"small={int(self.small_tiles)} items={self.item_target} side={int(self.side)} "
+                f"splits={self.splits or 'auto'}/{self.min_split_len} "
                 f"pre=({la.prefix_block_n},{la.prefix_warps},{la.prefix_stages}) "
                 f"suf=({la.suffix_block_n},{la.suffix_warps},{la.suffix_stages})")
 
@@ -130,7 +133,7 @@ class Case:
         self.v = [torch.randn_like(k) for k in self.k]
         self.q = torch.randn(256, HQ, HD, device="cuda", dtype=torch.bfloat16)
         self.splits = choose_num_splits(256, HKV, NUM_SMS, 32)
-        rows = 256 * HQ * self.splits
+        rows = 256 * HQ * max(self.splits, 4)
         self.part_out = torch.empty(rows * HD, device="cuda")
         self.part_lse = torch.empty(rows, device="cuda")
         self.out = torch.empty_like(self.q)
@@ -161,9 +164,10 @@ class Case:
         def run(i: int) -> torch.Tensor:
             return cascade_decode(
                 self.q, self.k[i % LAYERS], self.v[i % LAYERS], b.seq_lens, b.page_table,
-                b.req_rows, 16, HD**-0.5, meta, buffers.tiling, num_splits=self.splits,
-                prefix_programs=var.item_target, suf_out=self.part_out, suf_lse=self.part_lse,
-                pre_out=buffers.pre_out, pre_lse=buffers.pre_lse, out=self.out,
+                b.req_rows, 16, HD**-0.5, meta, buffers.tiling,
+                num_splits=var.splits or self.splits, prefix_programs=var.item_target,
+                suf_out=self.part_out, suf_lse=self.part_lse, pre_out=buffers.pre_out,
+                pre_lse=buffers.pre_lse, out=self.out, min_split_len=var.min_split_len,
                 launch=var.launch, side_stream=self.side if var.side else None)
         return run
 
@@ -171,7 +175,8 @@ class Case:
         """Each kernel alone on the whole GPU (graph-timed)."""
         buffers, meta = self.meta(var)
         b, la = self.batch, var.launch
-        bn = [64, 256]
+        bn = [64, var.min_split_len]
+        splits = var.splits or self.splits
 
         def prefix(i: int) -> None:
             shared_prefix_pass(self.q, self.k[i % LAYERS], self.v[i % LAYERS], b.page_table, 16,
@@ -181,8 +186,8 @@ class Case:
         def suffix(i: int) -> None:
             bn[:] = decode_partials(
                 self.q, self.k[i % LAYERS], self.v[i % LAYERS], b.seq_lens, b.page_table,
-                b.req_rows, 16, HD**-0.5, self.splits, self.part_out, self.part_lse,
-                min_split_len=256, kv_starts=meta.kv_starts, block_n=la.suffix_block_n,
+                b.req_rows, 16, HD**-0.5, splits, self.part_out, self.part_lse,
+                min_split_len=var.min_split_len, kv_starts=meta.kv_starts, block_n=la.suffix_block_n,
                 num_warps=la.suffix_warps, num_stages=la.suffix_stages)
 
         t_prefix, t_suffix = graph_ms(prefix), graph_ms(suffix)
@@ -190,7 +195,7 @@ class Case:
         def merge(i: int) -> None:
             cascade_merge(self.part_out, self.part_lse, buffers.pre_out, buffers.pre_lse,
                           self.out, b.seq_lens, meta, buffers.tiling, num_kv_heads=HKV,
-                          num_splits=self.splits, suffix_block_n=bn[0], min_split_len=bn[1])
+                          num_splits=splits, suffix_block_n=bn[0], min_split_len=bn[1])
 
         return {"prefix_alone_ms": t_prefix, "suffix_alone_ms": t_suffix,
                 "merge_alone_ms": graph_ms(merge)}
@@ -223,6 +228,7 @@ def sweep(args: argparse.Namespace) -> None:
         ("item_target", [16, 33, 66, 132, 264]), ("prefix_block_n", [32, 64, 128]),
         ("prefix_warps", [4, 8]), ("prefix_stages", [2, 3, 4]), ("side", [True, False]),
         ("suffix_block_n", [32, 64, 128]), ("suffix_stages", [2, 3, 4]), ("suffix_warps", [4, 8]),
+        ("splits", [1, 2, 4]), ("min_split_len", [128, 256]),
     ]
     for g, per in SHAPES:
         deadline = time.perf_counter() + args.sweep_s / len(SHAPES)
@@ -250,7 +256,7 @@ def sweep(args: argparse.Namespace) -> None:
             for value in values:
                 if time.perf_counter() > deadline:
                     break
-                if knob in ("item_target", "side"):
+                if knob in ("item_target", "side", "splits", "min_split_len"):
                     var = dataclasses.replace(best, **{knob: value})
                 else:
                     var = dataclasses.replace(best, launch=dataclasses.replace(

@@ -11,7 +11,9 @@
 # (RADIXRT_GRAMMAR_SWITCH_INTERVAL_MS; default 0.5 ms; fused:default@5 = CPython's 5 ms);
 # "fused-ready" starts a step's early grammar advance only if its tokens are on the host at the
 # start of the next step (RADIXRT_GRAMMAR_WAIT_TOKENS=0), "fused" has the fill threads wait for
-# them. The unconstrained baseline runs first and last; ratios use the faster of the two.
+# them; "fused-copies" gives each fill thread's matchers a private copy of the grammar
+# (RADIXRT_GRAMMAR_SHARD_COPIES=1). The unconstrained baseline runs first and last; ratios use
+# the faster of the two.
 # Results under $OUT (grammar.json, bench_grammar.log; probe_accept.log: bench/probe_accept_threads.py,
 # PROBE=0 skips it; kernel_tests.log, KERNEL_TESTS=0 skips them). Order: bench, probe, tests. Short run: KERNEL_TESTS=0 SECTIONS=gpu
 # BENCH_TIMEOUT=150 STEPS=40 CONFIGS=... (see .coord/final_grammar_cmd).
@@ -47,7 +49,7 @@ python3 -c "import xgrammar, msgspec" || { echo "xgrammar/msgspec missing: run b
 nvidia-smi --query-gpu=name,memory.total --format=csv 2>&1 | tee "$OUT/gpu.txt"
 # The host's topology: fill threads on hyperthread siblings slow each other down.
 lscpu 2>/dev/null | grep -E '^(CPU\(s\)|Thread|Core|Socket|NUMA node\(s\)|Model name)' | tee -a "$OUT/gpu.txt"
-CONFIGS="${CONFIGS:-fused-ready:default,fused:default,fused:2,fused:3,fused:6,fused:default@0.2,fused:4}"
+CONFIGS="${CONFIGS:-fused-ready:default,fused:default,fused:2,fused:3,fused:6,fused-copies:default,fused:default@0.2,fused:4}"
 nproc | sed 's/^/cores: /' | tee -a "$OUT/gpu.txt"
 timeout "${BENCH_TIMEOUT:-450}" python3 bench/bench_grammar.py --sections "${SECTIONS:-gpu,host,masks,compile}" --tokenizer "${TOKENIZER:-.whl/tok}" \
   --batch "${BATCH:-256}" --steps "${STEPS:-50}" --device "${DEVICE:-cuda}" --preset "${PRESET:-llama3-8b}" \

@@ -195,19 +195,22 @@ def run_decode(core: Any, mode: str, batch: int, steps: int, device: str,
 
 # (fused, fill threads (None: the default), Python's GIL switch interval in ms (None: as is),
 # whether the fused path's early advance waits for the tokens (False: "fused-ready", the
-# advance starts early only when they are on the host already))
-Config = tuple[bool, int | None, float | None, bool]
+# advance starts early only when they are on the host already), whether each fill thread's
+# matchers use their own copy of the grammar ("fused-copies", RADIXRT_GRAMMAR_SHARD_COPIES))
+Config = tuple[bool, int | None, float | None, bool, bool]
 DEFAULT_CONFIGS = "fused:default"
 _SWITCH_INTERVAL_S = sys.getswitchinterval()
-_PATHS = {"fused": (True, True), "fused-ready": (True, False), "unfused": (False, True)}
+# path -> (fused, wait for tokens, grammar copies)
+_PATHS = {"fused": (True, True, False), "fused-ready": (True, False, False),
+          "fused-copies": (True, True, True), "unfused": (False, True, False)}
 
 
 def parse_configs(text: str) -> list[Config]:
     """``fused:2,unfused:default,fused:4@0.5,fused-ready:default...`` -> [(True, 2, None,
-    True), (False, None, None, True), (True, 4, 0.5, True), (True, None, None, False), ...];
-    ``@ms`` sets RADIXRT_GRAMMAR_SWITCH_INTERVAL_MS for that run (how long a fill thread may
-    wait for the GIL behind the scheduler thread's Python; CPython's default is 5, the fused
-    path's 0.5; unfused runs leave Python's as it is)."""
+    True, False), (False, None, None, True, False), (True, 4, 0.5, True, False), ...]; ``@ms``
+    sets RADIXRT_GRAMMAR_SWITCH_INTERVAL_MS for that run (how long a fill thread may wait for
+    the GIL behind the scheduler thread's Python; CPython's default is 5, the fused path's
+    0.5; unfused runs leave Python's as it is)."""
     out: list[Config] = []
     for part in text.split(","):
         spec, _, switch = part.strip().partition("@")
@@ -216,14 +219,14 @@ def parse_configs(text: str) -> list[Config]:
                 or (switch and not switch.replace(".", "", 1).isdigit()):
             raise SystemExit(f"bad grammar config {part!r}: want "
                              f"{'|'.join(_PATHS)}:N|default[@ms]")
-        fused, wait = _PATHS[path]
+        fused, wait, copies = _PATHS[path]
         out.append((fused, None if threads == "default" else int(threads),
-                    float(switch) if switch else None, wait))
+                    float(switch) if switch else None, wait, copies))
     return out
 
 
 def config_label(c: Config) -> str:
-    path = next(k for k, v in _PATHS.items() if v == (c[0], c[3] or not c[0]))
+    path = next(k for k, v in _PATHS.items() if v[0] == c[0] and (not c[0] or v[1:] == c[3:]))
     return f"{path}:{c[1] or 'default'}" + (f"@{c[2]:g}" if c[2] is not None else "")
 
 
@@ -235,7 +238,7 @@ def use_config(grammars: Any, config: Config) -> None:
         grammars._masks.close()
         grammars._masks = None
     grammars.fused, grammars.fill_threads = config[0], config[1]
-    grammars.wait_for_tokens = config[3]
+    grammars.wait_for_tokens, grammars.shard_copies = config[3], config[4]
     # "@ms" through the engine's own knob (the fused MaskBuilder sets it); none: its default.
     sys.setswitchinterval(_SWITCH_INTERVAL_S)
     if config[2] is not None:

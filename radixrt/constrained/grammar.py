@@ -102,6 +102,8 @@ class GrammarCompiler:
         self._lock = threading.Lock()
         self._cache: OrderedDict[GrammarKey, Future[xgr.CompiledGrammar]] = OrderedDict()
         self._max = max_entries
+        self._copies: OrderedDict[tuple[GrammarKey, int], xgr.CompiledGrammar] = OrderedDict()
+        self._infos: dict[int, xgr.TokenizerInfo] = {}
         self.hits = 0
         self.misses = 0
         self.compile_s = 0.0  # total time spent compiling (cold compiles only)
@@ -158,6 +160,29 @@ class GrammarCompiler:
             return fut.result(timeout=self.timeout_s)
         except FutureTimeout:
             raise GrammarError(f"{key[0]} did not compile within {self.timeout_s:g} s") from None
+
+    def compile_copy(self, key: GrammarKey, copy: int) -> xgr.CompiledGrammar:
+        """``compile``, as private copy number ``copy`` (0: the shared one): the copy and its
+        tokenizer info are objects of their own, so matchers on different fill threads touch
+        no common object (RADIXRT_GRAMMAR_SHARD_COPIES; each copy costs a serialize /
+        deserialize once, ~5-30 ms, and each copy's tokenizer info ~70 ms once)."""
+        shared = self.compile(key)
+        if copy == 0:
+            return shared
+        with self._lock:
+            got = self._copies.get((key, copy))
+            if got is not None:
+                self._copies.move_to_end((key, copy))
+                return got
+            info = self._infos.get(copy)
+            if info is None:
+                info = self._infos[copy] = xgr.TokenizerInfo.deserialize_json(
+                    self.info.serialize_json())
+            got = self._copies[(key, copy)] = xgr.CompiledGrammar.deserialize_json(
+                shared.serialize_json(), info)
+            while len(self._copies) > self._max * 4:
+                self._copies.popitem(last=False)
+            return got
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)

@@ -48,6 +48,9 @@ JUMP_FORWARD_ENV = "RADIXRT_GRAMMAR_JUMP_FORWARD"
 # 1 (default): a step's grammar advance starts before its tokens are on the host, the fill
 # threads waiting for them; 0: only once they are (``StepResults.advance_early``).
 WAIT_TOKENS_ENV = "RADIXRT_GRAMMAR_WAIT_TOKENS"
+# 1: each fill thread's matchers use a private copy of the compiled grammar (a measurement
+# knob: whether threads sharing one grammar object slow each other's accepts down).
+SHARD_COPIES_ENV = "RADIXRT_GRAMMAR_SHARD_COPIES"
 SYNC_COMPILE_WAIT_S = 0.05
 # Errors that are the client's grammar, not the engine's fault: the router answers 400.
 GRAMMAR_ERROR_PREFIX = "invalid grammar: "
@@ -89,6 +92,7 @@ class SequenceGrammars:
         # Jump-forward (off by default: see ``jump_forward``); counts for benchmarks / tests.
         self.jump_forward_enabled = os.environ.get(JUMP_FORWARD_ENV, "0") == "1"
         self.wait_for_tokens = os.environ.get(WAIT_TOKENS_ENV, "1") != "0"
+        self.shard_copies = os.environ.get(SHARD_COPIES_ENV, "0") == "1"
         self.jumps = 0
         self.jump_tokens = 0
 
@@ -207,7 +211,11 @@ class SequenceGrammars:
         if m is None:
             from radixrt.constrained.matcher import Matcher
 
-            m = Matcher(self.compiler.compile(key), shard=self._next_shard)
+            shard = self._next_shard
+            # A copy of the grammar per fill thread (off by default; see compile_copy).
+            compiled = self.compiler.compile_copy(key, shard % self.masks.threads) \
+                if self.shard_copies and self.masks.fused else self.compiler.compile(key)
+            m = Matcher(compiled, shard=shard)
             self._next_shard += 1  # round-robin: each fill thread gets a fair share of rows
             self._matchers[seq] = m
         out = seq.output_ids

@@ -151,7 +151,8 @@ def test_fused_and_unfused_grammar_paths_agree(llama_dir, overlap, monkeypatch):
     count and however a step's tokens reach the host: at once (the CPU), late (``slow``: the
     fill threads wait for them while the next step is planned, as on a GPU), or with the
     early advance only for tokens already there (``ready``: half the time they are not);
-    enough rows that the shards run on their threads."""
+    also with a grammar copy per fill thread (``copies``); enough rows that the shards run
+    on their threads."""
     import time
 
     from radixrt.engine.sampler import PendingSample
@@ -169,7 +170,7 @@ def test_fused_and_unfused_grammar_paths_agree(llama_dir, overlap, monkeypatch):
     params = [schema_p, regex_p, SamplingParams(temperature=0.0, max_new_tokens=8)] * 4
     got = {}
     for fused, threads, arrival in ((False, 2, "now"), (True, 1, "now"), (True, 3, "now"),
-                                    (True, 3, "slow"), (True, 3, "ready")):
+                                    (True, 3, "slow"), (True, 3, "ready"), (True, 2, "copies")):
         monkeypatch.setattr(PendingSample, "ready", (lambda self: next(flip) % 2 == 0 and
                                                      real_ready(self)) if arrival == "ready"
                             else real_ready)
@@ -180,6 +181,7 @@ def test_fused_and_unfused_grammar_paths_agree(llama_dir, overlap, monkeypatch):
         assert grammars is not None
         grammars.fused, grammars.fill_threads = fused, threads
         grammars.wait_for_tokens = arrival != "ready"
+        grammars.shard_copies = arrival == "copies"  # a grammar copy per fill thread
         outs = eng.generate(_prompts(12), params)
         assert grammars.masks.fused is fused and grammars.masks.threads == threads
         got[(fused, threads, arrival)] = [(c.token_ids, c.finish_reason) for o in outs

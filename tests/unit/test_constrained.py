@@ -213,6 +213,24 @@ def test_advance_on_arrival_waits_for_the_tokens(compiler: GrammarCompiler, tok:
     builder.close()
 
 
+def test_grammar_copies_fill_the_same_masks(compiler: GrammarCompiler, tok: Any) -> None:
+    """A fill thread's private copy of a grammar (``compile_copy``) is its own object, cached
+    per copy number (0 is the shared one), and walks and masks exactly as the shared one."""
+    key = ("json_schema", json.dumps({"type": "object"}))
+    shared, copy = compiler.compile(key), compiler.compile_copy(key, 1)
+    assert compiler.compile_copy(key, 0) is shared and compiler.compile_copy(key, 1) is copy
+    assert copy is not shared and compiler.compile_copy(key, 2) is not copy
+    a, b = Matcher(shared), Matcher(copy)
+    words = (TINY_VOCAB + 31) // 32
+    for t in [*tok.encode('{"ab": 12}', add_special_tokens=False), EOS_ID]:
+        ma, mb = torch.zeros(1, words, dtype=torch.int32), torch.zeros(1, words, dtype=torch.int32)
+        a.fill(ma, 0)
+        b.fill(mb, 0)
+        assert torch.equal(ma, mb)
+        assert a.advance(t) and b.advance(t)
+    assert a.is_terminated and b.is_terminated
+
+
 def test_advance_batch_matches_advance(compiler: GrammarCompiler, tok: Any) -> None:
     cg = compiler.compile(("regex", "[0-9]+"))
     one, batch = [Matcher(cg) for _ in range(3)], [Matcher(cg) for _ in range(3)]

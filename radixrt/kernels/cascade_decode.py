@@ -48,6 +48,10 @@ from radixrt.kernels.extend_attention import (
 )
 
 ITEM_FIELDS = 5  # per pass-1 item: page-table row, kv start, kv end, first member, member count
+# Pass 1's KV tile on CUDA. Run 2's H200 sweep (bench/RESULTS.md, session 4): 32 with the side
+# stream 0.137 ms vs 64 0.233 at 16x16: half the shared memory per program, so suffix-pass
+# programs fit on the SMs beside pass 1's.
+PREFIX_BLOCK_N_CUDA = 32
 
 
 @dataclass(frozen=True)
@@ -321,7 +325,7 @@ def shared_prefix_pass(
         k_flat.stride(1), v_flat.stride(0), v_flat.stride(1), page_table.stride(0),
         GROUP=group, BLOCK_M=tiling.block_m, SMALL_M=tiling.small_m, HEAD_DIM=head_dim,
         BLOCK_D=max(16, triton.next_power_of_2(head_dim)), PAGE_SIZE=page_size,
-        BLOCK_N=launch.prefix_block_n or decode_block_n(q.device),
+        BLOCK_N=launch.prefix_block_n or (PREFIX_BLOCK_N_CUDA if on_gpu else decode_block_n(q.device)),
         PRECISION=dot_precision(q.dtype), INTERPRET=interpreting(), num_warps=warps if on_gpu else 1,
         num_stages=(launch.prefix_stages or 3) if on_gpu else 1,
     )  # fmt: skip

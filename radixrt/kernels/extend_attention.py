@@ -28,6 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
+from radixrt.kernels import extend_configs
 from radixrt.kernels.extend_configs import (
     ExtendConfig,
     choose_kv_splits,
@@ -351,6 +352,8 @@ def extend_attention(
     max_seq_len: int | None = None,  # longest prefix + extend; enables split-KV when known
     num_kv_splits: int | None = None,  # force a split count (default: choose_kv_splits)
     dense_new: bool | None = None,  # new x new on torch's SDPA (default: use_dense_new)
+    k_new: torch.Tensor | None = None,  # [T, Hkv, D] this step's K (also stored in the pool):
+    v_new: torch.Tensor | None = None,  # new x new reads them densely (extend_newkv.py)
 ) -> torch.Tensor:  # [T, Hq, D]
     """Causal attention of each request's new queries over its cached prefix plus itself."""
     _check_paged_inputs(q, k_flat, v_flat, page_size)
@@ -385,7 +388,21 @@ def extend_attention(
         dense_new_part(q, k_flat, v_flat, qo_indptr, prefix_lens, page_table, req_rows, page_size,
                        scale, part_o[0], part_lse[0])
     prefix_o, prefix_lse = (part_o[1:], part_lse[1:]) if dense else (part_o, part_lse)
-    _extend_kernel[(m_blocks, batch, head_groups * splits)](
+    grid = (m_blocks, batch, head_groups * splits)
+    from radixrt.kernels import extend_newkv  # imports this module's tile helpers
+
+    if (not dense and extend_configs.USE_NEW_KV
+            and extend_newkv.new_kv_usable(k_new, v_new, k_flat, num_tokens)):
+        assert k_new is not None and v_new is not None
+        extend_newkv.launch_newkv(
+            q, k_flat, v_flat, k_new, v_new, out, prefix_o, prefix_lse, qo_indptr, prefix_lens,
+            page_table, req_rows, page_size, scale * LOG2E, grid, splits, group, block_d, cfg,
+            dot_precision(q.dtype), interpreting(),
+        )  # fmt: skip
+        if parts > 1:
+            merge_splits(part_o, part_lse, out)
+        return out
+    _extend_kernel[grid](
         q, k_flat, v_flat, out, prefix_o, prefix_lse, qo_indptr, prefix_lens, page_table,
         req_rows, scale * LOG2E, q.stride(0), q.stride(1), k_flat.stride(0), k_flat.stride(1),
         v_flat.stride(0), v_flat.stride(1), out.stride(0), out.stride(1), page_table.stride(0),

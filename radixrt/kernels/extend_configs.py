@@ -30,6 +30,9 @@ class ExtendConfig:
     num_warps: int
     num_stages: int
     page_vec: bool = True  # pages >= 16 tokens: one page-table read per page, not per key
+    # New-token K/V from the forward's dense tensors (extend_newkv): TMA descriptors, else
+    # plain pointer loads.
+    new_kv_tma: bool = True
 
     def __post_init__(self) -> None:
         for name in ("block_m", "block_n", "heads_per_tile", "num_warps"):
@@ -43,9 +46,9 @@ class ExtendConfig:
         """Key tile of the causal (diagonal) part: about one block's positions, at least 16."""
         return min(self.block_n, max(16, self.block_m // self.heads_per_tile))
 
-    def as_tuple(self) -> tuple[int, int, int, int, int, bool]:
+    def as_tuple(self) -> tuple[int, int, int, int, int, bool, bool]:
         return (self.block_m, self.block_n, self.heads_per_tile, self.num_warps, self.num_stages,
-                self.page_vec)
+                self.page_vec, self.new_kv_tma)
 
 
 # (padded head_dim, group, major capability) -> winner of the H200 sweep (bench/gpu_prefill.sh).
@@ -56,6 +59,10 @@ TABLE: dict[tuple[int, int, int], ExtendConfig] = {
     # head_dim 64, GQA 4: run 3's winner (bench/recorded/h200_s4_final: 52% at 1x32k).
     (64, 4, 9): ExtendConfig(128, 64, 4, 8, 4, True),
 }
+
+# Whether extend_attention reads the new tokens' K/V from the forward's dense tensors when the
+# caller passes them (extend_newkv.py), instead of back through the page table.
+USE_NEW_KV = True
 
 # Extends of at least this many tokens run new x new on torch's SDPA (extend_dense.py); None:
 # never (the paged kernel does everything).

@@ -1,0 +1,139 @@
+"""Extend attention with the new tokens' K/V read from the forward's dense tensors
+(extend_newkv.py) vs the torch reference: TMA descriptors and pointer loads, splits, GQA."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from radixrt.attention.torch_ref import paged_attention_reference  # noqa: E402
+from radixrt.kernels import extend_configs  # noqa: E402
+from radixrt.kernels.extend_attention import extend_attention  # noqa: E402
+from radixrt.kernels.extend_dense import new_token_slots  # noqa: E402
+from radixrt.kernels.extend_configs import ExtendConfig  # noqa: E402
+from radixrt.kernels.extend_newkv import new_kv_usable  # noqa: E402
+
+TINY_RAGGED = ([0, 70, 5, 33, 0], [9, 20, 1, 3, 37])
+REAL_RAGGED = ([0, 2000, 4095, 130, 0], [1024, 300, 1, 77, 515])
+
+
+def _new_kv(case, fused: bool):
+    """The new tokens' K/V as the forward holds them: contiguous, or strided views into one
+    fused [T, Hq + 2 Hkv, D] projection output (as a qkv split leaves them)."""
+    b = case.batch
+    slots = new_token_slots(b.qo_indptr, b.prefix_lens, b.page_table, b.req_rows, b.page_size,
+                            b.num_tokens)
+    k, v = case.k_flat[slots], case.v_flat[slots]
+    if not fused:
+        return k, v
+    hq, hkv = case.q.shape[1], k.shape[1]
+    qkv = torch.zeros(b.num_tokens, hq + 2 * hkv, k.shape[2], dtype=k.dtype, device=k.device)
+    qkv[:, hq : hq + hkv], qkv[:, hq + hkv :] = k, v
+    return qkv[:, hq : hq + hkv], qkv[:, hq + hkv :]
+
+
+def _check(paged_case, assert_close, device, ragged, heads, page_size, dtype, config, splits,
+           fused=False, poison_pool=True):  # fmt: skip
+    num_heads, kv_heads, head_dim = heads
+    case = paged_case(
+        prefix_lens=ragged[0], extend_lens=ragged[1], num_heads=num_heads, num_kv_heads=kv_heads,
+        head_dim=head_dim, page_size=page_size, dtype=dtype, device=device,
+    )  # fmt: skip
+    b, scale = case.batch, head_dim**-0.5
+    ref = paged_attention_reference(case.q, case.k_flat, case.v_flat, b, scale)
+    k_new, v_new = _new_kv(case, fused)
+    assert new_kv_usable(k_new, v_new, case.k_flat, b.num_tokens)
+    if poison_pool:  # the new tokens' pool copies must not be read: only k_new / v_new
+        slots = new_token_slots(b.qo_indptr, b.prefix_lens, b.page_table, b.req_rows,
+                                b.page_size, b.num_tokens)
+        case.k_flat[slots] = float("nan")
+        case.v_flat[slots] = float("nan")
+    out = torch.full_like(case.q, float("nan"))
+    got = extend_attention(
+        case.q, case.k_flat, case.v_flat, b.qo_indptr, b.prefix_lens, b.page_table, b.req_rows,
+        b.page_size, b.max_extend_len, scale, out=out, config=config, num_kv_splits=splits,
+        k_new=k_new, v_new=v_new,
+    )  # fmt: skip
+    assert got is out
+    assert_close(out, ref)
+
+
+# (heads, kv_heads, head_dim), page size, config, forced splits.
+TINY_CASES = [
+    ((4, 4, 16), 16, ExtendConfig(16, 16, 1, 4, 1), 1),  # GQA 1, TMA
+    ((8, 2, 32), 16, ExtendConfig(16, 16, 4, 4, 1), 1),  # GQA 4 packed, 4 positions a tile
+    ((8, 2, 32), 4, ExtendConfig(32, 16, 2, 4, 1, True, False), 3),  # pointer loads, split
+    ((8, 1, 32), 16, ExtendConfig(16, 32, 8, 4, 1), 2),  # GQA 8, diagonal tiles < BLOCK_N
+    ((4, 2, 24), 16, ExtendConfig(16, 16, 2, 4, 1), 1),  # head_dim 24: padded, pointer loads
+]
+
+
+@pytest.mark.parametrize(("heads", "page_size", "config", "splits"), TINY_CASES)
+def test_newkv_matches_reference(paged_case, assert_close, device, heads, page_size, config,
+                                 splits):
+    if device == "cuda":
+        pytest.skip("tiny interpreter shapes; the gpu tests below cover real ones")
+    _check(paged_case, assert_close, device, TINY_RAGGED, heads, page_size, torch.float32,
+           config, splits)
+
+
+@pytest.mark.parametrize("tma", [True, False])
+def test_newkv_strided_views(paged_case, assert_close, device, tma):
+    """k_new / v_new as strided views of a fused projection output (rows not contiguous)."""
+    if device == "cuda":
+        pytest.skip("tiny interpreter shapes")
+    cfg = ExtendConfig(16, 16, 2, 4, 1, True, tma)
+    _check(paged_case, assert_close, device, TINY_RAGGED, (8, 2, 32), 16, torch.float32, cfg, 1,
+           fused=True)
+
+
+def test_newkv_off_reads_the_pool(paged_case, assert_close, device, monkeypatch):
+    """USE_NEW_KV off: k_new / v_new are ignored and the pool is read (a poisoned new-token
+    copy there would show)."""
+    monkeypatch.setattr(extend_configs, "USE_NEW_KV", False)
+    case = paged_case(
+        prefix_lens=[3, 0], extend_lens=[5, 6], num_heads=4, num_kv_heads=2, head_dim=16,
+        page_size=4, dtype=torch.float32, device=device,
+    )  # fmt: skip
+    b, scale = case.batch, 0.25
+    k_new, v_new = _new_kv(case, False)
+    out = extend_attention(
+        case.q, case.k_flat, case.v_flat, b.qo_indptr, b.prefix_lens, b.page_table, b.req_rows,
+        b.page_size, b.max_extend_len, scale, k_new=torch.full_like(k_new, float("nan")),
+        v_new=v_new,
+    )  # fmt: skip
+    assert_close(out, paged_attention_reference(case.q, case.k_flat, case.v_flat, b, scale))
+
+
+def test_new_kv_usable_rejects_mismatches(paged_case, device):
+    case = paged_case(
+        prefix_lens=[0], extend_lens=[6], num_heads=4, num_kv_heads=2, head_dim=16,
+        page_size=4, dtype=torch.float32, device=device,
+    )  # fmt: skip
+    k_new, v_new = _new_kv(case, False)
+    t = case.batch.num_tokens
+    assert new_kv_usable(k_new, v_new, case.k_flat, t)
+    assert not new_kv_usable(None, v_new, case.k_flat, t)
+    assert not new_kv_usable(k_new[:-1], v_new[:-1], case.k_flat, t)  # a row per new token
+    assert not new_kv_usable(k_new.half(), v_new.half(), case.k_flat, t)  # pool dtype differs
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(
+    ("heads", "dtype", "config", "splits", "fused"),
+    [
+        ((32, 8, 128), torch.bfloat16, None, 1, False),  # the default tiles, TMA
+        ((32, 8, 128), torch.bfloat16, ExtendConfig(128, 64, 4, 8, 3), 4, True),
+        ((32, 8, 128), torch.bfloat16, ExtendConfig(128, 64, 4, 4, 3, True, False), 1, False),
+        ((32, 8, 128), torch.float16, ExtendConfig(64, 128, 4, 4, 2), 2, True),
+        ((32, 8, 64), torch.bfloat16, ExtendConfig(128, 64, 4, 8, 4), 1, False),
+        ((32, 4, 64), torch.bfloat16, ExtendConfig(128, 32, 8, 4, 3), 1, False),  # GQA 8
+        ((32, 8, 96), torch.bfloat16, None, 1, False),  # padded head_dim: pointer loads
+        ((32, 8, 128), torch.float32, None, 1, False),  # fp32 (ieee dots)
+    ],
+)
+def test_newkv_real_shapes(paged_case, assert_close, device, heads, dtype, config, splits, fused):
+    _check(paged_case, assert_close, device, REAL_RAGGED, heads, 16, dtype, config, splits,
+           fused=fused)

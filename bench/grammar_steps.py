@@ -164,6 +164,12 @@ def run_decode(core: Any, mode: str, batch: int, steps: int, device: str,
         out["host_ms"] = sections.per_step(steps)
         out["host_cpu_ms"] = sections.cpu_per_step(steps)
     grammars = core.scheduler.results.grammars
+    if mode == "json_schema" and grammars is not None and grammars.tokenizer is not None:
+        # The advance walks each drawn token character by character: its cost follows the
+        # tokens' length (a sample of the outputs so far).
+        ids = [t for seq in core.scheduler.running for t in seq.output_ids][:5000]
+        out["mean_token_chars"] = sum(len(grammars.tokenizer.decode([t])) for t in ids) / \
+            max(1, len(ids))
     if mode == "json_schema" and grammars is not None and grammars._masks is not None:
         st, masks = grammars._masks.stats, grammars._masks
         out["fill_path"] = "fused" if masks.fused else "unfused"
@@ -354,6 +360,8 @@ def print_host(title: str, r: dict[str, Any]) -> None:
         extra = f", fill threads: advance {fill['advance']:.2f} + fill {fill['fill']:.2f} ms " \
             f"(cpu {fill['cpu']:.2f}), waited for tokens {fill.get('arrival_wait', 0):.2f} ms " \
             f"({fill.get('early_per_step', 0):.1f} early tasks/step)" if fill else ""
+        if "mean_token_chars" in c:
+            extra += f", drawn tokens {c['mean_token_chars']:.1f} chars"
         print(f"  json_schema {label:16s} {c['step_ms']:7.2f} ms/step  ratio {c['ratio']:.3f} "
               f"(overlapped {c['overlapped']}){extra}")
     # The baseline's breakdown (the warmer unconstrained run).

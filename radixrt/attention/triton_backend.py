@@ -148,7 +148,7 @@ class TritonAttentionBackend(AttentionBackend):
     ) -> torch.Tensor:  # [T, Hq, D]
         k_flat, v_flat = pool.k_flat(layer_id), pool.v_flat(layer_id)
         store_kv(k_flat, v_flat, batch.out_slots, k, v)
-        return self.attend(q, k_flat, v_flat, batch)
+        return self.attend(q, k_flat, v_flat, batch, k_new=k, v_new=v)
 
     @property
     def cascade_buffers(self) -> CascadeBuffers | None:
@@ -160,6 +160,8 @@ class TritonAttentionBackend(AttentionBackend):
         k_flat: torch.Tensor,  # [S, Hkv, D] a pool layer, already holding the step's K/V
         v_flat: torch.Tensor,
         batch: ForwardBatch,
+        k_new: torch.Tensor | None = None,  # [T, Hkv, D] the step's K/V (also in the pool):
+        v_new: torch.Tensor | None = None,  # extends read their new x new part from these
     ) -> torch.Tensor:  # [T, Hq, D]
         """The attention of ``forward`` without the K/V store (benchmarks call it directly)."""
         if self.deterministic:
@@ -207,4 +209,6 @@ class TritonAttentionBackend(AttentionBackend):
             self.scale,
             # Known lengths let one short extend over a long prefix split its KV across programs.
             max_seq_len=batch.max_seq_len,
+            k_new=k_new,
+            v_new=v_new,
         )

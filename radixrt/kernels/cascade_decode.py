@@ -48,10 +48,12 @@ from radixrt.kernels.extend_attention import (
 )
 
 ITEM_FIELDS = 5  # per pass-1 item: page-table row, kv start, kv end, first member, member count
-# Pass 1's KV tile on CUDA. Run 2's H200 sweep (bench/RESULTS.md, session 4): 32 with the side
-# stream 0.137 ms vs 64 0.233 at 16x16: half the shared memory per program, so suffix-pass
-# programs fit on the SMs beside pass 1's.
-PREFIX_BLOCK_N_CUDA = 32
+# KV tiles on CUDA, from the CUDA-graph-timed H200 sweep (bench/cascade_sweep.py, RESULTS.md
+# session 5): pass 1 at 32 and 64 within noise (run 2's eager sweep favoured 32, a launch-overhead
+# artefact); the own-suffix pass at 32 beats the per-request decode's 64 by 1.5% at 64x4 (its
+# loops are 2-6 tiles long). The per-request decode keeps its own settings.
+PREFIX_BLOCK_N_CUDA = 64
+SUFFIX_BLOCK_N_CUDA = 32
 
 
 @dataclass(frozen=True)
@@ -400,7 +402,8 @@ def cascade_decode(
     bn_suffix, min_split_len = decode_partials(
         q, k_flat, v_flat, seq_lens, page_table, req_rows, page_size, scale, num_splits,
         suf_out, suf_lse, min_split_len=min_split_len, kv_starts=meta.kv_starts,
-        block_n=launch.suffix_block_n, num_warps=launch.suffix_warps,
+        block_n=launch.suffix_block_n or (SUFFIX_BLOCK_N_CUDA if on_gpu else None),
+        num_warps=launch.suffix_warps,
         num_stages=launch.suffix_stages,
     )  # fmt: skip
     if main is not None:

@@ -17,7 +17,7 @@
 # Knobs: GSP_SCALE (gsp request-count scale, default 1 = the full size, 64 groups x 16;
 # 0.5 saves ~20 s), E2E=both|on|none, AGREE_TOKENS (0: no agreement batch after gsp), SWEEP=0 (skip bench/cascade_sweep.py, the graph-timed
 # kernel sweep -> sweep.json), SWEEP_S (its budget, s), OLD_KERNEL=1 (also the eager kernel bench
-# of runs 1-2), ENGINE_TESTS=0, RUN_HOST=1 (also the host grouping bench, ~10 s),
+# of runs 1-2), ENGINE_TESTS=0, TESTS_K (a pytest -k subset), RUN_HOST=1 (also the host grouping bench, ~10 s),
 # T_TESTS / T_SWEEP / T_KERNEL / T_E2E (timeouts, s).
 # Needs sortedcontainers (carry .whl from ../shared/device/wheels.sh sortedcontainers).
 set -uo pipefail
@@ -41,7 +41,7 @@ require_modules sortedcontainers
 TEST_FILES=(tests/kernels/test_cascade_decode.py tests/kernels/test_decode_attention.py)
 [ "${ENGINE_TESTS:-1}" = 1 ] && TEST_FILES+=(tests/engine/test_cascade_engine.py)
 timeout -k 10 "${T_TESTS:-150}" "$PY" -m pytest -q -x -m gpu -p no:cacheprovider \
-  "${TEST_FILES[@]}" 2>&1 | tee "$OUT/tests.log"
+  ${TESTS_K:+-k "$TESTS_K"} "${TEST_FILES[@]}" 2>&1 | tee "$OUT/tests.log"
 tests_rc=${PIPESTATUS[0]}
 
 run() { echo "+ $*" | tee -a "$OUT/run.log"; "$@" 2>&1 | tee -a "$OUT/run.log"; return "${PIPESTATUS[0]}"; }

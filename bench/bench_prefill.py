@@ -46,31 +46,36 @@ SHAPES = {"8x1024": (8, 1024, 0), "8x1024 +1k prefix": (8, 1024, 1024), "1x32k":
 SPLIT_SHAPE = ("1x512 +32k prefix", (1, 512, 32768))
 TINY_SHAPES = {"2x40": (2, 40, 0), "2x24 +33 prefix": (2, 24, 33)}
 TINY_SPLIT = ("1x8 +70 prefix", (1, 8, 70))
-# (block_m, block_n, heads_per_tile, warps, stages[, page_vec]): the Triton tutorial's Hopper
-# space (64/128 rows, 16-128 keys, 2-5 stages, 4/8 warps) with and without GQA packing, likeliest
-# first (a spent time budget cuts the tail). Shared memory is Q + stages x (K + V tile) (offline
-# sm_90 builds, triton 3.9, head_dim 128): 128x128 fits 3 stages (224 KB), 128x64 5 (192 KB).
-# Run 1 on an H200 (bench/recorded/h200_s4_prefill1) was won by 128x64 on 4 warps, spilling,
-# at two programs per SM, over every 8-warp tile.
-_TILES: list[tuple[Any, ...]] = [
-    # two programs per SM (registers <= 255 on 4 warps, shared memory <= 113 KB): one's softmax
-    # overlaps the other's MMAs, as 8 warps of one program in lockstep do not
-    (128, 32, 4, 4, 3), (128, 64, 4, 4, 2), (128, 32, 4, 4, 4), (64, 64, 4, 4, 3),
-    (64, 32, 4, 4, 3), (64, 64, 4, 4, 2), (64, 32, 4, 4, 4), (128, 16, 4, 4, 4),
-    (128, 32, 1, 4, 3), (64, 64, 1, 4, 3), (128, 32, 2, 4, 3), (64, 64, 2, 4, 3),
-    (128, 32, 4, 4, 3, False),
-    # one program per SM
-    (128, 32, 4, 8, 4), (128, 64, 4, 4, 3), (128, 64, 4, 4, 4), (128, 128, 4, 8, 3), (128, 64, 4, 8, 4),
-    (128, 64, 4, 8, 3), (128, 128, 4, 8, 2), (128, 64, 4, 8, 5), (128, 128, 1, 8, 3),
-    (64, 64, 1, 4, 4), (128, 64, 1, 4, 2),
+# (block_m, block_n, heads_per_tile, warps, stages): the Triton tutorial's Hopper space (64/128
+# rows, 32-128 keys, 2-4 stages, 4/8 warps), likeliest first (a spent time budget cuts the tail).
+# Run 1 on an H200 (bench/recorded/h200_s4_prefill1) was won by 128x64 on 4 warps, 3 stages.
+# Each tile runs in up to three modes (MODES): "tma" / "ptr" read the new tokens' K/V from dense
+# tensors (extend_newkv: TMA descriptors / pointer loads), "paged" reads every key through the
+# page table (the session-4 kernel).
+MODES = ("tma", "ptr", "paged")
+_TILES: list[tuple[tuple[int, ...], tuple[str, ...]]] = [
+    ((128, 64, 4, 4, 3), MODES), ((128, 64, 4, 8, 3), MODES), ((128, 128, 4, 8, 3), MODES),
+    ((128, 64, 4, 4, 2), MODES), ((64, 64, 4, 4, 3), MODES), ((128, 32, 4, 4, 3), MODES),
+    ((128, 128, 4, 8, 2), ("tma", "ptr")), ((128, 64, 4, 8, 4), ("tma", "ptr")),
+    ((128, 64, 4, 4, 4), ("tma", "ptr")), ((128, 32, 4, 4, 4), ("tma",)),
+    ((64, 64, 1, 4, 3), ("tma",)), ((64, 128, 4, 4, 2), ("tma",)), ((128, 128, 1, 8, 3), ("tma",)),
+    ((64, 32, 4, 4, 3), ("tma",)), ((128, 64, 2, 8, 3), ("tma",)), ((128, 16, 4, 4, 4), ("tma",)),
 ]  # fmt: skip
-CANDIDATES = [ExtendConfig(*c) for c in _TILES]
 # head_dim 64: registers allow 128-row tiles on 4 warps (220 registers at 3 stages, no spill).
-CANDIDATES_64 = [ExtendConfig(*c) for c in [
-    (128, 64, 4, 4, 3), (128, 64, 4, 4, 2), (128, 32, 4, 4, 4), (64, 64, 4, 4, 3),
-    (64, 64, 4, 4, 4), (128, 64, 4, 8, 4), (128, 128, 4, 8, 3), (64, 32, 4, 4, 4),
-]]  # fmt: skip
-TINY_CANDIDATES = [ExtendConfig(16, 16, 4, 4, 1), ExtendConfig(32, 16, 1, 4, 1, False)]
+_TILES_64: list[tuple[tuple[int, ...], tuple[str, ...]]] = [
+    ((128, 64, 4, 8, 4), MODES), ((128, 64, 4, 4, 3), MODES), ((64, 64, 4, 4, 3), MODES),
+    ((128, 128, 4, 8, 3), ("tma", "ptr")), ((128, 64, 4, 4, 2), ("tma",)),
+    ((128, 32, 4, 4, 4), ("tma",)), ((128, 128, 4, 4, 2), ("tma",)), ((64, 32, 4, 4, 4), ("tma",)),
+]  # fmt: skip
+
+
+def candidates(tiles: list[tuple[tuple[int, ...], tuple[str, ...]]]) -> list[tuple[ExtendConfig, str]]:
+    """(config, mode) pairs; the mode's TMA choice lives in the config (new_kv_tma)."""
+    return [(ExtendConfig(*t, True, mode != "ptr"), mode) for t, modes in tiles for mode in modes]
+
+
+CANDIDATES, CANDIDATES_64 = candidates(_TILES), candidates(_TILES_64)
+TINY_CANDIDATES = candidates([((16, 16, 4, 4, 1), MODES), ((32, 16, 1, 4, 1), ("tma",))])
 
 
 def timer(device: torch.device) -> Callable[[Callable[[], object]], float]:
@@ -119,6 +124,11 @@ class Case:
         self.indptr = torch.arange(0, (batch + 1) * new, new, device=device, dtype=torch.int32)
         self.prefix_lens = torch.full((batch,), prefix, device=device, dtype=torch.int32)
         self.q = torch.randn(batch * new, hq, hd, device=device, dtype=dtype)
+        # The new tokens' K/V as the forward holds them (dense, one row per new token).
+        pos = torch.arange(prefix, seq, device=device)
+        slots = torch.cat([self.table[int(r)].long()[pos // PAGE] * PAGE + pos % PAGE
+                           for r in self.rows.tolist()])
+        self.k_new, self.v_new = self.k[slots].contiguous(), self.v[slots].contiguous()
         self.flops = extend_flops([new] * batch, [prefix] * batch, hq, hd)
         self.sel, self.ref = self._reference(hq // hkv)
 
@@ -147,11 +157,13 @@ class Case:
         return float((got - self.ref.double()).norm() / self.ref.double().norm())
 
     def run_new(self, out: torch.Tensor, cfg: ExtendConfig | None, splits: int | None,
-                auto: bool = False, dense: bool = False) -> torch.Tensor:
+                auto: bool = False, dense: bool = False, mode: str = "tma") -> torch.Tensor:
+        dense_kv = mode != "paged"
         return extend_attention(
             self.q, self.k, self.v, self.indptr, self.prefix_lens, self.table, self.rows, PAGE,
             self.new, softmax_scale(self.q.shape[-1]), out=out, config=cfg, num_kv_splits=splits,
             max_seq_len=self.prefix + self.new if auto else None, dense_new=dense,
+            k_new=self.k_new if dense_kv else None, v_new=self.v_new if dense_kv else None,
         )  # fmt: skip
 
     def run_old(self, out: torch.Tensor) -> torch.Tensor:
@@ -205,19 +217,20 @@ def best_overall(shapes: dict[str, Any]) -> dict[str, Any] | None:
     scores: dict[tuple[Any, ...], list[float]] = {}
     for res in shapes.values():
         for row in res["configs"]:
-            key = tuple(row["config"])
+            key = (*row["config"], row.get("mode", "paged"))
             ok = row.get("correct", False)
             scores.setdefault(key, []).append(row["pct_of_matmul"] if ok else 0.0)
     full = {k: v for k, v in scores.items() if len(v) == len(shapes) and min(v) > 0}
     if not full:
         return None
     key = max(full, key=lambda k: math.prod(full[k]) ** (1 / len(full[k])))
-    return {"config": list(key), "geomean_pct": math.prod(full[key]) ** (1 / len(full[key])),
+    return {"config": list(key[:-1]), "mode": key[-1],
+            "geomean_pct": math.prod(full[key]) ** (1 / len(full[key])),
             "pct_by_shape": dict(zip(shapes, full[key]))}
 
 
 def sweep_heads(result: dict[str, Any], heads: tuple[int, int, int], shapes: dict[str, Any],
-                candidates: list[ExtendConfig], mm: float, args: argparse.Namespace,
+                cands: list[tuple[ExtendConfig, str]], mm: float, args: argparse.Namespace,
                 deadline: float) -> dict[str, Any]:
     """Old kernel, SDPA, the default and every candidate at each shape of one head layout."""
     dev, ms = torch.device(args.device), timer(torch.device(args.device))
@@ -229,25 +242,28 @@ def sweep_heads(result: dict[str, Any], heads: tuple[int, int, int], shapes: dic
         res["old"] = measure(case, case.run_old, mm, ms)
         res["sdpa"] = sdpa(case, mm, ms) if not args.tiny else {}
         res["new_default"] = measure(case, lambda o, c=case: c.run_new(o, None, None, True), mm, ms)  # type: ignore[misc]
+        res["paged_default"] = measure(
+            case, lambda o, c=case: c.run_new(o, None, None, True, mode="paged"), mm, ms)  # type: ignore[misc]
         out["shapes"][name] = res
         print(f"{name} {heads}: old {fmt(res['old'])} | sdpa {fmt(res['sdpa'])} | default "
-              f"{fmt(res['new_default'])}", flush=True)
+              f"{fmt(res['new_default'])} | paged default {fmt(res['paged_default'])}", flush=True)
     # Config-major, so a spent budget drops whole configs, never one config's later shapes.
-    for cfg in candidates:
+    for cfg, mode in cands:
         if time.perf_counter() > deadline:
             print(f"sweep budget spent: {heads} skips the rest", flush=True)
             break
         for name, case in cases.items():
-            row = measure(case, lambda o, c=cfg, k=case: k.run_new(o, c, 1), mm, ms)  # type: ignore[misc]
-            out["shapes"][name]["configs"].append({"config": list(cfg.as_tuple()), **row})
-            print(f"  {name} {cfg.as_tuple()}: {fmt(row)}", flush=True)
+            row = measure(case, lambda o, c=cfg, k=case, m=mode: k.run_new(o, c, 1, mode=m), mm, ms)  # type: ignore[misc]
+            out["shapes"][name]["configs"].append(
+                {"config": list(cfg.as_tuple()), "mode": mode, **row})
+            print(f"  {name} {mode} {cfg.as_tuple()}: {fmt(row)}", flush=True)
         write(args.out, "prefill_sweep.json", result)
     for name, res in out["shapes"].items():
         ok = [r for r in res["configs"] if r.get("correct")]
         res["best"] = max(ok, key=lambda r: r["tflops"]) if ok else None
         print(f"{name} {heads}: best {res['best'] and res['best']['config']} "
-              f"{fmt(res['best'] or {})}", flush=True)
-        if res["best"] and not args.tiny:  # new x new on torch's SDPA, the prefix paged
+              f"{res['best'] and res['best']['mode']} {fmt(res['best'] or {})}", flush=True)
+        if res["best"] and not args.tiny and not args.no_hybrid:  # new x new on SDPA
             cfg = ExtendConfig(*res["best"]["config"])
             case = cases[name]
             res["hybrid"] = measure(
@@ -264,7 +280,8 @@ def sweep_heads(result: dict[str, Any], heads: tuple[int, int, int], shapes: dic
         key = (max(16, triton.next_power_of_2(heads[2])), heads[0] // heads[1],
                result["capability"][0])
         out["table_line"] = f"{key}: ExtendConfig{tuple(best['config'])},"
-        print("commit into extend_configs.TABLE:", out["table_line"], flush=True)
+        print("commit into extend_configs.TABLE:", out["table_line"], "mode", best["mode"],
+              flush=True)
     return out
 
 
@@ -281,18 +298,21 @@ def run_sweep(args: argparse.Namespace) -> dict[str, Any]:
     result["matmul_tflops"] = mm
     print(f"{result['device']}: bf16 matmul {mm:.0f} TFLOP/s", flush=True)
     started = time.perf_counter()
-    shapes, candidates = (TINY_SHAPES, TINY_CANDIDATES) if args.tiny else (SHAPES, CANDIDATES)
-    main = sweep_heads(result, heads, shapes, candidates, mm, args, started + args.budget_s)
+    shapes, cands = (TINY_SHAPES, TINY_CANDIDATES) if args.tiny else (SHAPES, CANDIDATES)
+    main = sweep_heads(result, heads, shapes, cands, mm, args, started + args.budget_s)
     result.update(main)  # the head_dim 128 results stay at the top level
+    write(args.out, "prefill_winner.json", winners(result))  # kept should a later part time out
     best = main["best_overall"]
     split_cfg = ExtendConfig(*best["config"]) if best else None
+    mode = best["mode"] if best else "tma"
     sname, (b, n, p) = TINY_SPLIT if args.tiny else SPLIT_SHAPE
     case = Case(b, n, p, dev, torch.bfloat16, heads)
     split_rows = [{"splits": "old", **measure(case, case.run_old, mm, ms)},
-                  {"splits": "auto", **measure(case, lambda o, k=case: k.run_new(o, split_cfg, None, True), mm, ms)}]  # type: ignore[misc]
-    for s in (1, 2, 4, 8, 16):
-        split_rows.append({"splits": s, **measure(case, lambda o, s=s, k=case: k.run_new(o, split_cfg, s), mm, ms)})  # type: ignore[misc]
-    result["split"] = {"shape": sname, "config": best and best["config"], "rows": split_rows}
+                  {"splits": "auto", **measure(case, lambda o, k=case: k.run_new(o, split_cfg, None, True, mode=mode), mm, ms)}]  # type: ignore[misc]
+    for s in (1, 2, 4, 8):
+        split_rows.append({"splits": s, **measure(case, lambda o, s=s, k=case: k.run_new(o, split_cfg, s, mode=mode), mm, ms)})  # type: ignore[misc]
+    result["split"] = {"shape": sname, "config": best and best["config"], "mode": mode,
+                       "rows": split_rows}
     for r in split_rows:
         print(f"{sname} splits={r['splits']}: {fmt(r)}", flush=True)
     del case
@@ -301,9 +321,28 @@ def run_sweep(args: argparse.Namespace) -> dict[str, Any]:
             result, (HQ, HKV, 64), {k: SHAPES[k] for k in ("8x1024", "1x32k")}, CANDIDATES_64,
             mm, args, started + args.budget_s + args.budget_64_s,
         )  # fmt: skip
+    write(args.out, "prefill_winner.json", winners(result))
     result["sweep_s"] = time.perf_counter() - started
     write(args.out, "prefill_sweep.json", result)
     return result
+
+
+def winners(result: dict[str, Any]) -> dict[str, Any]:
+    """What to commit: per head_dim, the best (config, mode) overall with its TABLE line and
+    whether the dense new-token path (USE_NEW_KV) won, plus the per-shape bests."""
+    out: dict[str, Any] = {}
+    for tag, part in (("head_dim_128", result), ("head_dim_64", result.get("head_dim_64"))):
+        if not part or not part.get("best_overall"):
+            continue
+        best = part["best_overall"]
+        out[tag] = {"table_line": part.get("table_line"), "config": best["config"],
+                    "mode": best["mode"], "use_new_kv": best["mode"] != "paged",
+                    "geomean_pct": best["geomean_pct"], "pct_by_shape": best["pct_by_shape"],
+                    "best_by_shape": {name: res["best"] and {k: res["best"][k] for k in (
+                        "config", "mode", "pct_of_matmul")} for name, res in part["shapes"].items()},
+                    "sdpa_by_shape": {name: res["sdpa"].get("pct_of_matmul")
+                                      for name, res in part["shapes"].items()}}
+    return out
 
 
 def fmt(r: dict[str, Any]) -> str:
@@ -328,11 +367,14 @@ def main() -> None:
     ap.add_argument("--tiny", action="store_true", help="toy sizes (CPU interpreter smoke test)")
     ap.add_argument("--budget-s", type=float, default=200.0, help="sweep: stop trying configs")
     ap.add_argument("--budget-64-s", type=float, default=40.0, help="sweep: head_dim 64 part")
+    ap.add_argument("--no-hybrid", action="store_true", help="sweep: skip the SDPA hybrid rows")
     ap.add_argument("--sweep-json", default=None, help="engine: install this sweep's best config")
     ap.add_argument("--model", default="llama3.1-8b")
     ap.add_argument("--chunk", type=int, default=8192, help="engine: prefill tokens per step")
     ap.add_argument("--lens", default="32768,120000", help="engine: cold prompt lengths")
     ap.add_argument("--old-lens", default="32768", help="engine: the same with the old kernel")
+    ap.add_argument("--paged-lens", default="32768",
+                    help="engine: the same tiles with every key through the page table")
     ap.add_argument("--dense-new-min", type=int, default=1024,
                     help="engine: hybrid runs use SDPA for extends of at least this many tokens")
     args = ap.parse_args()

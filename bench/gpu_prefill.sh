@@ -1,20 +1,25 @@
 #!/usr/bin/env bash
-# Issue 18 item 1 in one device call (~4 min on one H200, 6 at most): the extend-attention tile sweep
-# (bench_prefill.py sweep: old kernel, each config, torch SDPA, % of a matmul measured in the
-# same run, correctness at every shape; the hybrid path (new x new on torch's SDPA); split-KV on
-# one long-prefix request; a head_dim 64 mini-sweep), then cold prefill of a 32k and a 120k
-# prompt through the engine (llama3.1-8b preset, random weights, 8192-token chunks) with the
-# sweep's best config (paged only, hybrid, previous kernel), against the compute-aware floor,
-# then the gpu-marked extend-attention tests. Everything lands in $OUT (else bench/results/prefill):
-#   prefill_sweep.json / .log    per shape: old, sdpa, every config, hybrid; best_overall; table_line
-#   prefill_engine.json / .log   cold prefill time, floor_s (compute-aware), flops_floor_s
+# Issue 18 item 1 in one device call (~5 min on one H200): the gpu-marked extend-attention tests
+# (paged kernel and the dense new-token kernel, extend_newkv), then the tile sweep
+# (bench_prefill.py sweep: old kernel, torch SDPA, every (config, mode) at 8x1024, 8x1024 + 1k
+# prefix and 1x32k, head_dim 128 then head_dim 64; modes tma / ptr = new tokens' K/V read densely
+# by TMA descriptors / pointer loads, paged = every key through the page table; % of a matmul
+# measured in the same run; every config checked against an fp32 reference first), then cold
+# prefill of a 32k and a 120k prompt through the engine (llama3.1-8b preset, random weights,
+# 8192-token chunks) with the sweep's winner, against the compute-aware floor; the same tiles
+# all-paged and the previous kernel at 32k. Everything lands in $OUT (else bench/results/prefill):
+#   prefill_winner.json          per head_dim: winning config + mode, TABLE line, use_new_kv,
+#                                per-shape bests and SDPA rates (what to commit)
+#   prefill_sweep.json / .log    every row
+#   prefill_engine.json / .log   cold prefill ttft_s, floor_s, vs_floor per kernel
 #   prefill_tests.log, gpu_info.txt
 #
 #   bash bench/gpu_prefill.sh            # from the repo root, on the GPU machine
 #
-# Per-step limits (seconds) fit 6 minutes: T_SWEEP=150 (head_dim 128 configs stop 60 s in, the
-# head_dim 64 ones 40 s later), T_ENGINE=130, T_TESTS=80. OLD_LENS (default 32768,120000): the
-# prompt lengths also timed with the previous kernel.
+# Limits (seconds): T_TESTS=50, T_SWEEP=150 (SWEEP_128_S=100 of head_dim 128 configs, then
+# SWEEP_64_S=25 of head_dim 64 ones; a config starts only inside its budget), T_ENGINE=110.
+# OLD_LENS / PAGED_LENS (default 32768): prompt lengths also timed with the previous kernel /
+# with the winner's tiles all-paged. ENGINE=0 skips the engine part.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-bench/results/prefill}"
@@ -24,24 +29,32 @@ unset TRITON_INTERPRET
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONUNBUFFERED=1
 . bench/carried_wheels.sh && use_carried_wheels
+start=$(date +%s)
 
 {
   nvidia-smi --query-gpu=name,memory.total,clocks.max.sm,clocks.sm,power.limit --format=csv
   "$PY" -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
 } 2>&1 | tee "$OUT/gpu_info.txt"
 
-T_SWEEP="${T_SWEEP:-150}"; T_ENGINE="${T_ENGINE:-130}"; T_TESTS="${T_TESTS:-80}"
-timeout -k 10 "$T_SWEEP" "$PY" bench/bench_prefill.py sweep --out "$OUT" \
-  --budget-s $((T_SWEEP - 90)) --budget-64-s 40 2>&1 | tee "$OUT/prefill_sweep.log"
-sweep_rc=${PIPESTATUS[0]}
-
-timeout -k 10 "$T_ENGINE" "$PY" bench/bench_prefill.py engine --out "$OUT" \
-  --sweep-json "$OUT/prefill_sweep.json" --old-lens "${OLD_LENS:-32768,120000}" 2>&1 | tee "$OUT/prefill_engine.log"
-engine_rc=${PIPESTATUS[0]}
-
-timeout -k 10 "$T_TESTS" "$PY" -m pytest -q -m gpu tests/kernels/test_extend_attention.py \
-  -p no:cacheprovider 2>&1 | tee "$OUT/prefill_tests.log"
+T_TESTS="${T_TESTS:-50}"; T_SWEEP="${T_SWEEP:-150}"; T_ENGINE="${T_ENGINE:-110}"
+timeout -k 5 "$T_TESTS" "$PY" -m pytest -q -x -m gpu tests/kernels/test_extend_newkv.py \
+  tests/kernels/test_extend_attention.py tests/kernels/test_triton_backend.py -p no:cacheprovider 2>&1 | tail -25 | tee "$OUT/prefill_tests.log"
 tests_rc=${PIPESTATUS[0]}
+echo "tests done at $(( $(date +%s) - start )) s"
 
-echo "sweep rc=$sweep_rc, engine rc=$engine_rc, gpu tests rc=$tests_rc"
+timeout -k 10 "$T_SWEEP" "$PY" bench/bench_prefill.py sweep --out "$OUT" --no-hybrid \
+  --budget-s "${SWEEP_128_S:-100}" --budget-64-s "${SWEEP_64_S:-25}" 2>&1 | tee "$OUT/prefill_sweep.log"
+sweep_rc=${PIPESTATUS[0]}
+echo "sweep done at $(( $(date +%s) - start )) s"
+
+engine_rc=0
+if [ "${ENGINE:-1}" != 0 ]; then
+  timeout -k 10 "$T_ENGINE" "$PY" bench/bench_prefill.py engine --out "$OUT" \
+    --sweep-json "$OUT/prefill_sweep.json" --old-lens "${OLD_LENS:-32768}" \
+    --paged-lens "${PAGED_LENS:-32768}" 2>&1 | grep -v "^ *File \|^ *\^" | tail -40 | tee "$OUT/prefill_engine.log"
+  engine_rc=${PIPESTATUS[0]}
+fi
+
+echo "== winner"; cat "$OUT/prefill_winner.json" 2>/dev/null | head -60
+echo "tests rc=$tests_rc, sweep rc=$sweep_rc, engine rc=$engine_rc, $(( $(date +%s) - start )) s"
 [ "$sweep_rc" -eq 0 ] && [ "$engine_rc" -eq 0 ] && [ "$tests_rc" -eq 0 ]

@@ -55,7 +55,9 @@ def run_engine(args: argparse.Namespace) -> dict[str, Any]:
         if best and dev.type == "cuda":
             key = (HD, HQ // HKV, torch.cuda.get_device_capability(dev)[0])
             extend_configs.TABLE[key] = ExtendConfig(*best["config"])
-            res["config"] = best["config"]
+            extend_configs.USE_NEW_KV = best.get("mode", "paged") != "paged"
+            res["config"], res["mode"] = best["config"], best.get("mode", "paged")
+    res["use_new_kv"] = extend_configs.USE_NEW_KV
     res["config_used"] = list(extend_configs.default_config(HD, HQ // HKV, dev).as_tuple())
     dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
     hw = fl.measure_hardware(args.device, dtype)
@@ -90,6 +92,14 @@ def run_engine(args: argparse.Namespace) -> dict[str, Any]:
     ttft(core, "warmup", prompt(min(2 * args.chunk + 100, longest)))  # compiles every chunk shape
     res["runs"] = [timed("new", n) for n in lens]
     write(args.out, "prefill_engine.json", res)
+    paged_lens = [int(x) for x in args.paged_lens.split(",") if x]
+    if extend_configs.USE_NEW_KV and paged_lens:  # the same tiles, every key through the table
+        extend_configs.USE_NEW_KV = False
+        try:
+            res["runs"] += [timed("paged", n) for n in paged_lens]
+        finally:
+            extend_configs.USE_NEW_KV = True
+        write(args.out, "prefill_engine.json", res)
     if hybrid_ok:  # the same with every chunk's new x new on torch's SDPA
         extend_configs.DENSE_NEW_MIN_TOKENS = args.dense_new_min
         try:
@@ -103,8 +113,10 @@ def run_engine(args: argparse.Namespace) -> dict[str, Any]:
         write(args.out, "prefill_engine.json", res)
     if old_lens:
         new_fn = triton_backend.extend_attention
-        def old_kernel(*args: Any, max_seq_len: int | None = None, **kw: Any) -> Any:
-            # The previous kernel never splits KV, so the length the backend passes is unused.
+        def old_kernel(*args: Any, max_seq_len: int | None = None, k_new: Any = None,
+                       v_new: Any = None, **kw: Any) -> Any:
+            # The previous kernel never splits KV and reads every key from the pool, so the
+            # length and the dense new-token K/V the backend passes are unused.
             return extend_attention_baseline(*args, **kw)
 
         triton_backend.extend_attention = old_kernel  # type: ignore[assignment]

@@ -35,7 +35,7 @@ import triton
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from radixrt.kernels import extend_dense  # noqa: E402
+from radixrt.kernels import extend_dense, extend_newkv  # noqa: E402
 from radixrt.kernels.extend_attention import extend_attention, extend_flops  # noqa: E402
 from radixrt.kernels.extend_baseline import extend_attention_baseline  # noqa: E402
 from radixrt.kernels.extend_configs import ExtendConfig  # noqa: E402
@@ -321,6 +321,7 @@ def run_sweep(args: argparse.Namespace) -> dict[str, Any]:
             result, (HQ, HKV, 64), {k: SHAPES[k] for k in ("8x1024", "1x32k")}, CANDIDATES_64,
             mm, args, started + args.budget_s + args.budget_64_s,
         )  # fmt: skip
+    result["tma_failed"] = extend_newkv._TMA_FAILED  # set: "tma" rows ran pointer loads
     write(args.out, "prefill_winner.json", winners(result))
     result["sweep_s"] = time.perf_counter() - started
     write(args.out, "prefill_sweep.json", result)
@@ -330,7 +331,7 @@ def run_sweep(args: argparse.Namespace) -> dict[str, Any]:
 def winners(result: dict[str, Any]) -> dict[str, Any]:
     """What to commit: per head_dim, the best (config, mode) overall with its TABLE line and
     whether the dense new-token path (USE_NEW_KV) won, plus the per-shape bests."""
-    out: dict[str, Any] = {}
+    out: dict[str, Any] = {"tma_failed": result.get("tma_failed")}
     for tag, part in (("head_dim_128", result), ("head_dim_64", result.get("head_dim_64"))):
         if not part or not part.get("best_overall"):
             continue

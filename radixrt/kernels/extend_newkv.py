@@ -18,6 +18,8 @@ base-2 online softmax; results equal the paged kernel's up to fp32 summation ord
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 import triton
 import triton.language as tl
@@ -186,6 +188,9 @@ def _extend_newkv_kernel(
                  (acc / l_i[:, None]).to(Out.dtype.element_ty), mask=io_mask)
 
 
+_TMA_FAILED: str | None = None  # why TMA descriptors failed to launch here (then pointer loads)
+
+
 def new_kv_usable(k_new: torch.Tensor | None, v_new: torch.Tensor | None,
                   k_flat: torch.Tensor, num_tokens: int) -> bool:
     """The dense new-token path applies: one K/V row per new token, in the pool's dtype (a
@@ -219,13 +224,38 @@ def launch_newkv(
     splits: int, group: int, block_d: int, cfg: ExtendConfig, precision: str, interpret: bool,
 ) -> None:  # fmt: skip
     """One launch of the kernel above (extend_attention prepares grid, splits and partials)."""
+    global _TMA_FAILED
     num_tokens, _, head_dim = q.shape
-    use_tma = cfg.new_kv_tma and _tma_ready(k_new, head_dim, block_d) and _tma_ready(
-        v_new, head_dim, block_d)
+    use_tma = (cfg.new_kv_tma and _TMA_FAILED is None and _tma_ready(k_new, head_dim, block_d)
+               and _tma_ready(v_new, head_dim, block_d))
     descs: tuple[object, ...] = (None, None, None, None)
     if use_tma:
         (kd, kdd), (vd, vdd) = (_descriptors(t, cfg.block_n, cfg.diag_n) for t in (k_new, v_new))
         descs = (kd, vd, kdd, vdd)
+    try:
+        _launch(q, k_flat, v_flat, k_new, v_new, descs, out, part_o, part_lse, qo_indptr,
+                prefix_lens, page_table, req_rows, page_size, qk_scale, grid, splits, group,
+                block_d, cfg, precision, interpret, use_tma)
+    except Exception as exc:  # noqa: BLE001 - a Triton build without TMA descriptors here
+        if not use_tma:
+            raise
+        _TMA_FAILED = repr(exc)[:300]
+        warnings.warn(f"extend_newkv: TMA descriptors failed, using pointer loads: {_TMA_FAILED}",
+                      stacklevel=2)
+        _launch(q, k_flat, v_flat, k_new, v_new, (None, None, None, None), out, part_o, part_lse,
+                qo_indptr, prefix_lens, page_table, req_rows, page_size, qk_scale, grid, splits,
+                group, block_d, cfg, precision, interpret, False)
+
+
+def _launch(
+    q: torch.Tensor, k_flat: torch.Tensor, v_flat: torch.Tensor, k_new: torch.Tensor,
+    v_new: torch.Tensor, descs: tuple[object, ...], out: torch.Tensor, part_o: torch.Tensor,
+    part_lse: torch.Tensor, qo_indptr: torch.Tensor, prefix_lens: torch.Tensor,
+    page_table: torch.Tensor, req_rows: torch.Tensor, page_size: int, qk_scale: float,
+    grid: tuple[int, int, int], splits: int, group: int, block_d: int, cfg: ExtendConfig,
+    precision: str, interpret: bool, use_tma: bool,
+) -> None:  # fmt: skip
+    num_tokens, _, head_dim = q.shape
     _extend_newkv_kernel[grid](
         q, k_flat, v_flat, k_new, v_new, *descs, out, part_o, part_lse, qo_indptr, prefix_lens,
         page_table, req_rows, qk_scale, q.stride(0), q.stride(1), k_flat.stride(0),

@@ -11,8 +11,8 @@ pytest.importorskip("triton")
 from radixrt.attention.torch_ref import paged_attention_reference  # noqa: E402
 from radixrt.kernels import extend_configs  # noqa: E402
 from radixrt.kernels.extend_attention import extend_attention  # noqa: E402
-from radixrt.kernels.extend_dense import new_token_slots  # noqa: E402
 from radixrt.kernels.extend_configs import ExtendConfig  # noqa: E402
+from radixrt.kernels.extend_dense import new_token_slots  # noqa: E402
 from radixrt.kernels.extend_newkv import new_kv_usable  # noqa: E402
 
 TINY_RAGGED = ([0, 70, 5, 33, 0], [9, 20, 1, 3, 37])
@@ -137,3 +137,15 @@ def test_new_kv_usable_rejects_mismatches(paged_case, device):
 def test_newkv_real_shapes(paged_case, assert_close, device, heads, dtype, config, splits, fused):
     _check(paged_case, assert_close, device, REAL_RAGGED, heads, 16, dtype, config, splits,
            fused=fused)
+
+
+@pytest.mark.gpu
+def test_newkv_tma_launches_on_hopper(paged_case, assert_close, device):
+    """On sm_90+ the TMA descriptors compile and launch (no silent fallback to pointer loads)."""
+    from radixrt.kernels import extend_newkv
+
+    if torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("TMA descriptors need Hopper or newer")
+    _check(paged_case, assert_close, device, REAL_RAGGED, (32, 8, 128), 16, torch.bfloat16,
+           ExtendConfig(128, 64, 4, 4, 3), 1)
+    assert extend_newkv._TMA_FAILED is None, extend_newkv._TMA_FAILED

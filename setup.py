@@ -17,9 +17,11 @@ else:
     native = Pybind11Extension(
         "radixrt.cache._radix_native",
         sources=["csrc/radix_tree.cpp", "csrc/radix_walk.cpp", "csrc/page_allocator.cpp",
-                 "csrc/bindings.cpp", "csrc/bind_allocator.cpp"],
+                 "csrc/tier.cpp", "csrc/bindings.cpp", "csrc/bind_allocator.cpp",
+                 "csrc/bind_tier.cpp"],
         include_dirs=["csrc"],
-        depends=["csrc/radix_tree.h", "csrc/page_allocator.h", "csrc/py_arrays.h"],
+        depends=["csrc/radix_tree.h", "csrc/page_allocator.h", "csrc/py_arrays.h",
+                 "csrc/py_tree.h"],
         cxx_std=17,
         extra_compile_args=["-O3"],
         optional=True,  # a failed compile is a warning: the Python tree is the fallback

@@ -42,12 +42,18 @@ class PyAllocator {
     return a_.decref(v.data, v.n);
   }
 
+ radixrt::PageAllocator& core() { return a_; }
+
  private:
   radixrt::PageAllocator a_;
   std::vector<int32_t> scratch_;
 };
 
 }  // namespace
+
+PageAllocator* native_allocator(py::handle allocator) {
+  return &py::cast<PyAllocator&>(allocator).core();
+}
 
 void bind_allocator(py::module_& m) {
   py::class_<PyAllocator>(m, "Allocator")

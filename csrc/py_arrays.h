@@ -75,6 +75,10 @@ inline py::array_t<int32_t> to_array(const int32_t* p, size_t n) {
   return out;
 }
 
+class PageAllocator;
+
 void bind_allocator(py::module_& m);
+// The allocator inside a _radix_native.Allocator object (a cast error for anything else).
+PageAllocator* native_allocator(py::handle allocator);
 
 }  // namespace radixrt

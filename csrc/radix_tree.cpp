@@ -83,6 +83,9 @@ void RadixTree::free_slot(int32_t slot) {
   // Keep small buffers for reuse; give long edges' memory back.
   n.key.clear();
   n.pages.clear();
+  n.host_pages.clear();
+  n.load_seq = n.write_seq = 0;
+  n.load_unused = n.in_host_lru = false;
   if (n.key.capacity() > 4096) std::vector<Tok>().swap(n.key);
   if (n.pages.capacity() > 4096) std::vector<Page>().swap(n.pages);
   free_slots_.push_back(slot);
@@ -140,14 +143,21 @@ int32_t RadixTree::split(int32_t child, int64_t m) {
   u.lock_ref = ch.lock_ref;
   u.last_access = ch.last_access;
   u.key.assign(ch.key.begin(), ch.key.begin() + m);
-  u.pages.assign(ch.pages.begin(), ch.pages.begin() + cut);
+  // Both tiers split at the same page; transfer tickets apply to both halves.
+  if (ch.on_gpu()) u.pages.assign(ch.pages.begin(), ch.pages.begin() + cut);
+  if (ch.on_host()) u.host_pages.assign(ch.host_pages.begin(), ch.host_pages.begin() + cut);
+  u.load_seq = ch.load_seq;
+  u.write_seq = ch.write_seq;
+  u.load_unused = ch.load_unused;
   u.children.clear();
   u.children.emplace(page_hash(ch.key.data() + m), child);
   replace_child(ch.parent, ch.key.data(), child, up);  // same first page, same map entry
   ch.key.erase(ch.key.begin(), ch.key.begin() + m);
-  ch.pages.erase(ch.pages.begin(), ch.pages.begin() + cut);
+  if (ch.on_gpu()) ch.pages.erase(ch.pages.begin(), ch.pages.begin() + cut);
+  if (ch.on_host()) ch.host_pages.erase(ch.host_pages.begin(), ch.host_pages.begin() + cut);
   ch.parent = up;
   ++c_.num_nodes;
+  if (host_) host_sync(up);
   return up;
 }
 
@@ -155,13 +165,12 @@ void RadixTree::touch(const std::vector<int32_t>& path) {
   ++clock_;
   for (int32_t s : path) {
     Node& n = nodes_[s];
-    if (n.in_lru) {
-      lru_.erase({n.last_access, n.id, s});
-      n.last_access = clock_;
-      lru_.insert({n.last_access, n.id, s});
-    } else {
-      n.last_access = clock_;
-    }
+    // Re-key the LRU entries: their keys include last_access.
+    if (n.in_lru) lru_.erase({n.last_access, n.id, s});
+    if (n.in_host_lru) host_lru_.erase({n.last_access, n.id, s});
+    n.last_access = clock_;
+    if (n.in_lru) lru_.insert({n.last_access, n.id, s});
+    if (n.in_host_lru) host_lru_.insert({n.last_access, n.id, s});
   }
 }
 
@@ -182,6 +191,7 @@ void RadixTree::lru_discard(int32_t slot) {
 int64_t RadixTree::match(const Tok* t, int64_t n, int32_t ns, bool record_stats, bool keep_last,
                          std::vector<int32_t>& path, int32_t& handle) {
   path.clear();
+  match_gpu_nodes_ = 0;
   if (record_stats) c_.query_tokens += n;
   int32_t root = ns >= 0 ? root_of(ns) : -1;
   if (root < 0 || n == 0) {
@@ -191,14 +201,28 @@ int64_t RadixTree::match(const Tok* t, int64_t n, int32_t ns, bool record_stats,
   int64_t limit = keep_last ? ((n - 1) / ps_) * ps_ : (n / ps_) * ps_;
   int64_t length = descend(root, t, limit, path);
   touch(path);
-  if (record_stats) c_.hit_tokens += length;
-  handle = path.empty() ? root : path.back();
-  return length;
+  // The GPU nodes are closed towards the root: a GPU prefix, then the host-only rest.
+  size_t on_gpu = path.size();
+  int64_t host_length = 0;
+  if (host_) {
+    on_gpu = 0;
+    while (on_gpu < path.size() && nodes_[path[on_gpu]].on_gpu()) ++on_gpu;
+    for (size_t i = on_gpu; i < path.size(); ++i) host_length += (int64_t)nodes_[path[i]].key.size();
+  }
+  match_gpu_nodes_ = on_gpu;
+  if (record_stats) {
+    c_.hit_tokens += length;
+    c_.host_hit_tokens += host_length;
+  }
+  handle = on_gpu ? path[on_gpu - 1] : root;
+  return length - host_length;
 }
 
 int64_t RadixTree::insert(const Tok* t, int64_t n, const Page* pages, int64_t num_pages,
                           int32_t ns, std::vector<int32_t>& path, int32_t& handle) {
   path.clear();
+  adopted_.clear();
+  adopt_fences_.clear();
   if (n % ps_ != 0)
     fail("insert of " + std::to_string(n) + " tokens: not a multiple of page " +
          std::to_string(ps_));
@@ -213,6 +237,7 @@ int64_t RadixTree::insert(const Tok* t, int64_t n, const Page* pages, int64_t nu
   if (roots_[ns] < 0) roots_[ns] = new_root(ns);
   int32_t root = roots_[ns];
   int64_t pos = descend(root, t, n, path);
+  if (host_) adopt_path(path, pages);
   int32_t node = path.empty() ? root : path.back();
   if (pos < n) {
     int32_t leaf = alloc_slot();
@@ -228,7 +253,7 @@ int64_t RadixTree::insert(const Tok* t, int64_t n, const Page* pages, int64_t nu
     l.key.assign(t + pos, t + n);
     l.pages.assign(pages + pos / ps_, pages + n / ps_);
     l.children.clear();
-    lru_discard(node);  // gains a child: no longer a leaf
+    lru_discard(node);  // gains a GPU child: no longer a GPU leaf
     nodes_[node].children.emplace(page_hash(l.key.data()), leaf);
     lru_add(leaf);
     ++c_.num_nodes;
@@ -245,6 +270,8 @@ void RadixTree::lock(int32_t slot) {
   if (nodes_[slot].is_root) return;
   if (!nodes_[slot].alive || nodes_[slot].parent < 0)
     fail("lock of node " + std::to_string(nodes_[slot].id) + ", which was evicted");
+  if (!nodes_[slot].on_gpu())
+    fail("lock of node " + std::to_string(nodes_[slot].id) + ", which is not on the GPU");
   int32_t s = slot;
   while (!nodes_[s].is_root) {
     Node& n = nodes_[s];
@@ -267,7 +294,7 @@ void RadixTree::unlock(int32_t slot) {
     --n.lock_ref;
     if (n.lock_ref == 0) {
       c_.locked_pages -= (int64_t)n.pages.size();
-      if (n.children.empty()) lru_add(s);
+      if (!has_gpu_child(s)) lru_add(s);
     }
     s = n.parent;
   }
@@ -277,6 +304,7 @@ int32_t RadixTree::detach(int32_t slot) {
   Node& n = nodes_[slot];
   int32_t parent = n.parent;
   if (parent < 0 || !n.children.empty()) fail("detach of node " + std::to_string(n.id));
+  host_discard(slot);
   replace_child(parent, n.key.data(), slot, -1);
   --c_.num_nodes;
   free_slot(slot);
@@ -285,6 +313,8 @@ int32_t RadixTree::detach(int32_t slot) {
     roots_[p.ns] = -1;  // an emptied namespace goes
     dropped_roots_.emplace(p.id, p.ns);
     free_slot(parent);
+  } else if (host_ && !p.is_root) {
+    host_sync(parent);  // a host-only parent may now be a host leaf
   }
   return parent;
 }
@@ -297,14 +327,13 @@ int64_t RadixTree::evict(int64_t num_pages, std::vector<Page>& out) {
     nodes_[s].in_lru = false;
     int64_t keep = (int64_t)nodes_[s].pages.size() - (num_pages - count);
     if (keep > 0) split(s, keep * ps_);  // only the tail this call needs; the head stays
-    Node& n = nodes_[s];
-    if (n.lock_ref != 0) fail("evicting locked node " + std::to_string(n.id));
-    out.insert(out.end(), n.pages.begin(), n.pages.end());
-    count += (int64_t)n.pages.size();
-    c_.cached_tokens -= (int64_t)n.key.size();
-    int32_t parent = detach(s);
-    Node& p = nodes_[parent];
-    if (p.alive && !p.is_root && p.lock_ref == 0 && p.children.empty()) lru_add(parent);
+    if (nodes_[s].lock_ref != 0) fail("evicting locked node " + std::to_string(nodes_[s].id));
+    size_t before = out.size();
+    if (host_)
+      release_gpu(s, out);  // kept on the host when it can be
+    else
+      remove_leaf(s, out);
+    count += (int64_t)(out.size() - before);
   }
   c_.evicted_pages += count;
   return count;

@@ -63,9 +63,14 @@ std::string RadixTree::check() const {
     if (find_child(n.parent, n.key.data()) != s)
       return "node " + id(s) + " not filed under its first page in parent " + id(n.parent);
     if (n.ns != p.ns) return "node " + id(s) + " crosses namespaces";
-    if ((int64_t)n.pages.size() != klen / ps_)
-      return "node " + id(s) + ": " + std::to_string(n.pages.size()) + " pages for " +
-             std::to_string(klen) + " tokens";
+    int64_t np = (int64_t)n.pages.size(), nh = (int64_t)n.host_pages.size();
+    if ((np != 0 && np != klen / ps_) || (nh != 0 && nh != klen / ps_) || (!host_ && nh))
+      return "node " + id(s) + ": " + std::to_string(np) + " GPU / " + std::to_string(nh) +
+             " host pages for " + std::to_string(klen) + " tokens";
+    if (!n.on_gpu() && !n.on_host()) return "node " + id(s) + " holds its tokens in no tier";
+    if (n.on_gpu() && !p.is_root && !p.on_gpu())
+      return "node " + id(s) + " is on the GPU but its parent " + id(n.parent) + " is not";
+    if (!n.on_gpu() && n.lock_ref) return "host-only node " + id(s) + " is locked";
     int64_t child_locks = 0;
     for (const auto& kv : n.children) child_locks += nodes_[kv.second].lock_ref;
     if (n.lock_ref < child_locks)
@@ -74,16 +79,18 @@ std::string RadixTree::check() const {
     if (!p.is_root && p.last_access < n.last_access)
       return "node " + id(s) + " accessed after its parent " + id(n.parent) +
              ": LRU cascade order broken";
+    bool gpu_leaf = n.on_gpu() && !has_gpu_child(s);
+    if (n.in_lru != (gpu_leaf && n.lock_ref == 0))
+      return "node " + id(s) + ": LRU membership out of date";
+    if (!n.on_gpu()) continue;
     tokens += klen;
     for (Page pg : n.pages)
       if (!owner.insert(pg).second)
         return "page " + std::to_string(pg) + " held twice (second: node " + id(s) + ")";
     if (n.lock_ref)
       locked += (int64_t)n.pages.size();
-    else if (n.children.empty())
+    else if (gpu_leaf)
       unlocked_leaves.insert(n.id);
-    if (n.in_lru != (n.lock_ref == 0 && n.children.empty()))
-      return "node " + id(s) + ": LRU membership out of date";
   }
   if ((int64_t)nodes.size() != c_.num_nodes)
     return "num_nodes " + std::to_string(c_.num_nodes) + " != " + std::to_string(nodes.size());
@@ -100,6 +107,49 @@ std::string RadixTree::check() const {
     in_lru.insert(n.id);
   }
   if (in_lru != unlocked_leaves) return "evictable set != unlocked leaves";
+  return host_ ? check_tier() : "";
+}
+
+std::string RadixTree::check_tier() const {
+  // The host pool's half: host pages held once, counters, the host LRU, pending loads and
+  // writes (the host allocator's refcounts are audited by the caller against host_pages).
+  auto id = [&](int32_t s) { return std::to_string(nodes_[s].id); };
+  std::unordered_set<Page> owner;
+  std::set<int64_t> evictable, tickets;
+  for (const Load& ld : loads_) tickets.insert(ld.ticket);
+  int64_t host_tokens = 0, host_only = 0;
+  for (int32_t s : live_nodes()) {
+    const Node& n = nodes_[s];
+    if (n.write_seq < 0) return "node " + id(s) + " has a write that was never issued";
+    if (n.load_seq) {
+      if (n.load_seq < 0) return "node " + id(s) + " still pinned for a load set-up";
+      if (!n.on_gpu() || n.lock_ref <= 0)
+        return "loading node " + id(s) + " must be on the GPU and locked";
+      if (!tickets.count(n.load_seq)) return "node " + id(s) + " loads under unknown ticket";
+    }
+    if (n.in_host_lru != (n.on_host() && n.load_seq == 0 && (n.on_gpu() || n.children.empty())))
+      return "node " + id(s) + ": host LRU membership out of date";
+    if (!n.on_host()) continue;
+    host_tokens += (int64_t)n.key.size();
+    if (!n.on_gpu()) host_only += (int64_t)n.key.size();
+    for (Page pg : n.host_pages)
+      if (!owner.insert(pg).second)
+        return "host page " + std::to_string(pg) + " held twice (second: node " + id(s) + ")";
+    if (n.in_host_lru) evictable.insert(n.id);
+  }
+  if (host_tokens != c_.host_tokens)
+    return "host tokens " + std::to_string(c_.host_tokens) + " != " + std::to_string(host_tokens);
+  if (host_only != c_.host_only_tokens)
+    return "host-only tokens " + std::to_string(c_.host_only_tokens) + " != " +
+           std::to_string(host_only);
+  std::set<int64_t> listed;
+  for (const auto& [last_access, nid, s] : host_lru_) {
+    if (!nodes_[s].alive || nodes_[s].id != nid || nodes_[s].last_access != last_access)
+      return "host LRU keys out of date with nodes' last_access";
+    listed.insert(nid);
+  }
+  if (listed != evictable) return "host evictable set != host LRU";
+  if (!io_.empty()) return "write-backs left unissued";
   return "";
 }
 

@@ -9,7 +9,8 @@ like a ``Node``; two handles of the same node compare equal (they are not the sa
 
 Backend choice (``make_prefix_cache``): ``RADIXRT_RADIX_BACKEND=native|python`` or the
 ``backend`` argument; by default the native tree when the extension was built, else the Python
-tree with one log line giving the reason (backend.py). The host tier (``TieredRadixCache``) runs on the Python tree.
+tree with one log line giving the reason (backend.py). The host tier on the native tree is
+``NativeTieredRadixCache`` (native_tiered.py).
 """
 
 from __future__ import annotations
@@ -24,7 +25,6 @@ from radixrt.cache.allocator import PageAllocator, PageIds, check_refcounts
 from radixrt.cache.backend import native_module, resolve_backend
 from radixrt.cache.invariants import audit_pages
 from radixrt.cache.node import (
-    EMPTY,
     CacheStats,
     InsertResult,
     IntArray,
@@ -132,7 +132,7 @@ class NativeNode(Node):
 
     @property
     def host_pages(self) -> IntArray:  # type: ignore[override]
-        return EMPTY
+        return self._tree.host_pages(self._slot, self._nid)  # type: ignore[no-any-return]
 
     @property
     def lock_ref(self) -> int:  # type: ignore[override]
@@ -144,15 +144,15 @@ class NativeNode(Node):
 
     @property
     def load_seq(self) -> int:  # type: ignore[override]
-        return 0  # no host tier: nothing ever loads
+        return self._tree.tier_state(self._slot, self._nid)[0]  # type: ignore[no-any-return]
 
     @property
     def write_seq(self) -> int:  # type: ignore[override]
-        return 0
+        return self._tree.tier_state(self._slot, self._nid)[1]  # type: ignore[no-any-return]
 
     @property
     def load_unused(self) -> bool:  # type: ignore[override]
-        return False
+        return self._tree.tier_state(self._slot, self._nid)[2]  # type: ignore[no-any-return]
 
     @property
     def on_gpu(self) -> bool:
@@ -160,7 +160,7 @@ class NativeNode(Node):
 
     @property
     def on_host(self) -> bool:
-        return False
+        return len(self.host_pages) > 0
 
     def __repr__(self) -> str:
         return (f"NativeNode(id={self._nid}, slot={self._slot}, pages={self.pages.tolist()}, "

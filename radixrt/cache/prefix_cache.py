@@ -6,13 +6,13 @@ evict (which hands the released page ids back to the caller, who frees them), st
 self-check. With a host tier a match may end in a host-only continuation: ``start_load`` gives it
 GPU pages and copies it in, ``poll`` (once per step) retires finished copies, ``backup_ahead``
 writes the oldest GPU entries down in the background. ``RadixCache`` is the GPU-only tree,
-``TieredRadixCache`` adds the host tier, ``NoPrefixCache`` keeps the same code path with nothing
+``TieredRadixCache`` adds the host tier (``NativeRadixCache`` / ``NativeTieredRadixCache``: the same
+on the native tree), ``NoPrefixCache`` keeps the same code path with nothing
 ever shared.
 """
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Protocol, cast
 
@@ -164,21 +164,22 @@ def make_prefix_cache(
     """The cache for a config: none, the GPU tree, or the GPU tree over a host tier.
 
     ``backend`` (``native`` / ``python``; default $RADIXRT_RADIX_BACKEND, else native when
-    built) picks the GPU tree's implementation. The host tier runs on the Python tree only, so
-    it refuses an explicit ``native``."""
-    from radixrt.cache.backend import BACKEND_ENV, resolve_backend
+    built) picks the tree's implementation, with or without the host tier."""
+    from radixrt.cache.backend import resolve_backend
     from radixrt.cache.native import NativeRadixCache
 
     if not enabled:
         assert transfer is None, "a host tier needs the prefix cache"
         return NoPrefixCache(allocator, page_size)
+    native = resolve_backend(backend) == "native"
     if transfer is not None:
+        if native:
+            from radixrt.cache.native_tiered import NativeTieredRadixCache
+
+            return cast(PrefixCache, NativeTieredRadixCache(allocator, page_size, transfer))
         from radixrt.cache.tiered import TieredRadixCache
 
-        if (backend or os.environ.get(BACKEND_ENV)) == "native":
-            raise ValueError("the host tier (TieredRadixCache) runs on the Python radix tree "
-                             f"only: unset {BACKEND_ENV} or set it to python")
         return TieredRadixCache(allocator, page_size, transfer)
-    if resolve_backend(backend) == "native":
+    if native:
         return cast(PrefixCache, NativeRadixCache(allocator, page_size))
     return RadixCache(allocator, page_size)

@@ -231,15 +231,17 @@ class TieredRadixCache(RadixCache):
             self._detach(node)
 
     def _drop_host_subtree(self, node: Node) -> None:
-        """Drop the host-only descendants of a GPU node leaving the cache."""
-        stack = list(node.children.values())
-        order: list[Node] = []
+        """Drop the host-only descendants of a GPU node leaving the cache: deepest first (so
+        children before parents), then by id, which the native tree does too (the host pages
+        are freed in one order, so both hand them out again in one order)."""
+        stack = [(c, 1) for c in node.children.values()]
+        order: list[tuple[int, int, Node]] = []
         while stack:
-            n = stack.pop()
+            n, depth = stack.pop()
             assert not n.on_gpu and n.load_seq == 0, f"node {n.id} under a GPU leaf is busy"
-            order.append(n)
-            stack.extend(n.children.values())
-        for n in reversed(order):  # children before parents
+            order.append((-depth, n.id, n))
+            stack.extend((c, depth + 1) for c in n.children.values())
+        for _, _, n in sorted(order, key=lambda e: (e[0], e[1])):
             self._drop_host_copy(n)
 
     def _host_evictable(self, node: Node) -> bool:

@@ -1,5 +1,6 @@
-"""Stateful property test of the two-tier cache: TieredRadixCache over a real GPU-layout pool
-and host pool (both in RAM), with every page's *contents* checked, not only its bookkeeping.
+"""Stateful property test of the two-tier cache: TieredRadixCache (and NativeTieredRadixCache,
+the same on the native tree) over a real GPU-layout pool and host pool (both in RAM), with every
+page's *contents* checked, not only its bookkeeping.
 
 Each token's K/V is a function of its whole prefix, so a page holds the right data exactly when
 it holds the value this test computes for it. Transfers are deferred: a copy runs only when the
@@ -26,46 +27,15 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
-from radixrt.cache import PageAllocator, SequencePages
+from radixrt.cache import SequencePages
 from radixrt.cache.host_pool import HostKVPool
 from radixrt.cache.kv_pool import KVPool
-from radixrt.cache.node import IntArray, Node
-from radixrt.cache.tiered import TieredRadixCache
-from radixrt.cache.transfer import PageTransfer
+from radixrt.cache.native import make_page_allocator
+from radixrt.cache.node import Node
+from tests.fixtures.radix_backends import NATIVE_SKIP, DeferredTransfer, make_tiered
 
 NAMESPACES = [None, "tenant-a"]
 LAYERS = 2
-
-
-class DeferredTransfer(PageTransfer):
-    """Copies queue up and run only on ``complete`` (in order) or ``fence``."""
-
-    def __init__(self, pool: KVPool, host: HostKVPool) -> None:
-        super().__init__(pool, host, staging_pages=3)
-        self.queue: list[tuple[int, IntArray, IntArray, bool]] = []
-        self.fenced = 0
-
-    def _run(self, gpu_pages: IntArray, host_pages: IntArray, *, is_load: bool) -> int:
-        ticket = self._next
-        self._next += 1
-        self.queue.append((ticket, gpu_pages.copy(), np.asarray(host_pages).copy(), is_load))
-        return ticket
-
-    def complete(self, n: int) -> None:
-        for ticket, gp, hp, is_load in self.queue[:n]:
-            self._copy(gp, hp, is_load)
-            self._completed = ticket
-        del self.queue[:n]
-
-    def poll(self) -> int:
-        return self._completed
-
-    def fence(self, ticket: int) -> bool:
-        if ticket <= self._completed:
-            return False
-        self.complete(sum(1 for t, *_ in self.queue if t <= ticket))
-        self.fenced += 1
-        return True
 
 
 def kv_value(prefix_hash: int) -> float:
@@ -91,6 +61,8 @@ class SimReq:
 
 
 class TieredMachine(RuleBasedStateMachine):
+    backend = "python"
+
     @initialize(
         page_size=st.sampled_from([1, 2, 4]), gpu_pages=st.integers(3, 16),
         host_pages=st.integers(1, 48),
@@ -102,8 +74,8 @@ class TieredMachine(RuleBasedStateMachine):
         self.host = HostKVPool(num_pages=host_pages, num_layers=LAYERS, page_size=page_size,
                                num_kv_heads=1, head_dim=2, dtype=torch.float64, pin=False)
         self.xfer = DeferredTransfer(self.pool, self.host)
-        self.alloc = PageAllocator(gpu_pages)
-        self.cache = TieredRadixCache(self.alloc, page_size, self.xfer)
+        self.alloc = make_page_allocator(gpu_pages, self.backend)
+        self.cache = make_tiered(self.backend, self.alloc, page_size, self.xfer)
         self.reqs: list[SimReq] = []
         self.waiting: list[tuple[str | None, list[int]]] = []
         self.history: list[list[int]] = [[0] * (3 * page_size)]
@@ -321,3 +293,11 @@ TieredMachine.TestCase.settings = settings(
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
 )
 test_tiered_cache_against_contents = TieredMachine.TestCase
+
+
+class NativeTieredMachine(TieredMachine):
+    backend = "native"
+
+
+NativeTieredMachine.TestCase.settings = TieredMachine.TestCase.settings
+test_native_tiered_cache_against_contents = NATIVE_SKIP(NativeTieredMachine.TestCase)

@@ -47,25 +47,33 @@ SPLIT_SHAPE = ("1x512 +32k prefix", (1, 512, 32768))
 TINY_SHAPES = {"2x40": (2, 40, 0), "2x24 +33 prefix": (2, 24, 33)}
 TINY_SPLIT = ("1x8 +70 prefix", (1, 8, 70))
 # (block_m, block_n, heads_per_tile, warps, stages): the Triton tutorial's Hopper space (64/128
-# rows, 32-128 keys, 2-4 stages, 4/8 warps), likeliest first (a spent time budget cuts the tail).
-# Run 1 on an H200 (bench/recorded/h200_s4_prefill1) was won by 128x64 on 4 warps, 3 stages.
+# rows, 16-128 keys, 2-4 stages, 4/8 warps), likeliest first (a spent time budget cuts the tail).
 # Each tile runs in up to three modes (MODES): "tma" / "ptr" read the new tokens' K/V from dense
 # tensors (extend_newkv: TMA descriptors / pointer loads), "paged" reads every key through the
-# page table (the session-4 kernel).
+# page table (the session-4 kernel). Offline sm_90 builds (triton 3.9, head_dim 128, TMA mode):
+# shared memory is Q + stages x (K + V tile), so 128x64 at 3 stages takes 128 KB and runs one
+# program per SM (run 1's 36% winner pipelined one tile deep, less memory, two per SM); the
+# first group runs two (or three) programs per SM without spilling.
 MODES = ("tma", "ptr", "paged")
 _TILES: list[tuple[tuple[int, ...], tuple[str, ...]]] = [
-    ((128, 64, 4, 4, 3), MODES), ((128, 64, 4, 8, 3), MODES), ((128, 128, 4, 8, 3), MODES),
-    ((128, 64, 4, 4, 2), MODES), ((64, 64, 4, 4, 3), MODES), ((128, 32, 4, 4, 3), MODES),
-    ((128, 128, 4, 8, 2), ("tma", "ptr")), ((128, 64, 4, 8, 4), ("tma", "ptr")),
-    ((128, 64, 4, 4, 4), ("tma", "ptr")), ((128, 32, 4, 4, 4), ("tma",)),
-    ((64, 64, 1, 4, 3), ("tma",)), ((64, 128, 4, 4, 2), ("tma",)), ((128, 128, 1, 8, 3), ("tma",)),
-    ((64, 32, 4, 4, 3), ("tma",)), ((128, 64, 2, 8, 3), ("tma",)), ((128, 16, 4, 4, 4), ("tma",)),
+    # two+ programs per SM: 80 KB / 255 regs, 96 KB / 255, 112 KB / 185, 80 KB / 185, 64 KB /
+    # 150 (three), 80 KB / 152, 64 KB / 232, 113 KB / 194 (one head a tile)
+    ((128, 32, 4, 4, 3), MODES), ((128, 32, 4, 4, 4), ("tma", "paged")),
+    ((64, 64, 4, 4, 3), MODES), ((64, 64, 4, 4, 2), ("tma", "paged")),
+    ((64, 32, 4, 4, 3), ("tma", "paged")), ((64, 32, 4, 4, 4), ("tma",)),
+    ((128, 16, 4, 4, 4), ("tma",)), ((64, 64, 1, 4, 3), ("tma",)),
+    # 98 KB but spilling (168 B); run 1's winner at 3 stages (128 KB, one per SM)
+    ((128, 64, 4, 4, 2), MODES), ((128, 64, 4, 4, 3), ("tma", "paged")),
+    # one 8-warp program per SM (no spills): 129 KB / 182 regs, 229 KB / 236, 96 KB / 176
+    ((128, 64, 4, 8, 3), ("tma", "paged")), ((128, 128, 4, 8, 3), ("tma",)),
+    ((128, 64, 4, 8, 2), ("tma",)), ((128, 64, 2, 8, 3), ("tma",)),
 ]  # fmt: skip
-# head_dim 64: registers allow 128-row tiles on 4 warps (220 registers at 3 stages, no spill).
+# head_dim 64 (TMA mode): 128x64 4 warps 64-80 KB / 210 regs (two per SM), 8 warps 4 stages
+# 80 KB / 126 (two), 64x64 56 KB / 107 (three), 64x32 4 stages 40 KB / 87 (five).
 _TILES_64: list[tuple[tuple[int, ...], tuple[str, ...]]] = [
-    ((128, 64, 4, 8, 4), MODES), ((128, 64, 4, 4, 3), MODES), ((64, 64, 4, 4, 3), MODES),
-    ((128, 128, 4, 8, 3), ("tma", "ptr")), ((128, 64, 4, 4, 2), ("tma",)),
-    ((128, 32, 4, 4, 4), ("tma",)), ((128, 128, 4, 4, 2), ("tma",)), ((64, 32, 4, 4, 4), ("tma",)),
+    ((128, 64, 4, 8, 4), MODES), ((128, 64, 4, 4, 3), MODES), ((64, 64, 4, 4, 3), ("tma", "paged")),
+    ((128, 64, 4, 4, 4), ("tma",)), ((128, 32, 4, 4, 4), ("tma",)), ((64, 32, 4, 4, 4), ("tma",)),
+    ((128, 128, 4, 8, 3), ("tma",)), ((128, 64, 4, 4, 2), ("tma",)),
 ]  # fmt: skip
 
 

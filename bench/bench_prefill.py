@@ -50,7 +50,8 @@ TINY_SPLIT = ("1x8 +70 prefix", (1, 8, 70))
 # rows, 16-128 keys, 2-4 stages, 4/8 warps), likeliest first (a spent time budget cuts the tail).
 # Each tile runs in up to three modes (MODES): "tma" / "ptr" read the new tokens' K/V from dense
 # tensors (extend_newkv: TMA descriptors / pointer loads), "paged" reads every key through the
-# page table (the session-4 kernel). Offline sm_90 builds (triton 3.9, head_dim 128, TMA mode):
+# page table (the session-4 kernel); "tma-fma" is "tma" with half of each unmasked tile's exp2
+# on the FMA pipe (ExtendConfig.exp_fma). Offline sm_90 builds (triton 3.9, head_dim 128, TMA mode):
 # shared memory is Q + stages x (K + V tile), so 128x64 at 3 stages takes 128 KB and runs one
 # program per SM (run 1's 36% winner pipelined one tile deep, less memory, two per SM); the
 # first group runs two (or three) programs per SM without spilling.
@@ -58,32 +59,34 @@ MODES = ("tma", "ptr", "paged")
 _TILES: list[tuple[tuple[int, ...], tuple[str, ...]]] = [
     # two+ programs per SM: 80 KB / 255 regs, 96 KB / 255, 112 KB / 185, 80 KB / 185, 64 KB /
     # 150 (three), 80 KB / 152, 64 KB / 232, 113 KB / 194 (one head a tile)
-    ((128, 32, 4, 4, 3), MODES), ((128, 32, 4, 4, 4), ("tma", "paged")),
-    ((64, 64, 4, 4, 3), MODES), ((64, 64, 4, 4, 2), ("tma", "paged")),
+    ((128, 32, 4, 4, 3), (*MODES, "tma-fma")), ((128, 32, 4, 4, 4), ("tma", "paged")),
+    ((64, 64, 4, 4, 3), (*MODES, "tma-fma")), ((64, 64, 4, 4, 2), ("tma", "paged", "tma-fma")),
     ((64, 32, 4, 4, 3), ("tma", "paged")), ((64, 32, 4, 4, 4), ("tma",)),
     ((128, 16, 4, 4, 4), ("tma",)), ((64, 64, 1, 4, 3), ("tma",)),
     # 98 KB but spilling (168 B); run 1's winner at 3 stages (128 KB, one per SM)
     ((128, 64, 4, 4, 2), MODES), ((128, 64, 4, 4, 3), ("tma", "paged")),
     # one 8-warp program per SM (no spills): 129 KB / 182 regs, 229 KB / 236, 96 KB / 176
-    ((128, 64, 4, 8, 3), ("tma", "paged")), ((128, 128, 4, 8, 3), ("tma",)),
+    ((128, 64, 4, 8, 3), ("tma", "paged", "tma-fma")), ((128, 128, 4, 8, 3), ("tma", "tma-fma")),
     ((128, 64, 4, 8, 2), ("tma",)), ((128, 64, 2, 8, 3), ("tma",)),
 ]  # fmt: skip
 # head_dim 64 (TMA mode): 128x64 4 warps 64-80 KB / 210 regs (two per SM), 8 warps 4 stages
 # 80 KB / 126 (two), 64x64 56 KB / 107 (three), 64x32 4 stages 40 KB / 87 (five).
 _TILES_64: list[tuple[tuple[int, ...], tuple[str, ...]]] = [
-    ((128, 64, 4, 8, 4), MODES), ((128, 64, 4, 4, 3), MODES), ((64, 64, 4, 4, 3), ("tma", "paged")),
+    ((128, 64, 4, 8, 4), (*MODES, "tma-fma")), ((128, 64, 4, 4, 3), (*MODES, "tma-fma")),
+    ((64, 64, 4, 4, 3), ("tma", "paged")),
     ((128, 64, 4, 4, 4), ("tma",)), ((128, 32, 4, 4, 4), ("tma",)), ((64, 32, 4, 4, 4), ("tma",)),
     ((128, 128, 4, 8, 3), ("tma",)), ((128, 64, 4, 4, 2), ("tma",)),
 ]  # fmt: skip
 
 
 def candidates(tiles: list[tuple[tuple[int, ...], tuple[str, ...]]]) -> list[tuple[ExtendConfig, str]]:
-    """(config, mode) pairs; the mode's TMA choice lives in the config (new_kv_tma)."""
-    return [(ExtendConfig(*t, True, mode != "ptr"), mode) for t, modes in tiles for mode in modes]
+    """(config, mode) pairs; the mode's TMA and exp2 choices live in the config."""
+    return [(ExtendConfig(*t, True, mode != "ptr", mode.endswith("fma")), mode)
+            for t, modes in tiles for mode in modes]
 
 
 CANDIDATES, CANDIDATES_64 = candidates(_TILES), candidates(_TILES_64)
-TINY_CANDIDATES = candidates([((16, 16, 4, 4, 1), MODES), ((32, 16, 1, 4, 1), ("tma",))])
+TINY_CANDIDATES = candidates([((16, 16, 4, 4, 1), MODES), ((32, 16, 1, 4, 1), ("tma-fma",))])
 
 
 def timer(device: torch.device) -> Callable[[Callable[[], object]], float]:
@@ -166,7 +169,7 @@ class Case:
 
     def run_new(self, out: torch.Tensor, cfg: ExtendConfig | None, splits: int | None,
                 auto: bool = False, dense: bool = False, mode: str = "tma") -> torch.Tensor:
-        dense_kv = mode != "paged"
+        dense_kv = mode != "paged"  # tma, tma-fma, ptr
         return extend_attention(
             self.q, self.k, self.v, self.indptr, self.prefix_lens, self.table, self.rows, PAGE,
             self.new, softmax_scale(self.q.shape[-1]), out=out, config=cfg, num_kv_splits=splits,

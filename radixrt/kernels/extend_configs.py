@@ -33,6 +33,8 @@ class ExtendConfig:
     # New-token K/V from the forward's dense tensors (extend_newkv): TMA descriptors, else
     # plain pointer loads.
     new_kv_tma: bool = True
+    # Half of each unmasked tile's exp2 on the FMA pipe (extend_newkv._exp2_fma, rel. error 6e-6).
+    exp_fma: bool = False
 
     def __post_init__(self) -> None:
         for name in ("block_m", "block_n", "heads_per_tile", "num_warps"):
@@ -46,9 +48,9 @@ class ExtendConfig:
         """Key tile of the causal (diagonal) part: about one block's positions, at least 16."""
         return min(self.block_n, max(16, self.block_m // self.heads_per_tile))
 
-    def as_tuple(self) -> tuple[int, int, int, int, int, bool, bool]:
+    def as_tuple(self) -> tuple[int, int, int, int, int, bool, bool, bool]:
         return (self.block_m, self.block_n, self.heads_per_tile, self.num_warps, self.num_stages,
-                self.page_vec, self.new_kv_tma)
+                self.page_vec, self.new_kv_tma, self.exp_fma)
 
 
 # (padded head_dim, group, major capability) -> winner of the H200 sweep (bench/gpu_prefill.sh).

@@ -6,14 +6,15 @@ from __future__ import annotations
 import pytest
 import torch
 
-pytest.importorskip("triton")
+triton = pytest.importorskip("triton")
+tl = pytest.importorskip("triton.language")
 
 from radixrt.attention.torch_ref import paged_attention_reference  # noqa: E402
 from radixrt.kernels import extend_configs  # noqa: E402
 from radixrt.kernels.extend_attention import extend_attention  # noqa: E402
 from radixrt.kernels.extend_configs import ExtendConfig  # noqa: E402
 from radixrt.kernels.extend_dense import new_token_slots  # noqa: E402
-from radixrt.kernels.extend_newkv import new_kv_usable  # noqa: E402
+from radixrt.kernels.extend_newkv import _exp2_fma, new_kv_usable  # noqa: E402
 
 TINY_RAGGED = ([0, 70, 5, 33, 0], [9, 20, 1, 3, 37])
 REAL_RAGGED = ([0, 2000, 4095, 130, 0], [1024, 300, 1, 77, 515])
@@ -67,6 +68,7 @@ TINY_CASES = [
     ((8, 2, 32), 4, ExtendConfig(32, 16, 2, 4, 1, True, False), 3),  # pointer loads, split
     ((8, 1, 32), 16, ExtendConfig(16, 32, 8, 4, 1), 2),  # GQA 8, diagonal tiles < BLOCK_N
     ((4, 2, 24), 16, ExtendConfig(16, 16, 2, 4, 1), 1),  # head_dim 24: padded, pointer loads
+    ((8, 2, 32), 16, ExtendConfig(16, 16, 4, 4, 1, True, True, True), 2),  # half the exp2 on FMAs
 ]
 
 
@@ -87,6 +89,27 @@ def test_newkv_strided_views(paged_case, assert_close, device, tma):
     cfg = ExtendConfig(16, 16, 2, 4, 1, True, tma)
     _check(paged_case, assert_close, device, TINY_RAGGED, (8, 2, 32), 16, torch.float32, cfg, 1,
            fused=True)
+
+
+@triton.jit
+def _exp2_fma_kernel(X, Y, N: tl.constexpr):
+    offs = tl.arange(0, N)
+    tl.store(Y + offs, _exp2_fma(tl.load(X + offs)))
+
+
+def test_exp2_fma_accuracy(device):
+    """The FMA-pipe exp2 (half of each unmasked tile with exp_fma) against torch.exp2 over the
+    range softmax feeds it (x <= 0), -inf (a masked key) to a negligible value."""
+    if device == "cuda":
+        pytest.skip("interpreter check; the gpu tests run the kernel with exp_fma")
+    x = torch.cat([torch.linspace(-120, 0, 1018),
+                   torch.tensor([-1e-7, -0.5, -1.0, -125.5, -126.0, float("-inf")])])
+    y = torch.empty_like(x)
+    _exp2_fma_kernel[(1,)](x, y, N=1024)
+    ref = torch.exp2(x)
+    finite = x > -126
+    assert ((y - ref).abs() / ref)[finite].max() < 1e-5
+    assert 0 <= y[-1] < 1e-37
 
 
 def test_newkv_off_reads_the_pool(paged_case, assert_close, device, monkeypatch):
@@ -132,6 +155,7 @@ def test_new_kv_usable_rejects_mismatches(paged_case, device):
         ((32, 4, 64), torch.bfloat16, ExtendConfig(128, 32, 8, 4, 3), 1, False),  # GQA 8
         ((32, 8, 96), torch.bfloat16, None, 1, False),  # padded head_dim: pointer loads
         ((32, 8, 128), torch.float32, None, 1, False),  # fp32 (ieee dots)
+        ((32, 8, 128), torch.bfloat16, ExtendConfig(64, 64, 4, 4, 3, True, True, True), 1, False),
     ],
 )
 def test_newkv_real_shapes(paged_case, assert_close, device, heads, dtype, config, splits, fused):

@@ -399,20 +399,18 @@ def extend_attention(
             page_table, req_rows, page_size, scale * LOG2E, grid, splits, group, block_d, cfg,
             dot_precision(q.dtype), interpreting(),
         )  # fmt: skip
-        if parts > 1:
-            merge_splits(part_o, part_lse, out)
-        return out
-    _extend_kernel[grid](
-        q, k_flat, v_flat, out, prefix_o, prefix_lse, qo_indptr, prefix_lens, page_table,
-        req_rows, scale * LOG2E, q.stride(0), q.stride(1), k_flat.stride(0), k_flat.stride(1),
-        v_flat.stride(0), v_flat.stride(1), out.stride(0), out.stride(1), page_table.stride(0),
-        num_tokens, splits,
-        GROUP=group, HEADS_PER_TILE=cfg.heads_per_tile, HEAD_DIM=head_dim, BLOCK_D=block_d,
-        PAGE_SIZE=page_size, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, DIAG_N=cfg.diag_n,
-        PAGE_VEC=cfg.page_vec, SPLIT=parts > 1, PREFIX_ONLY=dense,
-        PRECISION=dot_precision(q.dtype), INTERPRET=interpreting(),
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-    )  # fmt: skip
+    else:
+        _extend_kernel[grid](
+            q, k_flat, v_flat, out, prefix_o, prefix_lse, qo_indptr, prefix_lens, page_table,
+            req_rows, scale * LOG2E, q.stride(0), q.stride(1), k_flat.stride(0), k_flat.stride(1),
+            v_flat.stride(0), v_flat.stride(1), out.stride(0), out.stride(1), page_table.stride(0),
+            num_tokens, splits,
+            GROUP=group, HEADS_PER_TILE=cfg.heads_per_tile, HEAD_DIM=head_dim, BLOCK_D=block_d,
+            PAGE_SIZE=page_size, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, DIAG_N=cfg.diag_n,
+            PAGE_VEC=cfg.page_vec, SPLIT=parts > 1, PREFIX_ONLY=dense,
+            PRECISION=dot_precision(q.dtype), INTERPRET=interpreting(),
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        )  # fmt: skip
     if parts > 1:
         merge_splits(part_o, part_lse, out)
     return out

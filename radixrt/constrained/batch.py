@@ -27,6 +27,7 @@ import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -44,6 +45,32 @@ SWITCH_ENV = "RADIXRT_GRAMMAR_SWITCH_INTERVAL_MS"
 # Python's switch interval (5 ms by default) per wait, three waits a task: the fused path
 # lowers it for the process (idle fill threads compete for nothing, so it costs nothing then).
 DEFAULT_SWITCH_INTERVAL_MS = 0.5
+
+
+# xgrammar's batch accept without its Python wrapper, which reads the result element by
+# element: two FFI calls each, and every FFI call drops and retakes the GIL, so a fill thread
+# could wait behind the scheduler thread's Python (up to the switch interval) ~130 times per
+# step instead of about twice. None where the internals differ (the wrapper is used then).
+_RAW_BATCH_ACCEPT: Callable[..., Any] | None
+try:
+    from xgrammar.base import _core as _xgr_core
+
+    _RAW_BATCH_ACCEPT = _xgr_core.BatchGrammarMatcher.batch_accept_token
+except (ImportError, AttributeError):  # pragma: no cover - other xgrammar versions
+    _RAW_BATCH_ACCEPT = None
+
+
+def batch_accept(matchers: Sequence[xgr.GrammarMatcher], tokens: list[int]) -> list[bool] | None:
+    """Advance each matcher by its token (one call, outside the GIL); None if every token
+    was accepted (the case under the mask, told by one more call), else per matcher whether
+    it accepted."""
+    if _RAW_BATCH_ACCEPT is None:
+        res = xgr.BatchGrammarMatcher.batch_accept_token(list(matchers), tokens)
+        return None if all(res) else res
+    out = _RAW_BATCH_ACCEPT([m._handle for m in matchers], tokens, False)
+    if 0 not in out:  # its elements are 0 / 1
+        return None
+    return [bool(out[i]) for i in range(len(out))]
 
 
 def bitmask_words(vocab_size: int) -> int:
@@ -273,8 +300,8 @@ class MaskBuilder:
         toks = arrival.tokens()[np.fromiter((r for _, r in work), np.int64, len(work))]
         t1, c1 = time.perf_counter(), time.thread_time()
         acc = [m for m, _ in work]
-        res = xgr.BatchGrammarMatcher.batch_accept_token([m.raw for m in acc], toks.tolist())
-        if not all(res):  # a token outside the mask: the caller's verdict fails it too
+        res = batch_accept([m.raw for m in acc], toks.tolist())
+        if res is not None:  # a token outside the mask: the caller's verdict fails it too
             for m, ok in zip(acc, res):
                 m.failed = m.failed or not ok
         st = self._stats[shard]
@@ -288,8 +315,8 @@ class MaskBuilder:
              fill: list[xgr.GrammarMatcher], rows: list[int], host: torch.Tensor) -> None:
         t0, c0 = time.perf_counter(), time.thread_time()
         if acc:
-            res = xgr.BatchGrammarMatcher.batch_accept_token([m.raw for m in acc], toks)
-            if not all(res):
+            res = batch_accept([m.raw for m in acc], toks)
+            if res is not None:
                 for m, ok in zip(acc, res):
                     m.failed = m.failed or not ok
         t1 = time.perf_counter()

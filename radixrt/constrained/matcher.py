@@ -68,7 +68,9 @@ class Matcher:
                 m.failed = True
         if live:
             toks = [int(tokens[i]) for i in live]
-            res = xgr.BatchGrammarMatcher.batch_accept_token([matchers[i]._m for i in live], toks)
+            from radixrt.constrained.batch import batch_accept
+
+            res = batch_accept([matchers[i]._m for i in live], toks) or [True] * len(live)
             for i, t, ok in zip(live, toks, res):
                 oks[i] = matchers[i]._record(t, bool(ok))
         return oks

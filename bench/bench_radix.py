@@ -11,6 +11,10 @@ page allocator (native: refcounts in C++), as the engine pairs them. Traces, at 
   * 32k:     one 32k-token prompt cold, then warm (mean of the two requests, over 10 fresh
              caches, after one untimed round that warms the process)
   * evict25: the chat trace in a pool of 25% of its tokens (LRU eviction on most requests)
+  * host25:  evict25 over a host tier holding the whole trace: evictions write down to the host,
+             a prompt whose history left the GPU loads it back (start_load, poll), and each
+             request ends with backup_ahead of its own size, as the worker's step does. The copies
+             themselves are skipped (tickets and byte counts kept): the row is the cache's cost
 gsp and chat also run through SequenceMemory, the worker's own code ("(memory)" rows; the
 sequence objects are built untimed, as the worker has them).
 Router: one routing decision for an 8k-token prompt (64 shared 6k stems) with 8 replicas, and
@@ -18,7 +22,8 @@ at --dp 1 (one replica: no tree). lpm: one scheduling step's queue order over 40
 8k-token prompts (us per step).
 
 Usage:  .venv/bin/python bench/bench_radix.py [--out bench/results/radix.json] [--quick]
-            [--traces gsp,chat,32k,evict25,router,lpm] [--page-sizes 1,16] [--backends ...]
+            [--traces gsp,chat,32k,evict25,host25,router,lpm] [--page-sizes 1,16]
+            [--backends ...]
 """
 
 from __future__ import annotations
@@ -33,10 +38,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from radixrt.cache import NativeRadixCache, PageAllocator, RadixCache, native_available
+from radixrt.cache.host_pool import HostKVPool
+from radixrt.cache.kv_pool import KVPool
 from radixrt.cache.native import make_page_allocator
+from radixrt.cache.node import IntArray
 from radixrt.cache.page_table import SequencePages
+from radixrt.cache.prefix_cache import make_prefix_cache
+from radixrt.cache.transfer import PageTransfer
 from radixrt.engine.memory import SequenceMemory
 from radixrt.engine.policy import WaitingQueue
 from radixrt.engine.request import Sequence
@@ -95,9 +106,27 @@ def _arr(pages: object) -> np.ndarray:
     return pages if isinstance(pages, np.ndarray) else np.asarray(pages, dtype=np.int32)
 
 
+class NoCopyTransfer(PageTransfer):
+    """A CPU ``PageTransfer`` that keeps its tickets and byte counts but copies nothing."""
+
+    def _copy(self, gpu_pages: IntArray, host_pages: IntArray, is_load: bool) -> None:
+        pass
+
+
+def _alloc_evicting(cache: RadixCache, alloc: PageAllocator, n: int) -> IntArray | None:
+    short = n - alloc.num_free
+    if short > 0:
+        alloc.decref(cache.evict(short))
+    return alloc.alloc_array(n)
+
+
 def serve(cache: RadixCache, alloc: PageAllocator, req: Req) -> int:
     """One request's lifecycle; returns the prompt tokens served from the cache."""
     ps = cache.page_size
+    if cache.tiered:  # a host hit loads first (the copy ends at once on CPU: one poll)
+        m = cache.match_prefix(req.tokens[: req.prompt_len], record_stats=False)
+        if m.host_nodes and cache.start_load(m, lambda n: _alloc_evicting(cache, alloc, n)):
+            cache.poll()
     m = cache.match_prefix(req.tokens[: req.prompt_len])
     cache.lock(m.handle)
     held = _arr(m.pages)
@@ -124,6 +153,8 @@ def serve(cache: RadixCache, alloc: PageAllocator, req: Req) -> int:
     cache.unlock(m.handle)
     cache.unlock(res.handle)  # release: the computed prefix stays cached
     alloc.decref(pages)
+    if cache.tiered:
+        cache.backup_ahead(len(pages))
     return m.length
 
 
@@ -171,6 +202,16 @@ def make(backend: str, num_pages: int, ps: int) -> RadixCache:
     return RadixCache(alloc, ps)
 
 
+def make_tiered(backend: str, num_pages: int, host_pages: int, ps: int) -> RadixCache:
+    """The cache over a host tier (one tiny KV layer: nothing is copied anyway)."""
+    shape = {"num_layers": 1, "page_size": ps, "num_kv_heads": 1, "head_dim": 1,
+             "dtype": torch.float16}
+    pool = KVPool(num_pages=num_pages, device="cpu", **shape)  # type: ignore[arg-type]
+    host = HostKVPool(num_pages=host_pages, pin=False, **shape)  # type: ignore[arg-type]
+    return make_prefix_cache(make_page_allocator(num_pages, backend), ps, True,  # type: ignore[return-value]
+                             NoCopyTransfer(pool, host), backend=backend)
+
+
 def run_trace(name: str, reqs: list[Req], backend: str, ps: int,
               pool_fraction: float | None) -> dict[str, object]:
     distinct = unique_tokens(reqs)
@@ -184,7 +225,8 @@ def run_trace(name: str, reqs: list[Req], backend: str, ps: int,
     rounds = 10 if len(reqs) < 10 else 1
     sec, hit = 0.0, 0
     for rnd in range(-1 if rounds > 1 else 0, rounds):
-        cache = make(backend, pages, ps)
+        cache = (make_tiered(backend, pages, distinct // ps + biggest, ps) if name == "host25"
+                 else make(backend, pages, ps))
         t0 = CLOCK()
         hit = sum(serve(cache, cache.allocator, r) for r in reqs)
         if rnd >= 0:
@@ -193,6 +235,7 @@ def run_trace(name: str, reqs: list[Req], backend: str, ps: int,
     return {"trace": name, "backend": backend, "page_size": ps, "requests": len(reqs) * rounds,
             "pool_pages": pages, "us_per_request": sec * 1e6 / (len(reqs) * rounds), "hit_tokens": hit,
             "evicted_pages": cache.stats().evictions,
+            "host_hit_tokens": cache.stats().host_hit_tokens,
             "target_us": TARGET_US.get((name, ps))}
 
 
@@ -281,7 +324,7 @@ def main() -> None:
     ap.add_argument("--out", default="bench/results/radix.json")
     ap.add_argument("--quick", action="store_true", help="smaller traces (a smoke run)")
     ap.add_argument("--backends", default="python,native")
-    ap.add_argument("--traces", default="gsp,chat,32k,evict25,router,lpm",
+    ap.add_argument("--traces", default="gsp,chat,32k,evict25,host25,router,lpm",
                     help="comma-separated subset of the rows to run")
     ap.add_argument("--page-sizes", default="1,16")
     args = ap.parse_args()
@@ -289,7 +332,7 @@ def main() -> None:
     backends = [b for b in args.backends.split(",") if b != "native" or native_available()]
     traces: list[tuple[str, Callable[[np.random.Generator, bool], list[Req]], float | None]] = [
         ("gsp", gsp_trace, None), ("chat", chat_trace, None), ("32k", long_trace, None),
-        ("evict25", chat_trace, 0.25)]
+        ("evict25", chat_trace, 0.25), ("host25", chat_trace, 0.25)]
     rows: list[dict[str, object]] = []
     t_wall = time.perf_counter()
     for ps in (int(p) for p in args.page_sizes.split(",")):

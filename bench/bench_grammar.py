@@ -266,6 +266,8 @@ def main() -> None:
     ap.add_argument("--temperature", type=float, default=0.0,
                     help="host section: 0 keeps the CPU's share of the draw small")
     ap.add_argument("--profile", action="store_true", help="host section: cProfile top 25")
+    ap.add_argument("--repeats", type=int, default=1,
+                    help="host/gpu: rounds of the configs, each followed by an unconstrained run")
     ap.add_argument("--grammar-configs", default=DEFAULT_CONFIGS,
                     help="masks/host/gpu: grammar paths to sweep, e.g. fused:1,unfused:default")
     a = ap.parse_args()
@@ -301,14 +303,16 @@ def main() -> None:
                   f"{v['parsed']}/{r['requests']} parse"
                   + (f", {v['same_text_as_off']} same text as off" if k == "on" else ""))
     if "gpu" in sections:
-        r = res["gpu"] = bench_gpu(tok, a.preset, a.batch, a.steps, a.device, configs)
+        r = res["gpu"] = bench_gpu(tok, a.preset, a.batch, a.steps, a.device, configs,
+                                        a.repeats)
         print(f"gpu {r['preset']} B={r['batch']}: unconstrained {r['unconstrained']['step_ms']:.2f}"
               f" ms/step, json_schema {r['json_schema']['step_ms']:.2f} ms/step "
               f"(mask fill {r['json_schema']['mask_fill_ms']:.2f} ms), ratio {r['ratio']:.3f}, "
               f"cuda graphs {r['cuda_graphs']}")
         print_host(f"gpu host breakdown {r['preset']} B={r['batch']}", r)
     if "host" in sections:
-        r = res["host"] = bench_host(tok, a.batch, a.steps, a.temperature, a.profile, configs)
+        r = res["host"] = bench_host(tok, a.batch, a.steps, a.temperature, a.profile, configs,
+                                          a.repeats)
         print_host(f"host (cpu, stub forward) B={r['batch']} V={r['vocab']}", r)
         if "profile" in r["json_schema"]:
             print(r["json_schema"].pop("profile"))

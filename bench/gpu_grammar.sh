@@ -53,7 +53,7 @@ CONFIGS="${CONFIGS:-fused-ready:default,fused:default,fused:2,fused:3,fused:6,fu
 nproc | sed 's/^/cores: /' | tee -a "$OUT/gpu.txt"
 timeout "${BENCH_TIMEOUT:-450}" python3 bench/bench_grammar.py --sections "${SECTIONS:-gpu,host,masks,compile}" --tokenizer "${TOKENIZER:-.whl/tok}" \
   --batch "${BATCH:-256}" --steps "${STEPS:-50}" --device "${DEVICE:-cuda}" --preset "${PRESET:-llama3-8b}" \
-  --grammar-configs "$CONFIGS" --out "$OUT" 2>&1 | grep -v Warning | tee "$OUT/bench_grammar.log" | tail -80
+  --grammar-configs "$CONFIGS" --repeats "${REPEATS:-1}" --out "$OUT" 2>&1 | grep -v Warning | tee "$OUT/bench_grammar.log" | tail -80
 echo "bench done at ${SECONDS}s"
 if [ "${PROBE:-1}" = 1 ]; then
   # Do batch accepts slow down on several threads here (summed CPU growing with threads)?

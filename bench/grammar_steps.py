@@ -17,6 +17,7 @@ import warnings
 from typing import Any
 
 import torch
+from grammar_sections import Sections, instrument
 
 from radixrt.constrained.batch import SWITCH_ENV
 
@@ -27,92 +28,6 @@ LONG = {"type": "object", "properties": {"text": {"type": "string", "minLength":
 def _sync(device: str) -> None:
     if device == "cuda":
         torch.cuda.synchronize()
-
-
-class Sections:
-    """Exclusive host time per named section of the scheduler thread: wrapped callables nest,
-    and a section's time excludes the sections called inside it (launch excludes its draw,
-    draw its mask fill). Wall time and the thread's CPU time (``time.thread_time``): wall far
-    above CPU means the thread waited (the GIL, a lock, the device, or off its core)."""
-
-    def __init__(self) -> None:
-        self.total: dict[str, float] = {}
-        self.cpu: dict[str, float] = {}
-        self._stack: list[list[float]] = []  # per open call: [child wall, child cpu]
-        self._undo: list[tuple[Any, str, Any]] = []
-
-    def wrap(self, owner: Any, attr: str, name: str) -> None:
-        inner = getattr(owner, attr)
-
-        def timed(*a: Any, **kw: Any) -> Any:
-            self._stack.append([0.0, 0.0])
-            t, c = time.perf_counter(), time.thread_time()
-            try:
-                return inner(*a, **kw)
-            finally:
-                dt, dc = time.perf_counter() - t, time.thread_time() - c
-                child, child_cpu = self._stack.pop()
-                self.total[name] = self.total.get(name, 0.0) + dt - child
-                self.cpu[name] = self.cpu.get(name, 0.0) + dc - child_cpu
-                if self._stack:
-                    self._stack[-1][0] += dt
-                    self._stack[-1][1] += dc
-
-        self._undo.append((owner, attr, inner if attr in vars(owner) else None))
-        setattr(owner, attr, timed)
-
-    def unwrap(self) -> None:
-        for owner, attr, orig in reversed(self._undo):
-            if orig is not None:
-                setattr(owner, attr, orig)
-            else:
-                delattr(owner, attr)  # the instance attribute hid the class's method
-        self._undo.clear()
-
-    def per_step(self, steps: int) -> dict[str, float]:
-        return {k: v * 1e3 / steps for k, v in sorted(self.total.items())}
-
-    def cpu_per_step(self, steps: int) -> dict[str, float]:
-        return {k: v * 1e3 / steps for k, v in sorted(self.cpu.items())}
-
-
-def instrument(core: Any) -> Sections:
-    """Time the host side of every step's parts (see ``host_profile``)."""
-    from radixrt.constrained.advance import ArrivingAdvance
-    from radixrt.constrained.batch import MaskBuilder
-    from radixrt.engine import step_builder
-    from radixrt.engine.sampler import PendingSample
-
-    sched = core.scheduler
-    res = sched.results
-    s = Sections()
-    s.wrap(core, "step", "other (step loop, aborts, polls)")
-    s.wrap(sched, "_plan_continuation", "plan")
-    s.wrap(sched, "_schedule", "plan")
-    s.wrap(step_builder, "build", "build")
-    s.wrap(sched.runner, "forward", "forward (launch)")
-    if getattr(sched.runner, "graphs", None) is not None:
-        # Nonzero in a mode only if its decode steps replay CUDA graphs.
-        s.wrap(sched.runner.graphs, "run", "forward (graph replay)")
-    s.wrap(res, "launch", "launch (kv, forks, rows)")
-    s.wrap(res, "complete", "complete (stop rules, deltas)")
-    s.wrap(res, "draw", "deferred draw (live rows)")
-    s.wrap(res.sampler, "draw", "draw (sampler)")
-    s.wrap(PendingSample, "resolve", "resolve (token read)")
-    if res.grammars is not None:
-        # Fused: "grammar check + sync" is the scheduler thread's share (mask-bit check of the
-        # tokens, matcher sync); the advance itself runs on the fill threads (fill_thread_ms).
-        s.wrap(res.grammars, "advance_and_start", "grammar check + sync")
-        # Early advance: submit before the tokens land; the verdicts once they are read.
-        s.wrap(res.grammars, "advance_on_arrival", "grammar check + sync")
-        s.wrap(ArrivingAdvance, "settle", "grammar check + sync")
-        s.wrap(res.grammars, "accept_batch", "grammar advance")  # unfused: on this thread
-        s.wrap(res.grammars, "start_bitmask", "mask rows (matcher sync)")
-        s.wrap(MaskBuilder, "start", "mask start")
-        s.wrap(MaskBuilder, "advance_and_start", "mask start")
-        # Waiting for the fill thread (what of the fill did not hide) + the H2D copy.
-        s.wrap(res.grammars, "finish_bitmask", "mask wait + H2D")
-    return s
 
 
 def run_decode(core: Any, mode: str, batch: int, steps: int, device: str,
@@ -253,12 +168,22 @@ def use_config(grammars: Any, config: Config) -> None:
         os.environ.pop(SWITCH_ENV, None)
 
 
+def _median_run(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """The run with the median step time (the lower middle for an even count), with every
+    run's step time in ``step_ms_runs``."""
+    mid = sorted(runs, key=lambda r: r["step_ms"])[(len(runs) - 1) // 2]
+    return {**mid, "step_ms_runs": [r["step_ms"] for r in runs]}
+
+
 def run_configs(core: Any, configs: list[Config], batch: int, steps: int, device: str,
-                temperature: float, sections: Sections, profile: bool = False
-                ) -> dict[str, Any]:
-    """Unconstrained first and again last, JSON-schema-constrained once per config between.
-    The first run of a process pays one-time costs (a first run on the H200 measured 15.4 ms
-    against 8.7 warm), so each ratio divides by the faster of the two unconstrained runs."""
+                temperature: float, sections: Sections, profile: bool = False,
+                repeats: int = 1) -> dict[str, Any]:
+    """Unconstrained first, then ``repeats`` rounds of every config followed by an
+    unconstrained run. The first run of a process pays one-time costs (a first run on the
+    H200 measured 15.4 ms against 8.7 warm) and the host's speed drifts between runs (two runs
+    of one config on the H200 measured 13.7 and 20.6 ms), so a config's step time is the
+    median of its rounds, and the ratios divide by the median of the unconstrained runs
+    after the first (one round: the faster of the first and the last)."""
     grammars = core.scheduler.results.grammars
 
     def done(label: str, r: dict[str, Any]) -> dict[str, Any]:
@@ -266,28 +191,37 @@ def run_configs(core: Any, configs: list[Config], batch: int, steps: int, device
         print(f"run {label}: {r['step_ms']:.2f} ms/step", flush=True)
         return r
 
-    first = done("unconstrained (first)", run_decode(core, "unconstrained", batch, steps,
-                                                      device, temperature, sections))
-    runs: dict[str, Any] = {}
-    for c in configs:
-        use_config(grammars, c)
-        runs[config_label(c)] = done(config_label(c), run_decode(
-            core, "json_schema", batch, steps, device, temperature, sections, profile))
-        profile = False  # the first config only
-    last = done("unconstrained (last)", run_decode(core, "unconstrained", batch, steps, device,
-                                                    temperature, sections))
-    base = min(first, last, key=lambda r: r["step_ms"])
+    def unconstrained(label: str) -> dict[str, Any]:
+        return done(label, run_decode(core, "unconstrained", batch, steps, device, temperature,
+                                      sections))
+
+    first = unconstrained("unconstrained (first)")
+    by_label: dict[str, list[dict[str, Any]]] = {}
+    later: list[dict[str, Any]] = []
+    for k in range(repeats):
+        for c in configs:
+            use_config(grammars, c)
+            by_label.setdefault(config_label(c), []).append(done(config_label(c), run_decode(
+                core, "json_schema", batch, steps, device, temperature, sections, profile)))
+            profile = False  # the first config only
+        later.append(unconstrained(f"unconstrained (after round {k + 1})"))
+    base = _median_run(later) if repeats > 1 else min(first, later[0],
+                                                      key=lambda r: r["step_ms"])
+    runs = {label: _median_run(rs) for label, rs in by_label.items()}
     for r in runs.values():
         r["ratio"] = r["step_ms"] / base["step_ms"]
-    # "unconstrained" is the baseline the ratios use; both runs are kept.
+        r["ratio_of_fastest"] = min(r["step_ms_runs"]) / min(x["step_ms"] for x in later)
+    # "unconstrained" is the baseline the ratios use; every run is kept.
     out: dict[str, Any] = {"unconstrained": base, "unconstrained_first": first,
-                           "unconstrained_last": last, "configs": runs}
+                           "unconstrained_last": later[-1],
+                           "unconstrained_runs": [first["step_ms"]] +
+                           [r["step_ms"] for r in later], "configs": runs}
     out["json_schema"] = next(iter(runs.values()))  # the first config (older reports read it)
     return out
 
 
 def bench_host(tok: Any, batch: int, steps: int, temperature: float, profile: bool,
-               configs: list[Config]) -> dict[str, Any]:
+               configs: list[Config], repeats: int = 1) -> dict[str, Any]:
     """The host's cost of a decode step, on the CPU: an engine whose forward returns fixed
     random logits over the tokenizer's vocabulary at once (llama-tiny's KV and page tables,
     the real scheduler, sampler and grammars), B requests all constrained vs none. The
@@ -313,13 +247,14 @@ def bench_host(tok: Any, batch: int, steps: int, temperature: float, profile: bo
     sections = instrument(core)
     out: dict[str, Any] = {"batch": batch, "steps": steps, "vocab": vocab,
                            "temperature": temperature}
-    out.update(run_configs(core, configs, batch, steps, "cpu", temperature, sections, profile))
+    out.update(run_configs(core, configs, batch, steps, "cpu", temperature, sections, profile,
+                           repeats))
     sections.unwrap()
     return out
 
 
 def bench_gpu(tok: Any, preset: str, batch: int, steps: int, device: str,
-              configs: list[Config]) -> dict[str, Any]:
+              configs: list[Config], repeats: int = 1) -> dict[str, Any]:
     from radixrt import Engine, SamplingParams
     from radixrt.constrained.sequences import SequenceGrammars
 
@@ -337,7 +272,8 @@ def bench_gpu(tok: Any, preset: str, batch: int, steps: int, device: str,
     grammars.check(SamplingParams(json_schema=json.dumps(LONG)))
     out["compile_ms"] = (time.perf_counter() - t) * 1e3
     sections = instrument(core)
-    out.update(run_configs(core, configs, batch, steps, device, 0.7, sections))
+    out.update(run_configs(core, configs, batch, steps, device, 0.7, sections,
+                           repeats=repeats))
     sections.unwrap()
     for r in out["configs"].values():
         r["mask_fill_ms"] = sum(v for k, v in r["host_ms"].items() if k.startswith("mask"))
@@ -352,9 +288,16 @@ def print_host(title: str, r: dict[str, Any]) -> None:
     wall/cpu, and the fill threads' advance + fill ms (summed over threads)."""
     u, runs = r["unconstrained"], r["configs"]
     first, last = r.get("unconstrained_first", u), r.get("unconstrained_last", u)
+    every = " ".join(f"{x:.2f}" for x in r.get("unconstrained_runs", []))
     print(f"{title}: unconstrained {first['step_ms']:.2f} ms/step first, "
-          f"{last['step_ms']:.2f} last (ratios against {u['step_ms']:.2f}; "
+          f"{last['step_ms']:.2f} last (all runs: {every}; ratios against {u['step_ms']:.2f}; "
           f"overlapped {u['overlapped']})")
+    for label, c in runs.items():
+        if len(c.get("step_ms_runs", [])) > 1:
+            print(f"  json_schema {label:20s} runs " +
+                  " ".join(f"{x:.2f}" for x in c["step_ms_runs"]) +
+                  f" ms/step: median ratio {c['ratio']:.3f}, fastest/fastest "
+                  f"{c['ratio_of_fastest']:.3f}")
     for label, c in runs.items():
         fill = c.get("fill_thread_ms")
         extra = f", fill threads: advance {fill['advance']:.2f} + fill {fill['fill']:.2f} ms " \

@@ -98,6 +98,14 @@ def one_config(groups: int, per_group: int, shared: int, suffix: tuple[int, int]
 
     def record(name: str, fn: Callable[[], torch.Tensor], prepare: Callable[[], None],
                graph: bool = True) -> None:
+        try:
+            measure(name, fn, prepare, graph)
+        except Exception as exc:  # one variant failing (a kernel family, a size) keeps the rest
+            res[f"{name}_error"] = f"{type(exc).__name__}: {exc}"[:400]
+            print(f"  {name}: FAILED {res[f'{name}_error']}", flush=True)
+
+    def measure(name: str, fn: Callable[[], torch.Tensor], prepare: Callable[[], None],
+                graph: bool) -> None:
         prepare()
         outs[name] = fn().clone()
         res[f"{name}_ms"] = _ms(fn)
@@ -133,17 +141,13 @@ def one_config(groups: int, per_group: int, shared: int, suffix: tuple[int, int]
             eager._fi, eager.workspace, num_heads=HQ, num_kv_heads=HKV, head_dim=HD,
             scale=HD**-0.5, dtype=torch.bfloat16, use_tensor_cores=eager.use_tensor_cores,
             shared_backend=backend)
-        try:
-            record(name, lambda: eager.attend(q, kv), lambda: eager.prepare(batch))
-        except Exception as exc:  # an optional kernel family may not build here: keep the rest
-            res[f"{name}_error"] = f"{type(exc).__name__}: {exc}"[:400]
-            print(f"  {name}: FAILED {res[f'{name}_error']}", flush=True)
+        record(name, lambda: eager.attend(q, kv), lambda: eager.prepare(batch))
     base = outs["triton_per_request"]
     for name, out in outs.items():
         res[f"{name}_max_abs_diff_vs_triton_per_request"] = float((out - base).abs().max())
-    t = res["triton_per_request_graph_ms"]
+    t = res.get("triton_per_request_graph_ms")
     res["graph_speedup_vs_triton_per_request"] = {
-        n: t / res[f"{n}_graph_ms"] for n in outs if f"{n}_graph_ms" in res}
+        n: t / res[f"{n}_graph_ms"] for n in outs if f"{n}_graph_ms" in res} if t else {}
     return res
 
 

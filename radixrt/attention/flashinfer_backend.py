@@ -47,7 +47,27 @@ if TYPE_CHECKING:
     from radixrt.engine.batch import ForwardBatch
     from radixrt.engine.cascade_groups import CascadeGroups, CascadePolicy
 
-WORKSPACE_BYTES = 128 << 20
+WORKSPACE_BYTES = 128 << 20  # FlashInfer's recommended float workspace (split-KV partials)
+
+
+def cascade_graph_entries(batch_size: int, min_group: int, per_tile: int) -> int:
+    """Shared entries of a captured size's cascade step: every group of ``min_group`` members
+    plus a padding entry, and enough that graph mode's bound on one entry's rows (rows -
+    entries + 1) stays within ``per_tile`` rows."""
+    return max(batch_size // min_group + 1, batch_size + 1 - per_tile)
+
+
+def cascade_graph_workspace(max_batch: int, min_group: int, num_heads: int, num_kv_heads: int,
+                            head_dim: int, tile: int) -> int:
+    """Float workspace bytes the graph-mode shared pass needs at the largest batch: graph mode
+    reserves fp32 partials for (query tiles + entries - 1) work tiles of ``tile`` rows, each
+    for every query head (FlashInfer's PrefillPlan), plus room for alignment."""
+    gqa = num_heads // num_kv_heads
+    entries = cascade_graph_entries(max_batch, min_group, max(1, tile // gqa))
+    tiles = -(-max_batch * gqa // tile) + entries - 1
+    # ... or its split-KV grid bound, 2 CTAs per SM over the KV heads (200 SMs: above any GPU).
+    tiles = max(tiles, 2 * 200 // num_kv_heads)
+    return num_heads * tiles * tile * (head_dim + 1) * 4 + (16 << 20)
 
 
 def import_flashinfer() -> Any:
@@ -87,8 +107,14 @@ class FlashInferBackend(AttentionBackend):
         self.dtype = dtype
         self.max_batch_size = max_batch_size
         self.max_context_len = max_context_len
-        # FlashInfer's split-KV partials; zeroed as its docs ask for the first use.
-        self.workspace = torch.zeros(WORKSPACE_BYTES, dtype=torch.uint8, device=self.device)
+        # FlashInfer's split-KV partials; zeroed as its docs ask for the first use. A captured
+        # cascade step's shared pass needs more at large batches (268 MB at 256 x 32 heads).
+        workspace = WORKSPACE_BYTES
+        if cascade is not None:
+            workspace = max(workspace, cascade_graph_workspace(
+                max_batch_size, cascade.min_group, num_heads, num_kv_heads, head_dim,
+                cascade_graph_tile))
+        self.workspace = torch.zeros(workspace, dtype=torch.uint8, device=self.device)
         # Tensor-core decode (the prefill kernel with one query per request) wins once a KV
         # head serves >= 4 query heads.
         self.use_tensor_cores = num_heads // num_kv_heads >= 4
@@ -191,13 +217,11 @@ class FlashInferBackend(AttentionBackend):
     def _plan_cascade_graph(self, cascade: FlashInferCascade, groups: CascadeGroups,
                             batch: ForwardBatch, seq_lens: np.ndarray, rows: np.ndarray) -> None:
         """A captured size's fixed-shape cascade step (a graph captured with no groups replays
-        any grouping): room for every group of ``min_group`` members plus one padding entry, and
-        enough entries that the row total leaves no entry over the tile (graph mode plans for
-        rows - entries + 1 rows in one entry)."""
+        any grouping), over ``cascade_graph_entries`` shared entries."""
         assert self.cascade_policy is not None
         size = batch.batch_size
         per_tile = max(1, self.cascade_graph_tile // (self.num_heads // self.num_kv_heads))
-        entries = max(size // self.cascade_policy.min_group + 1, size + 1 - per_tile)
+        entries = cascade_graph_entries(size, self.cascade_policy.min_group, per_tile)
         layout = padded_cascade_layout(groups, seq_lens, rows, batch.page_size, entries)
         own = self._graph_wrapper(batch, layout.own.total_pages)
         shared_ids = self._graph_shared_indices

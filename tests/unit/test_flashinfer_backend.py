@@ -251,6 +251,23 @@ def test_two_level_layout_merged_by_lse_equals_per_request_decode(padded):
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
 
 
+def test_graph_cascade_workspace_covers_graph_modes_partials():
+    from radixrt.attention.flashinfer_backend import (
+        WORKSPACE_BYTES,
+        cascade_graph_entries,
+        cascade_graph_workspace,
+    )
+
+    # Room for every pair of 256 requests plus padding; 64-row tiles (16 requests x 4 heads).
+    assert cascade_graph_entries(256, 2, 16) == 241 and cascade_graph_entries(8, 2, 16) == 5
+    # The H200 run's overflow: 256 x 32 heads, 64-row tiles asked 268435456 bytes of fp32
+    # partials (tmp_v) beyond the 128 MB default; with the LSEs beside them.
+    need = 268435456 + 32 * 256 * 64 * 4
+    assert cascade_graph_workspace(256, 2, 32, 8, 128, 64) >= need > WORKSPACE_BYTES
+    assert cascade_graph_workspace(256, 2, 32, 8, 128, 16) < cascade_graph_workspace(
+        256, 2, 32, 8, 128, 64)
+
+
 @pytest.mark.skipif(HAS_FLASHINFER, reason="checks the error shown when flashinfer is missing")
 @pytest.mark.parametrize("cascade", [None, CascadePolicy()])
 def test_selecting_flashinfer_without_it_is_a_clear_error(cascade):

@@ -81,8 +81,8 @@ _TILES_64: list[tuple[tuple[int, ...], tuple[str, ...]]] = [
 
 def candidates(tiles: list[tuple[tuple[int, ...], tuple[str, ...]]]) -> list[tuple[ExtendConfig, str]]:
     """(config, mode) pairs; the mode's TMA and exp2 choices live in the config."""
-    return [(ExtendConfig(*t, True, mode != "ptr", mode.endswith("fma")), mode)
-            for t, modes in tiles for mode in modes]
+    return [(ExtendConfig(*t, True, mode != "ptr", mode != "tma-gather", mode.endswith("fma")),
+             mode) for t, modes in tiles for mode in modes]
 
 
 CANDIDATES, CANDIDATES_64 = candidates(_TILES), candidates(_TILES_64)

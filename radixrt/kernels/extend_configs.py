@@ -33,6 +33,8 @@ class ExtendConfig:
     # New-token K/V from the forward's dense tensors (extend_newkv): TMA descriptors, else
     # plain pointer loads.
     new_kv_tma: bool = True
+    # Prefix tiles on one run of consecutive pages load as one TMA box of pool rows (new_kv_tma).
+    pool_tma: bool = True
     # Half of each unmasked tile's exp2 on the FMA pipe (extend_newkv._exp2_fma, rel. error 6e-6).
     exp_fma: bool = False
 
@@ -48,18 +50,19 @@ class ExtendConfig:
         """Key tile of the causal (diagonal) part: about one block's positions, at least 16."""
         return min(self.block_n, max(16, self.block_m // self.heads_per_tile))
 
-    def as_tuple(self) -> tuple[int, int, int, int, int, bool, bool, bool]:
+    def as_tuple(self) -> tuple[int, int, int, int, int, bool, bool, bool, bool]:
         return (self.block_m, self.block_n, self.heads_per_tile, self.num_warps, self.num_stages,
-                self.page_vec, self.new_kv_tma, self.exp_fma)
+                self.page_vec, self.new_kv_tma, self.pool_tma, self.exp_fma)
 
 
 # (padded head_dim, group, major capability) -> winner of the H200 sweep (bench/gpu_prefill.sh).
 TABLE: dict[tuple[int, int, int], ExtendConfig] = {
-    # head_dim 128, GQA 4: run 1's winner (bench/recorded/h200_s4_prefill1: 36% / 47% / 55% of the
-    # matmul rate at 8x1024 / +1k prefix / 1x32k); run 3's default (4 stages) reached only 30-44%.
-    (128, 4, 9): ExtendConfig(128, 64, 4, 4, 3, True),
-    # head_dim 64, GQA 4: run 3's winner (bench/recorded/h200_s4_final: 52% at 1x32k).
-    (64, 4, 9): ExtendConfig(128, 64, 4, 8, 4, True),
+    # head_dim 128, GQA 4: session-5 call 2's winner (bench/recorded/h200_s5_call2: new tokens'
+    # K/V by TMA; 42% / 52% / 69% of the matmul rate at 8x1024 / +1k prefix / 1x32k; two
+    # programs per SM at 113 KB of shared memory).
+    (128, 4, 9): ExtendConfig(64, 64, 4, 4, 3),
+    # head_dim 64, GQA 4: the same run (33% / 58% at 8x1024 / 1x32k; pointer loads tied).
+    (64, 4, 9): ExtendConfig(128, 64, 4, 4, 3),
 }
 
 # Whether extend_attention reads the new tokens' K/V from the forward's dense tensors when the

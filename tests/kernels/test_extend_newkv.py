@@ -68,7 +68,7 @@ TINY_CASES = [
     ((8, 2, 32), 4, ExtendConfig(32, 16, 2, 4, 1, True, False), 3),  # pointer loads, split
     ((8, 1, 32), 16, ExtendConfig(16, 32, 8, 4, 1), 2),  # GQA 8, diagonal tiles < BLOCK_N
     ((4, 2, 24), 16, ExtendConfig(16, 16, 2, 4, 1), 1),  # head_dim 24: padded, pointer loads
-    ((8, 2, 32), 16, ExtendConfig(16, 16, 4, 4, 1, True, True, True), 2),  # half the exp2 on FMAs
+    ((8, 2, 32), 16, ExtendConfig(16, 16, 4, 4, 1, exp_fma=True), 2),  # half the exp2 on FMAs
 ]
 
 
@@ -155,7 +155,7 @@ def test_new_kv_usable_rejects_mismatches(paged_case, device):
         ((32, 4, 64), torch.bfloat16, ExtendConfig(128, 32, 8, 4, 3), 1, False),  # GQA 8
         ((32, 8, 96), torch.bfloat16, None, 1, False),  # padded head_dim: pointer loads
         ((32, 8, 128), torch.float32, None, 1, False),  # fp32 (ieee dots)
-        ((32, 8, 128), torch.bfloat16, ExtendConfig(64, 64, 4, 4, 3, True, True, True), 1, False),
+        ((32, 8, 128), torch.bfloat16, ExtendConfig(64, 64, 4, 4, 3, exp_fma=True), 1, False),
     ],
 )
 def test_newkv_real_shapes(paged_case, assert_close, device, heads, dtype, config, splits, fused):
@@ -173,3 +173,73 @@ def test_newkv_tma_launches_on_hopper(paged_case, assert_close, device):
     _check(paged_case, assert_close, device, REAL_RAGGED, (32, 8, 128), 16, torch.bfloat16,
            ExtendConfig(128, 64, 4, 4, 3), 1)
     assert extend_newkv._TMA_FAILED is None, extend_newkv._TMA_FAILED
+
+
+def _pages_in_runs(case, order):
+    """Moves every request's pages onto one run of consecutive ids ("asc" as a fresh allocator
+    hands them out, "desc" as the LIFO free list does after a flush; "mixed": request 1 keeps a
+    broken run), copying the K/V rows along; returns the expected prefix_run_flags."""
+    b, ps = case.batch, case.batch.page_size
+    k_old, v_old, table_old = case.k_flat.clone(), case.v_flat.clone(), b.page_table.clone()
+    next_page, want = 1, []
+    for i, seq in enumerate(b.seq_lens_cpu):
+        row, n = b.req_rows_cpu[i], -(-seq // ps)
+        pages = list(range(next_page, next_page + n))
+        next_page += n
+        if order == "desc" or (order == "mixed" and i % 2 == 0):
+            pages.reverse()
+        broken = order == "mixed" and i == 1 and n >= 2
+        if broken:
+            pages[0], pages[-1] = pages[-1], pages[0]
+        for j, p in enumerate(pages):
+            old = int(table_old[row, j])
+            case.k_flat[p * ps : (p + 1) * ps] = k_old[old * ps : (old + 1) * ps]
+            case.v_flat[p * ps : (p + 1) * ps] = v_old[old * ps : (old + 1) * ps]
+        b.page_table[row, :n] = torch.tensor(pages, dtype=b.page_table.dtype)
+        want.append(0 if broken and b.prefix_lens_cpu[i] >= 16 else 1)
+    return want
+
+
+@pytest.mark.parametrize("order", ["asc", "desc", "mixed"])
+def test_newkv_prefix_on_page_runs(paged_case, assert_close, device, order):
+    """Prefixes on runs of consecutive pages: whole prefix tiles load as one box of pool rows
+    (rows of a descending run in reverse key order), the rest is gathered; same results."""
+    if device == "cuda":
+        pytest.skip("tiny interpreter shapes; the gpu test below covers real ones")
+    from radixrt.kernels.extend_newkv import prefix_run_flags
+
+    case = paged_case(
+        prefix_lens=[0, 70, 5, 33], extend_lens=[9, 20, 1, 3], num_heads=8, num_kv_heads=2,
+        head_dim=32, page_size=4, dtype=torch.float32, device=device,
+    )  # fmt: skip
+    want = _pages_in_runs(case, order)
+    b = case.batch
+    flags = prefix_run_flags(b.page_table, b.req_rows, b.prefix_lens, 4, 16)
+    assert flags.tolist() == want
+    for pool_tma in (True, False):
+        cfg = ExtendConfig(16, 16, 4, 4, 1, pool_tma=pool_tma)
+        k_new, v_new = _new_kv(case, False)
+        out = extend_attention(
+            case.q, case.k_flat, case.v_flat, b.qo_indptr, b.prefix_lens, b.page_table,
+            b.req_rows, 4, b.max_extend_len, 32**-0.5, config=cfg, k_new=k_new, v_new=v_new,
+        )  # fmt: skip
+        assert_close(out, paged_attention_reference(case.q, case.k_flat, case.v_flat, b,
+                                                    32**-0.5))  # fmt: skip
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("order", ["desc", "mixed"])
+def test_newkv_prefix_on_page_runs_real(paged_case, assert_close, device, order):
+    case = paged_case(
+        prefix_lens=REAL_RAGGED[0], extend_lens=REAL_RAGGED[1], num_heads=32, num_kv_heads=8,
+        head_dim=128, page_size=16, dtype=torch.bfloat16, device=device,
+    )  # fmt: skip
+    _pages_in_runs(case, order)
+    b = case.batch
+    k_new, v_new = _new_kv(case, False)
+    out = extend_attention(
+        case.q, case.k_flat, case.v_flat, b.qo_indptr, b.prefix_lens, b.page_table, b.req_rows,
+        16, b.max_extend_len, 128**-0.5, config=ExtendConfig(64, 64, 4, 4, 3), k_new=k_new,
+        v_new=v_new,
+    )  # fmt: skip
+    assert_close(out, paged_attention_reference(case.q, case.k_flat, case.v_flat, b, 128**-0.5))

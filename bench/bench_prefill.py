@@ -42,40 +42,37 @@ from radixrt.kernels.extend_configs import ExtendConfig  # noqa: E402
 
 HQ, HKV, HD, PAGE = 32, 8, 128, 16
 TOL = 2e-2  # bf16 relative error bound, as the kernel tests use
-SHAPES = {"8x1024": (8, 1024, 0), "8x1024 +1k prefix": (8, 1024, 1024), "1x32k": (1, 32768, 0)}
+SHAPES = {"8x1024": (8, 1024, 0), "8x1024 +1k prefix": (8, 1024, 1024), "1x32k": (1, 32768, 0),
+          # the engine's 4th 8192-token chunk of a cold 32k prompt, its prefix on one descending
+          # run of pages (how the LIFO free list hands pages out after a flush)
+          "1x8k +24k prefix (page runs)": (1, 8192, 24576)}
+RUN_SHAPES = {"1x8k +24k prefix (page runs)", "2x24 +33 prefix (page runs)"}
 SPLIT_SHAPE = ("1x512 +32k prefix", (1, 512, 32768))
-TINY_SHAPES = {"2x40": (2, 40, 0), "2x24 +33 prefix": (2, 24, 33)}
+TINY_SHAPES = {"2x40": (2, 40, 0), "2x24 +33 prefix": (2, 24, 33),
+               "2x24 +33 prefix (page runs)": (2, 24, 33)}
 TINY_SPLIT = ("1x8 +70 prefix", (1, 8, 70))
-# (block_m, block_n, heads_per_tile, warps, stages): the Triton tutorial's Hopper space (64/128
-# rows, 16-128 keys, 2-4 stages, 4/8 warps), likeliest first (a spent time budget cuts the tail).
-# Each tile runs in up to three modes (MODES): "tma" / "ptr" read the new tokens' K/V from dense
-# tensors (extend_newkv: TMA descriptors / pointer loads), "paged" reads every key through the
-# page table (the session-4 kernel); "tma-fma" is "tma" with half of each unmasked tile's exp2
-# on the FMA pipe (ExtendConfig.exp_fma). Offline sm_90 builds (triton 3.9, head_dim 128, TMA mode):
-# shared memory is Q + stages x (K + V tile), so 128x64 at 3 stages takes 128 KB and runs one
-# program per SM (run 1's 36% winner pipelined one tile deep, less memory, two per SM); the
-# first group runs two (or three) programs per SM without spilling.
+# (block_m, block_n, heads_per_tile, warps, stages), likeliest first (a spent time budget cuts the
+# tail), each in some modes: "tma" / "ptr" read the new tokens' K/V from dense tensors
+# (extend_newkv: TMA descriptors / pointer loads), "paged" reads every key through the page
+# table (the session-4 kernel); "tma-fma" is "tma" with half of each unmasked tile's exp2 on the
+# FMA pipe (ExtendConfig.exp_fma). Offline sm_90 builds (triton 3.9): shared memory is Q +
+# stages x (K + V tile), so 128x64 at 3 stages (128 KB) runs one program per SM, 64x64 at 3
+# stages (113 KB) two.
 MODES = ("tma", "ptr", "paged")
+# Session-5 call 2 (bench/recorded/h200_s5_call2) ranked these first at head_dim 128 (TMA mode:
+# 69-70% at 1x32k, 42-43% at 8x1024, 50-52% with a 1k prefix); "tma-gather" turns the page-run
+# TMA prefix off (pool_tma), to measure it on the page-runs shape.
 _TILES: list[tuple[tuple[int, ...], tuple[str, ...]]] = [
-    # two+ programs per SM: 80 KB / 255 regs, 96 KB / 255, 112 KB / 185, 80 KB / 185, 64 KB /
-    # 150 (three), 80 KB / 152, 64 KB / 232, 113 KB / 194 (one head a tile)
-    ((128, 32, 4, 4, 3), (*MODES, "tma-fma")), ((128, 32, 4, 4, 4), ("tma", "paged")),
-    ((64, 64, 4, 4, 3), (*MODES, "tma-fma")), ((64, 64, 4, 4, 2), ("tma", "paged", "tma-fma")),
-    ((64, 32, 4, 4, 3), ("tma", "paged")), ((64, 32, 4, 4, 4), ("tma",)),
-    ((128, 16, 4, 4, 4), ("tma",)), ((64, 64, 1, 4, 3), ("tma",)),
-    # 98 KB but spilling (168 B); run 1's winner at 3 stages (128 KB, one per SM)
-    ((128, 64, 4, 4, 2), MODES), ((128, 64, 4, 4, 3), ("tma", "paged")),
-    # one 8-warp program per SM (no spills): 129 KB / 182 regs, 229 KB / 236, 96 KB / 176
-    ((128, 64, 4, 8, 3), ("tma", "paged", "tma-fma")), ((128, 128, 4, 8, 3), ("tma", "tma-fma")),
-    ((128, 64, 4, 8, 2), ("tma",)), ((128, 64, 2, 8, 3), ("tma",)),
+    ((64, 64, 4, 4, 3), ("tma", "tma-fma", "tma-gather", "paged")),
+    ((128, 64, 4, 4, 2), ("tma", "tma-fma", "tma-gather")),
+    ((128, 128, 4, 8, 3), ("tma", "tma-fma")), ((64, 64, 1, 4, 3), ("tma",)),
+    ((64, 64, 2, 4, 3), ("tma",)), ((128, 64, 4, 8, 3), ("tma",)), ((64, 32, 4, 4, 3), ("tma",)),
+    ((128, 32, 4, 4, 3), ("tma",)), ((64, 64, 4, 4, 2), ("tma",)),
 ]  # fmt: skip
-# head_dim 64 (TMA mode): 128x64 4 warps 64-80 KB / 210 regs (two per SM), 8 warps 4 stages
-# 80 KB / 126 (two), 64x64 56 KB / 107 (three), 64x32 4 stages 40 KB / 87 (five).
+# head_dim 64: call 2's best (128x64 4 warps 3 stages, TMA and pointer loads tied at 58% at 1x32k).
 _TILES_64: list[tuple[tuple[int, ...], tuple[str, ...]]] = [
-    ((128, 64, 4, 8, 4), (*MODES, "tma-fma")), ((128, 64, 4, 4, 3), (*MODES, "tma-fma")),
-    ((64, 64, 4, 4, 3), ("tma", "paged")),
-    ((128, 64, 4, 4, 4), ("tma",)), ((128, 32, 4, 4, 4), ("tma",)), ((64, 32, 4, 4, 4), ("tma",)),
-    ((128, 128, 4, 8, 3), ("tma",)), ((128, 64, 4, 4, 2), ("tma",)),
+    ((128, 64, 4, 4, 3), ("tma", "tma-fma", "ptr")), ((64, 64, 4, 4, 3), ("tma", "paged")),
+    ((128, 64, 4, 8, 4), ("tma",)), ((128, 64, 4, 4, 4), ("tma",)),
 ]  # fmt: skip
 
 
@@ -119,7 +116,7 @@ class Case:
     an fp32 reference on sampled query rows of every request."""
 
     def __init__(self, batch: int, new: int, prefix: int, device: torch.device,
-                 dtype: torch.dtype, heads: tuple[int, int, int]) -> None:
+                 dtype: torch.dtype, heads: tuple[int, int, int], page_runs: bool = False) -> None:
         self.batch, self.new, self.prefix = batch, new, prefix
         hq, hkv, hd = heads
         seq = prefix + new
@@ -131,6 +128,9 @@ class Case:
         perm = torch.randperm(num_pages, device=device)[: batch * per_req] + 1
         self.table = torch.zeros(batch + 1, per_req, dtype=torch.int32, device=device)
         self.table[1:] = perm.view(batch, per_req).to(torch.int32)
+        if page_runs:  # each request on one descending run of consecutive pages
+            runs = torch.arange(batch * per_req, device=device).view(batch, per_req) + 1
+            self.table[1:] = runs.flip(1).to(torch.int32)
         self.rows = (torch.randperm(batch, device=device) + 1).to(torch.int32)
         self.indptr = torch.arange(0, (batch + 1) * new, new, device=device, dtype=torch.int32)
         self.prefix_lens = torch.full((batch,), prefix, device=device, dtype=torch.int32)
@@ -246,7 +246,8 @@ def sweep_heads(result: dict[str, Any], heads: tuple[int, int, int], shapes: dic
     """Old kernel, SDPA, the default and every candidate at each shape of one head layout."""
     dev, ms = torch.device(args.device), timer(torch.device(args.device))
     out: dict[str, Any] = {"heads": list(heads), "shapes": {}}
-    cases = {name: Case(b, n, p, dev, torch.bfloat16, heads) for name, (b, n, p) in shapes.items()}
+    cases = {name: Case(b, n, p, dev, torch.bfloat16, heads, name in RUN_SHAPES)
+             for name, (b, n, p) in shapes.items()}
     for name, case in cases.items():
         res: dict[str, Any] = {"batch": case.batch, "new": case.new, "prefix": case.prefix,
                                "flops": case.flops, "configs": []}
@@ -320,14 +321,14 @@ def run_sweep(args: argparse.Namespace) -> dict[str, Any]:
     case = Case(b, n, p, dev, torch.bfloat16, heads)
     split_rows = [{"splits": "old", **measure(case, case.run_old, mm, ms)},
                   {"splits": "auto", **measure(case, lambda o, k=case: k.run_new(o, split_cfg, None, True, mode=mode), mm, ms)}]  # type: ignore[misc]
-    for s in (1, 2, 4, 8):
+    for s in (1, 2, 4):
         split_rows.append({"splits": s, **measure(case, lambda o, s=s, k=case: k.run_new(o, split_cfg, s, mode=mode), mm, ms)})  # type: ignore[misc]
     result["split"] = {"shape": sname, "config": best and best["config"], "mode": mode,
                        "rows": split_rows}
     for r in split_rows:
         print(f"{sname} splits={r['splits']}: {fmt(r)}", flush=True)
     del case
-    if not args.tiny:  # head_dim 64 (GQA 4): fewer configs, two shapes
+    if not args.tiny and args.budget_64_s > 0:  # head_dim 64 (GQA 4): fewer configs, two shapes
         result["head_dim_64"] = sweep_heads(
             result, (HQ, HKV, 64), {k: SHAPES[k] for k in ("8x1024", "1x32k")}, CANDIDATES_64,
             mm, args, started + args.budget_s + args.budget_64_s,
@@ -378,7 +379,8 @@ def main() -> None:
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--tiny", action="store_true", help="toy sizes (CPU interpreter smoke test)")
     ap.add_argument("--budget-s", type=float, default=200.0, help="sweep: stop trying configs")
-    ap.add_argument("--budget-64-s", type=float, default=40.0, help="sweep: head_dim 64 part")
+    ap.add_argument("--budget-64-s", type=float, default=40.0,
+                    help="sweep: head_dim 64 part (0: skipped)")
     ap.add_argument("--no-hybrid", action="store_true", help="sweep: skip the SDPA hybrid rows")
     ap.add_argument("--sweep-json", default=None, help="engine: install this sweep's best config")
     ap.add_argument("--model", default="llama3.1-8b")

@@ -18,8 +18,9 @@
 #
 # Limits (seconds): T_TESTS=60, T_SWEEP=140 (SWEEP_128_S=95 of head_dim 128 configs, then
 # SWEEP_64_S=20 of head_dim 64 ones; a config starts only inside its budget), T_ENGINE=100.
-# OLD_LENS / PAGED_LENS (default 32768): prompt lengths also timed with the previous kernel /
-# with the winner's tiles all-paged. ENGINE=0 skips the engine part.
+# OLD_LENS / PAGED_LENS (default 32768, empty: none): prompt lengths also timed with the previous
+# kernel / with the winner's tiles all-paged. ENGINE=0 skips the engine part. TESTS: the test
+# files (default: extend_newkv, extend_attention, triton_backend). SWEEP_64_S=0 skips head_dim 64.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-bench/results/prefill}"
@@ -37,8 +38,10 @@ start=$(date +%s)
 } 2>&1 | tee "$OUT/gpu_info.txt"
 
 T_TESTS="${T_TESTS:-60}"; T_SWEEP="${T_SWEEP:-140}"; T_ENGINE="${T_ENGINE:-100}"
-timeout -k 5 "$T_TESTS" "$PY" -m pytest -q -x -m gpu tests/kernels/test_extend_newkv.py \
-  tests/kernels/test_extend_attention.py tests/kernels/test_triton_backend.py -p no:cacheprovider 2>&1 | tail -25 | tee "$OUT/prefill_tests.log"
+TESTS="${TESTS:-tests/kernels/test_extend_newkv.py tests/kernels/test_extend_attention.py tests/kernels/test_triton_backend.py}"
+# shellcheck disable=SC2086  # TESTS is a list of paths
+timeout -k 5 "$T_TESTS" "$PY" -m pytest -v -x -m gpu $TESTS -p no:cacheprovider 2>&1 \
+  | grep -E "PASSED|FAILED|ERROR|Error|assert|passed|failed" | tail -40 | tee "$OUT/prefill_tests.log"
 tests_rc=${PIPESTATUS[0]}
 echo "tests done at $(( $(date +%s) - start )) s"
 
@@ -50,8 +53,8 @@ echo "sweep done at $(( $(date +%s) - start )) s"
 engine_rc=0
 if [ "${ENGINE:-1}" != 0 ]; then
   timeout -k 10 "$T_ENGINE" "$PY" bench/bench_prefill.py engine --out "$OUT" \
-    --sweep-json "$OUT/prefill_sweep.json" --old-lens "${OLD_LENS:-32768}" \
-    --paged-lens "${PAGED_LENS:-32768}" 2>&1 | grep -v "^ *File \|^ *\^" | tail -40 | tee "$OUT/prefill_engine.log"
+    --sweep-json "$OUT/prefill_sweep.json" --old-lens "${OLD_LENS-32768}" \
+    --paged-lens "${PAGED_LENS-32768}" 2>&1 | grep -v "^ *File \|^ *\^" | tail -40 | tee "$OUT/prefill_engine.log"
   engine_rc=${PIPESTATUS[0]}
 fi
 

@@ -77,16 +77,32 @@ def run_engine(args: argparse.Namespace) -> dict[str, Any]:
     def prompt(n: int) -> list[int]:
         return torch.randint(3, vocab - 1, (n,), generator=gen).tolist()  # type: ignore[no-any-return]
 
+    # The last chunk's run flags (extend_newkv.prefix_run_flags): was its prefix on one run of
+    # pages, i.e. did its prefix tiles load as TMA boxes?
+    from radixrt.kernels import extend_newkv
+
+    last_flags: list[torch.Tensor] = []
+    run_flags = extend_newkv.prefix_run_flags
+
+    def probe(*a: Any, **kw: Any) -> torch.Tensor:
+        last_flags[:] = [run_flags(*a, **kw)]
+        return last_flags[0]
+
+    extend_newkv.prefix_run_flags = probe  # type: ignore[assignment]
+
     def timed(tag: str, n: int) -> dict[str, Any]:
         core.flush_cache()
+        last_flags.clear()
         t = ttft(core, f"{tag}{n}", prompt(n))
         f = fl.chunked_prefill_floor(shape, hw, n, args.chunk)
         row = {"kernel": tag, "prompt_len": n, "ttft_s": t, "floor_s": f["floor_s"],
                "flops_floor_s": f["flops_s"], "vs_floor": t / f["floor_s"],
                "vs_flops_floor": t / f["flops_s"],
-               "model_tflops": f["prefill_flops"] / t / 1e12}
+               "model_tflops": f["prefill_flops"] / t / 1e12,
+               "last_chunk_prefix_on_page_runs": last_flags[0].tolist() if last_flags else None}
         print(f"cold prefill {n} ({tag} kernel): {t:.3f} s, floor {f['floor_s']:.3f} s "
-              f"({row['vs_floor']:.2f}x), all-FLOPs floor {f['flops_s']:.3f} s", flush=True)
+              f"({row['vs_floor']:.2f}x), all-FLOPs floor {f['flops_s']:.3f} s, last chunk's "
+              f"prefix on page runs: {row['last_chunk_prefix_on_page_runs']}", flush=True)
         return row
 
     ttft(core, "warmup", prompt(min(2 * args.chunk + 100, longest)))  # compiles every chunk shape

@@ -231,6 +231,19 @@ def test_grammar_copies_fill_the_same_masks(compiler: GrammarCompiler, tok: Any)
     assert a.is_terminated and b.is_terminated
 
 
+def test_batch_accept_reports_only_refusals(compiler: GrammarCompiler, tok: Any) -> None:
+    """The fill threads' accept: None when every token is accepted, else per matcher whether
+    it was (a refused token leaves its matcher where it was)."""
+    from radixrt.constrained.batch import batch_accept
+
+    cg = compiler.compile(("regex", "[0-9]+"))
+    digit, letter = (tok.encode(c, add_special_tokens=False)[0] for c in "7x")
+    ms = [Matcher(cg) for _ in range(3)]
+    assert batch_accept([m.raw for m in ms], [digit] * 3) is None
+    assert batch_accept([m.raw for m in ms], [digit, letter, digit]) == [True, False, True]
+    assert ms[1].raw.accept_token(digit) and not ms[1].raw.accept_token(letter)
+
+
 def test_advance_batch_matches_advance(compiler: GrammarCompiler, tok: Any) -> None:
     cg = compiler.compile(("regex", "[0-9]+"))
     one, batch = [Matcher(cg) for _ in range(3)], [Matcher(cg) for _ in range(3)]

@@ -77,32 +77,35 @@ def run_engine(args: argparse.Namespace) -> dict[str, Any]:
     def prompt(n: int) -> list[int]:
         return torch.randint(3, vocab - 1, (n,), generator=gen).tolist()  # type: ignore[no-any-return]
 
-    # The last chunk's run flags (extend_newkv.prefix_run_flags): was its prefix on one run of
-    # pages, i.e. did its prefix tiles load as TMA boxes?
+    # The last chunk's prefix tiles on page runs (extend_runs.prefix_tile_lists): how many of
+    # them loaded as TMA boxes of pool rows rather than by gather.
     from radixrt.kernels import extend_newkv
 
-    last_flags: list[torch.Tensor] = []
-    run_flags = extend_newkv.prefix_run_flags
+    last_lists: list[tuple[torch.Tensor, torch.Tensor]] = []
+    tile_lists = extend_newkv.prefix_tile_lists
 
-    def probe(*a: Any, **kw: Any) -> torch.Tensor:
-        last_flags[:] = [run_flags(*a, **kw)]
-        return last_flags[0]
+    def probe(table: torch.Tensor, rows: torch.Tensor, prefix: torch.Tensor, page: int,
+              block_n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        out = tile_lists(table, rows, prefix, page, block_n)
+        last_lists[:] = [(out[2], prefix // block_n)]
+        return out
 
-    extend_newkv.prefix_run_flags = probe  # type: ignore[assignment]
+    extend_newkv.prefix_tile_lists = probe  # type: ignore[assignment]
 
     def timed(tag: str, n: int) -> dict[str, Any]:
         core.flush_cache()
-        last_flags.clear()
+        last_lists.clear()
         t = ttft(core, f"{tag}{n}", prompt(n))
         f = fl.chunked_prefill_floor(shape, hw, n, args.chunk)
         row = {"kernel": tag, "prompt_len": n, "ttft_s": t, "floor_s": f["floor_s"],
                "flops_floor_s": f["flops_s"], "vs_floor": t / f["floor_s"],
                "vs_flops_floor": t / f["flops_s"],
                "model_tflops": f["prefill_flops"] / t / 1e12,
-               "last_chunk_prefix_on_page_runs": last_flags[0].tolist() if last_flags else None}
+               "last_chunk_run_tiles_of": ([t.tolist() for t in last_lists[0]] if last_lists
+                                           else None)}
         print(f"cold prefill {n} ({tag} kernel): {t:.3f} s, floor {f['floor_s']:.3f} s "
               f"({row['vs_floor']:.2f}x), all-FLOPs floor {f['flops_s']:.3f} s, last chunk's "
-              f"prefix on page runs: {row['last_chunk_prefix_on_page_runs']}", flush=True)
+              f"prefix tiles [on page runs], [of]: {row['last_chunk_run_tiles_of']}", flush=True)
         return row
 
     ttft(core, "warmup", prompt(min(2 * args.chunk + 100, longest)))  # compiles every chunk shape

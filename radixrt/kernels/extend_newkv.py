@@ -26,6 +26,7 @@ import triton.language as tl
 
 from radixrt.kernels.extend_attention import _load_kv, _tile_slots, mma, mma_acc
 from radixrt.kernels.extend_configs import ExtendConfig
+from radixrt.kernels.extend_runs import prefix_tile_lists
 
 
 @triton.jit
@@ -96,49 +97,13 @@ def _new_tile(desc, base, row0, stride_t, kv_col, rows_left, offs_d, mask_d,
     return tile
 
 
-@triton.jit
-def _tile_row(page_row, start_n, bound, PAGE_SIZE: tl.constexpr, BLOCK_N: tl.constexpr):
-    """First pool row of the contiguous slot range holding keys start_n .. + BLOCK_N - 1 of a
-    tile whose pages form one run (``_prefix_runs_kernel``): its lowest page's first slot."""
-    if PAGE_SIZE >= BLOCK_N:
-        page = tl.load(page_row + start_n // PAGE_SIZE, mask=start_n < bound, other=0)
-        row = page * PAGE_SIZE + start_n % PAGE_SIZE
-    else:
-        idx = start_n // PAGE_SIZE + tl.arange(0, BLOCK_N // PAGE_SIZE)
-        pages = tl.load(page_row + idx, mask=idx * PAGE_SIZE < bound, other=0)
-        row = tl.min(pages, 0) * PAGE_SIZE
-    return row
-
-
-@triton.jit(do_not_specialize=["stride_pt"])
-def _prefix_runs_kernel(page_table, req_rows, prefix_lens, Flags, stride_pt,
-                        BLOCK_N: tl.constexpr, PAGES_PER_TILE: tl.constexpr,
-                        CHUNK: tl.constexpr):  # fmt: skip
-    """Flags[b] = 1 when every whole BLOCK_N-key tile of request b's prefix sits on pages that
-    form one run of consecutive ids (in any order: a fresh allocation ascends, pages handed
-    back by the LIFO free list descend), so each tile is one contiguous box of pool rows."""
-    req = tl.program_id(0)
-    page_row = page_table + tl.load(req_rows + req).to(tl.int64) * stride_pt
-    n_tiles = tl.load(prefix_lens + req) // BLOCK_N
-    ok = 1
-    offs_t = tl.arange(0, CHUNK)
-    offs_p = tl.arange(0, PAGES_PER_TILE)
-    for t0 in range(0, n_tiles, CHUNK):
-        t = t0 + offs_t
-        valid = t < n_tiles
-        pages = tl.load(page_row + t[:, None] * PAGES_PER_TILE + offs_p[None, :],
-                        mask=valid[:, None], other=0)
-        run = (tl.max(pages, 1) - tl.min(pages, 1)) == PAGES_PER_TILE - 1
-        ok = ok & tl.min(tl.where(valid, run, True).to(tl.int32), 0)
-    tl.store(Flags + req, ok)
-
-
 # One compiled variant for every page-table width, token count and split count.
 @triton.jit(do_not_specialize=["stride_pt", "num_tokens", "num_splits"])
 def _extend_newkv_kernel(
     Q, K, V, KN, VN,  # Q [T, Hq, D]; K/V the flat pool layer [S, Hkv, D]; KN/VN new [T, Hkv, D]
     KN_desc, VN_desc, KN_diag, VN_diag,  # TMA descriptors of KN/VN ([T, Hkv*D]; USE_TMA only)
-    KP_desc, VP_desc, RunFlags,  # pool TMA descriptors ([S, Hkv*D]), _prefix_runs_kernel flags
+    KP_desc, VP_desc, Tiles, Rows, RunTiles,  # pool TMA descriptors ([S, Hkv*D]); tile lists
+    stride_list,  # of extend_runs.prefix_tile_lists (POOL_TMA only)
     Out, PartO, PartLse,  # as in extend_attention._extend_kernel
     qo_indptr, prefix_lens, page_table, req_rows, qk_scale,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_knt, stride_knh,
@@ -201,26 +166,42 @@ def _extend_newkv_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     q_abs = prefix + pos  # >= prefix: every prefix key is visible to every row
-    # Cached prefix, each tile's addresses read from the page table one iteration ahead
-    # (loop-carried addresses pipeline num_stages - 1 tiles deep, in-iteration ones one).
-    # Tiles on one run of pages (all of them, per _prefix_runs_kernel) are one box of pool rows:
-    # a TMA load, its rows possibly in another order than the keys, which no unmasked tile
-    # minds as long as K and V rows stay paired. Otherwise a gather of page-sized row blocks.
-    pool_rows = False
+    # Cached prefix, each tile's addresses read one iteration ahead (loop-carried addresses
+    # pipeline num_stages - 1 tiles deep, in-iteration ones one). POOL_TMA: the tiles on one run
+    # of pages (extend_runs) load as TMA boxes of pool rows, the others by gather, both from the
+    # request's tile list (unmasked tiles commute); else every tile by gather, in key order.
     if POOL_TMA:
-        pool_rows = tl.load(RunFlags + req) != 0
-    if pool_rows:
-        row = _tile_row(page_row, lo, hi, PAGE_SIZE, BLOCK_N)
-        for start_n in range(lo, hi, BLOCK_N):
-            next_row = _tile_row(page_row, start_n + BLOCK_N, hi, PAGE_SIZE, BLOCK_N)
-            offs_n = start_n + tl.arange(0, BLOCK_N)
+        run_tiles = tl.load(RunTiles + req)
+        tiles_row = Tiles + req.to(tl.int64) * stride_list
+        rows_row = Rows + req.to(tl.int64) * stride_list
+        lo_t = lo // BLOCK_N
+        hi_t = hi // BLOCK_N
+        run_hi = tl.minimum(hi_t, run_tiles)
+        gather_lo = tl.maximum(lo_t, run_tiles)
+        any_n = tl.arange(0, BLOCK_N)  # unmasked: key positions unused
+        row = tl.load(rows_row + lo_t, mask=lo_t < run_hi, other=0)
+        for i in range(lo_t, run_hi):
+            next_row = tl.load(rows_row + i + 1, mask=i + 1 < run_hi, other=0)
             k = KP_desc.load([row, kv_col])
-            p, alpha, m_i, l_i = _scores(q, k, m_i, l_i, qk_scale, offs_n, q_abs, prefix, False,
+            p, alpha, m_i, l_i = _scores(q, k, m_i, l_i, qk_scale, any_n, q_abs, prefix, False,
                                          PRECISION, INTERPRET, EXP_FMA)  # fmt: skip
             v = VP_desc.load([row, kv_col])
             acc = mma_acc(p.to(q.dtype), v.to(q.dtype), acc * alpha[:, None], PRECISION,
                           INTERPRET)  # fmt: skip
             row = next_row
+        tile = tl.load(tiles_row + gather_lo, mask=gather_lo < hi_t, other=0)
+        slots = _tile_slots(page_row, tile * BLOCK_N, prefix, PAGE_SIZE, BLOCK_N, PAGE_VEC)
+        for i in range(gather_lo, hi_t):
+            tile = tl.load(tiles_row + i + 1, mask=i + 1 < hi_t, other=0)
+            next_slots = _tile_slots(page_row, tile * BLOCK_N, prefix, PAGE_SIZE, BLOCK_N,
+                                     PAGE_VEC)  # fmt: skip
+            k = _load_kv(K, slots, stride_kt, any_n, prefix, offs_d, mask_d, EVEN_D, False)
+            p, alpha, m_i, l_i = _scores(q, k, m_i, l_i, qk_scale, any_n, q_abs, prefix, False,
+                                         PRECISION, INTERPRET, EXP_FMA)  # fmt: skip
+            v = _load_kv(V, slots, stride_vt, any_n, prefix, offs_d, mask_d, EVEN_D, False)
+            acc = mma_acc(p.to(q.dtype), v.to(q.dtype), acc * alpha[:, None], PRECISION,
+                          INTERPRET)  # fmt: skip
+            slots = next_slots
     else:
         slots = _tile_slots(page_row, lo, hi, PAGE_SIZE, BLOCK_N, PAGE_VEC)
         for start_n in range(lo, hi, BLOCK_N):
@@ -304,19 +285,6 @@ def _descriptors(t: torch.Tensor, block_n: int, diag_n: int) -> tuple[object, ob
             TensorDescriptor(t, shape, strides, [diag_n, t.shape[2]]))
 
 
-def prefix_run_flags(page_table: torch.Tensor, req_rows: torch.Tensor, prefix_lens: torch.Tensor,
-                     page_size: int, block_n: int) -> torch.Tensor:
-    """[B] int32: 1 where every whole block_n-key tile of the request's prefix lies on one run
-    of consecutive page ids (``_prefix_runs_kernel``); on the device, no host sync."""
-    batch = req_rows.shape[0]
-    if page_size >= block_n:  # a tile inside one page is always one box of rows
-        return torch.ones(batch, dtype=torch.int32, device=req_rows.device)
-    flags = torch.empty(batch, dtype=torch.int32, device=req_rows.device)
-    _prefix_runs_kernel[(batch,)](page_table, req_rows, prefix_lens, flags, page_table.stride(0),
-                                  BLOCK_N=block_n, PAGES_PER_TILE=block_n // page_size, CHUNK=64)
-    return flags
-
-
 def launch_newkv(
     q: torch.Tensor, k_flat: torch.Tensor, v_flat: torch.Tensor, k_new: torch.Tensor,
     v_new: torch.Tensor, out: torch.Tensor, part_o: torch.Tensor, part_lse: torch.Tensor,
@@ -329,15 +297,16 @@ def launch_newkv(
     num_tokens, _, head_dim = q.shape
     use_tma = (cfg.new_kv_tma and _TMA_FAILED is None and _tma_ready(k_new, head_dim, block_d)
                and _tma_ready(v_new, head_dim, block_d))
-    descs: tuple[object, ...] = (None,) * 7
+    descs: tuple[object, ...] = (None,) * 9 + (0,)
     if use_tma:
         (kd, kdd), (vd, vdd) = (_descriptors(t, cfg.block_n, cfg.diag_n) for t in (k_new, v_new))
-        descs = (kd, vd, kdd, vdd, None, None, None)
+        descs = (kd, vd, kdd, vdd) + (None,) * 5 + (0,)
         if cfg.pool_tma and _tma_ready(k_flat, head_dim, block_d) and _tma_ready(
                 v_flat, head_dim, block_d):
-            flags = prefix_run_flags(page_table, req_rows, prefix_lens, page_size, cfg.block_n)
+            tiles, rows, run_tiles = prefix_tile_lists(page_table, req_rows, prefix_lens,
+                                                       page_size, cfg.block_n)  # fmt: skip
             (kp, _), (vp, _) = (_descriptors(t, cfg.block_n, cfg.block_n) for t in (k_flat, v_flat))
-            descs = (kd, vd, kdd, vdd, kp, vp, flags)
+            descs = (kd, vd, kdd, vdd, kp, vp, tiles, rows, run_tiles, tiles.stride(0))
     try:
         _launch(q, k_flat, v_flat, k_new, v_new, descs, out, part_o, part_lse, qo_indptr,
                 prefix_lens, page_table, req_rows, page_size, qk_scale, grid, splits, group,
@@ -348,7 +317,7 @@ def launch_newkv(
         _TMA_FAILED = repr(exc)[:300]
         warnings.warn(f"extend_newkv: TMA descriptors failed, using pointer loads: {_TMA_FAILED}",
                       stacklevel=2)
-        _launch(q, k_flat, v_flat, k_new, v_new, (None,) * 7, out, part_o, part_lse,
+        _launch(q, k_flat, v_flat, k_new, v_new, (None,) * 9 + (0,), out, part_o, part_lse,
                 qo_indptr, prefix_lens, page_table, req_rows, page_size, qk_scale, grid, splits,
                 group, block_d, cfg, precision, interpret, False)
 

@@ -178,7 +178,8 @@ def test_newkv_tma_launches_on_hopper(paged_case, assert_close, device):
 def _pages_in_runs(case, order):
     """Moves every request's pages onto one run of consecutive ids ("asc" as a fresh allocator
     hands them out, "desc" as the LIFO free list does after a flush; "mixed": request 1 keeps a
-    broken run), copying the K/V rows along; returns the expected prefix_run_flags."""
+    broken run: its first prefix tile), copying the K/V rows along; returns each request's
+    expected count of run tiles among its whole 16-key prefix tiles."""
     b, ps = case.batch, case.batch.page_size
     k_old, v_old, table_old = case.k_flat.clone(), case.v_flat.clone(), b.page_table.clone()
     next_page, want = 1, []
@@ -196,7 +197,8 @@ def _pages_in_runs(case, order):
             case.k_flat[p * ps : (p + 1) * ps] = k_old[old * ps : (old + 1) * ps]
             case.v_flat[p * ps : (p + 1) * ps] = v_old[old * ps : (old + 1) * ps]
         b.page_table[row, :n] = torch.tensor(pages, dtype=b.page_table.dtype)
-        want.append(0 if broken and b.prefix_lens_cpu[i] >= 16 else 1)
+        tiles = b.prefix_lens_cpu[i] // 16
+        want.append(tiles - 1 if broken and tiles else tiles)
     return want
 
 
@@ -206,7 +208,7 @@ def test_newkv_prefix_on_page_runs(paged_case, assert_close, device, order):
     (rows of a descending run in reverse key order), the rest is gathered; same results."""
     if device == "cuda":
         pytest.skip("tiny interpreter shapes; the gpu test below covers real ones")
-    from radixrt.kernels.extend_newkv import prefix_run_flags
+    from radixrt.kernels.extend_runs import prefix_tile_lists
 
     case = paged_case(
         prefix_lens=[0, 70, 5, 33], extend_lens=[9, 20, 1, 3], num_heads=8, num_kv_heads=2,
@@ -214,14 +216,22 @@ def test_newkv_prefix_on_page_runs(paged_case, assert_close, device, order):
     )  # fmt: skip
     want = _pages_in_runs(case, order)
     b = case.batch
-    flags = prefix_run_flags(b.page_table, b.req_rows, b.prefix_lens, 4, 16)
-    assert flags.tolist() == want
-    for pool_tma in (True, False):
+    tiles, rows, run_tiles = prefix_tile_lists(b.page_table, b.req_rows, b.prefix_lens, 4, 16)
+    assert run_tiles.tolist() == want
+    for i, n_run in enumerate(want):  # every tile once; run tiles with their first pool row
+        n = b.prefix_lens_cpu[i] // 16
+        assert sorted(tiles[i, :n].tolist()) == list(range(n))
+        pages = b.page_table[b.req_rows_cpu[i]].long()
+        for j in range(n_run):
+            t = int(tiles[i, j])
+            assert int(rows[i, j]) == int(pages[t * 4 : t * 4 + 4].min()) * 4
+    for pool_tma, splits in ((True, 1), (True, 3), (False, 1)):
         cfg = ExtendConfig(16, 16, 4, 4, 1, pool_tma=pool_tma)
         k_new, v_new = _new_kv(case, False)
         out = extend_attention(
             case.q, case.k_flat, case.v_flat, b.qo_indptr, b.prefix_lens, b.page_table,
             b.req_rows, 4, b.max_extend_len, 32**-0.5, config=cfg, k_new=k_new, v_new=v_new,
+            num_kv_splits=splits,
         )  # fmt: skip
         assert_close(out, paged_attention_reference(case.q, case.k_flat, case.v_flat, b,
                                                     32**-0.5))  # fmt: skip

@@ -11,9 +11,12 @@ prefix (cold prefill, every first chunk) never touches the page table at all::
     keys      0 ...... n_pf .. prefix | 0 ........ n_new_full ... m_start + P   (new-token index)
               [paged, unmasked][tail] | [dense, unmasked][dense, causal diagonal]
 
-Same tiles as the paged kernel (GQA-packed rows, ``ExtendConfig``), same split-KV (splits share
-the unmasked prefix tiles; the last one also takes the prefix tail and the new part), same
-base-2 online softmax; results equal the paged kernel's up to fp32 summation order.
+With TMA, whole prefix tiles whose pages form one run of consecutive ids load as one box of
+pool rows too (``extend_runs``; ``ExtendConfig.pool_tma``), the rest by gather. Same tiles as
+the paged kernel (GQA-packed rows, ``ExtendConfig``), same split-KV (splits share the unmasked
+prefix tiles; the last one also takes the prefix tail and the new part), same base-2 online
+softmax; results equal the paged kernel's up to fp32 summation order. On an H200 (session 5
+call 2) the dense new-token reads took 1x32k from 60% to 70% of the matmul rate.
 """
 
 from __future__ import annotations

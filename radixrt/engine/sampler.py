@@ -105,7 +105,7 @@ class PendingSample:
         """The drawn token ids on the host, waiting for this step's copy only; callable from
         any thread (the wait releases the GIL): the grammar fill threads advance on them
         while the scheduler thread still plans the next step."""
-        if self._ready is not None and not self._ready.query():  # query keeps the GIL
+        if self._ready is not None and not self._ready.query():  # a landed copy needs no wait
             self._ready.synchronize()
         tokens = self._get("tokens")
         assert tokens is not None, "a pending sample always has tokens"

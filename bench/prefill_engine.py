@@ -55,10 +55,11 @@ def run_engine(args: argparse.Namespace) -> dict[str, Any]:
         if best and dev.type == "cuda":
             key = (HD, HQ // HKV, torch.cuda.get_device_capability(dev)[0])
             extend_configs.TABLE[key] = ExtendConfig(*best["config"])
+            extend_configs.LONG_TABLE[key] = extend_configs.TABLE[key]  # the winner everywhere
             extend_configs.USE_NEW_KV = best.get("mode", "paged") != "paged"
             res["config"], res["mode"] = best["config"], best.get("mode", "paged")
     res["use_new_kv"] = extend_configs.USE_NEW_KV
-    res["config_used"] = list(extend_configs.default_config(HD, HQ // HKV, dev).as_tuple())
+    res["config_used"] = list(extend_configs.default_config(HD, HQ // HKV, dev, 2, args.chunk).as_tuple())
     dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
     hw = fl.measure_hardware(args.device, dtype)
     cfg = preset_config(args.model)

@@ -367,7 +367,7 @@ def extend_attention(
     _check_rows(page_table, req_rows, prefix_lens)
     group = num_heads // k_flat.shape[1]
     block_d = max(16, triton.next_power_of_2(head_dim))
-    cfg = config or default_config(block_d, group, q.device, q.element_size())
+    cfg = config or default_config(block_d, group, q.device, q.element_size(), max_extend_len)
     assert group % cfg.heads_per_tile == 0, f"{cfg} packs more heads than the group of {group}"
     head_groups = num_heads // cfg.heads_per_tile
     m_blocks = triton.cdiv(max_extend_len, cfg.block_m // cfg.heads_per_tile)

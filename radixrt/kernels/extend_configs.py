@@ -65,6 +65,15 @@ TABLE: dict[tuple[int, int, int], ExtendConfig] = {
     (64, 4, 9): ExtendConfig(128, 64, 4, 4, 3),
 }
 
+# Extends of at least LONG_EXTEND_TOKENS new tokens per request (a long prompt's chunks) take
+# LONG_TABLE's entry where there is one. Session-5 call 3 (bench/recorded/h200_s5_call3):
+# 128x64, 2 stages, prefix page runs by TMA: 71% at 1x32k and at 1x8k + 24k prefix (vs 69% / 63%
+# for the short entry), but 42% / 44% at 8x1024 (+1k prefix) where the short entry has 43% / 52%.
+LONG_EXTEND_TOKENS = 4096  # between the measured 1,024 (short wins) and 8,192 (long wins)
+LONG_TABLE: dict[tuple[int, int, int], ExtendConfig] = {
+    (128, 4, 9): ExtendConfig(128, 64, 4, 4, 2, True, True, True, False),
+}
+
 # Whether extend_attention reads the new tokens' K/V from the forward's dense tensors when the
 # caller passes them (extend_newkv.py), instead of back through the page table.
 USE_NEW_KV = True
@@ -85,14 +94,18 @@ def packable_heads(group: int, cap: int) -> int:
 
 
 def default_config(block_d: int, group: int, device: torch.device,
-                   elem_bytes: int = 2) -> ExtendConfig:
-    """The table's entry for this shape and GPU (16-bit inputs), else a rule of thumb."""
+                   elem_bytes: int = 2, max_extend_len: int = 0) -> ExtendConfig:
+    """The table's entry for this shape and GPU (16-bit inputs; LONG_TABLE's for extends of
+    LONG_EXTEND_TOKENS or more), else a rule of thumb."""
     if device.type != "cuda":
         bm, bn, warps, stages = INTERPRETER_CONFIG
         return ExtendConfig(bm, bn, packable_heads(group, min(bm, 4)), warps, stages)
     if elem_bytes > 2:  # fp32 (tests): twice the shared memory per tile, so fewer stages
         return ExtendConfig(64, 64 if block_d <= 128 else 32, packable_heads(group, 4), 4, 2)
     major = torch.cuda.get_device_capability(device)[0]
+    long_hit = LONG_TABLE.get((block_d, group, major))
+    if long_hit is not None and max_extend_len >= LONG_EXTEND_TOKENS:
+        return long_hit
     hit = TABLE.get((block_d, group, major))
     if hit is not None:
         return hit

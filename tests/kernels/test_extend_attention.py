@@ -203,6 +203,20 @@ def test_extend_config_validation():
     assert cfg.heads_per_tile == 4 and cfg.block_m % cfg.heads_per_tile == 0
 
 
+def test_long_extends_take_the_long_table_entry_on_hopper(monkeypatch):
+    # A long prompt's chunks and short batched extends have different H200 winners: the
+    # selection must follow the extend length, and shapes without a long entry keep TABLE's.
+    from radixrt.kernels import extend_configs
+
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    cuda = torch.device("cuda")
+    short = default_config(128, 4, cuda, 2, 1024)
+    long = default_config(128, 4, cuda, 2, extend_configs.LONG_EXTEND_TOKENS)
+    assert short == extend_configs.TABLE[(128, 4, 9)]
+    assert long == extend_configs.LONG_TABLE[(128, 4, 9)] and long != short
+    assert default_config(64, 4, cuda, 2, 32768) == extend_configs.TABLE[(64, 4, 9)]
+
+
 def _math_sdpa(q, k, v, scale):
     """A stand-in for the fused SDPA op on the CPU: causal attention and its natural-log LSE."""
     scores = (q.float() @ k.float().transpose(-1, -2)) * scale

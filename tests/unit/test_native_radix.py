@@ -28,6 +28,7 @@ from radixrt.cache.prefix_cache import make_prefix_cache
 from radixrt.engine.policy import WaitingQueue
 from radixrt.engine.request import Sequence
 from radixrt.sampling_params import SamplingParams
+from tests.fixtures.page_tokens import page_tokens
 from tests.fixtures.radix_backends import NATIVE_SKIP, pl
 
 pytestmark = NATIVE_SKIP
@@ -55,20 +56,6 @@ class DiffMachine(RuleBasedStateMachine):
         self.history: list[list[int]] = [[0] * page_size * 3]
         self.locks: list[tuple[Node, Node]] = []  # (python handle, native handle), locked once
 
-    @st.composite
-    @staticmethod
-    def _tokens(draw: st.DrawFn, history: list[list[int]], ps: int) -> list[int]:
-        """Whole pages of one symbol each (so prefixes are shared), sometimes one token changed
-        inside a page (divergence mid-page), sometimes a partial last page."""
-        base = draw(st.sampled_from(history))
-        cut = draw(st.integers(0, len(base) // ps)) * ps
-        syms = draw(st.lists(st.integers(0, 2), max_size=4))
-        toks = base[:cut] + [t for s in syms for t in [s] * ps]
-        if toks and draw(st.booleans()):
-            toks[draw(st.integers(0, len(toks) - 1))] = 3
-        toks += [1] * draw(st.integers(0, ps))
-        return toks[: 6 * ps]
-
     def _same_handles(self, a: Node, b: Node) -> None:
         assert a.id == b.id, f"handles differ: python node {a.id}, native node {b.id}"
 
@@ -76,7 +63,7 @@ class DiffMachine(RuleBasedStateMachine):
     @rule(data=st.data(), ns=st.sampled_from(NAMESPACES), record=st.booleans(),
           as_array=st.booleans())
     def match(self, data: st.DataObject, ns: str | None, record: bool, as_array: bool) -> None:
-        toks = data.draw(self._tokens(self.history, self.ps))
+        toks = data.draw(page_tokens(self.history, self.ps))
         arg = np.array(toks, dtype=np.int64) if as_array else toks
         a = self.py.match_prefix(arg, ns, record_stats=record)
         b = self.nat.match_prefix(arg, ns, record_stats=record)
@@ -90,7 +77,7 @@ class DiffMachine(RuleBasedStateMachine):
 
     @rule(data=st.data(), ns=st.sampled_from(NAMESPACES), lock=st.booleans())
     def insert(self, data: st.DataObject, ns: str | None, lock: bool) -> None:
-        toks = data.draw(self._tokens(self.history, self.ps))
+        toks = data.draw(page_tokens(self.history, self.ps))
         toks = toks[: len(toks) // self.ps * self.ps]
         k = len(toks) // self.ps
         pa, pb = self.py.allocator.alloc(k), self.nat.allocator.alloc(k)

@@ -31,6 +31,7 @@ from radixrt.cache.native_tiered import NativeTieredRadixCache
 from radixrt.cache.node import MatchResult, Node
 from radixrt.cache.tiered import TieredRadixCache
 from radixrt.cache.transfer import PageTransfer
+from tests.fixtures.page_tokens import page_tokens
 from tests.fixtures.radix_backends import NATIVE_SKIP, DeferredTransfer, pl
 
 pytestmark = NATIVE_SKIP
@@ -107,20 +108,6 @@ class TieredDiffMachine(RuleBasedStateMachine):
         self.locks: list[tuple[Node, Node]] = []  # (python handle, native handle), locked once
         self.inserted: list[tuple[str | None, list[int]]] = []
 
-    @st.composite
-    @staticmethod
-    def _tokens(draw: st.DrawFn, history: list[list[int]], ps: int) -> list[int]:
-        """Whole pages of one symbol each (so prefixes are shared), sometimes one token changed
-        inside a page, sometimes a partial last page."""
-        base = draw(st.sampled_from(history))
-        cut = draw(st.integers(0, len(base) // ps)) * ps
-        syms = draw(st.lists(st.integers(0, 2), max_size=4))
-        toks = base[:cut] + [t for s in syms for t in [s] * ps]
-        if toks and draw(st.booleans()):
-            toks[draw(st.integers(0, len(toks) - 1))] = 3
-        toks += [1] * draw(st.integers(0, ps))
-        return toks[: 6 * ps]
-
     def _same_match(self, a: MatchResult, b: MatchResult) -> None:
         assert (a.length, pl(a.pages), a.handle.id, a.host_length, a.ready) == (
             b.length, pl(b.pages), b.handle.id, b.host_length, b.ready), "match results differ"
@@ -130,7 +117,7 @@ class TieredDiffMachine(RuleBasedStateMachine):
     @rule(data=st.data(), ns=st.sampled_from(NAMESPACES), record=st.booleans(),
           then=st.sampled_from(["nothing", "lock", "load", "claim"]))
     def match(self, data: st.DataObject, ns: str | None, record: bool, then: str) -> None:
-        toks = data.draw(self._tokens(self.history, self.ps))
+        toks = data.draw(page_tokens(self.history, self.ps))
         a = self.py.cache.match_prefix(toks, ns, record_stats=record)
         b = self.nat.cache.match_prefix(np.array(toks, dtype=np.int32), ns, record_stats=record)
         self._same_match(a, b)
@@ -147,7 +134,7 @@ class TieredDiffMachine(RuleBasedStateMachine):
 
     @rule(data=st.data(), ns=st.sampled_from(NAMESPACES), lock=st.booleans())
     def insert(self, data: st.DataObject, ns: str | None, lock: bool) -> None:
-        toks = data.draw(self._tokens(self.history, self.ps))
+        toks = data.draw(page_tokens(self.history, self.ps))
         toks = toks[: len(toks) // self.ps * self.ps]
         k = len(toks) // self.ps
         pa, pb = self.py.alloc_evicting(k), self.nat.alloc_evicting(k)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Iterator
 
 import numpy as np
 import pytest
@@ -11,7 +10,7 @@ import pytest
 from radixrt.cache import PageAllocator, RadixCache, SequencePages
 from radixrt.cache.prefix_cache import NoPrefixCache
 from radixrt.cache.radix import Node
-from tests.fixtures.radix_backends import BACKENDS, make_cache, pl
+from tests.fixtures.radix_backends import ActiveBackend, each_backend, make_cache, pl  # noqa: F401 (fixture)
 
 
 class Req:
@@ -47,20 +46,12 @@ class Req:
         self.cache.unlock(self.handle)
 
 
-@pytest.fixture(autouse=True, params=BACKENDS)
-def _backend(request: pytest.FixtureRequest) -> Iterator[None]:
-    """Every test here runs on each radix backend (the Python reference and the native tree)."""
-    global _BACKEND
-    _BACKEND = request.param
-    yield
-    _BACKEND = "python"
-
-
-_BACKEND = "python"
+# Every test here runs on each radix backend (the Python reference and the native tree).
+pytestmark = pytest.mark.usefixtures("each_backend")
 
 
 def cache_with(num_pages: int, page_size: int) -> RadixCache:
-    return make_cache(_BACKEND, PageAllocator(num_pages), page_size)
+    return make_cache(ActiveBackend.name, PageAllocator(num_pages), page_size)
 
 
 def evict(cache: RadixCache, num_pages: int) -> int:

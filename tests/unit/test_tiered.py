@@ -3,8 +3,6 @@ flush, stats; and the page copies themselves (CPU here, CUDA under the gpu mark)
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import numpy as np
 import pytest
 import torch
@@ -15,21 +13,13 @@ from radixrt.cache.kv_pool import KVPool
 from radixrt.cache.native import make_page_allocator
 from radixrt.cache.tiered import TieredRadixCache
 from radixrt.cache.transfer import PageTransfer, page_runs
-from tests.fixtures.radix_backends import BACKENDS, make_tiered, pl
+from tests.fixtures.radix_backends import ActiveBackend, each_backend, make_tiered, pl  # noqa: F401 (fixture)
 
 PS = 2
 
 
-@pytest.fixture(autouse=True, params=BACKENDS)
-def _backend(request: pytest.FixtureRequest) -> Iterator[None]:
-    """Every test here runs on each radix backend (the Python reference and the native tree)."""
-    global _BACKEND
-    _BACKEND = request.param
-    yield
-    _BACKEND = "python"
-
-
-_BACKEND = "python"
+# Every test here runs on each radix backend (the Python reference and the native tree).
+pytestmark = pytest.mark.usefixtures("each_backend")
 
 
 def make(gpu_pages: int = 8, host_pages: int = 16, device: str = "cpu") -> TieredRadixCache:
@@ -37,7 +27,7 @@ def make(gpu_pages: int = 8, host_pages: int = 16, device: str = "cpu") -> Tiere
                   dtype=torch.float32, device=device)
     host = HostKVPool(num_pages=host_pages, num_layers=2, page_size=PS, num_kv_heads=1,
                       head_dim=4, dtype=torch.float32, pin=device != "cpu")
-    return make_tiered(_BACKEND, make_page_allocator(gpu_pages, _BACKEND), PS,
+    return make_tiered(ActiveBackend.name, make_page_allocator(gpu_pages, ActiveBackend.name), PS,
                        PageTransfer(pool, host))
 
 

@@ -391,6 +391,9 @@ def main() -> None:
                     help="engine: the same tiles with every key through the page table")
     ap.add_argument("--dense-new-min", type=int, default=1024,
                     help="engine: hybrid runs use SDPA for extends of at least this many tokens")
+    ap.add_argument("--dense-extend-min", type=int, default=0,
+                    help="engine: also run every chunk of at least this many tokens whole on SDPA "
+                         "(extend_dense.dense_extend; 0: not run)")
     args = ap.parse_args()
     if args.mode == "sweep":
         run_sweep(args)

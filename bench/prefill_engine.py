@@ -131,6 +131,17 @@ def run_engine(args: argparse.Namespace) -> dict[str, Any]:
         finally:
             extend_configs.DENSE_NEW_MIN_TOKENS = None
         write(args.out, "prefill_engine.json", res)
+    if getattr(args, "dense_extend_min", 0):  # whole long extends (prefix gathered) on SDPA
+        extend_configs.DENSE_EXTEND_MIN_TOKENS = args.dense_extend_min
+        try:
+            ttft(core, "warmup-dense", prompt(min(2 * args.chunk + 100, longest)))
+            res["runs"] += [timed("dense", n) for n in lens]
+        except Exception as exc:  # noqa: BLE001 - report, keep the other runs
+            res["dense_error"] = repr(exc)[:300]
+            print("dense engine run failed:", res["dense_error"], flush=True)
+        finally:
+            extend_configs.DENSE_EXTEND_MIN_TOKENS = None
+        write(args.out, "prefill_engine.json", res)
     if old_lens:
         new_fn = triton_backend.extend_attention
         def old_kernel(*args: Any, max_seq_len: int | None = None, k_new: Any = None,

@@ -29,6 +29,7 @@ from radixrt.attention.cascade_plan import CascadeBuffers, ItemBudget
 from radixrt.kernels.cascade_decode import CascadeMeta, PrefixTiling, cascade_decode
 from radixrt.kernels.decode_attention import choose_num_splits, decode_attention, decode_block_n
 from radixrt.kernels.extend_attention import extend_attention
+from radixrt.kernels.extend_dense import dense_extend, use_dense_extend
 from radixrt.kernels.invariant_attention import SplitBuffers, invariant_attention, invariant_chunk
 from radixrt.kernels.store_kv import store_kv
 
@@ -196,6 +197,12 @@ class TritonAttentionBackend(AttentionBackend):
                 self._part_lse,
                 min_split_len=self.min_split_len,
             )
+        if k_new is not None and v_new is not None and use_dense_extend(q, batch.extend_lens_cpu):
+            return dense_extend(
+                q, k_flat, v_flat, k_new, v_new, batch.page_table, batch.page_size, self.scale,
+                batch.extend_lens_cpu, batch.prefix_lens_cpu, batch.req_rows_cpu,
+                torch.empty_like(q),
+            )  # fmt: skip
         return extend_attention(
             q,
             k_flat,

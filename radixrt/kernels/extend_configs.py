@@ -82,6 +82,10 @@ USE_NEW_KV = True
 # never (the paged kernel does everything).
 DENSE_NEW_MIN_TOKENS: int | None = None
 
+# Batches whose every extend has at least this many tokens run whole (prefix gathered from its
+# pages, then new x new and prefix parts) on torch's SDPA (extend_dense.dense_extend); None: never.
+DENSE_EXTEND_MIN_TOKENS: int | None = None
+
 INTERPRETER_CONFIG = (16, 16, 4, 1)  # (block_m, block_n, warps, stages): small numpy tiles
 
 

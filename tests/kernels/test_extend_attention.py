@@ -217,11 +217,13 @@ def test_long_extends_take_the_long_table_entry_on_hopper(monkeypatch):
     assert default_config(64, 4, cuda, 2, 32768) == extend_configs.TABLE[(64, 4, 9)]
 
 
-def _math_sdpa(q, k, v, scale):
-    """A stand-in for the fused SDPA op on the CPU: causal attention and its natural-log LSE."""
+def _math_sdpa(q, k, v, scale, causal=True):
+    """A stand-in for the fused SDPA op on the CPU: attention (causal: square, query i sees keys
+    <= i) and its natural-log LSE."""
     scores = (q.float() @ k.float().transpose(-1, -2)) * scale
-    n = scores.shape[-1]
-    scores = scores.masked_fill(torch.ones(n, n, dtype=torch.bool).triu(1), float("-inf"))
+    if causal:
+        n = scores.shape[-1]
+        scores = scores.masked_fill(torch.ones(n, n, dtype=torch.bool).triu(1), float("-inf"))
     return torch.softmax(scores, -1) @ v.float(), torch.logsumexp(scores, -1)
 
 
@@ -242,6 +244,31 @@ def test_dense_new_path_matches_reference(paged_case, assert_close, device, monk
     extend_attention(
         case.q, case.k_flat, case.v_flat, b.qo_indptr, b.prefix_lens, b.page_table, b.req_rows,
         b.page_size, b.max_extend_len, scale, out=out, num_kv_splits=splits, dense_new=True,
+    )  # fmt: skip
+    assert_close(out, paged_attention_reference(case.q, case.k_flat, case.v_flat, b, scale))
+
+
+@pytest.mark.parametrize("prefix_chunk", [16, 64, 1 << 20])
+def test_dense_extend_matches_reference(paged_case, assert_close, device, monkeypatch, prefix_chunk):
+    """Long-extend batches entirely on the fused SDPA: the prefix gathered from its (shuffled)
+    pages in chunks of ``prefix_chunk`` keys, each chunk and the causal new x new part merged by
+    log-sum-exp; requests with and without a prefix, chunks not aligned to pages or lengths."""
+    ragged = ([0, 70, 5, 33], [9, 20, 1, 3]) if device == "cpu" else REAL_RAGGED
+    dtype, heads = (torch.float32, (8, 2, 64)) if device == "cpu" else (torch.bfloat16, (32, 8, 128))
+    if device == "cpu":
+        monkeypatch.setattr(extend_dense, "sdpa_with_lse", _math_sdpa)
+    case = paged_case(
+        prefix_lens=ragged[0], extend_lens=ragged[1], num_heads=heads[0], num_kv_heads=heads[1],
+        head_dim=heads[2], page_size=16, dtype=dtype, device=device,
+    )  # fmt: skip
+    b, scale = case.batch, heads[2] ** -0.5
+    slots = extend_dense.new_token_slots(b.qo_indptr, b.prefix_lens, b.page_table, b.req_rows,
+                                         b.page_size, b.num_tokens)
+    out = torch.full_like(case.q, float("nan"))
+    extend_dense.dense_extend(
+        case.q, case.k_flat, case.v_flat, case.k_flat[slots], case.v_flat[slots], b.page_table,
+        b.page_size, scale, b.extend_lens_cpu, b.prefix_lens_cpu, b.req_rows_cpu, out,
+        prefix_chunk=prefix_chunk,
     )  # fmt: skip
     assert_close(out, paged_attention_reference(case.q, case.k_flat, case.v_flat, b, scale))
 

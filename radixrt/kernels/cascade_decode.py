@@ -40,12 +40,8 @@ from radixrt.kernels.decode_attention import (
     split_range_from,
     tile_slots,
 )
-from radixrt.kernels.extend_attention import (
-    LOG2E,
-    dot_precision,
-    interpreting,
-    mma,
-)
+from radixrt.kernels.extend_attention import LOG2E, mma
+from radixrt.kernels.paged_inputs import dot_precision, interpreting
 
 ITEM_FIELDS = 5  # per pass-1 item: page-table row, kv start, kv end, first member, member count
 # KV tiles on CUDA, from the CUDA-graph-timed H200 sweep (bench/cascade_sweep.py, RESULTS.md

@@ -24,13 +24,8 @@ import torch
 import triton
 import triton.language as tl
 
-from radixrt.kernels.extend_attention import (
-    LOG2E,
-    _check_rows,
-    dot_precision,
-    interpreting,
-    mma,
-)
+from radixrt.kernels.extend_attention import LOG2E, mma
+from radixrt.kernels.paged_inputs import check_rows, dot_precision, interpreting
 
 
 @triton.jit
@@ -290,7 +285,7 @@ def decode_partials(
     assert part_out.is_contiguous() and part_lse.is_contiguous(), "partial buffers contiguous"
     assert part_out.numel() >= batch * num_heads * num_splits * head_dim, "part_out too small"
     assert part_lse.numel() >= batch * num_heads * num_splits, "part_lse too small"
-    _check_rows(page_table, req_rows, seq_lens)
+    check_rows(page_table, req_rows, seq_lens)
     assert kv_starts is None or kv_starts.shape == seq_lens.shape, "one KV start per request"
     block_n = block_n or decode_block_n(q.device)
     min_split_len = triton.cdiv(max(min_split_len, block_n), block_n) * block_n

@@ -22,8 +22,6 @@ fp32, base 2 (the scale folds in log2(e)). Tile shapes: ``extend_configs``.
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
@@ -37,22 +35,19 @@ from radixrt.kernels.extend_configs import (
 )
 from radixrt.kernels.extend_dense import dense_new_part, use_dense_new
 from radixrt.kernels.extend_split import merge_splits
+from radixrt.kernels.paged_inputs import check_paged_inputs, check_rows, dot_precision, interpreting
 
 LOG2E = 1.4426950408889634
-
-
-def interpreting() -> bool:
-    """True when Triton runs kernels in its CPU interpreter (TRITON_INTERPRET=1)."""
-    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
 
 
 @triton.jit
 def mma(a, b, PRECISION: tl.constexpr, INTERPRET: tl.constexpr):
     """tl.dot(a, b) in fp32 accumulation; operands are already rounded to their input dtype."""
     if INTERPRET:
-        # The CPU interpreter mis-multiplies 16-bit floats (seen with triton 3.9): widen first,
-        # which is exact since the values are already representable.
-        out = tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+        # The CPU interpreter mis-multiplies 16-bit floats (seen with triton 3.9), and its dot is
+        # numpy's BLAS, whose rounding can depend on a row's place in the tile: widen (exact)
+        # and sum the products in one fixed order, so results stay batch-invariant on the CPU.
+        out = tl.sum(a.to(tl.float32)[:, :, None] * b.to(tl.float32)[None, :, :], axis=1)
     else:
         out = tl.dot(a, b, input_precision=PRECISION)
     return out
@@ -128,7 +123,7 @@ def _attend_block(
 def mma_acc(a, b, acc, PRECISION: tl.constexpr, INTERPRET: tl.constexpr):
     """acc + a @ b in fp32; on the GPU the MMA accumulates in place (no separate add)."""
     if INTERPRET:
-        out = acc + tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+        out = acc + mma(a, b, PRECISION, INTERPRET)  # the same fixed-order CPU product
     else:
         out = tl.dot(a, b, acc, input_precision=PRECISION)
     return out
@@ -312,29 +307,6 @@ def _extend_kernel(
         )
 
 
-def _check_paged_inputs(
-    q: torch.Tensor, k_flat: torch.Tensor, v_flat: torch.Tensor, page_size: int
-) -> None:
-    assert q.dim() == 3 and k_flat.dim() == 3, "q is [T, Hq, D]; k/v are flat pool [S, Hkv, D]"
-    assert q.shape[2] == k_flat.shape[2] == v_flat.shape[2], "head_dim mismatch between q and pool"
-    assert k_flat.shape == v_flat.shape, "K and V pool tensors differ in shape"
-    assert q.shape[1] % k_flat.shape[1] == 0, "query heads must be a multiple of KV heads"
-    assert page_size >= 1 and page_size & (page_size - 1) == 0, f"page_size {page_size} not 2^k"
-    assert q.stride(2) == 1 and k_flat.stride(2) == 1 and v_flat.stride(2) == 1, (
-        "the head_dim axis must be contiguous"
-    )
-
-
-def _check_rows(page_table: torch.Tensor, req_rows: torch.Tensor, per_request: torch.Tensor) -> None:
-    assert page_table.dim() == 2 and page_table.stride(1) == 1, "page_table rows must be contiguous"
-    assert req_rows.dim() == 1 and req_rows.shape == per_request.shape, "one table row per request"
-
-
-def dot_precision(dtype: torch.dtype) -> str:
-    # fp32 inputs would otherwise go through TF32 (~3e-4 error); keep them exact.
-    return "ieee" if dtype == torch.float32 else "tf32"
-
-
 def extend_attention(
     q: torch.Tensor,  # [T, Hq, D]
     k_flat: torch.Tensor,  # [S, Hkv, D] pool layer, already holding this step's K
@@ -356,7 +328,7 @@ def extend_attention(
     v_new: torch.Tensor | None = None,  # new x new reads them densely (extend_newkv.py)
 ) -> torch.Tensor:  # [T, Hq, D]
     """Causal attention of each request's new queries over its cached prefix plus itself."""
-    _check_paged_inputs(q, k_flat, v_flat, page_size)
+    check_paged_inputs(q, k_flat, v_flat, page_size)
     num_tokens, num_heads, head_dim = q.shape
     if out is None:
         out = torch.empty_like(q)
@@ -364,7 +336,7 @@ def extend_attention(
     batch = req_rows.shape[0]
     if num_tokens == 0 or batch == 0:
         return out
-    _check_rows(page_table, req_rows, prefix_lens)
+    check_rows(page_table, req_rows, prefix_lens)
     group = num_heads // k_flat.shape[1]
     block_d = max(16, triton.next_power_of_2(head_dim))
     cfg = config or default_config(block_d, group, q.device, q.element_size(), max_extend_len)

@@ -7,14 +7,8 @@ import torch
 import triton
 import triton.language as tl
 
-from radixrt.kernels.extend_attention import (
-    LOG2E,
-    _attend_block,
-    _check_paged_inputs,
-    _check_rows,
-    dot_precision,
-    interpreting,
-)
+from radixrt.kernels.extend_attention import LOG2E, _attend_block
+from radixrt.kernels.paged_inputs import check_paged_inputs, check_rows, dot_precision, interpreting
 
 
 # One compiled variant for every page-table width (the engine's table, tests' one-off ones).
@@ -129,7 +123,7 @@ def extend_attention_baseline(
     config: tuple[int, int, int, int] | None = None,  # (BLOCK_M, BLOCK_N, warps, stages)
 ) -> torch.Tensor:  # [T, Hq, D]
     """The previous kernel (one query head per program), same contract as extend_attention."""
-    _check_paged_inputs(q, k_flat, v_flat, page_size)
+    check_paged_inputs(q, k_flat, v_flat, page_size)
     num_tokens, num_heads, head_dim = q.shape
     if out is None:
         out = torch.empty_like(q)
@@ -137,7 +131,7 @@ def extend_attention_baseline(
     batch = req_rows.shape[0]
     if num_tokens == 0 or batch == 0:
         return out
-    _check_rows(page_table, req_rows, prefix_lens)
+    check_rows(page_table, req_rows, prefix_lens)
     block_d = max(16, triton.next_power_of_2(head_dim))
     block_m, block_n, num_warps, num_stages = config or _block_sizes(block_d, q.device)
     grid = (triton.cdiv(max_extend_len, block_m), batch, num_heads)

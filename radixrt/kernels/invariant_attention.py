@@ -34,14 +34,8 @@ import torch
 import triton
 import triton.language as tl
 
-from radixrt.kernels.extend_attention import (
-    LOG2E,
-    _attend_block,
-    _check_paged_inputs,
-    _check_rows,
-    dot_precision,
-    interpreting,
-)
+from radixrt.kernels.extend_attention import LOG2E, _attend_block
+from radixrt.kernels.paged_inputs import check_paged_inputs, check_rows, dot_precision, interpreting
 
 
 @triton.jit
@@ -256,7 +250,7 @@ def invariant_attention(
 ) -> torch.Tensor:  # [T, Hq, D]
     """Causal attention of each request's new queries (1 for decode) over its whole KV. Results
     are bitwise the same for any batch, any prefix/suffix split, and with or without ``split``."""
-    _check_paged_inputs(q, k_flat, v_flat, page_size)
+    check_paged_inputs(q, k_flat, v_flat, page_size)
     num_tokens, num_heads, head_dim = q.shape
     num_kv_heads = k_flat.shape[1]
     if out is None:
@@ -265,7 +259,7 @@ def invariant_attention(
     batch = req_rows.shape[0]
     if num_tokens == 0 or batch == 0:
         return out
-    _check_rows(page_table, req_rows, prefix_lens)
+    check_rows(page_table, req_rows, prefix_lens)
     group = num_heads // num_kv_heads
     group_p = triton.next_power_of_2(group)
     block_m, block_n, num_warps, num_stages = invariant_tile(group, q.device)

@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from radixrt.kernels.extend_attention import dot_precision, interpreting
+from radixrt.kernels.paged_inputs import dot_precision, interpreting
 
 
 @dataclass(frozen=True)
@@ -95,8 +95,11 @@ def _linear_kernel(
         x = tl.load(x_ptrs, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
         w = tl.load(w_ptrs, mask=mask_k[:, None] & mask_n[None, :], other=0.0)
         if INTERPRET:
-            # The CPU interpreter mis-multiplies 16-bit floats: widen (exact) first.
-            acc += tl.dot(x.to(tl.float32), w.to(tl.float32), input_precision="ieee")
+            # The CPU interpreter's dot is numpy's BLAS, whose rounding can depend on a row's
+            # place in the tile (edge micro-kernels), so rows would change with the batch: sum
+            # the products over K explicitly, in the same order for every row (16-bit inputs
+            # widened first, exactly).
+            acc += tl.sum(x.to(tl.float32)[:, :, None] * w.to(tl.float32)[None, :, :], axis=1)
         else:
             acc = tl.dot(x, w, acc, input_precision=PRECISION)
         x_ptrs += BLOCK_K * stride_xk

@@ -154,6 +154,8 @@ class _Arrival:
 
 
 class MaskBuilder:
+    lazy = False  # its matchers call xgrammar as they advance (proc_masks: lazy ones)
+
     def __init__(self, vocab_size: int, device: torch.device | str,
                  threads: int | None = None, fused: bool | None = None) -> None:
         self.vocab_size = vocab_size
@@ -377,3 +379,4 @@ class PendingMask:
     host: torch.Tensor
     futures: list[Future[None]] = field(default_factory=list)
     matchers: Sequence[Matcher | None] = ()
+    ticket: int = 0  # the grammar process's fill (proc_masks); 0: filled in this process

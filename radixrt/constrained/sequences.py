@@ -41,6 +41,7 @@ if TYPE_CHECKING:
     from radixrt.constrained.batch import MaskBuilder, PendingMask
     from radixrt.constrained.grammar import GrammarCompiler
     from radixrt.constrained.matcher import Matcher
+    from radixrt.constrained.proc_masks import ProcessMasks
     from radixrt.engine.request import Sequence as Seq
 
 DEFAULT_COMPILE_TIMEOUT_S = 10.0
@@ -51,9 +52,22 @@ WAIT_TOKENS_ENV = "RADIXRT_GRAMMAR_WAIT_TOKENS"
 # 1: each fill thread's matchers use a private copy of the compiled grammar (a measurement
 # knob: whether threads sharing one grammar object slow each other's accepts down).
 SHARD_COPIES_ENV = "RADIXRT_GRAMMAR_SHARD_COPIES"
+# auto (default: on when the device is CUDA), 1, 0: the per-step grammar work in a process of
+# its own (proc_masks.py), off the scheduler's GIL.
+PROCESS_ENV = "RADIXRT_GRAMMAR_PROCESS"
 SYNC_COMPILE_WAIT_S = 0.05
 # Errors that are the client's grammar, not the engine's fault: the router answers 400.
 GRAMMAR_ERROR_PREFIX = "invalid grammar: "
+
+
+def use_process(device: torch.device | str) -> bool:
+    """RADIXRT_GRAMMAR_PROCESS for ``device``; ValueError on a value it does not know."""
+    raw = os.environ.get(PROCESS_ENV, "auto").strip().lower()
+    if raw in ("", "auto"):
+        return torch.device(device).type == "cuda"
+    if raw not in ("0", "1", "true", "false", "yes", "no", "on", "off"):
+        raise ValueError(f"{PROCESS_ENV} must be auto, 1 or 0, got {raw!r}")
+    return raw in ("1", "true", "yes", "on")
 
 
 @dataclass
@@ -72,14 +86,15 @@ class SequenceGrammars:
     def __init__(self, tokenizer: Any, vocab_size: int, device: torch.device | str,
                  stop_token_ids: Iterable[int], *,
                  compile_timeout_s: float = DEFAULT_COMPILE_TIMEOUT_S,
-                 fill_threads: int | None = None, fused: bool | None = None) -> None:
+                 fill_threads: int | None = None, fused: bool | None = None,
+                 process: bool | None = None) -> None:
         self.tokenizer = tokenizer
         self.vocab_size = vocab_size
         self.device = torch.device(device)
         self.stop_token_ids = sorted(set(stop_token_ids))
         self.compile_timeout_s = compile_timeout_s
         self._compiler: GrammarCompiler | None = None  # built on the first grammar
-        self._masks: MaskBuilder | None = None
+        self._masks: MaskBuilder | ProcessMasks | None = None
         self._matchers: weakref.WeakKeyDictionary[Seq, Matcher] = weakref.WeakKeyDictionary()
         self._parked: dict[str, Parked] = {}
         self._next_shard = 0
@@ -89,6 +104,8 @@ class SequenceGrammars:
         # Fill threads and path (batch.py); None: RADIXRT_GRAMMAR_THREADS / _FUSED or defaults.
         self.fill_threads: int | None = fill_threads
         self.fused: bool | None = fused
+        # The grammar process (proc_masks.py); None: RADIXRT_GRAMMAR_PROCESS (checked here).
+        self.process: bool = use_process(self.device) if process is None else process
         # Jump-forward (off by default: see ``jump_forward``); counts for benchmarks / tests.
         self.jump_forward_enabled = os.environ.get(JUMP_FORWARD_ENV, "0") == "1"
         self.wait_for_tokens = os.environ.get(WAIT_TOKENS_ENV, "1") != "0"
@@ -214,8 +231,8 @@ class SequenceGrammars:
             shard = self._next_shard
             # A copy of the grammar per fill thread (off by default; see compile_copy).
             compiled = self.compiler.compile_copy(key, shard % self.masks.threads) \
-                if self.shard_copies and self.masks.fused else self.compiler.compile(key)
-            m = Matcher(compiled, shard=shard)
+                if self.shard_copies and self.masks.fused and not self.masks.lazy else self.compiler.compile(key)
+            m = Matcher(compiled, shard=shard, lazy=self.masks.lazy)
             self._next_shard += 1  # round-robin: each fill thread gets a fair share of rows
             self._matchers[seq] = m
         out = seq.output_ids
@@ -228,13 +245,25 @@ class SequenceGrammars:
         return m
 
     @property
-    def masks(self) -> MaskBuilder:
+    def masks(self) -> MaskBuilder | ProcessMasks:
         if self._masks is None:
-            from radixrt.constrained.batch import MaskBuilder
+            if self.process and self.fused is not False:
+                from radixrt.constrained.proc_masks import ProcessMasks
 
-            self._masks = MaskBuilder(self.vocab_size, self.device, self.fill_threads,
-                                      self.fused)
+                self._masks = ProcessMasks(self.vocab_size, self.device, self.compiler.info,
+                                           self.fill_threads)
+            else:
+                from radixrt.constrained.batch import MaskBuilder
+
+                self._masks = MaskBuilder(self.vocab_size, self.device, self.fill_threads,
+                                          self.fused)
         return self._masks
+
+    def close(self) -> None:
+        """Stop the grammar process (if any) and the fill threads; safe to call twice."""
+        if self._masks is not None:
+            self._masks.close()
+            self._masks = None
 
     def _drain(self) -> None:
         if self._masks is not None:

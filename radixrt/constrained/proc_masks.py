@@ -116,9 +116,10 @@ class ProcessMasks:
         return self.live
 
     @property
-    def pid(self) -> int | None:
+    def pid(self) -> int:
         chan = self._res.chan
-        return chan.proc.pid if chan is not None else None
+        assert chan is not None, "no grammar process"
+        return chan.proc.pid
 
     def _give_up(self, why: str) -> None:
         if self.failure is None:

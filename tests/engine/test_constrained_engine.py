@@ -290,3 +290,86 @@ def test_abort_mid_decode_keeps_the_other_grammars_in_step(llama_dir, fused):
             jsonschema.validate(json.loads(eng.tokenizer.decode(ids)), SCHEMA)
     assert sum(r == "stop" for r in reasons.values()) >= 3
     core.check_invariants()
+
+
+def _process_engine(llama_dir, process: bool, **kw):
+    eng = Engine(str(llama_dir), page_size=4, **kw)
+    grammars = eng.core.scheduler.results.grammars
+    assert grammars is not None
+    grammars.process = process
+    if process:  # served by the process from the first mask (it starts in-process otherwise)
+        assert grammars.masks.wait_ready(), grammars.masks.failure
+    return eng, grammars
+
+
+@pytest.mark.parametrize("overlap,kv_tokens,jump", [(True, 4096, "0"), (False, 4096, "0"),
+                                                    (True, 96, "0"), (True, 4096, "1")])
+def test_grammar_process_gives_the_in_process_outputs(llama_dir, overlap, kv_tokens, jump,
+                                                      monkeypatch):
+    """RADIXRT_GRAMMAR_PROCESS: the process's masks are the in-process ones, so the same
+    seeds give the same tokens (n > 1, the prefix cache, streaming through core.step, the
+    tiny pool's retractions, jump-forward), every finished output valid, and the masks did
+    come from the process."""
+    monkeypatch.setenv("RADIXRT_GRAMMAR_JUMP_FORWARD", jump)
+    schema_p = SamplingParams(temperature=1.0, seed=3, max_new_tokens=80, n=2,
+                              json_schema=json.dumps(SCHEMA))
+    regex_p = SamplingParams(temperature=0.7, seed=5, max_new_tokens=30, regex=REGEX)
+    params = [schema_p, regex_p, SamplingParams(temperature=0.0, max_new_tokens=8)] * 3
+    got = {}
+    for process in (False, True):
+        eng, grammars = _process_engine(llama_dir, process, kv_cache_tokens=kv_tokens,
+                                        overlap_schedule=overlap)
+        toks, reasons, _ = _run_steps(eng, _prompts(9), params)
+        got[process] = (toks, reasons)
+        for (rid, _), ids in toks.items():
+            p = params[int(rid[1:])]
+            if reasons[(rid, _)] == "stop" and p.json_schema is not None:
+                jsonschema.validate(json.loads(eng.tokenizer.decode(ids)), SCHEMA)
+            elif reasons[(rid, _)] == "stop" and p.regex is not None:
+                assert re.fullmatch(REGEX, eng.tokenizer.decode(ids))
+        if process:
+            assert grammars.masks.failure is None and grammars.masks.stats.tasks > 0
+            if overlap:
+                assert grammars.masks.stats.arrivals > 0, "no advance relayed on arrival"
+        if kv_tokens < 1000:
+            assert eng.stats().retractions > 0
+        eng.core.check_invariants()
+        grammars.close()
+    assert got[True] == got[False]
+    assert sum(r == "stop" for r in got[True][1].values()) >= 4
+
+
+def test_killing_the_grammar_process_falls_back(llama_dir):
+    """The grammar process killed mid-generation: the next masks come from the in-process
+    path and the outputs are those of a run without the process."""
+    import os
+    import signal
+
+    p = SamplingParams(temperature=1.0, seed=7, max_new_tokens=60, n=2,
+                       json_schema=json.dumps(SCHEMA))
+    got = {}
+    for process in (False, True):
+        eng, grammars = _process_engine(llama_dir, process, kv_cache_tokens=4096,
+                                        overlap_schedule=True)
+        core = eng.core
+        for i, pr in enumerate(_prompts(6)):
+            core.add_request(f"r{i}", pr, p)
+        toks: dict[tuple[str, int], list[int]] = {}
+        reasons: dict[tuple[str, int], str | None] = {}
+        steps = 0
+        while core.has_work():
+            steps += 1
+            if process and steps == 8:
+                os.kill(grammars.masks.pid, signal.SIGKILL)
+            for d in core.step():
+                toks.setdefault((d.rid, d.index), []).extend(d.new_token_ids)
+                if d.finished:
+                    reasons[(d.rid, d.index)] = d.finish_reason
+        for key, ids in toks.items():
+            if reasons[key] == "stop":
+                jsonschema.validate(json.loads(eng.tokenizer.decode(ids)), SCHEMA)
+        if process:
+            assert grammars.masks.failure is not None, "the kill went unnoticed"
+        got[process] = (toks, reasons)
+        grammars.close()
+    assert got[True] == got[False]

@@ -17,7 +17,8 @@ Sections (``--sections``, comma-separated):
            --preset llama-tiny`` is a dry run)
 
 ``--grammar-configs`` (masks, host, gpu): grammar paths to sweep, e.g.
-``fused:1,fused:2,fused:4,fused:default,unfused:default`` (see radixrt/constrained/batch.py).
+``fused:1,fused:2,fused:4,fused:default,unfused:default,proc:default`` (see
+radixrt/constrained/batch.py; ``proc``: the grammar process, radixrt/constrained/proc_masks.py).
 
 The tokenizer (``--tokenizer``, default: the default model's) sets the vocabulary the masks
 are computed over; the ``gpu`` section pads it to the model's vocabulary. Results: JSON under
@@ -44,6 +45,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from radixrt.constrained.batch import MaskBuilder  # noqa: E402
 from radixrt.constrained.grammar import GrammarCompiler, tokenizer_info  # noqa: E402
 from radixrt.constrained.matcher import Matcher  # noqa: E402
+from radixrt.constrained.proc_masks import ProcessMasks  # noqa: E402
 from radixrt.kernels.token_bitmask import apply_token_bitmask  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -123,9 +125,12 @@ def bench_masks(tok: Any, vocab: int, batch: int, steps: int,
         return {"mean_ms": statistics.mean(xs) * 1e3, "p50_ms": xs[len(xs) // 2] * 1e3,
                 "p99_ms": xs[int(len(xs) * 0.99)] * 1e3}
 
-    for fused, threads, *_ in configs:
-        matchers = [Matcher(cg, shard=i) for i in range(batch)]
-        builder = MaskBuilder(vocab, "cpu", threads, fused)
+    for fused, threads, *_, proc in configs:
+        builder: MaskBuilder | ProcessMasks = ProcessMasks(vocab, "cpu", comp.info, threads) \
+            if proc else MaskBuilder(vocab, "cpu", threads, fused)
+        if isinstance(builder, ProcessMasks):
+            assert builder.wait_ready(), builder.failure
+        matchers = [Matcher(cg, shard=i, lazy=builder.lazy) for i in range(batch)]
         gen = torch.Generator().manual_seed(0)
         step_s, apply_s = [], []
         accepts: list[tuple[Matcher, int]] = []
@@ -151,12 +156,12 @@ def bench_masks(tok: Any, vocab: int, batch: int, steps: int,
             accepts = []
             for i, m in enumerate(matchers):
                 if m.done:  # keep the batch full: a new document starts
-                    matchers[i] = Matcher(cg, shard=i)
+                    matchers[i] = Matcher(cg, shard=i, lazy=builder.lazy)
                 else:
                     accepts.append((m, picks[i]))
         st = builder.stats
         builder.close()
-        r = out["configs"][config_label((fused, threads, None, True, False))] = {
+        r = out["configs"][config_label((fused, threads, None, True, False, proc))] = {
             "threads": builder.threads, "advance_and_fill": ms(step_s), "apply_cpu": ms(apply_s)}
         if fused:
             r["fill_thread_ms"] = {"advance": st.accept_s * 1e3 / steps,
@@ -243,6 +248,7 @@ def bench_jump(tok: Any, requests: int, max_tokens: int) -> dict[str, Any]:
             except ValueError:
                 pass
         g = core.scheduler.results.grammars
+        assert g is not None, "the default model has a tokenizer"
         out["on" if jump == "1" else "off"] = {
             "steps": steps, "wall_s": wall, "tokens": sum(len(v) for v in got.values()),
             "jumps": g.jumps, "jump_tokens": g.jump_tokens, "parsed": ok,

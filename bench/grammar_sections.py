@@ -58,6 +58,7 @@ def instrument(core: Any) -> Sections:
     """Time the host side of every step's parts (see ``host_profile``)."""
     from radixrt.constrained.advance import ArrivingAdvance
     from radixrt.constrained.batch import MaskBuilder
+    from radixrt.constrained.proc_masks import ProcessMasks
     from radixrt.engine import step_builder
     from radixrt.engine.sampler import PendingSample
 
@@ -88,6 +89,9 @@ def instrument(core: Any) -> Sections:
         s.wrap(res.grammars, "start_bitmask", "mask rows (matcher sync)")
         s.wrap(MaskBuilder, "start", "mask start")
         s.wrap(MaskBuilder, "advance_and_start", "mask start")
+        # The grammar process's client: its share is queueing ops (the process does the rest).
+        s.wrap(ProcessMasks, "start", "mask start")
+        s.wrap(ProcessMasks, "advance_and_start", "mask start")
         # Waiting for the fill thread (what of the fill did not hide) + the H2D copy.
         s.wrap(res.grammars, "finish_bitmask", "mask wait + H2D")
     return s

@@ -87,7 +87,9 @@ def run_decode(core: Any, mode: str, batch: int, steps: int, device: str,
             max(1, len(ids))
     if mode == "json_schema" and grammars is not None and grammars._masks is not None:
         st, masks = grammars._masks.stats, grammars._masks
-        out["fill_path"] = "fused" if masks.fused else "unfused"
+        out["fill_path"] = "proc" if masks.lazy else "fused" if masks.fused else "unfused"
+        if masks.lazy:
+            out["process_failure"] = masks.failure
         out["fill_threads"] = masks.threads
         if masks.fused:  # summed over the fill threads; they run beside the scheduler thread
             def per_step(f: str, scale: float = 1e3) -> float:
@@ -117,21 +119,24 @@ def run_decode(core: Any, mode: str, batch: int, steps: int, device: str,
 # (fused, fill threads (None: the default), Python's GIL switch interval in ms (None: as is),
 # whether the fused path's early advance waits for the tokens (False: "fused-ready", the
 # advance starts early only when they are on the host already), whether each fill thread's
-# matchers use their own copy of the grammar ("fused-copies", RADIXRT_GRAMMAR_SHARD_COPIES))
-Config = tuple[bool, int | None, float | None, bool, bool]
+# matchers use their own copy of the grammar ("fused-copies", RADIXRT_GRAMMAR_SHARD_COPIES),
+# whether the grammar process does the work ("proc", RADIXRT_GRAMMAR_PROCESS; threads: its
+# xgrammar fill threads))
+Config = tuple[bool, int | None, float | None, bool, bool, bool]
 DEFAULT_CONFIGS = "fused:default"
 _SWITCH_INTERVAL_S = sys.getswitchinterval()
-# path -> (fused, wait for tokens, grammar copies)
-_PATHS = {"fused": (True, True, False), "fused-ready": (True, False, False),
-          "fused-copies": (True, True, True), "unfused": (False, True, False)}
+# path -> (fused, wait for tokens, grammar copies, grammar process)
+_PATHS = {"fused": (True, True, False, False), "fused-ready": (True, False, False, False),
+          "fused-copies": (True, True, True, False), "unfused": (False, True, False, False),
+          "proc": (True, True, False, True)}
 
 
 def parse_configs(text: str) -> list[Config]:
-    """``fused:2,unfused:default,fused:4@0.5,fused-ready:default...`` -> [(True, 2, None,
-    True, False), (False, None, None, True, False), (True, 4, 0.5, True, False), ...]; ``@ms``
-    sets RADIXRT_GRAMMAR_SWITCH_INTERVAL_MS for that run (how long a fill thread may wait for
-    the GIL behind the scheduler thread's Python; CPython's default is 5, the fused path's
-    0.5; unfused runs leave Python's as it is)."""
+    """``fused:2,unfused:default,fused:4@0.5,fused-ready:default,proc:4...`` -> [(True, 2,
+    None, True, False, False), (False, None, None, True, False, False), ...]; ``@ms`` sets
+    RADIXRT_GRAMMAR_SWITCH_INTERVAL_MS for that run (how long a fill thread may wait for the
+    GIL behind the scheduler thread's Python; CPython's default is 5, the fused path's 0.5;
+    unfused and proc runs leave Python's as it is)."""
     out: list[Config] = []
     for part in text.split(","):
         spec, _, switch = part.strip().partition("@")
@@ -140,9 +145,9 @@ def parse_configs(text: str) -> list[Config]:
                 or (switch and not switch.replace(".", "", 1).isdigit()):
             raise SystemExit(f"bad grammar config {part!r}: want "
                              f"{'|'.join(_PATHS)}:N|default[@ms]")
-        fused, wait, copies = _PATHS[path]
+        fused, wait, copies, proc = _PATHS[path]
         out.append((fused, None if threads == "default" else int(threads),
-                    float(switch) if switch else None, wait, copies))
+                    float(switch) if switch else None, wait, copies, proc))
     return out
 
 
@@ -160,12 +165,15 @@ def use_config(grammars: Any, config: Config) -> None:
         grammars._masks = None
     grammars.fused, grammars.fill_threads = config[0], config[1]
     grammars.wait_for_tokens, grammars.shard_copies = config[3], config[4]
+    grammars.process = config[5]
     # "@ms" through the engine's own knob (the fused MaskBuilder sets it); none: its default.
     sys.setswitchinterval(_SWITCH_INTERVAL_S)
     if config[2] is not None:
         os.environ[SWITCH_ENV] = f"{config[2]:g}"
     else:
         os.environ.pop(SWITCH_ENV, None)
+    if config[5] and grammars.tokenizer is not None:  # up before the timed steps
+        assert grammars.masks.wait_ready(), f"grammar process: {grammars.masks.failure}"
 
 
 def _median_run(runs: list[dict[str, Any]]) -> dict[str, Any]:

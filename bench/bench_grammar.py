@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import time
@@ -45,7 +46,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from radixrt.constrained.batch import MaskBuilder  # noqa: E402
 from radixrt.constrained.grammar import GrammarCompiler, tokenizer_info  # noqa: E402
 from radixrt.constrained.matcher import Matcher  # noqa: E402
-from radixrt.constrained.proc_masks import ProcessMasks  # noqa: E402
+from radixrt.constrained.proc_masks import NICE_ENV, ProcessMasks  # noqa: E402
 from radixrt.kernels.token_bitmask import apply_token_bitmask  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -125,7 +126,12 @@ def bench_masks(tok: Any, vocab: int, batch: int, steps: int,
         return {"mean_ms": statistics.mean(xs) * 1e3, "p50_ms": xs[len(xs) // 2] * 1e3,
                 "p99_ms": xs[int(len(xs) * 0.99)] * 1e3}
 
-    for fused, threads, *_, proc in configs:
+    for c in configs:
+        fused, threads, proc = c[0], c[1], c[5]
+        if c[6] is not None:  # proc-nice10
+            os.environ[NICE_ENV] = str(c[6])
+        else:
+            os.environ.pop(NICE_ENV, None)
         builder: MaskBuilder | ProcessMasks = ProcessMasks(vocab, "cpu", comp.info, threads) \
             if proc else MaskBuilder(vocab, "cpu", threads, fused)
         if isinstance(builder, ProcessMasks):
@@ -161,7 +167,7 @@ def bench_masks(tok: Any, vocab: int, batch: int, steps: int,
                     accepts.append((m, picks[i]))
         st = builder.stats
         builder.close()
-        r = out["configs"][config_label((fused, threads, None, True, False, proc))] = {
+        r = out["configs"][config_label((fused, threads, None, True, False, proc, c[6]))] = {
             "threads": builder.threads, "advance_and_fill": ms(step_s), "apply_cpu": ms(apply_s)}
         if fused:
             r["fill_thread_ms"] = {"advance": st.accept_s * 1e3 / steps,

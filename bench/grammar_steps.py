@@ -20,6 +20,7 @@ import torch
 from grammar_sections import Sections, instrument
 
 from radixrt.constrained.batch import SWITCH_ENV
+from radixrt.constrained.proc_masks import NICE_ENV
 
 # Forces a long output (for the decode-step comparison: every sequence keeps decoding).
 LONG = {"type": "object", "properties": {"text": {"type": "string", "minLength": 2000}},
@@ -121,19 +122,22 @@ def run_decode(core: Any, mode: str, batch: int, steps: int, device: str,
 # advance starts early only when they are on the host already), whether each fill thread's
 # matchers use their own copy of the grammar ("fused-copies", RADIXRT_GRAMMAR_SHARD_COPIES),
 # whether the grammar process does the work ("proc", RADIXRT_GRAMMAR_PROCESS; threads: its
-# xgrammar fill threads))
-Config = tuple[bool, int | None, float | None, bool, bool, bool]
+# xgrammar fill threads), and its niceness (None: the default, 0; "proc-nice10": 10,
+# RADIXRT_GRAMMAR_PROCESS_NICE))
+Config = tuple[bool, int | None, float | None, bool, bool, bool, int | None]
 DEFAULT_CONFIGS = "fused:default"
 _SWITCH_INTERVAL_S = sys.getswitchinterval()
-# path -> (fused, wait for tokens, grammar copies, grammar process)
-_PATHS = {"fused": (True, True, False, False), "fused-ready": (True, False, False, False),
-          "fused-copies": (True, True, True, False), "unfused": (False, True, False, False),
-          "proc": (True, True, False, True)}
+# path -> (fused, wait for tokens, grammar copies, grammar process, its niceness)
+_PATHS: dict[str, tuple[bool, bool, bool, bool, int | None]] = {
+    "fused": (True, True, False, False, None), "fused-ready": (True, False, False, False, None),
+    "fused-copies": (True, True, True, False, None), "unfused": (False, True, False, False, None),
+    "proc": (True, True, False, True, None), "proc-nice10": (True, True, False, True, 10)}
 
 
 def parse_configs(text: str) -> list[Config]:
     """``fused:2,unfused:default,fused:4@0.5,fused-ready:default,proc:4...`` -> [(True, 2,
-    None, True, False, False), (False, None, None, True, False, False), ...]; ``@ms`` sets
+    None, True, False, False, None), (False, None, None, True, False, False, None), ...];
+    ``@ms`` sets
     RADIXRT_GRAMMAR_SWITCH_INTERVAL_MS for that run (how long a fill thread may wait for the
     GIL behind the scheduler thread's Python; CPython's default is 5, the fused path's 0.5;
     unfused and proc runs leave Python's as it is)."""
@@ -145,9 +149,9 @@ def parse_configs(text: str) -> list[Config]:
                 or (switch and not switch.replace(".", "", 1).isdigit()):
             raise SystemExit(f"bad grammar config {part!r}: want "
                              f"{'|'.join(_PATHS)}:N|default[@ms]")
-        fused, wait, copies, proc = _PATHS[path]
+        fused, wait, copies, proc, nice = _PATHS[path]
         out.append((fused, None if threads == "default" else int(threads),
-                    float(switch) if switch else None, wait, copies, proc))
+                    float(switch) if switch else None, wait, copies, proc, nice))
     return out
 
 
@@ -172,6 +176,10 @@ def use_config(grammars: Any, config: Config) -> None:
         os.environ[SWITCH_ENV] = f"{config[2]:g}"
     else:
         os.environ.pop(SWITCH_ENV, None)
+    if config[6] is not None:
+        os.environ[NICE_ENV] = str(config[6])
+    else:
+        os.environ.pop(NICE_ENV, None)
     if config[5] and grammars.tokenizer is not None:  # up before the timed steps
         assert grammars.masks.wait_ready(), f"grammar process: {grammars.masks.failure}"
 

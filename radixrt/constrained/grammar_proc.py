@@ -2,8 +2,9 @@
 step's tokens and filling the next step's token bitmask into shared memory, in a process of
 its own so its Python between xgrammar calls never waits for (or holds) the scheduler's GIL.
 
-Run by ``proc_masks.ProcessMasks`` as ``python -m radixrt.constrained.grammar_proc FD``: FD is
-its end of a socketpair. Messages are msgspec structs (msgpack), framed by a 4-byte length;
+Run by ``proc_masks.ProcessMasks`` as ``python -m radixrt.constrained.grammar_proc FD MAIN
+NICE``: FD is its end of a socketpair, MAIN 1 if the parent's main thread spawned it, NICE
+the niceness it takes (``RADIXRT_GRAMMAR_PROCESS_NICE``). Messages are msgspec structs (msgpack), framed by a 4-byte length;
 the client sends lists of ops, applied in order:
 
     Init(info, words, threads)    tokenizer info (xgrammar JSON), mask width, fill threads
@@ -232,6 +233,11 @@ class Mirrors:
 def main(argv: list[str]) -> int:
     if len(argv) > 1 and argv[1] == "1":  # spawned from the parent's main thread
         _die_with_parent()
+    if len(argv) > 2 and int(argv[2]) > 0:
+        # Before any thread starts (they inherit it). Unix-socket writes wake the reader "in
+        # sync", on the writer's CPU: at its own priority this process would preempt the
+        # scheduler thread that just sent it a step's work (1-2 ms a send on the CPU box).
+        os.nice(int(argv[2]))
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when this process ends
     sock = socket.socket(fileno=int(argv[0]))
     sock.settimeout(1.0)  # to notice a dead parent whose socket end lives on elsewhere

@@ -62,7 +62,8 @@ class Shared:
 class Channel:
     """The process, its socket, and the relay thread that sends ops to it in order."""
 
-    def __init__(self, info_json: str, words: int, threads: int) -> None:
+    def __init__(self, info_json: str, words: int, threads: int,
+                 send_timeout_s: float = 10.0, nice: int = 0) -> None:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         env = dict(os.environ, CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1")
         root = str(Path(__file__).resolve().parents[2])  # radixrt importable in the child
@@ -72,10 +73,11 @@ class Channel:
         main = threading.current_thread() is threading.main_thread()
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "radixrt.constrained.grammar_proc", str(theirs.fileno()),
-             "1" if main else "0"], pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL,
+             "1" if main else "0", str(nice)], pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL,
             env=env)
         theirs.close()
         self.sock = ours
+        ours.settimeout(send_timeout_s)  # a send to a stuck process fails instead of hanging
         self.reader = gp.FrameReader(ours)
         self.ready = False
         self.broken: str | None = None
@@ -83,6 +85,8 @@ class Channel:
         self.last: gp.Filled | None = None
         self.arrival_s = 0.0
         self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._lock = threading.Lock()  # one sender at a time, and the relay's queue count
+        self._queued = 0  # items the relay has not sent yet
         self._relay = threading.Thread(target=self._send_loop, name="radixrt-grammar-relay",
                                        daemon=True)
         self._relay.start()
@@ -90,8 +94,28 @@ class Channel:
 
     def push(self, ops: list[gp.Op], job: Callable[[], gp.Op] | None = None,
              fds: Sequence[int] = ()) -> None:
-        """Send ``ops`` (then ``job()``'s op: it may wait, on the relay thread) in order."""
+        """Send ``ops`` (then ``job()``'s op: it may wait, on the relay thread) in order. With
+        nothing queued for the relay, plain ops go out from the caller's thread: waking the
+        relay would hand it the GIL, the very contention this process is there to avoid."""
+        with self._lock:
+            if job is None and self._queued == 0:
+                self._send(ops, list(fds))
+                return
+            self._queued += 1
         self._queue.put((ops, job, list(fds)))
+
+    def _send(self, ops: list[gp.Op], fds: list[int]) -> None:
+        """One frame (under ``_lock``); a failure marks the channel broken."""
+        if not ops or self.broken is not None:
+            return
+        try:
+            data = gp.frame(gp.ENCODER.encode(ops))
+            if fds:  # the fds ride on the first byte
+                socket.send_fds(self.sock, [data[:1]], fds)
+                data = data[1:]
+            self.sock.sendall(data)  # bounded by the socket's timeout
+        except OSError as e:
+            self.broken = self.broken or f"send: {e}"
 
     def _send_loop(self) -> None:
         try:
@@ -104,8 +128,10 @@ class Channel:
         """Send everything queued as one frame (waiting for the first item); False: stop."""
         ops: list[gp.Op] = []
         fds: list[int] = []
+        taken = 0
         item = self._queue.get()
         while item is not None:
+            taken += 1
             more, job, f = item
             ops.extend(more)
             fds.extend(f)
@@ -118,15 +144,9 @@ class Channel:
                 item = self._queue.get_nowait()
             except queue.Empty:
                 break
-        if ops and self.broken is None:
-            try:
-                data = gp.frame(gp.ENCODER.encode(ops))
-                if fds:  # the fds ride on the first byte
-                    socket.send_fds(self.sock, [data[:1]], fds)
-                    data = data[1:]
-                self.sock.sendall(data)
-            except OSError as e:
-                self.broken = f"send: {e}"
+        with self._lock:
+            self._send(ops, fds)
+            self._queued -= taken
         return item is not None
 
     def _read(self, timeout: float) -> bool:

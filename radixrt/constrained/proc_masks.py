@@ -47,7 +47,21 @@ logger = logging.getLogger(__name__)
 
 # A fill takes a few ms; an answer this late means the process is stuck: serve without it.
 REPLY_TIMEOUT_S = 10.0
-START_TIMEOUT_S = 120.0  # importing xgrammar + torch in the process (seconds on a busy box)
+START_TIMEOUT_S = 120.0
+NICE_ENV = "RADIXRT_GRAMMAR_PROCESS_NICE"
+# A lower priority keeps a step's hand-off from preempting the scheduler thread (see
+# grammar_proc.main) but, on a busy host, delays the process itself: a measurement knob.
+DEFAULT_NICE = 10  # importing xgrammar + torch in the process (seconds on a busy box)
+
+
+def _env_nice() -> int:
+    """RADIXRT_GRAMMAR_PROCESS_NICE: the process's niceness, 0..19 (default 0: as ours)."""
+    raw = os.environ.get(NICE_ENV, "").strip()
+    if not raw:
+        return DEFAULT_NICE
+    if not raw.isdigit() or int(raw) > 19:
+        raise ValueError(f"{NICE_ENV} must be an integer in 0..19, got {raw!r}")
+    return int(raw)
 
 
 def default_process_threads() -> int:
@@ -79,7 +93,8 @@ class ProcessMasks:
         self.inner = MaskBuilder(vocab_size, device, self.threads, fused=False)
         self._res = Resources()
         self._finalizer = weakref.finalize(self, self._res.close)
-        self._res.chan = Channel(info.serialize_json(), self.words, self.threads)
+        self._res.chan = Channel(info.serialize_json(), self.words, self.threads,
+                                 REPLY_TIMEOUT_S, _env_nice())
         self.failure: str | None = None  # why the process was given up
         self._ring: list[Shared | None] = [None] * _RING
         self._copied: list[torch.cuda.Event | None] = [None] * _RING
@@ -173,13 +188,12 @@ class ProcessMasks:
         for m in ms:
             n = len(m.history)
             s = sent.get(m.id)
+            if s == n and m.low >= n:  # in step (the hot path)
+                continue
             if s is None:  # new to the process: made there and replayed from the start
                 gid, p = self._gid(m), 0
             else:
-                p = min(m.low, s, n)
-                if p == s == n:  # in step (the hot path)
-                    continue
-                gid = 0
+                gid, p = 0, min(m.low, s, n)
             ids.append(m.id)
             gids.append(gid)
             pos.append(p)

@@ -3,8 +3,9 @@ step's tokens and filling the next step's token bitmask into shared memory, in a
 its own so its Python between xgrammar calls never waits for (or holds) the scheduler's GIL.
 
 Run by ``proc_masks.ProcessMasks`` as ``python -m radixrt.constrained.grammar_proc FD MAIN
-NICE``: FD is its end of a socketpair, MAIN 1 if the parent's main thread spawned it, NICE
-the niceness it takes (``RADIXRT_GRAMMAR_PROCESS_NICE``). Messages are msgspec structs (msgpack), framed by a 4-byte length;
+NICE EFD``: FD is its end of a socketpair, MAIN 1 if the parent's main thread spawned it, NICE
+the niceness it takes (``RADIXRT_GRAMMAR_PROCESS_NICE``), EFD an eventfd the parent writes
+after each send (see ``main``). Messages are msgspec structs (msgpack), framed by a 4-byte length;
 the client sends lists of ops, applied in order:
 
     Init(info, words, threads)    tokenizer info (xgrammar JSON), mask width, fill threads
@@ -28,6 +29,7 @@ from __future__ import annotations
 
 import mmap
 import os
+import select
 import signal
 import socket
 import struct
@@ -118,9 +120,10 @@ class FrameReader:
         del self.buf[:4 + n]
         return out
 
-    def fill(self) -> None:
-        """One receive (blocking as the socket is set); EOFError when the peer is gone."""
-        data, anc, _, _ = self.sock.recvmsg(1 << 20, socket.CMSG_SPACE(16 * 4))
+    def fill(self, flags: int = 0) -> None:
+        """One receive (blocking as the socket is set, unless ``flags`` say otherwise);
+        EOFError when the peer is gone."""
+        data, anc, _, _ = self.sock.recvmsg(1 << 20, socket.CMSG_SPACE(16 * 4), flags)
         for level, kind, raw in anc:
             if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
                 usable = len(raw) - len(raw) % 4
@@ -231,16 +234,15 @@ class Mirrors:
 
 
 def main(argv: list[str]) -> int:
-    if len(argv) > 1 and argv[1] == "1":  # spawned from the parent's main thread
+    """argv: socket fd, "1" if spawned from the parent's main thread, niceness, eventfd."""
+    if argv[1] == "1":
         _die_with_parent()
-    if len(argv) > 2 and int(argv[2]) > 0:
-        # Before any thread starts (they inherit it). Unix-socket writes wake the reader "in
-        # sync", on the writer's CPU: at its own priority this process would preempt the
-        # scheduler thread that just sent it a step's work (1-2 ms a send on the CPU box).
+    if int(argv[2]) > 0:  # before any thread starts (they inherit it)
         os.nice(int(argv[2]))
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when this process ends
     sock = socket.socket(fileno=int(argv[0]))
-    sock.settimeout(1.0)  # to notice a dead parent whose socket end lives on elsewhere
+    sock.setblocking(True)  # reads below are MSG_DONTWAIT: this process never waits on it
+    efd = int(argv[3])
     parent = os.getppid()
     mirrors = Mirrors()
     reader = FrameReader(sock)
@@ -249,12 +251,18 @@ def main(argv: list[str]) -> int:
         raw = reader.next()
         if raw is None:
             try:
-                reader.fill()
-            except TimeoutError:
-                pass
+                reader.fill(socket.MSG_DONTWAIT)
+            except BlockingIOError:
+                # Wait on the eventfd the client writes after each send, not on the socket: a
+                # unix-socket write wakes its reader "in sync", onto the writer's CPU, where
+                # this process would preempt the scheduler thread that just sent it a step's
+                # work; an eventfd wake-up goes to an idle CPU. The timeout notices a parent
+                # that died without closing (its socket end kept alive elsewhere).
+                if select.select([efd], [], [], 1.0)[0]:
+                    os.eventfd_read(efd)
+                elif os.getppid() != parent:
+                    return 0
             except (EOFError, OSError):
-                return 0
-            if os.getppid() != parent:
                 return 0
             continue
         out: list[bytes] = []

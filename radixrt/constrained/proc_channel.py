@@ -71,10 +71,12 @@ class Channel:
             else root
         # PR_SET_PDEATHSIG follows the thread that spawned it: only from the main thread.
         main = threading.current_thread() is threading.main_thread()
+        # Written after each send: the process sleeps on it, not on the socket (grammar_proc.main).
+        self.efd = os.eventfd(0, os.EFD_CLOEXEC)
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "radixrt.constrained.grammar_proc", str(theirs.fileno()),
-             "1" if main else "0", str(nice)], pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL,
-            env=env)
+             "1" if main else "0", str(nice), str(self.efd)],
+            pass_fds=(theirs.fileno(), self.efd), stdin=subprocess.DEVNULL, env=env)
         theirs.close()
         self.sock = ours
         ours.settimeout(send_timeout_s)  # a send to a stuck process fails instead of hanging
@@ -87,6 +89,7 @@ class Channel:
         self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._lock = threading.Lock()  # one sender at a time, and the relay's queue count
         self._queued = 0  # items the relay has not sent yet
+        self._closed = False
         self._relay = threading.Thread(target=self._send_loop, name="radixrt-grammar-relay",
                                        daemon=True)
         self._relay.start()
@@ -114,6 +117,7 @@ class Channel:
                 socket.send_fds(self.sock, [data[:1]], fds)
                 data = data[1:]
             self.sock.sendall(data)  # bounded by the socket's timeout
+            os.eventfd_write(self.efd, 1)
         except OSError as e:
             self.broken = self.broken or f"send: {e}"
 
@@ -188,10 +192,19 @@ class Channel:
         return self.broken is None
 
     def close(self) -> None:
+        if self._closed:  # (an fd closed twice could be someone else's by then)
+            return
+        self._closed = True
         self._queue.put(None)
         self._relay.join(timeout=2.0)
         with contextlib.suppress(OSError):
-            self.sock.close()  # the process sees EOF and exits
+            self.sock.shutdown(socket.SHUT_RDWR)  # the process sees EOF and exits
+        with contextlib.suppress(OSError):
+            os.eventfd_write(self.efd, 1)  # (woken to see it)
+        with contextlib.suppress(OSError):
+            self.sock.close()
+        with contextlib.suppress(OSError):
+            os.close(self.efd)
         try:
             self.proc.wait(timeout=2.0)
         except subprocess.TimeoutExpired:

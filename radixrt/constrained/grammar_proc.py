@@ -8,7 +8,8 @@ the niceness it takes (``RADIXRT_GRAMMAR_PROCESS_NICE``), EFD an eventfd the par
 after each send (see ``main``). Messages are msgspec structs (msgpack), framed by a 4-byte length;
 the client sends lists of ops, applied in order:
 
-    Init(info, words, threads)    tokenizer info (xgrammar JSON), mask width, fill threads
+    Init(size, words, threads)    tokenizer info (xgrammar JSON, ``size`` bytes in a memfd
+                                  passed with the frame), mask width, fill threads
     Grammar(gid, data)            a compiled grammar (xgrammar JSON), by the client's id
     Buffer(slot, rows)            ring buffer ``slot``: a memfd of [rows, words] int32, passed
                                   with the frame (SCM_RIGHTS)
@@ -43,7 +44,7 @@ _LEN = struct.Struct("<I")
 
 
 class Init(msgspec.Struct, tag=True):
-    info: str
+    size: int  # megabytes of JSON at 128k tokens: a file, not a socket write that would block
     words: int
     threads: int
 
@@ -175,7 +176,11 @@ class Mirrors:
         elif isinstance(op, Buffer):
             self._buffer(op, fds.pop(0))
         elif isinstance(op, Init):
-            self.info = self.xgr.TokenizerInfo.deserialize_json(op.info)
+            fd = fds.pop(0)
+            with mmap.mmap(fd, op.size, prot=mmap.PROT_READ) as mm:
+                info = mm[:].decode()
+            os.close(fd)
+            self.info = self.xgr.TokenizerInfo.deserialize_json(info)
             self.words = op.words
             self.batch = self.xgr.BatchGrammarMatcher(max_threads=op.threads)
             self.cpu0 = time.process_time()
@@ -184,10 +189,10 @@ class Mirrors:
     def _buffer(self, op: Buffer, fd: int) -> None:
         import torch
 
-        nbytes = op.rows * self.words * 4
-        mm = mmap.mmap(fd, nbytes)
+        mm = mmap.mmap(fd, os.fstat(fd).st_size)
         os.close(fd)
-        self.buffers[op.slot] = torch.frombuffer(mm, dtype=torch.int32).view(op.rows, self.words)
+        self.buffers[op.slot] = torch.frombuffer(mm, dtype=torch.int32, count=op.rows * self.words
+                                                 ).view(op.rows, self.words)
 
     def _sync(self, op: Sync) -> None:
         from radixrt.constrained.batch import batch_accept

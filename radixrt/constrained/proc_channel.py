@@ -31,11 +31,13 @@ class Shared:
     def __init__(self, rows: int, words: int, cuda: bool) -> None:
         import mmap
 
-        self.rows, nbytes = rows, rows * words * 4
+        self.rows = rows
+        nbytes = -(-rows * words * 4 // mmap.PAGESIZE) * mmap.PAGESIZE  # whole pages
         self.fd = os.memfd_create("radixrt-grammar-mask", os.MFD_CLOEXEC)
         os.ftruncate(self.fd, nbytes)
         self._mm = mmap.mmap(self.fd, nbytes)
-        self.host = torch.frombuffer(self._mm, dtype=torch.int32).view(rows, words)
+        self.host = torch.frombuffer(self._mm, dtype=torch.int32, count=rows * words
+                                     ).view(rows, words)
         self.registered = False
         if cuda:  # page-locked, so the non-blocking copy is a real async DMA
             rc = torch.cuda.cudart().cudaHostRegister(self.host.data_ptr(), nbytes, 0)
@@ -63,7 +65,8 @@ class Channel:
     """The process, its socket, and the relay thread that sends ops to it in order."""
 
     def __init__(self, info_json: str, words: int, threads: int,
-                 send_timeout_s: float = 10.0, nice: int = 0) -> None:
+                 send_timeout_s: float = 10.0, nice: int = 0,
+                 start_timeout_s: float = 120.0) -> None:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         env = dict(os.environ, CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1")
         root = str(Path(__file__).resolve().parents[2])  # radixrt importable in the child
@@ -78,6 +81,7 @@ class Channel:
              "1" if main else "0", str(nice), str(self.efd)],
             pass_fds=(theirs.fileno(), self.efd), stdin=subprocess.DEVNULL, env=env)
         theirs.close()
+        self.start_deadline = time.monotonic() + start_timeout_s
         self.sock = ours
         ours.settimeout(send_timeout_s)  # a send to a stuck process fails instead of hanging
         self.reader = gp.FrameReader(ours)
@@ -93,7 +97,12 @@ class Channel:
         self._relay = threading.Thread(target=self._send_loop, name="radixrt-grammar-relay",
                                        daemon=True)
         self._relay.start()
-        self.push([gp.Init(info_json, words, threads)])
+        data = info_json.encode()
+        self._info_fd = os.memfd_create("radixrt-grammar-info", os.MFD_CLOEXEC)
+        view = memoryview(data)
+        while view:
+            view = view[os.write(self._info_fd, view):]
+        self.push([gp.Init(len(data), words, threads)], fds=[self._info_fd])
 
     def push(self, ops: list[gp.Op], job: Callable[[], gp.Op] | None = None,
              fds: Sequence[int] = ()) -> None:
@@ -176,6 +185,8 @@ class Channel:
             self._read(0.0)
             if not self.ready and self.proc.poll() is not None:
                 self.broken = f"the grammar process exited ({self.proc.returncode})"
+            elif not self.ready and time.monotonic() > self.start_deadline:
+                self.broken = "the grammar process did not start in time"
         return self.ready and self.broken is None
 
     def wait(self, ticket: int, timeout: float) -> bool:
@@ -203,8 +214,9 @@ class Channel:
             os.eventfd_write(self.efd, 1)  # (woken to see it)
         with contextlib.suppress(OSError):
             self.sock.close()
-        with contextlib.suppress(OSError):
-            os.close(self.efd)
+        for fd in (self.efd, self._info_fd):
+            with contextlib.suppress(OSError):
+                os.close(fd)
         try:
             self.proc.wait(timeout=2.0)
         except subprocess.TimeoutExpired:

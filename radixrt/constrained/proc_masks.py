@@ -94,7 +94,7 @@ class ProcessMasks:
         self._res = Resources()
         self._finalizer = weakref.finalize(self, self._res.close)
         self._res.chan = Channel(info.serialize_json(), self.words, self.threads,
-                                 REPLY_TIMEOUT_S, _env_nice())
+                                 REPLY_TIMEOUT_S, _env_nice(), START_TIMEOUT_S)
         self.failure: str | None = None  # why the process was given up
         self._ring: list[Shared | None] = [None] * _RING
         self._copied: list[torch.cuda.Event | None] = [None] * _RING

@@ -147,6 +147,35 @@ def test_starts_in_process_then_serves_and_survives_a_kill(compiler: GrammarComp
     pm.close()
 
 
+def test_a_stuck_process_is_given_up_after_the_reply_timeout(
+        compiler: GrammarCompiler, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A process that stops answering (SIGSTOP) costs one reply timeout, then the mask is
+    filled here, equal to the in-process one, and the process is gone."""
+    import signal
+
+    from radixrt.constrained import proc_masks
+
+    monkeypatch.setattr(proc_masks, "REPLY_TIMEOUT_S", 0.5)
+    cg = compiler.compile(GRAMMARS[0])
+    pm = ProcessMasks(TINY_VOCAB, "cpu", compiler.info, threads=1)
+    assert pm.wait_ready(), pm.failure
+    lazy, eager = [Matcher(cg, lazy=True) for _ in range(5)], [Matcher(cg) for _ in range(5)]
+    first = pm.fill(lazy)
+    assert first is not None and torch.equal(first, _reference(list(eager)))
+    for a, b in zip(lazy, eager):
+        t = _allowed(_reference([b])[0])[0]
+        assert b.advance(t)
+        a._record(t, True)
+    pid = pm.pid
+    os.kill(pid, signal.SIGSTOP)
+    got = pm.fill(lazy)
+    assert got is not None and torch.equal(got, _reference(list(eager)))
+    assert pm.failure is not None and "no answer" in pm.failure
+    with pytest.raises(ProcessLookupError):
+        os.kill(pid, 0)
+    pm.close()
+
+
 def test_close_leaves_no_process_or_shared_memory(compiler: GrammarCompiler) -> None:
     def memfds() -> int:
         n = 0

@@ -34,14 +34,19 @@ def advancing_rows(grammars: SequenceGrammars, seqs: Sequence[Seq], mask_rows: S
     check: list[tuple[int, Matcher]] = []
     drawn_rows = drawn.matchers if drawn is not None else None
     for j, seq in enumerate(seqs):
-        if seq.params.constraint is None:
-            continue
-        # The matcher that filled this row (no lookup); re-synced only if its count moved.
+        # The matcher that filled this row (no lookup, and it says the row is constrained
+        # without ``params.constraint``, a property that walks the fields); re-synced only if
+        # its count moved.
         m = drawn_rows[mask_rows[j]] if drawn_rows is not None else None
-        if m is None or m.num_accepted != len(seq.output_ids):
-            m = grammars.matcher(seq)
         if m is None:
-            continue
+            if seq.params.constraint is None:
+                continue
+            m = grammars.matcher(seq)
+            if m is None:
+                continue
+        elif m.num_accepted != len(seq.output_ids):
+            m = grammars.matcher(seq)
+            assert m is not None, "a row drawn under a grammar keeps its matcher"
         if m.done:  # nothing may follow (its mask row allowed everything)
             m.failed, oks[j] = True, False
             grammars.rejected_tokens += 1

@@ -223,19 +223,25 @@ class ProcessMasks:
                           queued: bool = False) -> PendingMask | None:
         """Count ``accepts`` (the tokens were drawn under the mask) and start the mask of
         ``matchers``; the process catches up on the accepts first. None: no row to fill."""
-        for m, t in accepts:
-            m._record(t, True)
-        idx = [i for i, m in enumerate(matchers) if m is not None and not m.done]
+        for a, t in accepts:
+            a._record(t, True)
+        idx: list[int] = []
+        rows: list[Matcher] = []
+        free: list[int] = []
+        for i, m in enumerate(matchers):  # one pass: this runs on the scheduler thread
+            if m is None or m.done:
+                free.append(i)
+            else:
+                idx.append(i)
+                rows.append(m)
         if not idx:
             return None
         if not self.live:
-            flush([m for m in matchers if m is not None])  # one batch accept for the lot
+            flush(rows)  # one batch accept for the lot
             return self.inner.start(matchers)
         k, host = self._slot(len(matchers))
-        free = [i for i, m in enumerate(matchers) if m is None or m.done]
         if free:
             host[torch.tensor(free)] = -1
-        rows: list[Matcher] = [matchers[i] for i in idx]  # type: ignore[misc]
         self._sync(rows)
         self._ticket += 1
         self._slot_ticket[k] = self._ticket
@@ -252,10 +258,14 @@ class ProcessMasks:
             return  # in-process: the counted tokens catch up at the next fill
         ms = [m for m, _ in pairs]
         self._sync(ms)  # in step before the token
-        pos = [len(m.history) for m in ms]
+        pos: list[int] = []
+        ids: list[int] = []
+        sent = self._sent
         for m in ms:  # where each will stand once the caller has counted the token
-            self._sent[m.id] = m.low = len(m.history) + 1
-        ids = [m.id for m in ms]
+            n = len(m.history)
+            pos.append(n)
+            ids.append(m.id)
+            sent[m.id] = m.low = n + 1
         rows = np.fromiter((r for _, r in pairs), np.int64, len(pairs))
         chan = self._res.chan
         assert chan is not None

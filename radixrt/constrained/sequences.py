@@ -378,8 +378,10 @@ class SequenceGrammars:
         advancing = self._advancing
         for seq, ok in zip(seqs, live):
             m = None
-            if ok and seq.params.constraint is not None:
-                m = advancing.get(id(seq)) or self.matcher(seq)
+            if ok:  # (advancing holds constrained rows only: most skip params.constraint)
+                m = advancing.get(id(seq))
+                if m is None and seq.params.constraint is not None:
+                    m = self.matcher(seq)
             rows.append(m)
         return self.masks.advance_and_start((), rows, queued=True)
 

@@ -373,3 +373,25 @@ def test_killing_the_grammar_process_falls_back(llama_dir):
         got[process] = (toks, reasons)
         grammars.close()
     assert got[True] == got[False]
+
+
+def test_grammar_process_ends_with_its_engine(llama_dir):
+    """An engine dropped without a close still takes its grammar process with it."""
+    import gc
+    import os
+    import time
+
+    eng, grammars = _process_engine(llama_dir, True, kv_cache_tokens=4096)
+    out = eng.generate(_prompts(2), SamplingParams(temperature=0, max_new_tokens=12,
+                                                   regex=REGEX))
+    assert all(c.finish_reason in ("stop", "length") for o in out for c in o.outputs)
+    pid = grammars.masks.pid
+    del eng, grammars, out
+    gc.collect()
+    for _ in range(100):
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.05)
+    pytest.fail(f"grammar process {pid} outlived its engine")

@@ -95,3 +95,26 @@ class ArrivingAdvance:
                              self.drawn):
             m._record(t, True)
         return self.oks
+
+
+def start_ahead(grammars: SequenceGrammars, seqs: Sequence[Seq]) -> tuple[bool, PendingMask | None]:
+    """The grammar process's path: the mask of a step just launched (``seqs``, its draw
+    order), started before the step ahead of it is read, while its advance is in flight (the
+    process fills from its copies once they have their tokens); (False, None) where not
+    possible (then the mask starts once the tokens are counted, ``start_queued``)."""
+    masks = grammars._masks
+    advancing = grammars._advancing
+    if masks is None or not masks.lazy or not advancing:
+        return False, None
+    from radixrt.constrained.proc_masks import ProcessMasks
+
+    assert isinstance(masks, ProcessMasks), "lazy matchers are the grammar process's"
+    rows: list[Matcher | None] = []
+    ahead: list[bool] = []
+    for seq in seqs:
+        m = advancing.get(id(seq))
+        ahead.append(m is not None)
+        if m is None and seq.params.constraint is not None:
+            m = grammars.matcher(seq)
+        rows.append(m)
+    return masks.start_ahead(rows, ahead)

@@ -17,7 +17,9 @@ the client sends lists of ops, applied in order:
                                   rolled back to pos[i] tokens, then accepting its counts[i]
                                   tokens of the flat ``tokens``
     Free(ids, gids)               matchers gone, and grammars none of them use
-    Fill(ticket, slot, ids, rows) fill row rows[i] of ``slot`` from matcher ids[i]
+    Fill(ticket, slot, ids, rows) fill row rows[i] of ``slot`` from matcher ids[i] (all ones
+                                  for one whose last token was a stop token: a fill sent
+                                  before the client counted the step, ``start_ahead``)
 
 and it answers each Fill with Filled(ticket, ...) (``error`` set if anything failed since the
 last answer: the client stops using the process then). The mirrors are never the truth: the
@@ -154,6 +156,9 @@ class Mirrors:
         self.grammars: dict[int, Any] = {}
         self.matchers: dict[int, Any] = {}
         self.lens: dict[int, int] = {}
+        self.stops: dict[int, frozenset[int]] = {}  # per grammar, its stop tokens
+        self.stops_of: dict[int, frozenset[int]] = {}  # per matcher
+        self.stopped: set[int] = set()  # matchers whose last token was a stop token
         self.buffers: dict[int, Any] = {}
         self.batch: Any = None
         self.accept_s = self.fill_s = 0.0
@@ -169,10 +174,16 @@ class Mirrors:
             for i in op.ids:
                 self.matchers.pop(i, None)
                 self.lens.pop(i, None)
+                self.stops_of.pop(i, None)
+                self.stopped.discard(i)
             for g in op.gids:
                 self.grammars.pop(g, None)
+                self.stops.pop(g, None)
         elif isinstance(op, Grammar):
-            self.grammars[op.gid] = self.xgr.CompiledGrammar.deserialize_json(op.data, self.info)
+            cg = self.grammars[op.gid] = self.xgr.CompiledGrammar.deserialize_json(op.data,
+                                                                                self.info)
+            self.stops[op.gid] = frozenset(int(t) for t in
+                                           self.xgr.GrammarMatcher(cg).stop_token_ids)
         elif isinstance(op, Buffer):
             self._buffer(op, fds.pop(0))
         elif isinstance(op, Init):
@@ -206,10 +217,12 @@ class Mirrors:
                 assert pos == 0, f"matcher {i} is new but synced from position {pos}"
                 m = self.matchers[i] = self.xgr.GrammarMatcher(self.grammars[gid])
                 self.lens[i] = 0
+                self.stops_of[i] = self.stops[gid]
             have = self.lens[i]
             assert have >= pos, f"matcher {i} has {have} tokens, asked to stand at {pos}"
             if have > pos:
                 m.rollback(have - pos)
+                self.stopped.discard(i)  # a stop token is always the last one accepted
             self.lens[i] = pos
             if n:
                 todo.append((i, at, at + n))
@@ -217,9 +230,11 @@ class Mirrors:
         while todo:  # one batch accept per position (usually one)
             res = batch_accept([self.matchers[i] for i, _, _ in todo],
                                [op.tokens[k] for _, k, _ in todo])
-            for j, (i, _, _) in enumerate(todo):
+            for j, (i, k, _) in enumerate(todo):
                 if res is None or res[j]:
                     self.lens[i] += 1
+                    if op.tokens[k] in self.stops_of[i]:
+                        self.stopped.add(i)
             todo = [(i, k + 1, e) for j, (i, k, e) in enumerate(todo)
                     if (res is None or res[j]) and k + 1 < e]
         self.accept_s += time.perf_counter() - t0
@@ -228,8 +243,15 @@ class Mirrors:
         t0 = time.perf_counter()
         if op.ids and not self.error:
             try:
+                buf, ids, rows = self.buffers[op.slot], op.ids, op.rows
+                if self.stopped:  # a fill ahead of the client's count: ended rows allow all
+                    ended = [r for i, r in zip(ids, rows) if i in self.stopped]
+                    if ended:
+                        buf[ended] = -1
+                        keep = [j for j, i in enumerate(ids) if i not in self.stopped]
+                        ids, rows = [ids[j] for j in keep], [rows[j] for j in keep]
                 self.batch.batch_fill_next_token_bitmask(
-                    [self.matchers[i] for i in op.ids], self.buffers[op.slot], op.rows)
+                    [self.matchers[i] for i in ids], buf, rows)
             except Exception as e:  # noqa: BLE001 - reported to the client, which falls back
                 self.error = f"fill: {type(e).__name__}: {e}"
         self.fill_s += time.perf_counter() - t0

@@ -110,6 +110,7 @@ class ProcessMasks:
         self._ops: list[gp.Op] = []
         self._fds: list[int] = []
         self._fills = self._arrivals = 0
+        self.ahead_fills = 0  # masks started before the tokens ahead were counted
         self._next_gid = 0
 
     @property
@@ -248,6 +249,43 @@ class ProcessMasks:
         self._ops.append(gp.Fill(self._ticket, k, [m.id for m in rows], idx))
         self._push()
         return PendingMask(k, host, [], matchers, ticket=self._ticket)
+
+    def start_ahead(self, matchers: Sequence[Matcher | None],
+                    ahead: Sequence[bool]) -> tuple[bool, PendingMask | None]:
+        """The next mask, started before this step's tokens are counted: ``ahead[i]``:
+        matchers[i]'s token is on its way to the process (``advance_on_arrival``), which
+        fills from its copy once it has it (a row it ended allows everything: that row's
+        next token is dropped). (False, None) if that cannot be done here (not live, or a
+        token was not relayed): the caller starts the mask after counting, as usual."""
+        if not self.live:
+            return False, None
+        sent = self._sent
+        idx: list[int] = []
+        rows: list[Matcher] = []
+        cold: list[Matcher] = []
+        free: list[int] = []
+        for i, (m, a) in enumerate(zip(matchers, ahead)):
+            if m is None or m.done:
+                free.append(i)
+                continue
+            if a and sent.get(m.id) != len(m.history) + 1:
+                return False, None
+            idx.append(i)
+            rows.append(m)
+            if not a:
+                cold.append(m)
+        if not idx:
+            return True, None
+        k, host = self._slot(len(matchers))
+        if free:
+            host[torch.tensor(free)] = -1
+        self._sync(cold)
+        self.ahead_fills += 1
+        self._ticket += 1
+        self._slot_ticket[k] = self._ticket
+        self._ops.append(gp.Fill(self._ticket, k, [m.id for m in rows], idx))
+        self._push()
+        return True, PendingMask(k, host, [], matchers, ticket=self._ticket)
 
     def advance_on_arrival(self, pairs: Sequence[tuple[Matcher, int]],
                            host_tokens: Callable[[], np.ndarray]) -> None:

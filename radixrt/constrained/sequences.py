@@ -106,6 +106,9 @@ class SequenceGrammars:
         self.fused: bool | None = fused
         # The grammar process (proc_masks.py); None: RADIXRT_GRAMMAR_PROCESS (checked here).
         self.process: bool = use_process(self.device) if process is None else process
+        # Process path: a step's masks start at its launch, behind the advance in flight
+        # (advance.start_ahead); 0: once the tokens ahead of it are counted.
+        self.fill_ahead = os.environ.get("RADIXRT_GRAMMAR_FILL_AHEAD", "1") != "0"
         # Jump-forward (off by default: see ``jump_forward``); counts for benchmarks / tests.
         self.jump_forward_enabled = os.environ.get(JUMP_FORWARD_ENV, "0") == "1"
         self.wait_for_tokens = os.environ.get(WAIT_TOKENS_ENV, "1") != "0"

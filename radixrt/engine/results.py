@@ -73,6 +73,7 @@ class StepResults:
         self.max_context_len = max_context_len
         self.generated_tokens = 0
         self._next_draw: InFlight | None = None  # the newest launched step with a deferred draw
+        self._early: InFlight | None = None  # the step whose grammar advance is in flight
 
     def launch(self, work: Work, batch: StepBatch, logits: torch.Tensor) -> InFlight:
         """``logits``: [rows, vocab] float32 of the step just queued."""
@@ -113,6 +114,13 @@ class StepResults:
             flight = InFlight(to_sample, None, deferred=(picked, sampler_rows), constrained=True,
                               done=done)
             self._next_draw = flight
+            if self._early is not None and self.grammars.fill_ahead:
+                # Grammar process: this step's masks start now, behind the advance in flight.
+                from radixrt.constrained.advance import start_ahead
+
+                started, mask = start_ahead(self.grammars, to_sample)
+                if started:
+                    flight.mask, flight.mask_started = mask, True
             return flight
         return InFlight(to_sample, self.sampler.draw(picked, sampler_rows), done=done)
 
@@ -178,8 +186,11 @@ class StepResults:
         flight.early = (rows, g.advance_on_arrival([flight.sampled[i] for i in rows], rows,
                                                    flight.drawn_mask, flight.pending.host_tokens))
         flight.drawn_mask = None
+        self._early = flight
 
     def complete(self, flight: InFlight) -> list[SequenceDelta]:
+        if self._early is flight:
+            self._early = None
         deltas: list[SequenceDelta] = list(flight.done)
         self.draw(flight)
         if flight.pending is None:

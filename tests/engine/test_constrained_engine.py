@@ -331,6 +331,7 @@ def test_grammar_process_gives_the_in_process_outputs(llama_dir, overlap, kv_tok
             assert grammars.masks.failure is None and grammars.masks.stats.tasks > 0
             if overlap:
                 assert grammars.masks.stats.arrivals > 0, "no advance relayed on arrival"
+                assert grammars.masks.ahead_fills > 0, "no mask started ahead of the count"
         if kv_tokens < 1000:
             assert eng.stats().retractions > 0
         eng.core.check_invariants()

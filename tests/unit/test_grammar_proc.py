@@ -236,3 +236,42 @@ def test_env_selects_the_process(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv(PROCESS_ENV, "sometimes")
     with pytest.raises(ValueError, match=PROCESS_ENV):
         use_process("cpu")
+
+
+def test_masks_started_ahead_of_the_count(compiler: GrammarCompiler, masks: Any) -> None:
+    """``start_ahead``: the next mask is started while the step's tokens are still on their
+    way (relayed on arrival, not counted yet); the process fills from its copies once they
+    have them, a row whose token was a stop token allowing everything."""
+    from tests.fixtures.tiny_models import EOS_ID
+
+    cg = compiler.compile(GRAMMARS[1])
+    lazy = [Matcher(cg, lazy=True) for _ in range(8)]
+    eager = [Matcher(cg) for _ in range(8)]
+    ref = _reference(list(eager))
+    got = masks.fill(lazy)
+    assert got is not None and torch.equal(got, ref)
+    aheads = masks.ahead_fills
+    for step in range(12):
+        tokens, pairs = [0] * 8, []
+        for i, b in enumerate(eager):
+            if b.done:
+                continue
+            allowed = _allowed(ref[i])
+            tokens[i] = EOS_ID if EOS_ID in allowed and i % 2 else allowed[(i + step) % len(allowed)]
+            assert b.advance(tokens[i])
+            pairs.append((lazy[i], i))
+        if not pairs:
+            break
+        drawn = np.array(tokens)
+        masks.advance_on_arrival(pairs, lambda drawn=drawn: drawn)
+        live = {i for _, i in pairs}
+        started, pending = masks.start_ahead([lazy[i] if i in live else None for i in range(8)],
+                                             [i in live for i in range(8)])
+        assert started
+        got = masks.finish(pending)
+        for _, i in pairs:  # the caller counts them now (ArrivingAdvance.settle)
+            lazy[i]._record(tokens[i], True)
+        ref = _reference([b if i in live else None for i, b in enumerate(eager)])
+        assert got is None or torch.equal(got, ref), f"step {step}"
+    assert masks.ahead_fills > aheads and masks.failure is None
+    assert any(b.terminated for b in eager), "no row ended on a stop token"

@@ -167,7 +167,7 @@ def bench_masks(tok: Any, vocab: int, batch: int, steps: int,
                     accepts.append((m, picks[i]))
         st = builder.stats
         builder.close()
-        r = out["configs"][config_label((fused, threads, None, True, False, proc, c[6]))] = {
+        r = out["configs"][config_label((fused, threads, None, True, False, proc, c[6], c[7]))] = {
             "threads": builder.threads, "advance_and_fill": ms(step_s), "apply_cpu": ms(apply_s)}
         if fused:
             r["fill_thread_ms"] = {"advance": st.accept_s * 1e3 / steps,

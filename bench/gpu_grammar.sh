@@ -14,7 +14,8 @@
 # them; "fused-copies" gives each fill thread's matchers a private copy of the grammar
 # (RADIXRT_GRAMMAR_SHARD_COPIES=1); "proc" moves the advance + fill into the grammar process
 # (RADIXRT_GRAMMAR_PROCESS=1, radixrt/constrained/proc_masks.py; proc:N = N xgrammar fill threads
-# there; "proc-nice10" runs it at nice 10, RADIXRT_GRAMMAR_PROCESS_NICE). The unconstrained
+# there; "proc-nice10" runs it at nice 10, RADIXRT_GRAMMAR_PROCESS_NICE; "proc-late" starts a step's
+# masks only once the tokens ahead are counted, RADIXRT_GRAMMAR_FILL_AHEAD=0). The unconstrained
 # baseline runs first and last; ratios use the faster of the two.
 # Results under $OUT (grammar.json, bench_grammar.log; probe_accept.log: bench/probe_accept_threads.py,
 # PROBE=0 skips it; kernel_tests.log, KERNEL_TESTS=0 skips them). Order: bench, probe, tests. Short run: KERNEL_TESTS=0 SECTIONS=gpu

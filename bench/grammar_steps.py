@@ -122,21 +122,27 @@ def run_decode(core: Any, mode: str, batch: int, steps: int, device: str,
 # advance starts early only when they are on the host already), whether each fill thread's
 # matchers use their own copy of the grammar ("fused-copies", RADIXRT_GRAMMAR_SHARD_COPIES),
 # whether the grammar process does the work ("proc", RADIXRT_GRAMMAR_PROCESS; threads: its
-# xgrammar fill threads), and its niceness (None: the default, 0; "proc-nice10": 10,
-# RADIXRT_GRAMMAR_PROCESS_NICE))
-Config = tuple[bool, int | None, float | None, bool, bool, bool, int | None]
+# xgrammar fill threads), its niceness (None: the default, 0; "proc-nice10": 10,
+# RADIXRT_GRAMMAR_PROCESS_NICE), and whether a step's masks start at its launch ("proc-late":
+# only once the tokens ahead are counted, RADIXRT_GRAMMAR_FILL_AHEAD=0))
+Config = tuple[bool, int | None, float | None, bool, bool, bool, int | None, bool]
 DEFAULT_CONFIGS = "fused:default"
 _SWITCH_INTERVAL_S = sys.getswitchinterval()
-# path -> (fused, wait for tokens, grammar copies, grammar process, its niceness)
-_PATHS: dict[str, tuple[bool, bool, bool, bool, int | None]] = {
-    "fused": (True, True, False, False, None), "fused-ready": (True, False, False, False, None),
-    "fused-copies": (True, True, True, False, None), "unfused": (False, True, False, False, None),
-    "proc": (True, True, False, True, None), "proc-nice10": (True, True, False, True, 10)}
+# path -> (fused, wait for tokens, grammar copies, grammar process, its niceness, fill ahead)
+_PATHS: dict[str, tuple[bool, bool, bool, bool, int | None, bool]] = {
+    "fused": (True, True, False, False, None, True),
+    "fused-ready": (True, False, False, False, None, True),
+    "fused-copies": (True, True, True, False, None, True),
+    "unfused": (False, True, False, False, None, True),
+    "proc": (True, True, False, True, None, True),
+    "proc-nice10": (True, True, False, True, 10, True),
+    "proc-late": (True, True, False, True, None, False)}
 
 
 def parse_configs(text: str) -> list[Config]:
     """``fused:2,unfused:default,fused:4@0.5,fused-ready:default,proc:4...`` -> [(True, 2,
-    None, True, False, False, None), (False, None, None, True, False, False, None), ...];
+    None, True, False, False, None, True), (False, None, None, True, False, False, None,
+    True), ...];
     ``@ms`` sets
     RADIXRT_GRAMMAR_SWITCH_INTERVAL_MS for that run (how long a fill thread may wait for the
     GIL behind the scheduler thread's Python; CPython's default is 5, the fused path's 0.5;
@@ -149,9 +155,9 @@ def parse_configs(text: str) -> list[Config]:
                 or (switch and not switch.replace(".", "", 1).isdigit()):
             raise SystemExit(f"bad grammar config {part!r}: want "
                              f"{'|'.join(_PATHS)}:N|default[@ms]")
-        fused, wait, copies, proc, nice = _PATHS[path]
+        fused, wait, copies, proc, nice, ahead = _PATHS[path]
         out.append((fused, None if threads == "default" else int(threads),
-                    float(switch) if switch else None, wait, copies, proc, nice))
+                    float(switch) if switch else None, wait, copies, proc, nice, ahead))
     return out
 
 
@@ -169,7 +175,7 @@ def use_config(grammars: Any, config: Config) -> None:
         grammars._masks = None
     grammars.fused, grammars.fill_threads = config[0], config[1]
     grammars.wait_for_tokens, grammars.shard_copies = config[3], config[4]
-    grammars.process = config[5]
+    grammars.process, grammars.fill_ahead = config[5], config[7]
     # "@ms" through the engine's own knob (the fused MaskBuilder sets it); none: its default.
     sys.setswitchinterval(_SWITCH_INTERVAL_S)
     if config[2] is not None:

@@ -47,11 +47,12 @@ logger = logging.getLogger(__name__)
 
 # A fill takes a few ms; an answer this late means the process is stuck: serve without it.
 REPLY_TIMEOUT_S = 10.0
-START_TIMEOUT_S = 120.0
+START_TIMEOUT_S = 120.0  # importing xgrammar + torch in the process (seconds on a busy box)
 NICE_ENV = "RADIXRT_GRAMMAR_PROCESS_NICE"
-# A lower priority keeps a step's hand-off from preempting the scheduler thread (see
-# grammar_proc.main) but, on a busy host, delays the process itself: a measurement knob.
-DEFAULT_NICE = 10  # importing xgrammar + torch in the process (seconds on a busy box)
+# A lower priority keeps a step's hand-off from preempting the scheduler thread (the eventfd
+# wake-up, grammar_proc.main, already does) but, on a busy host, delays the process itself:
+# a measurement knob, off by default.
+DEFAULT_NICE = 0
 
 
 def _env_nice() -> int:

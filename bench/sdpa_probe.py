@@ -63,6 +63,7 @@ def _ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor |
 def _math_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
                causal: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """The CPU stand-in for the fused ops (a logic check of the probe, not a rate)."""
+    k, v = k.repeat_interleave(q.shape[1] // k.shape[1], 1), v.repeat_interleave(q.shape[1] // k.shape[1], 1)
     s = (q.float() @ k.float().transpose(-1, -2)) * scale
     if causal:
         s = s.masked_fill(torch.ones(s.shape[-2:], dtype=torch.bool).triu(1), float("-inf"))

@@ -15,7 +15,7 @@ prefix is gathered from its pages into dense K/V too, so the whole extend runs o
     part:    [      1         |       2        | ... |     0      ]   (part 0 causal, others full)
 
 each part returns its output and log-sum-exp, and ``merge_splits`` weighs them. The prefix is
-cut into chunks of ``DENSE_PREFIX_CHUNK`` keys so the gathered (head-expanded) copy stays bounded.
+cut into chunks of ``DENSE_PREFIX_CHUNK`` keys so the gathered copy stays bounded.
 """
 
 from __future__ import annotations
@@ -28,8 +28,8 @@ from radixrt.kernels.extend_split import merge_splits
 
 LOG2E = 1.4426950408889634
 _WORKS: dict[str, bool] = {}  # which fused SDPA op with log-sum-exp runs here, probed on use
-# Keys per gathered prefix chunk: 32k keys x 32 heads x 128 x 2 bytes = 256 MiB per K or V copy.
-DENSE_PREFIX_CHUNK = 32768
+# Keys per gathered prefix chunk: 128k keys x 8 KV heads x 128 x 2 bytes = 256 MiB per K or V copy.
+DENSE_PREFIX_CHUNK = 131072
 
 
 def use_dense_new(q: torch.Tensor, max_extend_len: int) -> bool:
@@ -115,9 +115,10 @@ def prefix_slots(page_table: torch.Tensor, row: int, prefix_len: int,
     return (pages[:, None] * page_size + offs).flatten()[:prefix_len]
 
 
-def _as_heads(x: torch.Tensor, group: int) -> torch.Tensor:
-    """[L, Hkv, D] -> [1, Hq, L, D] (each KV head repeated for its query heads: no GQA in the op)."""
-    return x.repeat_interleave(group, dim=1).transpose(0, 1).unsqueeze(0)
+def _as_heads(x: torch.Tensor) -> torch.Tensor:
+    """[L, Hkv, D] -> a [1, Hkv, L, D] view: both fused ops take GQA (fewer K/V heads) as is
+    (bench/sdpa_probe.py on an H200: errors at bf16 rounding), so no head-expanded copy."""
+    return x.transpose(0, 1).unsqueeze(0)
 
 
 def dense_extend(
@@ -130,13 +131,12 @@ def dense_extend(
     the step's own K/V) over its cached prefix (in the pool's pages) plus themselves, into out
     [T, Hq, D], entirely on torch's fused SDPA. Host lengths only: no device sync."""
     num_heads, head_dim = q.shape[1], q.shape[2]
-    group = num_heads // k_flat.shape[1]
     assert prefix_chunk >= 1, f"bad prefix chunk {prefix_chunk}"
     start = 0
     for extend, prefix, row in zip(extend_lens, prefix_lens, req_rows):
         end = start + extend
         qb = q[start:end].transpose(0, 1).unsqueeze(0)  # [1, Hq, E, D]
-        kb, vb = _as_heads(k_new[start:end], group), _as_heads(v_new[start:end], group)
+        kb, vb = _as_heads(k_new[start:end]), _as_heads(v_new[start:end])
         if prefix == 0:
             o, _ = sdpa_with_lse(qb, kb, vb, scale)
             out[start:end] = o[0].transpose(0, 1)
@@ -152,7 +152,7 @@ def dense_extend(
         slots = prefix_slots(page_table, row, prefix, page_size)
         for c in range(chunks):
             sl = slots[c * prefix_chunk:(c + 1) * prefix_chunk]
-            kp, vp = _as_heads(k_flat[sl], group), _as_heads(v_flat[sl], group)
+            kp, vp = _as_heads(k_flat[sl]), _as_heads(v_flat[sl])
             o, lse = sdpa_with_lse(qb, kp, vp, scale, causal=False)
             part_o[c + 1], part_lse[c + 1] = o[0].transpose(0, 1), lse[0].transpose(0, 1) * LOG2E
             del kp, vp

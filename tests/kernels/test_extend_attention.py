@@ -220,6 +220,8 @@ def test_long_extends_take_the_long_table_entry_on_hopper(monkeypatch):
 def _math_sdpa(q, k, v, scale, causal=True):
     """A stand-in for the fused SDPA op on the CPU: attention (causal: square, query i sees keys
     <= i) and its natural-log LSE."""
+    group = q.shape[1] // k.shape[1]  # the ops take GQA: fewer K/V heads
+    k, v = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
     scores = (q.float() @ k.float().transpose(-1, -2)) * scale
     if causal:
         n = scores.shape[-1]

@@ -64,7 +64,9 @@ def use_process(device: torch.device | str) -> bool:
     """RADIXRT_GRAMMAR_PROCESS for ``device``; ValueError on a value it does not know."""
     raw = os.environ.get(PROCESS_ENV, "auto").strip().lower()
     if raw in ("", "auto"):
-        return torch.device(device).type == "cuda"
+        # Off: on the H200 (session 6, two calls) the in-process fused fill was 1.03-1.06x the
+        # unconstrained step and the process 1.23-1.32x (bench/RESULTS.md).
+        return False
     if raw not in ("0", "1", "true", "false", "yes", "no", "on", "off"):
         raise ValueError(f"{PROCESS_ENV} must be auto, 1 or 0, got {raw!r}")
     return raw in ("1", "true", "yes", "on")

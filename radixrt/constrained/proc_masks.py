@@ -1,6 +1,6 @@
 """The step's token bitmask from a grammar process (``grammar_proc``): the engine's side.
 
-``RADIXRT_GRAMMAR_PROCESS`` (auto: on when the device is CUDA; 1; 0) puts the per-step grammar
+``RADIXRT_GRAMMAR_PROCESS`` (auto, the default: off, measured slower on the H200; 1; 0) puts the per-step grammar
 work -- advancing every constrained sequence's matcher by the step's token and filling the next
 step's bitmask -- in a process of its own. In-process fill threads (``batch.MaskBuilder``)
 share the scheduler thread's GIL: their Python between xgrammar calls stretched its wall time

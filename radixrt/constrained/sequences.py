@@ -52,7 +52,7 @@ WAIT_TOKENS_ENV = "RADIXRT_GRAMMAR_WAIT_TOKENS"
 # 1: each fill thread's matchers use a private copy of the compiled grammar (a measurement
 # knob: whether threads sharing one grammar object slow each other's accepts down).
 SHARD_COPIES_ENV = "RADIXRT_GRAMMAR_SHARD_COPIES"
-# auto (default: on when the device is CUDA), 1, 0: the per-step grammar work in a process of
+# auto (default: off, see use_process), 1, 0: the per-step grammar work in a process of
 # its own (proc_masks.py), off the scheduler's GIL.
 PROCESS_ENV = "RADIXRT_GRAMMAR_PROCESS"
 SYNC_COMPILE_WAIT_S = 0.05

@@ -40,7 +40,8 @@ class RunOutput:
 def build_core(model: str, *, device: str, dtype: str, load_format: str, page_size: int,
                kv_cache_tokens: int | None, enable_prefix_cache: bool, schedule_policy: str,
                max_running_requests: int, mem_fraction: float, seed: int,
-               host_kv_cache_tokens: int = 0, max_prefill_tokens: int | None = None) -> EngineCore:
+               host_kv_cache_tokens: int = 0, max_prefill_tokens: int | None = None,
+               engine_warmup: bool | None = None) -> EngineCore:
     # max_prefill_tokens (None: the engine default) also caps the chunk, which may not exceed it.
     budget = {} if max_prefill_tokens is None else {
         "max_prefill_tokens": max_prefill_tokens,
@@ -50,7 +51,8 @@ def build_core(model: str, *, device: str, dtype: str, load_format: str, page_si
         page_size=page_size, kv_cache_tokens=kv_cache_tokens,
         enable_prefix_cache=enable_prefix_cache, schedule_policy=schedule_policy,  # type: ignore[arg-type]
         max_running_requests=max_running_requests, mem_fraction=mem_fraction, seed=seed,
-        host_kv_cache_tokens=host_kv_cache_tokens, **budget,  # type: ignore[arg-type]
+        host_kv_cache_tokens=host_kv_cache_tokens, warmup=engine_warmup,
+        **budget,  # type: ignore[arg-type]
     )
     return EngineCore(cfg)
 
@@ -71,6 +73,17 @@ def warmup(core: EngineCore, vocab_size: int, prompt_lens: tuple[int, ...] = (10
     while core.has_work():
         core.step()
     core.flush_cache()
+
+
+def step_summary(step_s: list[float]) -> dict[str, Any]:
+    """Wall ms of the engine's steps: median, p99, sum, and the five slowest with their index
+    (a stall, such as a kernel compile, shows as one step far above the rest)."""
+    if not step_s:
+        return {}
+    ms = sorted(x * 1e3 for x in step_s)
+    slowest = sorted(range(len(step_s)), key=lambda i: -step_s[i])[:5]
+    return {"p50": round(ms[len(ms) // 2], 2), "p99": round(ms[min(len(ms) - 1, int(len(ms) * 0.99))], 2),
+            "sum": round(sum(ms), 1), "slowest": [[i, round(step_s[i] * 1e3, 1)] for i in slowest]}
 
 
 def run_offline(core: EngineCore, workload: Workload, *, progress: bool = True,
@@ -103,9 +116,12 @@ def run_offline(core: EngineCore, workload: Workload, *, progress: bool = True,
     for c in range(len(workload.conversations)):
         submit(c, 0, 0.0)
     steps = 0
+    step_s: list[float] = []
     while core.has_work():
+        t_step = time.perf_counter()
         deltas = core.step()
         now = time.perf_counter() - t0
+        step_s.append(time.perf_counter() - t_step)
         for d in deltas:
             rec = records[d.rid]
             if d.new_token_ids:
@@ -127,7 +143,8 @@ def run_offline(core: EngineCore, workload: Workload, *, progress: bool = True,
     bar.close()
     s = core.stats()
     engine = {"steps": steps, "evictions": s.evictions - stats.evictions,
-              "retractions": s.retractions - stats.retractions, "total_pages": s.total_pages}
+              "retractions": s.retractions - stats.retractions, "total_pages": s.total_pages,
+              "step_ms": step_summary(step_s)}
     # Host tier (engine totals since start; absent with the tier off).
     engine.update({k: v for k, v in s.extra.items() if k.startswith("host_")})
     return RunOutput(order, duration, dropped, peak_used, peak_pinned, total_pages, engine)

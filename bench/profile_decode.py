@@ -1,13 +1,13 @@
 """Where a decode step's GPU time goes (issue 18: decode at 256 x 1k vs its compute-aware floor).
 
-    python3 bench/profile_decode.py --out $OUT [--disable-cuda-graph] [--steps 8]
+    python3 bench/profile_decode.py --out $OUT [--disable-cuda-graph] [--steps 8] [--batch B --ctx L]
 
 The same engine and batch as ``bench_engine.py --sections decode`` (llama3-8b preset, random
-weights, 256 requests after 1,024-token prompts), then ``steps`` decode steps under
+weights, by default 256 requests after 1,024-token prompts), then ``steps`` decode steps under
 torch.profiler. Kernel times are summed per step and grouped (GEMM, attention, norm, rope,
 activation, sampling, copies, other), and each group is set next to its own floor: GEMMs at
 max(FLOPs / matmul rate, weight bytes / copy bandwidth) per projection, attention at KV bytes /
-bandwidth. Writes decode_profile.json and prints the table and the top kernels.
+bandwidth. Writes decode_profile_{B}x{L}.json and prints the table and the top kernels.
 """
 
 from __future__ import annotations
@@ -71,18 +71,20 @@ def main() -> None:
     ap.add_argument("--preset", default="llama3-8b")
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--disable-cuda-graph", action="store_true")
+    ap.add_argument("--batch", type=int, default=256)
+    ap.add_argument("--ctx", type=int, default=1024, help="prompt tokens per request")
     a = ap.parse_args()
     out_dir = Path(a.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     ceil = measure_ceilings("cuda")
     margs = ModelArgs.from_hf_config(preset_config(a.preset))
     nums = model_numbers(margs)
-    batch, ctx = 256, 1024
+    batch, ctx = a.batch, a.ctx
     eng = Engine(a.preset, load_format="dummy", device="cuda", dtype="bfloat16", page_size=16,
                  max_running_requests=256, chunked_prefill_size=8192, max_prefill_tokens=16384,
                  mem_fraction=0.80, disable_cuda_graph=a.disable_cuda_graph)
     core = eng.core
-    p = SamplingParams(temperature=0, max_new_tokens=a.steps + 40, ignore_eos=True)
+    p = SamplingParams(temperature=0, max_new_tokens=2 * a.steps + 40, ignore_eos=True)
     for n, ids in enumerate(rand_prompts(batch, ctx, margs.vocab_size, 1)):
         core.add_request(f"d{n}", ids, p)
     while any(s.in_prefill for s in core.scheduler.running) or core.scheduler.waiting:
@@ -90,6 +92,11 @@ def main() -> None:
     for _ in range(8):  # warm: graphs captured, allocator settled
         core.step()
     torch.cuda.synchronize()
+    t = time.perf_counter()
+    for _ in range(a.steps):  # unprofiled: the step's real wall time (host + GPU)
+        core.step()
+    torch.cuda.synchronize()
+    wall_plain_ms = (time.perf_counter() - t) * 1e3 / a.steps
     t = time.perf_counter()
     with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
         for _ in range(a.steps):
@@ -107,13 +114,14 @@ def main() -> None:
     kv_read = batch * (ctx + 24) * nums["kv_bytes_per_token"]
     res: dict[str, Any] = {
         "device": torch.cuda.get_device_name(), "graphs": not a.disable_cuda_graph,
-        "wall_ms_per_step_profiled": wall_ms, "kernel_ms_per_step": sum(kernels.values()),
+        "batch": batch, "ctx": ctx,
+        "wall_ms_per_step": wall_plain_ms, "wall_ms_per_step_profiled": wall_ms, "kernel_ms_per_step": sum(kernels.values()),
         "groups_ms": dict(sorted(groups.items(), key=lambda kv: -kv[1])),
         "gemm_floor_ms": gemm_floor_ms(margs, batch, ceil),
         "attention_floor_ms": kv_read / ceil["copy_bw_Bps"] * 1e3, **ceil,
         "top_kernels_ms": dict(sorted(kernels.items(), key=lambda kv: -kv[1])[:30]),
     }
-    (out_dir / "decode_profile.json").write_text(json.dumps(res, indent=1))
+    (out_dir / f"decode_profile_{batch}x{ctx}.json").write_text(json.dumps(res, indent=1))
     print(json.dumps({k: v for k, v in res.items() if k != "top_kernels_ms"}, indent=1))
     for name, ms in res["top_kernels_ms"].items():
         print(f"{ms:8.3f} ms  {group_of(name):10s} {name[:110]}")

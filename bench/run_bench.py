@@ -77,7 +77,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--tag", default=None,
                    help="name this invocation's summary summary-<tag>.* (to merge several later)")
     p.add_argument("--no-progress", action="store_true")
-    p.add_argument("--no-warmup", action="store_true")
+    p.add_argument("--no-warmup", action="store_true",
+                   help="time cold kernels: neither the engine's start-up warm-up nor this script's")
     p.add_argument("--deadline-s", type=float, default=None,
                    help="start no new run after this many seconds (partial results are kept)")
     p.add_argument("--hw-matmul-n", type=int, default=None)
@@ -273,6 +274,7 @@ def _run_engine_variant(variant: str, workloads: list[Workload], args: argparse.
                         floors: dict[str, dict[str, Any]], save: Any, time_left: Any,
                         skipped: list[str]) -> None:
     from bench.offline import build_core, run_offline, warmup
+    from radixrt.kernels.compile_log import CompileLog
 
     core = build_core(args.model, device=args.device, dtype=args.dtype,
                       load_format=args.load_format, page_size=args.page_size,
@@ -282,18 +284,27 @@ def _run_engine_variant(variant: str, workloads: list[Workload], args: argparse.
                       max_running_requests=args.max_running_requests,
                       mem_fraction=args.mem_fraction, seed=args.seed,
                       host_kv_cache_tokens=args.host_kv_cache_tokens if variant == "radix" else 0,
-                      max_prefill_tokens=args.max_prefill_tokens)
+                      max_prefill_tokens=args.max_prefill_tokens,
+                      engine_warmup=False if args.no_warmup else None)
     if not floors:
         kv_tokens = core.stats().total_pages * args.page_size
         floors.update(build_floors(workloads, shape, hw, args, kv_tokens))
+    if core.warmup_report is not None:
+        print(f"engine warm-up: {json.dumps(core.warmup_report)}")
     if not args.no_warmup:
         warmup(core, shape.vocab_size)
     for w in workloads:
         if not time_left():
             skipped.append(f"{w.name}/{variant}")
             continue
-        out = run_offline(core, w, progress=not args.no_progress, desc=f"{w.name} {variant}")
-        save(result(w, variant, out, args, floors.get(w.name)))
+        with CompileLog() as compiles:  # a compile inside the timed run stalls every request
+            out = run_offline(core, w, progress=not args.no_progress, desc=f"{w.name} {variant}")
+        r = result(w, variant, out, args, floors.get(w.name))
+        r["kernel_compiles"] = compiles.summary()
+        if compiles.events:
+            print(f"[{w.name}/{variant}] {len(compiles.events)} kernel compiles in the timed run "
+                  f"({r['kernel_compiles']['seconds']:.2f}s): {list(r['kernel_compiles']['kernels'])}")
+        save(r)
         core.flush_cache()  # the next workload starts cold, as its floor assumes
     del core
 

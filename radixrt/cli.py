@@ -165,6 +165,9 @@ def add_engine_args(ap: argparse.ArgumentParser) -> None:
       + _engine_default("mem_fraction"))
     a("--disable-cuda-graph", action="store_const", const=True, default=None,
       help="run decode without CUDA graphs (default: graphs on CUDA)")
+    a("--skip-warmup", action="store_const", const=False, default=None, dest="warmup",
+      help="start serving without the start-up warm-up requests that compile kernels first "
+      "(default: warm up on CUDA)")
     a("--cuda-graph-max-batch", type=int, default=None,
       help="largest decode batch replayed as a CUDA graph "
       + _engine_default("cuda_graph_max_batch"))

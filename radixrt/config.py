@@ -64,6 +64,9 @@ class EngineConfig:
     cascade_min_shared_pages: int = 2
     cascade_min_group: int = 2
     debug_invariants: bool = False  # check cache/pool invariants whenever the engine is idle
+    # Run a few synthetic requests at start so kernels compile before traffic arrives
+    # (engine/warmup.py). None = on for CUDA, off for CPU (nothing compiles there).
+    warmup: bool | None = None
     # Tensor parallelism: the model split over this many ranks (processes; on CUDA, GPUs
     # device..device+tp_size-1), one scheduler and radix cache on rank 0.
     tp_size: int = 1
@@ -137,6 +140,10 @@ class EngineConfig:
         if self.overlap_schedule is None:
             return self.device != "cpu"
         return self.overlap_schedule
+
+    @property
+    def warmup_enabled(self) -> bool:
+        return self.device != "cpu" if self.warmup is None else self.warmup
 
     @property
     def torch_dtype(self) -> torch.dtype:

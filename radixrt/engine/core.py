@@ -24,6 +24,7 @@ from radixrt.engine.memory import SequenceMemory
 from radixrt.engine.outputs import EngineStats, SequenceDelta
 from radixrt.engine.sampler import Sampler
 from radixrt.engine.scheduler import Scheduler
+from radixrt.engine.warmup import warm_up
 from radixrt.models.args import ModelArgs
 from radixrt.sampling_params import SamplingParams
 
@@ -120,6 +121,8 @@ class EngineCore:
             "KV pool: %d pages x %d tokens (%.2f GiB, %s) on %s", num_pages, config.page_size,
             pool.total_bytes / 2**30, config.torch_dtype, device,
         )
+        # What the start-up warm-up ran and compiled (None: skipped).
+        self.warmup_report: dict[str, Any] | None = warm_up(self) if config.warmup_enabled else None
 
     def add_request(
         self, rid: str, input_ids: list[int], params: SamplingParams, namespace: str | None = None

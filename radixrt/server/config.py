@@ -41,6 +41,7 @@ _ENGINE_FIELDS = (
     "overlap_schedule",
     "deterministic_inference",
     "cascade_decode",
+    "warmup",
     "tp_size",
     "nnodes",
     "dist_init_addr",
@@ -104,6 +105,7 @@ class ServerConfig:
     overlap_schedule: bool | None = None
     deterministic_inference: bool | None = None
     cascade_decode: str | None = None  # --cascade-decode auto|on|off (shared-prefix decode)
+    warmup: bool | None = None  # --skip-warmup: False (default: the engine's, on for CUDA)
     tp_size: int | None = None  # --tp: ranks (GPUs) per replica
     nnodes: int | None = None  # --nnodes: hosts one TP replica spans (this one is node 0)
     dist_init_addr: str | None = None  # --dist-init-addr HOST:PORT: node 0's rendezvous

@@ -15,7 +15,7 @@
 #   rag      128 questions over 8 documents of 1024 (Zipf 1.1), output 128   (scale 0.25)
 #   fewshot  256 questions after a 5 x 160-token header, output 8            (scale 0.25)
 #   random   128 sequences, input and output uniform in 50-512               (scale 0.5, len 0.5)
-# WORKLOADS (comma list) picks a subset. MODEL / DEVICE / DTYPE / KV_TOKENS override the model and device (a CPU dry run of this script:
+# WORKLOADS (comma list) picks a subset; SUITE_ARGS adds run_bench.py flags (e.g. --profile). MODEL / DEVICE / DTYPE / KV_TOKENS override the model and device (a CPU dry run of this script:
 #   MODEL=llama-tiny DEVICE=cpu DTYPE=float32 SCALE=0.1 LEN_SCALE=0.05 bash bench/gpu_suite.sh).
 # The floors in the report are computed for exactly these sizes. Each process has a timeout and
 # a deadline after which it starts no new run, so a slow engine yields a partial report, not none.
@@ -39,7 +39,7 @@ COMMON=(
   --scale "$(mul 0.25 "$S")" --len-scale "$L"
   --workload-scale "gsp=$(mul 0.125 "$S")" --workload-scale "chat=$(mul 1 "$S")"
   --workload-scale "random=$(mul 0.5 "$S")" --workload-len-scale "random=$(mul 0.5 "$L")"
-  --out "$OUT" --no-progress
+  --out "$OUT" --no-progress ${SUITE_ARGS:-}
 )
 
 {

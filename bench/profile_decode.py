@@ -26,30 +26,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_engine import measure_ceilings, model_numbers, rand_prompts  # noqa: E402
+from kernel_groups import group_of  # noqa: E402
 
 from radixrt import Engine, SamplingParams  # noqa: E402
 from radixrt.models.args import ModelArgs  # noqa: E402
 from radixrt.models.presets import preset_config  # noqa: E402
-
-GROUPS = (  # first match wins; names are lower-cased kernel names
-    ("attention", ("decode", "cascade", "attn", "attention", "merge")),
-    ("gemm", ("gemm", "cutlass", "sm90_xmma", "nvjet", "cublas", "matmul", "splitk")),
-    ("norm", ("rms", "norm")),
-    ("rope", ("rope", "rotary")),
-    ("activation", ("silu", "act_and_mul", "gelu")),
-    ("sampling", ("top_p", "topk", "softmax", "argmax", "sample", "bitmask", "exponential",
-                  "multinomial", "sort", "cumsum", "max")),
-    ("kv_store", ("store_kv",)),
-    ("copies", ("copy", "memcpy", "memset", "fill", "index", "gather", "scatter", "cat")),
-)
-
-
-def group_of(name: str) -> str:
-    low = name.lower()
-    for group, keys in GROUPS:
-        if any(k in low for k in keys):
-            return group
-    return "other"
 
 
 def gemm_floor_ms(args: ModelArgs, batch: int, ceil: dict[str, float]) -> float:

@@ -77,6 +77,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--tag", default=None,
                    help="name this invocation's summary summary-<tag>.* (to merge several later)")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--profile", action="store_true",
+                   help="run each engine workload once more under torch.profiler (CUDA) and write "
+                   "<workload>_<variant>_profile.json: kernel time per group, GPU busy vs wall")
     p.add_argument("--no-warmup", action="store_true",
                    help="time cold kernels: neither the engine's start-up warm-up nor this script's")
     p.add_argument("--deadline-s", type=float, default=None,
@@ -160,6 +163,7 @@ def main(argv: list[str] | None = None) -> int:
             raise SystemExit(f"unknown workload {n!r}; choose from {', '.join(WORKLOADS)} or all")
     out_dir = Path(args.out or f"bench/results/{time.strftime('%Y%m%d-%H%M%S')}")
     out_dir.mkdir(parents=True, exist_ok=True)
+    args.out = str(out_dir)
     # `timeout` sends SIGTERM: finish with the report of what ran instead of dying silently.
     signal.signal(signal.SIGTERM, _raise_interrupt)
     started = time.perf_counter()
@@ -306,7 +310,33 @@ def _run_engine_variant(variant: str, workloads: list[Workload], args: argparse.
                   f"({r['kernel_compiles']['seconds']:.2f}s): {list(r['kernel_compiles']['kernels'])}")
         save(r)
         core.flush_cache()  # the next workload starts cold, as its floor assumes
+        if args.profile and args.device.startswith("cuda"):
+            try:
+                _profile_run(core, w, variant, Path(args.out))
+            except Exception as exc:  # noqa: BLE001 - the profile is extra: keep the suite going
+                print(f"[{w.name}/{variant}] profile failed: {exc!r}", flush=True)
+                core.flush_cache()
     del core
+
+
+def _profile_run(core: Any, w: Workload, variant: str, out_dir: Path) -> None:
+    """The same workload again (cold cache) under the profiler; the timed numbers stay the
+    unprofiled run's."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from bench.kernel_groups import profile_summary
+    from bench.offline import run_offline
+
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        run_offline(core, w, progress=False)
+        torch.cuda.synchronize()
+    summary = profile_summary(prof, time.perf_counter() - t0)
+    core.flush_cache()
+    (out_dir / f"{w.name}_{variant}_profile.json").write_text(json.dumps(summary, indent=1))
+    print(f"[{w.name}/{variant}] profiled: wall {summary['wall_ms']:.0f} ms, GPU busy "
+          f"{summary['gpu_busy_ms']:.0f} ms, groups {summary['groups_ms']}", flush=True)
 
 
 def _run_hf(workloads: list[Workload], args: argparse.Namespace, cfg: dict[str, Any],

@@ -16,6 +16,7 @@ import json
 import signal
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -80,6 +81,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--profile", action="store_true",
                    help="run each engine workload once more under torch.profiler (CUDA) and write "
                    "<workload>_<variant>_profile.json: kernel time per group, GPU busy vs wall")
+    p.add_argument("--cprofile", action="store_true",
+                   help="run each engine workload once more under cProfile and write "
+                   "<workload>_<variant>_cprofile.txt (host time by function)")
     p.add_argument("--no-warmup", action="store_true",
                    help="time cold kernels: neither the engine's start-up warm-up nor this script's")
     p.add_argument("--deadline-s", type=float, default=None,
@@ -316,6 +320,8 @@ def _run_engine_variant(variant: str, workloads: list[Workload], args: argparse.
             except Exception as exc:  # noqa: BLE001 - the profile is extra: keep the suite going
                 print(f"[{w.name}/{variant}] profile failed: {exc!r}", flush=True)
                 core.flush_cache()
+        if args.cprofile:
+            _cprofile_run(core, w, variant, Path(args.out))
     del core
 
 
@@ -337,6 +343,46 @@ def _profile_run(core: Any, w: Workload, variant: str, out_dir: Path) -> None:
     (out_dir / f"{w.name}_{variant}_profile.json").write_text(json.dumps(summary, indent=1))
     print(f"[{w.name}/{variant}] profiled: wall {summary['wall_ms']:.0f} ms, GPU busy "
           f"{summary['gpu_busy_ms']:.0f} ms, groups {summary['groups_ms']}", flush=True)
+
+
+def _cprofile_run(core: Any, w: Workload, variant: str, out_dir: Path) -> None:
+    """The same workload again (cold cache) under cProfile: where the host's time goes."""
+    import cProfile
+    import io
+    import pstats
+
+    from bench.offline import run_offline
+
+    cuda = str(core.config.device).startswith("cuda")
+    prof = cProfile.Profile()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        if cuda:  # every host<->device sync the run makes, as a warning at its Python line
+            torch.cuda.set_sync_debug_mode("warn")
+        t0 = time.perf_counter()
+        prof.enable()
+        try:
+            run_offline(core, w, progress=False)
+        finally:
+            prof.disable()
+            if cuda:
+                torch.cuda.set_sync_debug_mode("default")
+    wall = time.perf_counter() - t0
+    core.flush_cache()
+    syncs: dict[str, int] = {}
+    for c in caught:
+        if "synchroniz" in str(c.message):
+            where = f"{c.filename}:{c.lineno}"
+            syncs[where] = syncs.get(where, 0) + 1
+    buf = io.StringIO()
+    buf.write(f"{w.name}/{variant} under cProfile: wall {wall:.3f} s\n")
+    buf.write(f"host-device syncs by Python line ({sum(syncs.values())} in all):\n")
+    for where, n in sorted(syncs.items(), key=lambda kv: -kv[1])[:30]:
+        buf.write(f"  {n:7d}  {where}\n")
+    for key in ("tottime", "cumulative"):
+        pstats.Stats(prof, stream=buf).sort_stats(key).print_stats(45)
+    (out_dir / f"{w.name}_{variant}_cprofile.txt").write_text(buf.getvalue())
+    print(f"[{w.name}/{variant}] cProfile: wall {wall:.2f} s", flush=True)
 
 
 def _run_hf(workloads: list[Workload], args: argparse.Namespace, cfg: dict[str, Any],

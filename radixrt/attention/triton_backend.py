@@ -30,6 +30,7 @@ from radixrt.kernels.cascade_decode import CascadeMeta, PrefixTiling, cascade_de
 from radixrt.kernels.decode_attention import choose_num_splits, decode_attention, decode_block_n
 from radixrt.kernels.extend_attention import extend_attention
 from radixrt.kernels.extend_dense import dense_extend, use_dense_extend
+from radixrt.kernels.extend_runs import ExtendReuse
 from radixrt.kernels.invariant_attention import SplitBuffers, invariant_attention, invariant_chunk
 from radixrt.kernels.store_kv import store_kv
 
@@ -91,6 +92,8 @@ class TritonAttentionBackend(AttentionBackend):
         )
         self._part_lse = torch.empty(rows * num_heads, dtype=torch.float32, device=self.device)
         self._num_splits = 1
+        # Prefix tile lists and pool TMA descriptors shared by a step's layers.
+        self._extend_reuse = ExtendReuse()
         assert cascade is None or not deterministic, "cascade decode is not batch-invariant"
         self.cascade_policy = cascade
         self._cascade: CascadeBuffers | None = None
@@ -135,6 +138,7 @@ class TritonAttentionBackend(AttentionBackend):
             )
             self._num_splits = self.num_splits_for(batch.batch_size)
         self._meta = None
+        self._extend_reuse.new_step()
         if batch.is_decode and self._cascade is not None and batch.cascade is not None:
             self._meta = self._cascade.upload(batch.cascade, batch.batch_size)
 
@@ -218,4 +222,5 @@ class TritonAttentionBackend(AttentionBackend):
             max_seq_len=batch.max_seq_len,
             k_new=k_new,
             v_new=v_new,
+            reuse=self._extend_reuse,
         )

@@ -34,6 +34,7 @@ from radixrt.kernels.extend_configs import (
     sm_count,
 )
 from radixrt.kernels.extend_dense import dense_new_part, use_dense_new
+from radixrt.kernels.extend_runs import ExtendReuse
 from radixrt.kernels.extend_split import merge_splits
 from radixrt.kernels.paged_inputs import check_paged_inputs, check_rows, dot_precision, interpreting
 
@@ -326,6 +327,7 @@ def extend_attention(
     dense_new: bool | None = None,  # new x new on torch's SDPA (default: use_dense_new)
     k_new: torch.Tensor | None = None,  # [T, Hkv, D] this step's K (also stored in the pool):
     v_new: torch.Tensor | None = None,  # new x new reads them densely (extend_newkv.py)
+    reuse: ExtendReuse | None = None,  # metadata shared by a step's layers (extend_runs.py)
 ) -> torch.Tensor:  # [T, Hq, D]
     """Causal attention of each request's new queries over its cached prefix plus itself."""
     check_paged_inputs(q, k_flat, v_flat, page_size)
@@ -369,7 +371,7 @@ def extend_attention(
         extend_newkv.launch_newkv(
             q, k_flat, v_flat, k_new, v_new, out, prefix_o, prefix_lse, qo_indptr, prefix_lens,
             page_table, req_rows, page_size, scale * LOG2E, grid, splits, group, block_d, cfg,
-            dot_precision(q.dtype), interpreting(),
+            dot_precision(q.dtype), interpreting(), reuse,
         )  # fmt: skip
     else:
         _extend_kernel[grid](

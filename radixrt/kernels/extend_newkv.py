@@ -29,7 +29,7 @@ import triton.language as tl
 
 from radixrt.kernels.extend_attention import _load_kv, _tile_slots, mma, mma_acc
 from radixrt.kernels.extend_configs import ExtendConfig
-from radixrt.kernels.extend_runs import prefix_tile_lists
+from radixrt.kernels.extend_runs import ExtendReuse, prefix_tile_lists
 
 
 @triton.jit
@@ -294,8 +294,10 @@ def launch_newkv(
     qo_indptr: torch.Tensor, prefix_lens: torch.Tensor, page_table: torch.Tensor,
     req_rows: torch.Tensor, page_size: int, qk_scale: float, grid: tuple[int, int, int],
     splits: int, group: int, block_d: int, cfg: ExtendConfig, precision: str, interpret: bool,
+    reuse: ExtendReuse | None = None,
 ) -> None:  # fmt: skip
-    """One launch of the kernel above (extend_attention prepares grid, splits and partials)."""
+    """One launch of the kernel above (extend_attention prepares grid, splits and partials);
+    ``reuse`` shares the prefix tile lists and pool descriptors among a step's layers."""
     global _TMA_FAILED
     num_tokens, _, head_dim = q.shape
     use_tma = (cfg.new_kv_tma and _TMA_FAILED is None and _tma_ready(k_new, head_dim, block_d)
@@ -306,9 +308,15 @@ def launch_newkv(
         descs = (kd, vd, kdd, vdd) + (None,) * 5 + (0,)
         if cfg.pool_tma and _tma_ready(k_flat, head_dim, block_d) and _tma_ready(
                 v_flat, head_dim, block_d):
-            tiles, rows, run_tiles = prefix_tile_lists(page_table, req_rows, prefix_lens,
-                                                       page_size, cfg.block_n)  # fmt: skip
-            (kp, _), (vp, _) = (_descriptors(t, cfg.block_n, cfg.block_n) for t in (k_flat, v_flat))
+            if reuse is not None:
+                tiles, rows, run_tiles = reuse.tiles(page_table, req_rows, prefix_lens, page_size,
+                                                     cfg.block_n)  # fmt: skip
+                kp, vp = (reuse.pool_descriptor(t, cfg.block_n) for t in (k_flat, v_flat))
+            else:
+                tiles, rows, run_tiles = prefix_tile_lists(page_table, req_rows, prefix_lens,
+                                                           page_size, cfg.block_n)  # fmt: skip
+                (kp, _), (vp, _) = (_descriptors(t, cfg.block_n, cfg.block_n)
+                                    for t in (k_flat, v_flat))
             descs = (kd, vd, kdd, vdd, kp, vp, tiles, rows, run_tiles, tiles.stride(0))
     try:
         _launch(q, k_flat, v_flat, k_new, v_new, descs, out, part_o, part_lse, qo_indptr,

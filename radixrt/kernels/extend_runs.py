@@ -77,3 +77,45 @@ def prefix_tile_lists(
         BLOCK_N=block_n, PAGE_SIZE=page_size, CHUNK=min(256, triton.next_power_of_2(width)),
     )  # fmt: skip
     return tiles, rows, run_tiles
+
+
+class ExtendReuse:
+    """What the layers of one forward share in their extend launches, owned by the attention
+    backend: the prefix tile lists (they depend on the batch's page table and prefix lengths,
+    not on the layer: computed by the first layer of a step, reused by the other layers) and
+    the pool layers' TMA descriptors (the pool never moves: built once per layer and block).
+    Each layer otherwise paid one extra kernel launch and four descriptors in an eager step.
+
+    Tile lists are kept for one batch (its ``prefix_lens`` / ``req_rows`` tensors); ``new_step``
+    (``TritonAttentionBackend.prepare``) drops them."""
+
+    def __init__(self) -> None:
+        self._tiles: dict[int, tuple[torch.Tensor, torch.Tensor,
+                                     tuple[torch.Tensor, torch.Tensor, torch.Tensor]]] = {}
+        self._descs: dict[tuple[int, tuple[int, ...], tuple[int, ...], int, str], object] = {}
+
+    def new_step(self) -> None:
+        self._tiles.clear()
+
+    def tiles(self, page_table: torch.Tensor, req_rows: torch.Tensor, prefix_lens: torch.Tensor,
+              page_size: int, block_n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        # The batch's own tensors, not their values: a caller that skips new_step (a benchmark
+        # calling one layer) still never gets another batch's lists.
+        hit = self._tiles.get(block_n)
+        if hit is None or hit[0] is not prefix_lens or hit[1] is not req_rows:
+            hit = (prefix_lens, req_rows,
+                   prefix_tile_lists(page_table, req_rows, prefix_lens, page_size, block_n))
+            self._tiles[block_n] = hit
+        return hit[2]
+
+    def pool_descriptor(self, t: torch.Tensor, block_n: int) -> object:
+        """A [block_n, Hkv * D] TMA descriptor over pool layer ``t`` ([S, Hkv, D])."""
+        key = (t.data_ptr(), tuple(t.shape), tuple(t.stride()), block_n, str(t.dtype))
+        desc = self._descs.get(key)
+        if desc is None:
+            from triton.tools.tensor_descriptor import TensorDescriptor
+
+            desc = TensorDescriptor(t, [t.shape[0], t.shape[1] * t.shape[2]], [t.stride(0), 1],
+                                    [block_n, t.shape[2]])
+            self._descs[key] = desc
+        return desc

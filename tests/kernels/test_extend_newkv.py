@@ -253,3 +253,44 @@ def test_newkv_prefix_on_page_runs_real(paged_case, assert_close, device, order)
         v_new=v_new,
     )  # fmt: skip
     assert_close(out, paged_attention_reference(case.q, case.k_flat, case.v_flat, b, 128**-0.5))
+
+
+def test_step_reuse_shares_tile_lists_across_layers_not_batches(paged_case, assert_close,
+                                                                device, monkeypatch):
+    """ExtendReuse (one per attention backend): a step's layers share one prefix tile list and
+    each pool layer's descriptor; another batch, even without new_step, gets its own lists.
+    Every layer's output still equals the reference."""
+    if device == "cuda":
+        pytest.skip("tiny interpreter shapes")
+    from radixrt.kernels import extend_runs
+
+    calls = {"n": 0}
+    real = extend_runs.prefix_tile_lists
+
+    def counting(*args, **kwargs):
+        calls["n"] += 1
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(extend_runs, "prefix_tile_lists", counting)
+    reuse = extend_runs.ExtendReuse()
+    cfg = ExtendConfig(16, 16, 4, 4, 1, pool_tma=True)
+    for batch_no, ragged in enumerate((([0, 70, 5, 33], [9, 20, 1, 3]), ([40, 0], [7, 12]))):
+        case = paged_case(
+            prefix_lens=ragged[0], extend_lens=ragged[1], num_heads=8, num_kv_heads=2,
+            head_dim=32, page_size=4, dtype=torch.float32, device=device,
+        )  # fmt: skip
+        _pages_in_runs(case, "asc")
+        b = case.batch
+        layers = [(case.k_flat, case.v_flat), (case.k_flat * 0.5, case.v_flat.flip(-1).clone())]
+        for k_flat, v_flat in layers:
+            case.k_flat, case.v_flat = k_flat, v_flat
+            k_new, v_new = _new_kv(case, False)
+            out = extend_attention(
+                case.q, k_flat, v_flat, b.qo_indptr, b.prefix_lens, b.page_table, b.req_rows, 4,
+                b.max_extend_len, 32**-0.5, config=cfg, k_new=k_new, v_new=v_new, reuse=reuse,
+            )  # fmt: skip
+            assert_close(out, paged_attention_reference(case.q, k_flat, v_flat, b, 32**-0.5))
+        assert calls["n"] == batch_no + 1, "one tile list per batch, shared by its layers"
+        assert reuse.pool_descriptor(layers[0][0], 16) is reuse.pool_descriptor(layers[0][0], 16)
+    reuse.new_step()
+    assert not reuse._tiles, "new_step drops the step's lists"

@@ -31,6 +31,7 @@ import torch
 
 from radixrt import Engine, SamplingParams
 from radixrt.cache.prefix_cache import NoPrefixCache
+from radixrt.engine.warmup import freeze_startup_objects
 from radixrt.models.args import ModelArgs
 from radixrt.models.presets import preset_config
 
@@ -284,6 +285,7 @@ def run_engine_sections(a: argparse.Namespace, sections: set[str], res: dict[str
                  mem_fraction=0.80, disable_cuda_graph=a.disable_cuda_graph,
                  attention_backend=a.attention_backend, deterministic_inference=deterministic)
     res[prefix + "engine_start_s"] = time.perf_counter() - t
+    freeze_startup_objects()  # as the server's worker process does after start-up
     res[prefix + "kv_pages"] = eng.stats().total_pages
     print(f"{prefix}engine up in {res[prefix + 'engine_start_s']:.1f}s, "
           f"{res[prefix + 'kv_pages']} pages", flush=True)

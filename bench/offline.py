@@ -19,6 +19,7 @@ from bench.metrics import RequestRecord
 from bench.workloads import Histories, Workload
 from radixrt.config import EngineConfig
 from radixrt.engine.core import EngineCore
+from radixrt.engine.warmup import freeze_startup_objects
 from radixrt.sampling_params import SamplingParams
 
 STATS_EVERY = 16  # steps between engine-stats polls (for peak KV pages); stats() is O(pages)
@@ -54,7 +55,9 @@ def build_core(model: str, *, device: str, dtype: str, load_format: str, page_si
         host_kv_cache_tokens=host_kv_cache_tokens, warmup=engine_warmup,
         **budget,  # type: ignore[arg-type]
     )
-    return EngineCore(cfg)
+    core = EngineCore(cfg)
+    freeze_startup_objects()  # as the server's worker process does after start-up
+    return core
 
 
 def params_for(max_new_tokens: int) -> SamplingParams:

@@ -29,6 +29,7 @@ from bench_engine import measure_ceilings, model_numbers, rand_prompts  # noqa: 
 from kernel_groups import group_of  # noqa: E402
 
 from radixrt import Engine, SamplingParams  # noqa: E402
+from radixrt.engine.warmup import freeze_startup_objects  # noqa: E402
 from radixrt.models.args import ModelArgs  # noqa: E402
 from radixrt.models.presets import preset_config  # noqa: E402
 
@@ -46,6 +47,29 @@ def gemm_floor_ms(args: ModelArgs, batch: int, ceil: dict[str, float]) -> float:
     return total * 1e3
 
 
+def host_profile(core: Any, steps: int, path: Path) -> None:
+    """``steps`` decode steps under cProfile: where the host's part of a step goes."""
+    import cProfile
+    import io
+    import pstats
+
+    prof = cProfile.Profile()
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    prof.enable()
+    for _ in range(steps):
+        core.step()
+    prof.disable()
+    torch.cuda.synchronize()
+    buf = io.StringIO()
+    buf.write(f"{steps} decode steps under cProfile: {(time.perf_counter() - t) * 1e3 / steps:.2f} "
+              "ms/step\n")
+    for key in ("tottime", "cumulative"):
+        pstats.Stats(prof, stream=buf).sort_stats(key).print_stats(40)
+    path.write_text(buf.getvalue())
+    print(buf.getvalue()[:200])
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="bench/results")
@@ -54,6 +78,8 @@ def main() -> None:
     ap.add_argument("--disable-cuda-graph", action="store_true")
     ap.add_argument("--batch", type=int, default=256)
     ap.add_argument("--ctx", type=int, default=1024, help="prompt tokens per request")
+    ap.add_argument("--cprofile", action="store_true",
+                    help="also run the steps under cProfile: decode_cprofile.txt (host time)")
     a = ap.parse_args()
     out_dir = Path(a.out)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -64,6 +90,7 @@ def main() -> None:
     eng = Engine(a.preset, load_format="dummy", device="cuda", dtype="bfloat16", page_size=16,
                  max_running_requests=256, chunked_prefill_size=8192, max_prefill_tokens=16384,
                  mem_fraction=0.80, disable_cuda_graph=a.disable_cuda_graph)
+    freeze_startup_objects()  # as the server's worker process does after start-up
     core = eng.core
     p = SamplingParams(temperature=0, max_new_tokens=2 * a.steps + 40, ignore_eos=True)
     for n, ids in enumerate(rand_prompts(batch, ctx, margs.vocab_size, 1)):
@@ -78,6 +105,8 @@ def main() -> None:
         core.step()
     torch.cuda.synchronize()
     wall_plain_ms = (time.perf_counter() - t) * 1e3 / a.steps
+    if a.cprofile:
+        host_profile(core, a.steps, out_dir / "decode_cprofile.txt")
     t = time.perf_counter()
     with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
         for _ in range(a.steps):

@@ -19,6 +19,7 @@ in the engine's token totals, as any request would.
 
 from __future__ import annotations
 
+import gc
 import logging
 import time
 from dataclasses import dataclass
@@ -99,3 +100,16 @@ def warm_up(core: EngineCore) -> dict[str, Any]:
     logger.info("warm-up: %d requests in %.1fs, %d kernel compiles (%.1fs)", report["requests"],
                 report["seconds"], compiles["count"], compiles["seconds"])
     return report
+
+
+def freeze_startup_objects() -> int:
+    """Collect once, then move every object alive now (modules, weight wrappers, the tokenizer,
+    the warm-up's leftovers) out of the cyclic collector's generations, so the full collections
+    that serving triggers now and then scan only what serving allocated. Process-wide: the
+    worker processes call it once the engine is up (an in-process ``Engine`` leaves the host
+    program's collector alone). Unfrozen, one full collection took ~70 ms at 170k objects on
+    the CPU box (tests/engine/test_warmup.py), and on the H200 the 256 x 1k decode step showed
+    0.25-4.8 ms/step of host idle from run to run. Returns how many objects were frozen."""
+    gc.collect()
+    gc.freeze()
+    return gc.get_freeze_count()

@@ -91,9 +91,11 @@ def run_remote_worker(cfg: ServerConfig, router: str, client_secret: str,
     signal.signal(signal.SIGINT, _on_int)
     try:
         from radixrt.engine.core import EngineCore
+        from radixrt.engine.warmup import freeze_startup_objects
 
         ecfg = cfg.engine_config()
         core = EngineCore(ecfg)
+        freeze_startup_objects()  # as the local worker does (worker.py)
         info = core.model_info
         # worker_id 0: the router rewrites it to this worker's slot.
         ready = m.ReadyMsg(worker_id=0, pid=os.getpid(), model_name=info.model_name,

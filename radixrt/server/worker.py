@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import ctypes
-import gc
 import logging
 import os
 import shutil
@@ -262,14 +261,14 @@ def main(argv: list[str] | None = None) -> int:
 
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // cfg.dp))
         from radixrt.engine.core import EngineCore
+        from radixrt.engine.warmup import freeze_startup_objects
 
         ecfg = _engine_config(cfg, args.worker_id).engine_config()
         core = EngineCore(ecfg)
         # Start-up leaves millions of long-lived objects (modules, weights' wrappers, the
         # tokenizer); moving them out of the collector's generations keeps full collections
         # during serving from scanning them (they gave 14-330 ms host spikes at 256 x 128k).
-        gc.collect()
-        gc.freeze()
+        freeze_startup_objects()
         info = core.model_info
         push.send(m.encode(m.ReadyMsg(
             worker_id=args.worker_id, pid=os.getpid(), model_name=info.model_name,

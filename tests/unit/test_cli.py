@@ -106,3 +106,12 @@ def test_worker_and_node_commands_validate_their_flags(capsys) -> None:
               "--dist-init-addr", "127.0.0.1:1"])
     assert "--node-rank must be in [1, nnodes-1]" in capsys.readouterr().err
     assert main(["bogus"]) == 2
+
+
+def test_skip_warmup_flag_reaches_the_engine_config() -> None:
+    default = config_from_args(serve_parser().parse_args([])).engine_config()
+    assert default.warmup is None and not default.warmup_enabled, "CPU default: no warm-up"
+    cfg = config_from_args(serve_parser().parse_args(["--device", "cuda", "--skip-warmup"]))
+    assert cfg.engine_config().warmup is False and not cfg.engine_config().warmup_enabled
+    on_gpu = config_from_args(serve_parser().parse_args(["--device", "cuda"])).engine_config()
+    assert on_gpu.warmup_enabled, "CUDA default: warm up"

@@ -107,10 +107,12 @@ class EngineCore:
         eos = set(args.eos_token_ids)
         if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
             eos.add(int(self.tokenizer.eos_token_id))
+        # Owned here (closed by close()): the scheduler's results use it.
+        self._grammars = SequenceGrammars(self.tokenizer, args.vocab_size, device, eos)
         self.scheduler = Scheduler(
             config, self.runner, memory, Sampler(), vocab_size=args.vocab_size,
             max_context_len=max_context, eos_token_ids=eos,
-            grammars=SequenceGrammars(self.tokenizer, args.vocab_size, device, eos),
+            grammars=self._grammars,
         )
         self.model_info = ModelInfo(
             model_name=loaded.source,
@@ -168,7 +170,9 @@ class EngineCore:
         self.runner.check_peers()
 
     def close(self) -> None:
-        """Stop what outlives this object on its own (tensor-parallel follower ranks)."""
+        """Stop what outlives this object on its own: the grammar process and fill threads
+        (when started), the tensor-parallel follower ranks."""
+        self._grammars.close()
         self.runner.close()
 
     def check_invariants(self) -> None:

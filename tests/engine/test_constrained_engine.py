@@ -396,3 +396,23 @@ def test_grammar_process_ends_with_its_engine(llama_dir):
             return
         time.sleep(0.05)
     pytest.fail(f"grammar process {pid} outlived its engine")
+
+
+def test_closing_the_engine_stops_its_grammar_process(llama_dir):
+    """EngineCore.close() ends the grammar process it owns (not only garbage collection)."""
+    import os
+    import time
+
+    eng, grammars = _process_engine(llama_dir, True, kv_cache_tokens=4096)
+    eng.generate(_prompts(1), SamplingParams(temperature=0, max_new_tokens=6, regex=REGEX))
+    pid = grammars.masks.pid
+    eng.core.close()
+    for _ in range(100):
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.05)
+    else:
+        pytest.fail(f"grammar process {pid} outlived EngineCore.close()")
+    eng.core.close()  # twice is fine

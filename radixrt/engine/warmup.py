@@ -15,6 +15,7 @@ in the engine's token totals, as any request would.
     wave 2  the same prompts + new tokens: extends over a cached prefix
     wave 3  one cached prefix + 3 own suffixes decoding together: a cascade group
     wave 4  one long prompt (chunked), then a short extend over it: long chunks, split-KV
+    then    the grammar bitmask kernel on dummy logits (CUDA)
 """
 
 from __future__ import annotations
@@ -79,6 +80,16 @@ def plan_waves(vocab_size: int, max_context_len: int, pool_tokens: int, chunk_to
     return [w for w in waves if w]
 
 
+def _warm_bitmask(vocab_size: int, device: torch.device) -> None:
+    """The grammar bitmask kernel, as the sampler launches it (fp32 logits [B, V], int32 words):
+    compiled here, not on the first constrained request (it needs no grammar to run)."""
+    from radixrt.kernels.token_bitmask import apply_token_bitmask
+
+    logits = torch.zeros(2, vocab_size, dtype=torch.float32, device=device)
+    words = torch.full((2, -(-vocab_size // 32)), -1, dtype=torch.int32, device=device)
+    apply_token_bitmask(logits, words)
+
+
 def warm_up(core: EngineCore) -> dict[str, Any]:
     """Run the waves to completion, flush the prefix cache; what compiled, and how long it took."""
     assert not core.has_work(), "warm-up runs on an idle engine only"
@@ -93,6 +104,8 @@ def warm_up(core: EngineCore) -> dict[str, Any]:
                 core.add_request(f"__warmup-{w}-{i}", req.prompt, req.params)
             while core.has_work():
                 core.step()
+        if torch.device(cfg.device).type == "cuda":
+            _warm_bitmask(core.model_info.vocab_size, torch.device(cfg.device))
     core.flush_cache()
     compiles = log.summary()
     report = {"seconds": round(time.perf_counter() - t0, 3), "waves": len(waves),

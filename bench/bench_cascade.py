@@ -236,7 +236,7 @@ def host(args: argparse.Namespace) -> dict[str, Any]:
     from radixrt.cache.radix import RadixCache
     from radixrt.engine.cascade_groups import PrefixGrouper
     from radixrt.engine.request import Sequence
-    from radixrt.kernels.cascade_decode import PrefixTiling
+    from radixrt.kernels.cascade_meta import PrefixTiling
     from radixrt.sampling_params import SamplingParams
 
     ps, rng = 16, np.random.default_rng(0)

@@ -32,11 +32,11 @@ from bench.bench_cascade import HD, HKV, HQ, shared_batch  # noqa: E402
 from radixrt.attention.cascade_plan import CascadeBuffers, ItemBudget, pack_cascade  # noqa: E402
 from radixrt.kernels.cascade_decode import (  # noqa: E402
     CascadeLaunch,
-    PrefixTiling,
     cascade_decode,
     cascade_merge,
     shared_prefix_pass,
 )
+from radixrt.kernels.cascade_meta import PrefixTiling  # noqa: E402
 from radixrt.kernels.decode_attention import choose_num_splits, decode_attention, decode_partials  # noqa: E402
 
 SHAPES = [(16, 16), (64, 4)]  # (groups, per group): batch 256, 2048 shared + 128..384 own

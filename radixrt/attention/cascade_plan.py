@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from radixrt.kernels.cascade_decode import ITEM_FIELDS, CascadeMeta, PrefixTiling
+from radixrt.kernels.cascade_meta import ITEM_FIELDS, CascadeMeta, PrefixTiling
 
 if TYPE_CHECKING:
     from radixrt.engine.cascade_groups import CascadeGroups

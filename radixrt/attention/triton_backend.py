@@ -26,7 +26,8 @@ import torch
 
 from radixrt.attention.base import AttentionBackend
 from radixrt.attention.cascade_plan import CascadeBuffers, ItemBudget
-from radixrt.kernels.cascade_decode import CascadeMeta, PrefixTiling, cascade_decode
+from radixrt.kernels.cascade_decode import cascade_decode
+from radixrt.kernels.cascade_meta import CascadeMeta, PrefixTiling
 from radixrt.kernels.decode_attention import choose_num_splits, decode_attention, decode_block_n
 from radixrt.kernels.extend_attention import extend_attention
 from radixrt.kernels.extend_dense import dense_extend, use_dense_extend

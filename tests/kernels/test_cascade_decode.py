@@ -17,7 +17,8 @@ from radixrt.attention.torch_ref import (  # noqa: E402
 )
 from radixrt.engine.batch import ForwardBatch, build_forward_batch  # noqa: E402
 from radixrt.engine.cascade_groups import CascadeGroups  # noqa: E402
-from radixrt.kernels.cascade_decode import PrefixTiling, cascade_decode  # noqa: E402
+from radixrt.kernels.cascade_decode import cascade_decode  # noqa: E402
+from radixrt.kernels.cascade_meta import PrefixTiling  # noqa: E402
 from radixrt.kernels.decode_attention import decode_attention, decode_block_n  # noqa: E402
 
 

@@ -144,7 +144,7 @@ def _check_layout_covers_each_request(layout: CascadeLayout, batch: ForwardBatch
 @pytest.mark.parametrize("page_size", [1, 16])
 def test_cascade_layout_agrees_with_the_triton_cascade_plan(page_size):
     from radixrt.attention.cascade_plan import ItemBudget, meta_views, pack_cascade
-    from radixrt.kernels.cascade_decode import PrefixTiling
+    from radixrt.kernels.cascade_meta import PrefixTiling
 
     rng = random.Random(page_size)
     shared = [4 * page_size * rng.randrange(2, 9) for _ in range(3)]

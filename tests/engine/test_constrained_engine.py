@@ -12,6 +12,7 @@ import pytest
 
 from radixrt import Engine, SamplingParams
 from tests.fixtures import json_schema_check as jsonschema
+from tests.fixtures.processes import process_gone
 from tests.fixtures.tiny_models import EOS_ID
 
 SCHEMA = {"type": "object",
@@ -379,8 +380,6 @@ def test_killing_the_grammar_process_falls_back(llama_dir):
 def test_grammar_process_ends_with_its_engine(llama_dir):
     """An engine dropped without a close still takes its grammar process with it."""
     import gc
-    import os
-    import time
 
     eng, grammars = _process_engine(llama_dir, True, kv_cache_tokens=4096)
     out = eng.generate(_prompts(2), SamplingParams(temperature=0, max_new_tokens=12,
@@ -389,30 +388,14 @@ def test_grammar_process_ends_with_its_engine(llama_dir):
     pid = grammars.masks.pid
     del eng, grammars, out
     gc.collect()
-    for _ in range(100):
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return
-        time.sleep(0.05)
-    pytest.fail(f"grammar process {pid} outlived its engine")
+    assert process_gone(pid), f"grammar process {pid} outlived its engine"
 
 
 def test_closing_the_engine_stops_its_grammar_process(llama_dir):
     """EngineCore.close() ends the grammar process it owns (not only garbage collection)."""
-    import os
-    import time
-
     eng, grammars = _process_engine(llama_dir, True, kv_cache_tokens=4096)
     eng.generate(_prompts(1), SamplingParams(temperature=0, max_new_tokens=6, regex=REGEX))
     pid = grammars.masks.pid
     eng.core.close()
-    for _ in range(100):
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            break
-        time.sleep(0.05)
-    else:
-        pytest.fail(f"grammar process {pid} outlived EngineCore.close()")
+    assert process_gone(pid), f"grammar process {pid} outlived EngineCore.close()"
     eng.core.close()  # twice is fine

@@ -10,7 +10,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 from typing import Any
 
 import numpy as np
@@ -23,6 +22,7 @@ from radixrt.constrained.grammar import GrammarCompiler, tokenizer_info
 from radixrt.constrained.matcher import Matcher
 from radixrt.constrained.proc_masks import ProcessMasks
 from radixrt.constrained.sequences import PROCESS_ENV, use_process
+from tests.fixtures.processes import process_gone
 from tests.fixtures.tiny_models import TINY_VOCAB, build_tokenizer
 
 SCHEMA = {"type": "object",
@@ -217,13 +217,7 @@ def test_the_process_exits_with_its_parent(tmp_path: Any) -> None:
     out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
                          cwd=root, env=dict(os.environ, PYTHONPATH=root), timeout=120)
     pid = int(out.stdout.split()[-1])
-    for _ in range(100):
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return
-        time.sleep(0.05)
-    pytest.fail(f"grammar process {pid} outlived its parent")
+    assert process_gone(pid), f"grammar process {pid} outlived its parent"
 
 
 def test_env_selects_the_process(monkeypatch: pytest.MonkeyPatch) -> None:

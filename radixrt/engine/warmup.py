@@ -59,10 +59,10 @@ def plan_waves(vocab_size: int, max_context_len: int, pool_tokens: int, chunk_to
                seed: int = 0) -> list[list[WarmupRequest]]:
     """The waves above, sized to fit the context window and a quarter of the pool."""
     gen = torch.Generator().manual_seed(seed)
-    hi = max(4, vocab_size - 1)
+    low = min(3, vocab_size - 1)  # above the usual special ids, where the vocabulary allows
 
     def tokens(n: int) -> list[int]:
-        return torch.randint(3, hi, (n,), generator=gen).tolist() if hi > 3 else [3] * n
+        return torch.randint(low, vocab_size, (n,), generator=gen).tolist()
 
     room = max(2, min(max_context_len - 16, pool_tokens // 4))  # prompt + output must fit
     cold = [tokens(min(n, room)) for n in COLD_LENS]
@@ -120,9 +120,10 @@ def freeze_startup_objects() -> int:
     the warm-up's leftovers) out of the cyclic collector's generations, so the full collections
     that serving triggers now and then scan only what serving allocated. Process-wide: the
     worker processes call it once the engine is up (an in-process ``Engine`` leaves the host
-    program's collector alone). Unfrozen, one full collection took ~70 ms at 170k objects on
-    the CPU box (tests/engine/test_warmup.py), and on the H200 the 256 x 1k decode step showed
-    0.25-4.8 ms/step of host idle from run to run. Returns how many objects were frozen."""
+    program's collector alone). Unfrozen, one full collection took ~70 ms on the CPU box (a
+    tiny model with 256 x 1k requests running: 170k objects; 0 ms frozen), and on the H200 the
+    256 x 1k decode step showed 0.25-4.8 ms/step of host idle from run to run (RESULTS.md,
+    session 7). Returns how many objects were frozen."""
     gc.collect()
     gc.freeze()
     return gc.get_freeze_count()

@@ -80,10 +80,10 @@ def run_engine(args: argparse.Namespace) -> dict[str, Any]:
 
     # The last chunk's prefix tiles on page runs (extend_runs.prefix_tile_lists): how many of
     # them loaded as TMA boxes of pool rows rather than by gather.
-    from radixrt.kernels import extend_newkv
+    from radixrt.kernels import extend_runs
 
     last_lists: list[tuple[torch.Tensor, torch.Tensor]] = []
-    tile_lists = extend_newkv.prefix_tile_lists
+    tile_lists = extend_runs.prefix_tile_lists
 
     def probe(table: torch.Tensor, rows: torch.Tensor, prefix: torch.Tensor, page: int,
               block_n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -91,7 +91,7 @@ def run_engine(args: argparse.Namespace) -> dict[str, Any]:
         last_lists[:] = [(out[2], prefix // block_n)]
         return out
 
-    extend_newkv.prefix_tile_lists = probe  # type: ignore[assignment]
+    extend_runs.prefix_tile_lists = probe  # type: ignore[assignment]
 
     def timed(tag: str, n: int) -> dict[str, Any]:
         core.flush_cache()

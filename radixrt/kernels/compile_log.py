@@ -76,7 +76,8 @@ class CompileLog:
         self.close()
 
     def summary(self) -> dict[str, Any]:
-        """JSON-able: how many compiles, their seconds, and the slowest per kernel."""
+        """JSON-able: how many compiles, their seconds, and count and seconds per kernel (most
+        seconds first)."""
         per: dict[str, list[float]] = {}
         for e in self.events:
             per.setdefault(e.kernel, []).append(e.seconds)

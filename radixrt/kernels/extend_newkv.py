@@ -29,7 +29,7 @@ import triton.language as tl
 
 from radixrt.kernels.extend_attention import _load_kv, _tile_slots, mma, mma_acc
 from radixrt.kernels.extend_configs import ExtendConfig
-from radixrt.kernels.extend_runs import ExtendReuse, prefix_tile_lists
+from radixrt.kernels.extend_runs import ExtendReuse, row_descriptor
 
 
 @triton.jit
@@ -281,11 +281,7 @@ def _tma_ready(t: torch.Tensor, head_dim: int, block_d: int) -> bool:
 
 
 def _descriptors(t: torch.Tensor, block_n: int, diag_n: int) -> tuple[object, object]:
-    from triton.tools.tensor_descriptor import TensorDescriptor
-
-    shape, strides = [t.shape[0], t.shape[1] * t.shape[2]], [t.stride(0), 1]
-    return (TensorDescriptor(t, shape, strides, [block_n, t.shape[2]]),
-            TensorDescriptor(t, shape, strides, [diag_n, t.shape[2]]))
+    return row_descriptor(t, block_n), row_descriptor(t, diag_n)
 
 
 def launch_newkv(
@@ -308,15 +304,10 @@ def launch_newkv(
         descs = (kd, vd, kdd, vdd) + (None,) * 5 + (0,)
         if cfg.pool_tma and _tma_ready(k_flat, head_dim, block_d) and _tma_ready(
                 v_flat, head_dim, block_d):
-            if reuse is not None:
-                tiles, rows, run_tiles = reuse.tiles(page_table, req_rows, prefix_lens, page_size,
-                                                     cfg.block_n)  # fmt: skip
-                kp, vp = (reuse.pool_descriptor(t, cfg.block_n) for t in (k_flat, v_flat))
-            else:
-                tiles, rows, run_tiles = prefix_tile_lists(page_table, req_rows, prefix_lens,
-                                                           page_size, cfg.block_n)  # fmt: skip
-                (kp, _), (vp, _) = (_descriptors(t, cfg.block_n, cfg.block_n)
-                                    for t in (k_flat, v_flat))
+            reuse = reuse or ExtendReuse()  # a lone call: lists and descriptors just for it
+            tiles, rows, run_tiles = reuse.tiles(page_table, req_rows, prefix_lens, page_size,
+                                                 cfg.block_n)  # fmt: skip
+            kp, vp = (reuse.pool_descriptor(t, cfg.block_n) for t in (k_flat, v_flat))
             descs = (kd, vd, kdd, vdd, kp, vp, tiles, rows, run_tiles, tiles.stride(0))
     try:
         _launch(q, k_flat, v_flat, k_new, v_new, descs, out, part_o, part_lse, qo_indptr,

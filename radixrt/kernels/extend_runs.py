@@ -109,13 +109,18 @@ class ExtendReuse:
         return hit[2]
 
     def pool_descriptor(self, t: torch.Tensor, block_n: int) -> object:
-        """A [block_n, Hkv * D] TMA descriptor over pool layer ``t`` ([S, Hkv, D])."""
+        """``row_descriptor(t, block_n)`` of pool layer ``t``, built once."""
         key = (t.data_ptr(), tuple(t.shape), tuple(t.stride()), block_n, str(t.dtype))
         desc = self._descs.get(key)
         if desc is None:
-            from triton.tools.tensor_descriptor import TensorDescriptor
-
-            desc = TensorDescriptor(t, [t.shape[0], t.shape[1] * t.shape[2]], [t.stride(0), 1],
-                                    [block_n, t.shape[2]])
-            self._descs[key] = desc
+            desc = self._descs[key] = row_descriptor(t, block_n)
         return desc
+
+
+def row_descriptor(t: torch.Tensor, rows: int) -> object:
+    """A TMA descriptor over [T, Hkv, D] tensor ``t`` seen as [T, Hkv * D], loading boxes of
+    ``rows`` rows x one head's D columns."""
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    return TensorDescriptor(t, [t.shape[0], t.shape[1] * t.shape[2]], [t.stride(0), 1],
+                            [rows, t.shape[2]])

@@ -42,18 +42,21 @@ def build_core(model: str, *, device: str, dtype: str, load_format: str, page_si
                kv_cache_tokens: int | None, enable_prefix_cache: bool, schedule_policy: str,
                max_running_requests: int, mem_fraction: float, seed: int,
                host_kv_cache_tokens: int = 0, max_prefill_tokens: int | None = None,
-               engine_warmup: bool | None = None) -> EngineCore:
+               engine_warmup: bool | None = None,
+               piecewise_max_tokens: int | None = None) -> EngineCore:
     # max_prefill_tokens (None: the engine default) also caps the chunk, which may not exceed it.
-    budget = {} if max_prefill_tokens is None else {
+    overrides: dict[str, int] = {} if max_prefill_tokens is None else {
         "max_prefill_tokens": max_prefill_tokens,
         "chunked_prefill_size": min(EngineConfig.chunked_prefill_size, max_prefill_tokens)}
+    if piecewise_max_tokens is not None:  # None: the engine default
+        overrides["piecewise_cuda_graph_max_tokens"] = piecewise_max_tokens
     cfg = EngineConfig(
         model=model, device=device, dtype=dtype, load_format=load_format,  # type: ignore[arg-type]
         page_size=page_size, kv_cache_tokens=kv_cache_tokens,
         enable_prefix_cache=enable_prefix_cache, schedule_policy=schedule_policy,  # type: ignore[arg-type]
         max_running_requests=max_running_requests, mem_fraction=mem_fraction, seed=seed,
         host_kv_cache_tokens=host_kv_cache_tokens, warmup=engine_warmup,
-        **budget,  # type: ignore[arg-type]
+        **overrides,  # type: ignore[arg-type]
     )
     core = EngineCore(cfg)
     freeze_startup_objects()  # as the server's worker process does after start-up

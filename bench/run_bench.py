@@ -85,6 +85,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    "<workload>_<variant>_cprofile.txt (host time by function)")
     p.add_argument("--no-warmup", action="store_true",
                    help="time cold kernels: neither the engine's start-up warm-up nor this script's")
+    p.add_argument("--piecewise-max-tokens", type=int, default=None,
+                   help="EngineConfig.piecewise_cuda_graph_max_tokens (0: mixed steps eager; "
+                   "default: the engine's)")
     p.add_argument("--deadline-s", type=float, default=None,
                    help="start no new run after this many seconds (partial results are kept)")
     p.add_argument("--hw-matmul-n", type=int, default=None)
@@ -293,22 +296,31 @@ def _run_engine_variant(variant: str, workloads: list[Workload], args: argparse.
                       mem_fraction=args.mem_fraction, seed=args.seed,
                       host_kv_cache_tokens=args.host_kv_cache_tokens if variant == "radix" else 0,
                       max_prefill_tokens=args.max_prefill_tokens,
-                      engine_warmup=False if args.no_warmup else None)
+                      engine_warmup=False if args.no_warmup else None,
+                      piecewise_max_tokens=args.piecewise_max_tokens)
     if not floors:
         kv_tokens = core.stats().total_pages * args.page_size
         floors.update(build_floors(workloads, shape, hw, args, kv_tokens))
     if core.warmup_report is not None:
         print(f"engine warm-up: {json.dumps(core.warmup_report)}")
+    if core.runner.piecewise is not None:
+        pw = core.runner.piecewise
+        print(f"piecewise graphs: {len(pw.sizes)} sizes <= {pw.max_tokens} tokens, "
+              f"captured in {pw.capture_s:.1f}s")
     if not args.no_warmup:
         warmup(core, shape.vocab_size)
     for w in workloads:
         if not time_left():
             skipped.append(f"{w.name}/{variant}")
             continue
+        piecewise = core.runner.piecewise
+        replayed = piecewise.replayed_steps if piecewise is not None else 0
         with CompileLog() as compiles:  # a compile inside the timed run stalls every request
             out = run_offline(core, w, progress=not args.no_progress, desc=f"{w.name} {variant}")
         r = result(w, variant, out, args, floors.get(w.name))
         r["kernel_compiles"] = compiles.summary()
+        # Prefill / mixed steps that replayed piecewise CUDA graphs (None: graphs off).
+        r["piecewise_steps"] = piecewise.replayed_steps - replayed if piecewise is not None else None
         if compiles.events:
             print(f"[{w.name}/{variant}] {len(compiles.events)} kernel compiles in the timed run "
                   f"({r['kernel_compiles']['seconds']:.2f}s): {list(r['kernel_compiles']['kernels'])}")

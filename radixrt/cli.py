@@ -164,13 +164,17 @@ def add_engine_args(ap: argparse.ArgumentParser) -> None:
       help="share of GPU memory for weights + KV pool (the KV pool gets what is free) "
       + _engine_default("mem_fraction"))
     a("--disable-cuda-graph", action="store_const", const=True, default=None,
-      help="run decode without CUDA graphs (default: graphs on CUDA)")
+      help="run every step eagerly, without CUDA graphs (default: graphs on CUDA)")
     a("--skip-warmup", action="store_const", const=False, default=None, dest="warmup",
       help="start serving without the start-up warm-up requests that compile kernels first "
       "(default: warm up on CUDA)")
     a("--cuda-graph-max-batch", type=int, default=None,
       help="largest decode batch replayed as a CUDA graph "
       + _engine_default("cuda_graph_max_batch"))
+    a("--piecewise-cuda-graph-max-tokens", type=int, default=None,
+      help="prefill and mixed steps of up to this many tokens replay piecewise CUDA graphs "
+      "(attention eager between them); 0 = off "
+      + _engine_default("piecewise_cuda_graph_max_tokens"))
     a("--disable-overlap", action="store_const", const=False, default=None,
       dest="overlap_schedule",
       help="read each step's tokens before launching the next (default: overlap on CUDA, off "

@@ -50,6 +50,10 @@ class EngineConfig:
     max_context_len: int | None = None  # default: the model's max_position_embeddings
     cuda_graph_max_batch: int = 256  # decode batches up to this size replay CUDA graphs
     disable_cuda_graph: bool = False
+    # Prefill and mixed steps of up to this many tokens replay piecewise CUDA graphs (the
+    # layers' dense parts; attention eager between them: engine/piecewise_graph.py). 0 = off.
+    # Off with tensor parallelism and deterministic inference.
+    piecewise_cuda_graph_max_tokens: int = 2048
     # Launch decode step N+1 before reading step N's tokens (hides scheduling behind the GPU).
     # None = on for CUDA, off for CPU (where nothing runs asynchronously).
     overlap_schedule: bool | None = None
@@ -98,6 +102,10 @@ class EngineConfig:
              f"must be >= page_size ({self.page_size}), got {self.chunked_prefill_size}")
         need(self.max_prefill_tokens >= self.chunked_prefill_size, "max_prefill_tokens",
              "must be >= chunked_prefill_size")
+        need(isinstance(self.piecewise_cuda_graph_max_tokens, int)
+             and 0 <= self.piecewise_cuda_graph_max_tokens <= 16384,
+             "piecewise_cuda_graph_max_tokens",
+             f"must be an int in [0, 16384], got {self.piecewise_cuda_graph_max_tokens!r}")
         need(self.schedule_policy in ("lpm", "fcfs"), "schedule_policy",
              f"must be 'lpm' or 'fcfs', got {self.schedule_policy!r}")
         need(self.attention_backend in ("auto", "torch", "triton", "flashinfer"),

@@ -149,9 +149,13 @@ def build_runner(config: EngineConfig, device: torch.device, tp: TPGroup | None)
         logger.info("deterministic inference: %d projections on the batch-invariant GEMM", rerouted)
     sends = tp is not None and tp.size > 1 and tp.rank == 0
     use_graphs = device.type == "cuda" and not config.disable_cuda_graph
+    # Piecewise graphs would capture the all-reduces (and the followers run eager steps), and
+    # padding is not checked against the batch-invariant kernels: off there.
+    piecewise = use_graphs and config.tp_size == 1 and not config.deterministic_inference
     runner = ModelRunner(
         loaded.model, pool, backend,
         graph_max_batch=min(config.cuda_graph_max_batch, config.max_running_requests) if use_graphs else 0,
+        piecewise_max_tokens=config.piecewise_cuda_graph_max_tokens if piecewise else 0,
         max_pages_per_seq=-(-max_context // config.page_size),
         max_running_requests=config.max_running_requests,
         table_cls=RecordingPageTable if sends else DevicePageTable,

@@ -15,6 +15,7 @@ from radixrt.cache.kv_pool import KVPool
 from radixrt.engine.batch import ForwardBatch
 from radixrt.engine.cascade_groups import CascadePolicy, PrefixGrouper
 from radixrt.engine.cuda_graph import DecodeGraphs
+from radixrt.engine.piecewise_graph import PiecewiseGraphs
 
 if TYPE_CHECKING:
     from radixrt.config import EngineConfig
@@ -80,13 +81,16 @@ class ModelRunner:
         backend: AttentionBackend,
         *,
         graph_max_batch: int = 0,
+        piecewise_max_tokens: int = 0,
         max_pages_per_seq: int = 0,
         max_running_requests: int = 256,
         table_cls: type[DevicePageTable] = DevicePageTable,
     ) -> None:
         """``max_pages_per_seq`` 0: as many as the pool holds (no sequence can hold more).
         ``max_running_requests`` sizes the device page table (EngineCore passes its config's).
-        ``table_cls``: the page table's class (tensor-parallel rank 0 records its writes)."""
+        ``table_cls``: the page table's class (tensor-parallel rank 0 records its writes).
+        ``piecewise_max_tokens`` > 0 (CUDA): other steps of up to that many tokens replay
+        piecewise graphs (engine/piecewise_graph.py)."""
         self.model = model
         self.pool = pool
         self.backend = backend
@@ -108,6 +112,12 @@ class ModelRunner:
             self.graphs = DecodeGraphs(model, pool, backend, max_batch=graph_max_batch,
                                        table=self.page_table)
             self.graphs.capture()
+        self.piecewise: PiecewiseGraphs | None = None
+        if piecewise_max_tokens > 0 and self.device.type == "cuda":
+            self.piecewise = PiecewiseGraphs(
+                model, pool, backend, max_tokens=piecewise_max_tokens,
+                mempool=self.graphs.mempool if self.graphs is not None else None)
+            self.piecewise.capture()
 
     def close(self) -> None:
         """Release what outlives the process's objects (the follower ranks under TP)."""
@@ -133,6 +143,9 @@ class ModelRunner:
             self.plan_sender.send_forward(batch)
         if self.graphs is not None and self.graphs.can_run(batch):
             return self.graphs.run(batch)
+        if self.piecewise is not None and self.piecewise.can_run(batch):
+            hidden = self.piecewise.run(batch)  # [T, hidden]
+            return self.model.compute_logits(hidden[batch.logits_indices])  # type: ignore[operator,no-any-return]
         self.backend.prepare(batch)
         pool, backend = self.pool, self.backend
 

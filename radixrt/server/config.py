@@ -38,6 +38,7 @@ _ENGINE_FIELDS = (
     "mem_fraction",
     "disable_cuda_graph",
     "cuda_graph_max_batch",
+    "piecewise_cuda_graph_max_tokens",
     "overlap_schedule",
     "deterministic_inference",
     "cascade_decode",
@@ -102,6 +103,7 @@ class ServerConfig:
     mem_fraction: float | None = None
     disable_cuda_graph: bool | None = None
     cuda_graph_max_batch: int | None = None
+    piecewise_cuda_graph_max_tokens: int | None = None
     overlap_schedule: bool | None = None
     deterministic_inference: bool | None = None
     cascade_decode: str | None = None  # --cascade-decode auto|on|off (shared-prefix decode)

@@ -1,0 +1,171 @@
+"""Piecewise CUDA graphs for prefill and mixed steps: each layer's dense part replays as a graph,
+attention runs eagerly between the graphs.
+
+A mixed step's attention depends on every request's lengths (ragged grids, host-planned prefix
+tiles), so it cannot be frozen into a graph; everything else in a layer is row-wise (norms,
+projections, RoPE, the MLP) and depends on the token count alone. A step of T tokens pads to the
+next captured size P >= T, and the model forward is captured as L + 1 graphs split at its
+attention calls::
+
+    graph 0      embed, norm, qkv, rope (layer 0)                 -> q/k/v buffers [P]
+    attention 0  eager, real rows only: store K/V, attend         -> attention buffer [T]
+    graph 1      o_proj, add + norm, MLP (layer 0); norm, qkv, rope (layer 1) -> q/k/v [P]
+    ...
+    graph L      o_proj, add + norm, MLP (layer L-1), final norm   -> hidden buffer [P]
+
+Padding rows (T .. P-1) compute row-wise garbage nobody reads: attention never sees them and the
+logits are gathered from real rows. Tensors crossing a split either live in buffers allocated
+once outside the graphs (q/k/v, the attention output, the final hidden state: one set for all
+sizes) or, for the residual stream, in graph memory that stays valid because the graphs of one
+size replay in the order they were captured and nothing else writes their pool in between.
+
+Eager mixed steps were host-bound (bench/RESULTS.md, session 7: chat's GPU was busy 1.28 s of a
+2.71 s wall, ~13 launches per layer); a replay is one launch for the whole dense part.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+import torch
+
+from radixrt.attention.base import AttentionBackend
+from radixrt.cache.kv_pool import KVPool
+from radixrt.engine.batch import ForwardBatch
+
+logger = logging.getLogger(__name__)
+
+
+def piecewise_sizes(max_tokens: int) -> list[int]:
+    """Captured token counts up to ``max_tokens``: steps of 32 tokens to 512, then 1/8 of the
+    power of two below (64 to 1024, 128 to 2048, ...), so padding adds less than 32 tokens or
+    1/8 of the step."""
+    assert max_tokens >= 1, f"max_tokens must be positive, got {max_tokens}"
+    sizes, size = [], 32
+    while size < max_tokens:
+        sizes.append(size)
+        size += max(32, (1 << (size.bit_length() - 1)) // 8)
+    return sizes + [max_tokens]
+
+
+class PiecewiseGraphs:
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        pool: KVPool,
+        backend: AttentionBackend,
+        *,
+        max_tokens: int,
+        mempool: Any = None,
+    ) -> None:
+        """``mempool``: a graph memory pool to share (the decode graphs'), else a new one."""
+        self.model = model
+        self.pool = pool
+        self.backend = backend
+        self.max_tokens = max_tokens
+        self.sizes = piecewise_sizes(max_tokens)
+        dev, dtype = pool.device, pool.dtype
+        heads, kv_heads, dim = backend.num_heads, backend.num_kv_heads, backend.head_dim
+        self.input_ids = torch.zeros(max_tokens, dtype=torch.int64, device=dev)
+        self.positions = torch.zeros(max_tokens, dtype=torch.int64, device=dev)
+        # q | k | v side by side per token, as the fused qkv projection lays them out, so the
+        # attention sees the same strides as in an eager step (the same kernel specializations).
+        self._qkv = torch.zeros(max_tokens, (heads + 2 * kv_heads) * dim, dtype=dtype, device=dev)
+        q, k, v = self._qkv.split([heads * dim, kv_heads * dim, kv_heads * dim], dim=-1)
+        self._q = q.view(max_tokens, heads, dim)
+        self._k = k.view(max_tokens, kv_heads, dim)
+        self._v = v.view(max_tokens, kv_heads, dim)
+        self._attn_out = torch.zeros(max_tokens, heads, dim, dtype=dtype, device=dev)
+        self._hidden: torch.Tensor | None = None  # [max_tokens, H], sized by the first pass
+        self.mempool = mempool if mempool is not None else torch.cuda.graph_pool_handle()
+        # Per size: the L + 1 graphs, and the layer whose attention runs after graph i.
+        self.graphs: dict[int, list[torch.cuda.CUDAGraph]] = {}
+        self.layer_ids: dict[int, list[int]] = {}
+        self.replayed_steps = 0  # steps run through the graphs (tests, benchmarks)
+        self.capture_s = 0.0
+
+    # ------------------------------------------------------------------ capture
+
+    def _split_attn(self, size: int) -> Any:
+        """The attn callback of a capture pass: park q/k/v, end this graph, begin the next."""
+        graphs, layer_ids = self.graphs[size], self.layer_ids[size]
+
+        def attn(layer_id: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+            self._q[:size].copy_(q)
+            self._k[:size].copy_(k)
+            self._v[:size].copy_(v)
+            graphs[-1].capture_end()
+            layer_ids.append(layer_id)
+            graphs.append(torch.cuda.CUDAGraph())
+            graphs[-1].capture_begin(pool=self.mempool)
+            return self._attn_out[:size]
+
+        return attn
+
+    def _warm_attn(self, size: int) -> Any:
+        def attn(layer_id: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+            return self._attn_out[:size]
+
+        return attn
+
+    @torch.inference_mode()
+    def capture(self) -> None:
+        start = time.perf_counter()
+        stream = torch.cuda.Stream(device=self.pool.device)
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for size in reversed(self.sizes):  # largest first so smaller ones reuse its memory
+                # An eager pass first: Triton compiles (and cuBLAS picks) outside the capture.
+                hidden = self.model(self.input_ids[:size], self.positions[:size],
+                                    self._warm_attn(size))  # [P, H]
+                if self._hidden is None:
+                    self._hidden = hidden.new_zeros(self.max_tokens, hidden.shape[1])
+                del hidden
+                stream.synchronize()
+                self._capture_one(size)
+        torch.cuda.current_stream().wait_stream(stream)
+        torch.cuda.synchronize(self.pool.device)
+        count = sum(len(g) for g in self.graphs.values())
+        self.capture_s = time.perf_counter() - start
+        logger.info("captured %d piecewise CUDA graphs (%d sizes, steps <= %d tokens) in %.1fs",
+                    count, len(self.sizes), self.max_tokens, self.capture_s)
+
+    def _capture_one(self, size: int) -> None:
+        assert self._hidden is not None, "the eager pass sizes the hidden buffer"
+        self.graphs[size] = [torch.cuda.CUDAGraph()]
+        self.layer_ids[size] = []
+        graphs = self.graphs[size]
+        graphs[0].capture_begin(pool=self.mempool)
+        try:
+            hidden = self.model(self.input_ids[:size], self.positions[:size],
+                                self._split_attn(size))  # [P, H]
+            self._hidden[:size].copy_(hidden)
+        finally:
+            graphs[-1].capture_end()
+        assert len(graphs) == len(self.layer_ids[size]) + 1, "one graph more than attention calls"
+
+    # ------------------------------------------------------------------ replay
+
+    def can_run(self, batch: ForwardBatch) -> bool:
+        return bool(self.graphs) and batch.num_tokens <= self.max_tokens
+
+    def run(self, batch: ForwardBatch) -> torch.Tensor:
+        """The model's hidden states of the step's real rows: [T, H] (a view of a buffer the
+        next step overwrites)."""
+        n = batch.num_tokens
+        size = next(s for s in self.sizes if s >= n)
+        # Padding rows keep an earlier step's ids and positions: valid inputs, unread outputs.
+        self.input_ids[:n].copy_(batch.input_ids)
+        self.positions[:n].copy_(batch.positions)
+        self.backend.prepare(batch)
+        q, k, v, out = self._q[:n], self._k[:n], self._v[:n], self._attn_out[:n]
+        graphs = self.graphs[size]
+        for graph, layer_id in zip(graphs, self.layer_ids[size]):
+            graph.replay()
+            out.copy_(self.backend.forward(layer_id, q, k, v, self.pool, batch))
+        graphs[-1].replay()
+        self.replayed_steps += 1
+        assert self._hidden is not None, "run before capture"
+        return self._hidden[:n]

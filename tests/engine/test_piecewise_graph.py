@@ -1,0 +1,57 @@
+"""Piecewise CUDA graphs for prefill and mixed steps (engine/piecewise_graph.py): the captured
+sizes, the config's bounds, and on a GPU that replaying them never changes an answer."""
+
+from __future__ import annotations
+
+import pytest
+
+from radixrt import Engine, SamplingParams
+from radixrt.config import EngineConfig
+from radixrt.engine.piecewise_graph import piecewise_sizes
+from tests.engine.test_engine import shared_prompt_batch
+
+
+@pytest.mark.parametrize("max_tokens", [1, 31, 32, 100, 256, 257, 1000, 2048, 4097])
+def test_sizes_cover_every_step_with_bounded_padding(max_tokens):
+    sizes = piecewise_sizes(max_tokens)
+    assert sizes == sorted(set(sizes)) and sizes[-1] == max_tokens
+    for tokens in range(1, max_tokens + 1):
+        padded = next(s for s in sizes if s >= tokens)
+        # Small steps pad by under 32 tokens, larger ones by under 1/8 of the step.
+        assert padded - tokens < max(32, tokens / 8), (tokens, padded)
+
+
+@pytest.mark.parametrize("bad", [-1, 16385, 2**70, 1.5, "2048"])
+def test_config_rejects_bad_max_tokens(bad):
+    with pytest.raises(ValueError, match="piecewise_cuda_graph_max_tokens"):
+        EngineConfig(piecewise_cuda_graph_max_tokens=bad)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("variant", ["llama", "qwen3"])
+def test_piecewise_replay_equals_eager(tiny_model_dir, variant):
+    """fp32: the same greedy tokens and logprobs (to fp32 rounding) with the prefill and mixed
+    steps replayed as piecewise graphs as when they run eagerly, across prefix hits, chunked
+    prefill, and steps both under and over the largest captured size."""
+    prompts = shared_prompt_batch(5, n=12)
+    params = SamplingParams(temperature=0.0, max_new_tokens=16, ignore_eos=True, logprobs=True)
+
+    def run(max_tokens: int) -> tuple[list, Engine]:
+        eng = Engine(str(tiny_model_dir(variant)), device="cuda", dtype="float32", page_size=16,
+                     kv_cache_tokens=8192, max_running_requests=32, chunked_prefill_size=48,
+                     max_prefill_tokens=96, piecewise_cuda_graph_max_tokens=max_tokens,
+                     warmup=False, debug_invariants=True)
+        eng.generate(prompts[:3], params)  # later prompts hit the cached stem
+        return eng.generate(prompts, params), eng
+
+    eager, eager_eng = run(0)
+    graphed, eng = run(64)  # steps above 64 tokens stay eager
+    assert eager_eng.core.runner.piecewise is None
+    piecewise = eng.core.runner.piecewise
+    assert piecewise is not None and piecewise.replayed_steps > 0, "no step replayed"
+    assert sum(o.cached_tokens for o in graphed) > 0, "the cache was never hit"
+    assert [o.token_ids for o in graphed] == [o.token_ids for o in eager]
+    for a, b in zip(graphed, eager):
+        assert a.logprobs == pytest.approx(b.logprobs, abs=1e-4)
+    st = eng.stats()
+    assert st.free_pages + st.evictable_pages == st.total_pages

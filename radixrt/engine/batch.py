@@ -100,17 +100,14 @@ def pack_forward_batch(
         owner = np.repeat(np.arange(bsz), extend)  # [T] request of each new token
         positions = prefix[owner] + np.arange(num_tokens) - indptr[owner]  # [T]
     seq_lens = prefix + extend
-    n_logits = int(logits_indices.shape[0])
-    long = host_to_device(np.concatenate([input_ids, positions, out_slots, logits_indices]),
-                          torch.int64, table.device)
-    ints = host_to_device(np.concatenate([indptr, prefix, seq_lens, req_rows]).astype(np.int32),
-                          torch.int32, table.device)
-    t, b = num_tokens, bsz
+    input_ids_d, positions_d, out_slots_d, logits_d = pack_aligned(
+        [input_ids, positions, out_slots, logits_indices], torch.int64, table.device)
+    indptr_d, prefix_d, seq_lens_d, rows_d = pack_aligned(
+        [indptr, prefix, seq_lens, np.asarray(req_rows)], torch.int32, table.device)
     return ForwardBatch(
-        input_ids=long[:t], positions=long[t : 2 * t], out_slots=long[2 * t : 3 * t],
-        logits_indices=long[3 * t : 3 * t + n_logits],
-        qo_indptr=ints[: b + 1], prefix_lens=ints[b + 1 : 2 * b + 1],
-        seq_lens=ints[2 * b + 1 : 3 * b + 1], req_rows=ints[3 * b + 1 : 4 * b + 1],
+        input_ids=input_ids_d, positions=positions_d, out_slots=out_slots_d,
+        logits_indices=logits_d, qo_indptr=indptr_d, prefix_lens=prefix_d, seq_lens=seq_lens_d,
+        req_rows=rows_d,
         page_table=table.table, page_size=table.page_size,
         is_decode=num_tokens == bsz, max_extend_len=int(extend.max()),
         max_seq_len=int(seq_lens.max()), extend_lens_cpu=list(extend_lens),
@@ -168,6 +165,23 @@ def build_forward_batch(
         input_ids=input_ids, extend_lens=extend, prefix_lens=list(prefix_lens), req_rows=rows,
         out_slots=np.concatenate(slots), logits_indices=logits_idx.astype(np.int64), table=table,
     )
+
+
+def pack_aligned(parts: Sequence[np.ndarray], dtype: torch.dtype,
+                 device: torch.device | str) -> list[torch.Tensor]:
+    """``parts`` on ``device`` in one host->device copy, as views of one buffer, each starting
+    16 bytes aligned: Triton specializes pointer arguments on 16-byte alignment, so a view at an
+    odd offset would compile (mid-traffic) a second variant of every kernel reading it."""
+    per = 16 // torch.empty((), dtype=dtype).element_size()
+    offsets, total = [], 0
+    for part in parts:
+        offsets.append(total)
+        total += -(-len(part) // per) * per
+    host = np.zeros(total, dtype=np.int64 if dtype == torch.int64 else np.int32)
+    for off, part in zip(offsets, parts):
+        host[off : off + len(part)] = part
+    buf = host_to_device(host, dtype, device)
+    return [buf[off : off + len(part)] for off, part in zip(offsets, parts)]
 
 
 def host_to_device(x: np.ndarray | Sequence[float], dtype: torch.dtype, device: torch.device | str) -> torch.Tensor:

@@ -33,6 +33,24 @@ def test_slots_positions_and_logit_rows_follow_page_tables():
     assert not batch.is_decode and batch.max_extend_len == 3 and batch.max_seq_len == 6
 
 
+@pytest.mark.parametrize("tokens", [1, 3, 5, 8])
+def test_every_step_tensor_starts_16_byte_aligned(tokens):
+    """An odd token count must not leave positions / slots at an odd offset of the shared
+    upload buffer (Triton would compile a second, unaligned kernel variant mid-traffic)."""
+    ids = [list(range(10, 10 + tokens)), [7, 8, 9]]
+    batch = build_forward_batch(new_token_ids=ids, prefix_lens=[0, 4],
+                                page_tables=[[1] * 2, [2, 3]], page_size=8)
+    fields = ("input_ids", "positions", "out_slots", "logits_indices", "qo_indptr",
+              "prefix_lens", "seq_lens", "req_rows")
+    for name in fields:
+        t = getattr(batch, name)
+        assert t.data_ptr() % 16 == 0, f"{name} at byte offset {t.data_ptr() % 16}"
+    assert batch.input_ids.tolist() == ids[0] + ids[1]
+    assert batch.positions.tolist() == list(range(tokens)) + [4, 5, 6]
+    assert batch.seq_lens.tolist() == [tokens, 7]
+    assert batch.logits_indices.tolist() == [tokens - 1, tokens + 2]
+
+
 def test_page_table_too_short_is_rejected():
     with pytest.raises(AssertionError, match="page table covers"):
         build_forward_batch(new_token_ids=[[1, 2]], prefix_lens=[7], page_tables=[[1, 2]], page_size=4)

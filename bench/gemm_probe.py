@@ -7,8 +7,7 @@ Llama-3-8B's projections (qkv, o, gate_up, down, lm_head), bf16, one layer's wei
 (each larger than L2, so every call reads its weight from DRAM). Variants per (shape, M):
 ``linear`` (F.linear, cuBLAS's pick), ``cublaslt`` (torch's preferred BLAS set to cuBLASLt),
 ``kn`` (the weight stored [K, N]: x @ W, another cuBLAS layout), ``halves`` (N in two calls),
-``triton:<cfg>`` (radixrt.kernels.matmul with a tile config from a small sweep) and
-``skinny:<cfg>`` (radixrt.kernels.skinny_gemm, split-K over the weight's rows). Each is
+and ``triton:<cfg>`` (radixrt.kernels.matmul with a tile config from a small sweep). Each is
 timed by triton.testing.do_bench (median ms) and set against max(FLOPs / matmul rate, weight
 bytes / copy bandwidth). Writes gemm_probe.json.
 """
@@ -29,7 +28,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.floor import measure_hardware  # noqa: E402
 from radixrt.kernels.matmul import GemmConfig, batch_invariant_linear  # noqa: E402
-from radixrt.kernels.skinny_gemm import SkinnyConfig, fits, skinny_linear  # noqa: E402
 
 SHAPES = {  # name: (N, K) of the weight [N, K], Llama-3-8B
     "qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336),
@@ -39,16 +37,9 @@ TRITON_CFGS = [GemmConfig(bm, bn, bk, w, s) for bm, bn, bk, w, s in (
     (128, 256, 64, 8, 3), (128, 128, 64, 8, 4), (128, 128, 64, 4, 4), (64, 128, 64, 4, 4),
     (64, 256, 64, 4, 3), (128, 64, 64, 4, 5), (64, 64, 128, 4, 4), (256, 128, 64, 8, 3),
 )]
-SKINNY_CFGS = [SkinnyConfig(bn, bk, sk, w, st) for bn, bk, sk, w, st in (
-    (64, 128, 1, 4, 4), (64, 128, 2, 4, 4), (64, 128, 4, 4, 4), (64, 128, 8, 4, 4),
-    (64, 256, 1, 4, 3), (64, 256, 2, 4, 3), (64, 256, 4, 4, 3), (128, 128, 1, 4, 4),
-    (128, 128, 2, 4, 4), (128, 128, 4, 4, 4), (128, 64, 2, 4, 5), (128, 64, 4, 4, 5),
-    (128, 128, 2, 8, 4), (64, 128, 4, 8, 4),
-)]
 
 
-def probe_shape(name: str, m: int, n: int, k: int, hw: Any, do_bench: Any,
-                a_skinny: bool = True, a_triton: bool = True) -> dict[str, Any]:
+def probe_shape(name: str, m: int, n: int, k: int, hw: Any, do_bench: Any) -> dict[str, Any]:
     x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
     w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) / k**0.5
     ref = F.linear(x, w).float()
@@ -59,14 +50,9 @@ def probe_shape(name: str, m: int, n: int, k: int, hw: Any, do_bench: Any,
         "linear": lambda: F.linear(x, w), "kn": lambda: x @ wt,
         "halves": lambda: (F.linear(x, w1), F.linear(x, w2)),
     }
-    for cfg in TRITON_CFGS if a_triton else []:
+    for cfg in TRITON_CFGS:
         tag = f"triton:{cfg.block_m}x{cfg.block_n}x{cfg.block_k}w{cfg.num_warps}s{cfg.num_stages}"
         variants[tag] = lambda c=cfg: batch_invariant_linear(x, w, config=c)
-    if a_skinny:
-        for sc in SKINNY_CFGS:
-            if fits(m, n, k, sc):
-                tag = f"skinny:{sc.block_n}x{sc.block_k}s{sc.split_k}w{sc.num_warps}st{sc.num_stages}"
-                variants[tag] = lambda c=sc: skinny_linear(x, w, c)
     res: dict[str, float] = {}
     for vname, fn in variants.items():
         try:
@@ -95,8 +81,6 @@ def main() -> None:
     ap.add_argument("--out", default="bench/results")
     ap.add_argument("--m", default="16,64,256")
     ap.add_argument("--budget-s", type=float, default=120.0)
-    ap.add_argument("--no-triton", action="store_true", help="skip the batch-invariant tiles")
-    ap.add_argument("--no-skinny", action="store_true", help="skip the split-K skinny kernel")
     a = ap.parse_args()
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -107,7 +91,7 @@ def main() -> None:
         for name, (n, k) in SHAPES.items():
             if time.perf_counter() > t_end:
                 break
-            row = probe_shape(name, m, n, k, hw, do_bench, not a.no_skinny, not a.no_triton)
+            row = probe_shape(name, m, n, k, hw, do_bench)
             rows.append(row)
             print(f"M={m:4d} {name:8s} floor {row['floor_ms']:.4f} ms  linear "
                   f"{row['ms']['linear']:.4f} ({row['linear_over_floor']:.2f}x)  best {row['best']} "

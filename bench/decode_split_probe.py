@@ -5,8 +5,10 @@ step at 64 x 512 vs a 1.06 ms floor).
     python3 bench/decode_split_probe.py --out $OUT [--batches 16,64] [--ctxs 256,512]
 
 For each (batch, context) the engine's split count (``choose_num_splits``) and its neighbours,
-each with ``min_split_len`` 64 / 128 / 256 (the backend's default is 256), timed by do_bench
-(median). Writes decode_split_probe.json; prints GB/s as a share of the copy bandwidth.
+each with ``min_split_len`` 64 / 128 / 256 (the backend's default is 256), timed inside a CUDA
+graph as the engine runs decode (``do_bench_cudagraph``, median; plain do_bench times the
+Python launches at these sizes: ~60 us whatever the shape). Writes decode_split_probe.json;
+prints GB/s as a share of the copy bandwidth.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import sys
 from pathlib import Path
 
 import torch
+from triton.testing import do_bench_cudagraph
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -28,7 +31,6 @@ from bench_kernels import (  # noqa: E402
     HKV,
     HQ,
     copy_bandwidth_gbs,
-    median_ms,
     paged_kv,
     random_page_table,
 )
@@ -50,9 +52,9 @@ def probe(batch: int, ctx: int, copy_bw: float, sms: int) -> list[dict[str, floa
     rows = []
     for s in splits:
         for min_len in (64, 128, 256):
-            ms = median_ms(lambda s=s, m=min_len: decode_attention(
+            ms = do_bench_cudagraph(lambda s=s, m=min_len: decode_attention(
                 q, k_flat, v_flat, seq_lens, table, rows_idx, 16, HD**-0.5, s, part_out,
-                part_lse, min_split_len=m, out=out))
+                part_lse, min_split_len=m, out=out), rep=100, return_mode="median")
             rows.append({"batch": batch, "ctx": ctx, "splits": s, "min_split_len": min_len,
                          "default": s == chosen and min_len == 256, "us": ms * 1e3,
                          "of_copy": kv_bytes / ms / 1e6 / copy_bw})

@@ -38,7 +38,8 @@ from bench_kernels import (  # noqa: E402
 from radixrt.kernels.decode_attention import choose_num_splits, decode_attention  # noqa: E402
 
 
-def probe(batch: int, ctx: int, copy_bw: float, sms: int) -> list[dict[str, float]]:
+def probe(batch: int, ctx: int, copy_bw: float, sms: int,
+          min_lens: tuple[int, ...] = (64, 128, 256)) -> list[dict[str, float]]:
     k_flat, v_flat, num_pages = paged_kv(batch * ctx, 16)
     table, rows_idx = random_page_table(batch, ctx, 16, num_pages)
     seq_lens = torch.full((batch,), ctx, device=DEV, dtype=torch.int32)
@@ -51,7 +52,7 @@ def probe(batch: int, ctx: int, copy_bw: float, sms: int) -> list[dict[str, floa
     kv_bytes = 2 * batch * ctx * HKV * HD * 2
     rows = []
     for s in splits:
-        for min_len in (64, 128, 256):
+        for min_len in min_lens:
             ms = do_bench_cudagraph(lambda s=s, m=min_len: decode_attention(
                 q, k_flat, v_flat, seq_lens, table, rows_idx, 16, HD**-0.5, s, part_out,
                 part_lse, min_split_len=m, out=out), rep=100, return_mode="median")
@@ -69,11 +70,13 @@ def main() -> None:
     ap.add_argument("--out", default="bench/results")
     ap.add_argument("--batches", default="16,64")
     ap.add_argument("--ctxs", default="256,512")
+    ap.add_argument("--min-lens", default="64,128,256")
     a = ap.parse_args()
     sms = torch.cuda.get_device_properties(DEV).multi_processor_count
     copy_bw = copy_bandwidth_gbs()
     rows = [r for b in a.batches.split(",") for c in a.ctxs.split(",")
-            for r in probe(int(b), int(c), copy_bw, sms)]
+            for r in probe(int(b), int(c), copy_bw, sms,
+                           tuple(int(m) for m in a.min_lens.split(",")))]
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "decode_split_probe.json").write_text(json.dumps({"copy_gbs": copy_bw, "rows": rows},

@@ -14,19 +14,12 @@ group's prefix read once per tile of members, each request's suffix, an LSE merg
 goes to fixed device buffers (attention/cascade_plan.py) and pass 1 loops over a device-side item
 count, so a graph captured with groups replays any grouping; ungrouped requests ride along.
 
-A mixed step whose batch starts with decode rows (one new token each, as the scheduler lays them
-out) runs them through the decode kernel and only the rest through the extend kernel
-(``split_mixed_decode``): in the extend kernel a decode row fills 4 of a tile's 128 query rows
-and its grid slot costs every request an M-block, while the split-KV decode kernel reads its KV
-at close to copy bandwidth.
-
 With ``deterministic=True`` every step (prefill, mixed, decode) runs the batch-invariant kernel
 instead, so a token's attention output never depends on the batch it was computed in.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
@@ -48,26 +41,6 @@ if TYPE_CHECKING:
     from radixrt.engine.cascade_groups import CascadePolicy
 
 
-@dataclass(frozen=True)
-class MixedSplit:
-    """A mixed step cut after its leading decode rows: rows ``[0, n_decode)`` go through the
-    decode kernel, the requests after them through the extend kernel.
-
-        tokens     d0 d1 d2 | a a a a b b b        (requests 0..2 decode, 3..4 extend)
-        decode     q[:3], seq_lens[:3], req_rows[:3]
-        extend     q[3:], qo_indptr[3:] - 3, prefix_lens[3:], req_rows[3:]
-    """
-
-    n_decode: int
-    num_splits: int  # the decode part's KV splits
-    decode_seq_lens: torch.Tensor  # [n_decode] int32
-    decode_rows: torch.Tensor  # [n_decode] int32
-    extend_indptr: torch.Tensor  # [B - n_decode + 1] int32, rebased to 0
-    extend_prefix_lens: torch.Tensor  # [B - n_decode] int32
-    extend_rows: torch.Tensor  # [B - n_decode] int32
-    extend_max_seq_len: int
-
-
 class TritonAttentionBackend(AttentionBackend):
     def __init__(
         self,
@@ -87,7 +60,6 @@ class TritonAttentionBackend(AttentionBackend):
         cascade_tile_reqs: int | None = None,
         cascade_item_target: int | None = None,
         cascade_side_stream: bool = True,
-        split_mixed_decode: bool = True,
     ) -> None:
         super().__init__(num_heads, num_kv_heads, head_dim, scale)
         assert max_batch_size >= 1 and max_kv_splits >= 1, "need a positive batch and split cap"
@@ -123,8 +95,6 @@ class TritonAttentionBackend(AttentionBackend):
         self._num_splits = 1
         # Prefix tile lists and pool TMA descriptors shared by a step's layers.
         self._extend_reuse = ExtendReuse()
-        self.split_mixed_decode = split_mixed_decode and not deterministic
-        self._mixed: MixedSplit | None = None  # the prepared mixed step's cut, if any
         assert cascade is None or not deterministic, "cascade decode is not batch-invariant"
         self.cascade_policy = cascade
         self._cascade: CascadeBuffers | None = None
@@ -151,11 +121,6 @@ class TritonAttentionBackend(AttentionBackend):
                               device=self.device)
 
     @property
-    def mixed_split(self) -> MixedSplit | None:
-        """The prepared mixed step's cut between decode rows and extends (None: not cut)."""
-        return self._mixed
-
-    @property
     def kv_split(self) -> bool:
         """Whether the prepared (deterministic, decode) step splits the KV into chunks."""
         return self._split
@@ -175,26 +140,8 @@ class TritonAttentionBackend(AttentionBackend):
             self._num_splits = self.num_splits_for(batch.batch_size)
         self._meta = None
         self._extend_reuse.new_step()
-        self._mixed = self._mixed_split(batch) if self.split_mixed_decode else None
         if batch.is_decode and self._cascade is not None and batch.cascade is not None:
             self._meta = self._cascade.upload(batch.cascade, batch.batch_size)
-
-    def _mixed_split(self, batch: ForwardBatch) -> MixedSplit | None:
-        """The cut of a mixed step with leading decode rows and at least one extend after them
-        (None: no such rows, a pure decode step, or a batch too large for the partial buffers)."""
-        lens = batch.extend_lens_cpu
-        if batch.is_decode or lens[0] != 1:
-            return None
-        n = next((i for i, e in enumerate(lens) if e != 1), len(lens))
-        if n == len(lens) or n > self.max_batch_size:
-            return None
-        seq = batch.seq_lens_cpu[n:]
-        return MixedSplit(
-            n_decode=n, num_splits=self.num_splits_for(n),
-            decode_seq_lens=batch.seq_lens[:n], decode_rows=batch.req_rows[:n],
-            extend_indptr=batch.qo_indptr[n:] - n, extend_prefix_lens=batch.prefix_lens[n:],
-            extend_rows=batch.req_rows[n:], extend_max_seq_len=max(seq),
-        )
 
     def forward(
         self,
@@ -261,8 +208,6 @@ class TritonAttentionBackend(AttentionBackend):
                 batch.extend_lens_cpu, batch.prefix_lens_cpu, batch.req_rows_cpu,
                 torch.empty_like(q),
             )  # fmt: skip
-        if self._mixed is not None:
-            return self._attend_mixed(q, k_flat, v_flat, batch, self._mixed, k_new, v_new)
         return extend_attention(
             q,
             k_flat,
@@ -280,29 +225,3 @@ class TritonAttentionBackend(AttentionBackend):
             v_new=v_new,
             reuse=self._extend_reuse,
         )
-
-    def _attend_mixed(
-        self,
-        q: torch.Tensor,  # [T, Hq, D]
-        k_flat: torch.Tensor,
-        v_flat: torch.Tensor,
-        batch: ForwardBatch,
-        cut: MixedSplit,
-        k_new: torch.Tensor | None,
-        v_new: torch.Tensor | None,
-    ) -> torch.Tensor:  # [T, Hq, D]
-        n = cut.n_decode
-        out = torch.empty_like(q)
-        decode_attention(
-            q[:n], k_flat, v_flat, cut.decode_seq_lens, batch.page_table, cut.decode_rows,
-            batch.page_size, self.scale, cut.num_splits, self._part_out, self._part_lse,
-            out=out[:n], min_split_len=self.min_split_len,
-        )  # fmt: skip
-        extend_attention(
-            q[n:], k_flat, v_flat, cut.extend_indptr, cut.extend_prefix_lens, batch.page_table,
-            cut.extend_rows, batch.page_size, batch.max_extend_len, self.scale, out=out[n:],
-            max_seq_len=cut.extend_max_seq_len,
-            k_new=k_new[n:] if k_new is not None else None,
-            v_new=v_new[n:] if v_new is not None else None, reuse=self._extend_reuse,
-        )  # fmt: skip
-        return out

@@ -30,24 +30,17 @@ def _step(batch: ForwardBatch, heads, kv_heads, head_dim, dtype, device):
     return q, k, v
 
 
-@pytest.mark.parametrize("leading_decode", [False, True])
 @pytest.mark.parametrize("deterministic", [False, True])
 @pytest.mark.parametrize(
     ("dtype", "page_size"), [(torch.float32, 1), (torch.bfloat16, 16), (torch.float16, 4)]
 )
-def test_backend_mixed_then_decode(device, assert_close, dtype, page_size, deterministic,
-                                   leading_decode):
-    """``leading_decode``: the decode rows come first, as the scheduler lays a mixed step out,
-    and go through the decode kernel; else they sit between extends and ride the extend kernel."""
+def test_backend_mixed_then_decode(device, assert_close, dtype, page_size, deterministic):
     if device == "cuda":
         heads, kv_heads, head_dim = 32, 8, 128
         cached, new = [0, 700, 1500, 33], [600, 1, 200, 1]  # requests 1 and 3 are decoding
     else:
         heads, kv_heads, head_dim = 8, 2, 32
         cached, new = [0, 40, 21, 9], [18, 1, 5, 1]
-    if leading_decode:
-        order = [1, 3, 0, 2]
-        cached, new = [cached[i] for i in order], [new[i] for i in order]
     scale = head_dim**-0.5
     decode_steps = 3 if device == "cuda" else 1
     lens = [c + n + decode_steps for c, n in zip(cached, new)]
@@ -98,9 +91,6 @@ def test_backend_mixed_then_decode(device, assert_close, dtype, page_size, deter
         ref_backend.prepare(batch)
         if deterministic:  # small decode batches take the chunked KV split
             assert triton_backend.kv_split == batch.is_decode
-        cut = triton_backend.mixed_split
-        assert (cut is not None) == (leading_decode and not deterministic and not batch.is_decode)
-        assert cut is None or cut.n_decode == 2
         out = triton_backend.forward(1, q, k, v, tri_pool, batch)
         ref = ref_backend.forward(1, q, k, v, ref_pool, batch)
         assert_close(out, ref)

@@ -124,7 +124,13 @@ class PiecewiseGraphs:
                     self._hidden = hidden.new_zeros(self.max_tokens, hidden.shape[1])
                 del hidden
                 stream.synchronize()
-                self._capture_one(size)
+                try:
+                    self._capture_one(size)
+                except Exception as exc:
+                    raise RuntimeError(
+                        f"piecewise CUDA-graph capture failed at {size} tokens ({exc}); "
+                        "EngineConfig(piecewise_cuda_graph_max_tokens=0) / "
+                        "--piecewise-cuda-graph-max-tokens 0 runs these steps eagerly") from exc
         torch.cuda.current_stream().wait_stream(stream)
         torch.cuda.synchronize(self.pool.device)
         count = sum(len(g) for g in self.graphs.values())

@@ -155,7 +155,10 @@ def build_runner(config: EngineConfig, device: torch.device, tp: TPGroup | None)
     runner = ModelRunner(
         loaded.model, pool, backend,
         graph_max_batch=min(config.cuda_graph_max_batch, config.max_running_requests) if use_graphs else 0,
-        piecewise_max_tokens=config.piecewise_cuda_graph_max_tokens if piecewise else 0,
+        # No step is larger than a full prefill budget plus one decode row per running request.
+        piecewise_max_tokens=min(config.piecewise_cuda_graph_max_tokens,
+                                 config.max_prefill_tokens + config.max_running_requests)
+        if piecewise else 0,
         max_pages_per_seq=-(-max_context // config.page_size),
         max_running_requests=config.max_running_requests,
         table_cls=RecordingPageTable if sends else DevicePageTable,

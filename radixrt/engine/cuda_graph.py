@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -29,6 +31,18 @@ from radixrt.engine.batch import ForwardBatch
 from radixrt.engine.cascade_groups import CascadeGroups
 
 logger = logging.getLogger(__name__)
+
+
+@contextmanager
+def capture_stream(device: torch.device) -> Iterator[torch.cuda.Stream]:
+    """A side stream to capture graphs on: it starts after the current stream's queued work,
+    and the current stream waits for it (and the device is synchronized) when the block ends."""
+    stream = torch.cuda.Stream(device=device)
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        yield stream
+    torch.cuda.current_stream().wait_stream(stream)
+    torch.cuda.synchronize(device)
 
 
 def capture_sizes(max_batch: int) -> list[int]:
@@ -103,16 +117,12 @@ class DecodeGraphs:
     @torch.inference_mode()
     def capture(self) -> None:
         start = time.perf_counter()
-        stream = torch.cuda.Stream(device=self.pool.device)
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
+        with capture_stream(self.pool.device) as stream:
             for size in reversed(self.sizes):  # largest first so smaller ones reuse its memory
                 for grouped in self.modes:
                     if grouped and size < self._min_group:
                         continue  # no group fits
                     self._capture_one(size, grouped, stream)
-        torch.cuda.current_stream().wait_stream(stream)
-        torch.cuda.synchronize(self.pool.device)
         logger.info("captured %d decode CUDA graphs (batch <= %d) in %.1fs",
                     len(self.graphs), self.max_batch, time.perf_counter() - start)
 

@@ -34,6 +34,7 @@ import torch
 from radixrt.attention.base import AttentionBackend
 from radixrt.cache.kv_pool import KVPool
 from radixrt.engine.batch import ForwardBatch
+from radixrt.engine.cuda_graph import capture_stream
 
 logger = logging.getLogger(__name__)
 
@@ -113,9 +114,7 @@ class PiecewiseGraphs:
     @torch.inference_mode()
     def capture(self) -> None:
         start = time.perf_counter()
-        stream = torch.cuda.Stream(device=self.pool.device)
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
+        with capture_stream(self.pool.device) as stream:
             for size in reversed(self.sizes):  # largest first so smaller ones reuse its memory
                 # An eager pass first: Triton compiles (and cuBLAS picks) outside the capture.
                 hidden = self.model(self.input_ids[:size], self.positions[:size],
@@ -131,8 +130,6 @@ class PiecewiseGraphs:
                         f"piecewise CUDA-graph capture failed at {size} tokens ({exc}); "
                         "EngineConfig(piecewise_cuda_graph_max_tokens=0) / "
                         "--piecewise-cuda-graph-max-tokens 0 runs these steps eagerly") from exc
-        torch.cuda.current_stream().wait_stream(stream)
-        torch.cuda.synchronize(self.pool.device)
         count = sum(len(g) for g in self.graphs.values())
         self.capture_s = time.perf_counter() - start
         logger.info("captured %d piecewise CUDA graphs (%d sizes, steps <= %d tokens) in %.1fs",

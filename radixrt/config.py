@@ -103,6 +103,7 @@ class EngineConfig:
         need(self.max_prefill_tokens >= self.chunked_prefill_size, "max_prefill_tokens",
              "must be >= chunked_prefill_size")
         need(isinstance(self.piecewise_cuda_graph_max_tokens, int)
+             and not isinstance(self.piecewise_cuda_graph_max_tokens, bool)
              and 0 <= self.piecewise_cuda_graph_max_tokens <= 16384,
              "piecewise_cuda_graph_max_tokens",
              f"must be an int in [0, 16384], got {self.piecewise_cuda_graph_max_tokens!r}")

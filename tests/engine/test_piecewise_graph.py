@@ -21,7 +21,7 @@ def test_sizes_cover_every_step_with_bounded_padding(max_tokens):
         assert padded - tokens < max(32, tokens / 8), (tokens, padded)
 
 
-@pytest.mark.parametrize("bad", [-1, 16385, 2**70, 1.5, "2048"])
+@pytest.mark.parametrize("bad", [-1, 16385, 2**70, 1.5, "2048", True])
 def test_config_rejects_bad_max_tokens(bad):
     with pytest.raises(ValueError, match="piecewise_cuda_graph_max_tokens"):
         EngineConfig(piecewise_cuda_graph_max_tokens=bad)

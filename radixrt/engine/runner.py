@@ -145,12 +145,15 @@ class ModelRunner:
             return self.graphs.run(batch)
         if self.piecewise is not None and self.piecewise.can_run(batch):
             hidden = self.piecewise.run(batch)  # [T, hidden]
-            return self.model.compute_logits(hidden[batch.logits_indices])  # type: ignore[operator,no-any-return]
+        else:
+            hidden = self._eager_hidden(batch)
+        return self.model.compute_logits(hidden[batch.logits_indices])  # type: ignore[operator,no-any-return]
+
+    def _eager_hidden(self, batch: ForwardBatch) -> torch.Tensor:  # [T, hidden]
         self.backend.prepare(batch)
         pool, backend = self.pool, self.backend
 
         def attn(layer_id: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
             return backend.forward(layer_id, q, k, v, pool, batch)
 
-        hidden = self.model(batch.input_ids, batch.positions, attn)  # [T, hidden]
-        return self.model.compute_logits(hidden[batch.logits_indices])  # type: ignore[operator,no-any-return]
+        return self.model(batch.input_ids, batch.positions, attn)  # type: ignore[no-any-return]

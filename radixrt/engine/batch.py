@@ -172,6 +172,7 @@ def pack_aligned(parts: Sequence[np.ndarray], dtype: torch.dtype,
     """``parts`` on ``device`` in one host->device copy, as views of one buffer, each starting
     16 bytes aligned: Triton specializes pointer arguments on 16-byte alignment, so a view at an
     odd offset would compile (mid-traffic) a second variant of every kernel reading it."""
+    assert dtype in (torch.int64, torch.int32), f"pack_aligned packs int64 or int32, not {dtype}"
     per = 16 // torch.empty((), dtype=dtype).element_size()
     offsets, total = [], 0
     for part in parts:

@@ -54,5 +54,7 @@ class AttentionBackend(ABC):
         v: torch.Tensor,  # [T, num_kv_heads, head_dim]
         pool: KVPool,
         batch: ForwardBatch,
+        out: torch.Tensor | None = None,  # [T, num_heads, head_dim], head_dim contiguous
     ) -> torch.Tensor:  # [T, num_heads, head_dim]
-        """Store k/v into the pool at batch.out_slots, then attend."""
+        """Store k/v into the pool at batch.out_slots, then attend. With ``out``, the result
+        goes there and ``out`` is returned (piecewise graphs read it from a static buffer)."""

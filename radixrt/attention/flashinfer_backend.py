@@ -241,10 +241,12 @@ class FlashInferBackend(AttentionBackend):
         v: torch.Tensor,
         pool: KVPool,
         batch: ForwardBatch,
+        out: torch.Tensor | None = None,
     ) -> torch.Tensor:  # [T, Hq, D]
         assert self._active is not None, "prepare() must run before forward()"
         pool.store(layer_id, batch.out_slots, k, v)
-        return self.attend(q, (pool.k(layer_id), pool.v(layer_id)))
+        result = self.attend(q, (pool.k(layer_id), pool.v(layer_id)))
+        return result if out is None else out.copy_(result)
 
     def attend(self, q: torch.Tensor,
                kv: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:  # [T, Hq, D]

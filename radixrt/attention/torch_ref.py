@@ -149,16 +149,14 @@ class TorchReferenceBackend(AttentionBackend):
         v: torch.Tensor,
         pool: KVPool,
         batch: ForwardBatch,
+        out: torch.Tensor | None = None,
     ) -> torch.Tensor:
         pool.store(layer_id, batch.out_slots, k, v)
+        k_flat, v_flat = pool.k_flat(layer_id), pool.v_flat(layer_id)
         if batch.is_decode and batch.cascade is not None and self.cascade_policy is not None:
-            return cascade_decode_reference(
-                q, pool.k_flat(layer_id), pool.v_flat(layer_id), batch, self.scale
-            )
-        if batch.is_decode:
-            return paged_decode_reference(
-                q, pool.k_flat(layer_id), pool.v_flat(layer_id), batch, self.scale
-            )
-        return paged_attention_reference(
-            q, pool.k_flat(layer_id), pool.v_flat(layer_id), batch, self.scale
-        )
+            result = cascade_decode_reference(q, k_flat, v_flat, batch, self.scale)
+        elif batch.is_decode:
+            result = paged_decode_reference(q, k_flat, v_flat, batch, self.scale)
+        else:
+            result = paged_attention_reference(q, k_flat, v_flat, batch, self.scale)
+        return result if out is None else out.copy_(result)

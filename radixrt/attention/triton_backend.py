@@ -151,10 +151,11 @@ class TritonAttentionBackend(AttentionBackend):
         v: torch.Tensor,  # [T, Hkv, D]
         pool: KVPool,
         batch: ForwardBatch,
+        out: torch.Tensor | None = None,
     ) -> torch.Tensor:  # [T, Hq, D]
         k_flat, v_flat = pool.k_flat(layer_id), pool.v_flat(layer_id)
         store_kv(k_flat, v_flat, batch.out_slots, k, v)
-        return self.attend(q, k_flat, v_flat, batch, k_new=k, v_new=v)
+        return self.attend(q, k_flat, v_flat, batch, k_new=k, v_new=v, out=out)
 
     @property
     def cascade_buffers(self) -> CascadeBuffers | None:
@@ -168,8 +169,17 @@ class TritonAttentionBackend(AttentionBackend):
         batch: ForwardBatch,
         k_new: torch.Tensor | None = None,  # [T, Hkv, D] the step's K/V (also in the pool):
         v_new: torch.Tensor | None = None,  # extends read their new x new part from these
+        out: torch.Tensor | None = None,  # [T, Hq, D]: write the result here (and return it)
     ) -> torch.Tensor:  # [T, Hq, D]
         """The attention of ``forward`` without the K/V store (benchmarks call it directly)."""
+        result = self._attend(q, k_flat, v_flat, batch, k_new, v_new, out)
+        return result if out is None or result is out else out.copy_(result)
+
+    def _attend(
+        self, q: torch.Tensor, k_flat: torch.Tensor, v_flat: torch.Tensor, batch: ForwardBatch,
+        k_new: torch.Tensor | None, v_new: torch.Tensor | None, out: torch.Tensor | None,
+    ) -> torch.Tensor:  # fmt: skip
+        """``attend``'s kernels; the extend and decode kernels write ``out`` directly."""
         if self.deterministic:
             return invariant_attention(
                 q, k_flat, v_flat, batch.qo_indptr, batch.prefix_lens, batch.page_table,
@@ -200,13 +210,14 @@ class TritonAttentionBackend(AttentionBackend):
                 self._num_splits,
                 self._part_out,
                 self._part_lse,
+                out=out,
                 min_split_len=self.min_split_len,
             )
         if k_new is not None and v_new is not None and use_dense_extend(q, batch.extend_lens_cpu):
             return dense_extend(
                 q, k_flat, v_flat, k_new, v_new, batch.page_table, batch.page_size, self.scale,
                 batch.extend_lens_cpu, batch.prefix_lens_cpu, batch.req_rows_cpu,
-                torch.empty_like(q),
+                torch.empty_like(q) if out is None else out,
             )  # fmt: skip
         return extend_attention(
             q,
@@ -219,6 +230,7 @@ class TritonAttentionBackend(AttentionBackend):
             batch.page_size,
             batch.max_extend_len,
             self.scale,
+            out,
             # Known lengths let one short extend over a long prefix split its KV across programs.
             max_seq_len=batch.max_seq_len,
             k_new=k_new,

@@ -51,6 +51,27 @@ def piecewise_sizes(max_tokens: int) -> list[int]:
     return sizes + [max_tokens]
 
 
+def fused_qkv_view(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor | None:
+    """q [T, Hq, D], k / v [T, Hkv, D] as one [T, (Hq + 2 Hkv) D] view when they are adjacent
+    column blocks of one row-major tensor (the fused qkv projection's output), else None::
+
+        row t:  | q heads (Hq D) | k heads (Hkv D) | v heads (Hkv D) |   stride(0) = the sum
+    """
+    t, hq, d = q.shape
+    hkv = k.shape[1]
+    width = (hq + 2 * hkv) * d
+    el = q.element_size()
+    views_ok = all(x.dim() == 3 and x.stride(2) == 1 and x.stride(1) == d
+                   and x.stride(0) == width and x.dtype == q.dtype and x.shape[0] == t
+                   for x in (q, k, v))  # fmt: skip
+    if not (views_ok and v.shape[1] == hkv and k.shape[2] == d == v.shape[2]):
+        return None
+    base = q.data_ptr()
+    if k.data_ptr() != base + hq * d * el or v.data_ptr() != base + (hq + hkv) * d * el:
+        return None
+    return q.as_strided((t, width), (width, 1))
+
+
 class PiecewiseGraphs:
     def __init__(
         self,
@@ -94,9 +115,13 @@ class PiecewiseGraphs:
         graphs, layer_ids = self.graphs[size], self.layer_ids[size]
 
         def attn(layer_id: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-            self._q[:size].copy_(q)
-            self._k[:size].copy_(k)
-            self._v[:size].copy_(v)
+            fused = fused_qkv_view(q, k, v)
+            if fused is not None:  # one copy, not three (the fused projection's own layout)
+                self._qkv[:size].copy_(fused)
+            else:
+                self._q[:size].copy_(q)
+                self._k[:size].copy_(k)
+                self._v[:size].copy_(v)
             graphs[-1].capture_end()
             layer_ids.append(layer_id)
             graphs.append(torch.cuda.CUDAGraph())
@@ -167,7 +192,7 @@ class PiecewiseGraphs:
         graphs = self.graphs[size]
         for graph, layer_id in zip(graphs, self.layer_ids[size]):
             graph.replay()
-            out.copy_(self.backend.forward(layer_id, q, k, v, self.pool, batch))
+            self.backend.forward(layer_id, q, k, v, self.pool, batch, out=out)
         graphs[-1].replay()
         self.replayed_steps += 1
         assert self._hidden is not None, "run before capture"

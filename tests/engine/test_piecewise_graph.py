@@ -4,10 +4,11 @@ sizes, the config's bounds, and on a GPU that replaying them never changes an an
 from __future__ import annotations
 
 import pytest
+import torch
 
 from radixrt import Engine, SamplingParams
 from radixrt.config import EngineConfig
-from radixrt.engine.piecewise_graph import piecewise_sizes
+from radixrt.engine.piecewise_graph import fused_qkv_view, piecewise_sizes
 from tests.engine.test_engine import shared_prompt_batch
 
 
@@ -19,6 +20,22 @@ def test_sizes_cover_every_step_with_bounded_padding(max_tokens):
         padded = next(s for s in sizes if s >= tokens)
         # Small steps pad by under 32 tokens, larger ones by under 1/8 of the step.
         assert padded - tokens < max(32, tokens / 8), (tokens, padded)
+
+
+def test_fused_qkv_view_only_for_adjacent_blocks():
+    """The capture copies q/k/v in one piece only when they are the fused projection's column
+    blocks in order; anything else (a transform that made new tensors) takes three copies."""
+    t, hq, hkv, d = 5, 4, 2, 8
+    qkv = torch.randn(t, (hq + 2 * hkv) * d)
+    q, k, v = qkv.split([hq * d, hkv * d, hkv * d], dim=-1)
+    q, k, v = q.view(t, hq, d), k.view(t, hkv, d), v.view(t, hkv, d)
+    fused = fused_qkv_view(q, k, v)
+    assert fused is not None and fused.data_ptr() == qkv.data_ptr()
+    assert torch.equal(fused, torch.cat([q.flatten(1), k.flatten(1), v.flatten(1)], dim=1))
+    assert fused_qkv_view(q.contiguous(), k, v) is None  # q no longer in the block
+    assert fused_qkv_view(q, v, k) is None  # out of order
+    assert fused_qkv_view(q[1:], k[1:], v[1:]) is not None  # row slices keep the layout
+    assert fused_qkv_view(q[:, :, :4], k[:, :, :4], v[:, :, :4]) is None
 
 
 @pytest.mark.parametrize("bad", [-1, 16385, 2**70, 1.5, "2048", True])

@@ -85,14 +85,19 @@ def test_backend_mixed_then_decode(device, assert_close, dtype, page_size, deter
         )
     if device == "cpu" and not deterministic:
         assert triton_backend.num_splits_for(len(new)) > 1, "decode must exercise several splits"
-    for batch in steps:
+    for i, batch in enumerate(steps):
         q, k, v = _step(batch, heads, kv_heads, head_dim, dtype, device)
         triton_backend.prepare(batch)
         ref_backend.prepare(batch)
         if deterministic:  # small decode batches take the chunked KV split
             assert triton_backend.kv_split == batch.is_decode
-        out = triton_backend.forward(1, q, k, v, tri_pool, batch)
-        ref = ref_backend.forward(1, q, k, v, ref_pool, batch)
+        # Even steps write into a caller's buffer (as piecewise graphs do), odd ones allocate.
+        given = (torch.full_like(q, float("nan")), torch.full_like(q, float("nan")))
+        tri_out, ref_out = given if i % 2 == 0 else (None, None)
+        out = triton_backend.forward(1, q, k, v, tri_pool, batch, out=tri_out)
+        ref = ref_backend.forward(1, q, k, v, ref_pool, batch, out=ref_out)
+        if i % 2 == 0:
+            assert out is given[0] and ref is given[1], "out= must be filled and returned"
         assert_close(out, ref)
     assert torch.equal(tri_pool.k(1), ref_pool.k(1)) or device == "cpu", "K pool contents differ"
     assert_close(tri_pool.k(1), ref_pool.k(1))

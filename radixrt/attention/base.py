@@ -36,6 +36,17 @@ class AttentionBackend(ABC):
         self.head_dim = head_dim
         self.scale = scale
 
+    @property
+    def decode_context_bounds(self) -> tuple[int, ...]:
+        """Longest-KV bounds at which this backend's decode launches may change shape (a KV
+        split count): decode graphs capture each batch size once per distinct
+        ``decode_graph_variant`` over these bounds and an unbounded step."""
+        return ()
+
+    def decode_graph_variant(self, batch_size: int, max_seq_len: int) -> int:
+        """Which launch shape a decode step of this batch size and longest KV takes (0: one)."""
+        return 0
+
     def prepare_graph_sizes(self, sizes: list[int]) -> None:
         """Told once, before capture, which decode batch sizes get CUDA graphs (a backend with
         fixed-size per-graph state sets it up for these)."""

@@ -28,7 +28,13 @@ from radixrt.attention.base import AttentionBackend
 from radixrt.attention.cascade_plan import CascadeBuffers, ItemBudget
 from radixrt.kernels.cascade_decode import cascade_decode
 from radixrt.kernels.cascade_meta import CascadeMeta, PrefixTiling
-from radixrt.kernels.decode_attention import choose_num_splits, decode_attention, decode_block_n
+from radixrt.kernels.decode_attention import (
+    SHORT_CONTEXT,
+    choose_num_splits,
+    choose_short_splits,
+    decode_attention,
+    decode_block_n,
+)
 from radixrt.kernels.extend_attention import extend_attention
 from radixrt.kernels.extend_dense import dense_extend, use_dense_extend
 from radixrt.kernels.extend_runs import ExtendReuse
@@ -125,8 +131,19 @@ class TritonAttentionBackend(AttentionBackend):
         """Whether the prepared (deterministic, decode) step splits the KV into chunks."""
         return self._split
 
-    def num_splits_for(self, batch_size: int) -> int:
-        """KV splits a decode step of this batch size uses (fixed per batch size)."""
+    @property
+    def decode_context_bounds(self) -> tuple[int, ...]:
+        return () if self.deterministic else (SHORT_CONTEXT,)
+
+    def decode_graph_variant(self, batch_size: int, max_seq_len: int) -> int:
+        return 0 if self.deterministic else self.num_splits_for(batch_size, max_seq_len)
+
+    def num_splits_for(self, batch_size: int, max_seq_len: int | None = None) -> int:
+        """KV splits of a decode step of this batch size: fewer when its longest KV is known to
+        be at most SHORT_CONTEXT tokens (``max_seq_len``; None: any length)."""
+        if max_seq_len is not None and max_seq_len <= SHORT_CONTEXT:
+            return choose_short_splits(batch_size, self.num_kv_heads, self.num_sms,
+                                       self.max_kv_splits, self.min_split_len)  # fmt: skip
         return choose_num_splits(batch_size, self.num_kv_heads, self.num_sms, self.max_kv_splits)
 
     def prepare(self, batch: ForwardBatch) -> None:
@@ -137,7 +154,7 @@ class TritonAttentionBackend(AttentionBackend):
             assert batch.batch_size <= self.max_batch_size, (
                 f"decode batch {batch.batch_size} > max_batch_size {self.max_batch_size}"
             )
-            self._num_splits = self.num_splits_for(batch.batch_size)
+            self._num_splits = self.num_splits_for(batch.batch_size, batch.max_seq_len)
         self._meta = None
         self._extend_reuse.new_step()
         if batch.is_decode and self._cascade is not None and batch.cascade is not None:

@@ -11,7 +11,9 @@ replay copies only the per-request vectors. Padding rows point at the table's sc
 With a cascade backend every size is captured twice: without groups, and with (the backend's
 fixed cascade buffers hold the step's grouping, written by ``prepare`` before the replay; padding
 rows are in no group). A step carrying groups replays the second; with a backend that cannot
-capture grouped steps (``cascade_in_cuda_graph`` False) it runs eagerly instead.
+capture grouped steps (``cascade_in_cuda_graph`` False) it runs eagerly instead. A backend whose
+decode launches depend on the longest KV (``decode_context_bounds``: fewer KV splits for short
+contexts) gets one graph per distinct variant, and a step replays the one its longest KV picks.
 """
 
 from __future__ import annotations
@@ -78,9 +80,12 @@ class DecodeGraphs:
         self.qo_indptr = torch.arange(max_batch + 1, dtype=torch.int32, device=dev)
         self.logits_indices = torch.arange(max_batch, dtype=torch.int64, device=dev)
         self.sizes = capture_sizes(max_batch)
-        # Keyed (size, with cascade groups).
-        self.graphs: dict[tuple[int, bool], torch.cuda.CUDAGraph] = {}
-        self.outputs: dict[tuple[int, bool], torch.Tensor] = {}
+        # Keyed (size, with cascade groups, the backend's launch variant).
+        self.graphs: dict[tuple[int, bool, int], torch.cuda.CUDAGraph] = {}
+        self.outputs: dict[tuple[int, bool, int], torch.Tensor] = {}
+        # (size, variant) -> a longest-KV bound that picks the variant (prepare sees it).
+        self.bounds: dict[tuple[int, int], int] = {}
+        self.full_len = table.max_pages * self.page_size  # no sequence is longer
         policy = backend.cascade_policy
         self.modes = [False, True] if policy is not None and backend.cascade_in_cuda_graph else [False]
         backend.prepare_graph_sizes(self.sizes)
@@ -88,7 +93,8 @@ class DecodeGraphs:
         self.mempool: Any = None
 
     def _static_batch(self, size: int, cascade: CascadeGroups | None = None,
-                      real: ForwardBatch | None = None) -> ForwardBatch:
+                      real: ForwardBatch | None = None,
+                      max_seq_len: int | None = None) -> ForwardBatch:
         # Host lengths and rows of the ``real`` batch copied in (padding: length 1, row 0), for a
         # backend whose prepare plans from them (FlashInfer).
         pad = [0] * (size - (real.batch_size if real is not None else 0))
@@ -101,7 +107,8 @@ class DecodeGraphs:
             req_rows=self.req_rows[:size],
             out_slots=self.out_slots[:size], logits_indices=self.logits_indices[:size],
             page_size=self.page_size, is_decode=True, max_extend_len=1,
-            max_seq_len=self.table.max_pages * self.page_size, extend_lens_cpu=[1] * size,
+            max_seq_len=self.full_len if max_seq_len is None else max_seq_len,
+            extend_lens_cpu=[1] * size,
             prefix_lens_cpu=prefix, req_rows_cpu=rows, cascade=cascade,
         )
 
@@ -119,24 +126,31 @@ class DecodeGraphs:
         start = time.perf_counter()
         with capture_stream(self.pool.device) as stream:
             for size in reversed(self.sizes):  # largest first so smaller ones reuse its memory
-                for grouped in self.modes:
-                    if grouped and size < self._min_group:
-                        continue  # no group fits
-                    self._capture_one(size, grouped, stream)
+                for bound in (*self.backend.decode_context_bounds, self.full_len):
+                    variant = self.backend.decode_graph_variant(size, bound)
+                    if (size, variant) in self.bounds:
+                        continue  # a smaller bound already picked this launch shape
+                    self.bounds[size, variant] = bound
+                    for grouped in self.modes:
+                        if grouped and size < self._min_group:
+                            continue  # no group fits
+                        self._capture_one(size, grouped, variant, stream)
         logger.info("captured %d decode CUDA graphs (batch <= %d) in %.1fs",
                     len(self.graphs), self.max_batch, time.perf_counter() - start)
 
-    def _capture_one(self, size: int, grouped: bool, stream: torch.cuda.Stream) -> None:
-        batch = self._static_batch(size, CascadeGroups.empty() if grouped else None)
+    def _capture_one(self, size: int, grouped: bool, variant: int,
+                     stream: torch.cuda.Stream) -> None:
+        batch = self._static_batch(size, CascadeGroups.empty() if grouped else None,
+                                   max_seq_len=self.bounds[size, variant])
         self.backend.prepare(batch)
         for _ in range(2):  # warm up: Triton compiles and autotunes outside the graph
             self._run_model(batch)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self.mempool, stream=stream):
-            self.outputs[size, grouped] = self._run_model(batch)
+            self.outputs[size, grouped, variant] = self._run_model(batch)
         if self.mempool is None:
             self.mempool = graph.pool()
-        self.graphs[size, grouped] = graph
+        self.graphs[size, grouped, variant] = graph
 
     def can_run(self, batch: ForwardBatch) -> bool:
         # A batch built on another table (tests' one-off batches) cannot use these graphs.
@@ -158,8 +172,13 @@ class DecodeGraphs:
         self.req_rows[:bsz].copy_(batch.req_rows)
         if size > bsz:
             self._reset_rows(bsz, size)
-        key = (size, batch.cascade is not None and (size, True) in self.graphs)
-        self.backend.prepare(self._static_batch(size, batch.cascade if key[1] else None, batch))
+        variant = self.backend.decode_graph_variant(size, batch.max_seq_len)
+        if (size, variant) not in self.bounds:  # not captured: the unbounded step's variant
+            variant = self.backend.decode_graph_variant(size, self.full_len)
+        grouped = batch.cascade is not None and (size, True, variant) in self.graphs
+        key = (size, grouped, variant)
+        self.backend.prepare(self._static_batch(size, batch.cascade if grouped else None, batch,
+                                                self.bounds[size, variant]))  # fmt: skip
         self.graphs[key].replay()
         return self.outputs[key][:bsz]
 

@@ -39,16 +39,17 @@ from radixrt.engine.cuda_graph import capture_stream
 logger = logging.getLogger(__name__)
 
 
+# Captured sizes are this many tokens apart. A padding row costs as much as a real one in the
+# projections: on an H200 (bench/RESULTS.md, session 9) chat ran 1.48 s with sizes 16 apart
+# (captured in 6.3-6.9 s) against 1.53 s with 32 sizes (padding < 32 tokens or 1/8).
+SIZE_STEP = 16
+
+
 def piecewise_sizes(max_tokens: int) -> list[int]:
-    """Captured token counts up to ``max_tokens``: steps of 32 tokens to 512, then 1/8 of the
-    power of two below (64 to 1024, 128 to 2048, ...), so padding adds less than 32 tokens or
-    1/8 of the step."""
+    """Captured token counts up to ``max_tokens``: every multiple of SIZE_STEP below it, and
+    ``max_tokens`` itself, so a step pads by less than SIZE_STEP tokens."""
     assert max_tokens >= 1, f"max_tokens must be positive, got {max_tokens}"
-    sizes, size = [], 32
-    while size < max_tokens:
-        sizes.append(size)
-        size += max(32, (1 << (size.bit_length() - 1)) // 8)
-    return sizes + [max_tokens]
+    return list(range(SIZE_STEP, max_tokens, SIZE_STEP)) + [max_tokens]
 
 
 def fused_qkv_view(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor | None:

@@ -306,6 +306,21 @@ def decode_partials(
     return block_n, min_split_len
 
 
+# Decode steps whose longest KV is at most this many tokens take choose_short_splits.
+SHORT_CONTEXT = 2048
+
+
+def choose_short_splits(batch_size: int, num_kv_heads: int, num_sms: int, max_splits: int,
+                        min_split_len: int) -> int:
+    """Splits for a decode step whose every KV is at most SHORT_CONTEXT long: about one
+    (request, KV head, split) program per SM, and no more splits than SHORT_CONTEXT /
+    min_split_len could fill. Splits past a request's KV exit at once, but not for free: on an
+    H200 (bench/RESULTS.md, session 8) 64 x 256 ran in 26.0 us at 1 split vs 30.9 at
+    choose_num_splits' 5, 32 x 1024 in 38.1 vs 43.0 at 9, 16 x 512 in 10.5 at 2 vs 13.9 at 17."""
+    want = triton.cdiv(num_sms, max(1, batch_size * num_kv_heads))
+    return max(1, min(max_splits, want, triton.cdiv(SHORT_CONTEXT, min_split_len)))
+
+
 def choose_num_splits(batch_size: int, num_kv_heads: int, num_sms: int, max_splits: int) -> int:
     """Enough (request, KV head, split) programs to give every SM several; batch-size only, so a
     CUDA graph captured per batch size keeps a fixed grid."""

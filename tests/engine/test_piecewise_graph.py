@@ -18,8 +18,7 @@ def test_sizes_cover_every_step_with_bounded_padding(max_tokens):
     assert sizes == sorted(set(sizes)) and sizes[-1] == max_tokens
     for tokens in range(1, max_tokens + 1):
         padded = next(s for s in sizes if s >= tokens)
-        # Small steps pad by under 32 tokens, larger ones by under 1/8 of the step.
-        assert padded - tokens < max(32, tokens / 8), (tokens, padded)
+        assert padded - tokens < 16, (tokens, padded)  # padding rows cost real GEMM work
 
 
 def test_fused_qkv_view_only_for_adjacent_blocks():

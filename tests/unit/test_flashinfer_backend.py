@@ -322,7 +322,8 @@ def test_graph_runner_tells_sizes_plans_from_real_lengths_and_runs_groups_eagerl
     batch = _grouped_batch(random.Random(2), 4, [(8, 2)], 1, (1, 6))
     batch = dataclasses.replace(batch, page_table=table.table)
     assert not graphs.can_run(batch)  # graphs captured (below) would still skip grouped steps
-    graphs.graphs[4, False], graphs.outputs[4, False] = _Replay(), torch.zeros(4, 1)  # type: ignore[assignment]
+    graphs.graphs[4, False, 0], graphs.outputs[4, False, 0] = _Replay(), torch.zeros(4, 1)  # type: ignore[assignment]
+    graphs.bounds[4, 0] = graphs.full_len  # one launch variant: the unbounded one
     assert graphs.can_run(dataclasses.replace(batch, cascade=None))
     graphs.run(dataclasses.replace(batch, cascade=None))
     static = backend.prepared[-1]

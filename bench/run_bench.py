@@ -303,6 +303,10 @@ def _run_engine_variant(variant: str, workloads: list[Workload], args: argparse.
         floors.update(build_floors(workloads, shape, hw, args, kv_tokens))
     if core.warmup_report is not None:
         print(f"engine warm-up: {json.dumps(core.warmup_report)}")
+    if core.runner.graphs is not None:
+        dg = core.runner.graphs
+        print(f"decode graphs: {len(dg.graphs)} ({len(dg.sizes)} sizes, "
+              f"{len(dg.bounds)} launch shapes), captured in {dg.capture_s:.1f}s")
     if core.runner.piecewise is not None:
         pw = core.runner.piecewise
         print(f"piecewise graphs: {len(pw.sizes)} sizes <= {pw.max_tokens} tokens, "

@@ -91,6 +91,7 @@ class DecodeGraphs:
         backend.prepare_graph_sizes(self.sizes)
         self._min_group = policy.min_group if policy is not None else 0
         self.mempool: Any = None
+        self.capture_s = 0.0
 
     def _static_batch(self, size: int, cascade: CascadeGroups | None = None,
                       real: ForwardBatch | None = None,
@@ -135,8 +136,9 @@ class DecodeGraphs:
                         if grouped and size < self._min_group:
                             continue  # no group fits
                         self._capture_one(size, grouped, variant, stream)
+        self.capture_s = time.perf_counter() - start
         logger.info("captured %d decode CUDA graphs (batch <= %d) in %.1fs",
-                    len(self.graphs), self.max_batch, time.perf_counter() - start)
+                    len(self.graphs), self.max_batch, self.capture_s)
 
     def _capture_one(self, size: int, grouped: bool, variant: int,
                      stream: torch.cuda.Stream) -> None:

@@ -11,6 +11,7 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
+import msgspec
 import torch
 
 from radixrt.cache.kv_pool import KVPool
@@ -20,8 +21,8 @@ from radixrt.cache.transfer import make_host_tier
 from radixrt.config import EngineConfig
 from radixrt.constrained.sequences import SequenceGrammars
 from radixrt.distributed.launch import build_runner, start_tensor_parallel
-from radixrt.engine.memory import SequenceMemory
-from radixrt.engine.outputs import EngineStats, SequenceDelta
+from radixrt.engine.memory import SequenceMemory, load_waste_ratio
+from radixrt.engine.outputs import COUNTER_EXTRAS, COUNTER_FIELDS, EngineStats, SequenceDelta
 from radixrt.engine.sampler import Sampler
 from radixrt.engine.scheduler import Scheduler
 from radixrt.engine.warmup import warm_up
@@ -123,8 +124,12 @@ class EngineCore:
             "KV pool: %d pages x %d tokens (%.2f GiB, %s) on %s", num_pages, config.page_size,
             pool.total_bytes / 2**30, config.torch_dtype, device,
         )
+        # Counters as the warm-up left them: stats() reports traffic since, not its requests.
+        self._counters_base: EngineStats | None = None
         # What the start-up warm-up ran and compiled (None: skipped).
         self.warmup_report: dict[str, Any] | None = warm_up(self) if config.warmup_enabled else None
+        if self.warmup_report is not None:
+            self._counters_base = self.scheduler.stats()
 
     def add_request(
         self, rid: str, input_ids: list[int], params: SamplingParams, namespace: str | None = None
@@ -160,7 +165,17 @@ class EngineCore:
         return self.scheduler.has_work()
 
     def stats(self) -> EngineStats:
-        return self.scheduler.stats()
+        now = self.scheduler.stats()
+        base = self._counters_base
+        if base is None:
+            return now
+        since = {name: getattr(now, name) - getattr(base, name) for name in COUNTER_FIELDS}
+        extra = {k: v - base.extra.get(k, 0.0) if k in COUNTER_EXTRAS else v
+                 for k, v in now.extra.items()}  # fmt: skip
+        if "host_load_waste_ratio" in extra:
+            extra["host_load_waste_ratio"] = load_waste_ratio(extra["host_loaded_tokens"],
+                                                              extra["host_hit_tokens"])
+        return msgspec.structs.replace(now, extra=extra, **since)
 
     def flush_cache(self) -> bool:
         return self.scheduler.flush_cache()

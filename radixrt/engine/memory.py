@@ -59,6 +59,11 @@ class _Reservation:
     age: int = 0
 
 
+def load_waste_ratio(loaded_tokens: float, used_tokens: float) -> float:
+    """Host tokens loaded per loaded token a sequence used (1.0: no load was wasted)."""
+    return loaded_tokens / used_tokens if used_tokens else float(loaded_tokens > 0)
+
+
 class SequenceMemory:
     def __init__(
         self,
@@ -262,8 +267,7 @@ class SequenceMemory:
             # read it is waste (waste ratio = loaded / used; 1.0 = every byte loaded was needed).
             "host_hit_tokens": s.load_used_tokens, "host_loaded_tokens": s.loaded_tokens,
             "host_load_wasted_pages": s.load_wasted_pages,
-            "host_load_waste_ratio": s.loaded_tokens / s.load_used_tokens
-            if s.load_used_tokens else float(s.loaded_tokens > 0),
+            "host_load_waste_ratio": load_waste_ratio(s.loaded_tokens, s.load_used_tokens),
             "host_bytes_loaded": s.bytes_loaded, "host_bytes_written": s.bytes_written,
             "host_load_seconds": s.load_seconds, "host_write_fences": s.write_fences,
         }

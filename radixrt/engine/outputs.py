@@ -34,6 +34,14 @@ class SequenceDelta:
     matched_stop_token: int | None = None
 
 
+# EngineStats fields and ``extra`` keys that count since start; the others describe the present.
+COUNTER_FIELDS = ("hit_tokens", "query_tokens", "evictions", "retractions", "prompt_tokens_total",
+                  "generated_tokens_total")
+COUNTER_EXTRAS = frozenset({
+    "overlapped_steps", "host_hit_tokens", "host_loaded_tokens", "host_load_wasted_pages",
+    "host_bytes_loaded", "host_bytes_written", "host_load_seconds", "host_write_fences"})
+
+
 class EngineStats(msgspec.Struct, frozen=True):
     """Engine-wide counters; a msgspec Struct so workers send it to the router as it is."""
 

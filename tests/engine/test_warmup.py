@@ -27,10 +27,19 @@ def test_warmup_leaves_the_engine_idle_and_answers_unchanged(tiny_model_dir: Any
     st = warm.stats()
     assert not warm.core.has_work() and st.running_requests == 0
     assert st.free_pages == st.total_pages, "the warm-up's pages all went back (cache flushed)"
-    assert st.generated_tokens_total > 0, "the warm-up decoded through the real scheduler"
+    raw = warm.core.scheduler.stats()
+    assert raw.generated_tokens_total > 0, "the warm-up decoded through the real scheduler"
+    # ... but the engine's counters start after it: a user sees only their own traffic.
+    assert (st.prompt_tokens_total, st.generated_tokens_total, st.query_tokens, st.hit_tokens,
+            st.evictions, st.retractions) == (0, 0, 0, 0, 0, 0)
+    assert st.extra["overlapped_steps"] == 0.0
     warm.core.check_invariants()
     want = [o.token_ids for o in cold.generate(prompts, PARAMS)]
     assert [o.token_ids for o in warm.generate(prompts, PARAMS)] == want
+    after = warm.stats()
+    assert after.prompt_tokens_total == sum(len(p) for p in prompts)
+    assert after.generated_tokens_total == len(prompts) * PARAMS.max_new_tokens
+    assert after.hit_tokens == cold.stats().hit_tokens, "the same hits as an engine never warmed"
 
 
 def test_warmup_flag_defaults_on_for_cuda_only() -> None:

@@ -39,7 +39,8 @@ COUNTER_FIELDS = ("hit_tokens", "query_tokens", "evictions", "retractions", "pro
                   "generated_tokens_total")
 COUNTER_EXTRAS = frozenset({
     "overlapped_steps", "host_hit_tokens", "host_loaded_tokens", "host_load_wasted_pages",
-    "host_bytes_loaded", "host_bytes_written", "host_load_seconds", "host_write_fences"})
+    "host_bytes_loaded", "host_bytes_written", "host_load_seconds", "host_write_fences",
+    "forward_steps_decode_graph", "forward_steps_piecewise_graph", "forward_steps_eager"})
 
 
 class EngineStats(msgspec.Struct, frozen=True):

@@ -28,6 +28,9 @@ logger = logging.getLogger(__name__)
 # bench/gpu_cascade.sh (bench/RESULTS.md, session 4) had gsp at 0.743x the time, 0.707x the ITL.
 CASCADE_AUTO_ON_CUDA = True
 
+# How ModelRunner.forward ran a step: a decode CUDA graph, piecewise graphs, or eagerly.
+FORWARD_PATHS = ("decode_graph", "piecewise_graph", "eager")
+
 
 def cascade_policy(config: EngineConfig) -> CascadePolicy | None:
     """The shared-prefix decode policy ``config`` asks for (None: off)."""
@@ -107,6 +110,8 @@ class ModelRunner:
         # Groups decode steps by shared cached prefix when the backend reads them (cascade).
         policy = backend.cascade_policy
         self.cascade = PrefixGrouper(policy, pool.page_size) if policy is not None else None
+        # Steps run so far by path (engine stats, /metrics): did the graphs serve the traffic?
+        self.forward_steps = dict.fromkeys(FORWARD_PATHS, 0)
         self.graphs: DecodeGraphs | None = None
         if graph_max_batch > 0 and self.device.type == "cuda" and backend.supports_cuda_graph:
             self.graphs = DecodeGraphs(model, pool, backend, max_batch=graph_max_batch,
@@ -142,10 +147,13 @@ class ModelRunner:
         if self.plan_sender is not None:
             self.plan_sender.send_forward(batch)
         if self.graphs is not None and self.graphs.can_run(batch):
+            self.forward_steps["decode_graph"] += 1
             return self.graphs.run(batch)
         if self.piecewise is not None and self.piecewise.can_run(batch):
+            self.forward_steps["piecewise_graph"] += 1
             hidden = self.piecewise.run(batch)  # [T, hidden]
         else:
+            self.forward_steps["eager"] += 1
             hidden = self._eager_hidden(batch)
         return self.model.compute_logits(hidden[batch.logits_indices])  # type: ignore[operator,no-any-return]
 

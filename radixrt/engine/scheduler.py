@@ -320,6 +320,8 @@ class Scheduler:
             generated_tokens_total=self.results.generated_tokens,
             extra={"held_page_refs": float(sum(s.pages.num_pages for s in running)),
                    "overlapped_steps": float(self.overlapped_steps),
+                   **{f"forward_steps_{path}": float(n)
+                      for path, n in self.runner.forward_steps.items()},
                    **self.memory.tier_stats()},
         )
 

@@ -193,10 +193,14 @@ class ServerMetrics:
                                 "the GPU since the worker started.", ("worker", "direction"))
         self.host_load_seconds = Gauge(p + "host_kv_load_seconds", "Summed duration of host "
                                        "tier loads since the worker started.", ("worker",))
+        self.forward_steps = Gauge(p + "forward_steps", "Engine steps since the worker started "
+                                   "serving, by how the forward ran (decode_graph, "
+                                   "piecewise_graph: CUDA graphs; eager).", ("worker", "path"))
         for m in (self.requests, self.prompt_tokens, self.generation_tokens, self.cached_tokens,
                   self.cache_hit_rate, self.kv_pages, self.running, self.queued, self.worker_up,
                   self.router_waiting, self.router_in_flight, self.ttft, self.itl, self.e2e,
-                  self.host_pages, self.host_hit_tokens, self.host_bytes, self.host_load_seconds):
+                  self.host_pages, self.host_hit_tokens, self.host_bytes, self.host_load_seconds,
+                  self.forward_steps):
             r.register(m)
 
     def set_router(self, waiting: int, in_flight: int) -> None:
@@ -217,6 +221,9 @@ class ServerMetrics:
         self.running.set(stats.running_requests, worker=w)
         self.queued.set(stats.queued_requests, worker=w)
         x = stats.extra
+        for key, value in x.items():
+            if key.startswith("forward_steps_"):
+                self.forward_steps.set(value, worker=w, path=key[len("forward_steps_"):])
         if "host_total_pages" in x:
             for state in ("total", "free", "only", "backup", "loading"):
                 self.host_pages.set(x[f"host_{state}_pages"], worker=w,

@@ -65,6 +65,7 @@ def test_piecewise_replay_equals_eager(tiny_model_dir, variant):
     assert eager_eng.core.runner.piecewise is None
     piecewise = eng.core.runner.piecewise
     assert piecewise is not None and piecewise.replayed_steps > 0, "no step replayed"
+    assert eng.stats().extra["forward_steps_piecewise_graph"] == piecewise.replayed_steps
     assert sum(o.cached_tokens for o in graphed) > 0, "the cache was never hit"
     assert [o.token_ids for o in graphed] == [o.token_ids for o in eager]
     for a, b in zip(graphed, eager):

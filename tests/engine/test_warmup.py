@@ -32,7 +32,7 @@ def test_warmup_leaves_the_engine_idle_and_answers_unchanged(tiny_model_dir: Any
     # ... but the engine's counters start after it: a user sees only their own traffic.
     assert (st.prompt_tokens_total, st.generated_tokens_total, st.query_tokens, st.hit_tokens,
             st.evictions, st.retractions) == (0, 0, 0, 0, 0, 0)
-    assert st.extra["overlapped_steps"] == 0.0
+    assert st.extra["overlapped_steps"] == 0.0 and st.extra["forward_steps_eager"] == 0.0
     warm.core.check_invariants()
     want = [o.token_ids for o in cold.generate(prompts, PARAMS)]
     assert [o.token_ids for o in warm.generate(prompts, PARAMS)] == want
@@ -40,6 +40,9 @@ def test_warmup_leaves_the_engine_idle_and_answers_unchanged(tiny_model_dir: Any
     assert after.prompt_tokens_total == sum(len(p) for p in prompts)
     assert after.generated_tokens_total == len(prompts) * PARAMS.max_new_tokens
     assert after.hit_tokens == cold.stats().hit_tokens, "the same hits as an engine never warmed"
+    # CPU: every step eager, no graphs; the warm-up's steps are not in the count.
+    assert after.extra["forward_steps_eager"] == cold.stats().extra["forward_steps_eager"] > 0
+    assert after.extra["forward_steps_decode_graph"] == after.extra["forward_steps_piecewise_graph"] == 0
 
 
 def test_warmup_flag_defaults_on_for_cuda_only() -> None:

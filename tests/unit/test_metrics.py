@@ -57,6 +57,17 @@ def test_server_metrics_from_worker_stats() -> None:
     assert 'radixrt_worker_up{worker="0"} 1' in text
 
 
+def test_forward_steps_by_path_from_worker_stats() -> None:
+    sm = ServerMetrics()
+    extra = {"forward_steps_decode_graph": 120.0, "forward_steps_piecewise_graph": 7.0,
+             "forward_steps_eager": 2.0, "overlapped_steps": 50.0}
+    sm.set_worker(1, StatsMsg(0, 0, 100, 100, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, extra), up=True)
+    text = sm.registry.render()
+    assert 'radixrt_forward_steps{worker="1",path="decode_graph"} 120' in text
+    assert 'radixrt_forward_steps{worker="1",path="piecewise_graph"} 7' in text
+    assert 'radixrt_forward_steps{worker="1",path="eager"} 2' in text
+
+
 def test_router_gauges() -> None:
     sm = ServerMetrics()
     sm.set_router(waiting=3, in_flight=5)

@@ -34,13 +34,17 @@ class SequenceDelta:
     matched_stop_token: int | None = None
 
 
+# How ModelRunner.forward ran a step: a decode CUDA graph, piecewise graphs, or eagerly
+# (``extra["forward_steps_<path>"]``).
+FORWARD_PATHS = ("decode_graph", "piecewise_graph", "eager")
+
 # EngineStats fields and ``extra`` keys that count since start; the others describe the present.
 COUNTER_FIELDS = ("hit_tokens", "query_tokens", "evictions", "retractions", "prompt_tokens_total",
                   "generated_tokens_total")
 COUNTER_EXTRAS = frozenset({
     "overlapped_steps", "host_hit_tokens", "host_loaded_tokens", "host_load_wasted_pages",
     "host_bytes_loaded", "host_bytes_written", "host_load_seconds", "host_write_fences",
-    "forward_steps_decode_graph", "forward_steps_piecewise_graph", "forward_steps_eager"})
+    *(f"forward_steps_{path}" for path in FORWARD_PATHS)})
 
 
 class EngineStats(msgspec.Struct, frozen=True):

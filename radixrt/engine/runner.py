@@ -15,6 +15,7 @@ from radixrt.cache.kv_pool import KVPool
 from radixrt.engine.batch import ForwardBatch
 from radixrt.engine.cascade_groups import CascadePolicy, PrefixGrouper
 from radixrt.engine.cuda_graph import DecodeGraphs
+from radixrt.engine.outputs import FORWARD_PATHS
 from radixrt.engine.piecewise_graph import PiecewiseGraphs
 
 if TYPE_CHECKING:
@@ -27,9 +28,6 @@ logger = logging.getLogger(__name__)
 # What cascade_decode="auto" means on CUDA with the Triton backend. On: the H200 run of
 # bench/gpu_cascade.sh (bench/RESULTS.md, session 4) had gsp at 0.743x the time, 0.707x the ITL.
 CASCADE_AUTO_ON_CUDA = True
-
-# How ModelRunner.forward ran a step: a decode CUDA graph, piecewise graphs, or eagerly.
-FORWARD_PATHS = ("decode_graph", "piecewise_graph", "eager")
 
 
 def cascade_policy(config: EngineConfig) -> CascadePolicy | None:

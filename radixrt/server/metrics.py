@@ -10,6 +10,7 @@ import bisect
 import math
 from collections.abc import Iterable, Sequence
 
+from radixrt.engine.outputs import FORWARD_PATHS
 from radixrt.server.messages import StatsMsg
 
 Labels = tuple[tuple[str, str], ...]
@@ -221,9 +222,9 @@ class ServerMetrics:
         self.running.set(stats.running_requests, worker=w)
         self.queued.set(stats.queued_requests, worker=w)
         x = stats.extra
-        for key, value in x.items():
-            if key.startswith("forward_steps_"):
-                self.forward_steps.set(value, worker=w, path=key[len("forward_steps_"):])
+        for path in FORWARD_PATHS:
+            if f"forward_steps_{path}" in x:
+                self.forward_steps.set(x[f"forward_steps_{path}"], worker=w, path=path)
         if "host_total_pages" in x:
             for state in ("total", "free", "only", "backup", "loading"):
                 self.host_pages.set(x[f"host_{state}_pages"], worker=w,

@@ -81,7 +81,10 @@ def _decode_stage1_kernel(
     page_table,  # [R, max_pages] int32, the device page table
     req_rows,  # [B] int32, each request's row of page_table
     kv_starts,  # [B] int32 first KV position to attend (read only when HAS_KV_START)
+    Out,  # [B, Hq, D] final output (written instead of the partials when DIRECT_OUT)
     qk_scale,
+    stride_ob,
+    stride_oh,
     stride_qb,
     stride_qh,
     stride_kt,
@@ -100,6 +103,7 @@ def _decode_stage1_kernel(
     PRECISION: tl.constexpr,
     INTERPRET: tl.constexpr,
     HAS_KV_START: tl.constexpr = False,
+    DIRECT_OUT: tl.constexpr = False,
 ):
     req = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -110,15 +114,18 @@ def _decode_stage1_kernel(
         start, end = split_range_from(kv_start, seq_len, split, NUM_SPLITS, BLOCK_N, MIN_SPLIT_LEN)
     else:
         start, end = _split_range(seq_len, split, NUM_SPLITS, BLOCK_N, MIN_SPLIT_LEN)
-    if start >= end:
-        return
-    page_row = page_table + tl.load(req_rows + req).to(tl.int64) * stride_pt
-
     offs_h = tl.arange(0, BLOCK_H)
     offs_d = tl.arange(0, BLOCK_D)
     mask_h = offs_h < GROUP
     mask_d = offs_d < HEAD_DIM
     heads = kv_head * GROUP + offs_h
+    out_ptrs = Out + req.to(tl.int64) * stride_ob + heads[:, None] * stride_oh + offs_d[None, :]
+    if start >= end:
+        if DIRECT_OUT:  # a padded request (seq_len 0, e.g. in a captured graph): zeros, not NaN
+            zeros = tl.zeros([BLOCK_H, BLOCK_D], dtype=tl.float32).to(Out.dtype.element_ty)
+            tl.store(out_ptrs, zeros, mask=mask_h[:, None] & mask_d[None, :])
+        return
+    page_row = page_table + tl.load(req_rows + req).to(tl.int64) * stride_pt
     q = tl.load(
         Q + req.to(tl.int64) * stride_qb + heads[:, None] * stride_qh + offs_d[None, :],
         mask=mask_h[:, None] & mask_d[None, :],
@@ -157,6 +164,10 @@ def _decode_stage1_kernel(
         m_i = m_new
         slots = next_slots
 
+    if DIRECT_OUT:  # one split: its normalised partial is the answer (what stage 2 would write)
+        tl.store(out_ptrs, (acc / l_i[:, None]).to(Out.dtype.element_ty),
+                 mask=mask_h[:, None] & mask_d[None, :])
+        return
     # PartO/PartLse are contiguous: [B, Hq, NUM_SPLITS, (D)].
     row = (req.to(tl.int64) * (GROUP * tl.num_programs(1)) + heads) * NUM_SPLITS + split
     tl.store(
@@ -226,9 +237,12 @@ def decode_attention(
     part_lse: torch.Tensor,  # >= B * Hq * num_splits fp32 elements, contiguous
     out: torch.Tensor | None = None,  # [B, Hq, D]
     min_split_len: int = 256,
+    direct_single_split: bool = True,
 ) -> torch.Tensor:  # [B, Hq, D]
     """Attention of one new query per request over its whole KV (no host syncs, no allocation
-    beyond ``out`` when it is not given)."""
+    beyond ``out`` when it is not given). With one split, stage 1 writes ``out`` itself and the
+    merge launch is skipped (same bits: a one-split merge multiplies by 1 and divides by 1) unless
+    ``direct_single_split`` is False."""
     if out is None:
         out = torch.empty_like(q)
     assert out.shape == q.shape and out.stride(2) == 1, "out must be [B, Hq, D], D contiguous"
@@ -237,7 +251,10 @@ def decode_attention(
     block_n, min_split_len = decode_partials(
         q, k_flat, v_flat, seq_lens, page_table, req_rows, page_size, scale, num_splits,
         part_out, part_lse, min_split_len=min_split_len,
+        direct_out=out if num_splits == 1 and direct_single_split else None,
     )  # fmt: skip
+    if num_splits == 1 and direct_single_split:
+        return out  # stage 1 wrote the output: a one-split merge would copy it unchanged
     batch, num_heads, head_dim = q.shape
     _decode_stage2_kernel[(batch, num_heads)](
         part_out, part_lse, out, seq_lens, out.stride(0), out.stride(1),
@@ -266,6 +283,7 @@ def decode_partials(
     block_n: int | None = None,  # launch settings (None: the per-request decode's own)
     num_warps: int | None = None,
     num_stages: int | None = None,
+    direct_out: torch.Tensor | None = None,  # [B, Hq, D]: one split only; written, not partials
 ) -> tuple[int, int]:
     """Stage 1 alone: each request's normalised split partials and their LSE. Returns the
     (BLOCK_N, rounded min split length) a reader of the partials needs to know which splits are
@@ -287,6 +305,8 @@ def decode_partials(
     assert part_lse.numel() >= batch * num_heads * num_splits, "part_lse too small"
     check_rows(page_table, req_rows, seq_lens)
     assert kv_starts is None or kv_starts.shape == seq_lens.shape, "one KV start per request"
+    assert direct_out is None or (num_splits == 1 and direct_out.shape == q.shape
+                                  and direct_out.stride(2) == 1), "direct_out: one split, [B, Hq, D]"
     block_n = block_n or decode_block_n(q.device)
     min_split_len = triton.cdiv(max(min_split_len, block_n), block_n) * block_n
     if batch == 0:
@@ -294,13 +314,17 @@ def decode_partials(
     on_gpu = q.device.type == "cuda"
     _decode_stage1_kernel[(batch, num_kv_heads, num_splits)](
         q, k_flat, v_flat, part_out, part_lse, seq_lens, page_table, req_rows,
-        kv_starts if kv_starts is not None else seq_lens, scale * LOG2E,
+        kv_starts if kv_starts is not None else seq_lens,
+        direct_out if direct_out is not None else q, scale * LOG2E,
+        direct_out.stride(0) if direct_out is not None else 0,
+        direct_out.stride(1) if direct_out is not None else 0,
         q.stride(0), q.stride(1), k_flat.stride(0), k_flat.stride(1),
         v_flat.stride(0), v_flat.stride(1), page_table.stride(0),
         GROUP=group, BLOCK_H=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim,
         BLOCK_D=max(16, triton.next_power_of_2(head_dim)), PAGE_SIZE=page_size, BLOCK_N=block_n,
         NUM_SPLITS=num_splits, MIN_SPLIT_LEN=min_split_len, PRECISION=dot_precision(q.dtype),
         INTERPRET=interpreting(), HAS_KV_START=kv_starts is not None,
+        DIRECT_OUT=direct_out is not None,
         num_warps=(num_warps or 4) if on_gpu else 1, num_stages=(num_stages or 3) if on_gpu else 1,
     )  # fmt: skip
     return block_n, min_split_len

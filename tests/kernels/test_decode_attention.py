@@ -8,7 +8,11 @@ import torch
 pytest.importorskip("triton")
 
 from radixrt.attention.torch_ref import paged_attention_reference  # noqa: E402
-from radixrt.kernels.decode_attention import decode_attention, decode_block_n  # noqa: E402
+from radixrt.kernels.decode_attention import (  # noqa: E402
+    decode_attention,
+    decode_block_n,
+    decode_partials,
+)
 
 
 def _run(paged_case, assert_close, device, seq_lens, heads, kv_heads, head_dim, page_size,
@@ -77,3 +81,35 @@ def test_decode_long_context_8b(paged_case, assert_close, device, seq_lens, page
 def test_decode_real_shapes(paged_case, assert_close, device, heads, kv_heads, head_dim, dtype):
     _run(paged_case, assert_close, device, [4000, 1, 257, 1024], heads, kv_heads, head_dim, 16,
          dtype, 8, 256)  # fmt: skip
+
+
+@pytest.mark.parametrize("block_n", [None, 32])
+def test_one_split_writes_the_merge_output_bit_for_bit(paged_case, device, block_n):
+    """With one split, stage 1 writes the output itself (no merge launch): the same bits as the
+    two-launch path, and zeros (not NaN) for a padded request whose seq_len is 0, as a captured
+    graph's padding rows are."""
+    seq_lens = [97, 40, 1, 130]
+    case = paged_case(prefix_lens=[s - 1 for s in seq_lens], extend_lens=[1] * len(seq_lens),
+                      num_heads=8, num_kv_heads=2, head_dim=32, page_size=16,
+                      dtype=torch.bfloat16, device=device)
+    b = case.batch
+    padded_lens = b.seq_lens.clone()
+    padded_lens[2] = 0
+    part_out = torch.empty(len(seq_lens) * 8 * 32, device=device)
+    part_lse = torch.empty(len(seq_lens) * 8, device=device)
+    outs = []
+    for direct in (True, False):
+        out = torch.full_like(case.q, float("nan"))
+        decode_attention(case.q, case.k_flat, case.v_flat, padded_lens, b.page_table, b.req_rows,
+                         b.page_size, 32**-0.5, 1, part_out, part_lse, out=out,
+                         min_split_len=16, direct_single_split=direct)
+        outs.append(out)
+    assert torch.equal(outs[0], outs[1]), "the direct one-split output differs from the merge's"
+    assert torch.count_nonzero(outs[0][2]) == 0, "a padded request's row must be zeros"
+    assert not torch.isnan(outs[0]).any(), "every row must be written"
+    if block_n is not None:  # a non-default tile: same answer up to the tile's summation order
+        out = torch.full_like(case.q, float("nan"))
+        decode_partials(case.q, case.k_flat, case.v_flat, padded_lens, b.page_table, b.req_rows,
+                        b.page_size, 32**-0.5, 1, part_out, part_lse, block_n=block_n,
+                        direct_out=out)
+        torch.testing.assert_close(out.float(), outs[0].float(), atol=2e-2, rtol=2e-2)

@@ -4,7 +4,7 @@
 time; at small contexts a tile's shared memory sets how many programs fit an SM at once, and so
 how many waves a step takes).
 
-    python3 bench/decode_tile_probe.py --out $OUT [--shapes 16x512,64x512,256x1024]
+    python3 bench/decode_tile_probe.py --out $OUT [--shapes 16x512,256x1024] [--settings 32/2/3]
 
 Each row is timed inside a CUDA graph (``do_bench_cudagraph``, median), as the engine replays
 decode. Writes decode_tile_probe.json and prints each shape's best settings against the
@@ -39,6 +39,7 @@ from bench_kernels import (  # noqa: E402
 from radixrt.kernels.decode_attention import (  # noqa: E402
     choose_short_splits,
     decode_attention,
+    decode_launch,
     decode_partials,
 )
 
@@ -47,7 +48,8 @@ SETTINGS = [(bn, w, s) for bn in (16, 32, 64, 128) for w in (2, 4, 8) for s in (
             if not (bn == 128 and s == 4) and not (bn == 16 and w == 8)]
 
 
-def probe(batch: int, ctx: int, copy_gbs: float, sms: int) -> list[dict[str, Any]]:
+def probe(batch: int, ctx: int, copy_gbs: float, sms: int,
+          settings: list[tuple[int, int, int]]) -> list[dict[str, Any]]:
     k_flat, v_flat, num_pages = paged_kv(batch * ctx, 16)
     table, rows_idx = random_page_table(batch, ctx, 16, num_pages)
     seq_lens = torch.full((batch,), ctx, device=DEV, dtype=torch.int32)
@@ -76,13 +78,15 @@ def probe(batch: int, ctx: int, copy_gbs: float, sms: int) -> list[dict[str, Any
         decode_attention(q, k_flat, v_flat, seq_lens, table, rows_idx, 16, HD**-0.5, splits,
                          part_out, part_lse, out=out, direct_single_split=False)
 
+    launch = decode_launch(batch, HKV, sms, splits, DEV)
+
     def engine_now() -> None:
         decode_attention(q, k_flat, v_flat, seq_lens, table, rows_idx, 16, HD**-0.5, splits,
-                         part_out, part_lse, out=out)
+                         part_out, part_lse, out=out, launch=launch)
 
     timed("engine:two-stage", engine_two_stage, splits=splits)
-    timed("engine:direct-if-1-split", engine_now, splits=splits)
-    for bn, w, s in SETTINGS:
+    timed("engine:now", engine_now, splits=splits, launch=str(launch))
+    for bn, w, s in settings:
         def run(bn: int = bn, w: int = w, s: int = s) -> None:
             decode_partials(q, k_flat, v_flat, seq_lens, table, rows_idx, 16, HD**-0.5, 1,
                             part_out, part_lse, block_n=bn, num_warps=w, num_stages=s,
@@ -95,25 +99,29 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="bench/results")
     ap.add_argument("--shapes", default=DEFAULT_SHAPES)
+    ap.add_argument("--tag", default="", help="suffix of the results file's name")
+    ap.add_argument("--settings", default="", help="BLOCK_N/warps/stages,... (default: a sweep)")
     a = ap.parse_args()
+    settings = ([tuple(int(x) for x in t.split("/")) for t in a.settings.split(",")]
+                if a.settings else SETTINGS)
     sms = torch.cuda.get_device_properties(DEV).multi_processor_count
     copy_gbs = copy_bandwidth_gbs()
     rows: list[dict[str, Any]] = []
     for shape in a.shapes.split(","):
         b, c = (int(x) for x in shape.split("x"))
-        got = probe(b, c, copy_gbs, sms)
+        got = probe(b, c, copy_gbs, sms, settings)  # type: ignore[arg-type]
         rows += got
         engine = {r["variant"]: r for r in got if r["variant"].startswith("engine")}
         best = sorted((r for r in got if r["variant"].startswith("direct:")),
                       key=lambda r: r["us"])[:3]
         summary = ", ".join(f"{r['variant']} {r['us']:.1f} us ({r['of_copy']:.0%})" for r in best)
         two = engine.get("engine:two-stage", {}).get("us", float("nan"))
-        now = engine.get("engine:direct-if-1-split", {}).get("us", float("nan"))
+        now = engine.get("engine:now", {}).get("us", float("nan"))
         print(f"B={b:3d} ctx={c:5d}: two-stage {two:.1f} us, engine now {now:.1f} us; "
               f"best {summary}", flush=True)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "decode_tile_probe.json").write_text(json.dumps({"copy_gbs": copy_gbs, "rows": rows},
+    (out / f"decode_tile_probe{a.tag}.json").write_text(json.dumps({"copy_gbs": copy_gbs, "rows": rows},
                                                            indent=1))
 
 

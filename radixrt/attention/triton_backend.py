@@ -34,6 +34,7 @@ from radixrt.kernels.decode_attention import (
     choose_short_splits,
     decode_attention,
     decode_block_n,
+    decode_launch,
 )
 from radixrt.kernels.extend_attention import extend_attention
 from radixrt.kernels.extend_dense import dense_extend, use_dense_extend
@@ -99,6 +100,7 @@ class TritonAttentionBackend(AttentionBackend):
         )
         self._part_lse = torch.empty(rows * num_heads, dtype=torch.float32, device=self.device)
         self._num_splits = 1
+        self._decode_launch = decode_launch(1, num_kv_heads, num_sms, 1, self.device)
         # Prefix tile lists and pool TMA descriptors shared by a step's layers.
         self._extend_reuse = ExtendReuse()
         assert cascade is None or not deterministic, "cascade decode is not batch-invariant"
@@ -155,6 +157,8 @@ class TritonAttentionBackend(AttentionBackend):
                 f"decode batch {batch.batch_size} > max_batch_size {self.max_batch_size}"
             )
             self._num_splits = self.num_splits_for(batch.batch_size, batch.max_seq_len)
+            self._decode_launch = decode_launch(batch.batch_size, self.num_kv_heads,
+                                                self.num_sms, self._num_splits, self.device)
         self._meta = None
         self._extend_reuse.new_step()
         if batch.is_decode and self._cascade is not None and batch.cascade is not None:
@@ -229,6 +233,7 @@ class TritonAttentionBackend(AttentionBackend):
                 self._part_lse,
                 out=out,
                 min_split_len=self.min_split_len,
+                launch=self._decode_launch,
             )
         if k_new is not None and v_new is not None and use_dense_extend(q, batch.extend_lens_cpu):
             return dense_extend(

@@ -20,6 +20,8 @@ depends only on the batch size, so one launch shape serves every step of a captu
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import triton
 import triton.language as tl
@@ -223,6 +225,39 @@ def decode_block_n(device: torch.device) -> int:
     return 64 if device.type == "cuda" else 16
 
 
+@dataclass(frozen=True)
+class DecodeLaunch:
+    """Stage 1's KV tile (positions per iteration) and its launch settings."""
+
+    block_n: int
+    num_warps: int
+    num_stages: int
+
+    def __post_init__(self) -> None:
+        assert self.block_n >= 16 and self.block_n & (self.block_n - 1) == 0, (
+            f"block_n {self.block_n} must be a power of two >= 16 (the dot's minimum)"
+        )
+        assert self.num_warps in (1, 2, 4, 8) and self.num_stages >= 1, f"bad launch {self}"
+
+
+def decode_launch(batch_size: int, num_kv_heads: int, num_sms: int, num_splits: int,
+                  device: torch.device) -> DecodeLaunch:
+    """Stage 1's launch for a step of ``batch_size`` requests in ``num_splits`` splits.
+
+    With one split and at least two (request, KV head) programs per SM, how many programs fit an
+    SM at once decides the step: a 32-position tile with 2 warps takes a quarter of the shared
+    memory of the 64-position, 4-warp default, so a step of 64-256 requests runs in fewer waves.
+    On an H200, decode at 1k context (bench/RESULTS.md, session 10, in a CUDA graph): 64 x 512
+    40.3 -> 35.8 us, 64 x 1024 75.2 -> 65.9, 256 x 1024 256.9 -> 249.3 (2 stages from about 6
+    programs per SM: 128 x 512 69.0 -> 66.0); 16 x 256 keeps the default (6.6 vs 8.3 us)."""
+    if device.type != "cuda":
+        return DecodeLaunch(decode_block_n(device), 1, 1)
+    programs = batch_size * num_kv_heads
+    if num_splits > 1 or programs < 2 * num_sms:
+        return DecodeLaunch(64, 4, 3)
+    return DecodeLaunch(32, 2, 3 if programs < 6 * num_sms else 2)
+
+
 def decode_attention(
     q: torch.Tensor,  # [B, Hq, D]
     k_flat: torch.Tensor,  # [S, Hkv, D] pool layer, already holding this step's K
@@ -238,6 +273,7 @@ def decode_attention(
     out: torch.Tensor | None = None,  # [B, Hq, D]
     min_split_len: int = 256,
     direct_single_split: bool = True,
+    launch: DecodeLaunch | None = None,  # stage 1's tile and launch (None: decode_launch's default)
 ) -> torch.Tensor:  # [B, Hq, D]
     """Attention of one new query per request over its whole KV (no host syncs, no allocation
     beyond ``out`` when it is not given). With one split, stage 1 writes ``out`` itself and the
@@ -252,6 +288,8 @@ def decode_attention(
         q, k_flat, v_flat, seq_lens, page_table, req_rows, page_size, scale, num_splits,
         part_out, part_lse, min_split_len=min_split_len,
         direct_out=out if num_splits == 1 and direct_single_split else None,
+        block_n=launch.block_n if launch else None, num_warps=launch.num_warps if launch else None,
+        num_stages=launch.num_stages if launch else None,
     )  # fmt: skip
     if num_splits == 1 and direct_single_split:
         return out  # stage 1 wrote the output: a one-split merge would copy it unchanged
@@ -341,7 +379,9 @@ def choose_short_splits(batch_size: int, num_kv_heads: int, num_sms: int, max_sp
     min_split_len could fill. Splits past a request's KV exit at once, but not for free: on an
     H200 (bench/RESULTS.md, session 8) 64 x 256 ran in 26.0 us at 1 split vs 30.9 at
     choose_num_splits' 5, 32 x 1024 in 38.1 vs 43.0 at 9, 16 x 512 in 10.5 at 2 vs 13.9 at 17."""
-    want = triton.cdiv(num_sms, max(1, batch_size * num_kv_heads))
+    # Nearest, not ceiling: 16 x 8 = 128 programs on 132 SMs run best in one split (6.6 us at
+    # 16 x 256 on an H200, vs 8.5 at two; session 10), since a split adds the merge launch.
+    want = round(num_sms / max(1, batch_size * num_kv_heads))
     return max(1, min(max_splits, want, triton.cdiv(SHORT_CONTEXT, min_split_len)))
 
 

@@ -14,7 +14,13 @@ from radixrt.cache.device_pages import DevicePageTable
 from radixrt.cache.kv_pool import KVPool
 from radixrt.engine.batch import ForwardBatch, build_forward_batch
 from radixrt.engine.cuda_graph import DecodeGraphs
-from radixrt.kernels.decode_attention import SHORT_CONTEXT, choose_num_splits, choose_short_splits
+from radixrt.kernels.decode_attention import (
+    SHORT_CONTEXT,
+    DecodeLaunch,
+    choose_num_splits,
+    choose_short_splits,
+    decode_launch,
+)
 
 
 @pytest.mark.parametrize("batch", [1, 2, 8, 16, 17, 32, 64, 128, 256])
@@ -25,6 +31,26 @@ def test_short_contexts_never_split_more_than_long_ones(batch, min_split_len):
     assert short <= -(-SHORT_CONTEXT // min_split_len), "more splits than a short KV can fill"
     if batch * 8 >= 132:  # the requests alone give every SM a program
         assert short == 1
+
+
+def test_a_full_gpu_of_requests_runs_in_one_split():
+    # 16 requests x 8 KV heads = 128 programs on 132 SMs: a second split would only add the merge.
+    assert choose_short_splits(16, 8, 132, 32, 256) == 1
+    assert choose_short_splits(8, 8, 132, 32, 256) == 2
+    assert choose_short_splits(1, 8, 132, 32, 256) == 8  # capped by SHORT_CONTEXT / 256
+
+
+def test_decode_tile_follows_programs_per_sm():
+    gpu = torch.device("cuda")  # only the device type matters: no GPU needed
+    default = DecodeLaunch(64, 4, 3)
+    assert decode_launch(16, 8, 132, 1, gpu) == default  # < 2 programs per SM
+    assert decode_launch(64, 8, 132, 2, gpu) == default  # split steps keep the default tile
+    assert decode_launch(64, 8, 132, 1, gpu) == DecodeLaunch(32, 2, 3)
+    assert decode_launch(256, 8, 132, 1, gpu) == DecodeLaunch(32, 2, 2)
+    cpu = decode_launch(64, 8, 132, 1, torch.device("cpu"))
+    assert cpu.num_warps == cpu.num_stages == 1, "the interpreter takes the CPU settings"
+    with pytest.raises(AssertionError, match="power of two"):
+        DecodeLaunch(24, 2, 3)
 
 
 def test_backend_picks_splits_by_longest_kv():

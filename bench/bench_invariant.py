@@ -26,7 +26,8 @@ from triton.testing import do_bench
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.bench_kernels import BF16, DEV, HD, HKV, HQ, paged_kv, random_page_table  # noqa: E402
-from radixrt.kernels.decode_attention import choose_num_splits, decode_attention  # noqa: E402
+from radixrt.kernels.decode_attention import decode_attention  # noqa: E402
+from radixrt.kernels.decode_plan import choose_num_splits  # noqa: E402
 from radixrt.kernels.extend_attention import extend_attention  # noqa: E402
 from radixrt.kernels.invariant_attention import (  # noqa: E402
     SplitBuffers,

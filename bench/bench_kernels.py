@@ -26,7 +26,8 @@ from triton.testing import do_bench
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from radixrt.kernels.activation import silu_and_mul  # noqa: E402
-from radixrt.kernels.decode_attention import choose_num_splits, decode_attention  # noqa: E402
+from radixrt.kernels.decode_attention import decode_attention  # noqa: E402
+from radixrt.kernels.decode_plan import choose_num_splits  # noqa: E402
 from radixrt.kernels.extend_attention import extend_attention, extend_flops  # noqa: E402
 from radixrt.kernels.extend_configs import ExtendConfig  # noqa: E402
 from radixrt.kernels.rmsnorm import fused_add_rms_norm, rms_norm  # noqa: E402

@@ -37,7 +37,8 @@ from radixrt.kernels.cascade_decode import (  # noqa: E402
     shared_prefix_pass,
 )
 from radixrt.kernels.cascade_meta import PrefixTiling  # noqa: E402
-from radixrt.kernels.decode_attention import choose_num_splits, decode_attention, decode_partials  # noqa: E402
+from radixrt.kernels.decode_attention import decode_attention, decode_partials  # noqa: E402
+from radixrt.kernels.decode_plan import choose_num_splits  # noqa: E402
 
 SHAPES = [(16, 16), (64, 4)]  # (groups, per group): batch 256, 2048 shared + 128..384 own
 REPS, LAYERS, NUM_SMS = 20, 4, 132

@@ -35,7 +35,8 @@ from bench_kernels import (  # noqa: E402
     random_page_table,
 )
 
-from radixrt.kernels.decode_attention import choose_num_splits, decode_attention  # noqa: E402
+from radixrt.kernels.decode_attention import decode_attention  # noqa: E402
+from radixrt.kernels.decode_plan import choose_num_splits  # noqa: E402
 
 
 def probe(batch: int, ctx: int, copy_bw: float, sms: int,

@@ -36,12 +36,8 @@ from bench_kernels import (  # noqa: E402
     random_page_table,
 )
 
-from radixrt.kernels.decode_attention import (  # noqa: E402
-    choose_short_splits,
-    decode_attention,
-    decode_launch,
-    decode_partials,
-)
+from radixrt.kernels.decode_attention import decode_attention, decode_partials  # noqa: E402
+from radixrt.kernels.decode_plan import choose_short_splits, decode_launch  # noqa: E402
 
 DEFAULT_SHAPES = "8x512,16x256,16x1024,32x512,64x256,64x512,64x1024,128x512,256x1024"
 SETTINGS = [(bn, w, s) for bn in (16, 32, 64, 128) for w in (2, 4, 8) for s in (2, 3, 4)

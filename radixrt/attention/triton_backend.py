@@ -28,11 +28,11 @@ from radixrt.attention.base import AttentionBackend
 from radixrt.attention.cascade_plan import CascadeBuffers, ItemBudget
 from radixrt.kernels.cascade_decode import cascade_decode
 from radixrt.kernels.cascade_meta import CascadeMeta, PrefixTiling
-from radixrt.kernels.decode_attention import (
+from radixrt.kernels.decode_attention import decode_attention
+from radixrt.kernels.decode_plan import (
     SHORT_CONTEXT,
     choose_num_splits,
     choose_short_splits,
-    decode_attention,
     decode_block_n,
     decode_launch,
 )

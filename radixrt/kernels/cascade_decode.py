@@ -35,12 +35,8 @@ import triton
 import triton.language as tl
 
 from radixrt.kernels.cascade_meta import CascadeMeta, PrefixTiling
-from radixrt.kernels.decode_attention import (
-    decode_block_n,
-    decode_partials,
-    split_range_from,
-    tile_slots,
-)
+from radixrt.kernels.decode_attention import decode_partials, split_range_from, tile_slots
+from radixrt.kernels.decode_plan import decode_block_n
 from radixrt.kernels.extend_attention import LOG2E, mma
 from radixrt.kernels.paged_inputs import dot_precision, interpreting
 

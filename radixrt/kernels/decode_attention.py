@@ -20,12 +20,11 @@ depends only on the batch size, so one launch shape serves every step of a captu
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import triton
 import triton.language as tl
 
+from radixrt.kernels.decode_plan import DecodeLaunch, decode_block_n
 from radixrt.kernels.extend_attention import LOG2E, mma
 from radixrt.kernels.paged_inputs import check_rows, dot_precision, interpreting
 
@@ -221,43 +220,6 @@ def _decode_stage2_kernel(
     )
 
 
-def decode_block_n(device: torch.device) -> int:
-    return 64 if device.type == "cuda" else 16
-
-
-@dataclass(frozen=True)
-class DecodeLaunch:
-    """Stage 1's KV tile (positions per iteration) and its launch settings."""
-
-    block_n: int
-    num_warps: int
-    num_stages: int
-
-    def __post_init__(self) -> None:
-        assert self.block_n >= 16 and self.block_n & (self.block_n - 1) == 0, (
-            f"block_n {self.block_n} must be a power of two >= 16 (the dot's minimum)"
-        )
-        assert self.num_warps in (1, 2, 4, 8) and self.num_stages >= 1, f"bad launch {self}"
-
-
-def decode_launch(batch_size: int, num_kv_heads: int, num_sms: int, num_splits: int,
-                  device: torch.device) -> DecodeLaunch:
-    """Stage 1's launch for a step of ``batch_size`` requests in ``num_splits`` splits.
-
-    With one split and at least two (request, KV head) programs per SM, how many programs fit an
-    SM at once decides the step: a 32-position tile with 2 warps takes a quarter of the shared
-    memory of the 64-position, 4-warp default, so a step of 64-256 requests runs in fewer waves.
-    On an H200, decode at 1k context (bench/RESULTS.md, session 10, in a CUDA graph): 64 x 512
-    40.3 -> 35.8 us, 64 x 1024 75.2 -> 65.9, 256 x 1024 256.9 -> 249.3 (2 stages from about 6
-    programs per SM: 128 x 512 69.0 -> 66.0); 16 x 256 keeps the default (6.6 vs 8.3 us)."""
-    if device.type != "cuda":
-        return DecodeLaunch(decode_block_n(device), 1, 1)
-    programs = batch_size * num_kv_heads
-    if num_splits > 1 or programs < 2 * num_sms:
-        return DecodeLaunch(64, 4, 3)
-    return DecodeLaunch(32, 2, 3 if programs < 6 * num_sms else 2)
-
-
 def decode_attention(
     q: torch.Tensor,  # [B, Hq, D]
     k_flat: torch.Tensor,  # [S, Hkv, D] pool layer, already holding this step's K
@@ -366,30 +328,3 @@ def decode_partials(
         num_warps=(num_warps or 4) if on_gpu else 1, num_stages=(num_stages or 3) if on_gpu else 1,
     )  # fmt: skip
     return block_n, min_split_len
-
-
-# Decode steps whose longest KV is at most this many tokens take choose_short_splits.
-SHORT_CONTEXT = 2048
-
-
-def choose_short_splits(batch_size: int, num_kv_heads: int, num_sms: int, max_splits: int,
-                        min_split_len: int) -> int:
-    """Splits for a decode step whose every KV is at most SHORT_CONTEXT long: about one
-    (request, KV head, split) program per SM, and no more splits than SHORT_CONTEXT /
-    min_split_len could fill. Splits past a request's KV exit at once, but not for free: on an
-    H200 (bench/RESULTS.md, session 8) 64 x 256 ran in 26.0 us at 1 split vs 30.9 at
-    choose_num_splits' 5, 32 x 1024 in 38.1 vs 43.0 at 9, 16 x 512 in 10.5 at 2 vs 13.9 at 17."""
-    # Nearest, not ceiling: 16 x 8 = 128 programs on 132 SMs run best in one split (6.6 us at
-    # 16 x 256 on an H200, vs 8.5 at two; session 10), since a split adds the merge launch.
-    want = round(num_sms / max(1, batch_size * num_kv_heads))
-    return max(1, min(max_splits, want, triton.cdiv(SHORT_CONTEXT, min_split_len)))
-
-
-def choose_num_splits(batch_size: int, num_kv_heads: int, num_sms: int, max_splits: int) -> int:
-    """Enough (request, KV head, split) programs to give every SM several; batch-size only, so a
-    CUDA graph captured per batch size keeps a fixed grid."""
-    # ~16 programs per SM: several resident at once and enough waves that the last partial
-    # wave costs little.
-    target_programs = 16 * num_sms
-    want = triton.cdiv(target_programs, max(1, batch_size * num_kv_heads))
-    return max(1, min(max_splits, want))

@@ -19,7 +19,8 @@ from radixrt.engine.batch import ForwardBatch, build_forward_batch  # noqa: E402
 from radixrt.engine.cascade_groups import CascadeGroups  # noqa: E402
 from radixrt.kernels.cascade_decode import cascade_decode  # noqa: E402
 from radixrt.kernels.cascade_meta import PrefixTiling  # noqa: E402
-from radixrt.kernels.decode_attention import decode_attention, decode_block_n  # noqa: E402
+from radixrt.kernels.decode_attention import decode_attention  # noqa: E402
+from radixrt.kernels.decode_plan import decode_block_n  # noqa: E402
 
 
 def make_shared_case(

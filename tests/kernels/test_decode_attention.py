@@ -8,11 +8,8 @@ import torch
 pytest.importorskip("triton")
 
 from radixrt.attention.torch_ref import paged_attention_reference  # noqa: E402
-from radixrt.kernels.decode_attention import (  # noqa: E402
-    decode_attention,
-    decode_block_n,
-    decode_partials,
-)
+from radixrt.kernels.decode_attention import decode_attention, decode_partials  # noqa: E402
+from radixrt.kernels.decode_plan import decode_block_n  # noqa: E402
 
 
 def _run(paged_case, assert_close, device, seq_lens, heads, kv_heads, head_dim, page_size,

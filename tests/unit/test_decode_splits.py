@@ -14,7 +14,7 @@ from radixrt.cache.device_pages import DevicePageTable
 from radixrt.cache.kv_pool import KVPool
 from radixrt.engine.batch import ForwardBatch, build_forward_batch
 from radixrt.engine.cuda_graph import DecodeGraphs
-from radixrt.kernels.decode_attention import (
+from radixrt.kernels.decode_plan import (
     SHORT_CONTEXT,
     DecodeLaunch,
     choose_num_splits,
@@ -42,11 +42,14 @@ def test_a_full_gpu_of_requests_runs_in_one_split():
 
 def test_decode_tile_follows_programs_per_sm():
     gpu = torch.device("cuda")  # only the device type matters: no GPU needed
-    default = DecodeLaunch(64, 4, 3)
-    assert decode_launch(16, 8, 132, 1, gpu) == default  # < 2 programs per SM
-    assert decode_launch(64, 8, 132, 2, gpu) == default  # split steps keep the default tile
+    assert decode_launch(16, 8, 132, 1, gpu) == DecodeLaunch(128, 4, 3)  # <= 1 program per SM
+    assert decode_launch(32, 8, 132, 1, gpu) == DecodeLaunch(64, 4, 3)
+    assert decode_launch(64, 8, 132, 2, gpu) == DecodeLaunch(64, 4, 3), "split steps: default"
     assert decode_launch(64, 8, 132, 1, gpu) == DecodeLaunch(32, 2, 3)
+    assert decode_launch(128, 8, 132, 1, gpu) == DecodeLaunch(32, 2, 2)
+    assert decode_launch(192, 8, 132, 1, gpu) == DecodeLaunch(32, 2, 3)
     assert decode_launch(256, 8, 132, 1, gpu) == DecodeLaunch(32, 2, 2)
+    assert decode_launch(10_000, 8, 132, 1, gpu).block_n == 32
     cpu = decode_launch(64, 8, 132, 1, torch.device("cpu"))
     assert cpu.num_warps == cpu.num_stages == 1, "the interpreter takes the CPU settings"
     with pytest.raises(AssertionError, match="power of two"):

@@ -7,15 +7,17 @@ Flash-decoding in two launches:
              GROUP query heads of that group against it (a [BLOCK_H, D] x [D, BLOCK_N] dot,
              query heads padded to 16 rows). Writes a normalised partial output and its
              log-sum-exp (base 2) per query head.
-    stage 2  grid (B, Hq): merges the non-empty splits with LSE weights.
+    stage 2  grid (B, Hq): merges the non-empty splits with LSE weights. A one-split step
+             skips it: stage 1 writes the normalised output itself (DIRECT_OUT).
 
     seq_len_b = 10, num_splits = 4, BLOCK_N = 2, MIN_SPLIT_LEN = 4
     split_len = max(round_up(cdiv(10, 4), BLOCK_N), MIN_SPLIT_LEN) = 4
     positions  0 1 2 3 | 4 5 6 7 | 8 9 | (empty)
     split      0       | 1       | 2   | 3 -> skipped in both stages
 
-The split length is computed on the device from seq_lens, and num_splits is a host int that
-depends only on the batch size, so one launch shape serves every step of a captured CUDA graph.
+The split length is computed on the device from seq_lens, and num_splits and stage 1's tile
+(``decode_plan``) are host ints fixed per batch size and context class, so one launch shape
+serves every step of a captured CUDA graph.
 """
 
 from __future__ import annotations

@@ -237,7 +237,7 @@ def decode_attention(
     out: torch.Tensor | None = None,  # [B, Hq, D]
     min_split_len: int = 256,
     direct_single_split: bool = True,
-    launch: DecodeLaunch | None = None,  # stage 1's tile (None: 64 positions, 4 warps, 3 stages)
+    launch: DecodeLaunch | None = None,  # stage 1's tile (None: decode_partials' default)
 ) -> torch.Tensor:  # [B, Hq, D]
     """Attention of one new query per request over its whole KV (no host syncs, no allocation
     beyond ``out`` when it is not given). With one split, stage 1 writes ``out`` itself and the

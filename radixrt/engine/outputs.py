@@ -38,13 +38,19 @@ class SequenceDelta:
 # (``extra["forward_steps_<path>"]``).
 FORWARD_PATHS = ("decode_graph", "piecewise_graph", "eager")
 
+
+def forward_steps_key(path: str) -> str:
+    """The ``EngineStats.extra`` key counting the steps that ran on ``path`` (a FORWARD_PATHS)."""
+    return f"forward_steps_{path}"
+
+
 # EngineStats fields and ``extra`` keys that count since start; the others describe the present.
 COUNTER_FIELDS = ("hit_tokens", "query_tokens", "evictions", "retractions", "prompt_tokens_total",
                   "generated_tokens_total")
 COUNTER_EXTRAS = frozenset({
     "overlapped_steps", "host_hit_tokens", "host_loaded_tokens", "host_load_wasted_pages",
     "host_bytes_loaded", "host_bytes_written", "host_load_seconds", "host_write_fences",
-    *(f"forward_steps_{path}" for path in FORWARD_PATHS)})
+    *(forward_steps_key(path) for path in FORWARD_PATHS)})
 
 
 class EngineStats(msgspec.Struct, frozen=True):

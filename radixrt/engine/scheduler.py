@@ -24,7 +24,7 @@ from radixrt.engine import overlap, step_builder
 from radixrt.engine.budget import PrefillBudget
 from radixrt.engine.inbatch import InBatchPrefixes
 from radixrt.engine.memory import LoadRoom, SequenceMemory
-from radixrt.engine.outputs import EngineStats, SequenceDelta
+from radixrt.engine.outputs import EngineStats, SequenceDelta, forward_steps_key
 from radixrt.engine.policy import WaitingQueue
 from radixrt.engine.request import SeqStatus, Sequence
 from radixrt.engine.requests import RequestTable
@@ -320,7 +320,7 @@ class Scheduler:
             generated_tokens_total=self.results.generated_tokens,
             extra={"held_page_refs": float(sum(s.pages.num_pages for s in running)),
                    "overlapped_steps": float(self.overlapped_steps),
-                   **{f"forward_steps_{path}": float(n)
+                   **{forward_steps_key(path): float(n)
                       for path, n in self.runner.forward_steps.items()},
                    **self.memory.tier_stats()},
         )

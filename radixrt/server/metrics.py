@@ -10,7 +10,7 @@ import bisect
 import math
 from collections.abc import Iterable, Sequence
 
-from radixrt.engine.outputs import FORWARD_PATHS
+from radixrt.engine.outputs import FORWARD_PATHS, forward_steps_key
 from radixrt.server.messages import StatsMsg
 
 Labels = tuple[tuple[str, str], ...]
@@ -223,8 +223,8 @@ class ServerMetrics:
         self.queued.set(stats.queued_requests, worker=w)
         x = stats.extra
         for path in FORWARD_PATHS:
-            if f"forward_steps_{path}" in x:
-                self.forward_steps.set(x[f"forward_steps_{path}"], worker=w, path=path)
+            if (key := forward_steps_key(path)) in x:
+                self.forward_steps.set(x[key], worker=w, path=path)
         if "host_total_pages" in x:
             for state in ("total", "free", "only", "backup", "loading"):
                 self.host_pages.set(x[f"host_{state}_pages"], worker=w,

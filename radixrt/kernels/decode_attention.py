@@ -248,14 +248,14 @@ def decode_attention(
     assert out.shape == q.shape and out.stride(2) == 1, "out must be [B, Hq, D], D contiguous"
     if q.shape[0] == 0:
         return out
+    direct = num_splits == 1 and direct_single_split
     block_n, min_split_len = decode_partials(
         q, k_flat, v_flat, seq_lens, page_table, req_rows, page_size, scale, num_splits,
-        part_out, part_lse, min_split_len=min_split_len,
-        direct_out=out if num_splits == 1 and direct_single_split else None,
+        part_out, part_lse, min_split_len=min_split_len, direct_out=out if direct else None,
         block_n=launch.block_n if launch else None, num_warps=launch.num_warps if launch else None,
         num_stages=launch.num_stages if launch else None,
     )  # fmt: skip
-    if num_splits == 1 and direct_single_split:
+    if direct:
         return out  # stage 1 wrote the output: a one-split merge would copy it unchanged
     batch, num_heads, head_dim = q.shape
     _decode_stage2_kernel[(batch, num_heads)](

@@ -17,7 +17,8 @@
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 \
 #     --implementation cp --platform manylinux_2_28_x86_64 -d .whl_fi \
 #     flashinfer-python==0.6.18.post1 apache-tvm-ffi==0.1.13.post3
-# FI_TESTS=0 skips the tests, FI_KERNEL_BENCH=0 the kernel bench; FI_BENCH=1 also times the engine on FlashInfer
+# FI_TESTS=0 skips the tests, FI_KERNEL_BENCH=0 the kernel bench; FI_PREFILL_PROBE=1 runs
+# bench/fi_prefill_probe.py (paged prefill: FA3 / FA2 vs Triton); FI_BENCH=1 also times the engine on FlashInfer
 # (bench_engine.py; needs the engine's wheels). FI_TIMEOUT / FI_KBENCH_TIMEOUT: timeouts, s.
 # Each step reports its own failure; the script always exits 0.
 cd "$(dirname "$0")/.." || exit 0
@@ -89,6 +90,12 @@ if [ "${FI_KERNEL_BENCH:-1}" = 1 ]; then
 fi
 # FI_BUDGET_S: the engine bench starts only if this many seconds of the call remain after it
 # (it gets what is left, minus 10 s).
+if [ "${FI_PREFILL_PROBE:-0}" = 1 ]; then
+  say "fi_prefill_probe.py (FA3 / FA2 paged prefill vs the Triton extend kernel; timeout ${FI_PROBE_TIMEOUT:-300}s)"
+  start=$SECONDS
+  timeout "${FI_PROBE_TIMEOUT:-300}" python3 bench/fi_prefill_probe.py --out "${OUT:-/tmp}/fi"
+  say "prefill probe rc=$? in $((SECONDS - start))s"
+fi
 left=$(( ${FI_BUDGET_S:-290} - SECONDS ))
 if [ "${FI_BENCH:-0}" = 1 ] && [ $rc -eq 0 ] && [ $left -gt 60 ] \
    && python3 -c 'import sortedcontainers' 2>/dev/null; then

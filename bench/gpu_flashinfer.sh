@@ -18,7 +18,8 @@
 #     --implementation cp --platform manylinux_2_28_x86_64 -d .whl_fi \
 #     flashinfer-python==0.6.18.post1 apache-tvm-ffi==0.1.13.post3
 # FI_TESTS=0 skips the tests, FI_KERNEL_BENCH=0 the kernel bench; FI_PREFILL_PROBE=1 runs
-# bench/fi_prefill_probe.py (paged prefill: FA3 / FA2 vs Triton); FI_BENCH=1 also times the engine on FlashInfer
+# bench/fi_prefill_probe.py (paged prefill: FA3 / FA2 vs Triton); FI_CMD runs a command in this
+# environment (e.g. the suite with --prefill-attention flashinfer); FI_BENCH=1 also times the engine on FlashInfer
 # (bench_engine.py; needs the engine's wheels). FI_TIMEOUT / FI_KBENCH_TIMEOUT: timeouts, s.
 # Each step reports its own failure; the script always exits 0.
 cd "$(dirname "$0")/.." || exit 0
@@ -95,6 +96,11 @@ if [ "${FI_PREFILL_PROBE:-0}" = 1 ]; then
   start=$SECONDS
   timeout "${FI_PROBE_TIMEOUT:-300}" python3 bench/fi_prefill_probe.py --out "${OUT:-/tmp}/fi"
   say "prefill probe rc=$? in $((SECONDS - start))s"
+fi
+if [ -n "${FI_CMD:-}" ]; then   # any command, in this script's FlashInfer environment
+  say "FI_CMD: $FI_CMD"
+  bash -c "$FI_CMD"
+  say "FI_CMD rc=$?"
 fi
 left=$(( ${FI_BUDGET_S:-290} - SECONDS ))
 if [ "${FI_BENCH:-0}" = 1 ] && [ $rc -eq 0 ] && [ $left -gt 60 ] \

@@ -43,7 +43,8 @@ def build_core(model: str, *, device: str, dtype: str, load_format: str, page_si
                max_running_requests: int, mem_fraction: float, seed: int,
                host_kv_cache_tokens: int = 0, max_prefill_tokens: int | None = None,
                engine_warmup: bool | None = None,
-               piecewise_max_tokens: int | None = None) -> EngineCore:
+               piecewise_max_tokens: int | None = None,
+               prefill_attention: str = "triton") -> EngineCore:
     # max_prefill_tokens (None: the engine default) also caps the chunk, which may not exceed it.
     overrides: dict[str, int] = {} if max_prefill_tokens is None else {
         "max_prefill_tokens": max_prefill_tokens,
@@ -56,6 +57,7 @@ def build_core(model: str, *, device: str, dtype: str, load_format: str, page_si
         enable_prefix_cache=enable_prefix_cache, schedule_policy=schedule_policy,  # type: ignore[arg-type]
         max_running_requests=max_running_requests, mem_fraction=mem_fraction, seed=seed,
         host_kv_cache_tokens=host_kv_cache_tokens, warmup=engine_warmup,
+        prefill_attention=prefill_attention,  # type: ignore[arg-type]
         **overrides,  # type: ignore[arg-type]
     )
     core = EngineCore(cfg)

@@ -88,6 +88,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--piecewise-max-tokens", type=int, default=None,
                    help="EngineConfig.piecewise_cuda_graph_max_tokens (0: mixed steps eager; "
                    "default: the engine's)")
+    p.add_argument("--prefill-attention", default="triton", choices=("triton", "flashinfer"),
+                   help="EngineConfig.prefill_attention (flashinfer: FA3 paged prefill)")
     p.add_argument("--deadline-s", type=float, default=None,
                    help="start no new run after this many seconds (partial results are kept)")
     p.add_argument("--hw-matmul-n", type=int, default=None)
@@ -297,7 +299,8 @@ def _run_engine_variant(variant: str, workloads: list[Workload], args: argparse.
                       host_kv_cache_tokens=args.host_kv_cache_tokens if variant == "radix" else 0,
                       max_prefill_tokens=args.max_prefill_tokens,
                       engine_warmup=False if args.no_warmup else None,
-                      piecewise_max_tokens=args.piecewise_max_tokens)
+                      piecewise_max_tokens=args.piecewise_max_tokens,
+                      prefill_attention=args.prefill_attention)
     if not floors:
         kv_tokens = core.stats().total_pages * args.page_size
         floors.update(build_floors(workloads, shape, hw, args, kv_tokens))

@@ -156,6 +156,9 @@ def add_engine_args(ap: argparse.ArgumentParser) -> None:
       + _engine_default("load_format"))
     a("--attention-backend", default=None, choices=("auto", "torch", "triton", "flashinfer"),
       help="attention implementation " + _engine_default("attention_backend"))
+    a("--prefill-attention", default=None, choices=("triton", "flashinfer"),
+      help="the triton backend's prefill kernels; flashinfer: its FA3 paged prefill "
+      + _engine_default("prefill_attention"))
     a("--seed", type=int, default=None,
       help="engine seed (dummy weights, unseeded sampling) " + _engine_default("seed"))
     a("--debug-invariants", action="store_const", const=True, default=None,

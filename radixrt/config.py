@@ -47,6 +47,9 @@ class EngineConfig:
     schedule_policy: SchedulePolicy = "lpm"
     enable_prefix_cache: bool = True
     attention_backend: AttentionBackendName = "auto"
+    # Extend (prefill) attention of the triton backend: its own kernels, or FlashInfer's paged
+    # prefill (FA3 on Hopper; needs the flashinfer package). Decode stays on Triton either way.
+    prefill_attention: Literal["triton", "flashinfer"] = "triton"
     max_context_len: int | None = None  # default: the model's max_position_embeddings
     cuda_graph_max_batch: int = 256  # decode batches up to this size replay CUDA graphs
     disable_cuda_graph: bool = False
@@ -111,6 +114,13 @@ class EngineConfig:
              f"must be 'lpm' or 'fcfs', got {self.schedule_policy!r}")
         need(self.attention_backend in ("auto", "torch", "triton", "flashinfer"),
              "attention_backend", f"unknown backend {self.attention_backend!r}")
+        need(self.prefill_attention in ("triton", "flashinfer"), "prefill_attention",
+             f"must be 'triton' or 'flashinfer', got {self.prefill_attention!r}")
+        need(self.prefill_attention == "triton" or (
+            self.device.startswith("cuda") and self.attention_backend in ("auto", "triton")
+            and not self.deterministic_inference), "prefill_attention",
+             "'flashinfer' serves the triton backend's prefills on CUDA, without "
+             "deterministic_inference")
         need(self.device == "cpu" or self.device.startswith("cuda"), "device",
              f"must be 'cpu' or 'cuda[:N]', got {self.device!r}")
         need(self.dtype == "auto" or self.dtype in _DTYPES, "dtype",

@@ -8,7 +8,7 @@ attention of each request's new queries over its whole KV (cached prefix + new t
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 
@@ -69,3 +69,13 @@ class AttentionBackend(ABC):
     ) -> torch.Tensor:  # [T, num_heads, head_dim]
         """Store k/v into the pool at batch.out_slots, then attend. With ``out``, the result
         goes there and ``out`` is returned (piecewise graphs read it from a static buffer)."""
+
+
+class ExtendDelegate(Protocol):
+    """A backend that runs another backend's extend steps: ``prepare`` the step, then per layer
+    ``attend`` over paged layer tensors ([P+1, page, Hkv, D] each) already holding its K/V."""
+
+    def prepare(self, batch: ForwardBatch) -> None: ...
+
+    def attend(self, q: torch.Tensor,
+               kv: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor: ...  # [T, Hq, D]

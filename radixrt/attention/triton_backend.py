@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from radixrt.attention.base import AttentionBackend
+from radixrt.attention.base import AttentionBackend, ExtendDelegate
 from radixrt.attention.cascade_plan import CascadeBuffers, ItemBudget
 from radixrt.kernels.cascade_decode import cascade_decode
 from radixrt.kernels.cascade_meta import CascadeMeta, PrefixTiling
@@ -67,8 +67,14 @@ class TritonAttentionBackend(AttentionBackend):
         cascade_tile_reqs: int | None = None,
         cascade_item_target: int | None = None,
         cascade_side_stream: bool = True,
+        extend_delegate: ExtendDelegate | None = None,
     ) -> None:
+        """``extend_delegate``: a backend whose ``prepare`` / ``attend(q, (k_pages, v_pages))``
+        run the extend steps the dense path does not take (FlashInfer's FA3 prefill:
+        ``EngineConfig.prefill_attention``); decode steps stay on this backend's kernels."""
         super().__init__(num_heads, num_kv_heads, head_dim, scale)
+        assert extend_delegate is None or not deterministic, "a delegate is not batch-invariant"
+        self.extend_delegate = extend_delegate
         assert max_batch_size >= 1 and max_kv_splits >= 1, "need a positive batch and split cap"
         assert min_split_len >= 1, "min_split_len must be positive"
         self.device = torch.device(device)
@@ -161,6 +167,8 @@ class TritonAttentionBackend(AttentionBackend):
                                                 self.num_sms, self._num_splits, self.device)
         self._meta = None
         self._extend_reuse.new_step()
+        if not batch.is_decode and self.extend_delegate is not None:
+            self.extend_delegate.prepare(batch)
         if batch.is_decode and self._cascade is not None and batch.cascade is not None:
             self._meta = self._cascade.upload(batch.cascade, batch.batch_size)
 
@@ -241,6 +249,9 @@ class TritonAttentionBackend(AttentionBackend):
                 batch.extend_lens_cpu, batch.prefix_lens_cpu, batch.req_rows_cpu,
                 torch.empty_like(q) if out is None else out,
             )  # fmt: skip
+        if self.extend_delegate is not None:
+            pages = (-1, batch.page_size, self.num_kv_heads, self.head_dim)
+            return self.extend_delegate.attend(q, (k_flat.view(pages), v_flat.view(pages)))
         return extend_attention(
             q,
             k_flat,

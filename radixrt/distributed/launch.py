@@ -140,7 +140,7 @@ def build_runner(config: EngineConfig, device: torch.device, tp: TPGroup | None)
         num_kv_heads=plan.num_kv_heads, head_dim=args.head_dim,
         max_batch=config.max_running_requests, dtype=config.torch_dtype,
         deterministic=config.deterministic_inference, max_context_len=max_context,
-        cascade=cascade_policy(config),
+        cascade=cascade_policy(config), prefill=config.prefill_attention,
     )
     if config.deterministic_inference:
         from radixrt.kernels.matmul import batch_invariant_linear

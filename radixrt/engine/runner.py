@@ -48,8 +48,10 @@ def cascade_policy(config: EngineConfig) -> CascadePolicy | None:
 def make_attention_backend(
     name: str, device: torch.device, *, num_heads: int, num_kv_heads: int, head_dim: int,
     max_batch: int, dtype: torch.dtype, deterministic: bool = False, max_context_len: int = 8192,
-    cascade: CascadePolicy | None = None,
+    cascade: CascadePolicy | None = None, prefill: str = "triton",
 ) -> AttentionBackend:
+    """``prefill`` 'flashinfer': the triton backend's extend steps run on FlashInfer's paged
+    prefill (``EngineConfig.prefill_attention``)."""
     # ``deterministic`` (triton only) is checked against the backend by EngineConfig.
     scale = head_dim**-0.5
     if name == "auto":
@@ -61,10 +63,19 @@ def make_attention_backend(
     if name == "triton":
         from radixrt.attention.triton_backend import TritonAttentionBackend
 
+        delegate = None
+        if prefill == "flashinfer":
+            from radixrt.attention.flashinfer_backend import FlashInferBackend
+
+            delegate = FlashInferBackend(num_heads, num_kv_heads, head_dim, scale, device=device,
+                                         dtype=dtype, max_batch_size=max(max_batch, 1),
+                                         max_context_len=max_context_len)
         return TritonAttentionBackend(num_heads, num_kv_heads, head_dim, scale, device=device,
                                       max_batch_size=max(max_batch, 1),
                                       deterministic=deterministic,
-                                      max_context_len=max_context_len, cascade=cascade)
+                                      max_context_len=max_context_len, cascade=cascade,
+                                      extend_delegate=delegate)
+    assert prefill == "triton", f"prefill_attention={prefill!r} needs the triton backend"
     if name == "flashinfer":
         from radixrt.attention.flashinfer_backend import FlashInferBackend
 

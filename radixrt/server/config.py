@@ -34,6 +34,7 @@ _ENGINE_FIELDS = (
     "seed",
     "debug_invariants",
     "attention_backend",
+    "prefill_attention",
     "max_context_len",
     "mem_fraction",
     "disable_cuda_graph",
@@ -99,6 +100,7 @@ class ServerConfig:
     seed: int | None = None
     debug_invariants: bool | None = None
     attention_backend: str | None = None
+    prefill_attention: str | None = None
     max_context_len: int | None = None
     mem_fraction: float | None = None
     disable_cuda_graph: bool | None = None

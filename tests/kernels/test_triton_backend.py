@@ -3,12 +3,14 @@ decode step, against the torch reference backend running the same steps on its o
 
 from __future__ import annotations
 
+import importlib.util
+
 import pytest
 import torch
 
 pytest.importorskip("triton")
 
-from radixrt.attention.torch_ref import TorchReferenceBackend  # noqa: E402
+from radixrt.attention.torch_ref import TorchReferenceBackend, paged_attention_reference  # noqa: E402
 from radixrt.attention.triton_backend import TritonAttentionBackend  # noqa: E402
 from radixrt.cache.kv_pool import KVPool  # noqa: E402
 from radixrt.engine.batch import ForwardBatch, build_forward_batch  # noqa: E402
@@ -178,3 +180,86 @@ def test_kernels_read_no_table_entry_past_a_request(device, assert_close, determ
         out = backend.forward(0, q, k, v, pool, batch)
         ref = TorchReferenceBackend(heads, kv_heads, head_dim, head_dim**-0.5)
         assert_close(out, ref.forward(0, q, k, v, pool, batch))
+
+
+class _ReferenceDelegate:
+    """An extend delegate running the torch reference over the paged layer it is handed."""
+
+    def __init__(self, scale: float) -> None:
+        self.scale = scale
+        self.prepared: list[ForwardBatch] = []
+        self.attended: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def prepare(self, batch: ForwardBatch) -> None:
+        self.prepared.append(batch)
+
+    def attend(self, q: torch.Tensor, kv: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        self.attended.append(kv)
+        k, v = (t.flatten(0, 1) for t in kv)
+        return paged_attention_reference(q, k, v, self.prepared[-1], self.scale)
+
+
+def test_extend_steps_go_to_the_delegate_and_decode_stays_on_triton(device, assert_close):
+    """``extend_delegate`` (FlashInfer's prefill in the engine) gets the extend steps, over the
+    pool's own pages with this step's K/V stored; decode steps never reach it."""
+    heads, kv_heads, head_dim, ps = 4, 2, 16, 4
+    cached, new = [9, 0, 5], [6, 3, 1]
+    lens = [c + n + 1 for c, n in zip(cached, new)]
+    need = [-(-n // ps) for n in lens]
+    pool = KVPool(num_layers=2, num_pages=sum(need) + 1, page_size=ps, num_kv_heads=kv_heads,
+                  head_dim=head_dim, dtype=torch.float32, device=device)  # fmt: skip
+    pool.k(1).normal_()
+    pool.v(1).normal_()
+    perm = (torch.randperm(sum(need)) + 1).tolist()
+    tables = [perm[sum(need[:i]) : sum(need[: i + 1])] for i in range(3)]
+    scale = head_dim**-0.5
+    delegate = _ReferenceDelegate(scale)
+    backend = TritonAttentionBackend(
+        heads, kv_heads, head_dim, scale, device=device, max_batch_size=4, max_kv_splits=2,
+        min_split_len=16, num_sms=4 if device == "cpu" else None, max_context_len=64,
+        extend_delegate=delegate,
+    )  # fmt: skip
+    ref = TorchReferenceBackend(heads, kv_heads, head_dim, scale)
+    extend = build_forward_batch(new_token_ids=[[1] * n for n in new], prefix_lens=cached,
+                                 page_tables=tables, page_size=ps, device=device)  # fmt: skip
+    decode = build_forward_batch(new_token_ids=[[1]] * 3,
+                                 prefix_lens=[c + n for c, n in zip(cached, new)],
+                                 page_tables=tables, page_size=ps, device=device)  # fmt: skip
+    for batch in (extend, decode):
+        q, k, v = _step(batch, heads, kv_heads, head_dim, torch.float32, device)
+        backend.prepare(batch)
+        out = backend.forward(1, q, k, v, pool, batch)
+        assert_close(out, ref.forward(1, q, k, v, pool, batch))
+    assert delegate.prepared == [extend], "only the extend step is the delegate's"
+    (k_pages, v_pages), = delegate.attended
+    assert k_pages.shape == pool.k(1).shape == (sum(need) + 2, ps, kv_heads, head_dim)
+    assert k_pages.data_ptr() == pool.k(1).data_ptr() and v_pages.data_ptr() == pool.v(1).data_ptr()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(importlib.util.find_spec("flashinfer") is None,
+                    reason="flashinfer is not installed")
+def test_flashinfer_prefill_in_the_triton_backend_matches_the_reference(device, assert_close):
+    """``prefill_attention='flashinfer'``: a mixed prefill/decode step over cached prefixes."""
+    from radixrt.engine.runner import make_attention_backend
+
+    heads, kv_heads, head_dim, ps, dtype = 32, 8, 128, 16, torch.bfloat16
+    cached, new = [0, 700, 1500, 33], [600, 1, 200, 1]
+    need = [-(-(c + n) // ps) for c, n in zip(cached, new)]
+    pool = KVPool(num_layers=1, num_pages=sum(need) + 1, page_size=ps, num_kv_heads=kv_heads,
+                  head_dim=head_dim, dtype=dtype, device=device)  # fmt: skip
+    pool.k(0).normal_()
+    pool.v(0).normal_()
+    perm = (torch.randperm(sum(need)) + 1).tolist()
+    tables = [perm[sum(need[:i]) : sum(need[: i + 1])] for i in range(len(need))]
+    backend = make_attention_backend("triton", torch.device(device), num_heads=heads,
+                                     num_kv_heads=kv_heads, head_dim=head_dim, max_batch=8,
+                                     dtype=dtype, max_context_len=4096, prefill="flashinfer")
+    assert backend.extend_delegate is not None  # type: ignore[attr-defined]
+    batch = build_forward_batch(new_token_ids=[[1] * n for n in new], prefix_lens=cached,
+                                page_tables=tables, page_size=ps, device=device)  # fmt: skip
+    q, k, v = _step(batch, heads, kv_heads, head_dim, dtype, device)
+    backend.prepare(batch)
+    out = backend.forward(0, q, k, v, pool, batch, out=torch.full_like(q, float("nan")))
+    ref = TorchReferenceBackend(heads, kv_heads, head_dim, head_dim**-0.5)
+    assert_close(out, ref.forward(0, q, k, v, pool, batch))

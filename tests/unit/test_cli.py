@@ -7,6 +7,7 @@ import argparse
 import pytest
 
 from radixrt.cli import config_from_args, serve_parser
+from radixrt.config import EngineConfig
 
 
 def test_every_serve_flag_has_help_with_its_default() -> None:
@@ -115,3 +116,18 @@ def test_skip_warmup_flag_reaches_the_engine_config() -> None:
     assert cfg.engine_config().warmup is False and not cfg.engine_config().warmup_enabled
     on_gpu = config_from_args(serve_parser().parse_args(["--device", "cuda"])).engine_config()
     assert on_gpu.warmup_enabled, "CUDA default: warm up"
+
+
+def test_prefill_attention_flag_reaches_the_engine_config() -> None:
+    assert config_from_args(serve_parser().parse_args([])).engine_config().prefill_attention == "triton"
+    cfg = config_from_args(serve_parser().parse_args(
+        ["--prefill-attention", "flashinfer", "--device", "cuda"]))
+    assert cfg.engine_config().prefill_attention == "flashinfer"
+    # It serves the triton backend on CUDA only; anything else fails naming the field.
+    for extra in (["--device", "cpu"], ["--device", "cuda", "--attention-backend", "flashinfer"],
+                  ["--device", "cuda", "--enable-deterministic-inference"]):
+        cfg = config_from_args(serve_parser().parse_args(["--prefill-attention", "flashinfer", *extra]))
+        with pytest.raises(ValueError, match="prefill_attention"):
+            cfg.engine_config()
+    with pytest.raises(ValueError, match="prefill_attention"):
+        EngineConfig(prefill_attention="fa3")  # type: ignore[arg-type]

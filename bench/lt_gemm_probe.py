@@ -28,7 +28,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from radixrt.kernels.lt_gemm import Candidate, LtGemm  # noqa: E402
+from lt_gemm import Candidate, LtGemm  # noqa: E402
 
 # Llama-3-8B projections: name -> (N, K).
 PROJECTIONS = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096),

@@ -1,11 +1,11 @@
-"""``y = x @ w.T`` through cuBLASLt with an algorithm chosen by timing, not by its heuristic's pick.
+"""``y = x @ w.T`` through cuBLASLt with any algorithm of its heuristic's list, for the probe.
 
-torch's ``F.linear`` takes the first algorithm cuBLAS's heuristic ranks; for decode's skinny
-shapes (M = 1-256 rows against 16-235 MB weights) that pick ran at 1.2-2.4x the weight-read time
-on an H200 (bench/RESULTS.md, session 7-8 GEMM probes). cuBLASLt returns a ranked list of
-candidates (tiles, split-K counts, stages); ``LtGemm`` times them once per shape and keeps the
-fastest. Bound through ctypes to the libcublasLt that torch itself loaded, so nothing new is
-installed and the kernels are the same library's.
+torch's ``F.linear`` takes the first algorithm cuBLAS's heuristic ranks. ``LtGemm`` lists the
+ranked candidates (tiles, split-K counts, stages) and launches any of them, so
+``bench/lt_gemm_probe.py`` can time them on decode's skinny shapes. Bound through ctypes to the
+libcublasLt torch itself loaded. On an H200 (bench/RESULTS.md, session 11) the best candidate
+per shape made a 32-layer decode GEMM chain 1-3% faster at 16-64 rows and slower at 256, so the
+engine does not use it.
 
 Row-major ``y[M, N] = x[M, K] @ w[N, K]^T`` is column-major ``y^T[N, M] = op(w)[N, K] x^T[K, M]``
 with op = transpose, the layout cuBLAS calls "TN" (what F.linear runs)::

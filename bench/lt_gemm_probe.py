@@ -28,6 +28,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from bench_kernels import copy_bandwidth_gbs  # noqa: E402
 from lt_gemm import Candidate, LtGemm  # noqa: E402
 
 # Llama-3-8B projections: name -> (N, K).
@@ -63,10 +64,9 @@ def graph_ms(calls: Sequence[Callable[[], object]], iters: int = 7) -> float:
 
 
 def copy_bandwidth() -> float:
-    src = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
-    dst = torch.empty_like(src)
-    ms = graph_ms([lambda: dst.copy_(src)] * 4) / 4
-    return 2 * src.numel() / (ms * 1e-3)
+    """Bytes/s of a 1 GiB fp32 device copy, read + written (a uint8 copy runs slower: 2.7 vs
+    4.2 TB/s on an H200, session 11's first run of this probe, whose floors used it)."""
+    return copy_bandwidth_gbs() * 1e9
 
 
 def probe_shape(lt: LtGemm, name: str, m: int, limit: int, bw: float) -> dict[str, Any]:

@@ -49,7 +49,8 @@ class EngineConfig:
     attention_backend: AttentionBackendName = "auto"
     # Extend (prefill) attention of the triton backend: its own kernels, or FlashInfer's paged
     # prefill (FA3 on Hopper; needs the flashinfer package). Decode stays on Triton either way.
-    # FA3 won per call but lost in the H200 suite (chat 1.40 vs 1.30: bench/RESULTS.md, s11).
+    # FA3 wins at 8 x 1024 but its kernels are slower on the engine's mixed steps (H200 chat
+    # 1.40 vs 1.30 time / floor: bench/RESULTS.md, session 11).
     prefill_attention: Literal["triton", "flashinfer"] = "triton"
     max_context_len: int | None = None  # default: the model's max_position_embeddings
     cuda_graph_max_batch: int = 256  # decode batches up to this size replay CUDA graphs

@@ -47,5 +47,13 @@ def profile_summary(prof: Any, wall_s: float, top: int = 25) -> dict[str, Any]:
     return {"wall_ms": wall_s * 1e3, "gpu_busy_ms": busy_us / 1e3,
             "kernel_ms": sum(kernels.values()),
             "groups_ms": {k: round(v, 2) for k, v in sorted(groups.items(), key=lambda kv: -kv[1])},
-            "top_kernels_ms": {k[:140]: round(v, 2) for k, v in
-                               sorted(kernels.items(), key=lambda kv: -kv[1])[:top]}}
+            "top_kernels_ms": top_kernels(kernels, top)}
+
+
+def top_kernels(kernels: dict[str, float], top: int, width: int = 140) -> dict[str, float]:
+    """The ``top`` largest of ``kernels`` (name -> ms), names cut to ``width``; names alike up to
+    the cut are summed, not overwritten (templated kernels share long prefixes)."""
+    cut: dict[str, float] = {}
+    for name, ms in kernels.items():
+        cut[name[:width]] = cut.get(name[:width], 0.0) + ms
+    return {k: round(v, 2) for k, v in sorted(cut.items(), key=lambda kv: -kv[1])[:top]}

@@ -289,3 +289,13 @@ def test_run_bench_offline_end_to_end(tmp_path: Path) -> None:
               "chat_ttft_by_turn.png"):
         assert (out / f).stat().st_size > 0, f
     assert "| gsp | radix |" in (out / "summary.md").read_text()
+
+
+def test_profile_top_kernels_sum_names_alike_up_to_the_cut() -> None:
+    """Templated kernel names share long prefixes: cut to the width, their times add up."""
+    from bench.kernel_groups import top_kernels
+
+    long = "void cublasLt::splitKreduce_kernel<32, 16, int, float, " * 4
+    kernels = {long + "A>": 1.25, long + "B>": 2.0, "_rope_kernel": 0.5, "_silu": 0.1}
+    top = top_kernels(kernels, 2)
+    assert top == {long[:140]: 3.25, "_rope_kernel": 0.5}

@@ -69,7 +69,9 @@ def copy_bandwidth() -> float:
     return copy_bandwidth_gbs() * 1e9
 
 
-def probe_shape(lt: LtGemm, name: str, m: int, limit: int, bw: float) -> dict[str, Any]:
+def probe_shape(lt: LtGemm, name: str, m: int, limit: int,
+                bw: float) -> tuple[dict[str, Any], Candidate | None]:
+    """The shape's row for the results file, and its fastest correct candidate."""
     n, k = PROJECTIONS[name]
     dt = torch.bfloat16
     copies = max(2, -(-RING_BYTES // (n * k * 2)))
@@ -85,11 +87,13 @@ def probe_shape(lt: LtGemm, name: str, m: int, limit: int, bw: float) -> dict[st
 
     base = timed(lambda w: torch.mm(x, w.t(), out=y))  # F.linear's kernel, into y
     rows: list[dict[str, Any]] = []
+    by_rank: dict[int, Candidate] = {}
 
     def lt_call(cand: Candidate, w: torch.Tensor) -> object:
         return lt.matmul(x, w, y, cand)
 
     for cand in lt.candidates(m, n, k, dt, limit):
+        by_rank[cand.rank] = cand
         try:
             lt.matmul(x, ring[0], y, cand)
             err = (y.float() - ref).abs().max().item() / max(ref.abs().max().item(), 1e-6)
@@ -104,8 +108,9 @@ def probe_shape(lt: LtGemm, name: str, m: int, limit: int, bw: float) -> dict[st
     floor_ms = n * k * 2 / bw * 1e3
     ring.clear()
     torch.cuda.empty_cache()
-    return {"name": name, "m": m, "n": n, "k": k, "floor_ms": floor_ms, "linear_ms": base,
-            "best": best, "candidates": rows}
+    row = {"name": name, "m": m, "n": n, "k": k, "floor_ms": floor_ms, "linear_ms": base,
+           "best": best, "candidates": rows}
+    return row, by_rank[best["rank"]] if best is not None else None
 
 
 def chain(lt: LtGemm, picks: dict[tuple[str, int], Candidate | None], m: int,
@@ -155,12 +160,11 @@ def main() -> None:
     t0 = time.time()
     for m in (int(v) for v in args.ms.split(",")):
         for name in PROJECTIONS:
-            row = probe_shape(lt, name, m, args.limit, bw)
+            row, fastest = probe_shape(lt, name, m, args.limit, bw)
             result["shapes"].append(row)
             best, lin, fl = row["best"], row["linear_ms"], row["floor_ms"]
             if best is not None and best["ms"] < lin:
-                cands = lt.candidates(m, *PROJECTIONS[name], torch.bfloat16, args.limit)
-                picks[(name, m)] = next(c for c in cands if c.rank == best["rank"])
+                picks[(name, m)] = fastest
             b = (f"best rank {best['rank']} {best['ms'] * 1e3:.1f} us ({best['ms'] / fl:.2f}x) "
                  f"splitk {best['splitk']} tile {best['tile']} stages {best['stages']}"
                  if best else "no candidate")
